@@ -1,0 +1,27 @@
+# One set of checks for developers and CI.  `make check` = lint + types + unit tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: check lint types unit test spank clean
+
+check: lint types unit
+
+lint:
+	$(VENV)/bin/ruff check hpcstage tests benchmarks scripts/*.py
+	$(VENV)/bin/ruff format --check hpcstage tests benchmarks
+
+types:
+	$(VENV)/bin/mypy
+
+unit:
+	$(PY) -m pytest -q tests/unit
+
+# Everything, including integration tests on the real local cluster (needs root).
+test:
+	./scripts/test
+
+spank:
+	$(MAKE) -C spank_plugin
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

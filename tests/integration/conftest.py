@@ -1,0 +1,29 @@
+"""Integration fixtures: one real dev cluster (Slurm, munge, S3, sshd) per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcstage.devcluster.cluster import DevCluster
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[DevCluster]:
+    """Start a private dev cluster under a fresh /tmp directory; stop it after the session."""
+    if os.geteuid() != 0:
+        pytest.fail("integration tests start Slurm and sshd and must run as root")
+    # World-traversable (not pytest's 0700 tmp dir): job users must reach slurm.conf and munge.
+    base = Path(tempfile.mkdtemp(prefix="hpcstage-test-", dir="/tmp"))
+    dev = DevCluster(base, name="hpctest")
+    try:
+        dev.up()
+        yield dev
+    finally:
+        dev.down()
+        shutil.rmtree(base, ignore_errors=True)
