@@ -30,9 +30,17 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so each command module stays independent of the others.
-    from hpcstage.cli import config_cmd
+    from hpcstage.cli import config_cmd, run_cmds, user_cmds
 
-    cli.add_command(config_cmd.config)
+    for command in (
+        user_cmds.env,
+        user_cmds.status,
+        user_cmds.warmup,
+        run_cmds.daemon,
+        run_cmds.agent,
+        config_cmd.config,
+    ):
+        cli.add_command(command)
 
 
 def main() -> None:

@@ -171,25 +171,40 @@ class DevCluster:
         timeout: float = 60,
         check: bool = True,
         cwd: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` as ``user`` (via runuser) with SLURM_CONF set, no S3 secrets."""
-        env = ["env", f"SLURM_CONF={self.info.slurm_conf}"]
+        extra = [f"{k}={v}" for k, v in (env or {}).items()]
+        setenv = ["env", f"SLURM_CONF={self.info.slurm_conf}", *extra]
         wd = str(cwd or self.workdir(user))
-        cmd = ["runuser", "-u", user, "--", *env, "sh", "-c", 'cd "$0" && exec "$@"', wd, *argv]
+        cmd = ["runuser", "-u", user, "--", *setenv, "sh", "-c", 'cd "$0" && exec "$@"', wd, *argv]
         return proc.run(cmd, timeout=timeout, check=check)
 
     def workdir(self, user: str) -> Path:
         """A directory ``user`` owns inside the cluster, for job scripts and outputs."""
         return self.base / "work" / user
 
-    def sbatch(self, user: str, script: str, *args: str) -> int:
-        """Submit ``script`` (text) as ``user``; return the job id."""
+    def sbatch(self, user: str, script: str, *args: str, env: dict[str, str] | None = None) -> int:
+        """Submit ``script`` (text) as ``user``, with ``env`` added; return the job id."""
         wd = self.workdir(user)
         path = wd / f"job-{time.time_ns()}.sh"
         path.write_text(script)
         os.chown(path, pwd.getpwnam(user).pw_uid, -1)
-        out = self.run_as(user, ["sbatch", "--parsable", *args, str(path)]).stdout
+        out = self.run_as(user, ["sbatch", "--parsable", *args, str(path)], env=env).stdout
         return int(out.strip().split(";")[0])
+
+    def s3_client(self) -> Any:
+        """An aiobotocore client context for this cluster's S3 server (async with)."""
+        from aiobotocore.session import get_session
+
+        info = self.info
+        return get_session().create_client(
+            "s3",
+            endpoint_url=info.s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=info.s3_access_key,
+            aws_secret_access_key=info.s3_secret_key,
+        )
 
     def job_state(self, job_id: int) -> dict[str, str]:
         """``scontrol show job`` fields of one job (JobState, NodeList, SchedNodeList, ...)."""
@@ -225,6 +240,7 @@ class DevCluster:
         say(f"Slurm {version_text.strip()} on Debian {_debian_version()}")
         users.ensure_all()
         self._make_dirs()
+        self._install_job_submit()
         say("munge")
         pids["munged"] = self._start_munge()
         say(f"slurmctld + slurmd {', '.join(self.nodes)}")
@@ -260,6 +276,15 @@ class DevCluster:
         env_file = self.base / "env.sh"
         env_file.write_text(env_sh)
         env_file.chmod(0o600)
+
+    def _install_job_submit(self) -> None:
+        # The bridge that copies #HPCSTAGE directives into admin_comment (see the file).
+        lua = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "job_submit.lua"
+        if not lua.exists():
+            raise ClusterError(f"{lua} is missing: the dev cluster runs from a source checkout")
+        target = self.base / "etc" / "job_submit.lua"
+        target.write_text(lua.read_text())
+        target.chmod(0o644)
 
     def _make_dirs(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)

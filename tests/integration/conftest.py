@@ -21,9 +21,13 @@ def cluster() -> Iterator[DevCluster]:
     # World-traversable (not pytest's 0700 tmp dir): job users must reach slurm.conf and munge.
     base = Path(tempfile.mkdtemp(prefix="hpcstage-test-", dir="/tmp"))
     dev = DevCluster(base, name="hpctest")
+    keep = os.environ.get("HPCSTAGE_TEST_KEEP") == "1"  # debugging: leave it all up
     try:
         dev.up()
         yield dev
     finally:
-        dev.down()
-        shutil.rmtree(base, ignore_errors=True)
+        if keep:
+            print(f"\nHPCSTAGE_TEST_KEEP=1: cluster left running at {base}")
+        else:
+            dev.down()
+            shutil.rmtree(base, ignore_errors=True)

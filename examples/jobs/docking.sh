@@ -1,0 +1,23 @@
+#!/bin/bash
+# A docking job: scores every ligand of the campaign against one receptor.
+# Its inputs are staged onto the node's local SSD by hpcstage before Slurm starts it.
+#SBATCH --job-name=dock-chem
+#SBATCH --time=2
+#HPCSTAGE --stage-in=s3://datasets/docking/ligands/
+#HPCSTAGE --stage-in=s3://datasets/docking/receptor.pdb:inputs/receptor.pdb
+set -euo pipefail
+t0=$(date +%s.%N)
+eval "$(hpcstage env)"          # waits until the inputs are on this node; fails the job if not
+t1=$(date +%s.%N)
+echo "hpcstage: node=$SLURMD_NODENAME dir=$HPCSTAGE_DIR waited=$(awk "BEGIN{printf \"%.2f\", $t1-$t0}")s"
+
+cd "$HPCSTAGE_DIR"
+n=$(find ligands -type f | wc -l)
+echo "ligands: $n files, receptor: $(stat -c %s inputs/receptor.pdb) bytes"
+# Checksums of every input, for whoever wants to verify what the job saw.
+find . -type f -print0 | sort -z | xargs -0 sha256sum > "$SLURM_SUBMIT_DIR/inputs-$SLURM_JOB_ID.sha256"
+# "Docking": a stand-in score per ligand.
+for f in $(find ligands -type f | sort | head -5); do
+  echo "score $(basename "$f") $(cksum < "$f" | cut -c1-4)"
+done
+sleep 2

@@ -1,0 +1,118 @@
+--[[
+hpcstage bridge for Slurm's job_submit/lua plugin (JobSubmitPlugins=lua).
+
+The hpcstage daemon runs as an unprivileged service account, so it cannot read batch scripts.
+This script runs inside slurmctld at submission, finds the job's staging directives and copies
+them into the job's admin_comment, which every user (and so the daemon) can read with squeue
+but only administrators can set: a user cannot forge another job's directives.
+
+Directives are taken from:
+  * the leading comment block of the batch script: "#HPCSTAGE --stage-in=..." and
+    "#SBATCH --stage-in=..." lines (sbatch's own rule: scanning stops at the first line that
+    is neither blank nor a comment);
+  * the SPANK plugin's values, if it is installed (job_desc.spank_job_env entries
+    HPCSTAGE_STAGE_IN_<n> / HPCSTAGE_STAGE_OUT_<n>).
+
+Format written (read by hpcstage.directives.decode_admin_comment):
+  hpcstage:v1:in=<pct-encoded value>;out=<pct-encoded value>;...;end
+Validation happens in the daemon, which reports malformed directives by name in
+`hpcstage status` and fails the job at `hpcstage env`. Lua 5.1 compatible.
+]]
+
+local MARK = "hpcstage:v1:"
+local MAX_SCAN_LINES = 10000
+
+local function pct_encode(value)
+  return (value:gsub("[^%w%-%._~/:=,@%+]", function(c)
+    return string.format("%%%02X", string.byte(c))
+  end))
+end
+
+-- Split a directive line's options into words (whitespace separated, like sbatch).
+local function words(text)
+  local out = {}
+  for w in text:gmatch("%S+") do out[#out + 1] = w end
+  return out
+end
+
+local function add_options(items, option_words)
+  local i = 1
+  while i <= #option_words do
+    local w = option_words[i]
+    local kind, value = w:match("^%-%-stage%-(%a+)=(.*)$")
+    if kind == nil then
+      kind = w:match("^%-%-stage%-(%a+)$")
+      if kind ~= nil then
+        i = i + 1
+        value = option_words[i] or ""
+      end
+    end
+    if kind == "in" or kind == "out" then
+      items[#items + 1] = kind .. "=" .. pct_encode(value)
+    end
+    i = i + 1
+  end
+end
+
+local function from_script(script, items)
+  if script == nil then return end
+  local n = 0
+  for line in (script .. "\n"):gmatch("([^\n]*)\n") do
+    n = n + 1
+    if n > MAX_SCAN_LINES then break end
+    local stripped = line:gsub("\r$", "")
+    if n == 1 and stripped:match("^#!") then
+      -- the interpreter line
+    elseif stripped:match("^%s*$") then
+      -- blank lines do not end the block
+    elseif stripped:sub(1, 1) ~= "#" then
+      break
+    else
+      local rest = stripped:match("^#HPCSTAGE%s+(.*)$") or stripped:match("^#SBATCH%s+(.*)$")
+      if rest ~= nil then add_options(items, words(rest)) end
+    end
+  end
+end
+
+local function from_spank(env, items)
+  if env == nil then return end
+  local found = {}
+  -- spank_job_env is 0-indexed: iterate with pairs, then sort for a stable order.
+  for _, entry in pairs(env) do
+    local kind, idx, value = tostring(entry):match("^HPCSTAGE_STAGE_(%u+)_(%d+)=(.*)$")
+    if kind == "IN" or kind == "OUT" then
+      found[#found + 1] = { kind = kind:lower(), idx = tonumber(idx), value = value }
+    end
+  end
+  table.sort(found, function(a, b)
+    if a.kind ~= b.kind then return a.kind < b.kind end
+    return a.idx < b.idx
+  end)
+  for _, f in ipairs(found) do items[#items + 1] = f.kind .. "=" .. pct_encode(f.value) end
+end
+
+-- Remove an earlier hpcstage block (e.g. on job update) and keep the site's own text.
+local function strip_block(comment)
+  if comment == nil then return "" end
+  return (comment:gsub("%s*hpcstage:v%d+:%S*", ""))
+end
+
+function slurm_job_submit(job_desc, part_list, submit_uid)
+  local items = {}
+  from_script(job_desc.script, items)
+  from_spank(job_desc.spank_job_env, items)
+  if #items == 0 then return slurm.SUCCESS end
+  local block = MARK .. table.concat(items, ";") .. ";end"
+  local kept = strip_block(job_desc.admin_comment)
+  if kept ~= "" then block = kept .. " " .. block end
+  job_desc.admin_comment = block
+  slurm.log_debug("hpcstage: %d staging directive(s) recorded for uid %s", #items,
+                  tostring(submit_uid))
+  return slurm.SUCCESS
+end
+
+function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
+  return slurm.SUCCESS
+end
+
+return slurm.SUCCESS

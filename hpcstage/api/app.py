@@ -1,0 +1,162 @@
+"""Routes. Each one reads the database or asks the daemon; no staging logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from hpcstage import __version__
+from hpcstage.api.dashboard import render_dashboard
+from hpcstage.db import Job, Staging
+from hpcstage.errors import DirectiveError
+from hpcstage.status import job_document, job_summary
+
+if TYPE_CHECKING:
+    from hpcstage.daemon import Daemon
+
+UNKNOWN_JOB_WAIT = 2.5  # poll intervals to wait for a job the daemon has not seen yet
+
+
+class WarmupIn(BaseModel):
+    """Body of POST /api/v1/warmups."""
+
+    src: str = Field(description="s3://bucket/key, s3://bucket/prefix/ or /shared/path")
+    nodes: list[str] = Field(min_length=1, description="node names, expanded")
+    user: str = ""
+
+
+def create_app(daemon: Daemon) -> FastAPI:
+    """The API of one running daemon."""
+    app = FastAPI(title="hpcstage", version=__version__, docs_url="/api/docs")
+
+    def db() -> Any:
+        assert daemon.db is not None
+        return daemon.db
+
+    @app.get("/api/v1/health")
+    async def health() -> dict[str, Any]:
+        """Liveness: version and when the last queue snapshot was taken."""
+        return {
+            "version": __version__,
+            "last_tick": daemon.last_tick,
+            "last_error": daemon.last_error,
+        }
+
+    @app.get("/api/v1/jobs")
+    async def jobs(all: bool = False) -> list[dict[str, Any]]:
+        """Jobs with directives (and warmups); only unfinished ones unless ?all=true."""
+        with db().begin() as session:
+            query = select(Job).order_by(Job.id)
+            if not all:
+                query = query.where(Job.released_at.is_(None))
+            return [job_summary(j) for j in session.scalars(query)]
+
+    @app.get("/api/v1/jobs/{job_id}")
+    async def job(job_id: int) -> dict[str, Any]:
+        """One Slurm job: state, each input per node with progress, errors, events."""
+        with db().begin() as session:
+            found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
+            if found is None:
+                raise HTTPException(404, f"job {job_id} is not known to hpcstage")
+            return job_document(session, found)
+
+    @app.post("/api/v1/jobs/{job_id}/ensure")
+    async def ensure(job_id: int) -> dict[str, Any]:
+        """A job asks for its inputs now (from ``hpcstage env``): look at the queue at once."""
+        deadline = time.monotonic() + UNKNOWN_JOB_WAIT * daemon.settings.slurm.poll_interval
+        while True:
+            daemon.wake()
+            with db().begin() as session:
+                found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
+                if found is not None:
+                    return job_document(session, found)
+            if time.monotonic() > deadline:
+                raise HTTPException(
+                    404,
+                    f"job {job_id} is not known to hpcstage: it has no staging directives"
+                    " the daemon can read (see `hpcstage status` and the daemon log)",
+                )
+            await asyncio.sleep(0.5)
+
+    @app.post("/api/v1/warmups", status_code=201)
+    async def warmup(body: WarmupIn) -> dict[str, Any]:
+        """Stage SRC onto NODES ahead of any job; poll GET /api/v1/warmups/{id}."""
+        try:
+            warm_id = daemon.create_warmup(body.src, body.nodes, body.user)
+        except DirectiveError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        return {"id": warm_id}
+
+    @app.get("/api/v1/warmups/{warm_id}")
+    async def warmup_status(warm_id: int) -> dict[str, Any]:
+        """Progress of one warmup per node."""
+        with db().begin() as session:
+            found = session.get(Job, warm_id)
+            if found is None or found.kind != "warmup":
+                raise HTTPException(404, f"no warmup {warm_id}")
+            return job_document(session, found)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        """Prometheus text format."""
+        with db().begin() as session:
+            rows = session.execute(
+                select(
+                    Staging.state,
+                    func.count(),
+                    func.sum(Staging.bytes_done),
+                    func.sum(Staging.fetched_files),
+                ).group_by(Staging.state)
+            ).all()
+            jobs_by_state = session.execute(
+                select(Job.state, func.count()).where(Job.released_at.is_(None)).group_by(Job.state)
+            ).all()
+        return render_metrics(rows, jobs_by_state, daemon.last_tick)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard() -> str:
+        """A page for people: jobs and their staging, refreshed every few seconds."""
+        with db().begin() as session:
+            docs = [
+                job_summary(j)
+                for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(200))
+            ]
+        return render_dashboard(docs, __version__)
+
+    return app
+
+
+def render_metrics(rows: Any, jobs_by_state: Any, last_tick: float) -> str:
+    """Prometheus exposition text for staging and job counters."""
+    out = [
+        "# HELP hpcstage_stagings Stagings (one input on one node) by state.",
+        "# TYPE hpcstage_stagings gauge",
+    ]
+    out += [f'hpcstage_stagings{{state="{s}"}} {n}' for s, n, _b, _f in rows]
+    out += [
+        "# HELP hpcstage_staged_bytes Bytes in job views by staging state.",
+        "# TYPE hpcstage_staged_bytes gauge",
+    ]
+    out += [f'hpcstage_staged_bytes{{state="{s}"}} {b or 0}' for s, _n, b, _f in rows]
+    out += [
+        "# HELP hpcstage_fetched_files Files fetched from the store (cache misses).",
+        "# TYPE hpcstage_fetched_files gauge",
+    ]
+    out += [f'hpcstage_fetched_files{{state="{s}"}} {f or 0}' for s, _n, _b, f in rows]
+    out += [
+        "# HELP hpcstage_jobs Jobs with directives not yet released, by Slurm state.",
+        "# TYPE hpcstage_jobs gauge",
+    ]
+    out += [f'hpcstage_jobs{{state="{s}"}} {n}' for s, n in jobs_by_state]
+    out += [
+        "# HELP hpcstage_last_tick_seconds Unix time of the last queue snapshot.",
+        "# TYPE hpcstage_last_tick_seconds gauge",
+        f"hpcstage_last_tick_seconds {last_tick}",
+    ]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,114 @@
+"""The node cache's index: one SQLite row per complete object (stdlib sqlite3, WAL mode).
+
+A row is written only after its object was renamed into place, so a row always names complete
+bytes; the reverse (a file without a row) is cleaned up by ``NodeCache.reconcile``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+from hpcstage.cache.layout import CacheError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    cache_id    TEXT PRIMARY KEY,
+    store       TEXT NOT NULL,
+    bucket      TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    etag        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    created     REAL NOT NULL,
+    last_access REAL NOT NULL
+)
+"""
+_SELECT = (
+    "SELECT cache_id, store, bucket, key, etag, size, sha256, created, last_access FROM objects"
+)
+_INSERT = (
+    "INSERT OR REPLACE INTO objects"
+    " (cache_id, store, bucket, key, etag, size, sha256, created, last_access)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One indexed object: its source identity, verified size and checksum, and its times."""
+
+    cache_id: str
+    store: str
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    sha256: str
+    created: float
+    last_access: float
+
+
+class Index:
+    """Thread-safe access to ``index.db``; every method is one short autocommitted statement."""
+
+    def __init__(self, path: Path) -> None:
+        # The agent calls the cache from worker threads; one lock serializes the connection.
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._setup()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise CacheError(f"cache index has schema {version}; this hpcstage knows 1")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode may lose the last rows on power loss but never corrupts; a lost row
+        # only leaves an unindexed file that reconcile deletes and a later job fetches again.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        # `hpcstage cache ls` may read while the agent writes.
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        """Close the connection; the object is unusable afterwards."""
+        with self._lock:
+            self._db.close()
+
+    def get(self, cache_id: str) -> Row | None:
+        """The row for ``cache_id``, or None."""
+        with self._lock:
+            found = self._db.execute(_SELECT + " WHERE cache_id = ?", (cache_id,)).fetchone()
+        return Row(*found) if found else None
+
+    def rows(self) -> list[Row]:
+        """Every row, oldest access first."""
+        with self._lock:
+            found = self._db.execute(_SELECT + " ORDER BY last_access, cache_id").fetchall()
+        return [Row(*values) for values in found]
+
+    def put(self, row: Row) -> None:
+        """Insert or replace the row for ``row.cache_id``."""
+        with self._lock:
+            self._db.execute(_INSERT, astuple(row))
+
+    def touch(self, cache_id: str, when: float) -> None:
+        """Record an access, for LRU eviction."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE objects SET last_access = ? WHERE cache_id = ?", (when, cache_id)
+            )
+
+    def delete(self, cache_id: str) -> None:
+        """Forget ``cache_id`` (no error if absent)."""
+        with self._lock:
+            self._db.execute("DELETE FROM objects WHERE cache_id = ?", (cache_id,))

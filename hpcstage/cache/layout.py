@@ -1,0 +1,82 @@
+"""What a node cache directory looks like on disk, and the naming rules that keep it safe.
+
+    CACHE/objects/ab/abcdef...               immutable object bytes, named by cache_id (0444)
+    CACHE/objects/ab/abcdef....tmp-<random>  in-flight downloads, deleted at reconcile
+    CACHE/index.db                           SQLite index (WAL): one row per complete object
+    CACHE/jobs/<job_id>/...                  a job's view ($HPCSTAGE_DIR): hardlinks to objects
+
+Every name under ``objects/`` is derived from a cache_id (64 hex digits), never from an S3 key or
+a user path, so nothing a user controls can steer where the agent writes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+from hpcstage.errors import HpcstageError
+
+OBJECTS = "objects"
+JOBS = "jobs"
+INDEX = "index.db"
+
+# objects/ and views must be traversable by job users; a later issue narrows views with ACLs.
+DIR_MODE = 0o755
+OBJECT_MODE = 0o444
+
+_CACHE_ID = re.compile(r"[0-9a-f]{64}")
+# Slurm job ids: "123", array tasks "123_4", het jobs "123+1"; nothing that could name a path.
+_JOB_ID = re.compile(r"[0-9A-Za-z_+-][0-9A-Za-z_.+-]{0,63}")
+TEMP_MARK = ".tmp-"
+
+
+class CacheError(HpcstageError):
+    """The node cache refused or failed an operation (bad size, unsafe path, vanished object)."""
+
+
+def check_cache_id(cache_id: str) -> str:
+    """Return ``cache_id`` if it is 64 lowercase hex digits, else raise CacheError."""
+    if not _CACHE_ID.fullmatch(cache_id):
+        raise CacheError(f"not a cache id: {cache_id!r}")
+    return cache_id
+
+
+def check_job_id(job_id: str) -> str:
+    """Return ``job_id`` if it is safe as one path component, else raise CacheError."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise CacheError(f"not a job id: {job_id!r}")
+    return job_id
+
+
+def object_path(objects: Path, cache_id: str) -> Path:
+    """Where the complete object ``cache_id`` lives: fanned out by its first two hex digits."""
+    check_cache_id(cache_id)
+    return objects / cache_id[:2] / cache_id
+
+
+def is_temp_name(name: str) -> bool:
+    """True for an in-flight download's file name (``<cache_id>.tmp-<random>``)."""
+    return TEMP_MARK in name
+
+
+def make_dir(path: Path, mode: int = DIR_MODE) -> None:
+    """Create ``path`` (one level) with exactly ``mode``, or check that it is a directory."""
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        if not stat.S_ISDIR(path.lstat().st_mode):
+            raise CacheError(f"{path} exists and is not a directory") from None
+        return
+    # mkdir's mode is filtered by the umask; job users must be able to traverse regardless.
+    path.chmod(mode)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries, so a rename in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

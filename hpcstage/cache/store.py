@@ -1,0 +1,384 @@
+"""The node cache: immutable objects keyed by source identity, job views, leases and eviction.
+
+One directory per node, owned by the agent's service account (layout in ``cache/layout.py``).
+Objects are written crash-safely: a download goes to ``<cache_id>.tmp-<random>`` in the same
+directory, is fsynced, made read-only and renamed into place, the directory is fsynced, and only
+then is the index row written. A crash therefore leaves a temp file or an unindexed file, both
+removed by ``reconcile()`` at agent start, never a row that names partial bytes.
+
+Leases are hardlinks: an object is leased while any job view links it (``st_nlink > 1``), and
+eviction never removes a leased object. ``link()`` and ``evict()`` take one lock, so a lease
+checked by eviction cannot be created behind its back.
+
+One agent process owns a cache directory; the methods are synchronous and quick (the agent may
+call them from worker threads), except ``ensure()``, the asyncio entry point for fetching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+
+from hpcstage.cache.evict import Entry, choose_evictions
+from hpcstage.cache.index import Index, Row
+from hpcstage.cache.layout import (
+    INDEX,
+    JOBS,
+    OBJECT_MODE,
+    OBJECTS,
+    TEMP_MARK,
+    CacheError,
+    check_job_id,
+    fsync_dir,
+    is_temp_name,
+    make_dir,
+    object_path,
+)
+from hpcstage.cache.views import check_dest, link_into, remove_tree
+from hpcstage.identity import ObjectRef
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Partial bytes are private until committed; the committed object becomes OBJECT_MODE (0444).
+_TEMP_MODE = 0o600
+
+
+@dataclass
+class PendingObject:
+    """An in-flight download: write the bytes to ``fd``, then ``commit`` or ``abort`` it."""
+
+    ref: ObjectRef
+    fd: int
+    path: Path  # the temp file
+    final: Path  # where commit() renames it
+    closed: bool = False
+
+    def close(self) -> None:
+        """Close ``fd`` once; later calls do nothing."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+@dataclass
+class CacheStats:
+    """Counters since this NodeCache was opened (tests count GETs with ``fetched_objects``)."""
+
+    fetched_objects: int = 0  # fetches that ran and were committed
+    fetched_bytes: int = 0
+    failed_fetches: int = 0
+    hits: int = 0  # lookups that found the object complete
+    joined: int = 0  # ensure() calls that waited for another caller's fetch
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What ``reconcile()`` cleaned up, and what it kept."""
+
+    temps_removed: int
+    rows_dropped: int
+    orphans_removed: int
+    objects: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes and objects in the cache, and how much of it job views hold leased."""
+
+    bytes: int
+    objects: int
+    leased_bytes: int
+    leased_objects: int
+
+
+Fetch = Callable[[PendingObject], Awaitable[str]]
+
+
+class NodeCache:
+    """A node-local cache directory: objects, their index, and per-job views."""
+
+    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
+        """Open (creating if needed) the cache at ``root``; ``clock`` gives Unix times."""
+        self.root = Path(root)
+        self.objects = self.root / OBJECTS
+        self.jobs = self.root / JOBS
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        for path in (self.root, self.objects, self.jobs):
+            make_dir(path)
+        self.stats = CacheStats()
+        self._clock = clock
+        self._index = Index(self.root / INDEX)
+        self._lock = threading.RLock()
+        self._inflight: dict[str, asyncio.Task[Path]] = {}
+
+    def close(self) -> None:
+        """Close the index; the cache is unusable afterwards."""
+        self._index.close()
+
+    def __enter__(self) -> NodeCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def lookup(self, ref: ObjectRef) -> Path | None:
+        """The path of ``ref``'s complete object, or None; a hit counts as an access for LRU."""
+        row = self._index.get(ref.cache_id)
+        if row is None:
+            return None
+        path = object_path(self.objects, row.cache_id)
+        if _file_size(path) != row.size:
+            # Removed or truncated behind our back: forget it so the next ensure() refetches.
+            self._index.delete(row.cache_id)
+            return None
+        self._index.touch(row.cache_id, self._clock())
+        with self._lock:
+            self.stats.hits += 1
+        return path
+
+    def begin(self, ref: ObjectRef) -> PendingObject:
+        """Create a private temp file next to ``ref``'s final place, for a download to fill."""
+        final = object_path(self.objects, ref.cache_id)
+        temp = final.with_name(f"{final.name}{TEMP_MARK}{secrets.token_hex(8)}")
+        try:
+            make_dir(final.parent)
+            fd = os.open(temp, _CREATE, _TEMP_MODE)
+        except OSError as exc:
+            raise CacheError(f"cannot start object {ref.cache_id}: {exc}") from exc
+        return PendingObject(ref, fd, temp, final)
+
+    def commit(self, pending: PendingObject, sha256_hex: str) -> Path:
+        """Make ``pending`` a complete, read-only, indexed object and return its path.
+
+        Raises CacheError (after aborting) if the size differs from ``ref.size``, the checksum
+        is not 64 hex digits, or the disk fails.
+        """
+        try:
+            self._seal(pending, sha256_hex)
+            os.rename(pending.path, pending.final)
+            fsync_dir(pending.final.parent)
+        except BaseException as exc:
+            self.abort(pending)
+            if isinstance(exc, OSError):
+                raise CacheError(f"cannot commit object {pending.ref.cache_id}: {exc}") from exc
+            raise
+        self._index.put(self._new_row(pending.ref, sha256_hex))
+        return pending.final
+
+    def abort(self, pending: PendingObject) -> None:
+        """Drop an in-flight download: close and delete its temp file (idempotent)."""
+        try:
+            pending.close()
+        finally:
+            pending.path.unlink(missing_ok=True)
+
+    def _seal(self, pending: PendingObject, sha256_hex: str) -> None:
+        """Check a finished download, flush it to disk and make it read-only."""
+        if pending.closed:
+            raise CacheError(f"object {pending.ref.cache_id} was already committed or aborted")
+        if not _SHA256.fullmatch(sha256_hex):
+            raise CacheError(f"not a sha256 hex digest: {sha256_hex!r}")
+        size = os.fstat(pending.fd).st_size
+        if size != pending.ref.size:
+            raise CacheError(
+                f"object {pending.ref.key!r} has {size} bytes, expected {pending.ref.size}"
+            )
+        os.fsync(pending.fd)
+        os.fchmod(pending.fd, OBJECT_MODE)
+        pending.close()
+
+    def _new_row(self, ref: ObjectRef, sha256_hex: str) -> Row:
+        now = self._clock()
+        return Row(
+            ref.cache_id, ref.store, ref.bucket, ref.key, ref.etag, ref.size, sha256_hex, now, now
+        )
+
+    # -- singleflight ----------------------------------------------------------------------
+
+    async def ensure(self, ref: ObjectRef, fetch: Fetch) -> Path:
+        """Return ``ref``'s object path, running ``fetch`` at most once per object at a time.
+
+        ``fetch`` writes the bytes to ``pending.fd`` and returns their sha256 hex digest.
+        Concurrent calls for the same object share one fetch and its result or exception; on
+        failure the temp file is removed. One caller being cancelled does not cancel the fetch.
+        """
+        found = self.lookup(ref)
+        if found is not None:
+            return found
+        cache_id = ref.cache_id
+        task = self._inflight.get(cache_id)
+        if task is None:
+            task = asyncio.create_task(self._fetch(ref, fetch), name=f"fetch-{cache_id[:16]}")
+            self._inflight[cache_id] = task
+            task.add_done_callback(functools.partial(self._fetch_done, cache_id))
+        else:
+            self.stats.joined += 1
+        return await asyncio.shield(task)
+
+    async def _fetch(self, ref: ObjectRef, fetch: Fetch) -> Path:
+        pending = self.begin(ref)
+        try:
+            digest = await fetch(pending)
+        except BaseException:
+            self.abort(pending)
+            self.stats.failed_fetches += 1
+            raise
+        # fsync of a multi-GB object can take seconds: keep it off the event loop. commit()
+        # aborts by itself on failure, so a cancelled await here leaves nothing half-done.
+        path = await asyncio.to_thread(self.commit, pending, digest)
+        self.stats.fetched_objects += 1
+        self.stats.fetched_bytes += ref.size
+        return path
+
+    def _fetch_done(self, cache_id: str, task: asyncio.Task[Path]) -> None:
+        if self._inflight.get(cache_id) is task:
+            del self._inflight[cache_id]
+        if not task.cancelled():
+            # Mark the exception retrieved: if every waiter gave up, asyncio would log it.
+            task.exception()
+
+    # -- views -----------------------------------------------------------------------------
+
+    def view_dir(self, job_id: str) -> Path:
+        """The job's view (its ``$HPCSTAGE_DIR``), created empty if missing."""
+        path = self.jobs / check_job_id(job_id)
+        make_dir(path)
+        return path
+
+    def link(self, job_id: str, dest: PurePosixPath | str, obj: Path) -> Path:
+        """Hardlink the cached object ``obj`` at ``dest`` in the job's view; return that path.
+
+        This is the job's lease on ``obj``. Parents are created; an existing file at ``dest`` is
+        replaced atomically. Raises CacheError if ``dest`` is absolute, contains ``..`` or has a
+        symlinked parent, if ``obj`` is not one of this cache's objects, or if it was evicted
+        since it was looked up (ensure it again).
+        """
+        rel = check_dest(dest)
+        if Path(obj) != object_path(self.objects, Path(obj).name):
+            raise CacheError(f"not an object of this cache: {obj}")
+        view = self.view_dir(job_id)
+        with self._lock:  # evict() reads leases under the same lock
+            return link_into(view, rel, Path(obj))
+
+    def release(self, job_id: str) -> None:
+        """Remove the job's view and everything the job left in it, ending its leases.
+
+        Symlinks are removed, never followed. Raises CacheError naming what could not be
+        removed; the objects themselves always stay.
+        """
+        remove_tree(self.jobs / check_job_id(job_id))
+
+    def views(self) -> list[str]:
+        """Job ids that have a view, sorted."""
+        with os.scandir(self.jobs) as found:
+            return sorted(e.name for e in found if e.is_dir(follow_symlinks=False))
+
+    # -- reconcile, usage, eviction --------------------------------------------------------
+
+    def reconcile(self) -> ReconcileReport:
+        """Make disk and index agree after a crash; run at agent start, before any fetch.
+
+        Deletes every temp file, drops rows whose file is missing or has the wrong size, and
+        deletes object files without a row (their bytes cannot be verified). Checksums are not
+        re-read: that would cost a full read of the cache at every start.
+        """
+        with self._lock:
+            sizes = {row.cache_id: row.size for row in self._index.rows()}
+            temps, orphans = 0, 0
+            kept: dict[str, int] = {}
+            for entry in self._object_files():
+                if is_temp_name(entry.name):
+                    temps += 1
+                elif self._is_indexed_file(entry, sizes):
+                    kept[entry.name] = sizes[entry.name]
+                    continue
+                else:
+                    orphans += 1
+                Path(entry.path).unlink(missing_ok=True)
+            dropped = [cache_id for cache_id in sizes if cache_id not in kept]
+            for cache_id in dropped:
+                self._index.delete(cache_id)
+        return ReconcileReport(temps, len(dropped), orphans, len(kept), sum(kept.values()))
+
+    def _object_files(self) -> Iterator[os.DirEntry[str]]:
+        """Every non-directory under ``objects/`` and its fan-out directories."""
+        with os.scandir(self.objects) as top:
+            for entry in list(top):
+                if not entry.is_dir(follow_symlinks=False):
+                    yield entry
+                    continue
+                with os.scandir(entry.path) as inner:
+                    yield from [e for e in inner if not e.is_dir(follow_symlinks=False)]
+
+    def _is_indexed_file(self, entry: os.DirEntry[str], sizes: dict[str, int]) -> bool:
+        """True if ``entry`` is a regular file at its cache_id's place with the indexed size."""
+        if entry.name not in sizes or Path(entry.path) != object_path(self.objects, entry.name):
+            return False
+        return entry.is_file(follow_symlinks=False) and entry.stat().st_size == sizes[entry.name]
+
+    def usage(self) -> Usage:
+        """Indexed bytes and objects, and the part of them leased by job views."""
+        entries = self._entries()
+        leased = [e for e in entries if e.leased]
+        return Usage(
+            bytes=sum(e.size for e in entries),
+            objects=len(entries),
+            leased_bytes=sum(e.size for e in leased),
+            leased_objects=len(leased),
+        )
+
+    def evict(
+        self, max_bytes: int, high: float, low: float, ttl: float, now: float | None = None
+    ) -> list[str]:
+        """Evict by the policy in ``cache/evict.py``; return the evicted cache_ids.
+
+        ``max_bytes`` is the cache's capacity, ``high``/``low`` fractions of it, ``ttl`` in
+        seconds; ``now`` defaults to the clock. Leased objects are never evicted. In-flight
+        downloads are not counted.
+        """
+        with self._lock:
+            when = self._clock() if now is None else now
+            chosen = choose_evictions(self._entries(), max_bytes, high, low, ttl, when)
+            for cache_id in chosen:
+                # Row first: a crash in between leaves an unindexed file, which reconcile removes.
+                self._index.delete(cache_id)
+                object_path(self.objects, cache_id).unlink(missing_ok=True)
+        return chosen
+
+    def _entries(self) -> list[Entry]:
+        """A snapshot of indexed objects for the eviction policy, with their lease state."""
+        entries: list[Entry] = []
+        for row in self._index.rows():
+            try:
+                st = object_path(self.objects, row.cache_id).lstat()
+            except FileNotFoundError:
+                continue  # lookup() drops the row; nothing here to evict or count
+            entries.append(Entry(row.cache_id, row.size, row.last_access, st.st_nlink > 1))
+        return entries
+
+
+def _file_size(path: Path) -> int | None:
+    """Size of the regular file at ``path``, or None if it is missing or not a regular file."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None

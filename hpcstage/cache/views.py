@@ -1,0 +1,110 @@
+"""Job views: a job's ``$HPCSTAGE_DIR``, built from hardlinks to cached objects, no bytes copied.
+
+The job owns what is inside its view while it runs and may plant symlinks anywhere in it, so a
+destination is never resolved by path: it is walked one component at a time from a directory fd,
+each opened with O_NOFOLLOW. A symlinked parent, even one that points back inside the view, is
+refused rather than resolved; so are absolute destinations and ``..``.
+
+A hardlink doubles as the lease: while any view links an object its ``st_nlink`` is above 1 and
+eviction leaves it alone; removing the view ends the lease without bookkeeping that could drift.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from hpcstage.cache.layout import DIR_MODE, CacheError
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_dest(dest: PurePosixPath | str) -> PurePosixPath:
+    """Return ``dest`` as a path relative to a view, or raise CacheError if it could escape."""
+    path = PurePosixPath(dest)
+    if path.is_absolute() or not path.parts or ".." in path.parts:
+        raise CacheError(f"refusing destination {str(dest)!r}: not a relative path inside the view")
+    return path
+
+
+def link_into(view: Path, dest: PurePosixPath, obj: Path) -> Path:
+    """Hardlink ``obj`` at ``dest`` inside ``view``, creating parent directories as needed.
+
+    An existing file at ``dest`` is replaced atomically. Raises CacheError if a parent is a
+    symlink or not a directory, or if ``obj`` has vanished.
+    """
+    try:
+        parent = _open_parents(view, dest.parts[:-1])
+        try:
+            _link_replace(obj, parent, dest.name)
+        finally:
+            os.close(parent)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in a name
+        raise CacheError(f"cannot link {dest} into {view}: {exc}") from exc
+    return view.joinpath(*dest.parts)
+
+
+def _open_parents(view: Path, parts: Sequence[str]) -> int:
+    """Open (creating) the directory ``view/parts...`` without following any symlink."""
+    fd = os.open(view, _OPEN_DIR)
+    try:
+        for part in parts:
+            child = _open_subdir(fd, part)
+            fd, old = child, fd
+            os.close(old)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_subdir(dir_fd: int, name: str) -> int:
+    """Open directory ``name`` under ``dir_fd``, creating it (mode 0755) if missing."""
+    try:
+        os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
+        created = True
+    except FileExistsError:
+        created = False  # ours from an earlier link, or the job's: the O_NOFOLLOW open decides
+    fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+    if created:
+        os.fchmod(fd, DIR_MODE)  # mkdir's mode is filtered by the umask
+    return fd
+
+
+def _link_replace(obj: Path, dir_fd: int, name: str) -> None:
+    """Link ``obj`` as ``name`` in ``dir_fd`` via a temp name, so readers never see a gap."""
+    temp = f".hpcstage-link-{secrets.token_hex(8)}"
+    os.link(obj, temp, dst_dir_fd=dir_fd, follow_symlinks=False)
+    try:
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        # rename() is a no-op when both names already link the same inode: drop the temp then.
+        with suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dir_fd)
+
+
+def remove_tree(view: Path) -> None:
+    """Remove ``view`` and everything in it, never following a symlink.
+
+    Raises CacheError naming what could not be removed (e.g. files the job made undeletable).
+    """
+    if not os.path.lexists(view):
+        return
+    failures: list[str] = []
+
+    def record(_func: Callable[..., Any], path: str, exc: BaseException) -> None:
+        failures.append(f"{path}: {exc}")
+
+    # shutil.rmtree walks with directory fds on Linux and unlinks symlinks instead of following.
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(view, onexc=record)
+    else:
+        shutil.rmtree(view, onerror=lambda func, path, info: record(func, path, info[1]))
+    if failures:
+        raise CacheError(f"could not remove {len(failures)} entries of {view}: {failures[0]}")

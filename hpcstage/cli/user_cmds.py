@@ -1,0 +1,305 @@
+"""``hpcstage env``, ``status`` and ``warmup``: what scientists type. Thin: all via the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpcstage.cli.common import config_option, load_settings
+from hpcstage.client import ApiError, Client, api_url
+from hpcstage.errors import HpcstageError
+from hpcstage.slurm.hostlist import expand_hostlist
+from hpcstage.transfer.transport import cache_dir_for
+from hpcstage.units import format_size
+
+ENSURE_EVERY = 5.0  # seconds between nudges to the daemon while waiting
+
+
+def _client(config_path: Path | None) -> tuple[Client, Any]:
+    settings = load_settings(config_path)
+    return Client(api_url(settings.api.listen)), settings
+
+
+# ---------------------------------------------------------------------------- env
+
+
+@click.command()
+@config_option
+@click.option(
+    "--job",
+    "job_id",
+    type=int,
+    envvar="SLURM_JOB_ID",
+    show_envvar=True,
+    help="Slurm job id (inside a job: taken from the environment).",
+)
+@click.option(
+    "--node",
+    envvar="SLURMD_NODENAME",
+    show_envvar=True,
+    help="This node's Slurm name (inside a job: taken from the environment).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=3600,
+    show_default=True,
+    help="Seconds to wait for the inputs before failing the job.",
+)
+def env(config_path: Path | None, job_id: int | None, node: str | None, timeout: float) -> None:
+    """Wait until this job's inputs are on this node, then print shell exports.
+
+    Use it as the first line of a batch script on sites without the SPANK plugin:
+
+    \b
+      #HPCSTAGE --stage-in=s3://datasets/ligands/
+      eval "$(hpcstage env)"
+      python dock.py "$HPCSTAGE_DIR/ligands"
+
+    It asks the daemon to fetch whatever is missing on this node and waits, printing progress
+    on stderr. On failure (a missing object, a malformed directive, timeout) it prints
+    `exit 1` for the shell, so the job stops instead of running without its data.
+    """
+    try:
+        if job_id is None or not node:
+            raise HpcstageError(
+                "not inside a Slurm job: give --job and --node "
+                "(or SLURM_JOB_ID and SLURMD_NODENAME)"
+            )
+        client, settings = _client(config_path)
+        view = Path(cache_dir_for(settings.nodes.cache_dir, node)) / "jobs" / str(job_id)
+        _wait_ready(client, job_id, node, timeout)
+    except HpcstageError as exc:
+        message = f"hpcstage: job {job_id} cannot start: {exc}"
+        click.echo(message, err=True)
+        click.echo(f"echo {shlex.quote(message)} >&2; exit 1")
+        sys.exit(1)
+    click.echo(f"export HPCSTAGE_DIR={shlex.quote(str(view))}")
+
+
+def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_nudge = 0.0
+    while True:
+        if time.monotonic() - last_nudge > ENSURE_EVERY:
+            doc = client.post(f"/api/v1/jobs/{job_id}/ensure")
+            last_nudge = time.monotonic()
+        else:
+            doc = client.get(f"/api/v1/jobs/{job_id}")
+        state = _node_state(doc, node)
+        if state == "ready":
+            return
+        if state == "failed":
+            raise HpcstageError(_first_error(doc, node))
+        if time.monotonic() > deadline:
+            raise HpcstageError(
+                f"inputs not ready on {node} after {timeout:.0f}s ({_progress_line(doc, node)})"
+            )
+        click.echo(f"hpcstage: waiting for inputs on {node}: {_progress_line(doc, node)}", err=True)
+        time.sleep(1)
+
+
+def _node_state(doc: dict[str, Any], node: str) -> str:
+    if doc.get("failure"):
+        return "failed"
+    return str(doc.get("staging", {}).get(node, "staging"))
+
+
+def _first_error(doc: dict[str, Any], node: str) -> str:
+    if doc.get("failure"):
+        return str(doc["failure"])
+    for req in doc.get("requests", []):
+        st = req.get("nodes", {}).get(node, {})
+        if st.get("state") == "failed":
+            return str(st.get("error") or f"{req['text']}: failed")
+    return "staging failed"
+
+
+def _progress_line(doc: dict[str, Any], node: str) -> str:
+    files = total_files = size = 0
+    for req in doc.get("requests", []):
+        st = req.get("nodes", {}).get(node)
+        if st:
+            files += st["files_done"]
+            total_files += st["files_total"] or 0
+            size += st["bytes_done"]
+    total = str(total_files) if total_files else "?"
+    return f"{files}/{total} files, {format_size(size)}"
+
+
+# ---------------------------------------------------------------------------- status
+
+
+@click.command()
+@config_option
+@click.argument("job_id", type=int, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON document.")
+@click.option("--all", "show_all", is_flag=True, help="Include jobs whose staging is over.")
+def status(config_path: Path | None, job_id: int | None, as_json: bool, show_all: bool) -> None:
+    """Show staging of one job (JOBID) or of every job the daemon tracks.
+
+    For one job: each input with files and bytes done/total per node, its state and error,
+    then the daemon's recent events for the job.
+    """
+    client, _ = _client(config_path)
+    if job_id is None:
+        jobs = client.get(f"/api/v1/jobs?all={'true' if show_all else 'false'}")
+        click.echo(json.dumps(jobs, indent=2) if as_json else _jobs_table(jobs))
+        return
+    try:
+        doc = client.get(f"/api/v1/jobs/{job_id}")
+    except ApiError as exc:
+        if exc.status == 404:
+            raise HpcstageError(str(exc)) from exc
+        raise
+    click.echo(json.dumps(doc, indent=2) if as_json else _job_text(doc))
+
+
+def _jobs_table(jobs: list[dict[str, Any]]) -> str:
+    if not jobs:
+        return "no jobs with staging directives"
+    lines = [f"{'JOBID':>10}  {'USER':<10} {'STATE':<11} {'NODES':<14} STAGING"]
+    for j in jobs:
+        ident = str(j["job_id"]) if j["kind"] == "job" else f"warmup-{j['id']}"
+        nodes = ",".join(j["nodes"] or j["planned_nodes"]) or "-"
+        staging = " ".join(f"{n}:{s}" for n, s in sorted(j["staging"].items())) or "-"
+        if j["failure"]:
+            staging += "  FAILED: " + j["failure"]
+        lines.append(f"{ident:>10}  {j['user']:<10} {j['state']:<11} {nodes:<14} {staging}")
+    return "\n".join(lines)
+
+
+def _job_text(doc: dict[str, Any]) -> str:
+    out = [
+        f"job {doc['job_id'] or 'warmup-' + str(doc['id'])} ({doc['name']}) user {doc['user']}"
+        f" account {doc['account'] or '-'}: {doc['state']} {doc['reason'] or ''}".rstrip(),
+        f"  planned nodes: {','.join(doc['planned_nodes']) or '-'}   "
+        f"nodes: {','.join(doc['nodes']) or '-'}   directives from: {doc['directive_source']}",
+    ]
+    if doc["error"]:
+        out.append(f"  REFUSED: {doc['error']}")
+    for req in doc["requests"]:
+        arrow = "->" if req["direction"] == "in" else "<-"
+        out.append(
+            f"  stage-{req['direction']} {req['src']} {arrow} {req['dest']}"
+            f"   (line {req['line']}: {req['text']})"
+        )
+        for node, st in sorted(req["nodes"].items()):
+            out.append(
+                f"    {node:<8} {st['state']:<9} {_counts(st)}"
+                + (f"  ERROR: {st['error']}" if st["error"] else "")
+            )
+    if doc.get("events"):
+        out.append("  events:")
+        for e in doc["events"]:
+            when = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+            out.append(f"    {when} {e['node'] or '-':<6} {e['level']:<7} {e['message']}")
+    return "\n".join(out)
+
+
+def _counts(st: dict[str, Any]) -> str:
+    total = st["files_total"] if st["files_total"] is not None else "?"
+    size_total = format_size(st["bytes_total"]) if st["bytes_total"] is not None else "?"
+    return (
+        f"{st['files_done']}/{total} files  {format_size(st['bytes_done'])}/{size_total}"
+        f"  fetched {st['fetched_files']}"
+    )
+
+
+# ---------------------------------------------------------------------------- warmup
+
+
+@click.command()
+@config_option
+@click.argument("src")
+@click.option(
+    "--nodes", required=True, help="Nodes to warm, in Slurm's hostlist form, e.g. n[1-3],gpu01."
+)
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait and show a progress bar until every node holds SRC.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
+def warmup(config_path: Path | None, src: str, nodes: str, wait: bool, as_json: bool) -> None:
+    """Prefetch SRC into the node-local cache of NODES, ahead of any job.
+
+    SRC is s3://bucket/key, s3://bucket/prefix/ or an absolute shared-filesystem path. Warm data
+    stays in the caches (shared by every later job that needs it) until evicted by policy.
+
+    \b
+    Example:
+      hpcstage warmup s3://datasets/ligands/ --nodes n[1-3]
+    """
+    client, _ = _client(config_path)
+    node_list = list(expand_hostlist(nodes))
+    user = os.environ.get("USER", "")
+    warm_id = client.post("/api/v1/warmups", {"src": src, "nodes": node_list, "user": user})["id"]
+    if not wait:
+        click.echo(json.dumps({"id": warm_id}) if as_json else f"warmup {warm_id} queued")
+        return
+    doc = _follow(client, warm_id, node_list, show_bar=not as_json)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    failed = [n for n in node_list if doc["staging"].get(n) == "failed"]
+    if failed:
+        raise HpcstageError(f"warmup failed on {','.join(failed)}: {_first_error(doc, failed[0])}")
+    if not as_json:
+        click.echo(f"warm on {','.join(node_list)}: {src}")
+
+
+def _follow(client: Client, warm_id: int, nodes: list[str], show_bar: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not show_bar, transient=False) as bar:
+        tasks = {n: bar.add_task(f"warm {n}", total=None) for n in nodes}
+        while True:
+            doc = client.get(f"/api/v1/warmups/{warm_id}")
+            for node in nodes:
+                files, size, files_total, size_total = _node_totals(doc, node)
+                label = f"{node} {files}/{files_total or '?'} files"
+                bar.update(tasks[node], description=label, completed=size, total=size_total or None)
+            if _settled(doc, nodes):
+                return doc
+            time.sleep(0.5)
+
+
+def _node_totals(doc: dict[str, Any], node: str) -> tuple[int, int, int, int]:
+    files = files_total = size = size_total = 0
+    for req in doc["requests"]:
+        st = req["nodes"].get(node)
+        if st:
+            files += st["files_done"]
+            files_total += st["files_total"] or 0
+            size += st["bytes_done"]
+            size_total += st["bytes_total"] or 0
+    return files, size, files_total, size_total
+
+
+def _settled(doc: dict[str, Any], nodes: list[str]) -> bool:
+    """Every input on every node finished (ready or failed)."""
+    return bool(doc["requests"]) and all(
+        req["nodes"].get(n, {}).get("finished_at") for req in doc["requests"] for n in nodes
+    )

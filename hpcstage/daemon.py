@@ -1,0 +1,539 @@
+"""The site daemon: watch Slurm, plan, and have node agents stage; serve the API.
+
+Lifecycle (as uvicorn's server): startup -> main loop -> shutdown. SIGTERM/SIGINT drain:
+no new transfers start, running ones are cancelled and left ``queued`` in the database, so a
+restarted daemon resumes them (the agents' caches keep every object already verified).
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from hpcstage import directives as dirs
+from hpcstage import plan as planner
+from hpcstage.config import Settings
+from hpcstage.db import Job, Request, Staging, open_db
+from hpcstage.errors import DirectiveError, SlurmError, TransportError
+from hpcstage.slurm.backend import CliBackend, SlurmBackend
+from hpcstage.slurm.model import JobInfo, QueueSnapshot
+from hpcstage.store import resolve_credentials
+from hpcstage.transfer.rpc import AgentError, RpcClient
+from hpcstage.transfer.transport import (
+    AgentPool,
+    AgentSession,
+    SshTarget,
+    agent_argv,
+    agent_shell_command,
+    cache_dir_for,
+    expand_node_template,
+    open_local,
+    open_ssh,
+)
+from hpcstage.watch import Directives, log_event, split_nodes, sync
+
+log = logging.getLogger("hpcstage.daemon")
+
+MAX_TRANSPORT_ATTEMPTS = 5
+FLUSH_EVERY = 1.0  # seconds between progress writes to the database
+
+
+@dataclass
+class Progress:
+    """Latest progress of one staging, flushed to the database periodically."""
+
+    files_done: int = 0
+    bytes_done: int = 0
+    files_total: int | None = None
+    bytes_total: int | None = None
+    fetched: int = 0
+
+
+@dataclass
+class Daemon:
+    """One site daemon. ``run()`` until stopped; ``tick()`` is one watch-plan-act round."""
+
+    settings: Settings
+    backend: SlurmBackend | None = None
+    db: sessionmaker[Session] | None = None
+    _pool: AgentPool | None = None
+    _tasks: dict[tuple[int, str], asyncio.Task[None]] = field(default_factory=dict)
+    _progress: dict[int, Progress] = field(default_factory=dict)
+    _ignored: set[int] = field(default_factory=set)
+    _node_addr: dict[str, str] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _credentials: dict[str, str] | None = None
+    last_tick: float = 0.0
+    last_error: str = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def startup(self) -> None:
+        """Open state, resume interrupted work, prepare the Slurm backend and agents."""
+        if self.db is None:
+            self.db = open_db(self.settings.site.state_url)
+        if self.backend is None:
+            bin_dir = str(self.settings.slurm.bin_dir or "")
+            self.backend = CliBackend(bin_dir=bin_dir)
+        self._credentials = resolve_credentials(self.settings.store.profile or None)
+        self._pool = AgentPool(self._open_agent, self._hello)
+        with self.db.begin() as session:
+            # Transfers that were running when we stopped are simply queued again.
+            session.execute(
+                update(Staging).where(Staging.state == "running").values(state="queued")
+            )
+        await self._refresh_nodes()
+
+    async def run(self, api: Any = None) -> None:
+        """Run until SIGTERM/SIGINT; ``api`` is an optional coroutine serving HTTP."""
+        await self.startup()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        api_task = asyncio.create_task(api) if api is not None else None
+        try:
+            await self.main_loop()
+        finally:
+            if api_task is not None:
+                api_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await api_task
+            await self.shutdown()
+
+    def _on_signal(self) -> None:
+        if self._stopping.is_set():
+            log.warning("second signal: exiting now")
+            raise SystemExit(1)
+        log.info("signal received: draining (send again to exit at once)")
+        self._stopping.set()
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Ask the main loop to drain and return."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def main_loop(self) -> None:
+        """Tick every poll_interval, or at once when woken (API ensure, a finished transfer)."""
+        interval = self.settings.slurm.poll_interval
+        while not self._stopping.is_set():
+            try:
+                await self.tick()
+            except (SlurmError, TransportError) as exc:
+                # Slurm or a node may be briefly unreachable: log and carry on.
+                self.last_error = str(exc)
+                log.error("tick failed: %s", exc)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+
+    async def shutdown(self) -> None:
+        """Cancel transfers (they stay queued in the database) and close agent sessions."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._flush_progress(requeue=True)
+        if self._pool is not None:
+            await self._pool.close()
+
+    def wake(self) -> None:
+        """Run a tick now (e.g. a job asked for its inputs)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ one round
+
+    async def tick(self) -> None:
+        """Snapshot the queue, fold it into the database, plan, and start actions."""
+        assert self.backend is not None
+        assert self.db is not None
+        snapshot = await self.backend.snapshot()
+        snapshot = self._only_watched(snapshot)
+        with self.db.begin() as session:
+            await sync(session, snapshot, self._directives, self._ignored)
+        self._flush_progress()
+        with self.db.begin() as session:
+            views = list(self._views(session))
+        inflight: dict[str, int] = {}
+        for _, node in self._tasks:
+            inflight[node] = inflight.get(node, 0) + 1
+        actions = planner.plan(views, time.time(), self.settings.cache.lease_grace, inflight)
+        for action in actions:
+            self._act(action)
+        self.last_tick = time.time()
+
+    def _only_watched(self, snapshot: QueueSnapshot) -> QueueSnapshot:
+        parts = set(self.settings.slurm.partitions)
+        if not parts:
+            return snapshot
+        jobs = tuple(j for j in snapshot.jobs if set(j.partition.split(",")) & parts)
+        return QueueSnapshot(
+            snapshot.taken_at, snapshot.slurm_version, jobs, snapshot.planned_nodes_known
+        )
+
+    def _views(self, session: Session) -> Iterable[planner.JobView]:
+        query = select(Job).where(Job.released_at.is_(None))
+        for job in session.scalars(query):
+            if not any(r.direction == "in" for r in job.requests):
+                continue  # nothing to stage in (stage-out only jobs: see stage-out)
+            yield planner.JobView(
+                id=job.id,
+                kind=job.kind,
+                state=job.state,
+                priority=job.priority,
+                expected_start=job.expected_start,
+                planned_nodes=split_nodes(job.planned_nodes),
+                nodes=split_nodes(job.nodes),
+                ended_at=job.ended_at,
+                released=job.released_at is not None,
+                error=job.error,
+                node_states=_node_states(job),
+            )
+
+    def _act(self, action: planner.Action) -> None:
+        if isinstance(action, planner.MarkReleased):
+            self._mark_released(action.job_id)
+            return
+        key = (action.job_id, action.node)
+        if key in self._tasks:
+            return
+        coro = self._stage(action) if isinstance(action, planner.Stage) else self._release(action)
+        task = asyncio.create_task(coro, name=f"{type(action).__name__}-{key}")
+        self._tasks[key] = task
+        task.add_done_callback(functools.partial(self._done, key))
+
+    def _done(self, key: tuple[int, str], _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(key, None)
+        self._wake.set()  # a finished transfer may unblock the next one
+
+    # ------------------------------------------------------------------ actions
+
+    async def _stage(self, action: planner.Stage) -> None:
+        assert self.db is not None
+        with self.db.begin() as session:
+            job = session.get_one(Job, action.job_id)
+            requests = [r for r in job.requests if r.direction == "in"]
+            job_key, user = _job_key(job), job.user
+            log_event(session, job.id, action.node, f"staging: {action.reason}")
+            stagings = [_staging(session, r, action.node) for r in requests]
+            for st in stagings:
+                st.state, st.started_at, st.error = "running", time.time(), ""
+                st.attempts += 1
+            plan = [
+                (st.id, r.id, r.src, r.dest, r.text, r.line)
+                for st, r in zip(stagings, requests, strict=True)
+            ]
+        current = plan[0] if plan else None
+        try:
+            rpc = await self._agent(action.node)
+            for current in plan:
+                staging_id, request_id, src, dest, _text, _line = current
+                await self._stage_one(rpc, staging_id, job_key, user, request_id, src, dest)
+        except AgentError as exc:
+            assert current is not None
+            where = f"line {current[5]}: " if current[5] else ""
+            self._fail(current[0], action, f"{where}{current[4]}: {exc}")
+        except TransportError as exc:
+            self._requeue(action, [p[0] for p in plan], str(exc))
+
+    async def _stage_one(
+        self,
+        rpc: RpcClient,
+        staging_id: int,
+        job_key: str,
+        user: str,
+        request_id: int,
+        src: str,
+        dest: str,
+    ) -> None:
+        progress = self._progress.setdefault(staging_id, Progress())
+
+        def on_progress(data: dict[str, Any]) -> None:
+            progress.files_done = int(data.get("files_done", 0))
+            progress.bytes_done = int(data.get("bytes_done", 0))
+            progress.files_total = data.get("files_total")
+            progress.bytes_total = data.get("bytes_total")
+            progress.fetched = int(data.get("fetched", 0))
+
+        item = {"request_id": request_id, "source": source_params(src), "dest": dest}
+        result = await rpc.call(
+            "stage", {"job": job_key, "user": user, "items": [item]}, on_progress
+        )
+        for got in result.get("items", []):
+            on_progress(got)
+        self._finish(staging_id, progress)
+
+    def _finish(self, staging_id: int, progress: Progress) -> None:
+        assert self.db is not None
+        with self.db.begin() as session:
+            st = session.get_one(Staging, staging_id)
+            _apply(st, progress)
+            st.state, st.finished_at = "ready", time.time()
+            log_event(
+                session,
+                st.request.job_id,
+                st.node,
+                f"ready: {st.request.src} -> {st.request.dest} "
+                f"({st.files_done} files, {st.bytes_done} bytes, {st.fetched_files} fetched)",
+            )
+        self._progress.pop(staging_id, None)
+
+    def _fail(self, staging_id: int, action: planner.Stage, message: str) -> None:
+        assert self.db is not None
+        with self.db.begin() as session:
+            st = session.get_one(Staging, staging_id)
+            _apply(st, self._progress.pop(staging_id, Progress()))
+            st.state, st.error, st.finished_at = "failed", message, time.time()
+            # The other requests of this job on this node will not run now: say why.
+            for other in _job_stagings(session, action.job_id, action.node):
+                if other.state == "running":
+                    other.state, other.error = "failed", "not staged: another input failed"
+            log_event(session, action.job_id, action.node, f"failed: {message}", "error")
+
+    def _requeue(self, action: planner.Stage, staging_ids: list[int], message: str) -> None:
+        assert self.db is not None
+        with self.db.begin() as session:
+            for staging_id in staging_ids:
+                st = session.get_one(Staging, staging_id)
+                _apply(st, self._progress.pop(staging_id, Progress()))
+                give_up = st.attempts >= MAX_TRANSPORT_ATTEMPTS
+                st.state = "failed" if give_up else "queued"
+                st.error = f"node {action.node} unreachable: {message}"
+            log_event(session, action.job_id, action.node, f"will retry: {message}", "warning")
+
+    async def _release(self, action: planner.Release) -> None:
+        assert self.db is not None
+        with self.db.begin() as session:
+            job_key = _job_key(session.get_one(Job, action.job_id))
+        try:
+            rpc = await self._agent(action.node)
+            await rpc.call("release", {"job": job_key})
+        except (AgentError, TransportError) as exc:
+            log.warning("release of %s on %s failed: %s", job_key, action.node, exc)
+            return
+        with self.db.begin() as session:
+            for st in _job_stagings(session, action.job_id, action.node):
+                st.state = "released"
+            log_event(session, action.job_id, action.node, f"view released: {action.reason}")
+
+    def _mark_released(self, job_id: int) -> None:
+        assert self.db is not None
+        with self.db.begin() as session:
+            session.get_one(Job, job_id).released_at = time.time()
+
+    def _flush_progress(self, requeue: bool = False) -> None:
+        if not self._progress or self.db is None:
+            return
+        with self.db.begin() as session:
+            for staging_id, progress in self._progress.items():
+                st = session.get(Staging, staging_id)
+                if st is not None:
+                    _apply(st, progress)
+                    if requeue and st.state == "running":
+                        st.state = "queued"
+
+    # ------------------------------------------------------------------ directives
+
+    async def _directives(self, info: JobInfo) -> Directives:
+        """Find a job's directives where the site configured us to look."""
+        for source in self.settings.slurm.directives_from:
+            try:
+                parsed = await self._parsed(source, info)
+            except DirectiveError as exc:  # our block, but unreadable: refuse the job
+                return Directives(source, [], [], error=str(exc))
+            if parsed is not None:
+                return to_directives(source, parsed, info)
+        return Directives("none", [], [])
+
+    async def _parsed(self, source: str, info: JobInfo) -> dirs.ParsedDirectives | None:
+        if source == "admin_comment":
+            args = dirs.decode_admin_comment(info.admin_comment)
+            return None if args is None else dirs.parse_args(args)
+        assert self.backend is not None
+        script = await self.backend.batch_script(info.job_id)
+        return None if script is None else dirs.parse_script(script)
+
+    # ------------------------------------------------------------------ agents
+
+    async def _agent(self, node: str) -> RpcClient:
+        assert self._pool is not None
+        return await self._pool.get(node)
+
+    async def _open_agent(self, node: str) -> AgentSession:
+        nodes = self.settings.nodes
+        cache_dir = cache_dir_for(nodes.cache_dir, node)
+        if nodes.transport == "local":
+            return await open_local(node, agent_argv(nodes.agent_command, node, cache_dir))
+        if node not in self._node_addr:
+            await self._refresh_nodes()
+        target = SshTarget(
+            host=expand_node_template(nodes.address, node, self._node_addr.get(node, node)),
+            port=nodes.ssh_port,
+            user=nodes.ssh_user,
+            key=str(nodes.ssh_key),
+            known_hosts=str(nodes.ssh_known_hosts),
+            command=agent_shell_command(nodes.agent_command, node, cache_dir),
+            connect_timeout=nodes.connect_timeout,
+        )
+        return await open_ssh(node, target)
+
+    async def _hello(self, node: str, rpc: RpcClient) -> None:
+        s, t = self.settings.store, self.settings.transfer
+        store = {
+            "endpoint_url": s.endpoint_url,
+            "region": s.region,
+            "addressing_style": s.addressing_style,
+            "verify_tls": s.verify_tls,
+            "ca_bundle": str(s.ca_bundle or ""),
+            "max_connections": s.max_connections,
+            "connect_timeout": s.connect_timeout,
+            "read_timeout": s.read_timeout,
+            "credentials": self._credentials,
+        }
+        transfer = {
+            "concurrency": t.concurrency,
+            "part_size": t.part_size,
+            "multipart_threshold": t.multipart_threshold,
+            "retries": t.retries,
+            "backoff_base": t.backoff_base,
+            "backoff_max": t.backoff_max,
+        }
+        reply = await rpc.call("hello", {"store": store, "transfer": transfer})
+        log.info("agent on %s ready: %s", node, reply.get("reconcile"))
+
+    async def _refresh_nodes(self) -> None:
+        assert self.backend is not None
+        try:
+            nodes = await self.backend.nodes()
+        except SlurmError as exc:
+            log.warning("cannot list nodes: %s", exc)
+            return
+        self._node_addr = {n.name: n.addr or n.hostname or n.name for n in nodes}
+
+    # ------------------------------------------------------------------ warmups
+
+    def create_warmup(self, src: str, nodes: list[str], user: str) -> int:
+        """Record a warmup of ``src`` on ``nodes``; the next tick starts it."""
+        assert self.db is not None
+        stage_in = dirs.parse_value("stage-in", src)
+        with self.db.begin() as session:
+            job = Job(
+                kind="warmup",
+                name=f"warmup {src}",
+                user=user,
+                state="WARMUP",
+                planned_nodes=",".join(nodes),
+                first_seen=time.time(),
+            )
+            job.requests = [
+                Request(
+                    direction="in",
+                    position=0,
+                    src=stage_in.src.url,
+                    dest=str(stage_in.dest),
+                    line=0,
+                    text=src,
+                )
+            ]
+            session.add(job)
+            session.flush()
+            log_event(session, job.id, "", f"warmup of {src} on {', '.join(nodes)} requested")
+            job_id = job.id
+        self.wake()
+        return job_id
+
+
+def to_directives(source: str, parsed: dirs.ParsedDirectives, info: JobInfo) -> Directives:
+    """What the watcher stores; any refused directive becomes the job's error."""
+    if parsed.errors:
+        return Directives(source, [], [], error="; ".join(map(describe, parsed.errors)))
+    context = dirs.JobContext(
+        job_id=info.job_id,
+        user=info.user,
+        name=info.name,
+        array_job_id=info.array_job_id,
+        array_task_id=info.array_task_id,
+    )
+    stage_in: list[dict[str, object]] = [
+        {"src": d.src.url, "dest": str(d.dest), "line": d.line, "text": d.text}
+        for d in parsed.stage_in
+    ]
+    try:
+        # Expanded here, then checked again: a job name may hold '..' or '/'.
+        outs = [dirs.expand_stage_out(d, context) for d in parsed.stage_out]
+    except DirectiveError as exc:
+        return Directives(source, [], [], error=str(exc))
+    stage_out: list[dict[str, object]] = [
+        {
+            "src": str(d.src),
+            "dest": d.dest_url,
+            "line": d.line,
+            "text": d.text,
+            "when": d.when.value,
+            "optional": d.optional,
+        }
+        for d in outs
+    ]
+    return Directives(source, stage_in, stage_out)
+
+
+def describe(problem: dirs.DirectiveProblem) -> str:
+    """A refused directive for users: its line when known, its text, and why."""
+    where = f"line {problem.line}: " if problem.line else ""
+    return f"{where}{problem.text}: {problem.message}"
+
+
+def source_params(src: str) -> dict[str, Any]:
+    """A stored source URL as the agent's ``source`` parameter."""
+    source = dirs.parse_source(src)
+    return {"kind": source.kind, "bucket": source.bucket, "key": source.key, "path": source.path}
+
+
+def _job_key(job: Job) -> str:
+    return str(job.slurm_job_id) if job.kind == "job" else f"warmup-{job.id}"
+
+
+def _staging(session: Session, request: Request, node: str) -> Staging:
+    found = session.scalar(
+        select(Staging).where(Staging.request_id == request.id, Staging.node == node)
+    )
+    if found is None:
+        found = Staging(request_id=request.id, node=node, state="queued")
+        session.add(found)
+        session.flush()
+    return found
+
+
+def _job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:
+    query = select(Staging).join(Request).where(Request.job_id == job_id, Staging.node == node)
+    return list(session.scalars(query))
+
+
+def _node_states(job: Job) -> dict[str, str]:
+    per_node: dict[str, list[str]] = {}
+    for request in job.requests:
+        if request.direction != "in":
+            continue
+        for st in request.stagings:
+            per_node.setdefault(st.node, []).append(st.state)
+    return {node: planner.node_state(states) for node, states in per_node.items()}
+
+
+def _apply(st: Staging, progress: Progress) -> None:
+    st.files_done, st.bytes_done = progress.files_done, progress.bytes_done
+    if progress.files_total is not None:
+        st.files_total = progress.files_total
+    if progress.bytes_total is not None:
+        st.bytes_total = progress.bytes_total
+    st.fetched_files = progress.fetched

@@ -1,0 +1,112 @@
+"""The daemon's state: SQLAlchemy 2 models. The database is the truth for what is in flight.
+
+SQLite (one file) is the default; PostgreSQL serves a highly available pair of daemons.
+Schema changes go through Alembic migrations in hpcstage/db/migrations/.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every hpcstage table."""
+
+
+class Job(Base):
+    """A Slurm job with staging directives, or a warmup the daemon runs on its own."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), default="job")  # job | warmup
+    slurm_job_id: Mapped[int | None] = mapped_column(BigInteger, unique=True, nullable=True)
+    name: Mapped[str] = mapped_column(String(256), default="")
+    user: Mapped[str] = mapped_column(String(64), default="")
+    account: Mapped[str] = mapped_column(String(64), default="")
+    partition: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(32), default="PENDING")
+    state_reason: Mapped[str] = mapped_column(String(128), default="")
+    priority: Mapped[int] = mapped_column(BigInteger, default=0)
+    expected_start: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    planned_nodes: Mapped[str] = mapped_column(Text, default="")  # comma-separated, expanded
+    nodes: Mapped[str] = mapped_column(Text, default="")  # where it runs / ran
+    directive_source: Mapped[str] = mapped_column(String(32), default="")
+    error: Mapped[str] = mapped_column(Text, default="")  # refusal or malformed directive
+    first_seen: Mapped[float] = mapped_column(Float, default=0.0)
+    released_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    requests: Mapped[list[Request]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Request.position"
+    )
+
+
+class Request(Base):
+    """One directive of a job: a stage-in source and its destination under $HPCSTAGE_DIR."""
+
+    __tablename__ = "requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    direction: Mapped[str] = mapped_column(String(8), default="in")  # in | out
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    src: Mapped[str] = mapped_column(Text)
+    dest: Mapped[str] = mapped_column(Text)
+    line: Mapped[int] = mapped_column(Integer, default=0)
+    text: Mapped[str] = mapped_column(Text, default="")
+
+    job: Mapped[Job] = relationship(back_populates="requests")
+    stagings: Mapped[list[Staging]] = relationship(
+        back_populates="request", cascade="all, delete-orphan"
+    )
+
+
+class Staging(Base):
+    """Progress of one request on one node: queued -> running -> ready | failed (| released)."""
+
+    __tablename__ = "stagings"
+    __table_args__ = (UniqueConstraint("request_id", "node"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[int] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), index=True
+    )
+    node: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    files_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    files_total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    fetched_files: Mapped[int] = mapped_column(BigInteger, default=0)  # from the store
+    error: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    request: Mapped[Request] = relationship(back_populates="stagings")
+
+
+class Event(Base):
+    """An append-only log of what the daemon did and why, shown in status."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    node: Mapped[str] = mapped_column(String(128), default="")
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    message: Mapped[str] = mapped_column(Text)

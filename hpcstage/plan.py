@@ -1,0 +1,166 @@
+"""The planner: pure decisions over plain data. What goes to which node, when; what is released.
+
+Inputs are snapshots of the daemon's state (``JobView``), outputs are actions the executor
+carries out. Nothing here touches Slurm, agents or the database, so every rule is a unit test.
+
+Rules, in order of precedence:
+1. A job whose directives were refused, or one of whose inputs failed on some node, gets
+   nothing more staged (its ``hpcstage env`` fails with that error).
+2. A running job is staged on the nodes it actually got, at once (Slurm's plan is advisory).
+3. A pending job is staged on the nodes the backfill scheduler plans for it; when the plan
+   moves, the old nodes' views are released (their objects stay cached, unleased).
+4. A warmup is staged on its nodes, then its view is released right away: warm data stays
+   cached but holds no lease.
+5. An ended job's views are released after the lease grace period.
+Stage actions come out ordered: running jobs first, then by expected start, then priority;
+at most ``max_per_node`` stage operations run on one node at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# Staging states, per (request, node): queued -> running -> ready | failed; then released.
+IN_FLIGHT = "running"
+DONE_STATES = frozenset({"ready", "failed"})
+RUNNING_JOB_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"})
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the planner needs to know about one job."""
+
+    id: int
+    kind: str  # job | warmup
+    state: str
+    priority: int = 0
+    expected_start: float | None = None
+    planned_nodes: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+    ended_at: float | None = None
+    released: bool = False
+    error: str = ""
+    # Aggregated state per node over the job's stage-in requests (see node_state()).
+    node_states: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, order=True)
+class Stage:
+    """Bring every input of ``job_id`` to ``node`` and build its view there."""
+
+    sort_key: tuple[int, float, int]
+    job_id: int
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """Remove the view of ``job_id`` on ``node``: its lease ends, the objects stay cached."""
+
+    job_id: int
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MarkReleased:
+    """Every view of ``job_id`` is gone: record it so the job is not looked at again."""
+
+    job_id: int
+
+
+Action = Stage | Release | MarkReleased
+
+
+def node_state(request_states: Iterable[str]) -> str:
+    """One state for a node from its requests' states: failed > running > queued > ready."""
+    states = set(request_states)
+    for state in ("failed", "running", "queued", "released"):
+        if state in states:
+            return state
+    return "ready" if states else "absent"
+
+
+def plan(
+    jobs: Iterable[JobView],
+    now: float,
+    grace: float,
+    inflight: Mapping[str, int],
+    max_per_node: int = 4,
+) -> list[Action]:
+    """Every action to take now, stage actions first in priority order."""
+    stages: list[Stage] = []
+    others: list[Action] = []
+    for job in jobs:
+        if job.ended_at is not None or (job.kind == "warmup" and _warm(job)):
+            others.extend(_end(job, now, grace))
+            continue
+        stages.extend(_stage(job))
+        others.extend(_retarget(job))
+    return [*_bounded(sorted(stages), inflight, max_per_node), *others]
+
+
+def targets(job: JobView) -> tuple[str, ...]:
+    """The nodes a job's inputs should be on now."""
+    if job.kind == "job" and job.state in RUNNING_JOB_STATES and job.nodes:
+        return job.nodes
+    return job.planned_nodes
+
+
+def _stage(job: JobView) -> list[Stage]:
+    # A refused directive or a failed input (missing object, refused credentials) fails the
+    # job wherever it runs: staging it on yet another node would only repeat the failure.
+    if job.error or "failed" in job.node_states.values():
+        return []
+    running = job.kind == "job" and job.state in RUNNING_JOB_STATES
+    key = (0 if running else 1, job.expected_start or math.inf, -job.priority)
+    reason = "job started here" if running else "planned by Slurm"
+    if job.kind == "warmup":
+        reason = "warmup"
+    return [
+        Stage(key, job.id, node, reason)
+        for node in targets(job)
+        if job.node_states.get(node, "absent") in ("absent", "queued", "released")
+    ]
+
+
+def _retarget(job: JobView) -> list[Action]:
+    """Release views on nodes a pending job is no longer planned for."""
+    keep = set(targets(job))
+    if not keep:  # no plan at all right now: keep what we have, it may come back
+        return []
+    return [
+        Release(job.id, node, "Slurm's plan moved the job elsewhere")
+        for node, state in job.node_states.items()
+        if node not in keep and state in DONE_STATES
+    ]
+
+
+def _warm(job: JobView) -> bool:
+    states = [job.node_states.get(node, "absent") for node in job.planned_nodes]
+    return bool(states) and all(state in DONE_STATES for state in states)
+
+
+def _end(job: JobView, now: float, grace: float) -> list[Action]:
+    if job.released:
+        return []
+    if job.kind == "job" and job.ended_at is not None and now < job.ended_at + grace:
+        return []
+    live = [n for n, s in job.node_states.items() if s not in ("released", "running", "absent")]
+    if any(s == IN_FLIGHT for s in job.node_states.values()):
+        return []  # let the transfer finish; release on a later tick
+    why = "warmup done" if job.kind == "warmup" else "job ended, lease grace over"
+    return [*(Release(job.id, node, why) for node in live), MarkReleased(job.id)]
+
+
+def _bounded(stages: list[Stage], inflight: Mapping[str, int], limit: int) -> list[Stage]:
+    load = dict(inflight)
+    chosen = []
+    for action in stages:
+        if load.get(action.node, 0) < limit:
+            load[action.node] = load.get(action.node, 0) + 1
+            chosen.append(action)
+    return chosen

@@ -1,0 +1,1157 @@
+"""Object stores behind one small async contract: S3 (aiobotocore) and a shared filesystem.
+
+The contract (:class:`ObjectStore`)
+    ``list`` streams the objects under a key prefix page by page (S3 string-prefix semantics:
+    ``"a/"`` never lists ``"ab/x"``); ``head`` describes one object; ``download`` writes an object
+    into an open file descriptor at offsets and returns its MD5 and SHA-256; ``upload``, ``copy``,
+    ``delete`` and ``close`` do what they say. ``delete`` of a missing key is not an error.
+
+Errors
+    Every failure on the store's side is a :class:`~hpcstage.errors.StoreError` (see errors.py),
+    translated from the vendor exception at this boundary with ``raise ... from``. Each request is
+    retried inside the store by the one policy of :mod:`hpcstage.retry`, so a
+    ``TransientStoreError`` escaping a store has already been retried: callers may reschedule the
+    object later but must not wrap the call in another retry loop. ``OSError`` on the caller's
+    side (writing ``dest_fd``, reading an upload's source file) is the caller's disk, not the
+    store, and propagates unchanged.
+
+Verification
+    A download checks its byte count against ``ObjectRef.size``, that the object still has the
+    listed ETag, and, when the ETag is a plain MD5 (single-part uploads), the MD5 of the bytes.
+    Uploads send Content-MD5 for every request, so the server rejects corrupted bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import errno
+import hashlib
+import logging
+import math
+import os
+import re
+import secrets
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from stat import S_ISREG
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeAlias, TypeVar
+
+import aiohttp
+import botocore.exceptions as bce
+import botocore.session
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.parsers import ResponseParserError
+
+from hpcstage.errors import CredentialError, StoreError, TransientStoreError
+from hpcstage.identity import ObjectRef
+from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy, with_retries
+
+if TYPE_CHECKING:
+    from aiobotocore.response import StreamingBody
+    from types_aiobotocore_s3.client import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Item = TypeVar("Item")
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes newly transferred (never negative, each byte counted once)."""
+
+MIB: Final = 2**20
+GIB: Final = 2**30
+S3_MIN_PART: Final = 5 * MIB  # S3 refuses smaller parts (except the last)
+S3_MAX_PARTS: Final = 10_000
+S3_MAX_COPY: Final = 5 * GIB  # CopyObject's limit; larger objects are copied in parts
+
+_STREAM_CHUNK: Final = 1 * MIB  # bytes buffered per connection before one pwrite
+_FILE_CHUNK: Final = 8 * MIB  # pread/pwrite size for local and shared-filesystem copies
+_PLAIN_MD5: Final = re.compile(r"[0-9a-fA-F]{32}")
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What a download wrote: checksums of the bytes (as written) and their count."""
+
+    md5_hex: str
+    sha256_hex: str
+    size: int
+
+
+S3Credentials: TypeAlias = dict[str, str]
+"""Explicit S3 credentials as the daemon hands them to agents (JSON-ready):
+``access_key``, ``secret_key`` and ``token`` ("" for long-term keys)."""
+
+_ADDRESSING_STYLES: Final = ("path", "virtual", "auto")
+
+
+class ObjectStore(Protocol):
+    """A handful of async methods every store implements (see the module docstring)."""
+
+    def url(self, key: str) -> str:
+        """How messages name ``key``: ``s3://bucket/key``, or the path itself."""
+        ...
+
+    def list(self, prefix: str) -> AsyncIterator[ObjectRef]:
+        """Stream every object whose key starts with ``prefix``, in pages, never all at once."""
+        ...
+
+    async def head(self, key: str) -> ObjectRef:
+        """Describe one object; StoreError naming it when it does not exist."""
+        ...
+
+    async def download(
+        self, ref: ObjectRef, dest_fd: int, *, progress: Progress | None = None
+    ) -> DownloadResult:
+        """Write ``ref``'s bytes into ``dest_fd`` (opened O_RDWR: big objects are read back)."""
+        ...
+
+    async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """Store the file at ``path`` under ``key``; return the new object's identity."""
+        ...
+
+    async def copy(self, src_key: str, dst_key: str) -> None:
+        """Copy an object inside the store, without moving its bytes through this process."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove an object; a missing one is not an error."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store may not be used afterwards."""
+        ...
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """Split ``s3://bucket/some/key`` into ``("bucket", "some/key")``; the key may be empty.
+
+    Raises ValueError for anything else, and for keys with a ``..`` component (never staged).
+    """
+    if not url.startswith("s3://"):
+        raise ValueError(f"{url!r}: expected s3://bucket/key")
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r}: the bucket name is missing")
+    if ".." in key.split("/"):
+        raise ValueError(f"{url!r}: '..' is not allowed in a key")
+    return bucket, key
+
+
+def resolve_credentials(profile: str | None = None) -> S3Credentials:
+    """Ask botocore's credential chain (env, shared files, ``profile``, instance roles).
+
+    Blocking (it may ask an instance metadata service); the daemon runs it in a thread. The
+    result is a snapshot: temporary credentials must be resolved again before they expire.
+    """
+    try:
+        found = botocore.session.Session(profile=profile).get_credentials()
+        frozen = found.get_frozen_credentials() if found is not None else None
+    except bce.BotoCoreError as exc:
+        # botocore's credential-chain messages name providers and variables, never values.
+        raise CredentialError(f"S3 credentials: {exc}") from exc
+    if frozen is None or not frozen.access_key or not frozen.secret_key:
+        where = f"profile {profile!r}" if profile else "the environment or ~/.aws"
+        raise CredentialError(f"S3 credentials: none found in {where}")
+    token = frozen.token or ""
+    return {"access_key": frozen.access_key, "secret_key": frozen.secret_key, "token": token}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers: progress, bounded concurrency, memory budget, hashing
+# --------------------------------------------------------------------------------------------
+
+
+class _PartProgress:
+    """Turns 'part N has D bytes done' into deltas, so a retried part is never counted twice."""
+
+    def __init__(self, callback: Progress | None) -> None:
+        self._callback = callback
+        self._done: dict[int, int] = {}
+
+    def update(self, part: int, done: int) -> None:
+        previous = self._done.get(part, 0)
+        if done > previous:
+            self._done[part] = done
+            if self._callback is not None:
+                self._callback(done - previous)
+
+
+class _MemoryBudget:
+    """Caps the upload bytes held in memory at once; one request larger than the cap runs alone.
+
+    Uploads read a whole part (or small object) into memory to send it with its Content-MD5, so
+    without this 64 transfers of 256 MiB objects would hold 16 GiB.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._freed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, size: int) -> AsyncIterator[None]:
+        while self._used and self._used + size > self._limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self._used += size
+        try:
+            yield
+        finally:
+            # Synchronous on purpose: a cancelled task still gives its bytes back.
+            self._used -= size
+            self._freed.set()
+
+
+async def _run_bounded(
+    items: Iterable[Item], fn: Callable[[Item], Awaitable[None]], limit: int
+) -> None:
+    """Run ``fn`` on every item, at most ``limit`` at a time (a worker pool, not one task each).
+
+    The first failure cancels the others and is raised as itself, not as an ExceptionGroup.
+    """
+    shared = iter(items)
+
+    async def worker() -> None:
+        for item in shared:  # one iterator shared by all workers: each item is taken once
+            await fn(item)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, limit)):
+                group.create_task(worker())
+    except BaseExceptionGroup as failures:
+        first = failures.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from first.__cause__  # keep the vendor error as the cause
+
+
+@dataclass(frozen=True)
+class _Part:
+    number: int  # 1-based, as S3 numbers parts
+    offset: int
+    length: int
+
+
+def _parts(size: int, part_size: int) -> Sequence[_Part]:
+    """Split ``size`` bytes into ``part_size`` parts, grown if needed to fit S3's 10,000 parts."""
+    part_size = max(part_size, math.ceil(size / S3_MAX_PARTS))
+    count = max(1, math.ceil(size / part_size))
+    return [_Part(n + 1, n * part_size, min(part_size, size - n * part_size)) for n in range(count)]
+
+
+def _new_hashers() -> tuple[Any, Any]:
+    # MD5 only checks S3's ETag, it protects nothing, hence usedforsecurity=False (FIPS hosts).
+    return hashlib.md5(usedforsecurity=False), hashlib.sha256()
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, hashers: Sequence[Any]) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked) and hash it."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    for hasher in hashers:
+        hasher.update(data)
+
+
+def _hash_fd(fd: int, size: int) -> tuple[str, str]:
+    """MD5 and SHA-256 of the first ``size`` bytes of ``fd``, read back from what was written."""
+    md5, sha256 = _new_hashers()
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(_FILE_CHUNK, size - offset), offset)
+        if not chunk:
+            break
+        md5.update(chunk)
+        sha256.update(chunk)
+        offset += len(chunk)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def _read_with_md5(fd: int, offset: int, length: int) -> tuple[bytes, bytes]:
+    """Read ``length`` bytes at ``offset`` and their MD5 digest (for Content-MD5)."""
+    chunks: list[bytes] = []
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(_FILE_CHUNK, length - done), offset + done)
+        if not chunk:
+            raise OSError(errno.EIO, f"file shrank while uploading it (short by {length - done})")
+        chunks.append(chunk)
+        done += len(chunk)
+    data = b"".join(chunks)
+    return data, hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def _check_md5(url: str, etag: str, md5_hex: str) -> None:
+    """A plain-MD5 ETag (no '-': not multipart) must equal the MD5 of the bytes."""
+    if _PLAIN_MD5.fullmatch(etag) and etag.lower() != md5_hex:
+        raise TransientStoreError(f"{url}: checksum mismatch (ETag {etag}, bytes have {md5_hex})")
+
+
+# --------------------------------------------------------------------------------------------
+# S3
+# --------------------------------------------------------------------------------------------
+
+_CREDENTIAL_CODES: Final = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+        "401",
+        "403",
+    }
+)
+_MISSING_CODES: Final = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound", "404"})
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        "BadDigest",  # the body was corrupted on the way: send it again
+        "IncompleteBody",
+        "InternalError",
+        "OperationAborted",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+    }
+)
+_TRANSIENT_VENDOR: Final = (
+    bce.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ...
+    bce.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+    bce.IncompleteReadError,
+    aiohttp.ClientError,
+    ConnectionError,
+    TimeoutError,
+)
+_CREDENTIAL_VENDOR: Final = (
+    bce.NoCredentialsError,
+    bce.PartialCredentialsError,
+    bce.CredentialRetrievalError,
+    bce.ProfileNotFound,
+    bce.TokenRetrievalError,
+    bce.SSOError,
+)
+# Everything a request can raise that this module translates.
+_VENDOR_ERRORS: Final = (
+    bce.BotoCoreError,
+    bce.ClientError,
+    aiohttp.ClientError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def _translate_client_error(exc: bce.ClientError, where: str) -> StoreError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    if code in _CREDENTIAL_CODES or status in (401, 403):
+        # The server's text is left out: some error bodies echo the request's signing details.
+        return CredentialError(f"{where}: access denied ({code or status}); check the credentials")
+    if code in _MISSING_CODES or status == 404:
+        what = "bucket" if code == "NoSuchBucket" else "object"
+        return StoreError(f"{where}: no such {what}")
+    message = f"{where}: {code or status} {str(error.get('Message', ''))[:200]}".rstrip()
+    if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+        return TransientStoreError(message)
+    return StoreError(message)
+
+
+def translate_s3_error(exc: BaseException, where: str) -> StoreError:
+    """Map a botocore/aiohttp exception to the hpcstage tree; ``where`` is "OP s3://bucket/key".
+
+    Callers raise the result ``from exc``; the message never holds credentials.
+    """
+    if isinstance(exc, bce.ClientError):
+        return _translate_client_error(exc, where)
+    if isinstance(exc, bce.SSLError | aiohttp.ClientSSLError):
+        # A certificate problem does not heal by waiting: say so at once.
+        return StoreError(f"{where}: TLS error ({exc}); check store.verify_tls/ca_bundle")
+    if isinstance(exc, _CREDENTIAL_VENDOR):
+        return CredentialError(f"{where}: {exc}")
+    if isinstance(exc, _TRANSIENT_VENDOR):
+        return TransientStoreError(f"{where}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ResponseParserError):
+        return StoreError(f"{where}: the store sent a malformed response")
+    return StoreError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def _etag(value: object) -> str:
+    return str(value or "").strip('"')
+
+
+class S3Store:
+    """An S3 bucket through aiobotocore: one client (and connection pool) per store instance.
+
+    Credentials come from the usual AWS sources (env, shared files, ``profile``) unless the
+    daemon passes them explicitly in ``credentials``. Botocore's own retries are switched off so
+    that :mod:`hpcstage.retry` is the only retry policy. Objects of at least
+    ``multipart_threshold`` bytes move in ``part_size`` parts, in parallel, at most
+    ``max_connections`` at a time. A store belongs to the event loop that first uses it.
+    """
+
+    def __init__(
+        self,
+        endpoint_url: str | None,
+        bucket: str,
+        *,
+        region: str = "us-east-1",
+        profile: str | None = None,
+        addressing_style: str = "path",
+        verify_tls: bool = True,
+        ca_bundle: str | Path | None = None,
+        max_connections: int = 128,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        part_size: int = 64 * MIB,
+        multipart_threshold: int = 256 * MIB,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        credentials: Mapping[str, str] | None = None,
+        on_retry: OnRetry | None = None,
+        upload_memory: int = 1 * GIB,
+        list_page_size: int = 1000,
+    ) -> None:
+        if part_size < S3_MIN_PART or max_connections < 1:
+            raise ValueError("part_size must be at least 5 MiB and max_connections at least 1")
+        if addressing_style not in _ADDRESSING_STYLES:
+            raise ValueError(f"addressing_style must be one of {_ADDRESSING_STYLES}")
+        self.bucket = bucket
+        self.store_id = (endpoint_url or f"https://s3.{region}.amazonaws.com").rstrip("/")
+        self._part_size = part_size
+        self._threshold = multipart_threshold
+        self._max_connections = max_connections
+        self._retry = retry
+        self._on_retry = on_retry
+        self._page_size = list_page_size
+        self._budget = _MemoryBudget(upload_memory)
+        self._client_args = self._make_client_args(
+            endpoint_url, region, verify_tls, ca_bundle, credentials
+        )
+        self._config = AioConfig(
+            max_pool_connections=max_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"total_max_attempts": 1},  # hpcstage.retry is the one retry policy
+            s3={"addressing_style": addressing_style},
+            # Newer botocore adds CRC checksums many S3-compatible servers reject; we send
+            # Content-MD5 and check ETags ourselves.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # "" and None both mean botocore's default chain; explicit credentials win over both.
+        self._profile = (profile or None) if credentials is None else None
+        self._stack = AsyncExitStack()
+        self._lock = asyncio.Lock()
+        self._s3: S3Client | None = None
+
+    @staticmethod
+    def _make_client_args(
+        endpoint_url: str | None,
+        region: str,
+        verify_tls: bool,
+        ca_bundle: str | Path | None,
+        credentials: Mapping[str, str] | None,
+    ) -> dict[str, Any]:
+        verify: bool | str | None = None  # None: botocore's default (AWS_CA_BUNDLE or certifi)
+        if not verify_tls:
+            verify = False
+        elif ca_bundle:
+            verify = str(ca_bundle)
+        args: dict[str, Any] = {"endpoint_url": endpoint_url, "region_name": region}
+        args["verify"] = verify
+        if credentials is not None:
+            if not credentials.get("access_key") or not credentials.get("secret_key"):
+                raise ValueError("credentials need an access_key and a secret_key")
+            args["aws_access_key_id"] = credentials["access_key"]
+            args["aws_secret_access_key"] = credentials["secret_key"]
+            args["aws_session_token"] = credentials.get("token") or None
+        return args
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the client and its connection pool (a later call opens a new one)."""
+        async with self._lock:
+            self._s3 = None
+            await self._stack.aclose()
+
+    def url(self, key: str) -> str:
+        """``s3://bucket/key``, as messages name objects."""
+        return f"s3://{self.bucket}/{key}"
+
+    async def _client(self) -> S3Client:
+        if self._s3 is not None:
+            return self._s3
+        # Created lazily inside the running loop: aiohttp sessions belong to one event loop.
+        async with self._lock:
+            if self._s3 is None:
+                session = AioSession(profile=self._profile)
+                creator = session.create_client("s3", config=self._config, **self._client_args)
+                self._s3 = await self._stack.enter_async_context(creator)
+            return self._s3
+
+    async def _request(self, op: str, key: str, fn: Callable[[S3Client], Awaitable[T]]) -> T:
+        """One request, vendor errors translated; no retry."""
+        try:
+            return await fn(await self._client())
+        except _VENDOR_ERRORS as exc:
+            raise translate_s3_error(exc, f"{op} {self.url(key)}") from exc
+
+    async def _call(self, op: str, key: str, fn: Callable[[S3Client], Awaitable[T]]) -> T:
+        """One request, retried by the policy."""
+        return await self._retried(op, key, lambda: self._request(op, key, fn))
+
+    async def _retried(self, op: str, key: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        return await with_retries(self._retry, f"{op} {self.url(key)}", attempt, self._on_retry)
+
+    def _ref(self, key: str, etag: object, size: int) -> ObjectRef:
+        return ObjectRef(self.store_id, self.bucket, key, _etag(etag), size)
+
+    # -- list / head ---------------------------------------------------------------------------
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectRef]:
+        """Stream the objects under ``prefix``, one ListObjectsV2 page at a time.
+
+        The continuation-token loop is written out rather than using botocore's paginator so
+        that each page is retried on its own: a failure on page 900 of a 10^6-key listing
+        neither restarts the listing nor yields a key twice. Only one page is held at a time.
+        Keys ending in "/" are folder markers made by S3 consoles, not data, and are skipped.
+        """
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        params["MaxKeys"] = self._page_size
+        while True:
+            page = await self._call("list", prefix, lambda c: c.list_objects_v2(**params))
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):
+                    yield self._ref(item["Key"], item.get("ETag"), item.get("Size", 0))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            params["ContinuationToken"] = token
+
+    async def head(self, key: str) -> ObjectRef:
+        """The object's identity from a HEAD request."""
+        answer = await self._call("head", key, lambda c: c.head_object(Bucket=self.bucket, Key=key))
+        return self._ref(key, answer.get("ETag"), answer.get("ContentLength", 0))
+
+    # -- download ------------------------------------------------------------------------------
+
+    async def download(
+        self, ref: ObjectRef, dest_fd: int, *, progress: Progress | None = None
+    ) -> DownloadResult:
+        """Fetch ``ref`` into ``dest_fd``: one GET, or parallel ranged GETs for big objects.
+
+        ``dest_fd`` must be open O_RDWR: parts land out of order, so checksums of a multipart
+        download are computed by reading the written file back. A checksum mismatch of a single
+        GET is retried; one of a multipart download raises TransientStoreError at once (which
+        part was bad is unknown; the caller fetches the object again).
+        """
+        if (ref.store, ref.bucket) != (self.store_id, self.bucket):
+            raise ValueError(f"{ref} does not belong to {self.store_id} bucket {self.bucket}")
+        tracker = _PartProgress(progress)
+        if ref.size < self._threshold:
+            md5, sha256 = await self._retried(
+                "get", ref.key, lambda: self._get_whole(ref, dest_fd, tracker)
+            )
+        else:
+            await self._get_parts(ref, dest_fd, tracker)
+            md5, sha256 = await asyncio.to_thread(_hash_fd, dest_fd, ref.size)
+            _check_md5(self.url(ref.key), ref.etag, md5)
+        return DownloadResult(md5, sha256, ref.size)
+
+    async def _get_whole(self, ref: ObjectRef, fd: int, tracker: _PartProgress) -> tuple[str, str]:
+        hashers = _new_hashers()
+        answer = await self._request(
+            "get", ref.key, lambda c: c.get_object(Bucket=self.bucket, Key=ref.key)
+        )
+        async with answer["Body"] as body:  # released to the pool whatever happens
+            self._check_same(ref, answer.get("ETag"))
+            got = await self._stream(ref.key, body, fd, 0, hashers, 0, tracker)
+        self._check_count(ref.key, got, ref.size)
+        md5 = hashers[0].hexdigest()
+        _check_md5(self.url(ref.key), ref.etag, md5)
+        return md5, hashers[1].hexdigest()
+
+    async def _get_parts(self, ref: ObjectRef, fd: int, tracker: _PartProgress) -> None:
+        parts = _parts(ref.size, self._part_size)
+
+        async def one(part: _Part) -> None:
+            await self._retried("get", ref.key, lambda: self._get_range(ref, fd, part, tracker))
+
+        await _run_bounded(parts, one, min(self._max_connections, len(parts)))
+
+    async def _get_range(
+        self, ref: ObjectRef, fd: int, part: _Part, tracker: _PartProgress
+    ) -> None:
+        last = part.offset + part.length - 1
+        answer = await self._request(
+            "get",
+            ref.key,
+            lambda c: c.get_object(
+                Bucket=self.bucket, Key=ref.key, Range=f"bytes={part.offset}-{last}"
+            ),
+        )
+        async with answer["Body"] as body:
+            self._check_same(ref, answer.get("ETag"))
+            if answer.get("ContentLength") != part.length:
+                raise StoreError(f"get {self.url(ref.key)}: the store ignored a ranged GET")
+            got = await self._stream(ref.key, body, fd, part.offset, (), part.number, tracker)
+        self._check_count(ref.key, got, part.length)
+
+    async def _stream(
+        self,
+        key: str,
+        body: StreamingBody,
+        fd: int,
+        offset: int,
+        hashers: Sequence[Any],
+        part: int,
+        tracker: _PartProgress,
+    ) -> int:
+        """Copy a response body into ``fd`` at ``offset`` in 1 MiB writes; return the count."""
+        written = 0
+        while chunk := await self._read_chunk(key, body):
+            # pwrite and hashing run in a thread: hashlib releases the GIL, the loop stays free.
+            await asyncio.to_thread(_pwrite_all, fd, chunk, offset + written, hashers)
+            written += len(chunk)
+            tracker.update(part, written)
+        return written
+
+    async def _read_chunk(self, key: str, body: StreamingBody) -> bytearray:
+        buffer = bytearray()
+        try:
+            while len(buffer) < _STREAM_CHUNK:
+                piece = await body.read(_STREAM_CHUNK - len(buffer))
+                if not piece:
+                    break
+                buffer += piece
+        except _VENDOR_ERRORS as exc:
+            raise translate_s3_error(exc, f"get {self.url(key)}") from exc
+        return buffer
+
+    def _check_same(self, ref: ObjectRef, etag: object) -> None:
+        # The ETag of each response, not If-Match: not every S3 server honours If-Match.
+        if ref.etag and etag and _etag(etag) != ref.etag:
+            raise StoreError(f"get {self.url(ref.key)}: the object changed since it was listed")
+
+    def _check_count(self, key: str, got: int, expected: int) -> None:
+        if got != expected:
+            raise TransientStoreError(
+                f"get {self.url(key)}: truncated: got {got} of {expected} bytes"
+            )
+
+    # -- upload --------------------------------------------------------------------------------
+
+    async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """PUT ``path`` as ``key`` (multipart for big files; aborted on any failure)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            tracker = _PartProgress(progress)
+            if size < self._threshold:
+                return self._ref(key, await self._put_whole(fd, key, size, tracker), size)
+            await self._put_parts(fd, key, size, tracker)
+        finally:
+            os.close(fd)
+        # Servers disagree on a multipart object's ETag (S3: md5-of-parts "-N"; some: the
+        # whole MD5) between Complete and HEAD; the identity must be what listings will show.
+        ref = await self.head(key)
+        if ref.size != size:
+            raise StoreError(f"put {self.url(key)}: stored {ref.size} bytes of {size}")
+        return ref
+
+    async def _put_whole(self, fd: int, key: str, size: int, tracker: _PartProgress) -> str:
+        async with self._budget.reserve(size):
+            data, md5 = await asyncio.to_thread(_read_with_md5, fd, 0, size)
+            answer = await self._retried("put", key, lambda: self._put_once(key, data, md5))
+        tracker.update(0, size)
+        return answer
+
+    async def _put_once(self, key: str, data: bytes, md5: bytes) -> str:
+        answer = await self._request(
+            "put",
+            key,
+            lambda c: c.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentMD5=base64.b64encode(md5).decode()
+            ),
+        )
+        _check_md5(self.url(key), _etag(answer.get("ETag")), md5.hex())
+        return _etag(answer.get("ETag"))
+
+    async def _put_parts(self, fd: int, key: str, size: int, tracker: _PartProgress) -> None:
+        async def send(upload_id: str, part: _Part) -> str:
+            async with self._budget.reserve(part.length):
+                data, md5 = await asyncio.to_thread(_read_with_md5, fd, part.offset, part.length)
+                etag = await self._retried(
+                    "put part", key, lambda: self._put_part_once(key, upload_id, part, data, md5)
+                )
+            tracker.update(part.number, part.length)
+            return etag
+
+        await self._multipart(key, _parts(size, self._part_size), send)
+
+    async def _put_part_once(
+        self, key: str, upload_id: str, part: _Part, data: bytes, md5: bytes
+    ) -> str:
+        answer = await self._request(
+            "put part",
+            key,
+            lambda c: c.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=part.number,
+                Body=data,
+                ContentMD5=base64.b64encode(md5).decode(),
+            ),
+        )
+        etag = str(answer.get("ETag", ""))
+        _check_md5(self.url(key), _etag(etag), md5.hex())
+        return etag
+
+    async def _multipart(
+        self, key: str, parts: Sequence[_Part], send: Callable[[str, _Part], Awaitable[str]]
+    ) -> None:
+        """Create a multipart upload, ``send`` every part in parallel, complete it.
+
+        On any failure, cancellation included, the upload is aborted: an abandoned multipart
+        upload keeps its parts (and their cost) in the bucket invisibly and forever.
+        """
+        created = await self._call(
+            "create multipart",
+            key,
+            lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=key),
+        )
+        upload_id = created["UploadId"]
+        etags: dict[int, str] = {}
+
+        async def one(part: _Part) -> None:
+            etags[part.number] = await send(upload_id, part)
+
+        try:
+            await _run_bounded(parts, one, min(self._max_connections, len(parts)))
+            await self._complete(key, upload_id, etags)
+        except BaseException:
+            await asyncio.shield(self._abort(key, upload_id))
+            raise
+
+    async def _complete(self, key: str, upload_id: str, etags: dict[int, str]) -> None:
+        done: list[CompletedPartTypeDef] = [
+            {"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)
+        ]
+        await self._call(
+            "complete multipart",
+            key,
+            lambda c: c.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
+            ),
+        )
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            await self._call(
+                "abort multipart",
+                key,
+                lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
+            )
+        except StoreError as exc:
+            log.warning("could not abort multipart upload %s: %s", upload_id, exc)
+
+    # -- copy / delete -------------------------------------------------------------------------
+
+    async def copy(self, src_key: str, dst_key: str) -> None:
+        """Server-side copy; in parts above CopyObject's 5 GiB limit."""
+        source = await self.head(src_key)
+        if source.size <= S3_MAX_COPY:
+            await self._call(
+                "copy",
+                dst_key,
+                lambda c: c.copy_object(
+                    Bucket=self.bucket,
+                    Key=dst_key,
+                    CopySource={"Bucket": self.bucket, "Key": src_key},
+                ),
+            )
+            return
+        await self._copy_parts(source, dst_key)
+
+    async def _copy_parts(self, source: ObjectRef, dst_key: str) -> None:
+        async def send(upload_id: str, part: _Part) -> str:
+            last = part.offset + part.length - 1
+            answer = await self._call(
+                "copy part",
+                dst_key,
+                lambda c: c.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=dst_key,
+                    UploadId=upload_id,
+                    PartNumber=part.number,
+                    CopySource={"Bucket": self.bucket, "Key": source.key},
+                    CopySourceRange=f"bytes={part.offset}-{last}",
+                    CopySourceIfMatch=f'"{source.etag}"',
+                ),
+            )
+            return str(answer.get("CopyPartResult", {}).get("ETag", ""))
+
+        # Parts of at least 1 GiB: the bytes stay in the store, so only the request count matters.
+        await self._multipart(dst_key, _parts(source.size, max(self._part_size, GIB)), send)
+
+    async def delete(self, key: str) -> None:
+        """DeleteObject (S3 answers success for a missing key too)."""
+        await self._call("delete", key, lambda c: c.delete_object(Bucket=self.bucket, Key=key))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared filesystem
+# --------------------------------------------------------------------------------------------
+
+# Errors a network filesystem (NFS, Lustre, GPFS) returns while a server fails over.
+_TRANSIENT_ERRNOS: Final = frozenset(
+    {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ENOLCK}
+    | {errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTDOWN, errno.EHOSTUNREACH}
+)
+
+
+def translate_fs_error(exc: OSError, where: str) -> StoreError:
+    """Map an OSError on the shared filesystem to the hpcstage tree; ``where`` is "OP path"."""
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return StoreError(f"{where}: no such file")
+    if isinstance(exc, PermissionError):
+        return CredentialError(f"{where}: permission denied")
+    message = f"{where}: {exc.strerror or exc}"
+    if exc.errno in _TRANSIENT_ERRNOS:
+        return TransientStoreError(message)
+    return StoreError(message)
+
+
+class FsStore:
+    """Absolute paths under ``root`` on a shared filesystem, behind the same contract.
+
+    Keys are absolute paths; ``ObjectRef.etag`` is the mtime in nanoseconds. Paths with ``..``
+    and symlinks that resolve outside ``root`` are refused; listing skips such symlinks and does
+    not descend into symlinked directories (they can form cycles). Writes go to a temporary
+    file that is fsynced and renamed into place. Blocking calls run in threads: metadata
+    operations on a busy parallel filesystem can take a while.
+    """
+
+    store_id: Final = "file"
+
+    def __init__(
+        self, root: Path, *, retry: RetryPolicy = DEFAULT_RETRY, on_retry: OnRetry | None = None
+    ) -> None:
+        if not root.is_absolute():
+            raise ValueError(f"{root}: the root of a filesystem store must be absolute")
+        self.root = Path(os.path.normpath(root))
+        self._real_root = Path(os.path.realpath(root))
+        self._retry = retry
+        self._on_retry = on_retry
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Nothing to release: every file is closed when its call ends."""
+
+    def url(self, key: str) -> str:
+        """The key itself: an absolute path."""
+        return key
+
+    def _checked(self, key: str) -> Path:
+        """The real path of ``key``, after refusing relative paths, '..' and escapes from root."""
+        path = Path(key)
+        if not path.is_absolute() or ".." in path.parts:
+            raise StoreError(f"{key}: expected an absolute path without '..'")
+        if not path.is_relative_to(self.root):
+            raise StoreError(f"{key}: outside the store's root {self.root}")
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self._real_root):
+            raise StoreError(f"{key}: a symlink leads outside {self.root}")
+        return real
+
+    def _ref(self, key: str, stat: os.stat_result) -> ObjectRef:
+        return ObjectRef(self.store_id, "", key, str(stat.st_mtime_ns), stat.st_size)
+
+    async def _retried(self, op: str, key: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        return await with_retries(self._retry, f"{op} {key}", attempt, self._on_retry)
+
+    async def _fs(self, op: str, key: str, fn: Callable[[], T]) -> T:
+        """Run a blocking filesystem call in a thread, its OSError translated; no retry."""
+        try:
+            return await asyncio.to_thread(fn)
+        except OSError as exc:
+            raise translate_fs_error(exc, f"{op} {key}") from exc
+
+    # -- list / head ---------------------------------------------------------------------------
+
+    async def list(self, prefix: str, *, batch: int = 1000) -> AsyncIterator[ObjectRef]:
+        """Walk the files whose path starts with ``prefix`` (string prefix, as on S3).
+
+        The walk is one generator advanced ``batch`` entries per thread hop, so a tree of 10^6
+        files streams with flat memory and a slow metadata server never blocks the loop. A
+        missing directory lists nothing, as an empty S3 prefix does. A failure ends the listing
+        (a half-walked generator cannot be resumed, so the listing is not retried).
+        """
+        if prefix == str(self.root):
+            prefix += "/"  # the root itself: its files (nothing beside it belongs to this store)
+        directory, _, stem = prefix.rpartition("/")
+        start = await asyncio.to_thread(self._checked, directory or "/")
+        walk = self._walk(str(start), directory or "/", stem)
+        try:
+            while refs := await self._fs("list", prefix, lambda: _take(walk, batch)):
+                for ref in refs:
+                    yield ref
+        finally:
+            walk.close()  # closes the scandir iterators (directory fds) of an abandoned walk
+
+    def _walk(self, real_dir: str, key_dir: str, stem: str) -> Generator[ObjectRef, None, None]:
+        try:
+            entries = os.scandir(real_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with entries:
+            for entry in entries:
+                if entry.name.startswith(stem):
+                    yield from self._entry(entry, os.path.join(key_dir, entry.name))
+
+    def _entry(self, entry: os.DirEntry[str], key: str) -> Iterator[ObjectRef]:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(entry.path, key, "")
+            elif entry.is_symlink():
+                yield from self._symlink(entry, key)
+            elif entry.is_file(follow_symlinks=False):
+                yield self._ref(key, entry.stat(follow_symlinks=False))
+        except FileNotFoundError:
+            pass  # deleted while we walked: a listing is a snapshot, and it was not there
+
+    def _symlink(self, entry: os.DirEntry[str], key: str) -> Iterator[ObjectRef]:
+        real = Path(os.path.realpath(entry.path))
+        if not real.is_relative_to(self._real_root):
+            log.warning("%s: skipped, a symlink leading outside %s", key, self.root)
+            return
+        stat = real.stat()
+        if S_ISREG(stat.st_mode):
+            yield self._ref(key, stat)
+
+    async def head(self, key: str) -> ObjectRef:
+        """The file's identity from stat()."""
+        real = await asyncio.to_thread(self._checked, key)
+        stat = await self._retried("head", key, lambda: self._fs("head", key, real.stat))
+        if not S_ISREG(stat.st_mode):
+            raise StoreError(f"head {key}: not a regular file")
+        return self._ref(key, stat)
+
+    # -- download ------------------------------------------------------------------------------
+
+    async def download(
+        self, ref: ObjectRef, dest_fd: int, *, progress: Progress | None = None
+    ) -> DownloadResult:
+        """Copy the file into ``dest_fd`` with pread/pwrite, hashing as it goes."""
+        if ref.store != self.store_id:
+            raise ValueError(f"{ref} does not belong to a filesystem store")
+        real = await asyncio.to_thread(self._checked, ref.key)
+        tracker = _PartProgress(progress)
+        return await self._retried(
+            "read", ref.key, lambda: self._copy_out(ref, real, dest_fd, tracker)
+        )
+
+    async def _copy_out(
+        self, ref: ObjectRef, real: Path, dest_fd: int, tracker: _PartProgress
+    ) -> DownloadResult:
+        # O_NOFOLLOW: a symlink swapped in after _checked() is refused, not followed.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        src = await self._fs("open", ref.key, lambda: os.open(real, flags))
+        try:
+            await self._check_same(ref, src)
+            hashers = _new_hashers()
+            got = await _copy_loop(
+                lambda n, off: self._fs("read", ref.key, lambda: os.pread(src, n, off)),
+                lambda data, off: asyncio.to_thread(_pwrite_all, dest_fd, data, off, hashers),
+                ref.size,
+                lambda done: tracker.update(0, done),
+            )
+            await self._check_same(ref, src)  # changed while we copied?
+        finally:
+            os.close(src)
+        if got != ref.size:
+            raise TransientStoreError(f"read {ref.key}: truncated: got {got} of {ref.size} bytes")
+        return DownloadResult(hashers[0].hexdigest(), hashers[1].hexdigest(), got)
+
+    async def _check_same(self, ref: ObjectRef, fd: int) -> None:
+        stat = await self._fs("stat", ref.key, lambda: os.fstat(fd))
+        if (str(stat.st_mtime_ns), stat.st_size) != (ref.etag, ref.size):
+            raise StoreError(f"read {ref.key}: the file changed since it was listed")
+
+    # -- upload / copy / delete ----------------------------------------------------------------
+
+    async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """Copy the local file ``path`` to ``key``: temp file, fsync, rename."""
+        dest = await asyncio.to_thread(self._checked, key)
+        tracker = _PartProgress(progress)
+        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # the caller's file: OSError as is
+        try:
+            size = os.fstat(src).st_size
+            await self._retried("write", key, lambda: self._write(key, dest, src, size, tracker))
+        finally:
+            os.close(src)
+        return await self.head(key)
+
+    async def _write(
+        self, key: str, dest: Path, src: int, size: int, tracker: _PartProgress
+    ) -> None:
+        fd, tmp = await self._fs("create", key, lambda: _open_temp(dest))
+        try:
+            got = await _copy_loop(
+                lambda n, off: asyncio.to_thread(os.pread, src, n, off),
+                lambda data, off: self._fs("write", key, lambda: _pwrite_all(fd, data, off, ())),
+                size,
+                lambda done: tracker.update(0, done),
+            )
+            if got != size:
+                raise OSError(errno.EIO, f"the source shrank while uploading it ({got}/{size})")
+        except BaseException:
+            _abandon_temp(fd, tmp)
+            raise
+        await self._fs("write", key, lambda: _finish_temp(fd, tmp, dest))
+
+    async def copy(self, src_key: str, dst_key: str) -> None:
+        """Copy one file to another path under root (in the kernel), then rename into place."""
+        src = await asyncio.to_thread(self._checked, src_key)
+        dest = await asyncio.to_thread(self._checked, dst_key)
+        await self._retried(
+            "copy", src_key, lambda: self._fs("copy", src_key, lambda: _copy_file(src, dest))
+        )
+
+    async def delete(self, key: str) -> None:
+        """Unlink the file; a missing one is fine."""
+        real = await asyncio.to_thread(self._checked, key)
+        await self._retried("delete", key, lambda: self._fs("delete", key, lambda: _unlink(real)))
+
+
+def _take(items: Iterator[T], count: int) -> Sequence[T]:
+    """The next ``count`` items (fewer at the end, none when exhausted)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= count:
+            break
+    return batch
+
+
+async def _copy_loop(
+    read: Callable[[int, int], Awaitable[bytes]],
+    write: Callable[[bytes, int], Awaitable[None]],
+    size: int,
+    on_done: Callable[[int], None],
+) -> int:
+    """Copy ``size`` bytes chunk by chunk through ``read``/``write``; return the count copied."""
+    offset = 0
+    while offset < size:
+        data = await read(min(_FILE_CHUNK, size - offset), offset)
+        if not data:
+            break
+        await write(data, offset)
+        offset += len(data)
+        on_done(offset)
+    return offset
+
+
+def _open_temp(dest: Path) -> tuple[int, Path]:
+    """A fresh temp file beside ``dest`` (same directory, so the rename is atomic)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.hpcstage-tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(tmp, flags, 0o644), tmp
+
+
+def _finish_temp(fd: int, tmp: Path, dest: Path) -> None:
+    """fsync and close ``fd``, rename over ``dest``, fsync the directory; else remove ``tmp``."""
+    try:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+        dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _abandon_temp(fd: int, tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    fd, tmp = _open_temp(dest)
+    try:
+        source = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _sendfile_all(source, fd)
+        finally:
+            os.close(source)
+    except BaseException:
+        _abandon_temp(fd, tmp)
+        raise
+    _finish_temp(fd, tmp, dest)
+
+
+def _sendfile_all(src: int, dst: int) -> None:
+    # In-kernel copy: the bytes never enter Python (shutil.copyfile does the same on Linux).
+    while os.sendfile(dst, src, None, _FILE_CHUNK):
+        pass
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

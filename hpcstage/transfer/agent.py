@@ -1,0 +1,413 @@
+"""``hpcstage agent``: runs on a compute node as the service account and moves bytes.
+
+It reads calls from stdin and writes replies to stdout (JSON lines, see rpc.py). The daemon
+decides; the agent lists, fetches into the node cache (verified, crash-safe, shared by
+jobs), builds job views with hardlinks, releases them and evicts by policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from hpcstage.cache import CacheError, NodeCache, PendingObject
+from hpcstage.errors import CredentialError, HpcstageError, StoreError
+from hpcstage.identity import ObjectRef
+from hpcstage.retry import RetryPolicy
+from hpcstage.store import FsStore, ObjectStore, S3Store
+from hpcstage.transfer.rpc import MAX_LINE, Handler, ProgressFn, decode, encode
+
+log = logging.getLogger("hpcstage.agent")
+
+PROGRESS_EVERY = 0.5  # seconds between progress messages per call
+
+
+@dataclass
+class StoreSettings:
+    """How to reach the object store; sent by the daemon in ``hello``."""
+
+    endpoint_url: str
+    region: str = "us-east-1"
+    addressing_style: str = "path"
+    verify_tls: bool = True
+    ca_bundle: str = ""
+    max_connections: int = 128
+    connect_timeout: float = 10
+    read_timeout: float = 60
+    credentials: dict[str, str] | None = None
+
+
+@dataclass
+class Counters:
+    """Progress of one request on this node."""
+
+    files_done: int = 0
+    bytes_done: int = 0
+    files_total: int | None = None
+    bytes_total: int | None = None
+    fetched: int = 0
+    listed_files: int = 0
+    listed_bytes: int = 0
+
+    def as_dict(self, request_id: int) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "files_done": self.files_done,
+            "bytes_done": self.bytes_done,
+            "files_total": self.files_total,
+            "bytes_total": self.bytes_total,
+            "fetched": self.fetched,
+        }
+
+
+@dataclass
+class Agent:
+    """The agent's state: one node cache and the stores it fetches from."""
+
+    node: str
+    cache: NodeCache
+    store: StoreSettings | None = None
+    concurrency: int = 64
+    part_size: int = 64 * 1024 * 1024
+    multipart_threshold: int = 256 * 1024 * 1024
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    _stores: dict[str, ObjectStore] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ calls
+
+    async def hello(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
+        """Receive store settings and limits; report what the cache holds after reconcile."""
+        self.store = StoreSettings(**params["store"])
+        limits = params.get("transfer", {})
+        self.concurrency = int(limits.get("concurrency", self.concurrency))
+        self.part_size = int(limits.get("part_size", self.part_size))
+        self.multipart_threshold = int(limits.get("multipart_threshold", self.multipart_threshold))
+        self.retry = RetryPolicy(
+            retries=int(limits.get("retries", 6)),
+            base=float(limits.get("backoff_base", 0.5)),
+            cap=float(limits.get("backoff_max", 30)),
+        )
+        await self._close_stores()
+        report = await asyncio.to_thread(self.cache.reconcile)
+        usage = self.cache.usage()
+        return {
+            "node": self.node,
+            "pid": os.getpid(),
+            "reconcile": _plain(report),
+            "usage": _plain(usage),
+        }
+
+    async def stage(self, params: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+        """Fetch every item into the cache and link it into the job's view."""
+        job = str(params["job"])
+        results = []
+        for item in params["items"]:
+            results.append(await self._stage_item_checked(job, item, progress))
+        return {"view": str(self.cache.view_dir(job)), "items": results}
+
+    async def release(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
+        """Drop a job's view (its lease); the objects stay cached until evicted."""
+        job = str(params["job"])
+        await asyncio.to_thread(self.cache.release, job)
+        return {"released": job}
+
+    async def usage(self, _params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
+        """Bytes and objects in the cache, leased and total, and fetch counters."""
+        return {
+            "usage": _plain(self.cache.usage()),
+            "stats": _plain(self.cache.stats),
+            "views": self.cache.views(),
+        }
+
+    async def evict(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
+        """Evict by policy (TTL, then LRU down to the low watermark); leased objects stay."""
+        evicted = await asyncio.to_thread(
+            self.cache.evict,
+            int(params["max_bytes"]),
+            float(params["high"]),
+            float(params["low"]),
+            float(params["ttl"]),
+            time.time(),
+        )
+        return {"evicted": len(evicted)}
+
+    async def ping(self, _params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
+        return {"node": self.node, "time": time.time()}
+
+    # ------------------------------------------------------------------ staging
+
+    async def _stage_item_checked(
+        self, job: str, item: dict[str, Any], progress: ProgressFn
+    ) -> dict[str, Any]:
+        result = await self._stage_item(job, item, progress)
+        if result["files_total"] == 0:
+            # A typo in a prefix must not look like an empty, successfully staged input.
+            url = item["source"].get("path") or (
+                f"s3://{item['source']['bucket']}/{item['source']['key']}"
+            )
+            raise HpcstageError(f"no objects under {url}")
+        return result
+
+    async def _stage_item(
+        self, job: str, item: dict[str, Any], progress: ProgressFn
+    ) -> dict[str, Any]:
+        request_id = int(item["request_id"])
+        counters = Counters()
+        dest = PurePosixPath(item["dest"])
+        store, prefix, is_prefix = self._open_store(item["source"])
+        refs = _refs(store, prefix, is_prefix, counters)
+        reporter = asyncio.create_task(_report(progress, counters, request_id))
+        try:
+            await self._fetch_all(job, refs, prefix if is_prefix else None, dest, store, counters)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+        progress(counters.as_dict(request_id))
+        return counters.as_dict(request_id)
+
+    async def _fetch_all(
+        self,
+        job: str,
+        refs: AsyncIterator[ObjectRef],
+        prefix: str | None,
+        dest: PurePosixPath,
+        store: ObjectStore,
+        counters: Counters,
+    ) -> None:
+        # A bounded queue keeps the listing streamed: 10^6 keys never sit in memory at once.
+        queue: asyncio.Queue[ObjectRef | None] = asyncio.Queue(maxsize=self.concurrency * 4)
+        workers = [
+            asyncio.create_task(self._worker(job, queue, prefix, dest, store, counters))
+            for _ in range(self.concurrency)
+        ]
+        producer = asyncio.create_task(_produce(refs, queue, len(workers), counters))
+        try:
+            # The first failure (a missing object, refused credentials) cancels the rest:
+            # a job must never start with part of its inputs.
+            await _gather_or_cancel([producer, *workers])
+        finally:
+            await _cancel_all([producer, *workers])
+
+    async def _worker(
+        self,
+        job: str,
+        queue: asyncio.Queue[ObjectRef | None],
+        prefix: str | None,
+        dest: PurePosixPath,
+        store: ObjectStore,
+        counters: Counters,
+    ) -> None:
+        while (ref := await queue.get()) is not None:
+            target = _view_path(ref, prefix, dest)
+            for attempt in range(3):
+                obj = await self.cache.ensure(ref, _Fetcher(store, ref, counters))
+                try:
+                    await asyncio.to_thread(self.cache.link, job, target, obj)
+                    break
+                except CacheError:
+                    # Evicted between ensure and link (rare): fetch again, then give up.
+                    if attempt == 2 or self.cache.lookup(ref) is not None:
+                        raise
+            counters.files_done += 1
+            counters.bytes_done += ref.size
+
+    def _open_store(self, source: dict[str, Any]) -> tuple[ObjectStore, str, bool]:
+        """The store holding ``source``, the key or prefix to read, and whether it is a prefix."""
+        if source["kind"] == "path":
+            path = os.path.normpath(source["path"])
+            is_dir = os.path.isdir(path)
+            root = path if is_dir else os.path.dirname(path)
+            store = self._stores.setdefault(f"file:{root}", FsStore(Path(root), retry=self.retry))
+            return store, (path.rstrip("/") + "/") if is_dir else path, is_dir
+        if self.store is None:
+            raise HpcstageError("agent has no store settings (no hello from the daemon)")
+        bucket = source["bucket"]
+        if bucket not in self._stores:
+            s = self.store
+            self._stores[bucket] = S3Store(
+                s.endpoint_url,
+                bucket,
+                region=s.region,
+                profile=None,
+                addressing_style=s.addressing_style,
+                verify_tls=s.verify_tls,
+                ca_bundle=s.ca_bundle or None,
+                max_connections=max(s.max_connections, self.concurrency),
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.read_timeout,
+                part_size=self.part_size,
+                multipart_threshold=self.multipart_threshold,
+                retry=self.retry,
+                credentials=s.credentials,
+            )
+        return self._stores[bucket], source["key"], source["kind"] == "s3-prefix"
+
+    async def _close_stores(self) -> None:
+        for store in self._stores.values():
+            await store.close()
+        self._stores.clear()
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "hello": self.hello,
+            "stage": self.stage,
+            "release": self.release,
+            "usage": self.usage,
+            "evict": self.evict,
+            "ping": self.ping,
+        }
+
+
+async def _refs(
+    store: ObjectStore, key: str, is_prefix: bool, counters: Counters
+) -> AsyncIterator[ObjectRef]:
+    if not is_prefix:
+        ref = await store.head(key)
+        counters.files_total, counters.bytes_total = 1, ref.size
+        yield ref
+        return
+    async for ref in store.list(key):
+        yield ref
+
+
+async def _produce(
+    refs: AsyncIterator[ObjectRef],
+    queue: asyncio.Queue[ObjectRef | None],
+    workers: int,
+    counters: Counters,
+) -> None:
+    async for ref in refs:
+        counters.listed_files += 1
+        counters.listed_bytes += ref.size
+        await queue.put(ref)
+    # The listing is complete: totals are now known exactly.
+    counters.files_total, counters.bytes_total = counters.listed_files, counters.listed_bytes
+    for _ in range(workers):
+        await queue.put(None)
+
+
+@dataclass
+class _Fetcher:
+    """Download one object into the cache's pending file; counts GETs this request caused."""
+
+    store: ObjectStore
+    ref: ObjectRef
+    counters: Counters
+
+    async def __call__(self, pending: PendingObject) -> str:
+        self.counters.fetched += 1  # called only by the one fetch that singleflight runs
+        result = await self.store.download(self.ref, pending.fd)
+        return str(result.sha256_hex)
+
+
+def _view_path(ref: ObjectRef, prefix: str | None, dest: PurePosixPath) -> PurePosixPath:
+    """Where ``ref`` appears in the job's view; hostile keys are refused later by link()."""
+    if prefix is None:
+        return dest
+    rel = ref.key[len(prefix) :] if ref.key.startswith(prefix) else ref.key
+    return dest / rel.lstrip("/") if rel else dest
+
+
+async def _report(progress: ProgressFn, counters: Counters, request_id: int) -> None:
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY)
+        progress(counters.as_dict(request_id))
+
+
+async def _gather_or_cancel(tasks: list[asyncio.Task[None]]) -> None:
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in done:
+        if task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    if pending:
+        await asyncio.gather(*pending)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclass-ish objects to JSON-able dicts."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+    if hasattr(obj, "__dict__"):
+        return dict(vars(obj))
+    return obj
+
+
+# ---------------------------------------------------------------------- stdio server
+
+
+async def serve(agent: Agent) -> None:
+    """Answer calls from stdin until it closes; each call runs in its own task."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, sys.stdout
+    )
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    handlers = agent.handlers()
+    tasks: set[asyncio.Task[None]] = set()
+    while line := await reader.readline():
+        task = asyncio.create_task(_handle(decode(line), handlers, writer))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await agent._close_stores()
+
+
+async def _handle(
+    message: dict[str, Any], handlers: dict[str, Handler], writer: asyncio.StreamWriter
+) -> None:
+    call_id = message.get("id", 0)
+
+    def send(reply: dict[str, Any]) -> None:
+        writer.write(encode({"id": call_id, **reply}))
+
+    def progress(data: dict[str, Any]) -> None:
+        send({"event": "progress", "data": data})
+
+    handler = handlers.get(str(message.get("op")))
+    try:
+        if handler is None:
+            raise HpcstageError(f"unknown op {message.get('op')!r}")
+        send({"event": "result", "data": await handler(message.get("params", {}), progress)})
+    except (HpcstageError, OSError) as exc:
+        send({"event": "error", "message": _user_message(exc)})
+    except Exception as exc:  # never let one bad call kill the agent's other work
+        log.exception("call %s failed", message.get("op"))
+        send({"event": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
+    await writer.drain()
+
+
+def _user_message(exc: BaseException) -> str:
+    if isinstance(exc, CredentialError):
+        return f"store refused the site credentials: {exc}"
+    if isinstance(exc, StoreError):
+        return str(exc)
+    return str(exc) or type(exc).__name__
+
+
+def run_agent(node: str, cache_dir: Path) -> None:
+    """Entry point of ``hpcstage agent``."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"agent[{node}] %(levelname)s %(message)s"
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    agent = Agent(node=node, cache=NodeCache(cache_dir))
+    asyncio.run(serve(agent))

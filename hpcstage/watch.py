@@ -1,0 +1,173 @@
+"""The watcher: fold one Slurm queue snapshot into the daemon's job table.
+
+Pure helpers decide what changed; ``sync`` applies it inside one database transaction.
+A job that leaves ``squeue`` without our seeing its end state (the daemon was down longer
+than MinJobAge) is recorded as ended, so its leases still expire.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hpcstage.db import Event, Job, Request
+from hpcstage.slurm.model import JobInfo, QueueSnapshot
+
+ENDED_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "PREEMPTED",
+        "SPECIAL_EXIT",
+        "REVOKED",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Directives:
+    """What the daemon learned about one job's directives."""
+
+    source: str  # admin_comment | batch_script | none
+    stage_in: list[dict[str, object]]  # {src, dest, line, text, source: {...}}
+    stage_out: list[dict[str, object]]
+    error: str = ""
+
+    @property
+    def any(self) -> bool:
+        return bool(self.stage_in or self.stage_out or self.error)
+
+
+DirectivesFn = Callable[[JobInfo], Awaitable[Directives]]
+
+
+def is_ended(info: JobInfo) -> bool:
+    """True when Slurm reports the job finished (any end state)."""
+    return info.state in ENDED_STATES
+
+
+async def sync(
+    session: Session,
+    snapshot: QueueSnapshot,
+    directives_for: DirectivesFn,
+    ignored: set[int],
+) -> list[int]:
+    """Record new jobs with directives, update known ones, mark vanished ones ended.
+
+    ``ignored`` caches job ids without directives so their scripts are read only once.
+    Returns the ids (our ``jobs.id``) of jobs that changed state.
+    """
+    known = {
+        job.slurm_job_id: job
+        for job in session.scalars(select(Job).where(Job.kind == "job", Job.ended_at.is_(None)))
+    }
+    changed = []
+    seen = set()
+    for info in snapshot.jobs:
+        seen.add(info.job_id)
+        job = known.get(info.job_id)
+        if job is None and info.job_id not in ignored and not is_ended(info):
+            job = await _admit(session, info, directives_for, ignored, snapshot.taken_at)
+        if job is not None and _update(job, info, snapshot.taken_at):
+            changed.append(job.id)
+    for slurm_id, job in known.items():
+        if slurm_id not in seen:
+            _vanished(session, job, snapshot.taken_at)
+            changed.append(job.id)
+    return changed
+
+
+async def _admit(
+    session: Session,
+    info: JobInfo,
+    directives_for: DirectivesFn,
+    ignored: set[int],
+    now: float,
+) -> Job | None:
+    found = await directives_for(info)
+    if not found.any:
+        ignored.add(info.job_id)
+        return None
+    if session.scalar(select(Job).where(Job.slurm_job_id == info.job_id)) is not None:
+        return None  # ended earlier and already handled
+    job = Job(
+        kind="job",
+        slurm_job_id=info.job_id,
+        name=info.name,
+        user=info.user,
+        account=info.account,
+        partition=info.partition,
+        state=info.state,
+        directive_source=found.source,
+        error=found.error,
+        first_seen=now,
+    )
+    job.requests = [_request("in", i, d) for i, d in enumerate(found.stage_in)]
+    job.requests += [_request("out", i, d) for i, d in enumerate(found.stage_out)]
+    session.add(job)
+    session.flush()
+    msg = f"directives from {found.source}: {len(found.stage_in)} stage-in, "
+    msg += f"{len(found.stage_out)} stage-out"
+    log_event(
+        session,
+        job.id,
+        "",
+        msg + (f"; refused: {found.error}" if found.error else ""),
+        "error" if found.error else "info",
+    )
+    return job
+
+
+def _request(direction: str, position: int, d: dict[str, object]) -> Request:
+    return Request(
+        direction=direction,
+        position=position,
+        src=str(d["src"]),
+        dest=str(d["dest"]),
+        line=int(str(d.get("line", 0))),
+        text=str(d.get("text", "")),
+    )
+
+
+def _update(job: Job, info: JobInfo, now: float) -> bool:
+    before = (job.state, job.nodes, job.planned_nodes)
+    job.state, job.state_reason, job.priority = info.state, info.state_reason, info.priority
+    job.expected_start = info.start_time if info.state == "PENDING" else job.expected_start
+    job.planned_nodes = ",".join(info.planned_nodes)
+    if info.nodes:
+        job.nodes = ",".join(info.nodes)
+    if info.state != "PENDING" and job.started_at is None and info.start_time:
+        job.started_at = info.start_time
+    if is_ended(info):
+        job.ended_at = info.end_time or now
+    return (job.state, job.nodes, job.planned_nodes) != before
+
+
+def _vanished(session: Session, job: Job, now: float) -> None:
+    job.ended_at = now
+    if job.state not in ENDED_STATES:
+        job.state = "GONE"
+    log_event(session, job.id, "", "job left the Slurm queue; treating it as ended", "warning")
+
+
+def log_event(
+    session: Session, job_id: int | None, node: str, message: str, level: str = "info"
+) -> None:
+    """Append one event to the log shown by ``hpcstage status``."""
+    session.add(Event(ts=time.time(), job_id=job_id, node=node, level=level, message=message))
+
+
+def split_nodes(text: str) -> tuple[str, ...]:
+    """Comma-separated node names as stored in the database."""
+    return tuple(n for n in text.split(",") if n)
+

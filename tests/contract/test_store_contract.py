@@ -1,0 +1,448 @@
+"""One conformance suite for every ObjectStore, then what is specific to S3 and to files.
+
+The ``h`` fixture (conftest.py) runs each contract test against S3Store on a real S3 server
+(``rclone serve s3``) and against FsStore on a temp directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import botocore.exceptions as bce
+import pytest
+from botocore.parsers import ResponseParserError
+
+from hpcstage.errors import CredentialError, StoreError, TransientStoreError
+from hpcstage.identity import ObjectRef
+from hpcstage.retry import RetryPolicy
+from hpcstage.store import (
+    MIB,
+    DownloadResult,
+    FsStore,
+    ObjectStore,
+    S3Store,
+    _check_md5,
+    parse_s3_url,
+    resolve_credentials,
+    translate_fs_error,
+    translate_s3_error,
+)
+
+from .conftest import BUCKET, SMALL_POLICY, Harness, S3Server, make_s3_store
+
+pytestmark = pytest.mark.anyio
+
+SMALL = 100 * 1024
+LARGE = 12 * MIB  # > the suite's 5 MiB threshold: three 5 MiB-part ranged GETs, multipart PUT
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic, incompressible-looking bytes (so a wrong offset changes the hash)."""
+    block = hashlib.sha256(seed.to_bytes(8, "big")).digest() * 4096  # 128 KiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    path = tmp_path / "scratch"
+    path.mkdir()
+    return path
+
+
+async def put(h: Harness, scratch: Path, name: str, data: bytes) -> ObjectRef:
+    source = scratch / f"up-{len(os.listdir(scratch))}"
+    source.write_bytes(data)
+    return await h.store.upload(source, h.key(name))
+
+
+async def fetch(store: ObjectStore, ref: ObjectRef, scratch: Path) -> tuple[DownloadResult, bytes]:
+    target = scratch / f"down-{len(os.listdir(scratch))}"
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    progress: list[int] = []
+    try:
+        result = await store.download(ref, fd, progress=progress.append)
+    finally:
+        os.close(fd)
+    assert sum(progress) == ref.size
+    return result, target.read_bytes()
+
+
+async def listed(store: ObjectStore, prefix: str) -> dict[str, ObjectRef]:
+    return {ref.key: ref async for ref in store.list(prefix)}
+
+
+# --- the contract --------------------------------------------------------------------------
+
+
+async def test_list_streams_objects_under_the_prefix_only(h: Harness, scratch: Path) -> None:
+    names = {"a/1": 3, "a/2": 0, "a/sub/3": 5, "a/sub/deeper/4": 7, "ab/x": 1, "b/y": 2}
+    for name, size in names.items():
+        await put(h, scratch, name, payload(size))
+    found = await listed(h.store, h.key("a/"))
+    assert set(found) == {h.key(n) for n in ("a/1", "a/2", "a/sub/3", "a/sub/deeper/4")}
+    for key, ref in found.items():
+        assert ref.size == names[key.removeprefix(h.base)]
+        assert ref.etag
+        assert ref == await h.store.head(key)
+
+
+async def test_list_is_a_string_prefix_and_empty_for_nothing(h: Harness, scratch: Path) -> None:
+    for name in ("a/1", "ab/x", "b/y"):
+        await put(h, scratch, name, b"z")
+    assert set(await listed(h.store, h.key("a"))) == {h.key("a/1"), h.key("ab/x")}
+    assert await listed(h.store, h.key("nothing/")) == {}
+
+
+async def test_head_describes_what_upload_returned(h: Harness, scratch: Path) -> None:
+    ref = await put(h, scratch, "obj", payload(SMALL))
+    assert ref.key == h.key("obj")
+    assert ref.size == SMALL
+    assert await h.store.head(h.key("obj")) == ref
+
+
+@pytest.mark.parametrize("size", [0, 1, SMALL, LARGE], ids=["empty", "1B", "small", "large"])
+async def test_download_roundtrip_is_verified(h: Harness, scratch: Path, size: int) -> None:
+    data = payload(size, seed=size)
+    ref = await put(h, scratch, "obj", data)
+    result, written = await fetch(h.store, ref, scratch)
+    assert written == data
+    assert result == DownloadResult(
+        hashlib.md5(data, usedforsecurity=False).hexdigest(), hashlib.sha256(data).hexdigest(), size
+    )
+
+
+async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -> None:
+    ref = await put(h, scratch, "big", payload(LARGE))
+    await fetch(h.store, ref, scratch)
+    if h.calls is not None:  # S3: a multipart upload of 3 parts and 3 ranged GETs
+        assert h.calls["CreateMultipartUpload"] == 1
+        assert h.calls["UploadPart"] == 3
+        assert h.calls["CompleteMultipartUpload"] == 1
+        assert h.calls["PutObject"] == 0
+        assert sorted(h.ranges) == [
+            f"bytes=0-{5 * MIB - 1}",
+            f"bytes={10 * MIB}-{LARGE - 1}",
+            f"bytes={5 * MIB}-{10 * MIB - 1}",
+        ]
+
+
+async def test_missing_object_is_a_store_error_naming_it(h: Harness, scratch: Path) -> None:
+    key = h.key("no/such/object")
+    with pytest.raises(StoreError, match=re.escape(key)) as info:
+        await h.store.head(key)
+    assert type(info.value) is StoreError  # neither transient nor a credential problem
+    ghost = ObjectRef(getattr(h.store, "store_id", ""), getattr(h.store, "bucket", ""), key, "", 4)
+    with pytest.raises(StoreError, match=re.escape(key)):
+        await fetch(h.store, ghost, scratch)
+
+
+async def test_download_refuses_an_object_changed_since_listed(h: Harness, scratch: Path) -> None:
+    old = await put(h, scratch, "obj", payload(SMALL, seed=1))
+    await put(h, scratch, "obj", payload(SMALL + 1, seed=2))
+    with pytest.raises(StoreError, match="changed"):
+        await fetch(h.store, old, scratch)
+
+
+async def test_copy_duplicates_an_object(h: Harness, scratch: Path) -> None:
+    data = payload(SMALL, seed=3)
+    src = await put(h, scratch, "src", data)
+    await h.store.copy(h.key("src"), h.key("dir/dst"))
+    dst = await h.store.head(h.key("dir/dst"))
+    assert dst.size == src.size
+    assert (await fetch(h.store, dst, scratch))[1] == data
+    assert await h.store.head(h.key("src")) == src
+
+
+async def test_delete_removes_and_is_idempotent(h: Harness, scratch: Path) -> None:
+    await put(h, scratch, "gone", b"bye")
+    await h.store.delete(h.key("gone"))
+    with pytest.raises(StoreError, match="gone"):
+        await h.store.head(h.key("gone"))
+    await h.store.delete(h.key("gone"))  # missing: still fine
+    assert await listed(h.store, h.base) == {}
+
+
+async def test_failed_upload_leaves_nothing_behind(h: Harness, scratch: Path) -> None:
+    # Large, so the failure comes mid-transfer: after the first part (S3) or chunk (files).
+    source = scratch / "src"
+    source.write_bytes(payload(LARGE))
+
+    def explode(_: int) -> None:
+        raise RuntimeError("caller gave up")
+
+    with pytest.raises(RuntimeError, match="caller gave up"):
+        await h.store.upload(source, h.key("half"), progress=explode)
+    with pytest.raises(StoreError):
+        await h.store.head(h.key("half"))
+    assert await h.leftovers() == []
+
+
+async def test_upload_reports_progress_once_per_byte(h: Harness, scratch: Path) -> None:
+    source = scratch / "src"
+    source.write_bytes(payload(LARGE))
+    progress: list[int] = []
+    ref = await h.store.upload(source, h.key("big"), progress=progress.append)
+    assert sum(progress) == LARGE == ref.size
+    assert all(step > 0 for step in progress)
+
+
+# --- S3 specifics ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def s3(s3_server: S3Server) -> AsyncIterator[S3Store]:
+    async with make_s3_store(s3_server) as store:
+        yield store
+
+
+def test_parse_s3_url() -> None:
+    assert parse_s3_url("s3://bucket/prefix/") == ("bucket", "prefix/")
+    assert parse_s3_url("s3://bucket/a/b.txt") == ("bucket", "a/b.txt")
+    assert parse_s3_url("s3://bucket") == ("bucket", "")
+    for bad in ("http://x/y", "s3:///key", "s3://b/a/../etc"):
+        with pytest.raises(ValueError, match=r"s3://|bucket|'\.\.'"):
+            parse_s3_url(bad)
+
+
+async def test_s3_list_reads_pages_lazily(s3_server: S3Server, scratch: Path) -> None:
+    store = make_s3_store(s3_server, list_page_size=2)
+    harness = Harness("s3", store, "lazy-list/", lambda: _none())
+    try:
+        for n in range(5):
+            await put(harness, scratch, f"k{n}", b"x")
+        client = await store._client()
+        pages: list[str] = []
+        client.meta.events.register(
+            "before-call.s3.ListObjectsV2", lambda **kw: pages.append("page")
+        )
+        listing = store.list("lazy-list/")
+        first = await anext(listing)
+        assert first.key == "lazy-list/k0"
+        assert len(pages) == 1  # one page fetched for the first key, not the whole listing
+        rest = [ref.key async for ref in listing]
+        assert len(rest) == 4
+        assert len(pages) == 3
+    finally:
+        await store.close()
+
+
+async def _none() -> list[str]:
+    return []
+
+
+async def test_wrong_credentials_are_never_retried(s3_server: S3Server) -> None:
+    retries: list[int] = []
+    bad = {"access_key": s3_server.access_key, "secret_key": "not-the-secret", "token": ""}
+    store = make_s3_store(
+        s3_server,
+        credentials=bad,
+        retry=RetryPolicy(retries=5, base=0.01, cap=0.01),
+        on_retry=lambda n, delay, exc: retries.append(n),
+    )
+    async with store:
+        with pytest.raises(CredentialError, match=f"s3://{BUCKET}/k") as info:
+            await store.head("k")
+        with pytest.raises(CredentialError):
+            await anext(store.list(""))
+    assert retries == []
+    assert "not-the-secret" not in str(info.value)
+
+
+async def test_server_down_is_transient_after_retries(s3_server: S3Server) -> None:
+    from hpcstage.devcluster.proc import free_port
+
+    retries: list[int] = []
+    store = make_s3_store(
+        s3_server,
+        endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        retry=RetryPolicy(retries=3, base=0.001, cap=0.01),
+        on_retry=lambda n, delay, exc: retries.append(n),
+    )
+    async with store:
+        with pytest.raises(TransientStoreError, match="gave up after 4 attempts"):
+            await store.head("k")
+    assert retries == [1, 2, 3]
+
+
+async def test_missing_bucket_is_named(s3_server: S3Server, scratch: Path) -> None:
+    async with make_s3_store(s3_server, bucket="no-such-bucket") as store:
+        ref = ObjectRef(store.store_id, "no-such-bucket", "k", "", 1)
+        with pytest.raises(StoreError, match="no such bucket") as info:
+            await fetch(store, ref, scratch)
+    assert "s3://no-such-bucket/k" in str(info.value)
+
+
+async def test_truncated_object_is_transient(s3: S3Store, scratch: Path) -> None:
+    h = Harness("s3", s3, "trunc/", _none)
+    ref = await put(h, scratch, "obj", payload(SMALL))
+    liar = ObjectRef(ref.store, ref.bucket, ref.key, ref.etag, ref.size + 10)
+    with pytest.raises(TransientStoreError, match="truncated"):
+        await fetch(s3, liar, scratch)
+
+
+def test_checksum_mismatch_is_transient_and_multipart_etags_are_skipped() -> None:
+    md5 = hashlib.md5(b"data", usedforsecurity=False).hexdigest()
+    _check_md5("s3://b/k", md5, md5)
+    _check_md5("s3://b/k", md5.upper(), md5)
+    _check_md5("s3://b/k", "0" * 32 + "-3", md5)  # multipart ETag: not an MD5 of the bytes
+    with pytest.raises(TransientStoreError, match="checksum mismatch"):
+        _check_md5("s3://b/k", "0" * 32, md5)
+
+
+def client_error(code: str, status: int, message: str = "server says") -> bce.ClientError:
+    response: Any = {"Error": {"Code": code, "Message": message}}
+    response["ResponseMetadata"] = {"HTTPStatusCode": status}
+    return bce.ClientError(response, "GetObject")
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (client_error("SlowDown", 503), TransientStoreError),
+        (client_error("RequestTimeout", 400), TransientStoreError),
+        (client_error("InternalError", 500), TransientStoreError),
+        (client_error("502", 502), TransientStoreError),
+        (bce.EndpointConnectionError(endpoint_url="http://s3"), TransientStoreError),
+        (bce.ReadTimeoutError(endpoint_url="http://s3"), TransientStoreError),
+        (bce.IncompleteReadError(actual_bytes=1, expected_bytes=2), TransientStoreError),
+        (aiohttp.ClientPayloadError("cut"), TransientStoreError),
+        (client_error("InvalidAccessKeyId", 403), CredentialError),
+        (client_error("SignatureDoesNotMatch", 403, "StringToSign AKIDSECRET"), CredentialError),
+        (client_error("ExpiredToken", 400), CredentialError),
+        (client_error("AccessDenied", 403), CredentialError),
+        (client_error("403", 403), CredentialError),
+        (bce.NoCredentialsError(), CredentialError),
+        (client_error("NoSuchKey", 404), StoreError),
+        (client_error("404", 404), StoreError),
+        (client_error("InvalidArgument", 400), StoreError),
+        (ResponseParserError("unclosed token: line 1"), StoreError),
+    ],
+)
+def test_s3_errors_are_translated(exc: BaseException, kind: type[StoreError]) -> None:
+    error = translate_s3_error(exc, "get s3://b/some/key")
+    assert type(error) is kind
+    assert str(error).startswith("get s3://b/some/key: ")
+    assert "AKIDSECRET" not in str(error)
+
+
+def test_missing_objects_read_like_file_not_found() -> None:
+    assert str(translate_s3_error(client_error("NoSuchKey", 404), "get s3://b/k")) == (
+        "get s3://b/k: no such object"
+    )
+    assert "no such bucket" in str(translate_s3_error(client_error("NoSuchBucket", 404), "x"))
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (FileNotFoundError(errno.ENOENT, "gone"), StoreError),
+        (PermissionError(errno.EACCES, "denied"), CredentialError),
+        (OSError(errno.ESTALE, "stale NFS handle"), TransientStoreError),
+        (OSError(errno.EIO, "I/O error"), TransientStoreError),
+        (OSError(errno.ENOSPC, "full"), StoreError),
+    ],
+)
+def test_fs_errors_are_translated(exc: OSError, kind: type[StoreError]) -> None:
+    assert type(translate_fs_error(exc, "read /shared/x")) is kind
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No ambient AWS configuration: only what a test puts there."""
+    for name in list(os.environ):
+        if name.startswith("AWS_") and name != "AWS_CA_BUNDLE":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return tmp_path / "aws-credentials"
+
+
+def test_resolve_credentials_without_any_is_a_credential_error(aws_env: Path) -> None:
+    with pytest.raises(CredentialError, match="none found"):
+        resolve_credentials()
+    with pytest.raises(CredentialError, match="nope"):
+        resolve_credentials("nope")
+
+
+async def test_resolved_credentials_from_env_and_profile_work(
+    aws_env: Path, monkeypatch: pytest.MonkeyPatch, s3_server: S3Server
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    assert resolve_credentials() == s3_server.credentials()
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    aws_env.write_text(
+        f"[site]\naws_access_key_id = {s3_server.access_key}\n"
+        f"aws_secret_access_key = {s3_server.secret_key}\n"
+    )
+    assert resolve_credentials("site") == s3_server.credentials()
+    async with make_s3_store(s3_server, credentials=None, profile="site") as store:
+        assert await listed(store, "no-such-prefix/") == {}
+
+
+# --- filesystem specifics ------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "shared"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "in.txt").write_text("inside")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("outside")
+    (root / "data" / "escape").symlink_to(outside)
+    (root / "data" / "alias").symlink_to(root / "data" / "in.txt")
+    (root / "data" / "loop").symlink_to(root / "data", target_is_directory=True)
+    return root
+
+
+async def test_fs_list_skips_symlinks_leaving_root_and_symlinked_dirs(tree: Path) -> None:
+    found = await listed(FsStore(tree), f"{tree}/data/")
+    assert set(found) == {f"{tree}/data/in.txt", f"{tree}/data/alias"}
+    assert found[f"{tree}/data/alias"].size == len("inside")
+
+
+async def test_fs_lists_its_root_with_or_without_slash(tree: Path) -> None:
+    store = FsStore(tree / "data")
+    with_slash = await listed(store, f"{tree}/data/")
+    assert set(with_slash) == {f"{tree}/data/in.txt", f"{tree}/data/alias"}
+    assert await listed(store, f"{tree}/data") == with_slash
+
+
+async def test_fs_refuses_escapes(tree: Path) -> None:
+    store = FsStore(tree, retry=SMALL_POLICY)
+    with pytest.raises(StoreError, match="symlink leads outside"):
+        await store.head(f"{tree}/data/escape")
+    with pytest.raises(StoreError, match=r"'\.\.'"):
+        await store.head(f"{tree}/data/../data/in.txt")
+    with pytest.raises(StoreError, match="outside the store's root"):
+        await store.head("/etc/passwd")
+    with pytest.raises(ValueError, match="absolute"):
+        FsStore(Path("relative"))
+
+
+async def test_fs_refs_name_the_file(tree: Path) -> None:
+    ref = await FsStore(tree).head(f"{tree}/data/in.txt")
+    stat = (tree / "data" / "in.txt").stat()
+    assert ref == ObjectRef("file", "", f"{tree}/data/in.txt", str(stat.st_mtime_ns), 6)
+
+
+async def test_fs_permission_denied_is_a_credential_error(tree: Path, scratch: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads everything")
+    locked = tree / "data" / "locked"
+    locked.write_text("x")
+    locked.chmod(0)
+    store = FsStore(tree)
+    ref = await store.head(str(locked))
+    with pytest.raises(CredentialError, match="permission denied"):
+        await fetch(store, ref, scratch)

@@ -1,0 +1,185 @@
+"""Helpers for stage-in integration tests: a running daemon on the dev cluster, datasets, jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpcstage.client import ApiError, Client
+from hpcstage.config import load_config
+from hpcstage.devcluster import proc
+from hpcstage.devcluster.cluster import DevCluster
+from hpcstage.devcluster.site import hpcstage_bin, start_daemon, stop_daemon
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@dataclass
+class Stager:
+    """A daemon running as the service account against the dev cluster."""
+
+    dev: DevCluster
+    config: Path
+    log_name: str
+    pid: int = 0
+    client: Client = field(init=False)
+    jobs: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        listen = load_config(self.config).api.listen
+        self.client = Client(f"http://{listen}", timeout=10)
+
+    def start(self) -> None:
+        self.pid = start_daemon(self.dev, self.config, self.log_name)
+        wait_until("the daemon's API", self._healthy, 60, self.log)
+
+    def _healthy(self) -> bool:
+        try:
+            return bool(self.client.get("/api/v1/health")["last_tick"])
+        except ApiError:
+            return False
+
+    def stop(self, hard: bool = False) -> None:
+        if self.pid:
+            stop_daemon(self.pid, hard=hard)
+            self.pid = 0
+
+    @property
+    def log(self) -> Path:
+        return Path(self.dev.info.base) / "log" / self.log_name
+
+    def env(self) -> dict[str, str]:
+        """What a job needs to find hpcstage and its config (as `module load` would give)."""
+        return {
+            "HPCSTAGE_CONFIG": str(self.config),
+            "PATH": f"{Path(hpcstage_bin()).parent}:/usr/local/bin:/usr/bin:/bin",
+        }
+
+    def submit(self, user: str, script: str, *args: str) -> int:
+        wd = self.dev.workdir(user)
+        job = self.dev.sbatch(user, script, f"--output={wd}/%j.out", *args, env=self.env())
+        self.jobs.append(job)
+        return job
+
+    def output(self, user: str, job: int) -> str:
+        return (self.dev.workdir(user) / f"{job}.out").read_text(errors="replace")
+
+    def doc(self, job: int) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.get(f"/api/v1/jobs/{job}")
+        return result
+
+    def wait_doc(
+        self, job: int, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 120
+    ) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+
+        def check() -> bool:
+            try:
+                found.update(self.doc(job))
+            except ApiError:
+                return False
+            return pred(found)
+
+        wait_until(f"job {job}: {what}", check, timeout, self.log)
+        return found
+
+    def cli(self, user: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the hpcstage CLI as ``user``, as a scientist would."""
+        return self.dev.run_as(user, [hpcstage_bin(), *args], env=self.env(), check=check)
+
+    def cancel_all(self) -> None:
+        if self.jobs:
+            proc.run(["scancel", *map(str, self.jobs)], env=self.dev.client_env(), check=False)
+            self.jobs.clear()
+
+
+def wait_until(what: str, pred: Callable[[], bool], timeout: float, log: Path | None) -> None:
+    proc.wait_for(what, pred, timeout, log)
+
+
+def make_dataset(dev: DevCluster, files: dict[str, bytes]) -> tuple[str, dict[str, str]]:
+    """Upload files under a fresh prefix of s3://datasets through the S3 API.
+
+    Returns the s3:// prefix and the SHA-256 of each file by its relative path. (Writing into
+    rclone's directory directly is not seen by listings once the bucket was listed.)
+    """
+    name = f"ds-{uuid.uuid4().hex[:8]}"
+    asyncio.run(_put_all(dev, {f"{name}/{rel}": body for rel, body in files.items()}))
+    return f"s3://datasets/{name}/", {r: hashlib.sha256(b).hexdigest() for r, b in files.items()}
+
+
+async def _put_all(dev: DevCluster, bodies: dict[str, bytes], parallel: int = 16) -> None:
+    sem = asyncio.Semaphore(parallel)
+    async with dev.s3_client() as s3:
+
+        async def put(key: str, body: bytes) -> None:
+            async with sem:
+                await s3.put_object(Bucket="datasets", Key=key, Body=body)
+
+        await asyncio.gather(*(put(k, b) for k, b in bodies.items()))
+
+
+def small_files(count: int, size: int = 4096, prefix: str = "") -> dict[str, bytes]:
+    return {f"{prefix}f{i:05d}.dat": os.urandom(size) for i in range(count)}
+
+
+def big_files(dev: DevCluster, count: int, size: int) -> tuple[str, int]:
+    """``count`` objects of ``size`` bytes of noise, uploaded a few at a time."""
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    chunk = os.urandom(size)
+
+    async def upload() -> None:
+        sem = asyncio.Semaphore(4)
+        async with dev.s3_client() as s3:
+
+            async def put(i: int) -> None:
+                body = chunk[i:] + chunk[:i]  # distinct content per object
+                async with sem:
+                    await s3.put_object(Bucket="datasets", Key=f"{name}/part{i:03d}.bin", Body=body)
+
+            await asyncio.gather(*(put(i) for i in range(count)))
+
+    asyncio.run(upload())
+    return f"s3://datasets/{name}/", count
+
+
+def busy(stager: Stager, node: str, seconds: int, limit_min: int = 1) -> int:
+    """Occupy ``node`` with bob's sleep job; returns once it runs."""
+    job = stager.submit(
+        "bob",
+        f"#!/bin/bash\nsleep {seconds}\n",
+        f"--nodelist={node}",
+        f"--time={limit_min}",
+        "--job-name=busy",
+    )
+    stager.dev.wait_job(job, states=("RUNNING",), timeout=60)
+    return job
+
+
+CHECKSUM_JOB = """#!/bin/bash
+#SBATCH --job-name=checksums
+#HPCSTAGE --stage-in={src}
+eval "$(hpcstage env)"
+echo "node=$SLURMD_NODENAME dir=$HPCSTAGE_DIR"
+cd "$HPCSTAGE_DIR/{dest}" && find . -type f | sort | xargs sha256sum
+"""
+
+
+def parse_sums(output: str) -> dict[str, str]:
+    sums = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and len(parts[0]) == 64:
+            sums[parts[1].removeprefix("./")] = parts[0]
+    return sums
+
+
+def fetched_on(doc: dict[str, Any], node: str) -> int:
+    return sum(r["nodes"].get(node, {}).get("fetched_files", 0) for r in doc["requests"])

@@ -1,0 +1,207 @@
+"""Stage-in before allocation, on the real dev cluster, with the daemon as the service account.
+
+Every test runs twice: with the default SQLite state and with PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from hpcstage.devcluster import proc
+from hpcstage.devcluster.cluster import DevCluster
+from hpcstage.devcluster.site import write_site_config
+
+from .staging import (
+    CHECKSUM_JOB,
+    PG_ADMIN,
+    Stager,
+    big_files,
+    busy,
+    fetched_on,
+    make_dataset,
+    parse_sums,
+    small_files,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stager(request: pytest.FixtureRequest, cluster: DevCluster) -> Iterator[Stager]:
+    backend = request.param
+    db_name = f"hpcstage_{uuid.uuid4().hex[:10]}"
+    state_url = ""
+    if backend == "postgresql":
+        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{db_name}"'))
+        state_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db_name}"
+    config = write_site_config(
+        cluster, state_url=state_url, concurrency=8, name=f"stagein-{backend}.toml"
+    )
+    if backend == "sqlite":
+        (Path(cluster.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
+    st = Stager(cluster, config, f"daemon-{backend}.log")
+    st.start()
+    try:
+        yield st
+    finally:
+        st.cancel_all()
+        st.stop()
+        if backend == "postgresql":
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+            admin.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _clean_jobs(stager: Stager) -> Iterator[None]:
+    yield
+    stager.cancel_all()
+
+
+def test_inputs_are_staged_onto_the_planned_node_before_the_job_starts(stager: Stager) -> None:
+    files = {**small_files(60, prefix="small/"), "big/one.bin": os.urandom(3 << 20)}
+    src, sums = make_dataset(stager.dev, files)
+    # Every node busy; n1 frees first (shortest time limit), so backfill plans the job there.
+    busy(stager, "n1", 12, limit_min=1)
+    busy(stager, "n2", 40, limit_min=3)
+    busy(stager, "n3", 40, limit_min=3)
+    dest = src.rstrip("/").rsplit("/", 1)[1]
+    job = stager.submit("alice", CHECKSUM_JOB.format(src=src, dest=dest), "--account=chem")
+    doc = stager.wait_doc(
+        job,
+        "staged on its planned node while pending",
+        lambda d: d["state"] == "PENDING" and "ready" in d["staging"].values(),
+    )
+    assert doc["planned_nodes"], doc
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    out = stager.output("alice", job)
+    assert parse_sums(out) == sums, out
+    doc = stager.doc(job)
+    node = doc["nodes"][0]
+    assert f"node={node}" in out
+    # The daemon's records: every input was ready on that node before Slurm started the job.
+    assert doc["ready_at"][node] <= doc["started_at"], doc
+    assert fetched_on(doc, node) == len(files)
+
+
+def test_two_jobs_on_one_node_fetch_each_object_once(stager: Stager) -> None:
+    files = small_files(120)
+    src, sums = make_dataset(stager.dev, files)
+    hold = busy(stager, "n2", 8)
+    dest = src.rstrip("/").rsplit("/", 1)[1]
+    script = CHECKSUM_JOB.format(src=src, dest=dest)
+    jobs = [stager.submit("alice", script, "--nodelist=n2", "--account=chem") for _ in range(2)]
+    for job in (hold, *jobs):
+        assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+    docs = [stager.doc(job) for job in jobs]
+    for job in jobs:
+        assert parse_sums(stager.output("alice", job)) == sums
+    # Counted by the agents: one GET per object on n2, however many jobs needed it.
+    assert sum(fetched_on(doc, "n2") for doc in docs) == len(files), docs
+
+
+def test_missing_object_fails_the_job_at_env_with_the_directive(stager: Stager) -> None:
+    src = f"s3://datasets/nothing-{uuid.uuid4().hex[:6]}/receptor.pdb"
+    script = f'#!/bin/bash\n#HPCSTAGE --stage-in={src}\neval "$(hpcstage env)"\necho RAN\n'
+    job = stager.submit("bob", script, "--account=bio")
+    assert stager.dev.wait_job(job, timeout=120) == "FAILED"
+    out = stager.output("bob", job)
+    assert "RAN" not in out
+    assert src in out and "no such object" in out, out
+    status = stager.cli("bob", "status", str(job)).stdout
+    assert src in status and "no such object" in status, status
+
+
+def test_malformed_directive_is_refused_and_named(stager: Stager) -> None:
+    script = (
+        "#!/bin/bash\n#HPCSTAGE --stage-in=s3://datasets/ok/\n"
+        "#HPCSTAGE --stage-in=s3://datasets/../etc/passwd\n"
+        'eval "$(hpcstage env)"\necho RAN\n'
+    )
+    job = stager.submit("bob", script, "--account=bio")
+    assert stager.dev.wait_job(job, timeout=120) == "FAILED"
+    out = stager.output("bob", job)
+    assert "RAN" not in out
+    assert "s3://datasets/../etc/passwd" in out and "refused" in out, out
+    status = stager.cli("bob", "status", str(job)).stdout
+    assert "REFUSED" in status and "s3://datasets/../etc/passwd" in status, status
+    assert stager.doc(job)["requests"] == []  # nothing of a refused job is ever staged
+
+
+@pytest.mark.parametrize("victim", ["daemon", "agent"])
+def test_kill_9_mid_stage_in_resumes_without_refetching(stager: Stager, victim: str) -> None:
+    count, size = 64, 32 << 20  # 2 GiB in 32 MiB objects
+    src, _ = big_files(stager.dev, count, size)
+    hold = busy(stager, "n3", 600, limit_min=15)
+    dest = src.rstrip("/").rsplit("/", 1)[1]
+    job = stager.submit("alice", CHECKSUM_JOB.format(src=src, dest=dest), "--nodelist=n3")
+    stager.wait_doc(
+        job, "part of the stage-in done", lambda d: _files_done(d, "n3") >= 12, timeout=180
+    )
+    cache = stager.dev.info.node_cache("n3")
+    if victim == "daemon":
+        stager.stop(hard=True)
+    else:
+        os.kill(_agent_pid(stager.dev, "n3"), signal.SIGKILL)
+    wait_until("the n3 agent to be gone", lambda: not _agent_pids(stager.dev, "n3"), 30, None)
+    key_prefix = src.removeprefix("s3://datasets/")
+    before = _committed(cache, key_prefix)
+    assert 0 < len(before) < count, "the kill should land mid-transfer"
+    view = cache / "jobs" / str(job)
+    _assert_no_partial_files(view, size)
+    if victim == "daemon":
+        stager.start()
+    doc = stager.wait_doc(
+        job, "staged after the restart", lambda d: d["staging"].get("n3") == "ready", timeout=240
+    )
+    _assert_no_partial_files(view, size)
+    assert len(list(view.rglob("*.bin"))) == count
+    # Objects verified and committed before the kill were not fetched again.
+    assert _committed(cache, key_prefix) >= before
+    assert fetched_on(doc, "n3") == count - len(before), (len(before), doc)
+    proc.run(["scancel", str(hold)], env=stager.dev.client_env())
+    assert stager.dev.wait_job(job, timeout=240) == "COMPLETED"
+    assert len(parse_sums(stager.output("alice", job))) == count
+
+
+def _files_done(doc: dict[str, object], node: str) -> int:
+    return sum(r["nodes"].get(node, {}).get("files_done", 0) for r in doc["requests"])  # type: ignore[attr-defined, index]
+
+
+def _agent_pids(dev: DevCluster, node: str) -> list[int]:
+    out = proc.run(
+        ["pgrep", "-f", f"agent --node {node} --cache-dir {dev.info.base}/"], check=False
+    ).stdout
+    return [int(p) for p in out.split()]
+
+
+def _agent_pid(dev: DevCluster, node: str) -> int:
+    pids = _agent_pids(dev, node)
+    assert pids, f"no agent running for {node}"
+    return pids[0]
+
+
+def _committed(cache: Path, key_prefix: str) -> set[str]:
+    """Keys the node cache holds verified (index row written after the atomic rename)."""
+    with contextlib.closing(sqlite3.connect(cache / "index.db")) as db:
+        rows = db.execute("SELECT key FROM objects WHERE key LIKE ?", (key_prefix + "%",))
+        return {key for (key,) in rows}
+
+
+def _assert_no_partial_files(view: Path, size: int) -> None:
+    for path in view.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_size == size, f"partial file visible in the view: {path}"
+            assert ".tmp" not in path.name, path

@@ -1,0 +1,443 @@
+"""The node cache on a real temp directory: crash safety, singleflight, views, leases, eviction."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from hpcstage.cache import CacheError, NodeCache, PendingObject
+from hpcstage.identity import ObjectRef
+
+
+class Clock:
+    """A settable clock, so LRU and TTL tests do not depend on wall time."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, clock: Clock) -> Iterator[NodeCache]:
+    with NodeCache(tmp_path / "cache", clock=clock) as node_cache:
+        yield node_cache
+
+
+def etag(data: bytes) -> str:
+    """A single-part S3 ETag: the MD5 of the bytes (an identity, not a security check)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def make_ref(key: str, data: bytes) -> ObjectRef:
+    return ObjectRef("https://s3.example", "bucket", key, etag(data), len(data))
+
+
+def write(pending: PendingObject, data: bytes) -> str:
+    """Write ``data`` to the pending object as a fetch would; return its sha256."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(pending.fd, view) :]
+    return hashlib.sha256(data).hexdigest()
+
+
+def store(cache: NodeCache, key: str, data: bytes) -> tuple[ObjectRef, Path]:
+    ref = make_ref(key, data)
+    pending = cache.begin(ref)
+    return ref, cache.commit(pending, write(pending, data))
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir())
+
+
+# -- objects -------------------------------------------------------------------------------
+
+
+def test_commit_then_lookup_roundtrip(cache: NodeCache) -> None:
+    ref, path = store(cache, "data/a.bin", b"hello world")
+    assert path.read_bytes() == b"hello world"
+    assert path.name == ref.cache_id
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert cache.lookup(ref) == path
+    assert files_under(cache.objects) == [f"{ref.cache_id[:2]}/{ref.cache_id}"]
+
+
+def test_lookup_of_unknown_object_is_none(cache: NodeCache) -> None:
+    assert cache.lookup(make_ref("nope", b"x")) is None
+
+
+def test_lookup_forgets_an_object_deleted_behind_its_back(cache: NodeCache) -> None:
+    ref, path = store(cache, "a", b"abc")
+    path.unlink()
+    assert cache.lookup(ref) is None
+    assert cache.usage().objects == 0
+
+
+def test_lookup_touches_last_access(cache: NodeCache, clock: Clock) -> None:
+    old, _ = store(cache, "old", b"1")
+    clock.now += 10
+    store(cache, "new", b"2")
+    clock.now += 10
+    cache.lookup(old)  # now the most recently used: LRU must take "new" first
+    assert cache.evict(max_bytes=2, high=0.9, low=0.5, ttl=3600) == [make_ref("new", b"2").cache_id]
+
+
+def test_commit_with_wrong_size_is_rejected_and_aborted(cache: NodeCache) -> None:
+    ref = make_ref("short", b"12345")
+    pending = cache.begin(ref)
+    digest = write(pending, b"123")
+    with pytest.raises(CacheError, match="3 bytes, expected 5"):
+        cache.commit(pending, digest)
+    assert files_under(cache.objects) == []
+    assert cache.lookup(ref) is None
+
+
+def test_commit_with_malformed_checksum_is_rejected(cache: NodeCache) -> None:
+    ref = make_ref("k", b"abc")
+    pending = cache.begin(ref)
+    write(pending, b"abc")
+    with pytest.raises(CacheError, match="sha256"):
+        cache.commit(pending, "not-hex")
+    assert files_under(cache.objects) == []
+
+
+def test_abort_removes_the_temp_file(cache: NodeCache) -> None:
+    pending = cache.begin(make_ref("k", b"abc"))
+    write(pending, b"ab")
+    assert pending.path.exists()
+    cache.abort(pending)
+    cache.abort(pending)  # idempotent
+    assert files_under(cache.objects) == []
+
+
+def test_temp_file_is_private_and_named_from_the_cache_id(cache: NodeCache) -> None:
+    ref = make_ref("../../etc/passwd", b"abc")
+    pending = cache.begin(ref)
+    assert pending.path.parent == cache.objects / ref.cache_id[:2]
+    assert pending.path.name.startswith(f"{ref.cache_id}.tmp-")
+    assert stat.S_IMODE(pending.path.stat().st_mode) == 0o600
+    cache.abort(pending)
+
+
+def test_index_survives_reopen(tmp_path: Path, clock: Clock) -> None:
+    with NodeCache(tmp_path / "c", clock=clock) as cache:
+        ref, path = store(cache, "k", b"persist me")
+    with NodeCache(tmp_path / "c", clock=clock) as reopened:
+        assert reopened.reconcile().objects == 1
+        assert reopened.lookup(ref) == path
+        assert reopened.usage().bytes == len(b"persist me")
+
+
+# -- crash safety --------------------------------------------------------------------------
+
+
+def test_crash_mid_download_leaves_no_temp_and_no_row(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    crashed = NodeCache(root)
+    ref = make_ref("big", b"0123456789")
+    pending = crashed.begin(ref)
+    write(pending, b"01234")
+    # The process dies: its fds close, nothing is committed or aborted.
+    os.close(pending.fd)
+    crashed.close()
+    assert len(files_under(root / "objects")) == 1
+
+    with NodeCache(root) as cache:
+        report = cache.reconcile()
+        assert (report.temps_removed, report.rows_dropped, report.orphans_removed) == (1, 0, 0)
+        assert files_under(cache.objects) == []
+        assert cache.lookup(ref) is None
+        assert cache.usage().objects == 0
+
+
+def test_reconcile_deletes_a_renamed_but_unindexed_object(cache: NodeCache) -> None:
+    # A crash between the rename and the index insert leaves a complete but unverifiable file.
+    ref = make_ref("k", b"abc")
+    pending = cache.begin(ref)
+    write(pending, b"abc")
+    pending.close()
+    pending.final.parent.mkdir(exist_ok=True)
+    os.rename(pending.path, pending.final)
+    stray = cache.objects / "zz-not-an-object"
+    stray.write_bytes(b"?")
+    report = cache.reconcile()
+    assert report.orphans_removed == 2
+    assert files_under(cache.objects) == []
+
+
+def test_reconcile_drops_rows_of_missing_or_resized_files(cache: NodeCache) -> None:
+    kept_ref, _ = store(cache, "kept", b"keep")
+    gone_ref, gone = store(cache, "gone", b"gone")
+    bad_ref, bad = store(cache, "bad", b"bad!")
+    gone.unlink()
+    bad.chmod(0o644)
+    bad.write_bytes(b"truncated!")
+    report = cache.reconcile()
+    assert (report.rows_dropped, report.orphans_removed, report.objects) == (2, 1, 1)
+    assert report.bytes == 4
+    assert cache.lookup(kept_ref) is not None
+    assert cache.lookup(gone_ref) is None
+    assert cache.lookup(bad_ref) is None
+    assert not bad.exists()
+
+
+# -- singleflight --------------------------------------------------------------------------
+
+
+def test_concurrent_ensure_fetches_once(cache: NodeCache) -> None:
+    data = b"shared dataset"
+    ref = make_ref("shared", data)
+    calls = 0
+
+    async def fetch(pending: PendingObject) -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)  # long enough for the second caller to arrive
+        return write(pending, data)
+
+    async def main() -> list[Path]:
+        return list(await asyncio.gather(cache.ensure(ref, fetch), cache.ensure(ref, fetch)))
+
+    first, second = asyncio.run(main())
+    assert first == second == cache.lookup(ref)
+    assert calls == 1
+    assert (cache.stats.fetched_objects, cache.stats.fetched_bytes) == (1, len(data))
+    assert cache.stats.joined == 1
+    assert asyncio.run(cache.ensure(ref, fetch)) == first  # present: no second fetch
+    assert calls == 1
+
+
+def test_fetch_failure_reaches_every_waiter_and_leaves_nothing(cache: NodeCache) -> None:
+    ref = make_ref("flaky", b"0123456789")
+    calls = 0
+
+    async def failing(pending: PendingObject) -> str:
+        nonlocal calls
+        calls += 1
+        write(pending, b"01234")
+        await asyncio.sleep(0.05)
+        raise ConnectionResetError("store went away")
+
+    async def main() -> list[BaseException | Path]:
+        waiters = [cache.ensure(ref, failing), cache.ensure(ref, failing)]
+        return list(await asyncio.gather(*waiters, return_exceptions=True))
+
+    results = asyncio.run(main())
+    assert calls == 1
+    assert all(isinstance(r, ConnectionResetError) for r in results)
+    assert files_under(cache.objects) == []
+    assert cache.lookup(ref) is None
+    assert cache.stats.failed_fetches == 1
+
+    async def good(pending: PendingObject) -> str:
+        return write(pending, b"0123456789")
+
+    assert asyncio.run(cache.ensure(ref, good)).read_bytes() == b"0123456789"
+
+
+def test_cancelled_waiter_does_not_cancel_the_shared_fetch(cache: NodeCache) -> None:
+    ref = make_ref("k", b"data")
+
+    async def fetch(pending: PendingObject) -> str:
+        await asyncio.sleep(0.05)
+        return write(pending, b"data")
+
+    async def main() -> Path:
+        impatient = asyncio.create_task(cache.ensure(ref, fetch))
+        patient = asyncio.create_task(cache.ensure(ref, fetch))
+        await asyncio.sleep(0.01)
+        impatient.cancel()
+        return await patient
+
+    assert asyncio.run(main()).read_bytes() == b"data"
+
+
+def test_fetch_of_wrong_size_fails_every_waiter(cache: NodeCache) -> None:
+    ref = make_ref("k", b"data")
+
+    async def short(pending: PendingObject) -> str:
+        await asyncio.sleep(0.01)
+        return write(pending, b"da")
+
+    async def main() -> list[BaseException | Path]:
+        return list(
+            await asyncio.gather(
+                cache.ensure(ref, short), cache.ensure(ref, short), return_exceptions=True
+            )
+        )
+
+    assert all(isinstance(r, CacheError) for r in asyncio.run(main()))
+    assert files_under(cache.objects) == []
+
+
+# -- views and leases ----------------------------------------------------------------------
+
+
+def test_link_builds_the_view_from_hardlinks(cache: NodeCache) -> None:
+    _, obj = store(cache, "in.dat", b"input")
+    linked = cache.link("42", PurePosixPath("inputs/day1/in.dat"), obj)
+    assert linked == cache.view_dir("42") / "inputs" / "day1" / "in.dat"
+    assert linked.stat().st_ino == obj.stat().st_ino
+    assert obj.stat().st_nlink == 2
+    assert linked.read_bytes() == b"input"
+    assert stat.S_IMODE((cache.view_dir("42") / "inputs").stat().st_mode) == 0o755
+    assert cache.views() == ["42"]
+    assert cache.usage().leased_objects == 1
+
+
+def test_link_replaces_an_existing_file_atomically(cache: NodeCache) -> None:
+    _, old = store(cache, "v1", b"one")
+    _, new = store(cache, "v2", b"two")
+    cache.link("7", "x", old)
+    cache.link("7", "x", new)
+    cache.link("7", "x", new)  # same inode again: no temp link may be left behind
+    assert (cache.view_dir("7") / "x").read_bytes() == b"two"
+    assert (old.stat().st_nlink, new.stat().st_nlink) == (1, 2)
+    assert os.listdir(cache.view_dir("7")) == ["x"]
+
+
+@pytest.mark.parametrize("dest", ["../x", "/abs", "a/../../x", ".", ""])
+def test_link_refuses_destinations_outside_the_view(cache: NodeCache, dest: str) -> None:
+    _, obj = store(cache, "k", b"abc")
+    with pytest.raises(CacheError, match="refusing"):
+        cache.link("1", dest, obj)
+    assert obj.stat().st_nlink == 1
+
+
+def test_link_refuses_a_symlinked_parent_planted_by_the_job(
+    cache: NodeCache, tmp_path: Path
+) -> None:
+    _, obj = store(cache, "k", b"abc")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (cache.view_dir("9") / "data").symlink_to(outside)
+    with pytest.raises(CacheError, match="cannot link"):
+        cache.link("9", "data/file", obj)
+    with pytest.raises(CacheError, match="cannot link"):
+        cache.link("9", "data/deeper/file", obj)
+    assert list(outside.iterdir()) == []
+    assert obj.stat().st_nlink == 1
+
+
+def test_link_refuses_paths_that_are_not_cache_objects(cache: NodeCache, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s")
+    with pytest.raises(CacheError, match="cache id"):
+        cache.link("1", "s", secret)
+    fake = tmp_path / ("a" * 64)
+    fake.write_bytes(b"f")
+    with pytest.raises(CacheError, match="not an object"):
+        cache.link("1", "f", fake)
+
+
+def test_link_of_an_evicted_object_fails_cleanly(cache: NodeCache) -> None:
+    _, obj = store(cache, "k", b"abc")
+    cache.evict(max_bytes=0, high=0.9, low=0.5, ttl=3600)
+    with pytest.raises(CacheError, match="cannot link"):
+        cache.link("1", "k", obj)
+
+
+@pytest.mark.parametrize("job_id", ["..", ".", "a/b", "", ".hidden", "x" * 65])
+def test_unsafe_job_ids_are_refused(cache: NodeCache, job_id: str) -> None:
+    with pytest.raises(CacheError, match="job id"):
+        cache.view_dir(job_id)
+
+
+def test_release_removes_the_view_and_ends_the_lease(cache: NodeCache, tmp_path: Path) -> None:
+    ref, obj = store(cache, "k", b"abc")
+    cache.link("5_1", "in/k", obj)
+    view = cache.view_dir("5_1")
+    # What a job leaves behind: its own files, and a symlink pointing somewhere precious.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_bytes(b"mine")
+    (view / "out").mkdir()
+    (view / "out" / "result").write_bytes(b"r")
+    (view / "escape").symlink_to(precious)
+    (view / "in" / "escape-file").symlink_to(precious / "keep")
+
+    cache.release("5_1")
+    assert not view.exists()
+    assert cache.views() == []
+    assert (precious / "keep").read_bytes() == b"mine"
+    assert cache.lookup(ref) == obj
+    assert obj.stat().st_nlink == 1
+    cache.release("5_1")  # already gone: nothing to do
+
+
+def test_release_reports_what_it_could_not_remove(
+    cache: NodeCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (cache.view_dir("3") / "stuck").write_bytes(b"x")
+    real_unlink = os.unlink
+
+    def unlink(path: str, *, dir_fd: int | None = None) -> None:
+        # Stands in for a file the job made undeletable (root, running these tests, cannot).
+        if path == "stuck":
+            raise PermissionError(1, "Operation not permitted", path)
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(CacheError, match=r"could not remove 2 entries.*stuck"):
+        cache.release("3")
+
+
+def test_usage_counts_leased_objects(cache: NodeCache) -> None:
+    _, a = store(cache, "a", b"aaaa")
+    store(cache, "b", b"bb")
+    cache.link("1", "a", a)
+    cache.link("2", "a", a)
+    usage = cache.usage()
+    assert (usage.bytes, usage.objects, usage.leased_bytes, usage.leased_objects) == (6, 2, 4, 1)
+
+
+# -- eviction ------------------------------------------------------------------------------
+
+
+def test_evict_end_to_end(cache: NodeCache, clock: Clock) -> None:
+    refs: dict[str, tuple[ObjectRef, Path]] = {}
+    for name in ("oldest", "leased", "middle", "newest"):
+        refs[name] = store(cache, name, name.encode().ljust(10, b"."))
+        clock.now += 60
+    cache.link("1", "leased", refs["leased"][1])
+
+    # 40 bytes in a 40-byte cache: above 0.9, evict LRU down to 0.5 (20 bytes), leased stays.
+    evicted = cache.evict(max_bytes=40, high=0.9, low=0.5, ttl=86400)
+    assert evicted == [refs["oldest"][0].cache_id, refs["middle"][0].cache_id]
+    assert cache.reconcile().rows_dropped == 0  # rows went with their files
+    for name in ("oldest", "middle"):
+        assert not refs[name][1].exists()
+        assert cache.lookup(refs[name][0]) is None
+    assert cache.lookup(refs["leased"][0]) is not None
+    assert cache.lookup(refs["newest"][0]) is not None
+    assert cache.usage().bytes == 20
+
+
+def test_evict_by_ttl_keeps_leased_and_fresh(cache: NodeCache, clock: Clock) -> None:
+    stale, _ = store(cache, "stale", b"s")
+    _, pinned = store(cache, "pinned", b"p")
+    cache.link("1", "p", pinned)
+    clock.now += 7200
+    fresh, _ = store(cache, "fresh", b"f")
+    assert cache.evict(max_bytes=10**9, high=0.9, low=0.5, ttl=3600) == [stale.cache_id]
+    assert cache.lookup(fresh) is not None
+    assert pinned.exists()
+
+
+def test_evict_does_nothing_below_high(cache: NodeCache) -> None:
+    store(cache, "a", b"abc")
+    assert cache.evict(max_bytes=100, high=0.9, low=0.5, ttl=3600) == []
+    assert cache.usage().objects == 1

@@ -1,0 +1,107 @@
+"""The planner's rules, one table row at a time (pure: no Slurm, no agents)."""
+
+from __future__ import annotations
+
+from hpcstage.plan import JobView, MarkReleased, Release, Stage, node_state, plan
+
+NOW = 1_000_000.0
+GRACE = 60.0
+
+
+def job(**kw: object) -> JobView:
+    base: dict[str, object] = {"id": 1, "kind": "job", "state": "PENDING"}
+    base.update(kw)
+    return JobView(**base)  # type: ignore[arg-type]
+
+
+def stages(actions: list[object]) -> list[tuple[int, str]]:
+    return [(a.job_id, a.node) for a in actions if isinstance(a, Stage)]
+
+
+def releases(actions: list[object]) -> list[tuple[int, str]]:
+    return [(a.job_id, a.node) for a in actions if isinstance(a, Release)]
+
+
+def test_pending_job_is_staged_on_its_planned_nodes() -> None:
+    actions = plan([job(planned_nodes=("n2", "n3"))], NOW, GRACE, {})
+    assert stages(actions) == [(1, "n2"), (1, "n3")]
+
+
+def test_pending_job_without_a_plan_waits() -> None:
+    assert plan([job()], NOW, GRACE, {}) == []
+
+
+def test_running_job_is_staged_where_it_runs_not_where_it_was_planned() -> None:
+    view = job(state="RUNNING", nodes=("n1",), planned_nodes=("n2",), node_states={"n2": "ready"})
+    assert stages(plan([view], NOW, GRACE, {})) == [(1, "n1")]
+
+
+def test_nodes_already_ready_or_in_flight_are_not_staged_again() -> None:
+    view = job(
+        planned_nodes=("n1", "n2", "n3"),
+        node_states={"n1": "ready", "n2": "running", "n3": "queued"},
+    )
+    assert stages(plan([view], NOW, GRACE, {})) == [(1, "n3")]
+
+
+def test_moved_plan_releases_the_old_nodes_views() -> None:
+    view = job(planned_nodes=("n3",), node_states={"n1": "ready", "n2": "running"})
+    actions = plan([view], NOW, GRACE, {})
+    assert stages(actions) == [(1, "n3")]
+    assert releases(actions) == [(1, "n1")]  # n2 is still transferring: released later
+
+
+def test_refused_or_failed_jobs_get_nothing_more() -> None:
+    refused = job(id=1, planned_nodes=("n1",), error="line 3: bad")
+    failed = job(id=2, planned_nodes=("n2",), node_states={"n1": "failed"})
+    assert stages(plan([refused, failed], NOW, GRACE, {})) == []
+
+
+def test_running_jobs_first_then_earliest_start_then_priority() -> None:
+    jobs = [
+        job(id=1, planned_nodes=("n1",), expected_start=NOW + 300, priority=10),
+        job(id=2, planned_nodes=("n1",), expected_start=NOW + 100, priority=1),
+        job(id=3, state="RUNNING", nodes=("n1",)),
+        job(id=4, planned_nodes=("n1",), expected_start=NOW + 100, priority=5),
+    ]
+    assert [j for j, _ in stages(plan(jobs, NOW, GRACE, {}, max_per_node=10))] == [3, 4, 2, 1]
+
+
+def test_at_most_max_per_node_stage_operations() -> None:
+    jobs = [job(id=i, planned_nodes=("n1",), expected_start=NOW + i) for i in range(1, 6)]
+    assert stages(plan(jobs, NOW, GRACE, {"n1": 2}, max_per_node=3)) == [(1, "n1")]
+
+
+def test_ended_job_keeps_its_lease_for_the_grace_period() -> None:
+    view = job(state="COMPLETED", ended_at=NOW - 10, node_states={"n1": "ready"})
+    assert plan([view], NOW, GRACE, {}) == []
+    later = plan([view], NOW + GRACE, GRACE, {})
+    assert releases(later) == [(1, "n1")]
+    assert MarkReleased(1) in later
+
+
+def test_ended_job_waits_for_transfers_in_flight() -> None:
+    view = job(state="CANCELLED", ended_at=NOW - 1000, node_states={"n1": "running"})
+    assert plan([view], NOW, GRACE, {}) == []
+
+
+def test_warmup_is_staged_then_released_at_once() -> None:
+    warm = job(kind="warmup", state="WARMUP", planned_nodes=("n1", "n2"))
+    assert stages(plan([warm], NOW, GRACE, {})) == [(1, "n1"), (1, "n2")]
+    done = job(
+        kind="warmup",
+        state="WARMUP",
+        planned_nodes=("n1", "n2"),
+        node_states={"n1": "ready", "n2": "ready"},
+    )
+    actions = plan([done], NOW, GRACE, {})
+    assert releases(actions) == [(1, "n1"), (1, "n2")]
+    assert MarkReleased(1) in actions
+
+
+def test_node_state_aggregation() -> None:
+    assert node_state(["ready", "ready"]) == "ready"
+    assert node_state(["ready", "running"]) == "running"
+    assert node_state(["queued", "ready"]) == "queued"
+    assert node_state(["ready", "failed", "running"]) == "failed"
+    assert node_state([]) == "absent"
