@@ -170,4 +170,3 @@ def log_event(
 def split_nodes(text: str) -> tuple[str, ...]:
     """Comma-separated node names as stored in the database."""
     return tuple(n for n in text.split(",") if n)
-
