@@ -23,12 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import directives as dirs
 from hpcstage import plan as planner
+from hpcstage import stageout, trash
 from hpcstage.config import Settings
-from hpcstage.db import Job, Request, Staging, open_db
-from hpcstage.errors import DirectiveError, SlurmError, TransportError
+from hpcstage.db import Job, Request, Staging, Upload, open_db
+from hpcstage.errors import DirectiveError, SlurmError, StoreError, TransportError
 from hpcstage.slurm.backend import CliBackend, SlurmBackend
 from hpcstage.slurm.model import JobInfo, QueueSnapshot
-from hpcstage.store import resolve_credentials
+from hpcstage.store import S3Store, parse_s3_url, resolve_credentials
 from hpcstage.transfer.rpc import AgentError, RpcClient
 from hpcstage.transfer.transport import (
     AgentPool,
@@ -46,6 +47,8 @@ from hpcstage.watch import Directives, log_event, split_nodes, sync
 log = logging.getLogger("hpcstage.daemon")
 
 MAX_TRANSPORT_ATTEMPTS = 5
+TRASH_EXPIRY_EVERY = 3600.0  # seconds between recycle-bin sweeps
+MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
 FLUSH_EVERY = 1.0  # seconds between progress writes to the database
 
 
@@ -70,11 +73,14 @@ class Daemon:
     _pool: AgentPool | None = None
     _tasks: dict[tuple[int, str], asyncio.Task[None]] = field(default_factory=dict)
     _progress: dict[int, Progress] = field(default_factory=dict)
+    _files: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _ignored: set[int] = field(default_factory=set)
     _node_addr: dict[str, str] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _credentials: dict[str, str] | None = None
+    _stores: dict[str, S3Store] = field(default_factory=dict)
+    _last_expiry: float = 0.0
     last_tick: float = 0.0
     last_error: str = ""
 
@@ -131,13 +137,22 @@ class Daemon:
         while not self._stopping.is_set():
             try:
                 await self.tick()
-            except (SlurmError, TransportError) as exc:
+                await self._maybe_expire()
+            except (SlurmError, TransportError, StoreError) as exc:
                 # Slurm or a node may be briefly unreachable: log and carry on.
                 self.last_error = str(exc)
                 log.error("tick failed: %s", exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
+
+    async def _maybe_expire(self) -> None:
+        if time.time() - self._last_expiry < TRASH_EXPIRY_EVERY:
+            return
+        self._last_expiry = time.time()
+        deleted = await self.expire_trash()
+        if deleted:
+            log.info("recycle bin: %d expired objects deleted", deleted)
 
     async def shutdown(self) -> None:
         """Cancel transfers (they stay queued in the database) and close agent sessions."""
@@ -147,6 +162,8 @@ class Daemon:
         self._flush_progress(requeue=True)
         if self._pool is not None:
             await self._pool.close()
+        for store in self._stores.values():
+            await store.close()
 
     def wake(self) -> None:
         """Run a tick now (e.g. a job asked for its inputs)."""
@@ -184,9 +201,9 @@ class Daemon:
 
     def _views(self, session: Session) -> Iterable[planner.JobView]:
         query = select(Job).where(Job.released_at.is_(None))
-        for job in session.scalars(query):
-            if not any(r.direction == "in" for r in job.requests):
-                continue  # nothing to stage in (stage-out only jobs: see stage-out)
+        jobs = list(session.scalars(query))
+        outputs = _unfinished_outputs(jobs)
+        for job in jobs:
             yield planner.JobView(
                 id=job.id,
                 kind=job.kind,
@@ -199,6 +216,9 @@ class Daemon:
                 released=job.released_at is not None,
                 error=job.error,
                 node_states=_node_states(job),
+                out_state=_out_state(job),
+                out_node=job.batch_host or next(iter(split_nodes(job.nodes)), ""),
+                waits_for=_waits_for(job, outputs),
             )
 
     def _act(self, action: planner.Action) -> None:
@@ -208,7 +228,12 @@ class Daemon:
         key = (action.job_id, action.node)
         if key in self._tasks:
             return
-        coro = self._stage(action) if isinstance(action, planner.Stage) else self._release(action)
+        if isinstance(action, planner.Stage):
+            coro = self._stage(action)
+        elif isinstance(action, planner.StageOut):
+            coro = self._stage_out(action)
+        else:
+            coro = self._release(action)
         task = asyncio.create_task(coro, name=f"{type(action).__name__}-{key}")
         self._tasks[key] = task
         task.add_done_callback(functools.partial(self._done, key))
@@ -223,7 +248,7 @@ class Daemon:
         assert self.db is not None
         with self.db.begin() as session:
             job = session.get_one(Job, action.job_id)
-            requests = [r for r in job.requests if r.direction == "in"]
+            requests = [r for r in job.requests if r.direction in ("in", "dir")]
             job_key, user = _job_key(job), job.user
             log_event(session, job.id, action.node, f"staging: {action.reason}")
             stagings = [_staging(session, r, action.node) for r in requests]
@@ -242,8 +267,7 @@ class Daemon:
                 await self._stage_one(rpc, staging_id, job_key, user, request_id, src, dest)
         except AgentError as exc:
             assert current is not None
-            where = f"line {current[5]}: " if current[5] else ""
-            self._fail(current[0], action, f"{where}{current[4]}: {exc}")
+            self._fail(current[0], action, f"{_where(current)}{exc}")
         except TransportError as exc:
             self._requeue(action, [p[0] for p in plan], str(exc))
 
@@ -260,15 +284,13 @@ class Daemon:
         progress = self._progress.setdefault(staging_id, Progress())
 
         def on_progress(data: dict[str, Any]) -> None:
-            progress.files_done = int(data.get("files_done", 0))
-            progress.bytes_done = int(data.get("bytes_done", 0))
-            progress.files_total = data.get("files_total")
-            progress.bytes_total = data.get("bytes_total")
-            progress.fetched = int(data.get("fetched", 0))
+            _take(progress, data)
 
-        item = {"request_id": request_id, "source": source_params(src), "dest": dest}
+        items = (
+            [{"request_id": request_id, "source": source_params(src), "dest": dest}] if src else []
+        )
         result = await rpc.call(
-            "stage", {"job": job_key, "user": user, "items": [item]}, on_progress
+            "stage", {"job": job_key, "user": user, "items": items}, on_progress
         )
         for got in result.get("items", []):
             on_progress(got)
@@ -279,21 +301,25 @@ class Daemon:
         with self.db.begin() as session:
             st = session.get_one(Staging, staging_id)
             _apply(st, progress)
+            self._save_files(session, st)
             st.state, st.finished_at = "ready", time.time()
-            log_event(
-                session,
-                st.request.job_id,
-                st.node,
-                f"ready: {st.request.src} -> {st.request.dest} "
-                f"({st.files_done} files, {st.bytes_done} bytes, {st.fetched_files} fetched)",
-            )
+            r = st.request
+            what = f"{st.files_done} files, {st.bytes_done} bytes"
+            if r.direction == "out":
+                msg = f"stage-out verified: {r.src} -> {r.dest} ({what}, {st.fetched_files} sent)"
+            else:
+                msg = f"ready: {r.src} -> {r.dest} ({what}, {st.fetched_files} fetched)"
+            log_event(session, r.job_id, st.node, msg)
         self._progress.pop(staging_id, None)
 
-    def _fail(self, staging_id: int, action: planner.Stage, message: str) -> None:
+    def _fail(
+        self, staging_id: int, action: planner.Stage | planner.StageOut, message: str
+    ) -> None:
         assert self.db is not None
         with self.db.begin() as session:
             st = session.get_one(Staging, staging_id)
             _apply(st, self._progress.pop(staging_id, Progress()))
+            self._save_files(session, st)
             st.state, st.error, st.finished_at = "failed", message, time.time()
             # The other requests of this job on this node will not run now: say why.
             for other in _job_stagings(session, action.job_id, action.node):
@@ -312,6 +338,102 @@ class Daemon:
                 st.error = f"node {action.node} unreachable: {message}"
             log_event(session, action.job_id, action.node, f"will retry: {message}", "warning")
 
+    async def _stage_out(self, action: planner.StageOut) -> None:
+        """Have the batch host's agent upload the job's outputs, one directive at a time."""
+        assert self.db is not None
+        with self.db.begin() as session:
+            job = session.get_one(Job, action.job_id)
+            job_key, ended_at, items = _job_key(job), job.ended_at or time.time(), []
+            optional: dict[int, bool] = {}
+            on_states = frozenset(self.settings.stage_out.on_states)
+            for r in (r for r in job.requests if r.direction == "out"):
+                st = _staging(session, r, action.node or "-")
+                run, why = stageout.should_run(r.when, job.state, on_states)
+                if not action.node:
+                    run, why = False, "the job never ran on a node: no outputs"
+                if not run:
+                    st.state, st.error, st.finished_at = "skipped", why, time.time()
+                    continue
+                st.state, st.started_at, st.error = "running", time.time(), ""
+                st.attempts += 1
+                items.append((st.id, r.id, r.src, r.dest, r.text, r.line))
+                optional[st.id] = r.optional
+            log_event(session, job.id, action.node, f"stage-out of {len(items)} directive(s)")
+        current = items[0] if items else None
+        try:
+            rpc = await self._agent(action.node) if items else None
+            for current in items:
+                assert rpc is not None
+                await self._out_one(rpc, current, job_key, ended_at, optional[current[0]])
+        except AgentError as exc:
+            assert current is not None
+            if exc.transient:
+                self._requeue_out(action, current[0], str(exc))
+            else:
+                self._fail(current[0], action, f"{_where(current)}{exc}")
+        except TransportError as exc:
+            assert current is not None
+            self._requeue_out(action, current[0], str(exc))
+
+    async def _out_one(
+        self,
+        rpc: RpcClient,
+        item: tuple[int, int, str, str, str, int],
+        job_key: str,
+        ended_at: float,
+        optional: bool,
+    ) -> None:
+        staging_id, request_id, src, dest, _text, _line = item
+        bucket, key = parse_s3_url(dest)
+        progress = self._progress.setdefault(staging_id, Progress())
+        files = self._files.setdefault(staging_id, {})
+
+        def on_progress(data: dict[str, Any]) -> None:
+            _take(progress, data)
+            for f in data.get("files", []):
+                files[f["path"]] = f
+
+        params = {
+            "job": job_key,
+            "ended_at": ended_at,
+            "trash_prefix": self.settings.stage_out.trash_prefix,
+            "items": [
+                {
+                    "request_id": request_id,
+                    "src": src,
+                    "dest_bucket": bucket,
+                    "dest_key": key,
+                    "optional": optional,
+                }
+            ],
+        }
+        await rpc.call("stage_out", params, on_progress)
+        self._finish(staging_id, progress)
+
+    def _requeue_out(self, action: planner.StageOut, staging_id: int, message: str) -> None:
+        assert self.db is not None
+        with self.db.begin() as session:
+            st = session.get_one(Staging, staging_id)
+            _apply(st, self._progress.pop(staging_id, Progress()))
+            self._save_files(session, st)
+            give_up = st.attempts >= MAX_STAGE_OUT_ATTEMPTS
+            st.state = "failed" if give_up else "queued"
+            st.error = f"will retry: {message}" if not give_up else message
+            log_event(session, action.job_id, action.node, f"stage-out retry: {message}", "warning")
+
+    def _save_files(self, session: Session, st: Staging) -> None:
+        """Record per-file outcomes reported by the agent (insert or update by path)."""
+        files = self._files.pop(st.id, {})
+        if not files:
+            return
+        known = {u.path: u for u in st.uploads}
+        for path, f in files.items():
+            row = known.get(path) or Upload(staging_id=st.id, path=path)
+            row.key, row.size, row.state = f["key"], int(f["size"]), f["state"]
+            row.trash_key, row.error, row.updated_at = f["trash_key"], f["error"], time.time()
+            if path not in known:
+                session.add(row)
+
     async def _release(self, action: planner.Release) -> None:
         assert self.db is not None
         with self.db.begin() as session:
@@ -324,7 +446,8 @@ class Daemon:
             return
         with self.db.begin() as session:
             for st in _job_stagings(session, action.job_id, action.node):
-                st.state = "released"
+                if st.request.direction != "out":
+                    st.state = "released"
             log_event(session, action.job_id, action.node, f"view released: {action.reason}")
 
     def _mark_released(self, job_id: int) -> None:
@@ -421,6 +544,42 @@ class Daemon:
             return
         self._node_addr = {n.name: n.addr or n.hostname or n.name for n in nodes}
 
+    # ------------------------------------------------------------------ recycle bin
+
+    def store(self, bucket: str) -> S3Store:
+        """The daemon's own client for ``bucket`` (recycle bin: copies and deletes only)."""
+        if bucket not in self._stores:
+            s = self.settings.store
+            self._stores[bucket] = S3Store(
+                s.endpoint_url,
+                bucket,
+                region=s.region,
+                profile=s.profile,
+                addressing_style=s.addressing_style,
+                verify_tls=s.verify_tls,
+                ca_bundle=str(s.ca_bundle) if s.ca_bundle else None,
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.read_timeout,
+                credentials=self._credentials,
+            )
+        return self._stores[bucket]
+
+    def stage_out_buckets(self) -> list[str]:
+        """Buckets that stage-out has written to (where recycle bins may exist)."""
+        assert self.db is not None
+        with self.db.begin() as session:
+            dests = session.scalars(select(Request.dest).where(Request.direction == "out"))
+            return sorted({parse_s3_url(d)[0] for d in dests})
+
+    async def expire_trash(self) -> int:
+        """Delete recycle-bin entries older than stage_out.trash_retention, in every bucket."""
+        conf, deleted = self.settings.stage_out, 0
+        for bucket in self.stage_out_buckets():
+            deleted += await trash.expire(
+                self.store(bucket), conf.trash_prefix, conf.trash_retention, time.time()
+            )
+        return deleted
+
     # ------------------------------------------------------------------ warmups
 
     def create_warmup(self, src: str, nodes: list[str], user: str) -> int:
@@ -500,6 +659,19 @@ def source_params(src: str) -> dict[str, Any]:
     return {"kind": source.kind, "bucket": source.bucket, "key": source.key, "path": source.path}
 
 
+def _where(item: tuple[int, int, str, str, str, int]) -> str:
+    """'line N: <directive>: ' for messages about one directive."""
+    return (f"line {item[5]}: " if item[5] else "") + f"{item[4]}: "
+
+
+def _take(progress: Progress, data: dict[str, Any]) -> None:
+    progress.files_done = int(data.get("files_done", 0))
+    progress.bytes_done = int(data.get("bytes_done", 0))
+    progress.files_total = data.get("files_total")
+    progress.bytes_total = data.get("bytes_total")
+    progress.fetched = int(data.get("fetched", 0))
+
+
 def _job_key(job: Job) -> str:
     return str(job.slurm_job_id) if job.kind == "job" else f"warmup-{job.id}"
 
@@ -523,11 +695,47 @@ def _job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:
 def _node_states(job: Job) -> dict[str, str]:
     per_node: dict[str, list[str]] = {}
     for request in job.requests:
-        if request.direction != "in":
+        if request.direction == "out":
             continue
         for st in request.stagings:
             per_node.setdefault(st.node, []).append(st.state)
     return {node: planner.node_state(states) for node, states in per_node.items()}
+
+
+def _unfinished_outputs(jobs: list[Job]) -> list[tuple[str, str]]:
+    """(destination URL, job key) of every stage-out not yet verified."""
+    return [
+        (r.dest, _job_key(job))
+        for job in jobs
+        if _out_state(job) in ("pending", "queued", "running")
+        for r in job.requests
+        if r.direction == "out"
+    ]
+
+
+def _waits_for(job: Job, outputs: list[tuple[str, str]]) -> str:
+    """The job whose unfinished outputs this job reads, if any ('' when none)."""
+    for r in job.requests:
+        if r.direction != "in":
+            continue
+        for dest, other in outputs:
+            if other != _job_key(job) and (r.src.startswith(dest) or dest.startswith(r.src)):
+                return other
+    return ""
+
+
+def _out_state(job: Job) -> str:
+    """Stage-out as one word: none | pending | queued | running | failed | done."""
+    outs = [r for r in job.requests if r.direction == "out"]
+    if not outs:
+        return "none"
+    states = [st.state for r in outs for st in r.stagings]
+    if len(states) < len(outs):
+        return "pending"
+    for state in ("running", "queued", "failed"):
+        if state in states:
+            return state
+    return "done"
 
 
 def _apply(st: Staging, progress: Progress) -> None:

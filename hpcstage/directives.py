@@ -429,6 +429,12 @@ def _parse_stage_in(value: str) -> tuple[Source, PurePosixPath]:
         raise DirectiveError("SRC must be s3://BUCKET/KEY, s3://BUCKET/PREFIX/ or an absolute path")
     src_text, colon, dest_text = (rest if scheme else value).partition(":")
     src = parse_source(f"{scheme}://{src_text}" if scheme else src_text)
+    if colon and dest_text.endswith("/") and dest_text != "/":
+        # "DIR/" means "into DIR", as with cp: a prefix lands as DIR, an object as DIR/NAME.
+        folder = _dest_path(dest_text.removesuffix("/"))
+        if src.kind is SourceKind.S3_OBJECT:
+            return src, folder / _default_dest(src)
+        return src, folder
     return src, _dest_path(dest_text) if colon else _default_dest(src)
 
 

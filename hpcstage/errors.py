@@ -6,6 +6,7 @@
     ├── SlurmError                a Slurm command failed or printed something we cannot parse
     ├── ClusterError              the local development cluster could not be set up or reached
     ├── StoreError                the object store refused or failed a request
+    │   ├── ObjectMissingError    no such object, bucket or file (never retried)
     │   ├── TransientStoreError   worth retrying (5xx, SlowDown, connection reset, timeouts)
     │   └── CredentialError       never retried (expired/invalid credentials, access denied)
     └── TransportError            a node agent could not be reached or died
@@ -43,6 +44,10 @@ class ClusterError(HpcstageError):
 
 class StoreError(HpcstageError):
     """The object store failed a request."""
+
+
+class ObjectMissingError(StoreError):
+    """The object, bucket or file does not exist."""
 
 
 class TransientStoreError(StoreError):

@@ -11,7 +11,11 @@ Rules, in order of precedence:
    moves, the old nodes' views are released (their objects stay cached, unleased).
 4. A warmup is staged on its nodes, then its view is released right away: warm data stays
    cached but holds no lease.
-5. An ended job's views are released after the lease grace period.
+5. An ended job's outputs are staged out at once, from its batch host; its views are
+   released only after every output is verified in the store, and after the lease grace
+   period. A failed stage-out keeps the job's directory (and its lease) for the admin.
+A job whose input is the destination of another job's unfinished stage-out (a pipeline
+with --dependency) waits until those outputs are verified in the store.
 Stage actions come out ordered: running jobs first, then by expected start, then priority;
 at most ``max_per_node`` stage operations run on one node at a time.
 """
@@ -44,6 +48,11 @@ class JobView:
     error: str = ""
     # Aggregated state per node over the job's stage-in requests (see node_state()).
     node_states: Mapping[str, str] = field(default_factory=dict)
+    # Stage-out: none (no directive) | pending | queued | running | done | failed.
+    out_state: str = "none"
+    out_node: str = ""  # where the outputs are: the batch host
+    # An input is another job's output whose stage-out is not verified yet: wait for it.
+    waits_for: str = ""
 
 
 @dataclass(frozen=True, order=True)
@@ -66,13 +75,22 @@ class Release:
 
 
 @dataclass(frozen=True)
+class StageOut:
+    """Upload the outputs of the ended job ``job_id`` from ``node`` (its batch host)."""
+
+    job_id: int
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class MarkReleased:
     """Every view of ``job_id`` is gone: record it so the job is not looked at again."""
 
     job_id: int
 
 
-Action = Stage | Release | MarkReleased
+Action = Stage | Release | StageOut | MarkReleased
 
 
 def node_state(request_states: Iterable[str]) -> str:
@@ -113,7 +131,7 @@ def targets(job: JobView) -> tuple[str, ...]:
 def _stage(job: JobView) -> list[Stage]:
     # A refused directive or a failed input (missing object, refused credentials) fails the
     # job wherever it runs: staging it on yet another node would only repeat the failure.
-    if job.error or "failed" in job.node_states.values():
+    if job.error or "failed" in job.node_states.values() or job.waits_for:
         return []
     running = job.kind == "job" and job.state in RUNNING_JOB_STATES
     key = (0 if running else 1, job.expected_start or math.inf, -job.priority)
@@ -146,6 +164,12 @@ def _warm(job: JobView) -> bool:
 
 def _end(job: JobView, now: float, grace: float) -> list[Action]:
     if job.released:
+        return []
+    if job.kind == "job" and job.out_state in ("pending", "queued"):
+        return [StageOut(job.id, job.out_node, "job ended")]
+    if job.out_state in ("running", "failed"):
+        # Outputs stay on the node, leased, until verified in the store. A failed stage-out
+        # keeps them there for the admin (`hpcstage status` says where): nothing is lost.
         return []
     if job.kind == "job" and job.ended_at is not None and now < job.ended_at + grace:
         return []

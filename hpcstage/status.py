@@ -56,6 +56,7 @@ def job_summary(job: Job) -> dict[str, Any]:
         "directive_source": job.directive_source,
         "staging": node_readiness(job),
         "failure": job_failure(job),
+        "stage_out": stage_out_summary(job),
         "ready_at": ready_times(job),
     }
 
@@ -73,6 +74,17 @@ def staging_document(st: Staging) -> dict[str, Any]:
         "started_at": st.started_at,
         "finished_at": st.finished_at,
         "attempts": st.attempts,
+        "files": [
+            {
+                "path": u.path,
+                "key": u.key,
+                "size": u.size,
+                "state": u.state,
+                "trash_key": u.trash_key,
+                "error": u.error,
+            }
+            for u in st.uploads
+        ],
     }
 
 
@@ -80,7 +92,7 @@ def node_readiness(job: Job) -> dict[str, str]:
     """Per node: ready (every input there), failed (one failed), or staging."""
     per_node: dict[str, list[str]] = {}
     for request in job.requests:
-        if request.direction == "in":
+        if request.direction != "out":
             for st in request.stagings:
                 per_node.setdefault(st.node, []).append(st.state)
     result = {}
@@ -96,7 +108,7 @@ def ready_times(job: Job) -> dict[str, float]:
     """Per node where every input is ready: when the last one finished."""
     per_node: dict[str, list[Staging]] = {}
     for request in job.requests:
-        if request.direction == "in":
+        if request.direction != "out":
             for st in request.stagings:
                 per_node.setdefault(st.node, []).append(st)
     return {
@@ -112,9 +124,22 @@ def job_failure(job: Job) -> str:
         return f"directive refused: {job.error}"
     for request in job.requests:
         for st in request.stagings:
-            if st.state == "failed":
+            if st.state == "failed" and request.direction != "out":
                 return st.error or f"{request.text}: failed"
     return ""
+
+
+def stage_out_summary(job: Job) -> str:
+    """none | pending | running | done | failed | skipped, over every stage-out directive."""
+    states = [st.state for r in job.requests if r.direction == "out" for st in r.stagings]
+    if not any(r.direction == "out" for r in job.requests):
+        return "none"
+    if not states:
+        return "pending"
+    for state in ("running", "queued", "failed"):
+        if state in states:
+            return {"queued": "running"}.get(state, state)
+    return "skipped" if all(s == "skipped" for s in states) else "done"
 
 
 def _split(text: str) -> list[str]:

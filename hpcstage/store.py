@@ -37,6 +37,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Container,
     Generator,
     Iterable,
     Iterator,
@@ -57,7 +58,12 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.parsers import ResponseParserError
 
-from hpcstage.errors import CredentialError, StoreError, TransientStoreError
+from hpcstage.errors import (
+    CredentialError,
+    ObjectMissingError,
+    StoreError,
+    TransientStoreError,
+)
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy, with_retries
 
@@ -376,7 +382,7 @@ def _translate_client_error(exc: bce.ClientError, where: str) -> StoreError:
         return CredentialError(f"{where}: access denied ({code or status}); check the credentials")
     if code in _MISSING_CODES or status == 404:
         what = "bucket" if code == "NoSuchBucket" else "object"
-        return StoreError(f"{where}: no such {what}")
+        return ObjectMissingError(f"{where}: no such {what}")
     message = f"{where}: {code or status} {str(error.get('Message', ''))[:200]}".rstrip()
     if code in _TRANSIENT_CODES or status >= 500 or status == 429:
         return TransientStoreError(message)
@@ -831,6 +837,39 @@ class S3Store:
         # Parts of at least 1 GiB: the bytes stay in the store, so only the request count matters.
         await self._multipart(dst_key, _parts(source.size, max(self._part_size, GIB)), send)
 
+    async def head_or_none(self, key: str) -> ObjectRef | None:
+        """The object's identity, or None when there is no object at ``key``."""
+        try:
+            return await self.head(key)
+        except ObjectMissingError:
+            return None
+
+    async def abort_uploads(self, prefix: str, keys: Container[str] | None = None) -> int:
+        """Abort incomplete multipart uploads under ``prefix`` (only for ``keys`` if given).
+
+        A writer killed mid-upload leaves its parts stored (and billed) until someone aborts
+        them; stage-out calls this before it starts, so none is ever left behind for good.
+        """
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        aborted = 0
+        while True:
+            try:
+                page = await self._call(
+                    "list uploads", prefix, lambda c: c.list_multipart_uploads(**params)
+                )
+            except ObjectMissingError:
+                # Some servers (rclone's) answer NoSuchUpload when a bucket has none at all.
+                return aborted
+            for upload in page.get("Uploads", []):
+                key, upload_id = upload["Key"], upload["UploadId"]
+                if keys is None or key in keys:
+                    await self._abort(key, upload_id)
+                    aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            params["KeyMarker"] = page.get("NextKeyMarker", "")
+            params["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
+
     async def delete(self, key: str) -> None:
         """DeleteObject (S3 answers success for a missing key too)."""
         await self._call("delete", key, lambda c: c.delete_object(Bucket=self.bucket, Key=key))
@@ -850,7 +889,7 @@ _TRANSIENT_ERRNOS: Final = frozenset(
 def translate_fs_error(exc: OSError, where: str) -> StoreError:
     """Map an OSError on the shared filesystem to the hpcstage tree; ``where`` is "OP path"."""
     if isinstance(exc, FileNotFoundError | NotADirectoryError):
-        return StoreError(f"{where}: no such file")
+        return ObjectMissingError(f"{where}: no such file")
     if isinstance(exc, PermissionError):
         return CredentialError(f"{where}: permission denied")
     message = f"{where}: {exc.strerror or exc}"

@@ -114,6 +114,13 @@ async def _admit(
     )
     job.requests = [_request("in", i, d) for i, d in enumerate(found.stage_in)]
     job.requests += [_request("out", i, d) for i, d in enumerate(found.stage_out)]
+    if found.stage_out and not found.stage_in and not found.error:
+        # Nothing to stage in, but the job needs its directory to write outputs into.
+        job.requests.append(
+            Request(
+                direction="dir", position=0, src="", dest=".", text="(job directory for stage-out)"
+            )
+        )
     session.add(job)
     session.flush()
     msg = f"directives from {found.source}: {len(found.stage_in)} stage-in, "
@@ -136,6 +143,8 @@ def _request(direction: str, position: int, d: dict[str, object]) -> Request:
         dest=str(d["dest"]),
         line=int(str(d.get("line", 0))),
         text=str(d.get("text", "")),
+        when=str(d.get("when", "always")),
+        optional=bool(d.get("optional", False)),
     )
 
 
@@ -146,6 +155,8 @@ def _update(job: Job, info: JobInfo, now: float) -> bool:
     job.planned_nodes = ",".join(info.planned_nodes)
     if info.nodes:
         job.nodes = ",".join(info.nodes)
+    if info.batch_host:
+        job.batch_host = info.batch_host
     if info.state != "PENDING" and job.started_at is None and info.start_time:
         job.started_at = info.start_time
     if is_ended(info):

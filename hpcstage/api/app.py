@@ -11,11 +11,12 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
-from hpcstage import __version__
+from hpcstage import __version__, trash
 from hpcstage.api.dashboard import render_dashboard
 from hpcstage.db import Job, Staging
-from hpcstage.errors import DirectiveError
+from hpcstage.errors import DirectiveError, HpcstageError
 from hpcstage.status import job_document, job_summary
+from hpcstage.store import parse_s3_url
 
 if TYPE_CHECKING:
     from hpcstage.daemon import Daemon
@@ -29,6 +30,12 @@ class WarmupIn(BaseModel):
     src: str = Field(description="s3://bucket/key, s3://bucket/prefix/ or /shared/path")
     nodes: list[str] = Field(min_length=1, description="node names, expanded")
     user: str = ""
+
+
+class RestoreIn(BaseModel):
+    """Body of POST /api/v1/trash/restore."""
+
+    url: str = Field(description="s3://bucket/<trash_prefix><day>/<job>/<key>")
 
 
 def create_app(daemon: Daemon) -> FastAPI:
@@ -101,6 +108,27 @@ def create_app(daemon: Daemon) -> FastAPI:
             if found is None or found.kind != "warmup":
                 raise HTTPException(404, f"no warmup {warm_id}")
             return job_document(session, found)
+
+    @app.get("/api/v1/trash")
+    async def trash_list(bucket: str | None = None) -> list[dict[str, Any]]:
+        """Objects that stage-out replaced, kept until the retention period ends."""
+        buckets = [bucket] if bucket else daemon.stage_out_buckets()
+        prefix = daemon.settings.stage_out.trash_prefix
+        found: list[dict[str, Any]] = []
+        for b in buckets:
+            found += [e.as_dict() for e in await trash.list_trash(daemon.store(b), prefix)]
+        return found
+
+    @app.post("/api/v1/trash/restore")
+    async def trash_restore(body: RestoreIn) -> dict[str, str]:
+        """Put a recycle-bin entry back at its key (what is there now goes to the bin)."""
+        try:
+            bucket, key = parse_s3_url(body.url)
+            return await trash.restore(
+                daemon.store(bucket), daemon.settings.stage_out.trash_prefix, key
+            )
+        except (ValueError, HpcstageError) as exc:
+            raise HTTPException(400, str(exc)) from exc
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:

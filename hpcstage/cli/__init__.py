@@ -30,7 +30,7 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so each command module stays independent of the others.
-    from hpcstage.cli import config_cmd, run_cmds, user_cmds
+    from hpcstage.cli import config_cmd, run_cmds, trash_cmd, user_cmds
 
     for command in (
         user_cmds.env,
@@ -38,6 +38,7 @@ def _register() -> None:
         user_cmds.warmup,
         run_cmds.daemon,
         run_cmds.agent,
+        trash_cmd.trash,
         config_cmd.config,
     ):
         cli.add_command(command)

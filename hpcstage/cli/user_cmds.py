@@ -186,22 +186,47 @@ def _job_text(doc: dict[str, Any]) -> str:
     if doc["error"]:
         out.append(f"  REFUSED: {doc['error']}")
     for req in doc["requests"]:
-        arrow = "->" if req["direction"] == "in" else "<-"
-        out.append(
-            f"  stage-{req['direction']} {req['src']} {arrow} {req['dest']}"
-            f"   (line {req['line']}: {req['text']})"
-        )
-        for node, st in sorted(req["nodes"].items()):
-            out.append(
-                f"    {node:<8} {st['state']:<9} {_counts(st)}"
-                + (f"  ERROR: {st['error']}" if st["error"] else "")
-            )
+        out.extend(_request_lines(req))
+    if doc.get("stage_out", "none") != "none":
+        out.append(f"  stage-out: {doc['stage_out']}")
     if doc.get("events"):
         out.append("  events:")
         for e in doc["events"]:
             when = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
             out.append(f"    {when} {e['node'] or '-':<6} {e['level']:<7} {e['message']}")
     return "\n".join(out)
+
+
+def _request_lines(req: dict[str, Any]) -> list[str]:
+    line = f"line {req['line']}: " if req["line"] else ""
+    if req["direction"] == "dir":
+        head = "  job directory"
+    elif req["direction"] == "in":
+        head = f"  stage-in {req['src']} -> $HPCSTAGE_DIR/{req['dest']}   ({line}{req['text']})"
+    else:
+        head = f"  stage-out $HPCSTAGE_DIR/{req['src']} -> {req['dest']}   ({line}{req['text']})"
+    lines = [head]
+    for node, st in sorted(req["nodes"].items()):
+        error = f"  ERROR: {st['error']}" if st["error"] else ""
+        lines.append(f"    {node:<8} {st['state']:<9} {_counts(st)}{error}")
+        lines.extend(_file_lines(st.get("files", [])))
+    return lines
+
+
+def _file_lines(files: list[dict[str, Any]], limit: int = 20) -> list[str]:
+    """Stage-out files worth a line: skipped, failed, or an old object sent to the trash."""
+    notable = [f for f in files if f["state"] in ("skipped", "failed") or f["trash_key"]]
+    lines = []
+    for f in notable[:limit]:
+        if f["trash_key"]:
+            lines.append(
+                f"      {f['path']}: replaced {f['key']}; old object kept as {f['trash_key']}"
+            )
+        else:
+            lines.append(f"      {f['path']}: {f['state']}: {f['error']}")
+    if len(notable) > limit:
+        lines.append(f"      ... {len(notable) - limit} more (see --json)")
+    return lines
 
 
 def _counts(st: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Integer,
@@ -42,6 +43,7 @@ class Job(Base):
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     planned_nodes: Mapped[str] = mapped_column(Text, default="")  # comma-separated, expanded
     nodes: Mapped[str] = mapped_column(Text, default="")  # where it runs / ran
+    batch_host: Mapped[str] = mapped_column(String(128), default="")  # where stage-out reads
     directive_source: Mapped[str] = mapped_column(String(32), default="")
     error: Mapped[str] = mapped_column(Text, default="")  # refusal or malformed directive
     first_seen: Mapped[float] = mapped_column(Float, default=0.0)
@@ -53,18 +55,25 @@ class Job(Base):
 
 
 class Request(Base):
-    """One directive of a job: a stage-in source and its destination under $HPCSTAGE_DIR."""
+    """One directive of a job.
+
+    ``in``: a source and its destination under $HPCSTAGE_DIR. ``out``: a path under
+    $HPCSTAGE_DIR and its destination in the store. ``dir``: no data, only the job directory
+    (for jobs that stage out but stage nothing in).
+    """
 
     __tablename__ = "requests"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    direction: Mapped[str] = mapped_column(String(8), default="in")  # in | out
+    direction: Mapped[str] = mapped_column(String(8), default="in")  # in | out | dir
     position: Mapped[int] = mapped_column(Integer, default=0)
     src: Mapped[str] = mapped_column(Text)
     dest: Mapped[str] = mapped_column(Text)
     line: Mapped[int] = mapped_column(Integer, default=0)
     text: Mapped[str] = mapped_column(Text, default="")
+    when: Mapped[str] = mapped_column(String(16), default="always")  # stage-out: on=...
+    optional: Mapped[bool] = mapped_column(Boolean, default=False)  # stage-out: SRC may be absent
 
     job: Mapped[Job] = relationship(back_populates="requests")
     stagings: Mapped[list[Staging]] = relationship(
@@ -95,6 +104,30 @@ class Staging(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     request: Mapped[Request] = relationship(back_populates="stagings")
+    uploads: Mapped[list[Upload]] = relationship(
+        back_populates="staging", cascade="all, delete-orphan", order_by="Upload.path"
+    )
+
+
+class Upload(Base):
+    """One file of a stage-out: where it went and how (uploaded, present, skipped, failed)."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (UniqueConstraint("staging_id", "path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    staging_id: Mapped[int] = mapped_column(
+        ForeignKey("stagings.id", ondelete="CASCADE"), index=True
+    )
+    path: Mapped[str] = mapped_column(Text)
+    key: Mapped[str] = mapped_column(Text, default="")
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16))
+    trash_key: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+    staging: Mapped[Staging] = relationship(back_populates="uploads")
 
 
 class Event(Base):

@@ -363,10 +363,27 @@ class DevCluster:
             proc.run(["slurmd", "-f", str(conf), "-N", node], env=env)
             pids[f"slurmd-{node}"] = proc.read_pid(self.base / "run" / f"slurmd-{node}.pid")
 
-    def _start_s3(self, pids: dict[str, int]) -> tuple[str, str, str]:
+    def stop_s3(self) -> None:
+        """Stop the S3 server (tests of an unreachable store); start_s3() brings it back."""
+        proc.stop_pid(self.info.pids["s3"])
+
+    def start_s3(self) -> None:
+        """Start the S3 server again, on the same port with the same credentials."""
+        info = self.info
+        port = int(info.s3_endpoint.rsplit(":", 1)[1])
+        pids: dict[str, int] = {}
+        self._start_s3(pids, (info.s3_access_key, info.s3_secret_key, port))
+        info.pids["s3"] = pids["s3"]
+        self._save(info)
+
+    def _start_s3(
+        self, pids: dict[str, int], reuse: tuple[str, str, int] | None = None
+    ) -> tuple[str, str, str]:
         rclone = find_rclone()
         access, secret = "hpcdev" + secrets.token_hex(4), secrets.token_urlsafe(24)
         port = proc.free_port()
+        if reuse is not None:
+            access, secret, port = reuse
         log = self.base / "log" / "s3.log"
         # The secret goes through the environment, never argv (visible to every user in ps).
         env = self._env(RCLONE_AUTH_KEY=f'"{access},{secret}"')  # a CSV list of pairs

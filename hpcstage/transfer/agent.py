@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hpcstage.cache import CacheError, NodeCache, PendingObject
-from hpcstage.errors import CredentialError, HpcstageError, StoreError
+from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
 from hpcstage.store import FsStore, ObjectStore, S3Store
@@ -108,10 +109,27 @@ class Agent:
     async def stage(self, params: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         """Fetch every item into the cache and link it into the job's view."""
         job = str(params["job"])
+        view = self.cache.view_dir(job)
+        acl = await asyncio.to_thread(grant_access, view, str(params.get("user", "")))
         results = []
         for item in params["items"]:
             results.append(await self._stage_item_checked(job, item, progress))
-        return {"view": str(self.cache.view_dir(job)), "items": results}
+        return {"view": str(view), "acl": acl, "items": results}
+
+    async def stage_out(self, params: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+        """Upload a finished job's outputs (see hpcstage.stageout); report every file."""
+        from hpcstage.transfer.uploader import Uploader
+
+        job = str(params["job"])
+        uploader = Uploader(
+            self,
+            job,
+            float(params["ended_at"]),
+            str(params["trash_prefix"]),
+            bool(params.get("cache", True)),
+            progress,
+        )
+        return {"items": [await uploader.run(item) for item in params["items"]]}
 
     async def release(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
         """Drop a job's view (its lease); the objects stay cached until evicted."""
@@ -228,9 +246,13 @@ class Agent:
             root = path if is_dir else os.path.dirname(path)
             store = self._stores.setdefault(f"file:{root}", FsStore(Path(root), retry=self.retry))
             return store, (path.rstrip("/") + "/") if is_dir else path, is_dir
+        store = self.s3_store(source["bucket"])
+        return store, source["key"], source["kind"] == "s3-prefix"
+
+    def s3_store(self, bucket: str) -> S3Store:
+        """The (shared, pooled) client for one bucket of the site's store."""
         if self.store is None:
             raise HpcstageError("agent has no store settings (no hello from the daemon)")
-        bucket = source["bucket"]
         if bucket not in self._stores:
             s = self.store
             self._stores[bucket] = S3Store(
@@ -249,7 +271,9 @@ class Agent:
                 retry=self.retry,
                 credentials=s.credentials,
             )
-        return self._stores[bucket], source["key"], source["kind"] == "s3-prefix"
+        found = self._stores[bucket]
+        assert isinstance(found, S3Store)
+        return found
 
     async def _close_stores(self) -> None:
         for store in self._stores.values():
@@ -261,6 +285,7 @@ class Agent:
             "hello": self.hello,
             "stage": self.stage,
             "release": self.release,
+            "stage_out": self.stage_out,
             "usage": self.usage,
             "evict": self.evict,
             "ping": self.ping,
@@ -338,6 +363,38 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def grant_access(view: Path, user: str) -> bool:
+    """Let the job's user read the view and create outputs in it; keep the agent able to read.
+
+    POSIX ACLs set by the owner (the service account): no root needed. The default entries
+    make what the job creates readable to the agent for stage-out. False when the file system
+    or the tools do not support ACLs (inputs stay readable to all; outputs cannot be written).
+    """
+    if not user or user == _self_user():
+        return True
+    spec = f"u:{user}:rwx,d:u:{user}:rwx,d:u:{_self_user()}:rwx"
+    try:
+        done = subprocess.run(
+            ["setfacl", "-m", spec, str(view)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("cannot set ACLs on %s: %s", view, exc)
+        return False
+    if done.returncode != 0:
+        log.warning("cannot set ACLs on %s: %s", view, done.stderr.strip())
+    return done.returncode == 0
+
+
+def _self_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
 def _plain(obj: Any) -> Any:
     """Dataclass-ish objects to JSON-able dicts."""
     if hasattr(obj, "__dataclass_fields__"):
@@ -388,7 +445,8 @@ async def _handle(
             raise HpcstageError(f"unknown op {message.get('op')!r}")
         send({"event": "result", "data": await handler(message.get("params", {}), progress)})
     except (HpcstageError, OSError) as exc:
-        send({"event": "error", "message": _user_message(exc)})
+        transient = isinstance(exc, TransientStoreError)
+        send({"event": "error", "message": _user_message(exc), "transient": transient})
     except Exception as exc:  # never let one bad call kill the agent's other work
         log.exception("call %s failed", message.get("op"))
         send({"event": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})

@@ -29,7 +29,14 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 
 class AgentError(HpcstageError):
-    """The agent ran the call and reports that it failed (message is for users)."""
+    """The agent ran the call and reports that it failed (message is for users).
+
+    ``transient`` is True when a retry later may succeed (the store was down or throttling).
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -114,7 +121,8 @@ class RpcClient:
         elif event == "result":
             call.future.set_result(message.get("data", {}))
         elif event == "error":
-            call.future.set_exception(AgentError(str(message.get("message", "agent error"))))
+            text = str(message.get("message", "agent error"))
+            call.future.set_exception(AgentError(text, bool(message.get("transient"))))
 
     def _fail_all(self, reason: str) -> None:
         self.close_reason = reason

@@ -53,6 +53,9 @@ ALWAYS, SUCCESS, FAILURE = When.ALWAYS, When.SUCCESS, When.FAILURE
         ("/shared/data/set1/:sets/one", Source(PATH, path="/shared/data/set1"), "sets/one"),
         ("s3://bucket/k:name:with:colons", Source(OBJ, "bucket", "k"), "name:with:colons"),
         ("s3://bucket/dir/ü space.txt", Source(OBJ, "bucket", "dir/ü space.txt"), "ü space.txt"),
+        # "DIR/" means "into DIR", as with cp.
+        ("s3://bucket/pre/:inputs/", Source(PREFIX, "bucket", "pre/"), "inputs"),
+        ("s3://bucket/d/in.csv:inputs/", Source(OBJ, "bucket", "d/in.csv"), "inputs/in.csv"),
     ],
 )
 def test_good_stage_in(value: str, src: Source, dest: str) -> None:
@@ -85,7 +88,7 @@ def test_good_stage_in(value: str, src: Source, dest: str) -> None:
         ("s3://bucket/k:a/../../escape", "has a '..' component"),
         ("s3://bucket/k:/etc/passwd", "must be relative"),
         ("s3://bucket/k:", "DEST is empty"),
-        ("s3://bucket/k:dir/", "must not end with '/'"),
+        ("s3://bucket/k:dir//", "must not end with '/'"),
         ("s3://bucket/k:a//b", "has an empty component"),
         ("s3://bucket/k:.", "has a '.' component"),
         ("s3://bucket/" + "k" * 1025, "longer than 1024 bytes"),

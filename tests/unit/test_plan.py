@@ -105,3 +105,14 @@ def test_node_state_aggregation() -> None:
     assert node_state(["queued", "ready"]) == "queued"
     assert node_state(["ready", "failed", "running"]) == "failed"
     assert node_state([]) == "absent"
+
+
+def test_ended_job_stages_out_first_and_releases_only_after() -> None:
+    ended = {"state": "COMPLETED", "ended_at": NOW - 1000, "node_states": {"n1": "ready"}}
+    actions = plan([job(**ended, out_state="pending", out_node="n1")], NOW, GRACE, {})
+    assert [(type(a).__name__, a.node) for a in actions] == [("StageOut", "n1")]
+    assert plan([job(**ended, out_state="running", out_node="n1")], NOW, GRACE, {}) == []
+    done = plan([job(**ended, out_state="done", out_node="n1")], NOW, GRACE, {})
+    assert releases(done) == [(1, "n1")]
+    # A failed stage-out keeps the outputs (and the lease): never lose data.
+    assert plan([job(**ended, out_state="failed", out_node="n1")], NOW, GRACE, {}) == []

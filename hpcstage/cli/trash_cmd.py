@@ -1,0 +1,63 @@
+"""``hpcstage trash ls|restore``: the recycle bin of objects that stage-out replaced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from hpcstage.cli.common import config_option, load_settings
+from hpcstage.client import Client, api_url
+from hpcstage.units import format_size
+
+
+def _client(config_path: Path | None) -> Client:
+    return Client(api_url(load_settings(config_path).api.listen))
+
+
+@click.group("trash")
+def trash() -> None:
+    """List and restore objects that stage-out replaced.
+
+    Stage-out never overwrites silently: when a job's output lands on a key that already
+    holds a different object, the old object is first copied to
+    s3://BUCKET/<trash_prefix><YYYY-MM-DD>/<JOBID>/<KEY> and kept for stage_out.trash_retention.
+    """
+
+
+@trash.command("ls")
+@config_option
+@click.argument("bucket", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ls(config_path: Path | None, bucket: str | None, as_json: bool) -> None:
+    """List recycle-bin entries of BUCKET (default: every bucket stage-out wrote to)."""
+    query = f"?bucket={bucket}" if bucket else ""
+    entries = _client(config_path).get(f"/api/v1/trash{query}")
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        click.echo("the recycle bin is empty")
+        return
+    for e in entries:
+        click.echo(
+            f"{e['day']}  job {e['job']:<8} {format_size(e['size']):>10}  "
+            f"s3://{e['bucket']}/{e['key']}"
+        )
+        click.echo(f"    restore: hpcstage trash restore s3://{e['bucket']}/{e['trash_key']}")
+
+
+@trash.command("restore")
+@config_option
+@click.argument("url")
+def restore(config_path: Path | None, url: str) -> None:
+    """Put the recycle-bin entry URL back at its original key.
+
+    Whatever is at that key now is moved to the recycle bin first, so a restore loses nothing
+    either. URL is one of the `restore:` lines of `hpcstage trash ls`.
+    """
+    done = _client(config_path).post("/api/v1/trash/restore", {"url": url})
+    click.echo(f"restored s3://{url.removeprefix('s3://').split('/', 1)[0]}/{done['key']}")
+    if done["displaced_to"]:
+        click.echo(f"  the object that was there is now in the bin: {done['displaced_to']}")

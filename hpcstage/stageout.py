@@ -1,0 +1,134 @@
+"""Stage-out: write a finished job's declared outputs back to the store, verified, losing nothing.
+
+Pure decisions (which outputs run, which key each file gets, where a replaced object goes)
+sit beside the agent-side walk of the job directory and the upload loop.
+
+Exactly once, by construction: every file is compared with what is already at its key
+(size + MD5). Identical: nothing to do (a restarted stage-out skips what arrived before).
+Different: the old object is first copied to the recycle bin under a key fixed by the job
+(``<trash_prefix><YYYY-MM-DD of the job's end>/<jobid>/<key>``), then replaced. Repeating any
+step after a crash gives the same result, so the daemon simply runs the whole stage-out again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from hpcstage.errors import HpcstageError
+
+SUCCESS_STATES = frozenset({"COMPLETED"})
+
+
+@dataclass(frozen=True)
+class Output:
+    """One regular file to upload: its path relative to the job directory and its key."""
+
+    rel: str
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Something under SRC that is not uploaded, and why (reported in status)."""
+
+    rel: str
+    reason: str
+
+
+def should_run(when: str, job_state: str, site_states: frozenset[str]) -> tuple[bool, str]:
+    """Whether a stage-out directive runs for a job that ended in ``job_state``, and why not."""
+    if job_state == "GONE":
+        # We never saw the end state (the daemon was down past MinJobAge): uploading is the
+        # choice that loses nothing, so only explicitly conditional directives are skipped.
+        return (when == "always", "job outcome unknown; directive is conditional")
+    if job_state not in site_states:
+        return False, f"site does not stage out jobs that end {job_state}"
+    success = job_state in SUCCESS_STATES
+    if when == "success" and not success:
+        return False, f"directive asks for on=success; job ended {job_state}"
+    if when == "failure" and success:
+        return False, "directive asks for on=failure; job completed"
+    return True, ""
+
+
+def key_for(dest_key: str, src_is_dir: bool, rel_in_src: str, src_name: str) -> str:
+    """The object key of one file: under a prefix DEST (ends with '/') or at DEST itself."""
+    if dest_key.endswith("/") or dest_key == "":
+        return dest_key + (rel_in_src if src_is_dir else src_name)
+    return f"{dest_key}/{rel_in_src}" if src_is_dir else dest_key
+
+
+def trash_key(trash_prefix: str, ended_at: float, job: str, key: str) -> str:
+    """Where the object replaced at ``key`` by ``job`` is kept (same bucket)."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(ended_at))
+    return f"{trash_prefix}{day}/{job}/{key}"
+
+
+def walk(view: Path, src: PurePosixPath, dest_key: str) -> Iterator[Output | Skipped]:
+    """The files under ``view/src`` to upload, never leaving the job directory.
+
+    Symlinks are not followed (one pointing outside the job directory would otherwise upload
+    e.g. /etc/passwd); devices, FIFOs and sockets are skipped. Each skip is reported.
+    """
+    if ".." in src.parts or src.is_absolute():
+        raise HpcstageError(f"stage-out source {src} leaves the job directory")
+    top = view / src
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError as exc:
+        raise HpcstageError(f"stage-out source {src} does not exist in the job directory") from exc
+    if stat.S_ISDIR(st.st_mode):
+        yield from _walk_dir(view, top, dest_key)
+    else:
+        yield _one(view, top, st, key_for(dest_key, False, "", top.name))
+
+
+def _walk_dir(view: Path, top: Path, dest_key: str) -> Iterator[Output | Skipped]:
+    stack = [top]
+    while stack:
+        current = stack.pop()
+        with os.scandir(current) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                path = Path(entry.path)
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(path)
+                    continue
+                rel_in_src = path.relative_to(top).as_posix()
+                yield _one(view, path, st, key_for(dest_key, True, rel_in_src, path.name))
+
+
+def _one(view: Path, path: Path, st: os.stat_result, key: str) -> Output | Skipped:
+    rel = path.relative_to(view).as_posix()
+    if stat.S_ISLNK(st.st_mode):
+        return Skipped(rel, f"symlink to {os.readlink(path)!r} not followed")
+    if not stat.S_ISREG(st.st_mode):
+        return Skipped(rel, "not a regular file (device, FIFO or socket)")
+    return Output(rel, key, st.st_size)
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(MD5, SHA-256) of a file, opened without following a symlink."""
+    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read(1 << 20):
+            md5.update(chunk)
+            sha.update(chunk)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def same_object(etag: str, size: int, md5_hex: str, local_size: int) -> bool:
+    """True when the stored object is the local file: same size and, for a plain ETag, MD5.
+
+    A multipart ETag ("...-N") is no MD5 of the content; size alone would be a guess, so such
+    an object is treated as different (it then goes to the recycle bin: nothing is lost).
+    """
+    return size == local_size and "-" not in etag and etag.lower() == md5_hex

@@ -1,0 +1,93 @@
+"""The recycle bin: objects that stage-out replaced, kept for a retention period.
+
+Layout, in the bucket of the replaced object: ``<trash_prefix><YYYY-MM-DD>/<job>/<key>``,
+where the date is the job's end (UTC). Listing, restoring and expiring are metadata
+operations (server-side copies and deletes), so the daemon does them itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from hpcstage.errors import HpcstageError
+from hpcstage.stageout import same_object, trash_key
+from hpcstage.store import S3Store
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class TrashEntry:
+    """One object in the recycle bin."""
+
+    bucket: str
+    trash_key: str
+    key: str  # where it used to be
+    job: str
+    day: str
+    size: int
+    etag: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_trash_key(prefix: str, trash: str) -> tuple[str, str, str]:
+    """(day, job, original key) of a key in the recycle bin; HpcstageError if it is not one."""
+    if not trash.startswith(prefix):
+        raise HpcstageError(f"{trash!r} is not in the recycle bin ({prefix})")
+    parts = trash[len(prefix) :].split("/", 2)
+    if len(parts) != 3 or not all(parts) or len(parts[0]) != 10:
+        raise HpcstageError(f"{trash!r} is not a recycle-bin key (<day>/<job>/<key>)")
+    return parts[0], parts[1], parts[2]
+
+
+def expired(day: str, now: float, retention: float) -> bool:
+    """True when a day folder (YYYY-MM-DD, UTC) is older than the retention period."""
+    try:
+        start = time.mktime(time.strptime(day, "%Y-%m-%d")) - time.timezone
+    except ValueError:
+        return False  # not ours: never delete what we cannot date
+    return start + DAY + retention < now
+
+
+async def list_trash(store: S3Store, prefix: str) -> list[TrashEntry]:
+    """Every recycle-bin entry of one bucket, oldest day first."""
+    found = []
+    async for ref in store.list(prefix):
+        try:
+            day, job, key = parse_trash_key(prefix, ref.key)
+        except HpcstageError:
+            continue
+        found.append(TrashEntry(store.bucket, ref.key, key, job, day, ref.size, ref.etag))
+    return found
+
+
+async def restore(store: S3Store, prefix: str, trash: str) -> dict[str, str]:
+    """Bring a trash entry back to its key; whatever is there now goes to the trash first."""
+    _day, _job, key = parse_trash_key(prefix, trash)
+    kept = await store.head_or_none(trash)
+    if kept is None:
+        raise HpcstageError(f"nothing in the recycle bin at s3://{store.bucket}/{trash}")
+    current = await store.head_or_none(key)
+    displaced = ""
+    if current is not None and not same_object(current.etag, current.size, kept.etag, kept.size):
+        displaced = trash_key(prefix, time.time(), f"restore-{int(time.time())}", key)
+        await store.copy(key, displaced)
+    await store.copy(trash, key)
+    back = await store.head(key)
+    if back.size != kept.size or ("-" not in kept.etag and back.etag != kept.etag):
+        raise HpcstageError(f"restored s3://{store.bucket}/{key} does not match the trash copy")
+    return {"key": key, "from": trash, "displaced_to": displaced}
+
+
+async def expire(store: S3Store, prefix: str, retention: float, now: float) -> int:
+    """Delete recycle-bin entries older than ``retention``; returns how many."""
+    deleted = 0
+    for entry in await list_trash(store, prefix):
+        if expired(entry.day, now, retention):
+            await store.delete(entry.trash_key)
+            deleted += 1
+    return deleted

@@ -1,0 +1,257 @@
+"""Stage-out after the job, on the real dev cluster: verified, exactly once, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpcstage.devcluster.cluster import DevCluster
+from hpcstage.devcluster.site import write_site_config
+
+from .staging import Stager, fetched_on, parse_sums, wait_until
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "results"
+
+
+@pytest.fixture(scope="module")
+def stager(cluster: DevCluster) -> Iterator[Stager]:
+    config = write_site_config(cluster, concurrency=8, name="stageout.toml", lease_grace="5s")
+    (Path(cluster.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
+    st = Stager(cluster, config, "daemon-stageout.log")
+    st.start()
+    try:
+        yield st
+    finally:
+        st.cancel_all()
+        st.stop()
+
+
+def writer_job(dest: str, body: str, extra: str = "") -> str:
+    """A job that writes outputs under $HPCSTAGE_DIR/out and prints their MD5 sums."""
+    return f"""#!/bin/bash
+#HPCSTAGE --stage-out=out:{dest}
+{extra}
+set -e
+eval "$(hpcstage env)"
+mkdir -p "$HPCSTAGE_DIR/out"
+cd "$HPCSTAGE_DIR/out"
+{body}
+find . -type f | sort | xargs md5sum
+"""
+
+
+def s3_objects(dev: DevCluster, prefix: str) -> dict[str, tuple[str, int]]:
+    """key -> (ETag without quotes, size) under ``prefix`` in the results bucket."""
+
+    async def run() -> dict[str, tuple[str, int]]:
+        found: dict[str, tuple[str, int]] = {}
+        async with dev.s3_client() as s3:
+            paginator = s3.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    found[obj["Key"]] = (obj["ETag"].strip('"'), obj["Size"])
+        return found
+
+    return asyncio.run(run())
+
+
+def s3_call(dev: DevCluster, method: str, **kw: Any) -> Any:
+    async def run() -> Any:
+        async with dev.s3_client() as s3:
+            result = await getattr(s3, method)(**kw)
+            if "Body" in result:
+                return await result["Body"].read()
+            return result
+
+    return asyncio.run(run())
+
+
+def open_uploads(dev: DevCluster, prefix: str) -> list[Any]:
+    """ListMultipartUploads under ``prefix`` (rclone says NoSuchUpload when there are none)."""
+    try:
+        found = s3_call(dev, "list_multipart_uploads", Bucket=BUCKET, Prefix=prefix)
+    except Exception as exc:
+        if "NoSuchUpload" not in str(exc):
+            raise
+        return []
+    return list(found.get("Uploads") or [])
+
+
+def wait_stage_out(stager: Stager, job: int, timeout: float = 240) -> dict[str, Any]:
+    return stager.wait_doc(
+        job,
+        "stage-out finished",
+        lambda d: d["stage_out"] in ("done", "failed", "skipped"),
+        timeout,
+    )
+
+
+def md5s_from_output(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and len(parts[0]) == 32:
+            found[parts[1].removeprefix("./")] = parts[0]
+    return found
+
+
+def test_outputs_arrive_verified_and_the_node_copy_is_released_after(stager: Stager) -> None:
+    prefix = f"run-{uuid.uuid4().hex[:8]}/"
+    body = (
+        'mkdir small; for i in $(seq 1000); do echo "result $i $RANDOM" > small/r$i.txt; done\n'
+        "head -c 1073741824 /dev/urandom > big.bin"
+    )
+    job = stager.submit(
+        "alice", writer_job(f"s3://{BUCKET}/{prefix}%j/", body), "--nodelist=n1", "--account=chem"
+    )
+    assert stager.dev.wait_job(job, timeout=180) == "COMPLETED", stager.output("alice", job)
+    doc = wait_stage_out(stager, job, timeout=300)
+    assert doc["stage_out"] == "done", doc
+    local = md5s_from_output(stager.output("alice", job))
+    assert len(local) == 1001
+    stored = s3_objects(stager.dev, f"{prefix}{job}/")
+    assert {k.removeprefix(f"{prefix}{job}/"): v[0] for k, v in stored.items()} == local
+    # The job directory on the node was released only after every output was verified.
+    events = [
+        e["message"]
+        for e in stager.wait_doc(
+            job,
+            "view released",
+            lambda d: any("released" in e["message"] for e in d["events"]),
+            timeout=60,
+        )["events"]
+    ]
+    verified = next(i for i, m in enumerate(events) if m.startswith("stage-out verified"))
+    released = next(i for i, m in enumerate(events) if "view released" in m)
+    assert verified < released, events
+    assert not (stager.dev.info.node_cache("n1") / "jobs" / str(job)).exists()
+
+
+def test_daemon_killed_mid_upload_every_object_once_no_multipart_left(stager: Stager) -> None:
+    prefix = f"kill-{uuid.uuid4().hex[:8]}/"
+    body = (
+        "mkdir small; for i in $(seq 300); do head -c 65536 /dev/urandom > small/r$i; done\n"
+        "for i in 1 2; do head -c 805306368 /dev/urandom > big$i.bin; done"
+    )
+    job = stager.submit("alice", writer_job(f"s3://{BUCKET}/{prefix}", body), "--nodelist=n2")
+    assert stager.dev.wait_job(job, timeout=180) == "COMPLETED"
+    stager.wait_doc(job, "stage-out under way", lambda d: _out_files_done(d) >= 20, timeout=120)
+    stager.stop(hard=True)
+    stager.start()
+    doc = wait_stage_out(stager, job, timeout=300)
+    assert doc["stage_out"] == "done", doc
+    local = md5s_from_output(stager.output("alice", job))
+    stored = s3_objects(stager.dev, prefix)
+    assert {k.removeprefix(prefix): v[0] for k, v in stored.items()} == local
+    # Exactly once: nothing was replaced (so nothing went to the recycle bin)...
+    assert not any(f"/{job}/" in k for k in s3_objects(stager.dev, ".hpcstage-trash/"))
+    # ...and no multipart upload was left behind.
+    assert open_uploads(stager.dev, prefix) == []
+
+
+def test_store_down_for_30s_stage_out_completes_by_itself(stager: Stager) -> None:
+    prefix = f"down-{uuid.uuid4().hex[:8]}/"
+    body = "for i in $(seq 50); do echo $i > f$i; done"
+    job = stager.submit(
+        "bob",
+        writer_job(f"s3://{BUCKET}/{prefix}", body),
+        "--account=bio",
+        "--nodelist=n3",
+        "--hold",
+    )
+    stager.dev.stop_s3()
+    try:
+        from hpcstage.devcluster import proc
+
+        proc.run(["scontrol", "release", str(job)], env=stager.dev.client_env())
+        assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+        stager.wait_doc(job, "stage-out retrying", lambda d: d["stage_out"] == "running", 60)
+        time.sleep(30)
+        assert stager.doc(job)["stage_out"] == "running"
+    finally:
+        stager.dev.start_s3()
+    doc = wait_stage_out(stager, job, timeout=300)
+    assert doc["stage_out"] == "done", doc
+    assert len(s3_objects(stager.dev, prefix)) == 50
+
+
+def test_overwrite_keeps_the_old_object_in_the_trash_and_restore_brings_it_back(
+    stager: Stager,
+) -> None:
+    prefix = f"over-{uuid.uuid4().hex[:8]}/"
+    old = b"the results of last month, which someone still needs\n"
+    s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=f"{prefix}table.csv", Body=old)
+    job = stager.submit("alice", writer_job(f"s3://{BUCKET}/{prefix}", "echo new > table.csv"))
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+    doc = wait_stage_out(stager, job)
+    files = [f for r in doc["requests"] for st in r["nodes"].values() for f in st["files"]]
+    assert [f["state"] for f in files] == ["uploaded"]
+    trash = files[0]["trash_key"]
+    assert trash.startswith(".hpcstage-trash/") and trash.endswith(f"/{job}/{prefix}table.csv")
+    assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=trash) == old
+    assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=f"{prefix}table.csv") == b"new\n"
+    listing = stager.cli("alice", "trash", "ls", BUCKET).stdout
+    assert f"s3://{BUCKET}/{trash}" in listing
+    restored = stager.cli("alice", "trash", "restore", f"s3://{BUCKET}/{trash}").stdout
+    assert "restored" in restored and "now in the bin" in restored, restored
+    assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=f"{prefix}table.csv") == old
+
+
+def test_symlinks_leaving_the_job_dir_and_special_files_are_not_uploaded(stager: Stager) -> None:
+    prefix = f"links-{uuid.uuid4().hex[:8]}/"
+    body = "echo fine > ok.txt; ln -s /etc/passwd passwd; mkfifo pipe"
+    job = stager.submit("bob", writer_job(f"s3://{BUCKET}/{prefix}", body), "--account=bio")
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+    doc = wait_stage_out(stager, job)
+    assert list(s3_objects(stager.dev, prefix)) == [f"{prefix}ok.txt"]
+    files = {
+        f["path"]: f for r in doc["requests"] for st in r["nodes"].values() for f in st["files"]
+    }
+    assert files["out/passwd"]["state"] == "skipped"
+    assert "/etc/passwd" in files["out/passwd"]["error"]
+    assert files["out/pipe"]["state"] == "skipped"
+    status = stager.cli("bob", "status", str(job)).stdout
+    assert "out/passwd: skipped" in status and "out/pipe: skipped" in status, status
+
+
+def test_dependent_job_on_the_same_node_is_served_from_the_cache(stager: Stager) -> None:
+    prefix = f"dep-{uuid.uuid4().hex[:8]}/"
+    body = "for i in $(seq 40); do head -c 8192 /dev/urandom > part$i; done"
+    first = stager.submit("alice", writer_job(f"s3://{BUCKET}/{prefix}", body), "--nodelist=n1")
+    second = stager.submit(
+        "alice",
+        f"#!/bin/bash\n#HPCSTAGE --stage-in=s3://{BUCKET}/{prefix}:inputs/\n"
+        'eval "$(hpcstage env)"\ncd "$HPCSTAGE_DIR/inputs" && find . -type f | sort | '
+        "xargs sha256sum\n",
+        "--nodelist=n1",
+        f"--dependency=afterok:{first}",
+    )
+    assert stager.dev.wait_job(first, timeout=120) == "COMPLETED"
+    # The dependent job may start as soon as the first ends; its `hpcstage env` waits for the
+    # stage-out, whose verified outputs become cache entries on n1.
+    assert stager.dev.wait_job(second, timeout=180) == "COMPLETED", stager.output("alice", second)
+    sums = parse_sums(stager.output("alice", second))
+    assert len(sums) == 40
+    assert fetched_on(stager.doc(second), "n1") == 0  # no GET: all from n1's cache
+
+
+def _out_files_done(doc: dict[str, Any]) -> int:
+    return sum(
+        st["files_done"]
+        for r in doc["requests"]
+        if r["direction"] == "out"
+        for st in r["nodes"].values()
+    )
+
+
+def test_wait_until_helper_is_real() -> None:
+    with pytest.raises(Exception, match="timed out"):
+        wait_until("never", lambda: False, 0.3, None)
