@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from hpcstage import auth
+from hpcstage.config import Settings
 from hpcstage.errors import HpcstageError
 
 
@@ -22,9 +24,13 @@ class ApiError(HpcstageError):
 class Client:
     """Calls to one daemon at ``base_url`` (e.g. http://127.0.0.1:8470)."""
 
-    def __init__(self, base_url: str, timeout: float = 30) -> None:
+    def __init__(
+        self, base_url: str, timeout: float = 30, munge: bool = False, socket: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.munge = munge
+        self.socket = socket
 
     def get(self, path: str) -> Any:
         return self._call("GET", path, None)
@@ -34,11 +40,11 @@ class Client:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if self.munge:  # one fresh credential per request: munged refuses replays
+            headers["Authorization"] = auth.header(self.socket)
         req = urllib.request.Request(  # noqa: S310 - URL from the site config
-            self.base_url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"},
+            self.base_url + path, data=data, method=method, headers=headers
         )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
@@ -58,6 +64,13 @@ def _detail(exc: urllib.error.HTTPError) -> str:
     except (ValueError, AttributeError, OSError):
         detail = None
     return str(detail or f"HTTP {exc.code} {exc.reason}")
+
+
+def client_for(settings: Settings, timeout: float = 30) -> Client:
+    """A client for the daemon of ``settings``, authenticating as its API requires."""
+    api = settings.api
+    socket = str(api.munge_socket) if api.munge_socket else None
+    return Client(api_url(api.listen), timeout, munge=api.auth == "munge", socket=socket)
 
 
 def api_url(listen: str) -> str:

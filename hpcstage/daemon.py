@@ -16,14 +16,16 @@ import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import directives as dirs
 from hpcstage import plan as planner
-from hpcstage import stageout, trash
+from hpcstage import policy, quota, stageout, trash
+from hpcstage.audit import AuditLog
 from hpcstage.config import Settings
 from hpcstage.db import Job, Request, Staging, Upload, open_db
 from hpcstage.errors import DirectiveError, SlurmError, StoreError, TransportError
@@ -48,6 +50,7 @@ log = logging.getLogger("hpcstage.daemon")
 
 MAX_TRANSPORT_ATTEMPTS = 5
 TRASH_EXPIRY_EVERY = 3600.0  # seconds between recycle-bin sweeps
+EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
 FLUSH_EVERY = 1.0  # seconds between progress writes to the database
 
@@ -81,10 +84,15 @@ class Daemon:
     _credentials: dict[str, str] | None = None
     _stores: dict[str, S3Store] = field(default_factory=dict)
     _last_expiry: float = 0.0
+    _last_eviction: float = 0.0
+    audit: AuditLog = field(init=False)
     last_tick: float = 0.0
     last_error: str = ""
 
     # ------------------------------------------------------------------ lifecycle
+
+    def __post_init__(self) -> None:
+        self.audit = AuditLog(Path(self.settings.site.state_dir) / "audit.jsonl")
 
     async def startup(self) -> None:
         """Open state, resume interrupted work, prepare the Slurm backend and agents."""
@@ -137,6 +145,7 @@ class Daemon:
         while not self._stopping.is_set():
             try:
                 await self.tick()
+                await self._maybe_evict()
                 await self._maybe_expire()
             except (SlurmError, TransportError, StoreError) as exc:
                 # Slurm or a node may be briefly unreachable: log and carry on.
@@ -262,9 +271,12 @@ class Daemon:
         current = plan[0] if plan else None
         try:
             rpc = await self._agent(action.node)
+            spent = 0
             for current in plan:
                 staging_id, request_id, src, dest, _text, _line = current
-                await self._stage_one(rpc, staging_id, job_key, user, request_id, src, dest)
+                limit = self._budget(action.job_id, action.node, spent)
+                await self._stage_one(rpc, staging_id, job_key, user, request_id, src, dest, limit)
+                spent += self._staged_bytes(staging_id)
         except AgentError as exc:
             assert current is not None
             self._fail(current[0], action, f"{_where(current)}{exc}")
@@ -280,21 +292,51 @@ class Daemon:
         request_id: int,
         src: str,
         dest: str,
+        limit: quota.Budget,
     ) -> None:
         progress = self._progress.setdefault(staging_id, Progress())
 
         def on_progress(data: dict[str, Any]) -> None:
             _take(progress, data)
 
-        items = (
-            [{"request_id": request_id, "source": source_params(src), "dest": dest}] if src else []
-        )
+        item = {
+            "request_id": request_id,
+            "source": source_params(src),
+            "dest": dest,
+            "max_bytes": limit.max_bytes,
+            "quota_reason": limit.reason,
+        }
+        items = [item] if src else []
         result = await rpc.call(
             "stage", {"job": job_key, "user": user, "items": items}, on_progress
         )
         for got in result.get("items", []):
             on_progress(got)
         self._finish(staging_id, progress)
+
+    def _budget(self, job_id: int, node: str, spent: int) -> quota.Budget:
+        """How many more bytes the job may stage on ``node`` (quotas; leases of others count)."""
+        assert self.db is not None
+        with self.db.begin() as session:
+            account = session.get_one(Job, job_id).account
+            used = session.scalar(
+                select(func.coalesce(func.sum(Staging.bytes_done), 0))
+                .join(Request)
+                .join(Job)
+                .where(
+                    Job.account == account,
+                    Job.id != job_id,
+                    Staging.node == node,
+                    Request.direction == "in",
+                    Staging.state.in_(("ready", "running")),
+                )
+            )
+        return quota.budget(self.settings.quotas, account, node, spent, int(used or 0))
+
+    def _staged_bytes(self, staging_id: int) -> int:
+        assert self.db is not None
+        with self.db.begin() as session:
+            return session.get_one(Staging, staging_id).bytes_done
 
     def _finish(self, staging_id: int, progress: Progress) -> None:
         assert self.db is not None
@@ -446,7 +488,8 @@ class Daemon:
             return
         with self.db.begin() as session:
             for st in _job_stagings(session, action.job_id, action.node):
-                if st.request.direction != "out":
+                # A failure stays on record (status, `hpcstage env`) after its view is gone.
+                if st.request.direction != "out" and st.state != "failed":
                     st.state = "released"
             log_event(session, action.job_id, action.node, f"view released: {action.reason}")
 
@@ -469,15 +512,44 @@ class Daemon:
     # ------------------------------------------------------------------ directives
 
     async def _directives(self, info: JobInfo) -> Directives:
-        """Find a job's directives where the site configured us to look."""
+        """Find a job's directives where the site configured us to look, and authorize them."""
         for source in self.settings.slurm.directives_from:
             try:
                 parsed = await self._parsed(source, info)
             except DirectiveError as exc:  # our block, but unreadable: refuse the job
-                return Directives(source, [], [], error=str(exc))
-            if parsed is not None:
-                return to_directives(source, parsed, info)
+                found = Directives(source, [], [], error=str(exc))
+            else:
+                if parsed is None:
+                    continue
+                found = self._authorized(to_directives(source, parsed, info), info)
+            self._audit_admission(found, info)
+            return found
         return Directives("none", [], [])
+
+    def _authorized(self, found: Directives, info: JobInfo) -> Directives:
+        """Refuse the job if any directive reaches where its user/account may not."""
+        wanted: list[tuple[policy.Access, str, str]] = [
+            ("read", str(d["src"]), str(d["text"])) for d in found.stage_in
+        ]
+        wanted += [("write", str(d["dest"]), str(d["text"])) for d in found.stage_out]
+        refusals = []
+        for access, url, text in wanted:
+            decision = policy.check(self.settings.policy, info.user, info.account, access, url)
+            if not decision.allowed:
+                refusals.append(f"{text}: refused: {decision.rule}")
+        if not refusals:
+            return found
+        return Directives(found.source, [], [], error="; ".join(refusals))
+
+    def _audit_admission(self, found: Directives, info: JobInfo) -> None:
+        who = {"job": info.job_id, "user": info.user, "account": info.account}
+        if found.error:
+            self.audit.record("refused", **who, reason=found.error, source=found.source)
+            return
+        for d in found.stage_in:
+            self.audit.record("stage-in", **who, src=d["src"], dest=d["dest"])
+        for d in found.stage_out:
+            self.audit.record("stage-out", **who, src=d["src"], dest=d["dest"])
 
     async def _parsed(self, source: str, info: JobInfo) -> dirs.ParsedDirectives | None:
         if source == "admin_comment":
@@ -544,6 +616,46 @@ class Daemon:
             return
         self._node_addr = {n.name: n.addr or n.hostname or n.name for n in nodes}
 
+    # ------------------------------------------------------------------ node caches
+
+    async def cache_usage(self, node: str) -> dict[str, Any]:
+        """What the node's cache holds (bytes, objects, leased) and its job directories."""
+        rpc = await self._agent(node)
+        reply = await asyncio.wait_for(rpc.call("usage", {}), 30)
+        reply["capacity"] = self.settings.cache.max_bytes
+        return reply
+
+    def known_nodes(self) -> list[str]:
+        """Nodes Slurm reported at the last refresh."""
+        return sorted(self._node_addr)
+
+    async def evict_all(self) -> dict[str, dict[str, int]]:
+        """Apply the eviction policy on every node with an open agent session."""
+        assert self._pool is not None
+        c, evicted = self.settings.cache, {}
+        params = {
+            "max_bytes": c.max_bytes,
+            "high": c.high_watermark,
+            "low": c.low_watermark,
+            "ttl": c.ttl,
+        }
+        for node in self._pool.open_nodes():
+            try:
+                reply = await (await self._agent(node)).call("evict", params)
+            except (AgentError, TransportError) as exc:
+                log.warning("eviction on %s failed: %s", node, exc)
+                continue
+            evicted[node] = {"evicted": int(reply.get("evicted", 0))}
+        return evicted
+
+    async def _maybe_evict(self) -> None:
+        if time.time() - self._last_eviction < EVICT_EVERY:
+            return
+        self._last_eviction = time.time()
+        for node, reply in (await self.evict_all()).items():
+            if reply["evicted"]:
+                log.info("cache on %s: %d objects evicted by policy", node, reply["evicted"])
+
     # ------------------------------------------------------------------ recycle bin
 
     def store(self, bucket: str) -> S3Store:
@@ -582,10 +694,19 @@ class Daemon:
 
     # ------------------------------------------------------------------ warmups
 
-    def create_warmup(self, src: str, nodes: list[str], user: str) -> int:
-        """Record a warmup of ``src`` on ``nodes``; the next tick starts it."""
+    def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
+        """Record a warmup of ``src`` on ``nodes``; the next tick starts it.
+
+        PermissionError when the policy does not let ``user`` read ``src`` (admins may warm
+        anything: they run the site).
+        """
         assert self.db is not None
         stage_in = dirs.parse_value("stage-in", src)
+        decision = policy.check(self.settings.policy, user, "", "read", stage_in.src.url)
+        if not (admin or decision.allowed):
+            self.audit.record("refused", user=user, warmup=src, reason=decision.rule)
+            raise PermissionError(f"warmup of {src} refused: {decision.rule}")
+        self.audit.record("warmup", user=user, src=stage_in.src.url, nodes=nodes)
         with self.db.begin() as session:
             job = Job(
                 kind="warmup",

@@ -153,7 +153,7 @@ def _retarget(job: JobView) -> list[Action]:
     return [
         Release(job.id, node, "Slurm's plan moved the job elsewhere")
         for node, state in job.node_states.items()
-        if node not in keep and state in DONE_STATES
+        if node not in keep and state == "ready"
     ]
 
 

@@ -371,6 +371,30 @@ _VENDOR_ERRORS: Final = (
     ConnectionError,
     TimeoutError,
 )
+# What botocore's parsers and handlers raise, untranslated, on a response that is well-formed
+# XML of the wrong shape: <Size>lots</Size> (ValueError from int()), a <Contents> without <Key>
+# (KeyError from the url-decoding handler). Caught around client calls only, never our code.
+_MALFORMED: Final = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+# A body that ended before its Content-Length (aiohttp) or that botocore found short.
+_TRUNCATED_VENDOR: Final = (aiohttp.ClientPayloadError, bce.IncompleteReadError)
+_SHOWN_MAX: Final = 300  # characters of a key or server text quoted in a message
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print in one line of a message: control characters escaped, bounded.
+
+    Keys may hold any character; a message must not carry a newline or a terminal escape
+    sequence from a hostile store (or user) to a log or a terminal.
+    """
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 3] + "..."
+
+
+def malformed_response(exc: BaseException, where: str) -> StoreError:
+    """The error for a response botocore could not make sense of (see ``_MALFORMED``)."""
+    detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+    return StoreError(f"{where}: the store sent a malformed response ({shown(detail)})")
 
 
 def _translate_client_error(exc: bce.ClientError, where: str) -> StoreError:
@@ -383,7 +407,12 @@ def _translate_client_error(exc: bce.ClientError, where: str) -> StoreError:
     if code in _MISSING_CODES or status == 404:
         what = "bucket" if code == "NoSuchBucket" else "object"
         return ObjectMissingError(f"{where}: no such {what}")
-    message = f"{where}: {code or status} {str(error.get('Message', ''))[:200]}".rstrip()
+    if code == str(status) and status >= 500:
+        # No S3 error in the body: a proxy's page, or (botocore turns these into a 500) a 200
+        # whose XML did not parse, e.g. a listing cut off on the way.
+        message = f"{where}: HTTP {status} without an S3 answer (malformed or cut-off response)"
+    else:
+        message = f"{where}: {code or status} {shown(str(error.get('Message', '')))}".rstrip()
     if code in _TRANSIENT_CODES or status >= 500 or status == 429:
         return TransientStoreError(message)
     return StoreError(message)
@@ -401,6 +430,12 @@ def translate_s3_error(exc: BaseException, where: str) -> StoreError:
         return StoreError(f"{where}: TLS error ({exc}); check store.verify_tls/ca_bundle")
     if isinstance(exc, _CREDENTIAL_VENDOR):
         return CredentialError(f"{where}: {exc}")
+    if isinstance(exc, _TRUNCATED_VENDOR):
+        return TransientStoreError(
+            f"{where}: truncated: the connection ended before the whole body arrived"
+        )
+    if isinstance(exc, bce.ReadTimeoutError):
+        return TransientStoreError(f"{where}: the store stopped answering (read timeout)")
     if isinstance(exc, _TRANSIENT_VENDOR):
         return TransientStoreError(f"{where}: {type(exc).__name__}: {exc}")
     if isinstance(exc, ResponseParserError):
@@ -517,8 +552,8 @@ class S3Store:
             await self._stack.aclose()
 
     def url(self, key: str) -> str:
-        """``s3://bucket/key``, as messages name objects."""
-        return f"s3://{self.bucket}/{key}"
+        """``s3://bucket/key``, as messages name objects (control characters escaped)."""
+        return f"s3://{self.bucket}/{shown(key)}"
 
     async def _client(self) -> S3Client:
         if self._s3 is not None:
@@ -534,9 +569,15 @@ class S3Store:
     async def _request(self, op: str, key: str, fn: Callable[[S3Client], Awaitable[T]]) -> T:
         """One request, vendor errors translated; no retry."""
         try:
-            return await fn(await self._client())
+            client = await self._client()
         except _VENDOR_ERRORS as exc:
             raise translate_s3_error(exc, f"{op} {self.url(key)}") from exc
+        try:
+            return await fn(client)
+        except _VENDOR_ERRORS as exc:
+            raise translate_s3_error(exc, f"{op} {self.url(key)}") from exc
+        except _MALFORMED as exc:
+            raise malformed_response(exc, f"{op} {self.url(key)}") from exc
 
     async def _call(self, op: str, key: str, fn: Callable[[S3Client], Awaitable[T]]) -> T:
         """One request, retried by the policy."""
@@ -547,6 +588,23 @@ class S3Store:
 
     def _ref(self, key: str, etag: object, size: int) -> ObjectRef:
         return ObjectRef(self.store_id, self.bucket, key, _etag(etag), size)
+
+    def _checked_ref(self, where: str, key: object, etag: object, size: object) -> ObjectRef:
+        """An ObjectRef from what the server said, refusing what cannot identify an object.
+
+        Without an ETag the bytes could be neither verified nor told apart from a changed
+        object of the same size; a size that is not a non-negative integer is no size.
+        """
+        if not isinstance(key, str) or not key:
+            raise StoreError(f"{where}: the store sent an entry without a key")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            what = "no size" if size is None else f"the size {shown(repr(size))}"
+            raise StoreError(f"{where}: the store gave {self.url(key)} {what}")
+        if not _etag(etag):
+            raise StoreError(
+                f"{where}: the store gave {self.url(key)} no ETag; its bytes cannot be verified"
+            )
+        return self._ref(key, etag, size)
 
     # -- list / head ---------------------------------------------------------------------------
 
@@ -560,20 +618,35 @@ class S3Store:
         """
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         params["MaxKeys"] = self._page_size
+        where = f"list {self.url(prefix)}"
+        tokens: set[str] = set()
         while True:
             page = await self._call("list", prefix, lambda c: c.list_objects_v2(**params))
+            if "IsTruncated" not in page:
+                # An HTML page or foreign XML parses to nothing: that is no listing, and taking
+                # it for the last page would stage part of an input as if it were all of it.
+                raise StoreError(f"{where}: the store's answer is not a listing")
             for item in page.get("Contents", []):
-                if not item["Key"].endswith("/"):
-                    yield self._ref(item["Key"], item.get("ETag"), item.get("Size", 0))
+                key = item.get("Key")
+                if isinstance(key, str) and not key.startswith(prefix):
+                    raise StoreError(f"{where}: the store listed {self.url(key)}, not under it")
+                if isinstance(key, str) and key.endswith("/"):
+                    continue
+                yield self._checked_ref(where, key, item.get("ETag"), item.get("Size"))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+            if token in tokens:
+                raise StoreError(f"{where}: the store's listing goes round in circles")
+            tokens.add(token)  # one short string per page: 1000 for a 10^6-key prefix
             params["ContinuationToken"] = token
 
     async def head(self, key: str) -> ObjectRef:
         """The object's identity from a HEAD request."""
         answer = await self._call("head", key, lambda c: c.head_object(Bucket=self.bucket, Key=key))
-        return self._ref(key, answer.get("ETag"), answer.get("ContentLength", 0))
+        return self._checked_ref(
+            f"head {self.url(key)}", key, answer.get("ETag"), answer.get("ContentLength")
+        )
 
     # -- download ------------------------------------------------------------------------------
 
@@ -607,7 +680,8 @@ class S3Store:
         )
         async with answer["Body"] as body:  # released to the pool whatever happens
             self._check_same(ref, answer.get("ETag"))
-            got = await self._stream(ref.key, body, fd, 0, hashers, 0, tracker)
+            self._check_announced(ref, answer.get("ContentLength"))
+            got = await self._stream(ref.key, body, fd, 0, hashers, 0, tracker, ref.size)
         self._check_count(ref.key, got, ref.size)
         md5 = hashers[0].hexdigest()
         _check_md5(self.url(ref.key), ref.etag, md5)
@@ -636,7 +710,9 @@ class S3Store:
             self._check_same(ref, answer.get("ETag"))
             if answer.get("ContentLength") != part.length:
                 raise StoreError(f"get {self.url(ref.key)}: the store ignored a ranged GET")
-            got = await self._stream(ref.key, body, fd, part.offset, (), part.number, tracker)
+            got = await self._stream(
+                ref.key, body, fd, part.offset, (), part.number, tracker, part.length
+            )
         self._check_count(ref.key, got, part.length)
 
     async def _stream(
@@ -648,10 +724,16 @@ class S3Store:
         hashers: Sequence[Any],
         part: int,
         tracker: _PartProgress,
+        expected: int,
     ) -> int:
-        """Copy a response body into ``fd`` at ``offset`` in 1 MiB writes; return the count."""
+        """Copy a response body into ``fd`` at ``offset`` in 1 MiB writes; return the count.
+
+        A body longer than ``expected`` is refused before its excess is written: a broken or
+        hostile server must not fill the node's disk through one small listed object.
+        """
         written = 0
         while chunk := await self._read_chunk(key, body):
+            self._check_count(key, written + len(chunk), expected, at_most=True)
             # pwrite and hashing run in a thread: hashlib releases the GIL, the loop stays free.
             await asyncio.to_thread(_pwrite_all, fd, chunk, offset + written, hashers)
             written += len(chunk)
@@ -675,8 +757,23 @@ class S3Store:
         if ref.etag and etag and _etag(etag) != ref.etag:
             raise StoreError(f"get {self.url(ref.key)}: the object changed since it was listed")
 
-    def _check_count(self, key: str, got: int, expected: int) -> None:
-        if got != expected:
+    def _check_announced(self, ref: ObjectRef, announced: object) -> None:
+        """A whole GET's Content-Length must be the listed size (before any byte is read)."""
+        if not isinstance(announced, int) or announced == ref.size:
+            return  # no Content-Length: the byte count of the body decides
+        what = "truncated: " if announced < ref.size else ""
+        raise TransientStoreError(
+            f"get {self.url(ref.key)}: {what}the store announced {announced} bytes"
+            f" (Content-Length) for an object listed with {ref.size}"
+        )
+
+    def _check_count(self, key: str, got: int, expected: int, at_most: bool = False) -> None:
+        """``got`` bytes must be ``expected`` (with ``at_most``: must not exceed it)."""
+        if got > expected:
+            raise TransientStoreError(
+                f"get {self.url(key)}: the store sent more than the {expected} bytes listed"
+            )
+        if got < expected and not at_most:
             raise TransientStoreError(
                 f"get {self.url(key)}: truncated: got {got} of {expected} bytes"
             )

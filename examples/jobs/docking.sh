@@ -5,6 +5,7 @@
 #SBATCH --time=2
 #HPCSTAGE --stage-in=s3://datasets/docking/ligands/
 #HPCSTAGE --stage-in=s3://datasets/docking/receptor.pdb:inputs/receptor.pdb
+#HPCSTAGE --stage-out=results:s3://results/docking/%u/%j/
 set -euo pipefail
 t0=$(date +%s.%N)
 eval "$(hpcstage env)"          # waits until the inputs are on this node; fails the job if not
@@ -16,8 +17,11 @@ n=$(find ligands -type f | wc -l)
 echo "ligands: $n files, receptor: $(stat -c %s inputs/receptor.pdb) bytes"
 # Checksums of every input, for whoever wants to verify what the job saw.
 find . -type f -print0 | sort -z | xargs -0 sha256sum > "$SLURM_SUBMIT_DIR/inputs-$SLURM_JOB_ID.sha256"
-# "Docking": a stand-in score per ligand.
-for f in $(find ligands -type f | sort | head -5); do
-  echo "score $(basename "$f") $(cksum < "$f" | cut -c1-4)"
-done
+# "Docking": a stand-in score per ligand, written under results/ (staged out after the job).
+mkdir -p results
+for f in $(find ligands -type f | sort); do
+  echo "$(basename "$f" .sdf) $(cksum < "$f" | cut -c1-4)"
+done > results/scores.txt
+sort -k2 -n results/scores.txt | head -3 > results/best.txt
+echo "best ligands:"; cat results/best.txt
 sleep 2

@@ -6,12 +6,12 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
-from hpcstage import __version__, trash
+from hpcstage import __version__, auth, trash
 from hpcstage.api.dashboard import render_dashboard
 from hpcstage.db import Job, Staging
 from hpcstage.errors import DirectiveError, HpcstageError
@@ -29,7 +29,6 @@ class WarmupIn(BaseModel):
 
     src: str = Field(description="s3://bucket/key, s3://bucket/prefix/ or /shared/path")
     nodes: list[str] = Field(min_length=1, description="node names, expanded")
-    user: str = ""
 
 
 class RestoreIn(BaseModel):
@@ -46,6 +45,31 @@ def create_app(daemon: Daemon) -> FastAPI:
         assert daemon.db is not None
         return daemon.db
 
+    async def caller(authorization: str = Header(default="")) -> auth.Identity:
+        """The authenticated user of this request (MUNGE), or 401."""
+        api = daemon.settings.api
+        if api.auth == "none":
+            return auth.Identity(user="anonymous", uid=-1, admin=True)
+        scheme, _, credential = authorization.partition(" ")
+        if scheme != auth.SCHEME or not credential:
+            daemon.audit.record("auth-refused", reason="no MUNGE credential")
+            raise HTTPException(401, "this API needs a MUNGE credential (use the hpcstage CLI)")
+        try:
+            uid, _gid = await auth.decode(credential.strip(), _socket(api.munge_socket))
+        except auth.AuthError as exc:
+            daemon.audit.record("auth-refused", reason=str(exc))
+            raise HTTPException(401, str(exc)) from exc
+        user = auth.user_name(uid)
+        return auth.Identity(user=user, uid=uid, admin=uid == 0 or user in api.admins)
+
+    def owned(job: Job | None, me: auth.Identity, what: str) -> Job:
+        """``job`` if ``me`` may see it; 404 if unknown, 403 if someone else's."""
+        if job is None:
+            raise HTTPException(404, f"{what} is not known to hpcstage")
+        if not me.admin and job.user != me.user:
+            raise HTTPException(403, f"{what} belongs to another user")
+        return job
+
     @app.get("/api/v1/health")
     async def health() -> dict[str, Any]:
         """Liveness: version and when the last queue snapshot was taken."""
@@ -56,25 +80,28 @@ def create_app(daemon: Daemon) -> FastAPI:
         }
 
     @app.get("/api/v1/jobs")
-    async def jobs(all: bool = False) -> list[dict[str, Any]]:
-        """Jobs with directives (and warmups); only unfinished ones unless ?all=true."""
+    async def jobs(
+        all: bool = False,
+        me: auth.Identity = Depends(caller),
+    ) -> list[dict[str, Any]]:
+        """Your jobs with directives (admins: everyone's); unfinished ones unless ?all=true."""
         with db().begin() as session:
             query = select(Job).order_by(Job.id)
             if not all:
                 query = query.where(Job.released_at.is_(None))
+            if not me.admin:
+                query = query.where(Job.user == me.user)
             return [job_summary(j) for j in session.scalars(query)]
 
     @app.get("/api/v1/jobs/{job_id}")
-    async def job(job_id: int) -> dict[str, Any]:
+    async def job(job_id: int, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
         """One Slurm job: state, each input per node with progress, errors, events."""
         with db().begin() as session:
             found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
-            if found is None:
-                raise HTTPException(404, f"job {job_id} is not known to hpcstage")
-            return job_document(session, found)
+            return job_document(session, owned(found, me, f"job {job_id}"))
 
     @app.post("/api/v1/jobs/{job_id}/ensure")
-    async def ensure(job_id: int) -> dict[str, Any]:
+    async def ensure(job_id: int, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
         """A job asks for its inputs now (from ``hpcstage env``): look at the queue at once."""
         deadline = time.monotonic() + UNKNOWN_JOB_WAIT * daemon.settings.slurm.poll_interval
         while True:
@@ -82,7 +109,7 @@ def create_app(daemon: Daemon) -> FastAPI:
             with db().begin() as session:
                 found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
                 if found is not None:
-                    return job_document(session, found)
+                    return job_document(session, owned(found, me, f"job {job_id}"))
             if time.monotonic() > deadline:
                 raise HTTPException(
                     404,
@@ -92,43 +119,86 @@ def create_app(daemon: Daemon) -> FastAPI:
             await asyncio.sleep(0.5)
 
     @app.post("/api/v1/warmups", status_code=201)
-    async def warmup(body: WarmupIn) -> dict[str, Any]:
+    async def warmup(body: WarmupIn, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
         """Stage SRC onto NODES ahead of any job; poll GET /api/v1/warmups/{id}."""
         try:
-            warm_id = daemon.create_warmup(body.src, body.nodes, body.user)
+            warm_id = daemon.create_warmup(body.src, body.nodes, me.user, me.admin)
         except DirectiveError as exc:
             raise HTTPException(400, str(exc)) from exc
+        except PermissionError as exc:
+            raise HTTPException(403, str(exc)) from exc
         return {"id": warm_id}
 
     @app.get("/api/v1/warmups/{warm_id}")
-    async def warmup_status(warm_id: int) -> dict[str, Any]:
+    async def warmup_status(warm_id: int, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
         """Progress of one warmup per node."""
         with db().begin() as session:
             found = session.get(Job, warm_id)
-            if found is None or found.kind != "warmup":
-                raise HTTPException(404, f"no warmup {warm_id}")
-            return job_document(session, found)
+            if found is not None and found.kind != "warmup":
+                found = None
+            return job_document(session, owned(found, me, f"warmup {warm_id}"))
+
+    @app.get("/api/v1/nodes")
+    async def nodes(me: auth.Identity = Depends(caller)) -> list[str]:
+        """Node names as Slurm reports them."""
+        return daemon.known_nodes()
+
+    @app.get("/api/v1/nodes/{node}/cache")
+    async def node_cache(node: str, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
+        """One node's cache: bytes and objects (leased and total), job directories, counters."""
+        if node not in daemon.known_nodes():
+            raise HTTPException(404, f"no node {node} in Slurm")
+        try:
+            return await daemon.cache_usage(node)
+        except (HpcstageError, TimeoutError) as exc:
+            raise HTTPException(502, f"cannot reach the agent on {node}: {exc}") from exc
+
+    @app.post("/api/v1/nodes/{node}/evict")
+    async def evict_node(node: str, me: auth.Identity = Depends(caller)) -> dict[str, int]:
+        """Admins: apply the eviction policy on NODE now (leased data is never evicted)."""
+        if not me.admin:
+            raise HTTPException(403, "only admins may trigger eviction")
+        try:
+            await daemon.cache_usage(node)  # opens the agent session if needed
+            return (await daemon.evict_all()).get(node, {"evicted": 0})
+        except (HpcstageError, TimeoutError) as exc:
+            raise HTTPException(502, f"cannot reach the agent on {node}: {exc}") from exc
 
     @app.get("/api/v1/trash")
-    async def trash_list(bucket: str | None = None) -> list[dict[str, Any]]:
-        """Objects that stage-out replaced, kept until the retention period ends."""
+    async def trash_list(
+        bucket: str | None = None, me: auth.Identity = Depends(caller)
+    ) -> list[dict[str, Any]]:
+        """Objects that your jobs' stage-outs replaced (admins: all), kept for the retention."""
         buckets = [bucket] if bucket else daemon.stage_out_buckets()
         prefix = daemon.settings.stage_out.trash_prefix
         found: list[dict[str, Any]] = []
         for b in buckets:
-            found += [e.as_dict() for e in await trash.list_trash(daemon.store(b), prefix)]
+            entries = await trash.list_trash(daemon.store(b), prefix)
+            found += [e.as_dict() for e in entries if me.admin or may_touch(e.job, me)]
         return found
 
+    def may_touch(job_key: str, me: auth.Identity) -> bool:
+        """True when the job that put an entry in the recycle bin was ``me``'s."""
+        if not job_key.isdigit():
+            return False
+        with db().begin() as session:
+            job = session.scalar(select(Job).where(Job.slurm_job_id == int(job_key)))
+            return job is not None and job.user == me.user
+
     @app.post("/api/v1/trash/restore")
-    async def trash_restore(body: RestoreIn) -> dict[str, str]:
+    async def trash_restore(body: RestoreIn, me: auth.Identity = Depends(caller)) -> dict[str, str]:
         """Put a recycle-bin entry back at its key (what is there now goes to the bin)."""
+        prefix = daemon.settings.stage_out.trash_prefix
         try:
             bucket, key = parse_s3_url(body.url)
-            return await trash.restore(
-                daemon.store(bucket), daemon.settings.stage_out.trash_prefix, key
-            )
+            _day, job_key, _original = trash.parse_trash_key(prefix, key)
+            if not me.admin and not may_touch(job_key, me):
+                raise HTTPException(403, "that recycle-bin entry belongs to another user's job")
+            done = await trash.restore(daemon.store(bucket), prefix, key)
         except (ValueError, HpcstageError) as exc:
             raise HTTPException(400, str(exc)) from exc
+        daemon.audit.record("trash-restore", user=me.user, bucket=bucket, **done)
+        return done
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
@@ -158,6 +228,10 @@ def create_app(daemon: Daemon) -> FastAPI:
         return render_dashboard(docs, __version__)
 
     return app
+
+
+def _socket(path: object) -> str | None:
+    return str(path) if path else None
 
 
 def render_metrics(rows: Any, jobs_by_state: Any, last_tick: float) -> str:

@@ -13,6 +13,7 @@ from hpcstage.cache.store import (
     ReconcileReport,
     Usage,
 )
+from hpcstage.cache.views import check_dest, key_dest
 
 __all__ = [
     "CacheError",
@@ -23,5 +24,7 @@ __all__ = [
     "PendingObject",
     "ReconcileReport",
     "Usage",
+    "check_dest",
     "choose_evictions",
+    "key_dest",
 ]

@@ -105,6 +105,10 @@ class Usage:
 Fetch = Callable[[PendingObject], Awaitable[str]]
 
 
+ROOT_MODE = 0o711
+VIEW_MODE = 0o700
+
+
 class NodeCache:
     """A node-local cache directory: objects, their index, and per-job views."""
 
@@ -116,9 +120,14 @@ class NodeCache:
         self.root.parent.mkdir(parents=True, exist_ok=True)
         for path in (self.root, self.objects, self.jobs):
             make_dir(path)
+        # Isolation without root: other users may traverse to a view they were granted (by an
+        # ACL on the view itself) but list nothing, and never reach objects by their own path.
+        for path, mode in ((self.root, ROOT_MODE), (self.objects, 0o700), (self.jobs, ROOT_MODE)):
+            path.chmod(mode)
         self.stats = CacheStats()
         self._clock = clock
         self._index = Index(self.root / INDEX)
+        (self.root / INDEX).chmod(0o600)  # the keys of cached objects are nobody else's business
         self._lock = threading.RLock()
         self._inflight: dict[str, asyncio.Task[Path]] = {}
 
@@ -260,7 +269,7 @@ class NodeCache:
     def view_dir(self, job_id: str) -> Path:
         """The job's view (its ``$HPCSTAGE_DIR``), created empty if missing."""
         path = self.jobs / check_job_id(job_id)
-        make_dir(path)
+        make_dir(path, VIEW_MODE)  # the agent grants the job's user by ACL (see the agent)
         return path
 
     def link(self, job_id: str, dest: PurePosixPath | str, obj: Path) -> Path:

@@ -12,6 +12,7 @@ eviction leaves it alone; removing the view ends the lease without bookkeeping t
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -23,14 +24,57 @@ from typing import Any
 from hpcstage.cache.layout import DIR_MODE, CacheError
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# C0, DEL and C1: a file name with a newline or an escape sequence breaks job scripts and
+# carries terminal escapes into listings; directives refuse them too.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SHOWN_MAX = 200
 
 
 def check_dest(dest: PurePosixPath | str) -> PurePosixPath:
-    """Return ``dest`` as a path relative to a view, or raise CacheError if it could escape."""
+    """Return ``dest`` as a path relative to a view, or raise CacheError if it could escape.
+
+    Control characters are refused as well: no file in a view is named with them.
+    """
     path = PurePosixPath(dest)
     if path.is_absolute() or not path.parts or ".." in path.parts:
-        raise CacheError(f"refusing destination {str(dest)!r}: not a relative path inside the view")
+        raise CacheError(
+            f"refusing destination {_shown(str(dest))}: not a relative path inside the view"
+        )
+    bad = _CONTROL.search(str(path))
+    if bad is not None:
+        raise CacheError(
+            f"refusing destination {_shown(str(dest))}: control character {bad.group()!r}"
+        )
     return path
+
+
+def key_dest(dest: PurePosixPath, rel: str, key: str) -> PurePosixPath:
+    """Where the object ``key`` lands in a view: ``dest/rel``, ``rel`` being its part after the
+    staged prefix (``""``: ``dest`` itself). Call it before fetching the object.
+
+    Each key must get a path of its own, inside the view. Refused, with a CacheError naming the
+    key: a leading '/', and empty, '.' or '..' components (PurePosixPath would fold 'p//x' and
+    'p/./x' onto 'p/x', and one object would silently replace another), control characters.
+    """
+    if not rel:
+        return check_dest(dest)
+    problem = ""
+    odd = next((part for part in rel.split("/") if part in ("", ".", "..")), None)
+    if rel.startswith("/"):
+        problem = "it starts with '/' after the prefix"
+    elif odd is not None:
+        problem = f"it has {'an empty' if not odd else repr(odd)} path component"
+    elif (bad := _CONTROL.search(rel)) is not None:
+        problem = f"it holds the control character {bad.group()!r}"
+    if problem:
+        raise CacheError(f"object key {_shown(key)} cannot be a file in the job's view: {problem}")
+    return check_dest(dest / rel)
+
+
+def _shown(text: str) -> str:
+    """``repr`` of ``text`` (control characters escaped), bounded for a one-line message."""
+    shown = repr(text)
+    return shown if len(shown) <= _SHOWN_MAX else shown[: _SHOWN_MAX - 4] + "...'"
 
 
 def link_into(view: Path, dest: PurePosixPath, obj: Path) -> Path:

@@ -30,7 +30,7 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so each command module stays independent of the others.
-    from hpcstage.cli import config_cmd, run_cmds, trash_cmd, user_cmds
+    from hpcstage.cli import cache_cmd, config_cmd, run_cmds, trash_cmd, user_cmds
 
     for command in (
         user_cmds.env,
@@ -39,6 +39,7 @@ def _register() -> None:
         run_cmds.daemon,
         run_cmds.agent,
         trash_cmd.trash,
+        cache_cmd.cache,
         config_cmd.config,
     ):
         cli.add_command(command)

@@ -8,12 +8,12 @@ from pathlib import Path
 import click
 
 from hpcstage.cli.common import config_option, load_settings
-from hpcstage.client import Client, api_url
+from hpcstage.client import Client, client_for
 from hpcstage.units import format_size
 
 
 def _client(config_path: Path | None) -> Client:
-    return Client(api_url(load_settings(config_path).api.listen))
+    return client_for(load_settings(config_path))
 
 
 @click.group("trash")

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from hpcstage.cli.common import config_option, load_settings
-from hpcstage.client import ApiError, Client, api_url
+from hpcstage.client import ApiError, Client, client_for
 from hpcstage.errors import HpcstageError
 from hpcstage.slurm.hostlist import expand_hostlist
 from hpcstage.transfer.transport import cache_dir_for
@@ -24,7 +24,7 @@ ENSURE_EVERY = 5.0  # seconds between nudges to the daemon while waiting
 
 def _client(config_path: Path | None) -> tuple[Client, Any]:
     settings = load_settings(config_path)
-    return Client(api_url(settings.api.listen)), settings
+    return client_for(settings), settings
 
 
 # ---------------------------------------------------------------------------- env

@@ -37,6 +37,7 @@ ENDED = (
     "DEADLINE",
     "PREEMPTED",
 )
+SPANK_TIMEOUT = 120  # seconds the plugin's helper waits for a job's inputs
 REQUIRED_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged", "munge")
 
 
@@ -78,10 +79,19 @@ class ClusterInfo:
 class DevCluster:
     """A dev cluster rooted at ``base``. ``up()`` starts it, ``down()`` stops what it started."""
 
-    def __init__(self, base: Path, name: str = "hpcdev", nodes: tuple[str, ...] = DEFAULT_NODES):
+    def __init__(
+        self,
+        base: Path,
+        name: str = "hpcdev",
+        nodes: tuple[str, ...] = DEFAULT_NODES,
+        spank: bool = False,
+        burst_buffer: bool = False,
+    ):
         self.base = base.resolve()
         self.name = name
         self.nodes = nodes
+        self.spank = spank  # build and load the SPANK plugin (spank_plugin/)
+        self.burst_buffer = burst_buffer  # strict mode: burst_buffer/lua + STRICT job_submit
         self._info: ClusterInfo | None = None
 
     # ---------------------------------------------------------------- public API
@@ -241,6 +251,11 @@ class DevCluster:
         users.ensure_all()
         self._make_dirs()
         self._install_job_submit()
+        if self.spank:
+            say("SPANK plugin (make -C spank_plugin)")
+            self._install_spank()
+        if self.burst_buffer:
+            self._install_burst_buffer()
         say("munge")
         pids["munged"] = self._start_munge()
         say(f"slurmctld + slurmd {', '.join(self.nodes)}")
@@ -286,6 +301,55 @@ class DevCluster:
         target.write_text(lua.read_text())
         target.chmod(0o644)
 
+    # ---------------------------------------------------------------- SPANK plugin (opt-in)
+
+    def _install_spank(self) -> None:
+        """Build spank_plugin/ into BASE/spank and write BASE/etc/plugstack.conf for it."""
+        src = Path(__file__).resolve().parents[2] / "spank_plugin"
+        build = self.base / "spank"
+        out = proc.run(["make", "-s", "-C", str(src), f"BUILD={build}"], check=False)
+        if out.returncode != 0:
+            raise ClusterError(f"building the SPANK plugin failed:\n{out.stdout}{out.stderr}")
+        build.chmod(0o755)
+        helper = Path(sys.executable).parent / "hpcstage"
+        line = f"required {build}/hpcstage_spank.so helper={helper} timeout={SPANK_TIMEOUT}\n"
+        conf = self.base / "etc" / "plugstack.conf"
+        conf.write_text(line)
+        conf.chmod(0o644)
+
+    def _install_burst_buffer(self) -> None:
+        """Strict mode: burst_buffer.lua/.conf beside slurm.conf, job_submit.lua with STRICT.
+
+        The Lua scripts are the examples with their site settings filled in for this
+        cluster; the daemon's config is expected at BASE/etc/hpcstage.toml.
+        """
+        examples = Path(__file__).resolve().parents[2] / "examples" / "slurm"
+        etc = self.base / "etc"
+        settings = {
+            'local HPCSTAGE = "/opt/hpcstage/bin/hpcstage"': (
+                f'local HPCSTAGE = "{Path(sys.executable).parent / "hpcstage"}"'
+            ),
+            'local CONFIG = "/etc/hpcstage/site.toml"': f'local CONFIG = "{etc}/hpcstage.toml"',
+            'local CACHE_DIR = "/var/cache/hpcstage"': (
+                f'local CACHE_DIR = "{self.base}/nodes/{{node}}/cache"'
+            ),
+            "local STAGE_IN_WAIT = 3600": "local STAGE_IN_WAIT = 300",
+            "local UNPLANNED_GRACE = 20": "local UNPLANNED_GRACE = 6",
+        }
+        lua = (examples / "burst_buffer.lua").read_text()
+        submit = (etc / "job_submit.lua").read_text()
+        for old, new in {**settings, "local STRICT = false": "local STRICT = true"}.items():
+            if old not in lua + submit:
+                raise ClusterError(f"examples/slurm: site setting {old!r} not found")
+            lua, submit = lua.replace(old, new), submit.replace(old, new)
+        conf = (examples / "burst_buffer.conf").read_text()
+        conf = conf.replace("StageInTimeout=3900", "StageInTimeout=600")
+        for name, text in (("burst_buffer.lua", lua), ("job_submit.lua", submit)):
+            (etc / name).write_text(text)
+            (etc / name).chmod(0o644)
+        (etc / "burst_buffer.conf").write_text(conf)
+        (etc / "burst_buffer.conf").chmod(0o644)
+
     def _make_dirs(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)  # job users must reach slurm.conf, munge socket, work dirs
@@ -305,6 +369,7 @@ class DevCluster:
             os.chown(wd, pw.pw_uid, pw.pw_gid)
         for bucket in BUCKETS:
             (self.base / "s3" / bucket).mkdir(exist_ok=True)
+        (self.base / "s3").chmod(0o700)  # the S3 server's storage: users go through S3
 
     def _env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, proc.MARKER: str(self.base), **extra}
@@ -347,6 +412,8 @@ class DevCluster:
             munge_socket=self.base / "munge-run" / "munge.socket",
             slurm_version=version,
             job_submit_lua=(self.base / "etc" / "job_submit.lua").exists(),
+            plugstack=self.spank,
+            burst_buffer=self.burst_buffer,
         )
         conf = self.base / "etc" / "slurm.conf"
         conf.write_text(render.slurm_conf(lay))

@@ -20,7 +20,7 @@ from typing import Any
 import click
 from aiobotocore.session import get_session
 
-from hpcstage.client import ApiError, Client
+from hpcstage.client import ApiError, Client, client_for
 from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
 from hpcstage.devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config
@@ -147,7 +147,8 @@ def _line(dev: DevCluster, client: Client, name: str, job_id: int) -> str:
 
 
 def _ended(line: str) -> bool:
-    return any(s in line for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    ended = any(s in line for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    return ended and "stage-out running" not in line and "stage-out pending" not in line
 
 
 def summary(dev: DevCluster, client: Client, jobs: dict[str, int]) -> list[dict[str, Any]]:
@@ -176,12 +177,27 @@ def summary(dev: DevCluster, client: Client, jobs: dict[str, int]) -> list[dict[
                 else None,
                 "waited_for_data_s": waited,
                 "error": _first_error(doc),
+                "stage_out": doc["stage_out"],
+                "outputs": _outputs(doc),
                 "fetched": sum(
-                    st["fetched_files"] for r in doc["requests"] for st in r["nodes"].values()
+                    r["nodes"].get(node, {}).get("fetched_files", 0)
+                    for r in doc["requests"]
+                    if r["direction"] == "in"
                 ),
             }
         )
     return rows
+
+
+def _outputs(doc: dict[str, Any]) -> list[str]:
+    return [
+        f"s3://{r['dest'].removeprefix('s3://').split('/', 1)[0]}/{f['key']}"
+        for r in doc["requests"]
+        if r["direction"] == "out"
+        for st in r["nodes"].values()
+        for f in st["files"]
+        if f["state"] in ("uploaded", "present")
+    ]
 
 
 def _field(text: str, key: str) -> str | None:
@@ -198,7 +214,7 @@ def _first_error(doc: dict[str, Any]) -> str:
 def print_summary(rows: list[dict[str, Any]]) -> None:
     say(
         f"{'job':>4}  {'name':<18} {'user':<6} {'state':<10} {'node':<5} "
-        f"{'inputs ready before start':<26} {'waited for data':<16} fetched from S3"
+        f"{'inputs ready before start':<26} {'waited for data':<16} GETs on that node"
     )
     for r in rows:
         ready = "yes" if r["ready_before_start"] else "no"
@@ -211,6 +227,8 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         )
         if r["error"]:
             say(f"      error shown to the user: {r['error']}")
+        if r["stage_out"] != "none":
+            say(f"      stage-out {r['stage_out']}: " + (", ".join(r["outputs"]) or "-"))
 
 
 def check(rows: list[dict[str, Any]]) -> list[str]:
@@ -220,6 +238,8 @@ def check(rows: list[dict[str, Any]]) -> list[str]:
     dock = by_name["docking.sh"]
     if dock["state"] != "COMPLETED" or not dock["ready_before_start"]:
         problems.append(f"docking.sh: expected COMPLETED with inputs staged ahead: {dock}")
+    if dock["stage_out"] != "done" or len(dock["outputs"]) != 2:
+        problems.append(f"docking.sh: expected its 2 results written back: {dock}")
     if by_name["docking-rerun.sh"]["state"] != "COMPLETED":
         problems.append(f"docking-rerun.sh did not complete: {by_name['docking-rerun.sh']}")
     missing = by_name["missing-input.sh"]
@@ -280,7 +300,7 @@ def run(base: Path, keep: bool, timeout: float) -> int:
 def _wait_api(config: Path, dev: DevCluster) -> Client:
     from hpcstage.config import load_config
 
-    client = Client(f"http://{load_config(config).api.listen}", timeout=5)
+    client = client_for(load_config(config), timeout=5)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

@@ -33,6 +33,7 @@ def run(
             env=dict(env) if env is not None else None,
             capture_output=True,
             text=True,
+            errors="replace",  # job output and files may be binary
             timeout=timeout,
             check=False,
             input=input_text,

@@ -18,6 +18,8 @@ class SlurmLayout:
     munge_socket: Path
     slurm_version: tuple[int, int]
     job_submit_lua: bool = False
+    plugstack: bool = False  # load etc/plugstack.conf (the SPANK plugin)
+    burst_buffer: bool = False  # burst_buffer/lua (etc/burst_buffer.lua, strict mode)
 
     @property
     def etc(self) -> Path:
@@ -61,6 +63,8 @@ def slurm_conf(lay: SlurmLayout) -> str:
         "SlurmdTimeout=60",
         "MinJobAge=300",
         *(["JobSubmitPlugins=lua"] if lay.job_submit_lua else []),
+        *([f"PlugStackConfig={b}/etc/plugstack.conf"] if lay.plugstack else []),
+        *(["BurstBufferType=burst_buffer/lua"] if lay.burst_buffer else []),
     ]
     for node, port in lay.node_ports.items():
         lines.append(

@@ -30,6 +30,7 @@ def write_site_config(
     lease_grace: str = "20s",
     concurrency: int = 32,
     name: str = "hpcstage.toml",
+    policy: str = 'default = "allow"',
     extra: str = "",
 ) -> Path:
     """A site TOML for this cluster: S3, SSH to the nodes, admin_comment directives."""
@@ -70,9 +71,11 @@ concurrency = {concurrency}
 
 [api]
 listen = "127.0.0.1:{api_port}"
+auth = "munge"
+munge_socket = "{info.base}/munge-run/munge.socket"
 
 [policy]
-default = "allow"
+{policy}
 {extra}"""
     path = Path(info.base) / "etc" / name
     path.write_text(text)

@@ -25,6 +25,7 @@ from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
 from hpcstage.store import FsStore, ObjectStore, S3Store
 from hpcstage.transfer.rpc import MAX_LINE, Handler, ProgressFn, decode, encode
+from hpcstage.units import format_size
 
 log = logging.getLogger("hpcstage.agent")
 
@@ -181,7 +182,7 @@ class Agent:
         counters = Counters()
         dest = PurePosixPath(item["dest"])
         store, prefix, is_prefix = self._open_store(item["source"])
-        refs = _refs(store, prefix, is_prefix, counters)
+        refs = _limited(_refs(store, prefix, is_prefix, counters), item)
         reporter = asyncio.create_task(_report(progress, counters, request_id))
         try:
             await self._fetch_all(job, refs, prefix if is_prefix else None, dest, store, counters)
@@ -301,6 +302,26 @@ async def _refs(
         yield ref
         return
     async for ref in store.list(key):
+        yield ref
+
+
+class QuotaError(HpcstageError):
+    """An input is larger than the job's remaining quota."""
+
+
+async def _limited(
+    refs: AsyncIterator[ObjectRef], item: dict[str, Any]
+) -> AsyncIterator[ObjectRef]:
+    """Stop the listing as soon as the input outgrows its budget (before fetching that much)."""
+    limit = item.get("max_bytes")
+    total = 0
+    async for ref in refs:
+        total += ref.size
+        if limit is not None and total > int(limit):
+            raise QuotaError(
+                f"over quota: this input needs more than {format_size(int(limit))}"
+                f" and {item.get('quota_reason', 'a quota applies')}"
+            )
         yield ref
 
 

@@ -172,6 +172,10 @@ class AgentPool:
             self._sessions[node] = session
             return session.rpc
 
+    def open_nodes(self) -> list[str]:
+        """Nodes with a live session."""
+        return [n for n, s in self._sessions.items() if not s.rpc.closed.is_set()]
+
     async def close(self) -> None:
         """Close every session."""
         for session in self._sessions.values():

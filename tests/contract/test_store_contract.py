@@ -19,7 +19,12 @@ import botocore.exceptions as bce
 import pytest
 from botocore.parsers import ResponseParserError
 
-from hpcstage.errors import CredentialError, StoreError, TransientStoreError
+from hpcstage.errors import (
+    CredentialError,
+    ObjectMissingError,
+    StoreError,
+    TransientStoreError,
+)
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
 from hpcstage.store import (
@@ -137,7 +142,8 @@ async def test_missing_object_is_a_store_error_naming_it(h: Harness, scratch: Pa
     key = h.key("no/such/object")
     with pytest.raises(StoreError, match=re.escape(key)) as info:
         await h.store.head(key)
-    assert type(info.value) is StoreError  # neither transient nor a credential problem
+    # Neither transient nor a credential problem: the object is simply not there.
+    assert type(info.value) is ObjectMissingError
     ghost = ObjectRef(getattr(h.store, "store_id", ""), getattr(h.store, "bucket", ""), key, "", 4)
     with pytest.raises(StoreError, match=re.escape(key)):
         await fetch(h.store, ghost, scratch)
@@ -319,8 +325,8 @@ def client_error(code: str, status: int, message: str = "server says") -> bce.Cl
         (client_error("AccessDenied", 403), CredentialError),
         (client_error("403", 403), CredentialError),
         (bce.NoCredentialsError(), CredentialError),
-        (client_error("NoSuchKey", 404), StoreError),
-        (client_error("404", 404), StoreError),
+        (client_error("NoSuchKey", 404), ObjectMissingError),
+        (client_error("404", 404), ObjectMissingError),
         (client_error("InvalidArgument", 400), StoreError),
         (ResponseParserError("unclosed token: line 1"), StoreError),
     ],
@@ -342,7 +348,7 @@ def test_missing_objects_read_like_file_not_found() -> None:
 @pytest.mark.parametrize(
     ("exc", "kind"),
     [
-        (FileNotFoundError(errno.ENOENT, "gone"), StoreError),
+        (FileNotFoundError(errno.ENOENT, "gone"), ObjectMissingError),
         (PermissionError(errno.EACCES, "denied"), CredentialError),
         (OSError(errno.ESTALE, "stale NFS handle"), TransientStoreError),
         (OSError(errno.EIO, "I/O error"), TransientStoreError),

@@ -31,3 +31,18 @@ def cluster() -> Iterator[DevCluster]:
         else:
             dev.down()
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """A PostgreSQL URL that may create databases: the machine's, or a private server."""
+    from hpcstage.devcluster import pg
+
+    base = Path(tempfile.mkdtemp(prefix="hpcstage-pg-", dir="/tmp"))
+    base.chmod(0o755)
+    url, stop = pg.find_or_start(base)
+    try:
+        yield url
+    finally:
+        stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcstage.client import ApiError, Client
+from hpcstage.client import ApiError, Client, client_for
 from hpcstage.config import load_config
 from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
 from hpcstage.devcluster.site import hpcstage_bin, start_daemon, stop_daemon
-
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @dataclass
@@ -33,8 +31,7 @@ class Stager:
     jobs: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        listen = load_config(self.config).api.listen
-        self.client = Client(f"http://{listen}", timeout=10)
+        self.client = client_for(load_config(self.config), timeout=10)
 
     def start(self) -> None:
         self.pid = start_daemon(self.dev, self.config, self.log_name)
@@ -104,13 +101,15 @@ def wait_until(what: str, pred: Callable[[], bool], timeout: float, log: Path | 
     proc.wait_for(what, pred, timeout, log)
 
 
-def make_dataset(dev: DevCluster, files: dict[str, bytes]) -> tuple[str, dict[str, str]]:
+def make_dataset(
+    dev: DevCluster, files: dict[str, bytes], under: str | None = None
+) -> tuple[str, dict[str, str]]:
     """Upload files under a fresh prefix of s3://datasets through the S3 API.
 
     Returns the s3:// prefix and the SHA-256 of each file by its relative path. (Writing into
     rclone's directory directly is not seen by listings once the bucket was listed.)
     """
-    name = f"ds-{uuid.uuid4().hex[:8]}"
+    name = under or f"ds-{uuid.uuid4().hex[:8]}"
     asyncio.run(_put_all(dev, {f"{name}/{rel}": body for rel, body in files.items()}))
     return f"s3://datasets/{name}/", {r: hashlib.sha256(b).hexdigest() for r, b in files.items()}
 

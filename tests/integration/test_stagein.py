@@ -22,7 +22,6 @@ from hpcstage.devcluster.site import write_site_config
 
 from .staging import (
     CHECKSUM_JOB,
-    PG_ADMIN,
     Stager,
     big_files,
     busy,
@@ -37,15 +36,17 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def stager(request: pytest.FixtureRequest, cluster: DevCluster) -> Iterator[Stager]:
+def stager(
+    request: pytest.FixtureRequest, cluster: DevCluster, pg_admin_url: str
+) -> Iterator[Stager]:
     backend = request.param
     db_name = f"hpcstage_{uuid.uuid4().hex[:10]}"
     state_url = ""
     if backend == "postgresql":
-        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-        state_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db_name}"
+        state_url = pg_admin_url.rsplit("/", 1)[0] + f"/{db_name}"
     config = write_site_config(
         cluster, state_url=state_url, concurrency=8, name=f"stagein-{backend}.toml"
     )

@@ -1,0 +1,99 @@
+"""``hpcstage cache usage|ls``: what the node-local caches hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpcstage.cli.common import config_option, load_settings
+from hpcstage.client import Client, client_for
+from hpcstage.slurm.hostlist import expand_hostlist
+from hpcstage.units import format_size
+
+
+def _client(config_path: Path | None) -> Client:
+    return client_for(load_settings(config_path))
+
+
+@click.group("cache")
+def cache() -> None:
+    """Show what the node-local caches hold.
+
+    Every node keeps verified objects in its cache, shared by all jobs; a job's $HPCSTAGE_DIR
+    holds hardlinks to them, which lease them against eviction. Unleased data is evicted by
+    policy (TTL, then least recently used above the high watermark).
+    """
+
+
+@cache.command("usage")
+@config_option
+@click.option("--nodes", help="Nodes in hostlist form, e.g. n[1-3] (default: every node).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def usage(config_path: Path | None, nodes: str | None, as_json: bool) -> None:
+    """Bytes and objects per node, leased and total, against the cache's capacity."""
+    client = _client(config_path)
+    names = list(expand_hostlist(nodes)) if nodes else client.get("/api/v1/nodes")
+    rows = {n: _usage(client, n) for n in names}
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'NODE':<10} {'USED':>10} {'LEASED':>10} {'OBJECTS':>9} {'CAPACITY':>10}  FULL")
+    for node, row in rows.items():
+        if "error" in row:
+            click.echo(f"{node:<10} {row['error']}")
+            continue
+        u, cap = row["usage"], row["capacity"]
+        full = f"{100 * u['bytes'] / cap:.1f}%" if cap else "-"
+        click.echo(
+            f"{node:<10} {format_size(u['bytes']):>10} {format_size(u['leased_bytes']):>10}"
+            f" {u['objects']:>9} {format_size(cap):>10}  {full}"
+        )
+
+
+@cache.command("ls")
+@config_option
+@click.argument("node")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ls(config_path: Path | None, node: str, as_json: bool) -> None:
+    """NODE's cache: usage, fetch counters since its agent started, and job directories."""
+    row = _client(config_path).get(f"/api/v1/nodes/{node}/cache")
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    u, s = row["usage"], row["stats"]
+    click.echo(
+        f"{node}: {format_size(u['bytes'])} in {u['objects']} objects "
+        f"({format_size(u['leased_bytes'])} leased) of {format_size(row['capacity'])}"
+    )
+    click.echo(
+        f"  since the agent started: {s['fetched_objects']} fetched "
+        f"({format_size(s['fetched_bytes'])}), {s['hits']} cache hits"
+    )
+    views = row["views"]
+    click.echo(f"  job directories: {', '.join(views) if views else 'none'}")
+
+
+@cache.command("evict")
+@config_option
+@click.option("--nodes", required=True, help="Nodes in hostlist form, e.g. n[1-3].")
+def evict(config_path: Path | None, nodes: str) -> None:
+    """Admins: apply the eviction policy on NODES now instead of at the next pass.
+
+    Objects unused for longer than cache.ttl go first, then the least recently used until
+    usage is below cache.low_watermark; data leased by a job directory is never evicted.
+    """
+    client = _client(config_path)
+    for node in expand_hostlist(nodes):
+        done = client.post(f"/api/v1/nodes/{node}/evict")
+        click.echo(f"{node}: {done['evicted']} objects evicted")
+
+
+def _usage(client: Client, node: str) -> dict[str, Any]:
+    try:
+        found: dict[str, Any] = client.get(f"/api/v1/nodes/{node}/cache")
+    except Exception as exc:  # one unreachable node must not hide the others
+        return {"error": str(exc)}
+    return found
