@@ -53,8 +53,9 @@ def test_warmup_fills_the_nodes_caches_and_holds_no_lease(stager: Stager) -> Non
 
 
 def test_warmup_of_a_missing_prefix_fails_with_the_reason(stager: Stager) -> None:
-    failed = stager.cli("alice", "warmup", "s3://datasets/never-uploaded/", "--nodes", "n1",
-                        "--json", check=False)
+    failed = stager.cli(
+        "alice", "warmup", "s3://datasets/never-uploaded/", "--nodes", "n1", "--json", check=False
+    )
     assert failed.returncode == 1
     assert "no objects under s3://datasets/never-uploaded/" in failed.stderr
 
