@@ -10,14 +10,27 @@ Directives are taken from:
   * the leading comment block of the batch script: "#HPCSTAGE --stage-in=..." and
     "#SBATCH --stage-in=..." lines (sbatch's own rule: scanning stops at the first line that
     is neither blank nor a comment);
-  * the SPANK plugin's values, if it is installed (job_desc.spank_job_env entries
-    HPCSTAGE_STAGE_IN_<n> / HPCSTAGE_STAGE_OUT_<n>).
+  * the SPANK plugin's values, if it is installed: sbatch passes them with
+    spank_job_control_setenv, and they arrive here as job_desc.spank_job_env entries
+    "HPCSTAGE_STAGE_IN_<n>=value" / "HPCSTAGE_STAGE_OUT_<n>=value" (n from 0, no prefix;
+    verified with Slurm 22.05). With the plugin, sbatch itself parsed the script's #SBATCH
+    lines, so when these entries exist the #SBATCH lines are not read again (they would be
+    duplicates); #HPCSTAGE lines always are.
+
+Strict mode (STRICT below): a job with directives also gets the burst-buffer spec
+STRICT_BB_SPEC, so that burst_buffer/lua with examples/slurm/burst_buffer.lua holds it
+pending until its inputs are staged. Requires BurstBufferType=burst_buffer/lua.
 
 Format written (read by hpcstage.directives.decode_admin_comment):
   hpcstage:v1:in=<pct-encoded value>;out=<pct-encoded value>;...;end
 Validation happens in the daemon, which reports malformed directives by name in
 `hpcstage status` and fails the job at `hpcstage env`. Lua 5.1 compatible.
 ]]
+
+-- Site settings ------------------------------------------------------------------------
+local STRICT = false               -- true: Slurm holds jobs until their data is staged
+local STRICT_BB_SPEC = "#BB_LUA hpcstage"  -- must start with burst_buffer.conf's Directive
+-- --------------------------------------------------------------------------------------
 
 local MARK = "hpcstage:v1:"
 local MAX_SCAN_LINES = 10000
@@ -54,7 +67,7 @@ local function add_options(items, option_words)
   end
 end
 
-local function from_script(script, items)
+local function from_script(script, items, read_sbatch)
   if script == nil then return end
   local n = 0
   for line in (script .. "\n"):gmatch("([^\n]*)\n") do
@@ -68,7 +81,8 @@ local function from_script(script, items)
     elseif stripped:sub(1, 1) ~= "#" then
       break
     else
-      local rest = stripped:match("^#HPCSTAGE%s+(.*)$") or stripped:match("^#SBATCH%s+(.*)$")
+      local rest = stripped:match("^#HPCSTAGE%s+(.*)$")
+      if rest == nil and read_sbatch then rest = stripped:match("^#SBATCH%s+(.*)$") end
       if rest ~= nil then add_options(items, words(rest)) end
     end
   end
@@ -97,11 +111,25 @@ local function strip_block(comment)
   return (comment:gsub("%s*hpcstage:v%d+:%S*", ""))
 end
 
+-- Add the strict-mode burst-buffer spec once (a job may carry other #BB_LUA lines).
+local function add_bb_spec(job_desc)
+  local bb = job_desc.burst_buffer
+  if bb ~= nil and bb:find(STRICT_BB_SPEC, 1, true) then return end
+  if bb == nil or bb == "" then
+    job_desc.burst_buffer = STRICT_BB_SPEC
+  else
+    job_desc.burst_buffer = bb .. "\n" .. STRICT_BB_SPEC
+  end
+end
+
 function slurm_job_submit(job_desc, part_list, submit_uid)
+  local spank_items = {}
+  from_spank(job_desc.spank_job_env, spank_items)
   local items = {}
-  from_script(job_desc.script, items)
-  from_spank(job_desc.spank_job_env, items)
+  from_script(job_desc.script, items, #spank_items == 0)
+  for _, item in ipairs(spank_items) do items[#items + 1] = item end
   if #items == 0 then return slurm.SUCCESS end
+  if STRICT then add_bb_spec(job_desc) end
   local block = MARK .. table.concat(items, ";") .. ";end"
   local kept = strip_block(job_desc.admin_comment)
   if kept ~= "" then block = kept .. " " .. block end

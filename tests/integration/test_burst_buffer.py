@@ -1,0 +1,272 @@
+"""Strict mode on its own real dev cluster: burst_buffer/lua holds a job until its data is staged.
+
+``DevCluster(burst_buffer=True)`` installs examples/slurm/burst_buffer.lua and .conf beside
+slurm.conf (BurstBufferType=burst_buffer/lua) and job_submit.lua with STRICT = true; the
+daemon's config is BASE/etc/hpcstage.toml, as burst_buffer.lua there expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcstage.devcluster.cluster import DevCluster
+from hpcstage.devcluster.site import write_site_config
+
+from .staging import Stager, busy, make_dataset, parse_sums, small_files, wait_until
+
+pytestmark = pytest.mark.integration
+
+STRICT_JOB = """#!/bin/bash
+#HPCSTAGE --stage-in={src}
+echo "start=$(date +%s.%N)"
+eval "$(hpcstage env)"
+cd "$HPCSTAGE_DIR" && find . -type f | sort | xargs sha256sum
+"""
+
+
+@pytest.fixture(scope="module")
+def bb_dev() -> Iterator[DevCluster]:
+    """A dev cluster of its own in strict mode; stopped and removed at the end."""
+    if os.geteuid() != 0:
+        pytest.fail("integration tests start Slurm and sshd and must run as root")
+    base = Path(tempfile.mkdtemp(prefix="hpcstage-bb-", dir="/tmp"))
+    base.chmod(0o755)  # job users must reach slurm.conf and munge
+    dev = DevCluster(base, name="hpcbb", burst_buffer=True)
+    keep = os.environ.get("HPCSTAGE_TEST_KEEP") == "1"
+    try:
+        dev.up()
+        yield dev
+    finally:
+        if keep:
+            print(f"\nHPCSTAGE_TEST_KEEP=1: strict-mode cluster left running at {base}")
+        else:
+            dev.down()
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stager(bb_dev: DevCluster) -> Iterator[Stager]:
+    config = write_site_config(bb_dev, concurrency=8, name="hpcstage.toml")
+    st = Stager(bb_dev, config, "daemon-bb.log")
+    st.start()
+    try:
+        yield st
+    finally:
+        st.cancel_all()
+        st.stop()
+
+
+@pytest.fixture
+def strict(stager: Stager) -> Iterator[Stager]:
+    """The strict-mode daemon, with this test's jobs cancelled afterwards."""
+    yield stager
+    stager.cancel_all()
+
+
+def _reasons_until(stager: Stager, job: int, states: tuple[str, ...], timeout: float) -> list[str]:
+    """The job's Reason at each poll until it reaches one of ``states``."""
+    seen: list[str] = []
+
+    def reached() -> bool:
+        fields = stager.dev.job_state(job)
+        if fields.get("JobState") == "PENDING":
+            seen.append(fields.get("Reason", ""))
+        return fields.get("JobState") in states
+
+    wait_until(f"job {job} to reach {states}", reached, timeout, stager.log)
+    return seen
+
+
+def test_job_waits_in_stage_in_and_starts_only_after_its_data_is_there(strict: Stager) -> None:
+    stager = strict
+    src, sums = make_dataset(stager.dev, small_files(40))
+    # Every node busy, n1 frees first: backfill plans the job there, which starts stage-in.
+    busy(stager, "n1", 6, limit_min=1)
+    busy(stager, "n2", 60, limit_min=3)
+    busy(stager, "n3", 60, limit_min=3)
+    job = stager.submit("alice", STRICT_JOB.format(src=src), "--account=chem")
+    fields = stager.dev.job_state(job)
+    assert fields.get("BurstBuffer") == "#BB_LUA", fields  # "#BB_LUA hpcstage", split
+    reasons = _reasons_until(stager, job, ("RUNNING", "COMPLETED", "FAILED"), 90)
+    assert "BurstBufferStageIn" in reasons, reasons
+    assert stager.dev.wait_job(job, timeout=60) == "COMPLETED", stager.output("alice", job)
+    out = stager.output("alice", job)
+    name = src.rstrip("/").rsplit("/", 1)[1]
+    assert parse_sums(out) == {f"{name}/{k}": v for k, v in sums.items()}, out
+    started = float(out.splitlines()[0].removeprefix("start="))
+    doc = stager.doc(job)
+    node = doc["nodes"][0]
+    # Slurm ran the job's first line only once the daemon had every input on its node.
+    assert doc["ready_at"][node] <= started, (doc["ready_at"], started)
+
+
+def test_failed_stage_in_holds_the_job_with_the_cause(strict: Stager) -> None:
+    stager = strict
+    src = f"s3://datasets/nothing-{uuid.uuid4().hex[:6]}/receptor.pdb"
+    for node in stager.dev.info.nodes:  # keep it pending, so that backfill plans it
+        busy(stager, node, 60, limit_min=2)
+    job = stager.submit("bob", f"#!/bin/bash\n#HPCSTAGE --stage-in={src}\necho RAN\n")
+    found: dict[str, str] = {}
+
+    def held() -> bool:
+        found.update(stager.dev.job_state(job))
+        return found.get("Priority") == "0"
+
+    wait_until(f"job {job} held", held, 60, stager.log)
+    assert found["JobState"] == "PENDING", found
+    reason = found["Reason"].replace("_", " ")
+    assert "slurm bb data in" in reason and src in reason and "no such object" in reason, found
+    time.sleep(1)
+    assert not (stager.dev.workdir("bob") / f"{job}.out").exists()  # it never ran
+
+
+def test_jobs_without_directives_are_not_burst_buffer_jobs(strict: Stager) -> None:
+    stager = strict
+    job = stager.submit("bob", "#!/bin/bash\necho plain\n")
+    assert stager.dev.wait_job(job, timeout=60) == "COMPLETED"
+    assert stager.output("bob", job).strip() == "plain"
+    assert stager.dev.job_state(job).get("BurstBuffer") in (None, "(null)")
+
+
+# --- the hooks on their own, under lua5.1, for both of Slurm's calling conventions --------
+
+LUA = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "burst_buffer.lua"
+FAKE_HPCSTAGE = """#!/bin/sh
+echo "$*" >> "$FAKE_DIR/calls"
+case "$1" in
+  status) cat "$FAKE_DIR/doc.json" ;;
+  env) if [ -e "$FAKE_DIR/env_fails" ]; then
+         echo "hpcstage: job 7 cannot start: s3://d/x: no such object" >&2; exit 1
+       fi
+       echo "export HPCSTAGE_DIR=/cache/jobs/7" ;;
+esac
+"""
+DRIVER = """
+slurm = { SUCCESS = 0, ERROR = -1, log_info = function() end }
+if NEW_API then slurm.SLURM_BB_BUSY = "BUSY" end
+local text = io.open(LUA_PATH):read("*a")
+for old, new in pairs(SETTINGS) do
+  local s, e = text:find(old, 1, true)
+  assert(s, old)
+  text = text:sub(1, s - 1) .. new .. text:sub(e + 1)
+end
+assert(loadstring(text))()
+local out = {}
+for _, call in ipairs(CALLS) do
+  local rc, msg = _G[call[1]](unpack(call, 2))
+  out[#out + 1] = tostring(rc) .. "|" .. tostring(msg)
+end
+print(table.concat(out, "\\n"))
+"""
+
+
+def _lua_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid Lua string literal for these values
+
+
+def _run_hooks(tmp: Path, new_api: bool, doc: dict[str, object], calls: str) -> list[str]:
+    fake = tmp / "hpcstage"
+    fake.write_text(FAKE_HPCSTAGE)
+    fake.chmod(0o755)
+    (tmp / "doc.json").write_text(json.dumps(doc))
+    script = tmp / "bb.lua"
+    job = tmp / "script"
+    job.write_text("#!/bin/bash\n#BB_LUA hpcstage\ntrue\n")
+    settings = {
+        'local HPCSTAGE = "/opt/hpcstage/bin/hpcstage"': f"local HPCSTAGE = {_lua_str(str(fake))}",
+        'local CACHE_DIR = "/var/cache/hpcstage"': 'local CACHE_DIR = "/c/{node}"',
+        "local UNPLANNED_GRACE = 20": "local UNPLANNED_GRACE = 0",
+        "local STAGE_IN_WAIT = 3600": "local STAGE_IN_WAIT = 1",
+        "local PRE_RUN_WAIT = 1800": "local PRE_RUN_WAIT = 2",
+        "local POLL = 2": "local POLL = 0",
+    }
+    lua_settings = ", ".join(f"[{_lua_str(k)}] = {_lua_str(v)}" for k, v in settings.items())
+    script.write_text(
+        f"NEW_API = {'true' if new_api else 'false'}\nLUA_PATH = {_lua_str(str(LUA))}\n"
+        f"SETTINGS = {{{lua_settings}}}\nJOB = {_lua_str(str(job))}\n"
+        f"PATHS = {_lua_str(str(tmp / 'paths'))}\nCALLS = {{{calls}}}\n{DRIVER}"
+    )
+    done = subprocess.run(
+        ["lua5.1", str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FAKE_DIR": str(tmp)},
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def _doc() -> dict[str, object]:
+    return {"planned_nodes": ["n1"], "nodes": [], "staging": {}, "failure": "", "error": None}
+
+
+@pytest.mark.parametrize("new_api", [False, True], ids=["22.05", "24.05+"])
+def test_hooks_follow_slurms_conventions(tmp_path: Path, new_api: bool) -> None:
+    staging = {**_doc(), "staging": {"n1": "staging"}}
+    ready = {**_doc(), "staging": {"n1": "ready"}, "nodes": ["n1"]}
+    failed = {**_doc(), "failure": "s3://d/x: no such object"}
+    every = (
+        '{"slurm_bb_job_process", JOB, 0, 0, {}}, {"slurm_bb_pools"},'
+        ' {"slurm_bb_setup", "7", 0, 0, "", 0, JOB, {}}, {"slurm_bb_real_size", "7"},'
+        ' {"slurm_bb_post_run", "7", JOB}, {"slurm_bb_data_out", "7", JOB},'
+        ' {"slurm_bb_test_data_out", "7", JOB}, {"slurm_bb_job_teardown", "7", JOB, "false"}'
+    )
+    assert _run_hooks(tmp_path, new_api, ready, every) == [
+        "0|nil",
+        "0|nil",
+        "0|nil",
+        "0|nil",
+        "0|nil",
+        "0|nil",
+        "0|",
+        "0|nil",
+    ]
+    data_in = '{"slurm_bb_data_in", "7", JOB, 0, 0, {}}'
+    test_in = '{"slurm_bb_test_data_in", "7", JOB, 0, 0, {}}'
+    if new_api:  # data_in returns, test_data_in polls: BUSY, then done
+        assert _run_hooks(tmp_path, new_api, staging, f"{data_in}, {test_in}") == [
+            "0|nil",
+            "0|BUSY",
+        ]
+        assert _run_hooks(tmp_path, new_api, ready, test_in) == ["0|"]
+    else:  # data_in waits (bounded) and fails the stage-in when the time is up
+        [line] = _run_hooks(tmp_path, new_api, staging, data_in)
+        assert line.startswith("-1|hpcstage: inputs not staged after 1s"), line
+        assert _run_hooks(tmp_path, new_api, ready, data_in) == ["0|nil"]
+    [line] = _run_hooks(tmp_path, new_api, failed, data_in)
+    assert line == "-1|hpcstage: s3://d/x: no such object", line
+
+
+def test_paths_and_pre_run(tmp_path: Path) -> None:
+    ready = {**_doc(), "staging": {"n1": "ready"}, "nodes": ["n1"]}
+    calls = (
+        '{"slurm_bb_paths", "7", JOB, PATHS, 0, 0, {nodes = "n1"}},'
+        ' {"slurm_bb_pre_run", "7", JOB, 0, 0, {nodes = "n1"}}'
+    )
+    assert _run_hooks(tmp_path, True, ready, calls) == ["0|nil", "0|nil"]
+    assert (tmp_path / "paths").read_text() == "HPCSTAGE_DIR=/c/n1/jobs/7\n"
+    assert (
+        "env --config /etc/hpcstage/site.toml --job 7 --node n1" in (tmp_path / "calls").read_text()
+    )
+    (tmp_path / "env_fails").touch()
+    [_, line] = _run_hooks(tmp_path, True, ready, calls)
+    assert line == "-1|hpcstage: job 7 cannot start: s3://d/x: no such object", line
+
+
+def test_jobs_of_other_burst_buffer_users_pass_through(tmp_path: Path) -> None:
+    calls = '{"slurm_bb_data_in", "7", "/nonexistent", 0, 0, {}}'
+    (tmp_path / "calls").touch()
+    assert _run_hooks(tmp_path, False, {**_doc(), "failure": "x"}, calls) == ["0|nil"]
+    assert (tmp_path / "calls").read_text() == ""  # the daemon was not even asked
