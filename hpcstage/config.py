@@ -329,7 +329,19 @@ def _default_directive_sources() -> list[DirectiveSource]:
 
 
 def _default_end_states() -> list[SlurmEndState]:
-    return ["COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"]
+    # Every end state: a job killed for memory or preempted still leaves outputs someone may
+    # need, and what is not staged out is deleted with the job directory.
+    return [
+        "COMPLETED",
+        "FAILED",
+        "TIMEOUT",
+        "CANCELLED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "DEADLINE",
+        "BOOT_FAIL",
+    ]
 
 
 class SlurmSettings(_Section):
@@ -571,7 +583,14 @@ class _Problem:
     def render(self, source: str) -> str:
         where = f"{source}:{self.line}" if self.line else source
         key = dotted(self.loc)
-        return f"{where}: {key}: {self.message}" if key else f"{where}: {self.message}"
+        message = _capped(self.message)
+        return f"{where}: {key}: {message}" if key else f"{where}: {message}"
+
+
+def _capped(text: str, limit: int = 300) -> str:
+    """A problem line stays one readable line, whatever value it quotes."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return safe if len(safe) <= limit else f"{safe[:limit]}... ({len(text)} characters)"
 
 
 def load_config(path: Path) -> Settings:

@@ -30,7 +30,7 @@ from hpcstage.config import Settings
 from hpcstage.db import Job, Request, Staging, Upload, open_db
 from hpcstage.errors import DirectiveError, SlurmError, StoreError, TransportError
 from hpcstage.slurm.backend import CliBackend, SlurmBackend
-from hpcstage.slurm.model import JobInfo, QueueSnapshot
+from hpcstage.slurm.model import JobInfo
 from hpcstage.store import S3Store, parse_s3_url, resolve_credentials
 from hpcstage.transfer.rpc import AgentError, RpcClient
 from hpcstage.transfer.transport import (
@@ -185,7 +185,6 @@ class Daemon:
         assert self.backend is not None
         assert self.db is not None
         snapshot = await self.backend.snapshot()
-        snapshot = self._only_watched(snapshot)
         with self.db.begin() as session:
             await sync(session, snapshot, self._directives, self._ignored)
         self._flush_progress()
@@ -198,15 +197,6 @@ class Daemon:
         for action in actions:
             self._act(action)
         self.last_tick = time.time()
-
-    def _only_watched(self, snapshot: QueueSnapshot) -> QueueSnapshot:
-        parts = set(self.settings.slurm.partitions)
-        if not parts:
-            return snapshot
-        jobs = tuple(j for j in snapshot.jobs if set(j.partition.split(",")) & parts)
-        return QueueSnapshot(
-            snapshot.taken_at, snapshot.slurm_version, jobs, snapshot.planned_nodes_known
-        )
 
     def _views(self, session: Session) -> Iterable[planner.JobView]:
         query = select(Job).where(Job.released_at.is_(None))
@@ -247,9 +237,25 @@ class Daemon:
         self._tasks[key] = task
         task.add_done_callback(functools.partial(self._done, key))
 
-    def _done(self, key: tuple[int, str], _task: asyncio.Task[None]) -> None:
+    def _done(self, key: tuple[int, str], task: asyncio.Task[None]) -> None:
         self._tasks.pop(key, None)
         self._wake.set()  # a finished transfer may unblock the next one
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug or an unexpected library error: never leave stagings 'running' for good.
+        exc = task.exception()
+        log.error("action on job %s node %s failed: %r", key[0], key[1], exc, exc_info=exc)
+        self._recover(key[0], key[1], f"internal error: {type(exc).__name__}: {exc}")
+
+    def _recover(self, job_id: int, node: str, message: str) -> None:
+        assert self.db is not None
+        with self.db.begin() as session:
+            for st in _job_stagings(session, job_id, node):
+                if st.state == "running":
+                    st.state, st.error = "queued", message
+                    self._progress.pop(st.id, None)
+                    self._files.pop(st.id, None)
+            log_event(session, job_id, node, f"will retry: {message}", "error")
 
     # ------------------------------------------------------------------ actions
 
@@ -279,9 +285,12 @@ class Daemon:
                 spent += self._staged_bytes(staging_id)
         except AgentError as exc:
             assert current is not None
-            self._fail(current[0], action, f"{_where(current)}{exc}")
+            if exc.transient:  # the store was down or throttling: try again later
+                self._requeue(action, _from(plan, current), str(exc))
+            else:
+                self._fail(current[0], action, f"{_where(current)}{exc}")
         except TransportError as exc:
-            self._requeue(action, [p[0] for p in plan], str(exc))
+            self._requeue(action, _from(plan, current), str(exc))
 
     async def _stage_one(
         self,
@@ -299,14 +308,17 @@ class Daemon:
         def on_progress(data: dict[str, Any]) -> None:
             _take(progress, data)
 
-        item = {
-            "request_id": request_id,
-            "source": source_params(src),
-            "dest": dest,
-            "max_bytes": limit.max_bytes,
-            "quota_reason": limit.reason,
-        }
-        items = [item] if src else []
+        items = []
+        if src:  # a "dir" request (stage-out only job) just needs the job directory
+            items.append(
+                {
+                    "request_id": request_id,
+                    "source": source_params(src),
+                    "dest": dest,
+                    "max_bytes": limit.max_bytes,
+                    "quota_reason": limit.reason,
+                }
+            )
         result = await rpc.call(
             "stage", {"job": job_key, "user": user, "items": items}, on_progress
         )
@@ -344,7 +356,7 @@ class Daemon:
             st = session.get_one(Staging, staging_id)
             _apply(st, progress)
             self._save_files(session, st)
-            st.state, st.finished_at = "ready", time.time()
+            st.state, st.finished_at, st.attempts = "ready", time.time(), 0
             r = st.request
             what = f"{st.files_done} files, {st.bytes_done} bytes"
             if r.direction == "out":
@@ -386,6 +398,7 @@ class Daemon:
         with self.db.begin() as session:
             job = session.get_one(Job, action.job_id)
             job_key, ended_at, items = _job_key(job), job.ended_at or time.time(), []
+            who = {"user": job.user, "job_completed": job.state == "COMPLETED"}
             optional: dict[int, bool] = {}
             on_states = frozenset(self.settings.stage_out.on_states)
             for r in (r for r in job.requests if r.direction == "out"):
@@ -406,16 +419,19 @@ class Daemon:
             rpc = await self._agent(action.node) if items else None
             for current in items:
                 assert rpc is not None
-                await self._out_one(rpc, current, job_key, ended_at, optional[current[0]])
+                await self._out_one(
+                    rpc, current, job_key, ended_at, {**who, "optional": optional[current[0]]}
+                )
         except AgentError as exc:
             assert current is not None
             if exc.transient:
-                self._requeue_out(action, current[0], str(exc))
+                self._requeue_out(action, _from(items, current), str(exc))
             else:
                 self._fail(current[0], action, f"{_where(current)}{exc}")
+                self._requeue_out(action, _from(items, current)[1:], "after another failed")
         except TransportError as exc:
             assert current is not None
-            self._requeue_out(action, current[0], str(exc))
+            self._requeue_out(action, _from(items, current), str(exc))
 
     async def _out_one(
         self,
@@ -423,7 +439,7 @@ class Daemon:
         item: tuple[int, int, str, str, str, int],
         job_key: str,
         ended_at: float,
-        optional: bool,
+        flags: dict[str, Any],
     ) -> None:
         staging_id, request_id, src, dest, _text, _line = item
         bucket, key = parse_s3_url(dest)
@@ -437,6 +453,7 @@ class Daemon:
 
         params = {
             "job": job_key,
+            "user": flags["user"],
             "ended_at": ended_at,
             "trash_prefix": self.settings.stage_out.trash_prefix,
             "items": [
@@ -445,22 +462,26 @@ class Daemon:
                     "src": src,
                     "dest_bucket": bucket,
                     "dest_key": key,
-                    "optional": optional,
+                    "optional": flags["optional"],
+                    "job_completed": flags["job_completed"],
                 }
             ],
         }
         await rpc.call("stage_out", params, on_progress)
         self._finish(staging_id, progress)
 
-    def _requeue_out(self, action: planner.StageOut, staging_id: int, message: str) -> None:
+    def _requeue_out(self, action: planner.StageOut, staging_ids: list[int], message: str) -> None:
         assert self.db is not None
+        if not staging_ids:
+            return
         with self.db.begin() as session:
-            st = session.get_one(Staging, staging_id)
-            _apply(st, self._progress.pop(staging_id, Progress()))
-            self._save_files(session, st)
-            give_up = st.attempts >= MAX_STAGE_OUT_ATTEMPTS
-            st.state = "failed" if give_up else "queued"
-            st.error = f"will retry: {message}" if not give_up else message
+            for staging_id in staging_ids:
+                st = session.get_one(Staging, staging_id)
+                _apply(st, self._progress.pop(staging_id, Progress()))
+                self._save_files(session, st)
+                give_up = st.attempts >= MAX_STAGE_OUT_ATTEMPTS
+                st.state = "failed" if give_up else "queued"
+                st.error = f"will retry: {message}" if not give_up else message
             log_event(session, action.job_id, action.node, f"stage-out retry: {message}", "warning")
 
     def _save_files(self, session: Session, st: Staging) -> None:
@@ -513,6 +534,9 @@ class Daemon:
 
     async def _directives(self, info: JobInfo) -> Directives:
         """Find a job's directives where the site configured us to look, and authorize them."""
+        watched = set(self.settings.slurm.partitions)
+        if watched and not set(info.partition.split(",")) & watched:
+            return Directives("none", [], [])  # not ours to stage (slurm.partitions)
         for source in self.settings.slurm.directives_from:
             try:
                 parsed = await self._parsed(source, info)
@@ -737,7 +761,8 @@ class Daemon:
 def to_directives(source: str, parsed: dirs.ParsedDirectives, info: JobInfo) -> Directives:
     """What the watcher stores; any refused directive becomes the job's error."""
     if parsed.errors:
-        return Directives(source, [], [], error="; ".join(map(describe, parsed.errors)))
+        problems = [describe(p) for p in parsed.errors]
+        return Directives(source, [], [], error=dirs.summarize(problems))
     context = dirs.JobContext(
         job_id=info.job_id,
         user=info.user,
@@ -771,13 +796,22 @@ def to_directives(source: str, parsed: dirs.ParsedDirectives, info: JobInfo) -> 
 def describe(problem: dirs.DirectiveProblem) -> str:
     """A refused directive for users: its line when known, its text, and why."""
     where = f"line {problem.line}: " if problem.line else ""
-    return f"{where}{problem.text}: {problem.message}"
+    return f"{where}{dirs.shown(problem.text)}: {problem.message}"
 
 
 def source_params(src: str) -> dict[str, Any]:
     """A stored source URL as the agent's ``source`` parameter."""
     source = dirs.parse_source(src)
     return {"kind": source.kind, "bucket": source.bucket, "key": source.key, "path": source.path}
+
+
+def _from(
+    items: list[tuple[int, int, str, str, str, int]],
+    current: tuple[int, int, str, str, str, int] | None,
+) -> list[int]:
+    """Staging ids of ``current`` and every item after it (those not finished yet)."""
+    ids = [item[0] for item in items]
+    return ids[ids.index(current[0]) :] if current is not None and current[0] in ids else ids
 
 
 def _where(item: tuple[int, int, str, str, str, int]) -> str:
@@ -829,6 +863,7 @@ def _unfinished_outputs(jobs: list[Job]) -> list[tuple[str, str]]:
         (r.dest, _job_key(job))
         for job in jobs
         if _out_state(job) in ("pending", "queued", "running")
+        and (job.started_at is not None or job.ended_at is not None)
         for r in job.requests
         if r.direction == "out"
     ]

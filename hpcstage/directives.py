@@ -139,6 +139,23 @@ Directive = StageIn | StageOut
 _WHEN_VALUES = frozenset(when.value for when in When)
 
 
+SHOWN_CHARS = 200  # of a directive's text in a message
+SHOWN_PROBLEMS = 5
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Text for a message: control characters escaped, cut to ``limit`` characters."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return safe if len(safe) <= limit else f"{safe[:limit]}... ({len(text)} characters)"
+
+
+def summarize(problems: list[str]) -> str:
+    """The first few problems, then how many more: 10,000 bad lines make one short message."""
+    head = "; ".join(problems[:SHOWN_PROBLEMS])
+    rest = len(problems) - SHOWN_PROBLEMS
+    return head + (f"; and {rest} more" if rest > 0 else "")
+
+
 @dataclass(frozen=True)
 class DirectiveProblem:
     """One refused directive: where it was and why."""
@@ -148,7 +165,7 @@ class DirectiveProblem:
     message: str
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.message}: {self.text}"
+        return f"line {self.line}: {self.message}: {shown(self.text)}"
 
 
 @dataclass(frozen=True)
@@ -167,7 +184,7 @@ class ParsedDirectives:
     def raise_if_errors(self) -> None:
         """Raise one DirectiveError listing every problem, if there is any."""
         if self.errors:
-            raise DirectiveError("; ".join(str(problem) for problem in self.errors))
+            raise DirectiveError(summarize([str(problem) for problem in self.errors]))
 
 
 @dataclass(frozen=True)

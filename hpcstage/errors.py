@@ -7,6 +7,7 @@
     ├── ClusterError              the local development cluster could not be set up or reached
     ├── StoreError                the object store refused or failed a request
     │   ├── ObjectMissingError    no such object, bucket or file (never retried)
+    │   ├── ObjectChangedError    replaced since it was listed (list again, later)
     │   ├── TransientStoreError   worth retrying (5xx, SlowDown, connection reset, timeouts)
     │   └── CredentialError       never retried (expired/invalid credentials, access denied)
     └── TransportError            a node agent could not be reached or died
@@ -48,6 +49,10 @@ class StoreError(HpcstageError):
 
 class ObjectMissingError(StoreError):
     """The object, bucket or file does not exist."""
+
+
+class ObjectChangedError(StoreError):
+    """The object was replaced between listing and reading: list again, later."""
 
 
 class TransientStoreError(StoreError):

@@ -159,7 +159,7 @@ def _retarget(job: JobView) -> list[Action]:
 
 def _warm(job: JobView) -> bool:
     states = [job.node_states.get(node, "absent") for node in job.planned_nodes]
-    return bool(states) and all(state in DONE_STATES for state in states)
+    return bool(states) and all(state in (*DONE_STATES, "released") for state in states)
 
 
 def _end(job: JobView, now: float, grace: float) -> list[Action]:
@@ -177,7 +177,12 @@ def _end(job: JobView, now: float, grace: float) -> list[Action]:
     if any(s == IN_FLIGHT for s in job.node_states.values()):
         return []  # let the transfer finish; release on a later tick
     why = "warmup done" if job.kind == "warmup" else "job ended, lease grace over"
-    return [*(Release(job.id, node, why) for node in live), MarkReleased(job.id)]
+    actions: list[Action] = [Release(job.id, node, why) for node in live]
+    # Done only once every view is gone (a failed release is retried at the next tick);
+    # failed inputs keep their state on record, so they do not hold this up.
+    if all(job.node_states[node] == "failed" for node in live):
+        actions.append(MarkReleased(job.id))
+    return actions
 
 
 def _bounded(stages: list[Stage], inflight: Mapping[str, int], limit: int) -> list[Stage]:

@@ -79,6 +79,7 @@ def walk(view: Path, src: PurePosixPath, dest_key: str) -> Iterator[Output | Ski
     """
     if ".." in src.parts or src.is_absolute():
         raise HpcstageError(f"stage-out source {src} leaves the job directory")
+    _check_parents(view, src)
     top = view / src
     try:
         st = os.lstat(top)
@@ -88,6 +89,22 @@ def walk(view: Path, src: PurePosixPath, dest_key: str) -> Iterator[Output | Ski
         yield from _walk_dir(view, top, dest_key)
     else:
         yield _one(view, top, st, key_for(dest_key, False, "", top.name))
+
+
+def _check_parents(view: Path, src: PurePosixPath) -> None:
+    """Refuse a SRC whose directories include a symlink (``a -> /`` then ``a/etc``)."""
+    current = view
+    for part in src.parts[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return  # walk() reports the missing source
+        if not stat.S_ISDIR(st.st_mode):
+            raise HpcstageError(
+                f"stage-out source {src}: {current.relative_to(view)} is not a directory "
+                "inside the job directory (symlinks are not followed)"
+            )
 
 
 def _walk_dir(view: Path, top: Path, dest_key: str) -> Iterator[Output | Skipped]:

@@ -60,6 +60,7 @@ from botocore.parsers import ResponseParserError
 
 from hpcstage.errors import (
     CredentialError,
+    ObjectChangedError,
     ObjectMissingError,
     StoreError,
     TransientStoreError,
@@ -626,6 +627,13 @@ class S3Store:
                 # An HTML page or foreign XML parses to nothing: that is no listing, and taking
                 # it for the last page would stage part of an input as if it were all of it.
                 raise StoreError(f"{where}: the store's answer is not a listing")
+            token = page.get("NextContinuationToken")
+            more = bool(page.get("IsTruncated") and token)
+            if more:
+                # Checked before the page is used: a repeated page yields nothing twice.
+                if token in tokens:
+                    raise StoreError(f"{where}: the store's listing goes round in circles")
+                tokens.add(token)  # one short string per page: 1000 for a 10^6-key prefix
             for item in page.get("Contents", []):
                 key = item.get("Key")
                 if isinstance(key, str) and not key.startswith(prefix):
@@ -633,12 +641,8 @@ class S3Store:
                 if isinstance(key, str) and key.endswith("/"):
                     continue
                 yield self._checked_ref(where, key, item.get("ETag"), item.get("Size"))
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
+            if not more:
                 return
-            if token in tokens:
-                raise StoreError(f"{where}: the store's listing goes round in circles")
-            tokens.add(token)  # one short string per page: 1000 for a 10^6-key prefix
             params["ContinuationToken"] = token
 
     async def head(self, key: str) -> ObjectRef:
@@ -755,7 +759,9 @@ class S3Store:
     def _check_same(self, ref: ObjectRef, etag: object) -> None:
         # The ETag of each response, not If-Match: not every S3 server honours If-Match.
         if ref.etag and etag and _etag(etag) != ref.etag:
-            raise StoreError(f"get {self.url(ref.key)}: the object changed since it was listed")
+            raise ObjectChangedError(
+                f"get {self.url(ref.key)}: the object changed since it was listed"
+            )
 
     def _check_announced(self, ref: ObjectRef, announced: object) -> None:
         """A whole GET's Content-Length must be the listed size (before any byte is read)."""
@@ -1159,7 +1165,7 @@ class FsStore:
     async def _check_same(self, ref: ObjectRef, fd: int) -> None:
         stat = await self._fs("stat", ref.key, lambda: os.fstat(fd))
         if (str(stat.st_mtime_ns), stat.st_size) != (ref.etag, ref.size):
-            raise StoreError(f"read {ref.key}: the file changed since it was listed")
+            raise ObjectChangedError(f"read {ref.key}: the file changed since it was listed")
 
     # -- upload / copy / delete ----------------------------------------------------------------
 

@@ -100,13 +100,14 @@ async def _admit(
         return None
     if session.scalar(select(Job).where(Job.slurm_job_id == info.job_id)) is not None:
         return None  # ended earlier and already handled
+    # Column limits: slurmctld accepts longer names than PostgreSQL would store.
     job = Job(
         kind="job",
         slurm_job_id=info.job_id,
-        name=info.name,
-        user=info.user,
-        account=info.account,
-        partition=info.partition,
+        name=info.name[:256],
+        user=info.user[:64],
+        account=info.account[:64],
+        partition=info.partition[:64],
         state=info.state,
         directive_source=found.source,
         error=found.error,
@@ -150,7 +151,8 @@ def _request(direction: str, position: int, d: dict[str, object]) -> Request:
 
 def _update(job: Job, info: JobInfo, now: float) -> bool:
     before = (job.state, job.nodes, job.planned_nodes)
-    job.state, job.state_reason, job.priority = info.state, info.state_reason, info.priority
+    job.state, job.priority = info.state[:32], info.priority
+    job.state_reason = info.state_reason[:128]
     job.expected_start = info.start_time if info.state == "PENDING" else job.expected_start
     job.planned_nodes = ",".join(info.planned_nodes)
     if info.nodes:

@@ -20,6 +20,7 @@ from hpcstage.transfer.transport import cache_dir_for
 from hpcstage.units import format_size
 
 ENSURE_EVERY = 5.0  # seconds between nudges to the daemon while waiting
+SAY_EVERY = 5.0  # seconds between progress lines on stderr
 
 
 def _client(config_path: Path | None) -> tuple[Client, Any]:
@@ -86,7 +87,8 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
 
 def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    last_nudge = 0.0
+    last_nudge = last_said = 0.0
+    said = ""
     while True:
         if time.monotonic() - last_nudge > ENSURE_EVERY:
             doc = client.post(f"/api/v1/jobs/{job_id}/ensure")
@@ -102,7 +104,11 @@ def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
             raise HpcstageError(
                 f"inputs not ready on {node} after {timeout:.0f}s ({_progress_line(doc, node)})"
             )
-        click.echo(f"hpcstage: waiting for inputs on {node}: {_progress_line(doc, node)}", err=True)
+        line = f"hpcstage: waiting for inputs on {node}: {_progress_line(doc, node)}"
+        # Progress when it changes, at most every few seconds: job logs stay readable.
+        if line != said and time.monotonic() - last_said > SAY_EVERY:
+            click.echo(line, err=True)
+            said, last_said = line, time.monotonic()
         time.sleep(1)
 
 

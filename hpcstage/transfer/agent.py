@@ -19,8 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from hpcstage.cache import CacheError, NodeCache, PendingObject
-from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
+from hpcstage.cache import CacheError, NodeCache, PendingObject, key_dest
+from hpcstage.errors import (
+    CredentialError,
+    HpcstageError,
+    ObjectChangedError,
+    StoreError,
+    TransientStoreError,
+)
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
 from hpcstage.store import FsStore, ObjectStore, S3Store
@@ -122,6 +128,9 @@ class Agent:
         from hpcstage.transfer.uploader import Uploader
 
         job = str(params["job"])
+        # The job is over: its user loses access to the directory before we read it, so no
+        # leftover process can swap a file for a symlink between our checks and the upload.
+        await asyncio.to_thread(revoke_access, self.cache.jobs / job, str(params.get("user", "")))
         uploader = Uploader(
             self,
             job,
@@ -243,6 +252,12 @@ class Agent:
         """The store holding ``source``, the key or prefix to read, and whether it is a prefix."""
         if source["kind"] == "path":
             path = os.path.normpath(source["path"])
+            if os.path.realpath(path) != path:
+                # The policy allowed the path as written; a symlink must not lead elsewhere.
+                raise HpcstageError(
+                    f"{path} leads through a symlink to "
+                    f"{os.path.realpath(path)}: name the real path"
+                )
             is_dir = os.path.isdir(path)
             root = path if is_dir else os.path.dirname(path)
             store = self._stores.setdefault(f"file:{root}", FsStore(Path(root), retry=self.retry))
@@ -356,11 +371,11 @@ class _Fetcher:
 
 
 def _view_path(ref: ObjectRef, prefix: str | None, dest: PurePosixPath) -> PurePosixPath:
-    """Where ``ref`` appears in the job's view; hostile keys are refused later by link()."""
+    """Where ``ref`` appears in the job's view; hostile keys are refused before any fetch."""
     if prefix is None:
         return dest
     rel = ref.key[len(prefix) :] if ref.key.startswith(prefix) else ref.key
-    return dest / rel.lstrip("/") if rel else dest
+    return key_dest(dest, rel, ref.key)
 
 
 async def _report(progress: ProgressFn, counters: Counters, request_id: int) -> None:
@@ -408,6 +423,21 @@ def grant_access(view: Path, user: str) -> bool:
     if done.returncode != 0:
         log.warning("cannot set ACLs on %s: %s", view, done.stderr.strip())
     return done.returncode == 0
+
+
+def revoke_access(view: Path, user: str) -> None:
+    """Remove the job user's ACL entries from the view (idempotent; best effort)."""
+    if not user or user == _self_user() or not view.exists():
+        return
+    done = subprocess.run(
+        ["setfacl", "-x", f"u:{user},d:u:{user}", str(view)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    if done.returncode != 0 and "No such" not in done.stderr:
+        log.warning("cannot revoke ACLs on %s: %s", view, done.stderr.strip())
 
 
 def _self_user() -> str:
@@ -466,7 +496,7 @@ async def _handle(
             raise HpcstageError(f"unknown op {message.get('op')!r}")
         send({"event": "result", "data": await handler(message.get("params", {}), progress)})
     except (HpcstageError, OSError) as exc:
-        transient = isinstance(exc, TransientStoreError)
+        transient = isinstance(exc, TransientStoreError | ObjectChangedError)
         send({"event": "error", "message": _user_message(exc), "transient": transient})
     except Exception as exc:  # never let one bad call kill the agent's other work
         log.exception("call %s failed", message.get("op"))

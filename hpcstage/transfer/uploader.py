@@ -77,9 +77,11 @@ class Uploader:
                 lambda: list(walk(view, PurePosixPath(item["src"]), item["dest_key"]))
             )
         except HpcstageError as exc:
-            if not item.get("optional"):
+            absent = "does not exist" in str(exc)
+            if not absent or not (item.get("optional") or not item.get("job_completed", True)):
                 raise
-            found = [Skipped(item["src"], f"optional output absent: {exc}")]
+            # Optional, or the job failed before writing it: nothing to keep, nothing lost.
+            found = [Skipped(item["src"], f"absent: {exc}")]
         outputs = [o for o in found if isinstance(o, Output)]
         for skip in (s for s in found if isinstance(s, Skipped)):
             report.add(
@@ -157,7 +159,10 @@ class Uploader:
                 outcome["trash_key"] = trash_key(
                     self.trash_prefix, self.ended_at, self.job, output.key
                 )
-                await store.copy(output.key, outcome["trash_key"])
+                # A retried stage-out finds the recycle-bin copy of the original from the first
+                # run already there: keep it, never overwrite it with this job's own output.
+                if await store.head_or_none(outcome["trash_key"]) is None:
+                    await store.copy(output.key, outcome["trash_key"])
             ref = await store.upload(path, output.key)
             _verify(ref, output, md5)
             outcome["state"] = "uploaded"

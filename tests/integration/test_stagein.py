@@ -6,6 +6,7 @@ Every test runs twice: with the default SQLite state and with PostgreSQL.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import sqlite3
@@ -206,3 +207,18 @@ def _assert_no_partial_files(view: Path, size: int) -> None:
         if path.is_file():
             assert path.stat().st_size == size, f"partial file visible in the view: {path}"
             assert ".tmp" not in path.name, path
+
+
+def test_a_shared_filesystem_directory_is_staged_too(stager: Stager) -> None:
+    shared = Path(stager.dev.info.base) / "shared" / f"set-{uuid.uuid4().hex[:6]}"
+    (shared / "sub").mkdir(parents=True)
+    files = {"a.txt": b"alpha\n", "sub/b.bin": os.urandom(70_000)}
+    for rel, body in files.items():
+        (shared / rel).write_bytes(body)
+    (shared / "escape").symlink_to("/etc/passwd")  # leaves the shared tree: never staged
+    for path in [shared.parent, shared, shared / "sub"]:
+        path.chmod(0o755)
+    job = stager.submit("alice", CHECKSUM_JOB.format(src=f"{shared}/", dest=shared.name))
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    got = parse_sums(stager.output("alice", job))
+    assert got == {rel: hashlib.sha256(body).hexdigest() for rel, body in files.items()}

@@ -255,3 +255,19 @@ def _out_files_done(doc: dict[str, Any]) -> int:
 def test_wait_until_helper_is_real() -> None:
     with pytest.raises(Exception, match="timed out"):
         wait_until("never", lambda: False, 0.3, None)
+
+
+def test_a_symlinked_directory_in_the_source_path_is_refused(stager: Stager) -> None:
+    prefix = f"parent-{uuid.uuid4().hex[:8]}/"
+    script = f"""#!/bin/bash
+#HPCSTAGE --stage-out=a/etc:s3://{BUCKET}/{prefix}
+eval "$(hpcstage env)"
+ln -s / "$HPCSTAGE_DIR/a"
+"""
+    job = stager.submit("bob", script, "--account=bio")
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+    doc = wait_stage_out(stager, job)
+    assert doc["stage_out"] == "failed"
+    errors = [st["error"] for r in doc["requests"] for st in r["nodes"].values() if st["error"]]
+    assert any("symlinks are not followed" in e for e in errors), errors
+    assert s3_objects(stager.dev, prefix) == {}  # nothing of /etc left the node

@@ -121,7 +121,17 @@ def test_minimal_file_gets_documented_defaults() -> None:
         256 * MIB,
     )
     assert (s.transfer.retries, s.transfer.backoff_base, s.transfer.backoff_max) == (6, 0.5, 30.0)
-    assert s.stage_out.on_states == ["COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"]
+    assert s.stage_out.on_states == [
+        "COMPLETED",
+        "FAILED",
+        "TIMEOUT",
+        "CANCELLED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "DEADLINE",
+        "BOOT_FAIL",
+    ]
     assert (s.stage_out.trash_prefix, s.stage_out.trash_retention) == (
         ".hpcstage-trash/",
         30 * 86400.0,

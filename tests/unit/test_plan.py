@@ -77,7 +77,9 @@ def test_ended_job_keeps_its_lease_for_the_grace_period() -> None:
     assert plan([view], NOW, GRACE, {}) == []
     later = plan([view], NOW + GRACE, GRACE, {})
     assert releases(later) == [(1, "n1")]
-    assert MarkReleased(1) in later
+    assert MarkReleased(1) not in later  # only once the release really happened
+    gone = job(state="COMPLETED", ended_at=NOW - 10, node_states={"n1": "released"})
+    assert plan([gone], NOW + GRACE, GRACE, {}) == [MarkReleased(1)]
 
 
 def test_ended_job_waits_for_transfers_in_flight() -> None:
@@ -96,7 +98,13 @@ def test_warmup_is_staged_then_released_at_once() -> None:
     )
     actions = plan([done], NOW, GRACE, {})
     assert releases(actions) == [(1, "n1"), (1, "n2")]
-    assert MarkReleased(1) in actions
+    released = job(
+        kind="warmup",
+        state="WARMUP",
+        planned_nodes=("n1", "n2"),
+        node_states={"n1": "released", "n2": "released"},
+    )
+    assert plan([released], NOW, GRACE, {}) == [MarkReleased(1)]  # and never staged again
 
 
 def test_node_state_aggregation() -> None:
