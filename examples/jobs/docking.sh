@@ -22,6 +22,6 @@ mkdir -p results
 for f in $(find ligands -type f | sort); do
   echo "$(basename "$f" .sdf) $(cksum < "$f" | cut -c1-4)"
 done > results/scores.txt
-sort -k2 -n results/scores.txt | head -3 > results/best.txt
+sort -k2 -n results/scores.txt | sed -n 1,3p > results/best.txt  # (head would SIGPIPE sort under pipefail)
 echo "best ligands:"; cat results/best.txt
 sleep 2
