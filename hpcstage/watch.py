@@ -15,23 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hpcstage.db import Event, Job, Request
-from hpcstage.slurm.model import JobInfo, QueueSnapshot
+from hpcstage.slurm.model import FINISHED_STATES, JobInfo, QueueSnapshot
 
-ENDED_STATES = frozenset(
-    {
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-        "TIMEOUT",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "BOOT_FAIL",
-        "DEADLINE",
-        "PREEMPTED",
-        "SPECIAL_EXIT",
-        "REVOKED",
-    }
-)
+# Slurm's final states, plus the two flags it shows instead of one for requeued/federated jobs.
+ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
 
 
 @dataclass(frozen=True)

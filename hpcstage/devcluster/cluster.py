@@ -22,21 +22,12 @@ from typing import Any
 
 from hpcstage.devcluster import proc, render, users
 from hpcstage.errors import ClusterError
+from hpcstage.slurm.model import FINISHED_STATES
 
 DEFAULT_NODES = ("n1", "n2", "n3")
 STATE_FILE = "cluster.json"
 BUCKETS = ("datasets", "results")
-ENDED = (
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "PREEMPTED",
-)
+ENDED = tuple(sorted(FINISHED_STATES))
 SPANK_TIMEOUT = 120  # seconds the plugin's helper waits for a job's inputs
 REQUIRED_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged", "munge")
 

@@ -7,7 +7,7 @@ import hashlib
 import os
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from hpcstage.client import ApiError, Client, client_for
 from hpcstage.config import load_config
 from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import hpcstage_bin, start_daemon, stop_daemon
+from hpcstage.devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config
 
 
 @dataclass
@@ -95,6 +95,22 @@ class Stager:
         if self.jobs:
             proc.run(["scancel", *map(str, self.jobs)], env=self.dev.client_env(), check=False)
             self.jobs.clear()
+
+
+def running_stager(dev: DevCluster, name: str, **config: Any) -> Iterator[Stager]:
+    """A module fixture's body: a daemon with its own site config and fresh state, stopped after.
+
+    ``config`` goes to write_site_config (policy=, extra=, concurrency=, lease_grace=, ...).
+    """
+    path = write_site_config(dev, name=f"{name}.toml", **config)
+    (Path(dev.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
+    st = Stager(dev, path, f"daemon-{name}.log")
+    st.start()
+    try:
+        yield st
+    finally:
+        st.cancel_all()
+        st.stop()
 
 
 def wait_until(what: str, pred: Callable[[], bool], timeout: float, log: Path | None) -> None:

@@ -13,9 +13,8 @@ import pytest
 
 from hpcstage import auth
 from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import write_site_config
 
-from .staging import Stager, make_dataset, small_files
+from .staging import Stager, make_dataset, running_stager, small_files
 
 pytestmark = pytest.mark.integration
 
@@ -44,15 +43,7 @@ bio = "300KiB"
 
 @pytest.fixture(scope="module")
 def stager(cluster: DevCluster) -> Iterator[Stager]:
-    config = write_site_config(cluster, name="security.toml", policy=POLICY, extra=QUOTAS)
-    (Path(cluster.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
-    st = Stager(cluster, config, "daemon-security.log")
-    st.start()
-    try:
-        yield st
-    finally:
-        st.cancel_all()
-        st.stop()
+    yield from running_stager(cluster, "security", policy=POLICY, extra=QUOTAS)
 
 
 def chem_dataset(stager: Stager, count: int = 5, account: str = "chem") -> str:

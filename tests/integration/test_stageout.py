@@ -6,15 +6,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import write_site_config
 
-from .staging import Stager, fetched_on, parse_sums, wait_until
+from .staging import Stager, fetched_on, parse_sums, running_stager, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +21,7 @@ BUCKET = "results"
 
 @pytest.fixture(scope="module")
 def stager(cluster: DevCluster) -> Iterator[Stager]:
-    config = write_site_config(cluster, concurrency=8, name="stageout.toml", lease_grace="5s")
-    (Path(cluster.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
-    st = Stager(cluster, config, "daemon-stageout.log")
-    st.start()
-    try:
-        yield st
-    finally:
-        st.cancel_all()
-        st.stop()
+    yield from running_stager(cluster, "stageout", concurrency=8, lease_grace="5s")
 
 
 def writer_job(dest: str, body: str, extra: str = "") -> str:
