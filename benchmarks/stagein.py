@@ -97,14 +97,56 @@ def proc_status_kib(pid: int, field_name: str) -> int:
     return 0
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (0.0 if gone)."""
+def proc_cpu_s(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of a live process (0.0 if gone); with ``children``, also
+    those of its children that it has reaped (the daemon's squeue, munge, ssh helpers)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    used = int(fields[11]) + int(fields[12])
+    if children:
+        used += int(fields[13]) + int(fields[14])
+    return used / CLK_TCK
+
+
+def cpu_by_process(mark: str) -> dict[int, tuple[str, float]]:
+    """Every process's label and CPU seconds (its own and its reaped children's).
+
+    The label is the program (the script for Python) and its first argument; ``[bench]`` marks
+    processes of this benchmark (their command line mentions ``mark``, the base directory).
+    """
+    found: dict[int, tuple[str, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        argv = [a for a in argv if a]
+        if argv and Path(argv[0]).name.startswith("python") and len(argv) > 1:
+            argv = argv[1:]
+        label = " ".join([Path(argv[0]).name, *argv[1:2]]) if argv else "[kernel]"
+        if mark in " ".join(argv):
+            label += " [bench]"
+        used = sum(int(f) for f in fields[11:15]) / CLK_TCK
+        found[int(entry.name)] = (label, used)
+    return found
+
+
+def top_cpu(before: dict[int, tuple[str, float]], mark: str, n: int = 6) -> list[tuple[str, float]]:
+    """The ``n`` labels that used the most CPU since ``before`` (processes that started and
+    ended in between count in their parent's children time)."""
+    totals: dict[str, float] = {}
+    for pid, (label, used) in cpu_by_process(mark).items():
+        old = before.get(pid)
+        delta = used - (old[1] if old and old[0] == label else 0.0)
+        if delta > 0.05:
+            totals[label] = totals.get(label, 0.0) + delta
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:n]
 
 
 def find_agent(node: str, cache: Path) -> int:
@@ -178,6 +220,35 @@ def run_timed(
     # GNU time prefixes "Command exited with non-zero status N" when the tool failed.
     maxrss, utime, stime = usage.read_text().split("\n")[-2].split()
     return Timed(seconds, child.returncode, int(maxrss), float(utime) + float(stime))
+
+
+def system_busy_s() -> float:
+    """CPU seconds spent busy by the whole machine since boot (all cores, from /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def wait_quiet(max_busy: float, timeout: float) -> float:
+    """Wait until the machine is idle (busy < ``max_busy`` of all cores over 3 s).
+
+    Other people's test runs on a shared machine would make the numbers meaningless. Returns
+    the busy fraction seen last; after ``timeout`` it gives up waiting and says so.
+    """
+    deadline = time.monotonic() + timeout
+    warned = False
+    while True:
+        before = system_busy_s()
+        time.sleep(3)
+        busy = (system_busy_s() - before) / 3 / (os.cpu_count() or 1)
+        if busy < max_busy:
+            return busy
+        if time.monotonic() > deadline:
+            say(f"  WARNING: machine still {busy:.0%} busy after {timeout:.0f} s; going on")
+            return busy
+        if not warned:
+            say(f"  waiting for the machine to be idle ({busy:.0%} busy)...")
+            warned = True
 
 
 def sync_seconds() -> float:
@@ -412,38 +483,31 @@ def wait_gone(pid: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def api_client(ctx: Context) -> Client:
+def wait_api(ctx: Context) -> None:
+    """Until the daemon's API answers (health needs no credential)."""
     client = Client(f"http://{load_config(ctx.config).api.listen}", timeout=10)
     deadline = time.monotonic() + 60
     while True:
         try:
             client.get("/api/v1/health")
-            return client
+            return
         except ApiError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
 
-def api_warmup(client: Client, src: str, node: str, timeout: float = 120) -> dict[str, Any]:
-    warm = client.post("/api/v1/warmups", {"src": src, "nodes": [node], "user": "bench"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc: dict[str, Any] = client.get(f"/api/v1/warmups/{warm['id']}")
-        st = doc["requests"][0]["nodes"].get(node) if doc["requests"] else None
-        if st and st["finished_at"]:
-            if st["state"] not in ("ready", "released"):
-                raise RuntimeError(f"warmup of {src} on {node}: {st['state']} {st['error']}")
-            return doc
-        time.sleep(0.1)
-    raise RuntimeError(f"warmup of {src} on {node} did not finish in {timeout}s")
+def warmup_argv(ctx: Context, src: str, node: str) -> list[str]:
+    """``hpcstage warmup`` as users run it (the CLI authenticates to the API with MUNGE)."""
+    return [hpcstage_bin(), "warmup", src, "--nodes", node, "--json", "--config", str(ctx.config)]
 
 
 @contextlib.contextmanager
-def daemon(ctx: Context, log_name: str) -> Iterator[Client]:
+def daemon(ctx: Context, log_name: str) -> Iterator[None]:
     ctx.daemon_pid = start_daemon(ctx.dev, ctx.config, log_name=log_name)
     try:
-        yield api_client(ctx)
+        wait_api(ctx)
+        yield
     finally:
         stop_daemon(ctx.daemon_pid)
         ctx.daemon_pid = 0
@@ -472,38 +536,40 @@ def profiled(ctx: Context, pid: int, name: str) -> Iterator[None]:
 def run_hpcstage(ctx: Context, ds: Dataset, src: str) -> Run:
     node = NODE_FOR[ds.name]
     wipe_cache(ctx, node)
-    with daemon(ctx, f"daemon-{ds.name}.log") as client:
+    with daemon(ctx, f"daemon-{ds.name}.log"):
         # Open the agent session first: on a site the daemon keeps it open across jobs, so the
         # steady state is a warm agent. The cold start is measured and reported on its own.
-        start = time.perf_counter()
-        api_warmup(client, f"s3://{BUCKET}/{PING_KEY}", node)
-        cold_start = time.perf_counter() - start
+        ping = ctx.logs / f"{ds.name}-hpcstage-ping.json"
+        argv = warmup_argv(ctx, f"s3://{BUCKET}/{PING_KEY}", node)
+        cold = run_timed(argv, log=ping, timeout=120)
+        if cold.rc != 0:
+            raise RuntimeError(f"hpcstage warmup (ping) exited {cold.rc}: {ping.read_text()}")
+        cold_start = cold.seconds
         agent = find_agent(node, node_cache(ctx, node))
         rss_before = proc_status_kib(agent, "VmRSS")
-        cpu0 = proc_cpu_s(agent), proc_cpu_s(ctx.daemon_pid), s3_server_cpu(ctx)
-        samples: list[tuple[float, int]] = []
+        cpu0 = proc_cpu_s(agent), proc_cpu_s(ctx.daemon_pid, True), s3_server_cpu(ctx)
+        samples: list[tuple[float, int, int]] = []
         os.sync()
         t0 = time.perf_counter()
         wall0 = time.time()
 
         def sample() -> None:
-            samples.append((time.perf_counter() - t0, proc_status_kib(agent, "VmRSS")))
+            rss, hwm = proc_status_kib(agent, "VmRSS"), proc_status_kib(agent, "VmHWM")
+            samples.append((time.perf_counter() - t0, rss, hwm))
 
-        argv = [hpcstage_bin(), "warmup", src, "--nodes", node, "--json"]
-        argv += ["--config", str(ctx.config)]
+        argv = warmup_argv(ctx, src, node)
         log = ctx.logs / f"{ds.name}-hpcstage.json"
         every = 0.5 if ds.name != "million" else 5.0
         with profiled(ctx, agent, f"agent-{ds.name}"):
             timed = run_timed(
                 argv,
-                env=dict(os.environ),
                 log=log,
                 timeout=ctx.args.timeout,
                 sample=sample,
                 every=every,
             )
         agent_cpu = proc_cpu_s(agent) - cpu0[0]
-        daemon_cpu = proc_cpu_s(ctx.daemon_pid) - cpu0[1]
+        daemon_cpu = proc_cpu_s(ctx.daemon_pid, True) - cpu0[1]  # with its squeue calls
         server = s3_server_cpu(ctx) - cpu0[2]
         agent_hwm = proc_status_kib(agent, "VmHWM")
         daemon_hwm = proc_status_kib(ctx.daemon_pid, "VmHWM")
@@ -538,7 +604,7 @@ def run_hpcstage(ctx: Context, ds: Dataset, src: str) -> Run:
             "agent_stage_s": st["finished_at"] - st["started_at"],
             "cold_start_s": cold_start,
             "rss_samples": [
-                (round(t, 1), kib) for t, kib in samples[:: max(1, len(samples) // 60)]
+                (round(t, 1), rss, hwm) for t, rss, hwm in samples[:: max(1, len(samples) // 40)]
             ],
         },
     )
@@ -589,13 +655,21 @@ def run_scenario(ctx: Context, ds: Dataset) -> None:
         raise RuntimeError(f"the store lists {len(listing.splitlines())} objects of {ds.files}")
     for rep in range(ctx.args.repeat):
         for tool in TOOLS:
+            busy = wait_quiet(ctx.args.max_busy, ctx.args.quiet_timeout)
             load = os.getloadavg()[0]
+            system0 = system_busy_s()
+            procs0 = cpu_by_process(str(ctx.base))
             if tool == "hpcstage":
                 run = run_hpcstage(ctx, ds, f"s3://{BUCKET}/{ds.prefix}")
             else:
                 run = run_peer(ctx, tool, ds)
             run.extra["repeat"] = rep
             run.extra["load_before"] = load
+            run.extra["busy_before"] = busy
+            # CPU burnt during the run by anything but the tool and the S3 server (others'
+            # jobs, kernel threads flushing the page cache, sshd, ...).
+            run.extra["other_cpu_s"] = system_busy_s() - system0 - run.cpu_s - run.server_cpu_s
+            run.extra["top_cpu"] = top_cpu(procs0, str(ctx.base))
             ctx.runs.append(run)
             say("  " + describe(run))
             time.sleep(2)  # let the server settle
@@ -603,9 +677,15 @@ def run_scenario(ctx: Context, ds: Dataset) -> None:
 
 def run_million(ctx: Context, ds: Dataset) -> None:
     say(f"\n==> million: agent peak RSS while staging {ds.files} objects from {ds.local}/")
+    busy = wait_quiet(ctx.args.max_busy, ctx.args.quiet_timeout)
     load = os.getloadavg()[0]
+    system0 = system_busy_s()
+    procs0 = cpu_by_process(str(ctx.base))
     run = run_hpcstage(ctx, ds, f"{ds.local}/")
     run.extra["load_before"] = load
+    run.extra["busy_before"] = busy
+    run.extra["other_cpu_s"] = system_busy_s() - system0 - run.cpu_s - run.server_cpu_s
+    run.extra["top_cpu"] = top_cpu(procs0, str(ctx.base))
     ctx.runs.append(run)
     say("  " + describe(run))
 
@@ -654,6 +734,9 @@ def machine_facts(dev: DevCluster, s5cmd: str, rclone: str) -> dict[str, str]:
             break
     mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
     commit = out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    diff = ["git", "-C", str(REPO), "diff", "--shortstat", "HEAD", "--", "hpcstage"]
+    changed = out(diff)  # read-only; "?" when nothing differs
+    commit += "" if changed == "?" else f" + uncommitted changes in hpcstage/: {changed}"
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "cores": f"{os.cpu_count()} ({cpu})",
@@ -735,7 +818,8 @@ def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) ->
             f"agent {e['agent_cpu_s']:.1f} s, daemon {e['daemon_cpu_s']:.1f} s, CLI "
             f"{e['cli_cpu_s']:.1f} s. Agent RSS {e['agent_rss_before_kib'] / 1024:.0f} MiB "
             f"before, peak {run.rss_kib / 1024:.0f} MiB. Opening the agent (SSH, start-up, "
-            f"hello) and staging one 1-byte object took {e['cold_start_s']:.2f} s before timing."
+            f"hello) with an `hpcstage warmup` of one 1-byte object took {e['cold_start_s']:.2f} s "
+            "before timing."
         )
     for name in ("small", "large"):
         hp, best = median_runs(ctx.runs, name, "hpcstage"), _best_peer(ctx.runs, name)
@@ -745,9 +829,20 @@ def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) ->
                 f"- {name}: counted to when the daemon recorded the data ready instead of to the "
                 f"end of the command, hpcstage is at {ratio:.2f}x the best peer ({best.tool})."
             )
-    loads = ", ".join(f"{r.scenario}/{r.tool} {r.extra['load_before']:.2f}" for r in ctx.runs)
-    if loads:
-        details.append(f"- 1-minute load average before each run: {loads}.")
+    if ctx.runs:
+        details.append(
+            "- Interference check. Each run waited for the machine to be idle (less than "
+            f"{ctx.args.max_busy:.0%} of all cores busy over 3 s). Per run: busy fraction and "
+            "1-minute load average just before; CPU seconds used during the run by everything "
+            "but the tool and the S3 server; and the processes that used the most CPU during "
+            "the run (`[bench]`: this benchmark's own; children's time counts in the parent's):"
+        )
+    for r in ctx.runs:
+        top = ", ".join(f"`{label}` {used:.1f}" for label, used in r.extra.get("top_cpu", []))
+        details.append(
+            f"  - {r.scenario}/{r.tool}: {r.extra['busy_before']:.0%} busy, load "
+            f"{r.extra['load_before']:.2f}; others {r.extra['other_cpu_s']:.1f} s; top: {top}."
+        )
     syncs = ", ".join(
         f"{r.scenario}/{r.tool} {r.sync_s:.2f} s" for r in ctx.runs if r.scenario != "million"
     )
@@ -767,13 +862,16 @@ def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) ->
             f"{'met' if target else 'NOT met'}** ({million.rss_kib / 1024:.0f} MiB)"
             + ("." if full else "; a full million was not measured in this run.")
         )
-        curve = ", ".join(f"{t:.0f} s: {kib / 1024:.0f}" for t, kib in e["rss_samples"])
+        curve = ", ".join(
+            f"{t:.0f} s: {rss / 1024:.0f}/{hwm / 1024:.0f}" for t, rss, hwm in e["rss_samples"]
+        )
         details.append(
             f"- million: {million.files:,} one-byte objects from the shared-filesystem path "
             f"`{datasets['million'].local}/` (FsStore) in {million.seconds:.0f} s "
             f"({million.files_per_s:,.0f} files/s); agent peak RSS {million.rss_kib / 1024:.0f} "
             f"MiB (VmHWM; {e['agent_rss_before_kib'] / 1024:.0f} MiB before staging), daemon "
-            f"peak RSS {e['daemon_rss_kib'] / 1024:.0f} MiB. Agent RSS over time (MiB): {curve}."
+            f"peak RSS {e['daemon_rss_kib'] / 1024:.0f} MiB. Agent RSS / peak so far over "
+            f"time (MiB): {curve}."
         )
     lines += [*details, "", "Targets:", "", *verdicts, ""]
     return "\n".join(lines)
@@ -819,6 +917,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=("small", "large", "million"))
     p.add_argument("--repeat", type=int, default=1, help="runs per tool; the median is reported")
     p.add_argument("--timeout", type=float, default=7200, help="per run, seconds")
+    p.add_argument("--max-busy", type=float, default=0.10, help="idle threshold before runs")
+    p.add_argument("--quiet-timeout", type=float, default=1800, help="max wait for idle, s")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--no-docs", action="store_true", help="do not write the docs")
     p.add_argument("--profile", metavar="DIR", help="py-spy the agent (implies --no-docs)")
