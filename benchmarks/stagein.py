@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from hpcstage import __version__ as HPCSTAGE_VERSION  # noqa: E402
@@ -353,7 +354,6 @@ class Context:
     dev: DevCluster
     base: Path
     config: Path
-    env: dict[str, str]
     s5cmd: str
     rclone: str
     logs: Path
@@ -753,8 +753,17 @@ def machine_facts(dev: DevCluster, s5cmd: str, rclone: str) -> dict[str, str]:
     }
 
 
-def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) -> str:
-    a = ctx.args
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``render`` needs to know about how the tools were run (saved with the results)."""
+    keys = ("concurrency", "s5cmd_workers", "rclone_transfers", "rclone_checkers", "repeat")
+    return {**{k: int(getattr(args, k)) for k in keys}, "max_busy": float(args.max_busy)}
+
+
+def render(
+    settings: dict[str, Any], runs: list[Run], facts: dict[str, str], million_path: str
+) -> str:
+    """The Markdown block for docs/benchmarks.md."""
+    a = argparse.Namespace(**settings)
     lines = [
         f"### Results of {facts['date']}",
         "",
@@ -778,14 +787,14 @@ def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) ->
     ]
     verdicts: list[str] = []
     for name in ("small", "large"):
-        if name not in datasets:
+        first = next((r for r in runs if r.scenario == name), None)
+        if first is None:
             continue
-        ds = datasets[name]
-        label = f"{name}: {ds.files:,} x {_size(ds.bytes // ds.files)}"
-        best = _best_peer(ctx.runs, name)
-        limit = median_runs(ctx.runs, name, "cp")
+        label = f"{name}: {first.files:,} x {_size(first.bytes // first.files)}"
+        best = _best_peer(runs, name)
+        limit = median_runs(runs, name, "cp")
         for tool in TOOLS:
-            run = median_runs(ctx.runs, name, tool)
+            run = median_runs(runs, name, tool)
             if run is None:
                 continue
             rss = f"{run.rss_kib / 1024:.0f}"
@@ -794,11 +803,11 @@ def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) ->
             vs_peer = f"{run.files_per_s / best.files_per_s:.2f}x" if best and tool != "cp" else ""
             vs_cp = f"{run.files_per_s / limit.files_per_s:.2f}x" if limit else ""
             table.append(
-                f"| {label} | {tool} | {run.seconds:.2f} | {run.files_per_s:,.0f} | "
+                f"| {label} | {tool} | {run.seconds:.2f} | {_rate(run.files_per_s)} | "
                 f"{run.mb_per_s:,.1f} | {rss} | {run.cpu_s:.1f} | {run.server_cpu_s:.1f} | "
                 f"{vs_peer} | {vs_cp} |"
             )
-        hp = median_runs(ctx.runs, name, "hpcstage")
+        hp = median_runs(runs, name, "hpcstage")
         if hp and best:
             ratio = hp.files_per_s / best.files_per_s
             verdicts.append(
@@ -807,7 +816,7 @@ def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) ->
             )
     lines += [*table, ""]
     details = ["Details of the hpcstage runs:", ""]
-    for run in ctx.runs:
+    for run in runs:
         if run.tool != "hpcstage" or run.scenario == "million":
             continue
         e = run.extra
@@ -822,36 +831,36 @@ def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) ->
             "before timing."
         )
     for name in ("small", "large"):
-        hp, best = median_runs(ctx.runs, name, "hpcstage"), _best_peer(ctx.runs, name)
+        hp, best = median_runs(runs, name, "hpcstage"), _best_peer(runs, name)
         if hp and best:
             ratio = best.seconds / hp.extra["ready_s"]
             details.append(
                 f"- {name}: counted to when the daemon recorded the data ready instead of to the "
                 f"end of the command, hpcstage is at {ratio:.2f}x the best peer ({best.tool})."
             )
-    if ctx.runs:
+    if runs:
         details.append(
             "- Interference check. Each run waited for the machine to be idle (less than "
-            f"{ctx.args.max_busy:.0%} of all cores busy over 3 s). Per run: busy fraction and "
+            f"{a.max_busy:.0%} of all cores busy over 3 s). Per run: busy fraction and "
             "1-minute load average just before; CPU seconds used during the run by everything "
             "but the tool and the S3 server; and the processes that used the most CPU during "
             "the run (`[bench]`: this benchmark's own; children's time counts in the parent's):"
         )
-    for r in ctx.runs:
+    for r in runs:
         top = ", ".join(f"`{label}` {used:.1f}" for label, used in r.extra.get("top_cpu", []))
         details.append(
             f"  - {r.scenario}/{r.tool}: {r.extra['busy_before']:.0%} busy, load "
             f"{r.extra['load_before']:.2f}; others {r.extra['other_cpu_s']:.1f} s; top: {top}."
         )
     syncs = ", ".join(
-        f"{r.scenario}/{r.tool} {r.sync_s:.2f} s" for r in ctx.runs if r.scenario != "million"
+        f"{r.scenario}/{r.tool} {r.sync_s:.2f} s" for r in runs if r.scenario != "million"
     )
     if syncs:
         details.append(
             f"- `sync` right after each run (not in the times above; hpcstage has already "
             f"fsynced every object, the others have not): {syncs}."
         )
-    million = next((r for r in ctx.runs if r.scenario == "million"), None)
+    million = next((r for r in runs if r.scenario == "million"), None)
     if million is not None:
         e = million.extra
         target = million.rss_kib < 300 * 1024
@@ -867,7 +876,7 @@ def render(ctx: Context, facts: dict[str, str], datasets: dict[str, Dataset]) ->
         )
         details.append(
             f"- million: {million.files:,} one-byte objects from the shared-filesystem path "
-            f"`{datasets['million'].local}/` (FsStore) in {million.seconds:.0f} s "
+            f"`{million_path}/` (FsStore) in {million.seconds:.0f} s "
             f"({million.files_per_s:,.0f} files/s); agent peak RSS {million.rss_kib / 1024:.0f} "
             f"MiB (VmHWM; {e['agent_rss_before_kib'] / 1024:.0f} MiB before staging), daemon "
             f"peak RSS {e['daemon_rss_kib'] / 1024:.0f} MiB. Agent RSS / peak so far over "
@@ -882,20 +891,25 @@ def _best_peer(runs: list[Run], scenario: str) -> Run | None:
     return max(found, key=lambda r: r.files_per_s) if found else None
 
 
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
+
+
 def _size(n: int) -> str:
     return f"{n // MIB} MiB" if n >= MIB else f"{n // 1024} KiB" if n >= 1024 else f"{n} B"
 
 
 def write_docs(path: Path, block: str) -> None:
-    """Replace the generated block of ``path`` (or create the file around it)."""
-    generated = f"{BEGIN}\n{block}\n{END}"
-    if path.exists() and BEGIN in path.read_text():
-        text = path.read_text()
+    """Replace the generated block of ``path``; append it if there is none; create the file."""
+    generated = f"{BEGIN}\n{block}\n{END}\n"
+    new = "# Benchmarks\n\n## Stage-in (benchmarks/stagein.py)\n"
+    text = path.read_text() if path.exists() else new
+    if BEGIN in text and END in text:
         head, _, rest = text.partition(BEGIN)
         _, _, tail = rest.partition(END)
-        path.write_text(head + generated + tail)
+        path.write_text(head + generated.rstrip("\n") + tail)
     else:
-        path.write_text(f"# Benchmarks\n\n## Stage-in (benchmarks/stagein.py)\n\n{generated}\n")
+        path.write_text(text.rstrip("\n") + "\n\n" + generated)
 
 
 # ---------------------------------------------------------------------------- main
@@ -919,9 +933,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=7200, help="per run, seconds")
     p.add_argument("--max-busy", type=float, default=0.10, help="idle threshold before runs")
     p.add_argument("--quiet-timeout", type=float, default=1800, help="max wait for idle, s")
-    p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--docs", type=Path, default=DOCS)
     p.add_argument("--no-docs", action="store_true", help="do not write the docs")
     p.add_argument("--profile", metavar="DIR", help="py-spy the agent (implies --no-docs)")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="only rewrite the docs from a saved results file (no cluster, no root)",
+    )
     args = p.parse_args()
     args.s5cmd_workers = args.s5cmd_workers or args.concurrency
     args.rclone_transfers = args.rclone_transfers or args.concurrency
@@ -940,8 +960,30 @@ def s5cmd_binary() -> str:
     return str(found if found.exists() else Path(sys.executable).parent / "s5cmd")
 
 
+def rerender(path: Path, args: argparse.Namespace) -> int:
+    """The docs block again from a saved results file (e.g. after a change of the layout)."""
+    saved = json.loads(path.read_text())
+    runs = [Run(**r) for r in saved["runs"]]
+    for run in runs:
+        run.extra["rss_samples"] = [tuple(x) for x in run.extra.get("rss_samples", [])]
+    settings = saved.get("settings")
+    if settings is None:  # results saved before "settings" existed: from the argv strings
+        old = saved["args"]
+        keys = ("concurrency", "s5cmd_workers", "rclone_transfers", "rclone_checkers", "repeat")
+        settings = {**{k: int(old[k]) for k in keys}, "max_busy": float(old["max_busy"])}
+    million = saved.get("million_path") or f"{saved['args']['base']}/data/million"
+    block = render(settings, runs, saved["facts"], million)
+    say(block)
+    if not args.no_docs:
+        write_docs(args.docs, block)
+        say(f"wrote {args.docs}")
+    return 0
+
+
 def main() -> int:
     args = parse_args()
+    if args.render:
+        return rerender(args.render, args)
     if os.geteuid() != 0:
         sys.exit("run as root: the dev cluster starts Slurm and sshd")
     if not Path(GNU_TIME).exists():
@@ -965,7 +1007,7 @@ def main() -> int:
         for k, v in facts.items():
             say(f"  {k}: {v}")
         config = write_site_config(dev, concurrency=args.concurrency, name="bench.toml")
-        ctx = Context(args, dev, base, config, dict(os.environ), s5cmd, rclone, logs, dest)
+        ctx = Context(args, dev, base, config, s5cmd, rclone, logs, dest)
         datasets = prepare(ctx)
         for name in args.scenarios:
             if name == "million":
@@ -975,16 +1017,23 @@ def main() -> int:
         results = {
             "facts": facts,
             "args": {k: str(v) for k, v in vars(args).items()},
+            "settings": settings_of(args),
+            "million_path": str(datasets["million"].local) if "million" in datasets else "",
             "runs": [asdict(r) for r in ctx.runs],
         }
         out = base / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
-        block = render(ctx, facts, datasets)
+        block = render(results["settings"], ctx.runs, facts, results["million_path"])
         say("\n" + block)
         say(f"raw results: {out}")
         if not args.no_docs:
             write_docs(args.docs, block)
             say(f"wrote {args.docs}")
+            if args.docs.resolve() == DOCS.resolve():
+                kept = REPO / "benchmarks" / "results" / "stagein.json"  # what the docs show
+                kept.parent.mkdir(exist_ok=True)
+                shutil.copyfile(out, kept)
+                say(f"wrote {kept} (--render rewrites the docs from it)")
         return 0
     finally:
         if ctx is not None and ctx.daemon_pid:
