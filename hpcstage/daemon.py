@@ -49,10 +49,19 @@ from hpcstage.watch import Directives, log_event, split_nodes, sync
 log = logging.getLogger("hpcstage.daemon")
 
 MAX_TRANSPORT_ATTEMPTS = 5
+# After a node's agent dies or cannot be reached, wait before trying it again: 2 s, 4 s, ...
+# up to a minute. Five attempts thus ride out about a minute of a node being unreachable.
+NODE_BACKOFF_BASE = 2.0
+NODE_BACKOFF_MAX = 60.0
 TRASH_EXPIRY_EVERY = 3600.0  # seconds between recycle-bin sweeps
 EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
 FLUSH_EVERY = 1.0  # seconds between progress writes to the database
+
+
+def reconnect_delay(failures: int) -> float:
+    """Seconds to wait before trying a node again after ``failures`` (>= 1) in a row."""
+    return float(min(NODE_BACKOFF_BASE * 2 ** min(failures - 1, 16), NODE_BACKOFF_MAX))
 
 
 @dataclass
@@ -79,6 +88,8 @@ class Daemon:
     _files: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _ignored: set[int] = field(default_factory=set)
     _node_addr: dict[str, str] = field(default_factory=dict)
+    # node -> (consecutive transport failures, time before which it is not tried again)
+    _node_down: dict[str, tuple[int, float]] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _credentials: dict[str, str] | None = None
@@ -225,7 +236,7 @@ class Daemon:
             self._mark_released(action.job_id)
             return
         key = (action.job_id, action.node)
-        if key in self._tasks:
+        if key in self._tasks or self._backing_off(action.node):
             return
         if isinstance(action, planner.Stage):
             coro = self._stage(action)
@@ -290,6 +301,7 @@ class Daemon:
             else:
                 self._fail(current[0], action, f"{_where(current)}{exc}")
         except TransportError as exc:
+            self._node_failed(action.node)
             self._requeue(action, _from(plan, current), str(exc))
 
     async def _stage_one(
@@ -431,6 +443,7 @@ class Daemon:
                 self._requeue_out(action, _from(items, current)[1:], "after another failed")
         except TransportError as exc:
             assert current is not None
+            self._node_failed(action.node)
             self._requeue_out(action, _from(items, current), str(exc))
 
     async def _out_one(
@@ -587,7 +600,21 @@ class Daemon:
 
     async def _agent(self, node: str) -> RpcClient:
         assert self._pool is not None
-        return await self._pool.get(node)
+        rpc = await self._pool.get(node)
+        self._node_down.pop(node, None)
+        return rpc
+
+    def _node_failed(self, node: str) -> None:
+        """Count a transport failure on ``node`` and hold its next attempt back (capped)."""
+        failures = self._node_down.get(node, (0, 0.0))[0] + 1
+        delay = reconnect_delay(failures)
+        self._node_down[node] = (failures, time.time() + delay)
+        log.warning("node %s: next attempt in %.0f s (failure %d in a row)", node, delay, failures)
+
+    def _backing_off(self, node: str) -> bool:
+        """True while ``node`` waits out its backoff (the main loop polls, so it is retried)."""
+        down = self._node_down.get(node)
+        return down is not None and time.time() < down[1]
 
     async def _open_agent(self, node: str) -> AgentSession:
         nodes = self.settings.nodes

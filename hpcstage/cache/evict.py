@@ -9,8 +9,10 @@ Two passes, in order:
    running eviction again after every single fetch.
 
 Leased entries (linked into a job's view) are never chosen, even if that leaves the cache above
-its high watermark: a job's inputs matter more than the fill level. Per-account quotas, when
-they come, are one more pass over the same entries (with an account field) before the watermarks.
+its high watermark: a job's inputs matter more than the fill level.
+
+``EvictionPass`` applies the policy to a stream of entries (what a node cache with millions of
+objects does); ``choose_evictions`` applies it to a list (tests, small callers).
 """
 
 from __future__ import annotations
@@ -29,6 +31,52 @@ class Entry:
     leased: bool
 
 
+class EvictionPass:
+    """The policy applied one entry at a time, in LRU order, without holding a snapshot.
+
+    A node cache with 10^6 objects streams its index through ``offer()`` a page at a time;
+    ``total`` is the indexed bytes (leased included) when the pass starts. Entries must come
+    oldest access first (ties by id): then every expired entry comes before every fresh one,
+    and the result equals the two passes described in the module docstring.
+    """
+
+    def __init__(
+        self, total: int, capacity: int, high: float, low: float, ttl: float, now: float
+    ) -> None:
+        """``capacity`` in bytes; ``high``/``low`` fractions of it; ``ttl`` in seconds."""
+        _check_policy(capacity, high, low, ttl)
+        self.total = total
+        self.cutoff = now - ttl
+        self._high = high * capacity
+        self._low = low * capacity
+        self._over_high: bool | None = None  # decided at the first fresh candidate
+        self.done = False
+
+    def needed(self, oldest_access: float | None) -> bool:
+        """False when no entry can be chosen (below the high mark and nothing expired)."""
+        expired = oldest_access is not None and oldest_access < self.cutoff
+        return expired or self.total > self._high
+
+    def offer(self, entry: Entry) -> bool:
+        """True if ``entry`` is to be evicted (the caller must then evict it)."""
+        if self.done or entry.leased:
+            return False
+        if entry.last_access < self.cutoff:
+            self.total -= entry.size
+            return True
+        if self._over_high is None:
+            self._over_high = self.total > self._high
+        if not self._over_high or self.total <= self._low:
+            self.done = True  # fresh entries come in LRU order: nothing later qualifies
+            return False
+        self.total -= entry.size
+        return True
+
+    def forget(self, size: int) -> None:
+        """An indexed entry vanished (its file was gone): it no longer counts."""
+        self.total -= size
+
+
 def choose_evictions(
     entries: Sequence[Entry],
     capacity: int,
@@ -42,20 +90,13 @@ def choose_evictions(
     ``capacity`` is in bytes; ``high`` and ``low`` are fractions of it with ``0 <= low <= high``;
     ``ttl`` is in seconds (``math.inf`` disables the TTL pass); ``now`` is a Unix time.
     """
-    _check_policy(capacity, high, low, ttl)
-    candidates = sorted((e for e in entries if not e.leased), key=_lru_key)
-    cutoff = now - ttl
-    expired = [e for e in candidates if e.last_access < cutoff]
-    fresh = [e for e in candidates if e.last_access >= cutoff]
-    chosen = [e.cache_id for e in expired]
-    total = sum(e.size for e in entries) - sum(e.size for e in expired)
-    if total <= high * capacity:
-        return chosen
-    for entry in fresh:
-        if total <= low * capacity:
+    policy = EvictionPass(sum(e.size for e in entries), capacity, high, low, ttl, now)
+    chosen = []
+    for entry in sorted(entries, key=_lru_key):
+        if policy.offer(entry):
+            chosen.append(entry.cache_id)
+        elif policy.done:
             break
-        chosen.append(entry.cache_id)
-        total -= entry.size
     return chosen
 
 

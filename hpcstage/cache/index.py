@@ -6,14 +6,17 @@ bytes; the reverse (a file without a row) is cleaned up by ``NodeCache.reconcile
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from hpcstage.cache.layout import CacheError
 
 SCHEMA_VERSION = 1
+PAGE = 1000  # rows per page when walking the whole index
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -77,6 +80,10 @@ class Index:
         # `hpcstage cache ls` may read while the agent writes.
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute(_SCHEMA)
+        # Eviction walks objects oldest access first, a page at a time (no full sort per page).
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS objects_lru ON objects (last_access, cache_id)"
+        )
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -91,10 +98,57 @@ class Index:
         return Row(*found) if found else None
 
     def rows(self) -> list[Row]:
-        """Every row, oldest access first."""
+        """Every row, oldest access first (small caches and tests; see ``lru`` for big ones)."""
+        return [row for page in self.lru() for row in page]
+
+    def summary(self) -> tuple[int, int, float | None]:
+        """Row count, total bytes and the oldest access (None when empty), in one query."""
         with self._lock:
-            found = self._db.execute(_SELECT + " ORDER BY last_access, cache_id").fetchall()
-        return [Row(*values) for values in found]
+            count, total, oldest = self._db.execute(
+                "SELECT count(*), coalesce(sum(size), 0), min(last_access) FROM objects"
+            ).fetchone()
+        return int(count), int(total), oldest
+
+    def lru(self, page: int | None = None) -> Iterator[list[Row]]:
+        """Every row, oldest access first, ``page`` rows at a time.
+
+        The lock is held per page only, so fetches commit in between; rows touched meanwhile
+        move behind the cursor and may come again later with their new time.
+        """
+        after: tuple[float, str] = (-math.inf, "")
+        page = page or PAGE
+        while True:
+            with self._lock:
+                found = self._db.execute(
+                    _SELECT + " WHERE (last_access, cache_id) > (?, ?)"
+                    " ORDER BY last_access, cache_id LIMIT ?",
+                    (*after, page),
+                ).fetchall()
+            if not found:
+                return
+            rows = [Row(*values) for values in found]
+            yield rows
+            after = (rows[-1].last_access, rows[-1].cache_id)
+
+    def id_range(self, low: str, high: str) -> dict[str, int]:
+        """cache_id -> size for ids with ``low <= cache_id < high`` (one fan-out directory)."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT cache_id, size FROM objects WHERE cache_id >= ? AND cache_id < ?",
+                (low, high),
+            ).fetchall()
+        return {cache_id: size for cache_id, size in found}
+
+    def put_many(self, rows: list[Row]) -> None:
+        """Insert or replace several rows in one transaction (one WAL commit)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(_INSERT, [astuple(row) for row in rows])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def put(self, row: Row) -> None:
         """Insert or replace the row for ``row.cache_id``."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 
-from hpcstage.cache.evict import Entry, choose_evictions
+from hpcstage.cache.evict import Entry, EvictionPass
 from hpcstage.cache.index import Index, Row
 from hpcstage.cache.layout import (
     INDEX,
@@ -48,6 +48,7 @@ from hpcstage.cache.views import check_dest, link_into, remove_tree
 from hpcstage.identity import ObjectRef
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_FANOUT = re.compile(r"[0-9a-f]{2}")
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Partial bytes are private until committed; the committed object becomes OBJECT_MODE (0444).
 _TEMP_MODE = 0o600
@@ -307,35 +308,56 @@ class NodeCache:
 
         Deletes every temp file, drops rows whose file is missing or has the wrong size, and
         deletes object files without a row (their bytes cannot be verified). Checksums are not
-        re-read: that would cost a full read of the cache at every start.
+        re-read: that would cost a full read of the cache at every start. Works one fan-out
+        directory at a time, so memory stays small with millions of objects.
         """
+        totals = [0, 0, 0, 0, 0]  # temps, dropped rows, orphans, objects, bytes
         with self._lock:
-            sizes = {row.cache_id: row.size for row in self._index.rows()}
-            temps, orphans = 0, 0
-            kept: dict[str, int] = {}
-            for entry in self._object_files():
-                if is_temp_name(entry.name):
-                    temps += 1
-                elif self._is_indexed_file(entry, sizes):
-                    kept[entry.name] = sizes[entry.name]
-                    continue
-                else:
-                    orphans += 1
-                Path(entry.path).unlink(missing_ok=True)
-            dropped = [cache_id for cache_id in sizes if cache_id not in kept]
-            for cache_id in dropped:
-                self._index.delete(cache_id)
-        return ReconcileReport(temps, len(dropped), orphans, len(kept), sum(kept.values()))
+            with os.scandir(self.objects) as top:
+                names = [(e.name, e.is_dir(follow_symlinks=False), e.path) for e in top]
+            for name, is_dir, path in names:
+                if not is_dir:
+                    totals[0 if is_temp_name(name) else 2] += 1
+                    Path(path).unlink(missing_ok=True)
+                elif not _FANOUT.fullmatch(name):
+                    totals[2] += self._clear_foreign_dir(Path(path))
+            for n in range(256):
+                self._reconcile_fanout(f"{n:02x}", totals)
+        return ReconcileReport(*totals)
 
-    def _object_files(self) -> Iterator[os.DirEntry[str]]:
-        """Every non-directory under ``objects/`` and its fan-out directories."""
-        with os.scandir(self.objects) as top:
-            for entry in list(top):
+    def _reconcile_fanout(self, prefix: str, totals: list[int]) -> None:
+        upper = f"{int(prefix, 16) + 1:02x}" if prefix != "ff" else "g"
+        sizes = self._index.id_range(prefix, upper)
+        kept: set[str] = set()
+        try:
+            with os.scandir(self.objects / prefix) as inner:
+                entries = [e for e in inner if not e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if is_temp_name(entry.name):
+                totals[0] += 1
+            elif self._is_indexed_file(entry, sizes):
+                kept.add(entry.name)
+                totals[3] += 1
+                totals[4] += sizes[entry.name]
+                continue
+            else:
+                totals[2] += 1
+            Path(entry.path).unlink(missing_ok=True)
+        for cache_id in sizes.keys() - kept:
+            self._index.delete(cache_id)
+            totals[1] += 1
+
+    def _clear_foreign_dir(self, path: Path) -> int:
+        """Files in a directory of ``objects/`` that no cache_id maps to: remove them."""
+        removed = 0
+        with os.scandir(path) as inner:
+            for entry in list(inner):
                 if not entry.is_dir(follow_symlinks=False):
-                    yield entry
-                    continue
-                with os.scandir(entry.path) as inner:
-                    yield from [e for e in inner if not e.is_dir(follow_symlinks=False)]
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def _is_indexed_file(self, entry: os.DirEntry[str], sizes: dict[str, int]) -> bool:
         """True if ``entry`` is a regular file at its cache_id's place with the indexed size."""
@@ -344,15 +366,20 @@ class NodeCache:
         return entry.is_file(follow_symlinks=False) and entry.stat().st_size == sizes[entry.name]
 
     def usage(self) -> Usage:
-        """Indexed bytes and objects, and the part of them leased by job views."""
-        entries = self._entries()
-        leased = [e for e in entries if e.leased]
-        return Usage(
-            bytes=sum(e.size for e in entries),
-            objects=len(entries),
-            leased_bytes=sum(e.size for e in leased),
-            leased_objects=len(leased),
-        )
+        """Indexed bytes and objects, and the part of them leased by job views.
+
+        Streams the index a page at a time (one lstat per object for the lease count).
+        """
+        count, total, leased_objects, leased_bytes = 0, 0, 0, 0
+        for page in self._index.lru():
+            for row in page:
+                nlink = _link_count(object_path(self.objects, row.cache_id))
+                if nlink is None:
+                    continue  # lookup() drops the row; nothing here to count
+                count, total = count + 1, total + row.size
+                if nlink > 1:
+                    leased_objects, leased_bytes = leased_objects + 1, leased_bytes + row.size
+        return Usage(total, count, leased_bytes, leased_objects)
 
     def evict(
         self, max_bytes: int, high: float, low: float, ttl: float, now: float | None = None
@@ -361,27 +388,52 @@ class NodeCache:
 
         ``max_bytes`` is the cache's capacity, ``high``/``low`` fractions of it, ``ttl`` in
         seconds; ``now`` defaults to the clock. Leased objects are never evicted. In-flight
-        downloads are not counted.
+        downloads are not counted. See ``evict_iter`` for caches with very many objects.
         """
-        with self._lock:
-            when = self._clock() if now is None else now
-            chosen = choose_evictions(self._entries(), max_bytes, high, low, ttl, when)
-            for cache_id in chosen:
-                # Row first: a crash in between leaves an unindexed file, which reconcile removes.
-                self._index.delete(cache_id)
-                object_path(self.objects, cache_id).unlink(missing_ok=True)
-        return chosen
+        return list(self.evict_iter(max_bytes, high, low, ttl, now))
 
-    def _entries(self) -> list[Entry]:
-        """A snapshot of indexed objects for the eviction policy, with their lease state."""
-        entries: list[Entry] = []
-        for row in self._index.rows():
-            try:
-                st = object_path(self.objects, row.cache_id).lstat()
-            except FileNotFoundError:
-                continue  # lookup() drops the row; nothing here to evict or count
-            entries.append(Entry(row.cache_id, row.size, row.last_access, st.st_nlink > 1))
-        return entries
+    def evict_iter(
+        self, max_bytes: int, high: float, low: float, ttl: float, now: float | None = None
+    ) -> Iterator[str]:
+        """``evict()`` one object at a time: yields each cache_id as it is evicted.
+
+        A pass that has nothing to do costs one aggregate query. Otherwise the index is walked
+        oldest access first, a page at a time, and the lock that ``link()`` takes is held per
+        object (its lease check and removal), never across the pass.
+        """
+        when = self._clock() if now is None else now
+        count, total, oldest = self._index.summary()
+        policy = EvictionPass(total, max_bytes, high, low, ttl, when)
+        if count == 0 or not policy.needed(oldest):
+            return
+        for page in self._index.lru():
+            for row in page:
+                if self._evict_one(policy, row):
+                    yield row.cache_id
+                if policy.done:
+                    return
+
+    def _evict_one(self, policy: EvictionPass, row: Row) -> bool:
+        path = object_path(self.objects, row.cache_id)
+        with self._lock:
+            nlink = _link_count(path)
+            if nlink is None:
+                policy.forget(row.size)  # lookup() drops the row; nothing here to evict
+                return False
+            if not policy.offer(Entry(row.cache_id, row.size, row.last_access, nlink > 1)):
+                return False
+            # Row first: a crash in between leaves an unindexed file, which reconcile removes.
+            self._index.delete(row.cache_id)
+            path.unlink(missing_ok=True)
+        return True
+
+
+def _link_count(path: Path) -> int | None:
+    """Hard links of the file at ``path`` (a job view's link makes it > 1), None if missing."""
+    try:
+        return path.lstat().st_nlink
+    except FileNotFoundError:
+        return None
 
 
 def _file_size(path: Path) -> int | None:

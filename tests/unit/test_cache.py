@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from hpcstage.cache import CacheError, NodeCache, PendingObject
+from hpcstage.cache import CacheError, Entry, NodeCache, PendingObject, choose_evictions
 from hpcstage.identity import ObjectRef
 
 
@@ -441,3 +441,65 @@ def test_evict_does_nothing_below_high(cache: NodeCache) -> None:
     store(cache, "a", b"abc")
     assert cache.evict(max_bytes=100, high=0.9, low=0.5, ttl=3600) == []
     assert cache.usage().objects == 1
+
+
+# -- big caches: paged walks --------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Index walks two rows per page, so a handful of objects spans several pages."""
+    monkeypatch.setattr("hpcstage.cache.index.PAGE", 2)
+
+
+@pytest.mark.usefixtures("tiny_pages")
+def test_paged_eviction_matches_the_pure_policy(cache: NodeCache, clock: Clock) -> None:
+    refs = []
+    for n in range(7):
+        refs.append(store(cache, f"k{n}", bytes([n]) * 10))
+        clock.now += 30
+    cache.link("1", "k2", refs[2][1])  # leased: skipped, never evicted
+    clock.now += 100
+    entries = [
+        Entry(ref.cache_id, 10, 1_000_000.0 + 30 * n, n == 2) for n, (ref, _) in enumerate(refs)
+    ]
+    expected = choose_evictions(entries, 70, 0.9, 0.45, 10**6, clock.now)
+    assert len(expected) == 4  # 70 bytes in a 70-byte cache: down to 31.5 bytes, k2 stays
+    assert cache.evict(max_bytes=70, high=0.9, low=0.45, ttl=10**6) == expected
+    left = [n for n, (ref, _) in enumerate(refs) if cache.lookup(ref) is not None]
+    assert left == [2, 5, 6]
+    usage = cache.usage()
+    assert (usage.objects, usage.bytes, usage.leased_objects) == (3, 30, 1)
+
+
+@pytest.mark.usefixtures("tiny_pages")
+def test_paged_ttl_eviction_reaches_every_page(cache: NodeCache, clock: Clock) -> None:
+    old = [store(cache, f"old{n}", b"o")[0] for n in range(5)]
+    clock.now += 7200
+    fresh = store(cache, "fresh", b"f")[0]
+    evicted = cache.evict(max_bytes=10**9, high=0.9, low=0.5, ttl=3600)
+    assert sorted(evicted) == sorted(ref.cache_id for ref in old)
+    assert cache.lookup(fresh) is not None
+
+
+def test_eviction_with_nothing_to_do_does_not_walk_the_index(
+    cache: NodeCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store(cache, "a", b"abc")
+
+    def walk(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the index was walked")
+
+    monkeypatch.setattr(cache._index, "lru", walk)
+    assert cache.evict(max_bytes=100, high=0.9, low=0.5, ttl=3600) == []
+
+
+def test_reconcile_clears_directories_no_cache_id_maps_to(cache: NodeCache) -> None:
+    ref, _ = store(cache, "kept", b"keep")
+    foreign = cache.objects / "zz"
+    foreign.mkdir()
+    (foreign / ("a" * 64)).write_bytes(b"?")
+    report = cache.reconcile()
+    assert (report.orphans_removed, report.objects, report.rows_dropped) == (1, 1, 0)
+    assert cache.lookup(ref) is not None
+    assert list(foreign.iterdir()) == []
