@@ -33,6 +33,7 @@ import math
 import os
 import re
 import secrets
+import ssl
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -67,6 +68,7 @@ from hpcstage.errors import (
 )
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy, with_retries
+from hpcstage.s3get import Endpoint, LeanGet, LeanStats, SigV4
 
 if TYPE_CHECKING:
     from aiobotocore.response import StreamingBody
@@ -90,6 +92,9 @@ S3_MAX_COPY: Final = 5 * GIB  # CopyObject's limit; larger objects are copied in
 _STREAM_CHUNK: Final = 1 * MIB  # bytes buffered per connection before one pwrite
 _FILE_CHUNK: Final = 8 * MIB  # pread/pwrite size for local and shared-filesystem copies
 _PLAIN_MD5: Final = re.compile(r"[0-9a-fA-F]{32}")
+LEAN_MAX: Final = 1 * MIB  # objects up to this size try the lean GET first (hpcstage.s3get)
+_INLINE_WRITE: Final = 64 * 1024  # bodies up to this size are written on the event loop
+_PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy")
 
 
 @dataclass(frozen=True)
@@ -444,6 +449,58 @@ def translate_s3_error(exc: BaseException, where: str) -> StoreError:
     return StoreError(f"{where}: {type(exc).__name__}: {exc}")
 
 
+def _make_lean(
+    endpoint_url: str,
+    bucket: str,
+    region: str,
+    addressing_style: str,
+    credentials: Mapping[str, str] | None,
+    verify_tls: bool,
+    ca_bundle: str | Path | None,
+    connect_timeout: float,
+    read_timeout: float,
+    max_connections: int,
+) -> LeanGet | None:
+    """The lean GET client for this store, or None where the SDK must do every request.
+
+    The SDK keeps: credential chains (only explicit keys are signed here), proxies, and the
+    ``auto`` addressing style; ``Endpoint.for_bucket`` refuses what it does not handle.
+    """
+    if credentials is None or not credentials.get("access_key"):
+        return None
+    if any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARIABLES):
+        return None
+    try:
+        endpoint = Endpoint.for_bucket(endpoint_url, bucket, addressing_style)
+    except ValueError:
+        return None
+    context = None
+    if endpoint.tls:
+        cafile = str(ca_bundle or os.environ.get("AWS_CA_BUNDLE") or "") or None
+        if cafile is None:
+            from botocore.httpsession import get_cert_path
+
+            cafile = str(get_cert_path(True))
+        context = ssl.create_default_context(cafile=cafile)
+        if not verify_tls:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    signer = SigV4(
+        credentials["access_key"],
+        credentials.get("secret_key", ""),
+        credentials.get("token") or "",
+        region,
+    )
+    return LeanGet(
+        endpoint,
+        signer,
+        ssl_context=context,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_idle=max_connections,
+    )
+
+
 def _etag(value: object) -> str:
     return str(value or "").strip('"')
 
@@ -478,6 +535,7 @@ class S3Store:
         on_retry: OnRetry | None = None,
         upload_memory: int = 1 * GIB,
         list_page_size: int = 1000,
+        lean_get: bool = True,
     ) -> None:
         if part_size < S3_MIN_PART or max_connections < 1:
             raise ValueError("part_size must be at least 5 MiB and max_connections at least 1")
@@ -511,6 +569,25 @@ class S3Store:
         self._stack = AsyncExitStack()
         self._lock = asyncio.Lock()
         self._s3: S3Client | None = None
+        self._lean: LeanGet | None = None
+        if lean_get:
+            self._lean = _make_lean(
+                self.store_id,
+                bucket,
+                region,
+                addressing_style,
+                credentials,
+                verify_tls,
+                ca_bundle,
+                connect_timeout,
+                read_timeout,
+                max_connections,
+            )
+
+    @property
+    def lean_stats(self) -> LeanStats | None:
+        """What the lean GET path served and handed back (None when it is not used)."""
+        return self._lean.stats if self._lean is not None else None
 
     @staticmethod
     def _make_client_args(
@@ -551,6 +628,8 @@ class S3Store:
         async with self._lock:
             self._s3 = None
             await self._stack.aclose()
+            if self._lean is not None:
+                await self._lean.close()
 
     def url(self, key: str) -> str:
         """``s3://bucket/key``, as messages name objects (control characters escaped)."""
@@ -667,6 +746,10 @@ class S3Store:
         if (ref.store, ref.bucket) != (self.store_id, self.bucket):
             raise ValueError(f"{ref} does not belong to {self.store_id} bucket {self.bucket}")
         tracker = _PartProgress(progress)
+        if self._lean is not None and ref.size <= LEAN_MAX and ref.size < self._threshold:
+            done = await self._get_lean(self._lean, ref, dest_fd, tracker)
+            if done is not None:
+                return done
         if ref.size < self._threshold:
             md5, sha256 = await self._retried(
                 "get", ref.key, lambda: self._get_whole(ref, dest_fd, tracker)
@@ -676,6 +759,23 @@ class S3Store:
             md5, sha256 = await asyncio.to_thread(_hash_fd, dest_fd, ref.size)
             _check_md5(self.url(ref.key), ref.etag, md5)
         return DownloadResult(md5, sha256, ref.size)
+
+    async def _get_lean(
+        self, lean: LeanGet, ref: ObjectRef, fd: int, tracker: _PartProgress
+    ) -> DownloadResult | None:
+        """The small-object fast path (see hpcstage.s3get); None: do it through the SDK."""
+        body = await lean.get(ref.key, ref.size, ref.etag)
+        if body is None:
+            return None
+        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        if _PLAIN_MD5.fullmatch(ref.etag) and ref.etag.lower() != md5:
+            return None  # the SDK path fetches again, verifies and retries or reports
+        if len(body) <= _INLINE_WRITE:
+            _pwrite_all(fd, body, 0, ())  # a few KiB into the page cache: no thread hop
+        else:
+            await asyncio.to_thread(_pwrite_all, fd, body, 0, ())
+        tracker.update(0, len(body))
+        return DownloadResult(md5, hashlib.sha256(body).hexdigest(), len(body))
 
     async def _get_whole(self, ref: ObjectRef, fd: int, tracker: _PartProgress) -> tuple[str, str]:
         hashers = _new_hashers()

@@ -3,8 +3,11 @@
 One directory per node, owned by the agent's service account (layout in ``cache/layout.py``).
 Objects are written crash-safely: a download goes to ``<cache_id>.tmp-<random>`` in the same
 directory, is fsynced, made read-only and renamed into place, the directory is fsynced, and only
-then is the index row written. A crash therefore leaves a temp file or an unindexed file, both
-removed by ``reconcile()`` at agent start, never a row that names partial bytes.
+then is the index row written. Small objects (up to ``GROUP_COMMIT_MAX``) are committed in
+groups: renamed one by one, then one syncfs(2) of the cache's filesystem and one index
+transaction for the group, which is what makes millions of 4 KiB files affordable. Either way
+a crash leaves a temp file or an unindexed file, both removed by ``reconcile()`` at agent
+start, never a row that names partial bytes.
 
 Leases are hardlinks: an object is leased while any job view links it (``st_nlink > 1``), and
 eviction never removes a leased object. ``link()`` and ``evict()`` take one lock, so a lease
@@ -17,10 +20,12 @@ call them from worker threads), except ``ensure()``, the asyncio entry point for
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import os
 import re
 import secrets
+import sqlite3
 import stat
 import threading
 import time
@@ -52,6 +57,8 @@ _FANOUT = re.compile(r"[0-9a-f]{2}")
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Partial bytes are private until committed; the committed object becomes OBJECT_MODE (0444).
 _TEMP_MODE = 0o600
+GROUP_COMMIT_MAX = 1 << 20  # objects up to this size are committed in groups (one flush)
+GROUP_MAX = 512  # objects per group at most
 
 
 @dataclass
@@ -131,6 +138,7 @@ class NodeCache:
         (self.root / INDEX).chmod(0o600)  # the keys of cached objects are nobody else's business
         self._lock = threading.RLock()
         self._inflight: dict[str, asyncio.Task[Path]] = {}
+        self._group = _GroupCommit(self.commit_group)
 
     def close(self) -> None:
         """Close the index; the cache is unusable afterwards."""
@@ -169,8 +177,11 @@ class NodeCache:
         final = object_path(self.objects, ref.cache_id)
         temp = final.with_name(f"{final.name}{TEMP_MARK}{secrets.token_hex(8)}")
         try:
-            make_dir(final.parent)
-            fd = os.open(temp, _CREATE, _TEMP_MODE)
+            try:
+                fd = os.open(temp, _CREATE, _TEMP_MODE)
+            except FileNotFoundError:  # the first object of its fan-out directory
+                make_dir(final.parent)
+                fd = os.open(temp, _CREATE, _TEMP_MODE)
         except OSError as exc:
             raise CacheError(f"cannot start object {ref.cache_id}: {exc}") from exc
         return PendingObject(ref, fd, temp, final)
@@ -193,6 +204,47 @@ class NodeCache:
         self._index.put(self._new_row(pending.ref, sha256_hex))
         return pending.final
 
+    def commit_group(self, items: list[tuple[PendingObject, str]]) -> list[Path | BaseException]:
+        """``commit()`` for many small objects with one flush and one index transaction.
+
+        Each object is checked, made read-only and renamed into place; then the cache's
+        filesystem is synced once (syncfs(2); where that is missing, every file and directory
+        is fsynced) and only then are the rows written, in one transaction. A crash before the
+        rows leaves renamed but unindexed files, which ``reconcile()`` deletes. Returns, per
+        item, its object path or the exception that aborted it.
+        """
+        results: list[Path | BaseException] = []
+        renamed: list[tuple[PendingObject, str]] = []
+        group_sync = _syncfs_available()
+        for pending, digest in items:
+            try:
+                self._seal(pending, digest, flush=not group_sync)
+                os.rename(pending.path, pending.final)
+            except BaseException as exc:
+                self.abort(pending)
+                if isinstance(exc, OSError):
+                    exc = CacheError(f"cannot commit object {pending.ref.cache_id}: {exc}")
+                results.append(exc)
+                continue
+            renamed.append((pending, digest))
+            results.append(pending.final)
+        if not renamed:
+            return results
+        try:
+            if group_sync:
+                _syncfs(self.objects)
+            else:
+                for parent in {pending.final.parent for pending, _ in renamed}:
+                    fsync_dir(parent)
+            self._index.put_many([self._new_row(p.ref, digest) for p, digest in renamed])
+        except (OSError, sqlite3.Error) as exc:
+            failed = CacheError(f"cannot commit {len(renamed)} objects: {exc}")
+            for pending, _ in renamed:
+                pending.final.unlink(missing_ok=True)
+            done = {id(p.final) for p, _ in renamed}
+            return [failed if id(r) in done else r for r in results]
+        return results
+
     def abort(self, pending: PendingObject) -> None:
         """Drop an in-flight download: close and delete its temp file (idempotent)."""
         try:
@@ -200,8 +252,9 @@ class NodeCache:
         finally:
             pending.path.unlink(missing_ok=True)
 
-    def _seal(self, pending: PendingObject, sha256_hex: str) -> None:
-        """Check a finished download, flush it to disk and make it read-only."""
+    def _seal(self, pending: PendingObject, sha256_hex: str, flush: bool = True) -> None:
+        """Check a finished download, flush it to disk (unless ``flush`` is False: the caller
+        syncs the whole group) and make it read-only."""
         if pending.closed:
             raise CacheError(f"object {pending.ref.cache_id} was already committed or aborted")
         if not _SHA256.fullmatch(sha256_hex):
@@ -211,7 +264,8 @@ class NodeCache:
             raise CacheError(
                 f"object {pending.ref.key!r} has {size} bytes, expected {pending.ref.size}"
             )
-        os.fsync(pending.fd)
+        if flush:
+            os.fsync(pending.fd)
         os.fchmod(pending.fd, OBJECT_MODE)
         pending.close()
 
@@ -251,9 +305,13 @@ class NodeCache:
             self.abort(pending)
             self.stats.failed_fetches += 1
             raise
-        # fsync of a multi-GB object can take seconds: keep it off the event loop. commit()
-        # aborts by itself on failure, so a cancelled await here leaves nothing half-done.
-        path = await asyncio.to_thread(self.commit, pending, digest)
+        if ref.size <= GROUP_COMMIT_MAX:
+            # Many small objects: one flush and one index transaction for a whole group.
+            path = await self._group.commit(pending, digest)
+        else:
+            # fsync of a multi-GB object can take seconds: keep it off the event loop. commit()
+            # aborts by itself on failure, so a cancelled await here leaves nothing half-done.
+            path = await asyncio.to_thread(self.commit, pending, digest)
         self.stats.fetched_objects += 1
         self.stats.fetched_bytes += ref.size
         return path
@@ -426,6 +484,77 @@ class NodeCache:
             self._index.delete(row.cache_id)
             path.unlink(missing_ok=True)
         return True
+
+
+class _GroupCommit:
+    """Collects small objects finished on the event loop and commits them in groups.
+
+    While one group is being committed (in a worker thread) the next one accumulates, so the
+    group size follows the fetch rate by itself: one object when idle, hundreds under load.
+    """
+
+    def __init__(
+        self, commit: Callable[[list[tuple[PendingObject, str]]], list[Path | BaseException]]
+    ) -> None:
+        self._commit = commit
+        self._waiting: list[tuple[PendingObject, str, asyncio.Future[Path]]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def commit(self, pending: PendingObject, digest: str) -> Path:
+        future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._waiting.append((pending, digest, future))
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run(), name="cache-group-commit")
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]
+                try:
+                    # Shielded: a cancelled waiter must not leave renamed files unindexed.
+                    results = await asyncio.shield(
+                        asyncio.to_thread(self._commit, [(p, d) for p, d, _ in group])
+                    )
+                except BaseException as exc:  # only a bug (commit_group reports per item)
+                    results = [exc] * len(group)
+                for (_, _, future), result in zip(group, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._runner = None
+
+
+def _syncfs_available() -> bool:
+    return _SYNCFS is not None
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the filesystem holding ``path`` (syncfs(2)); OSError on a reported write error."""
+    assert _SYNCFS is not None
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    found: Callable[[int], int] | None = getattr(libc, "syncfs", None)
+    return found
+
+
+_SYNCFS = _find_syncfs()
 
 
 def _link_count(path: Path) -> int | None:

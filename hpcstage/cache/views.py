@@ -122,7 +122,13 @@ def _open_subdir(dir_fd: int, name: str) -> int:
 
 
 def _link_replace(obj: Path, dir_fd: int, name: str) -> None:
-    """Link ``obj`` as ``name`` in ``dir_fd`` via a temp name, so readers never see a gap."""
+    """Link ``obj`` as ``name`` in ``dir_fd``; an existing ``name`` is replaced via a temp
+    name, so readers never see a gap."""
+    try:
+        os.link(obj, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+        return  # the usual case: nothing there yet
+    except FileExistsError:
+        pass
     temp = f".hpcstage-link-{secrets.token_hex(8)}"
     os.link(obj, temp, dst_dir_fd=dir_fd, follow_symlinks=False)
     try:

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import re
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,62 @@ async def test_s3_list_reads_pages_lazily(s3_server: S3Server, scratch: Path) ->
 
 async def _none() -> list[str]:
     return []
+
+
+# --- the lean GET of small objects (hpcstage.s3get) against the real server ------------------
+
+AWKWARD_NAMES = ["plain.txt", "sp ace/ü-ß.pdb", "a+b=c&d;e,f", "pct%20x/~tilde", "q?x#y", "..dots"]
+
+
+async def test_small_objects_come_through_the_lean_get(s3: S3Store, scratch: Path) -> None:
+    h = Harness("s3", s3, f"lean-{uuid.uuid4().hex[:8]}/", _none)
+    for n, name in enumerate(AWKWARD_NAMES):
+        data = payload(4096 + n, seed=n)
+        ref = await put(h, scratch, name, data)
+        result, written = await fetch(s3, ref, scratch)
+        assert written == data
+        assert result.sha256_hex == hashlib.sha256(data).hexdigest()
+    stats = s3.lean_stats
+    assert stats is not None
+    # The server checked every signature: a rejected one would have fallen back.
+    assert (stats.served, stats.fell_back) == (len(AWKWARD_NAMES), 0), stats.reasons
+
+
+async def test_lean_get_falls_back_and_the_sdk_reports(s3: S3Store, scratch: Path) -> None:
+    h = Harness("s3", s3, f"lean-{uuid.uuid4().hex[:8]}/", _none)
+    old = await put(h, scratch, "obj", payload(SMALL, seed=1))
+    await put(h, scratch, "obj", payload(SMALL + 1, seed=2))
+    with pytest.raises(StoreError, match="changed"):
+        await fetch(s3, old, scratch)
+    ghost = ObjectRef(s3.store_id, s3.bucket, h.key("missing"), "0" * 32, 4)
+    with pytest.raises(ObjectMissingError, match="missing"):
+        await fetch(s3, ghost, scratch)
+    stats = s3.lean_stats
+    assert stats is not None and stats.served == 0
+    assert stats.reasons == {"size differs from listing": 1, "status 404": 1}
+
+
+async def test_lean_get_with_a_wrong_secret_falls_back_to_a_credential_error(
+    s3_server: S3Server, s3: S3Store, scratch: Path
+) -> None:
+    h = Harness("s3", s3, f"lean-{uuid.uuid4().hex[:8]}/", _none)
+    ref = await put(h, scratch, "obj", b"secret data")
+    bad = {"access_key": s3_server.access_key, "secret_key": "not-the-secret", "token": ""}
+    async with make_s3_store(s3_server, credentials=bad) as store:
+        with pytest.raises(CredentialError):
+            await fetch(store, ref, scratch)
+        stats = store.lean_stats
+        assert stats is not None and stats.reasons == {"status 403": 1}
+
+
+async def test_no_lean_get_without_explicit_keys_or_through_a_proxy(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert make_s3_store(s3_server, lean_get=False).lean_stats is None
+    assert make_s3_store(s3_server, credentials=None).lean_stats is None
+    assert make_s3_store(s3_server, addressing_style="auto").lean_stats is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert make_s3_store(s3_server).lean_stats is None
 
 
 async def test_wrong_credentials_are_never_retried(s3_server: S3Server) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -503,3 +504,76 @@ def test_reconcile_clears_directories_no_cache_id_maps_to(cache: NodeCache) -> N
     assert (report.orphans_removed, report.objects, report.rows_dropped) == (1, 1, 0)
     assert cache.lookup(ref) is not None
     assert list(foreign.iterdir()) == []
+
+
+# -- group commit of small objects ----------------------------------------------------------
+
+
+def started(cache: NodeCache, key: str, data: bytes) -> tuple[PendingObject, str]:
+    pending = cache.begin(make_ref(key, data))
+    return pending, write(pending, data)
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-each"])
+def test_commit_group_commits_all_with_one_index_transaction(
+    cache: NodeCache, monkeypatch: pytest.MonkeyPatch, syncfs: bool
+) -> None:
+    if not syncfs:
+        monkeypatch.setattr("hpcstage.cache.store._SYNCFS", None)
+    transactions: list[int] = []
+    put_many = cache._index.put_many
+    monkeypatch.setattr(
+        cache._index, "put_many", lambda rows: (transactions.append(len(rows)), put_many(rows))
+    )
+    items = [started(cache, f"k{n}", f"body {n}".encode()) for n in range(20)]
+    results = cache.commit_group(items)
+    assert transactions == [20]
+    for n, result in enumerate(results):
+        assert isinstance(result, Path)
+        assert result.read_bytes() == f"body {n}".encode()
+        assert stat.S_IMODE(result.stat().st_mode) == 0o444
+        assert cache.lookup(make_ref(f"k{n}", f"body {n}".encode())) == result
+    assert not [p for p in files_under(cache.objects) if ".tmp-" in p]
+
+
+def test_commit_group_fails_only_the_bad_item(cache: NodeCache) -> None:
+    good = started(cache, "good", b"fine")
+    bad_pending, _ = started(cache, "bad", b"five!")
+    os.ftruncate(bad_pending.fd, 2)  # a short download
+    results = cache.commit_group([good, (bad_pending, hashlib.sha256(b"fi").hexdigest())])
+    assert isinstance(results[0], Path)
+    assert isinstance(results[1], CacheError) and "2 bytes, expected 5" in str(results[1])
+    assert cache.lookup(make_ref("bad", b"five!")) is None
+    assert cache.usage().objects == 1
+
+
+def test_commit_group_leaves_no_unindexed_file_when_the_index_fails(
+    cache: NodeCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(_rows: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(cache._index, "put_many", broken)
+    results = cache.commit_group([started(cache, f"k{n}", b"x") for n in range(3)])
+    assert all(isinstance(r, CacheError) and "disk I/O error" in str(r) for r in results)
+    assert files_under(cache.objects) == []
+
+
+def test_many_small_ensures_share_group_commits(cache: NodeCache) -> None:
+    datas = {f"k{n}": os.urandom(100 + n) for n in range(300)}
+
+    async def fetch_all() -> list[Path]:
+        async def fetch_one(key: str) -> Path:
+            async def fetch(pending: PendingObject) -> str:
+                await asyncio.sleep(0)
+                return write(pending, datas[key])
+
+            return await cache.ensure(make_ref(key, datas[key]), fetch)
+
+        return list(await asyncio.gather(*(fetch_one(k) for k in datas)))
+
+    paths = asyncio.run(fetch_all())
+    assert [p.read_bytes() for p in paths] == list(datas.values())
+    assert cache.stats.fetched_objects == 300
+    assert cache.usage().objects == 300
+    assert cache.reconcile().objects == 300  # nothing unindexed, nothing dropped
