@@ -439,6 +439,8 @@ class TransferSettings(_Section):
     """First retry delay; doubles each retry (with jitter)."""
     backoff_max: Duration = Field(default=30.0, validate_default=True)
     """Cap on the retry delay."""
+    lean_get: bool = True
+    """Fetch small objects (up to 1 MiB) with hpcstage's own signed GET, not the SDK."""
 
     @field_validator("multipart_threshold")
     @classmethod

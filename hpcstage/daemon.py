@@ -654,6 +654,7 @@ class Daemon:
             "retries": t.retries,
             "backoff_base": t.backoff_base,
             "backoff_max": t.backoff_max,
+            "lean_get": t.lean_get,
         }
         reply = await rpc.call("hello", {"store": store, "transfer": transfer})
         log.info("agent on %s ready: %s", node, reply.get("reconcile"))

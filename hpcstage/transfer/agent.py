@@ -87,6 +87,7 @@ class Agent:
     part_size: int = 64 * 1024 * 1024
     multipart_threshold: int = 256 * 1024 * 1024
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    lean_get: bool = True
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ calls
@@ -103,6 +104,7 @@ class Agent:
             base=float(limits.get("backoff_base", 0.5)),
             cap=float(limits.get("backoff_max", 30)),
         )
+        self.lean_get = bool(limits.get("lean_get", True))
         await self._close_stores()
         report = await asyncio.to_thread(self.cache.reconcile)
         usage = await asyncio.to_thread(self.cache.usage)
@@ -287,6 +289,7 @@ class Agent:
                 multipart_threshold=self.multipart_threshold,
                 retry=self.retry,
                 credentials=s.credentials,
+                lean_get=self.lean_get,
             )
         found = self._stores[bucket]
         assert isinstance(found, S3Store)

@@ -119,9 +119,10 @@ async def test_download_roundtrip_is_verified(h: Harness, scratch: Path, size: i
     ref = await put(h, scratch, "obj", data)
     result, written = await fetch(h.store, ref, scratch)
     assert written == data
-    assert result == DownloadResult(
-        hashlib.md5(data, usedforsecurity=False).hexdigest(), hashlib.sha256(data).hexdigest(), size
-    )
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    if h.kind == "s3" and size == LARGE and "-" in ref.etag:
+        md5 = ""  # a multipart ETag is no MD5 of the bytes: nothing to compute it for
+    assert result == DownloadResult(md5, hashlib.sha256(data).hexdigest(), size)
 
 
 async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -> None:
@@ -288,6 +289,20 @@ async def test_lean_get_with_a_wrong_secret_falls_back_to_a_credential_error(
             await fetch(store, ref, scratch)
         stats = store.lean_stats
         assert stats is not None and stats.reasons == {"status 403": 1}
+
+
+async def test_parts_of_a_single_put_object_are_checked_against_its_md5_etag(
+    s3: S3Store, scratch: Path
+) -> None:
+    data = payload(LARGE, seed=7)
+    key = f"single-put-{uuid.uuid4().hex[:8]}"
+    client = await s3._client()  # a PUT of 12 MiB in one request: a plain-MD5 ETag
+    await client.put_object(Bucket=BUCKET, Key=key, Body=data)
+    ref = await s3.head(key)
+    assert "-" not in ref.etag
+    result, written = await fetch(s3, ref, scratch)  # 3 ranged GETs, hashed as they land
+    assert written == data
+    assert result.md5_hex == hashlib.md5(data, usedforsecurity=False).hexdigest() == ref.etag
 
 
 async def test_no_lean_get_without_explicit_keys_or_through_a_proxy(
