@@ -10,8 +10,8 @@ a crash leaves a temp file or an unindexed file, both removed by ``reconcile()``
 start, never a row that names partial bytes.
 
 Leases are hardlinks: an object is leased while any job view links it (``st_nlink > 1``), and
-eviction never removes a leased object. ``link()`` and ``evict()`` take one lock, so a lease
-checked by eviction cannot be created behind its back.
+eviction never removes a leased object. ``link()`` and ``evict()`` take the object's lock (one
+of 64 stripes), so a lease checked by eviction cannot be created behind its back.
 
 One agent process owns a cache directory; the methods are synchronous and quick (the agent may
 call them from worker threads), except ``ensure()``, the asyncio entry point for fetching.
@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
+from typing import Generic, TypeVar
 
 from hpcstage.cache.evict import Entry, EvictionPass
 from hpcstage.cache.index import Index, Row
@@ -59,6 +60,9 @@ _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_MODE = 0o600
 GROUP_COMMIT_MAX = 1 << 20  # objects up to this size are committed in groups (one flush)
 GROUP_MAX = 512  # objects per group at most
+_STRIPES = 64
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 
 @dataclass
@@ -137,8 +141,15 @@ class NodeCache:
         self._index = Index(self.root / INDEX)
         (self.root / INDEX).chmod(0o600)  # the keys of cached objects are nobody else's business
         self._lock = threading.RLock()
+        # A lease check in eviction and a link of the same object exclude each other; objects
+        # are spread over stripes so links of different objects do not wait for each other.
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._inflight: dict[str, asyncio.Task[Path]] = {}
-        self._group = _GroupCommit(self.commit_group)
+        self._views_made: set[str] = set()
+        self._group: _Batcher[tuple[PendingObject, str], Path] = _Batcher(self.commit_group)
+        self._linker: _Batcher[tuple[str, PurePosixPath | str, Path], Path] = _Batcher(
+            self.link_many
+        )
 
     def close(self) -> None:
         """Close the index; the cache is unusable afterwards."""
@@ -307,7 +318,7 @@ class NodeCache:
             raise
         if ref.size <= GROUP_COMMIT_MAX:
             # Many small objects: one flush and one index transaction for a whole group.
-            path = await self._group.commit(pending, digest)
+            path = await self._group.submit((pending, digest))
         else:
             # fsync of a multi-GB object can take seconds: keep it off the event loop. commit()
             # aborts by itself on failure, so a cancelled await here leaves nothing half-done.
@@ -328,7 +339,9 @@ class NodeCache:
     def view_dir(self, job_id: str) -> Path:
         """The job's view (its ``$HPCSTAGE_DIR``), created empty if missing."""
         path = self.jobs / check_job_id(job_id)
-        make_dir(path, VIEW_MODE)  # the agent grants the job's user by ACL (see the agent)
+        if job_id not in self._views_made:
+            make_dir(path, VIEW_MODE)  # the agent grants the job's user by ACL (see the agent)
+            self._views_made.add(job_id)
         return path
 
     def link(self, job_id: str, dest: PurePosixPath | str, obj: Path) -> Path:
@@ -343,8 +356,31 @@ class NodeCache:
         if Path(obj) != object_path(self.objects, Path(obj).name):
             raise CacheError(f"not an object of this cache: {obj}")
         view = self.view_dir(job_id)
-        with self._lock:  # evict() reads leases under the same lock
-            return link_into(view, rel, Path(obj))
+        with self._stripe(Path(obj).name):  # eviction reads this object's lease under it
+            try:
+                return link_into(view, rel, Path(obj))
+            except CacheError:
+                self._views_made.discard(job_id)  # the view may be gone: check it next time
+                raise
+
+    def link_many(
+        self, items: list[tuple[str, PurePosixPath | str, Path]]
+    ) -> list[Path | BaseException]:
+        """``link()`` for several (job_id, dest, obj); per item its path or its exception."""
+        results: list[Path | BaseException] = []
+        for job_id, dest, obj in items:
+            try:
+                results.append(self.link(job_id, dest, obj))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    async def link_async(self, job_id: str, dest: PurePosixPath | str, obj: Path) -> Path:
+        """``link()`` from the event loop, batched with other links into one worker thread."""
+        return await self._linker.submit((job_id, dest, obj))
+
+    def _stripe(self, cache_id: str) -> threading.Lock:
+        return self._stripes[int(cache_id[:2], 16) % _STRIPES]
 
     def release(self, job_id: str) -> None:
         """Remove the job's view and everything the job left in it, ending its leases.
@@ -352,6 +388,7 @@ class NodeCache:
         Symlinks are removed, never followed. Raises CacheError naming what could not be
         removed; the objects themselves always stay.
         """
+        self._views_made.discard(job_id)
         remove_tree(self.jobs / check_job_id(job_id))
 
     def views(self) -> list[str]:
@@ -473,7 +510,7 @@ class NodeCache:
 
     def _evict_one(self, policy: EvictionPass, row: Row) -> bool:
         path = object_path(self.objects, row.cache_id)
-        with self._lock:
+        with self._stripe(row.cache_id):
             nlink = _link_count(path)
             if nlink is None:
                 policy.forget(row.size)  # lookup() drops the row; nothing here to evict
@@ -486,25 +523,24 @@ class NodeCache:
         return True
 
 
-class _GroupCommit:
-    """Collects small objects finished on the event loop and commits them in groups.
+class _Batcher(Generic[_In, _Out]):
+    """Runs items submitted on the event loop through ``run`` in a worker thread, in groups.
 
-    While one group is being committed (in a worker thread) the next one accumulates, so the
-    group size follows the fetch rate by itself: one object when idle, hundreds under load.
+    While one group is in the thread the next one accumulates, so the group size follows the
+    rate by itself: one item when idle, hundreds under load, and one thread hop per group
+    instead of one per item. ``run`` returns, per item, its result or its exception.
     """
 
-    def __init__(
-        self, commit: Callable[[list[tuple[PendingObject, str]]], list[Path | BaseException]]
-    ) -> None:
-        self._commit = commit
-        self._waiting: list[tuple[PendingObject, str, asyncio.Future[Path]]] = []
+    def __init__(self, run: Callable[[list[_In]], list[_Out | BaseException]]) -> None:
+        self._run_group = run
+        self._waiting: list[tuple[_In, asyncio.Future[_Out]]] = []
         self._runner: asyncio.Task[None] | None = None
 
-    async def commit(self, pending: PendingObject, digest: str) -> Path:
-        future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
-        self._waiting.append((pending, digest, future))
+    async def submit(self, item: _In) -> _Out:
+        future: asyncio.Future[_Out] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
         if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name="cache-group-commit")
+            self._runner = asyncio.create_task(self._run(), name="cache-batch")
         return await future
 
     async def _run(self) -> None:
@@ -512,13 +548,14 @@ class _GroupCommit:
             while self._waiting:
                 group, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]
                 try:
-                    # Shielded: a cancelled waiter must not leave renamed files unindexed.
+                    # Shielded: a cancelled waiter must not stop a group half-way (a group
+                    # commit would leave renamed files unindexed until the next reconcile).
                     results = await asyncio.shield(
-                        asyncio.to_thread(self._commit, [(p, d) for p, d, _ in group])
+                        asyncio.to_thread(self._run_group, [item for item, _ in group])
                     )
-                except BaseException as exc:  # only a bug (commit_group reports per item)
+                except BaseException as exc:  # only a bug: run reports failures per item
                     results = [exc] * len(group)
-                for (_, _, future), result in zip(group, results, strict=True):
+                for (_, future), result in zip(group, results, strict=True):
                     if future.done():
                         continue
                     if isinstance(result, BaseException):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -36,6 +37,10 @@ from hpcstage.units import format_size
 log = logging.getLogger("hpcstage.agent")
 
 PROGRESS_EVERY = 0.5  # seconds between progress messages per call
+# Objects in flight per input beyond the `concurrency` downloads: PIPELINE per download slot,
+# at most PIPELINE_MAX (each holds an open temp file until its group is committed).
+PIPELINE = 3
+PIPELINE_MAX = 448
 
 
 @dataclass
@@ -216,9 +221,12 @@ class Agent:
     ) -> None:
         # A bounded queue keeps the listing streamed: 10^6 keys never sit in memory at once.
         queue: asyncio.Queue[ObjectRef | None] = asyncio.Queue(maxsize=self.concurrency * 4)
+        # `concurrency` downloads at a time; more objects than that in flight, so that while
+        # finished ones wait for their group commit and link the connections stay busy.
+        slots = asyncio.Semaphore(self.concurrency)
         workers = [
-            asyncio.create_task(self._worker(job, queue, prefix, dest, store, counters))
-            for _ in range(self.concurrency)
+            asyncio.create_task(self._worker(job, queue, prefix, dest, store, counters, slots))
+            for _ in range(self.concurrency + min(self.concurrency * PIPELINE, PIPELINE_MAX))
         ]
         producer = asyncio.create_task(_produce(refs, queue, len(workers), counters))
         try:
@@ -236,13 +244,14 @@ class Agent:
         dest: PurePosixPath,
         store: ObjectStore,
         counters: Counters,
+        slots: asyncio.Semaphore,
     ) -> None:
         while (ref := await queue.get()) is not None:
             target = _view_path(ref, prefix, dest)
             for attempt in range(3):
-                obj = await self.cache.ensure(ref, _Fetcher(store, ref, counters))
+                obj = await self.cache.ensure(ref, _Fetcher(store, ref, counters, slots))
                 try:
-                    await asyncio.to_thread(self.cache.link, job, target, obj)
+                    await self.cache.link_async(job, target, obj)
                     break
                 except CacheError:
                     # Evicted between ensure and link (rare): fetch again, then give up.
@@ -367,10 +376,12 @@ class _Fetcher:
     store: ObjectStore
     ref: ObjectRef
     counters: Counters
+    slots: asyncio.Semaphore
 
     async def __call__(self, pending: PendingObject) -> str:
         self.counters.fetched += 1  # called only by the one fetch that singleflight runs
-        result = await self.store.download(self.ref, pending.fd)
+        async with self.slots:
+            result = await self.store.download(self.ref, pending.fd)
         return str(result.sha256_hex)
 
 
@@ -522,5 +533,14 @@ def run_agent(node: str, cache_dir: Path) -> None:
         level=logging.INFO, stream=sys.stderr, format=f"agent[{node}] %(levelname)s %(message)s"
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _raise_open_files_limit()
     agent = Agent(node=node, cache=NodeCache(cache_dir))
     asyncio.run(serve(agent))
+
+
+def _raise_open_files_limit() -> None:
+    """Use the hard limit on open files: connections and in-flight temp files add up."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from hpcstage.cache import CacheError, Entry, NodeCache, PendingObject, choose_evictions
+from hpcstage.cache.views import remove_tree
 from hpcstage.identity import ObjectRef
 
 
@@ -577,3 +578,30 @@ def test_many_small_ensures_share_group_commits(cache: NodeCache) -> None:
     assert cache.stats.fetched_objects == 300
     assert cache.usage().objects == 300
     assert cache.reconcile().objects == 300  # nothing unindexed, nothing dropped
+
+
+def test_link_async_batches_links_and_reports_each_failure(cache: NodeCache) -> None:
+    objs = [store(cache, f"k{n}", f"{n}".encode())[1] for n in range(50)]
+
+    async def link_all() -> list[Path | BaseException]:
+        calls = [cache.link_async("7", f"in/{n}", obj) for n, obj in enumerate(objs)]
+        calls.append(cache.link_async("7", "../escape", objs[0]))
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    results = asyncio.run(link_all())
+    assert [r.read_bytes() for r in results[:50] if isinstance(r, Path)] == [
+        f"{n}".encode() for n in range(50)
+    ]
+    assert isinstance(results[50], CacheError)
+    assert cache.usage().leased_objects == 50
+
+
+def test_a_view_removed_behind_the_caches_back_is_made_again(cache: NodeCache) -> None:
+    _, obj = store(cache, "k", b"abc")
+    cache.link("9", "a", obj)
+    cache.release("9")
+    assert cache.link("9", "b", obj).read_bytes() == b"abc"
+    remove_tree(cache.jobs / "9")  # not through release(): the cache still thinks it exists
+    with pytest.raises(CacheError):
+        cache.link("9", "c", obj)
+    assert cache.link("9", "c", obj).read_bytes() == b"abc"  # checked and made again
