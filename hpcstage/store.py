@@ -495,6 +495,32 @@ def translate_s3_error(exc: BaseException, where: str) -> StoreError:
     return StoreError(f"{where}: {type(exc).__name__}: {exc}")
 
 
+async def _write_body(fd: int, body: bytes) -> None:
+    if len(body) <= _INLINE_WRITE:
+        _pwrite_all(fd, body, 0, ())  # a few KiB into the page cache: no thread hop
+    else:
+        await asyncio.to_thread(_pwrite_all, fd, body, 0, ())
+
+
+async def download_bytes(store: ObjectStore, ref: ObjectRef) -> tuple[bytes, str]:
+    """A small object's bytes and their SHA-256, verified as ``download`` verifies.
+
+    S3 objects come through the lean GET when it applies; otherwise the store's ``download``
+    writes into an anonymous memory file (memfd), never into the cache directory.
+    """
+    if isinstance(store, S3Store):
+        lean = await store.lean_bytes(ref)
+        if lean is not None:
+            return lean[0], lean[1]
+    fd = os.memfd_create("hpcstage-object", os.MFD_CLOEXEC)
+    try:
+        result = await store.download(ref, fd)
+        body = os.pread(fd, ref.size, 0) if ref.size else b""
+    finally:
+        os.close(fd)
+    return body, result.sha256_hex
+
+
 def _make_lean(
     endpoint_url: str,
     bucket: str,
@@ -795,10 +821,12 @@ class S3Store:
         if (ref.store, ref.bucket) != (self.store_id, self.bucket):
             raise ValueError(f"{ref} does not belong to {self.store_id} bucket {self.bucket}")
         tracker = _PartProgress(progress)
-        if self._lean is not None and ref.size <= LEAN_MAX and ref.size < self._threshold:
-            done = await self._get_lean(self._lean, ref, dest_fd, tracker)
-            if done is not None:
-                return done
+        lean = await self.lean_bytes(ref)
+        if lean is not None:
+            body, sha256_hex, md5_hex = lean
+            await _write_body(dest_fd, body)
+            tracker.update(0, len(body))
+            return DownloadResult(md5_hex, sha256_hex, len(body))
         if ref.size < self._threshold:
             md5, sha256 = await self._retried(
                 "get", ref.key, lambda: self._get_whole(ref, dest_fd, tracker)
@@ -815,22 +843,21 @@ class S3Store:
                 _check_md5(self.url(ref.key), ref.etag, md5)
         return DownloadResult(md5, sha256, ref.size)
 
-    async def _get_lean(
-        self, lean: LeanGet, ref: ObjectRef, fd: int, tracker: _PartProgress
-    ) -> DownloadResult | None:
-        """The small-object fast path (see hpcstage.s3get); None: do it through the SDK."""
+    async def lean_bytes(self, ref: ObjectRef) -> tuple[bytes, str, str] | None:
+        """A small object's bytes, SHA-256 and MD5 through the lean GET (hpcstage.s3get), or
+        None when it does not apply or falls back: then the SDK path must fetch it."""
+        lean = self._lean
+        if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold:
+            return None
+        if (ref.store, ref.bucket) != (self.store_id, self.bucket):
+            raise ValueError(f"{ref} does not belong to {self.store_id} bucket {self.bucket}")
         body = await lean.get(ref.key, ref.size, ref.etag)
         if body is None:
             return None
         md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
         if _PLAIN_MD5.fullmatch(ref.etag) and ref.etag.lower() != md5:
             return None  # the SDK path fetches again, verifies and retries or reports
-        if len(body) <= _INLINE_WRITE:
-            _pwrite_all(fd, body, 0, ())  # a few KiB into the page cache: no thread hop
-        else:
-            await asyncio.to_thread(_pwrite_all, fd, body, 0, ())
-        tracker.update(0, len(body))
-        return DownloadResult(md5, hashlib.sha256(body).hexdigest(), len(body))
+        return body, hashlib.sha256(body).hexdigest(), md5
 
     async def _get_whole(self, ref: ObjectRef, fd: int, tracker: _PartProgress) -> tuple[str, str]:
         hashers = _new_hashers()

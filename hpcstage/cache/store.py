@@ -29,11 +29,11 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from hpcstage.cache.evict import Entry, EvictionPass
 from hpcstage.cache.index import Index, Row
@@ -56,6 +56,7 @@ from hpcstage.identity import ObjectRef
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FANOUT = re.compile(r"[0-9a-f]{2}")
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FINAL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Partial bytes are private until committed; the committed object becomes OBJECT_MODE (0444).
 _TEMP_MODE = 0o600
 GROUP_COMMIT_MAX = 1 << 20  # objects up to this size are committed in groups (one flush)
@@ -115,6 +116,24 @@ class Usage:
 
 
 Fetch = Callable[[PendingObject], Awaitable[str]]
+ReadSmall = Callable[[], Awaitable[tuple[bytes, str]]]
+
+
+@dataclass(frozen=True)
+class SmallObject:
+    """A small object's verified bytes in memory and their sha256, ready to be committed."""
+
+    ref: ObjectRef
+    body: bytes
+    sha256_hex: str
+
+
+GroupItem = SmallObject | tuple[PendingObject, str]
+
+
+def item_ref(item: GroupItem) -> ObjectRef:
+    """The object a group-commit item is about."""
+    return item.ref if isinstance(item, SmallObject) else item[0].ref
 
 
 ROOT_MODE = 0o711
@@ -146,7 +165,7 @@ class NodeCache:
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._inflight: dict[str, asyncio.Task[Path]] = {}
         self._views_made: set[str] = set()
-        self._group: _Batcher[tuple[PendingObject, str], Path] = _Batcher(self.commit_group)
+        self._group: _Batcher[GroupItem, Path] = _Batcher(self.commit_group)
         self._linker: _Batcher[tuple[str, PurePosixPath | str, Path], Path] = _Batcher(
             self.link_many
         )
@@ -215,46 +234,94 @@ class NodeCache:
         self._index.put(self._new_row(pending.ref, sha256_hex))
         return pending.final
 
-    def commit_group(self, items: list[tuple[PendingObject, str]]) -> list[Path | BaseException]:
+    def commit_group(self, items: list[GroupItem]) -> list[Path | BaseException]:
         """``commit()`` for many small objects with one flush and one index transaction.
 
-        Each object is checked, made read-only and renamed into place; then the cache's
-        filesystem is synced once (syncfs(2); where that is missing, every file and directory
-        is fsynced) and only then are the rows written, in one transaction. A crash before the
-        rows leaves renamed but unindexed files, which ``reconcile()`` deletes. Returns, per
-        item, its object path or the exception that aborted it.
+        Each item is either a finished download (checked, made read-only and renamed into
+        place) or a ``SmallObject`` in memory (written straight to its final place, read-only).
+        Then the cache's filesystem is synced once (syncfs(2); where that is missing, every
+        file and directory is fsynced) and only then are the rows written, in one transaction.
+        A crash before the rows leaves complete or partial files without a row, which
+        ``reconcile()`` deletes and no lookup ever returns. Returns, per item, its object path
+        or the exception that aborted it.
         """
         results: list[Path | BaseException] = []
-        renamed: list[tuple[PendingObject, str]] = []
+        placed: list[tuple[ObjectRef, str, Path]] = []
         group_sync = _syncfs_available()
-        for pending, digest in items:
+        for item in items:
             try:
-                self._seal(pending, digest, flush=not group_sync)
-                os.rename(pending.path, pending.final)
+                if isinstance(item, SmallObject):
+                    final = self._write_final(item, flush=not group_sync)
+                    ref, digest = item.ref, item.sha256_hex
+                else:
+                    pending, digest = item
+                    ref, final = pending.ref, pending.final
+                    self._seal_and_place(pending, digest, flush=not group_sync)
             except BaseException as exc:
-                self.abort(pending)
                 if isinstance(exc, OSError):
-                    exc = CacheError(f"cannot commit object {pending.ref.cache_id}: {exc}")
+                    exc = CacheError(f"cannot commit object {item_ref(item).cache_id}: {exc}")
                 results.append(exc)
                 continue
-            renamed.append((pending, digest))
-            results.append(pending.final)
-        if not renamed:
+            placed.append((ref, digest, final))
+            results.append(final)
+        if not placed:
             return results
         try:
             if group_sync:
                 _syncfs(self.objects)
             else:
-                for parent in {pending.final.parent for pending, _ in renamed}:
+                for parent in {final.parent for _, _, final in placed}:
                     fsync_dir(parent)
-            self._index.put_many([self._new_row(p.ref, digest) for p, digest in renamed])
+            self._index.put_many([self._new_row(ref, digest) for ref, digest, _ in placed])
         except (OSError, sqlite3.Error) as exc:
-            failed = CacheError(f"cannot commit {len(renamed)} objects: {exc}")
-            for pending, _ in renamed:
-                pending.final.unlink(missing_ok=True)
-            done = {id(p.final) for p, _ in renamed}
+            failed = CacheError(f"cannot commit {len(placed)} objects: {exc}")
+            for _, _, final in placed:
+                final.unlink(missing_ok=True)
+            done = {id(final) for _, _, final in placed}
             return [failed if id(r) in done else r for r in results]
         return results
+
+    def _seal_and_place(self, pending: PendingObject, digest: str, flush: bool) -> None:
+        try:
+            self._seal(pending, digest, flush=flush)
+            os.rename(pending.path, pending.final)
+        except BaseException:
+            self.abort(pending)
+            raise
+
+    def _write_final(self, obj: SmallObject, flush: bool) -> Path:
+        """Write ``obj`` to its final place, read-only; it counts only once indexed."""
+        ref = obj.ref
+        if not _SHA256.fullmatch(obj.sha256_hex):
+            raise CacheError(f"not a sha256 hex digest: {obj.sha256_hex!r}")
+        if len(obj.body) != ref.size:
+            raise CacheError(f"object {ref.key!r} has {len(obj.body)} bytes, expected {ref.size}")
+        final = object_path(self.objects, ref.cache_id)
+        fd = -1
+        for _ in range(3):
+            try:
+                fd = os.open(final, _CREATE_FINAL, OBJECT_MODE)
+                break
+            except FileNotFoundError:  # the first object of its fan-out directory
+                make_dir(final.parent)
+            except FileExistsError:
+                # No row names it (lookup missed and fetches are single-flight): a leftover of
+                # a crash or of an object removed from the index. Never served: replace it.
+                final.unlink()
+        if fd < 0:
+            raise CacheError(f"cannot create object {ref.cache_id}")
+        try:
+            view = memoryview(obj.body)
+            while view:
+                view = view[os.write(fd, view) :]
+            if flush:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            final.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return final
 
     def abort(self, pending: PendingObject) -> None:
         """Drop an in-flight download: close and delete its temp file (idempotent)."""
@@ -295,13 +362,25 @@ class NodeCache:
         Concurrent calls for the same object share one fetch and its result or exception; on
         failure the temp file is removed. One caller being cancelled does not cancel the fetch.
         """
+        return await self._singleflight(ref, lambda: self._fetch(ref, fetch))
+
+    async def ensure_small(self, ref: ObjectRef, read: ReadSmall) -> Path:
+        """``ensure()`` for a small object whose bytes ``read`` returns in memory, verified,
+        with their sha256 hex digest. The object is written straight to its final place by the
+        group commit (no temp file; an unindexed file left by a crash is what reconcile
+        removes), so the event loop never creates a file."""
+        return await self._singleflight(ref, lambda: self._fetch_small(ref, read))
+
+    async def _singleflight(
+        self, ref: ObjectRef, start: Callable[[], Coroutine[Any, Any, Path]]
+    ) -> Path:
         found = self.lookup(ref)
         if found is not None:
             return found
         cache_id = ref.cache_id
         task = self._inflight.get(cache_id)
         if task is None:
-            task = asyncio.create_task(self._fetch(ref, fetch), name=f"fetch-{cache_id[:16]}")
+            task = asyncio.create_task(start(), name=f"fetch-{cache_id[:16]}")
             self._inflight[cache_id] = task
             task.add_done_callback(functools.partial(self._fetch_done, cache_id))
         else:
@@ -323,6 +402,17 @@ class NodeCache:
             # fsync of a multi-GB object can take seconds: keep it off the event loop. commit()
             # aborts by itself on failure, so a cancelled await here leaves nothing half-done.
             path = await asyncio.to_thread(self.commit, pending, digest)
+        self.stats.fetched_objects += 1
+        self.stats.fetched_bytes += ref.size
+        return path
+
+    async def _fetch_small(self, ref: ObjectRef, read: ReadSmall) -> Path:
+        try:
+            body, digest = await read()
+        except BaseException:
+            self.stats.failed_fetches += 1
+            raise
+        path = await self._group.submit(SmallObject(ref, body, digest))
         self.stats.fetched_objects += 1
         self.stats.fetched_bytes += ref.size
         return path

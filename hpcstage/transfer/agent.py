@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hpcstage.cache import CacheError, NodeCache, PendingObject, key_dest
+from hpcstage.cache.store import GROUP_COMMIT_MAX
 from hpcstage.errors import (
     CredentialError,
     HpcstageError,
@@ -30,7 +31,7 @@ from hpcstage.errors import (
 )
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
-from hpcstage.store import FsStore, ObjectStore, S3Store
+from hpcstage.store import FsStore, ObjectStore, S3Store, download_bytes
 from hpcstage.transfer.rpc import MAX_LINE, Handler, ProgressFn, decode, encode
 from hpcstage.units import format_size
 
@@ -40,6 +41,7 @@ PROGRESS_EVERY = 0.5  # seconds between progress messages per call
 # Objects in flight per input beyond the `concurrency` downloads: PIPELINE per download slot,
 # at most PIPELINE_MAX (each holds an open temp file until its group is committed).
 PIPELINE = 3
+SMALL_OBJECT = GROUP_COMMIT_MAX  # objects up to this size are fetched into memory
 PIPELINE_MAX = 448
 
 
@@ -249,7 +251,11 @@ class Agent:
         while (ref := await queue.get()) is not None:
             target = _view_path(ref, prefix, dest)
             for attempt in range(3):
-                obj = await self.cache.ensure(ref, _Fetcher(store, ref, counters, slots))
+                fetcher = _Fetcher(store, ref, counters, slots)
+                if ref.size <= SMALL_OBJECT:
+                    obj = await self.cache.ensure_small(ref, fetcher.read)
+                else:
+                    obj = await self.cache.ensure(ref, fetcher)
                 try:
                     await self.cache.link_async(job, target, obj)
                     break
@@ -383,6 +389,12 @@ class _Fetcher:
         async with self.slots:
             result = await self.store.download(self.ref, pending.fd)
         return str(result.sha256_hex)
+
+    async def read(self) -> tuple[bytes, str]:
+        """The object's bytes in memory (small objects; see NodeCache.ensure_small)."""
+        self.counters.fetched += 1
+        async with self.slots:
+            return await download_bytes(self.store, self.ref)
 
 
 def _view_path(ref: ObjectRef, prefix: str | None, dest: PurePosixPath) -> PurePosixPath:

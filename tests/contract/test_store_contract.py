@@ -35,6 +35,7 @@ from hpcstage.store import (
     ObjectStore,
     S3Store,
     _check_md5,
+    download_bytes,
     parse_s3_url,
     resolve_credentials,
     translate_fs_error,
@@ -123,6 +124,23 @@ async def test_download_roundtrip_is_verified(h: Harness, scratch: Path, size: i
     if h.kind == "s3" and size == LARGE and "-" in ref.etag:
         md5 = ""  # a multipart ETag is no MD5 of the bytes: nothing to compute it for
     assert result == DownloadResult(md5, hashlib.sha256(data).hexdigest(), size)
+
+
+async def test_download_bytes_gives_verified_bytes_in_memory(h: Harness, scratch: Path) -> None:
+    data = payload(SMALL, seed=11)
+    ref = await put(h, scratch, "small", data)
+    body, sha256_hex = await download_bytes(h.store, ref)
+    assert (body, sha256_hex) == (data, hashlib.sha256(data).hexdigest())
+    liar = ObjectRef(ref.store, ref.bucket, ref.key, ref.etag, ref.size + 1)
+    with pytest.raises(StoreError, match=r"truncated|changed"):
+        await download_bytes(h.store, liar)
+
+
+async def test_download_bytes_through_the_sdk(s3_server: S3Server, scratch: Path) -> None:
+    async with make_s3_store(s3_server, lean_get=False) as store:
+        h = Harness("s3", store, f"sdk-{uuid.uuid4().hex[:8]}/", _none)
+        ref = await put(h, scratch, "obj", b"through the sdk")
+        assert (await download_bytes(store, ref))[0] == b"through the sdk"
 
 
 async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -> None:

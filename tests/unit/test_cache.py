@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from hpcstage.cache import CacheError, Entry, NodeCache, PendingObject, choose_evictions
+from hpcstage.cache.store import ReadSmall
 from hpcstage.cache.views import remove_tree
 from hpcstage.identity import ObjectRef
 
@@ -605,3 +606,66 @@ def test_a_view_removed_behind_the_caches_back_is_made_again(cache: NodeCache) -
     with pytest.raises(CacheError):
         cache.link("9", "c", obj)
     assert cache.link("9", "c", obj).read_bytes() == b"abc"  # checked and made again
+
+
+# -- small objects straight from memory -----------------------------------------------------
+
+
+def reader(data: bytes) -> ReadSmall:
+    async def read() -> tuple[bytes, str]:
+        await asyncio.sleep(0)
+        return data, hashlib.sha256(data).hexdigest()
+
+    return read
+
+
+def test_ensure_small_writes_the_final_object_directly(cache: NodeCache) -> None:
+    ref = make_ref("small", b"tiny bytes")
+    path = asyncio.run(cache.ensure_small(ref, reader(b"tiny bytes")))
+    assert path.read_bytes() == b"tiny bytes"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert cache.lookup(ref) == path
+    assert files_under(cache.objects) == [f"{ref.cache_id[:2]}/{ref.cache_id}"]
+    assert asyncio.run(cache.ensure_small(ref, reader(b"never read"))) == path  # a hit
+
+
+def test_ensure_small_replaces_an_unindexed_leftover(cache: NodeCache) -> None:
+    ref = make_ref("k", b"the real bytes")
+    leftover = cache.objects / ref.cache_id[:2] / ref.cache_id
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"partial")  # a crash before the group's rows were written
+    path = asyncio.run(cache.ensure_small(ref, reader(b"the real bytes")))
+    assert path.read_bytes() == b"the real bytes"
+
+
+def test_ensure_small_refuses_a_wrong_length_and_leaves_nothing(cache: NodeCache) -> None:
+    ref = make_ref("k", b"five!")
+    with pytest.raises(CacheError, match="3 bytes, expected 5"):
+        asyncio.run(cache.ensure_small(ref, reader(b"abc")))
+    assert files_under(cache.objects) == []
+    assert cache.lookup(ref) is None
+
+
+def test_ensure_small_read_failure_writes_nothing(cache: NodeCache) -> None:
+    async def broken() -> tuple[bytes, str]:
+        raise OSError("store went away")
+
+    with pytest.raises(OSError, match="went away"):
+        asyncio.run(cache.ensure_small(make_ref("k", b"x"), broken))
+    assert files_under(cache.objects) == []
+    assert cache.stats.failed_fetches == 1
+
+
+def test_commit_group_takes_downloads_and_memory_objects_together(cache: NodeCache) -> None:
+    from hpcstage.cache.store import SmallObject
+
+    downloaded = started(cache, "file", b"from a download")
+    in_memory = SmallObject(
+        make_ref("mem", b"from memory"), b"from memory", hashlib.sha256(b"from memory").hexdigest()
+    )
+    results = cache.commit_group([downloaded, in_memory])
+    assert [r.read_bytes() for r in results if isinstance(r, Path)] == [
+        b"from a download",
+        b"from memory",
+    ]
+    assert cache.usage().objects == 2
