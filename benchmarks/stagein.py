@@ -772,7 +772,8 @@ def render(
         *(f"| {k} | {v} |" for k, v in facts.items() if k != "date"),
         "",
         f"Settings: hpcstage `transfer.concurrency = {a.concurrency}` (defaults otherwise: "
-        "64 MiB parts from 256 MiB, verify size + MD5/ETag + SHA-256, fsync every object); "
+        "64 MiB parts from 256 MiB, verify size + MD5/ETag + SHA-256, every object durable "
+        "before it is indexed); "
         f"`s5cmd --numworkers {a.s5cmd_workers} cp 's3://{BUCKET}/PREFIX/*' DIR/`; "
         f"`rclone copy src:{BUCKET}/PREFIX DIR --transfers {a.rclone_transfers} "
         f"--checkers {a.rclone_checkers}` (remote from `RCLONE_CONFIG_SRC_*`, provider Other); "
