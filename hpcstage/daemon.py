@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import signal
 import time
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ from hpcstage.errors import DirectiveError, SlurmError, StoreError, TransportErr
 from hpcstage.slurm.backend import CliBackend, SlurmBackend
 from hpcstage.slurm.model import JobInfo
 from hpcstage.store import S3Store, parse_s3_url, resolve_credentials
+from hpcstage.transfer.nodes import cache_dir_for, expand_node_template
 from hpcstage.transfer.rpc import AgentError, RpcClient
 from hpcstage.transfer.transport import (
     AgentPool,
@@ -39,8 +41,6 @@ from hpcstage.transfer.transport import (
     SshTarget,
     agent_argv,
     agent_shell_command,
-    cache_dir_for,
-    expand_node_template,
     open_local,
     open_ssh,
 )
@@ -54,6 +54,7 @@ MAX_TRANSPORT_ATTEMPTS = 5
 NODE_BACKOFF_BASE = 2.0
 NODE_BACKOFF_MAX = 60.0
 TRASH_EXPIRY_EVERY = 3600.0  # seconds between recycle-bin sweeps
+SNAPSHOT_REUSE = 2.0  # seconds an early tick may plan on the last queue snapshot
 EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
 FLUSH_EVERY = 1.0  # seconds between progress writes to the database
@@ -96,6 +97,8 @@ class Daemon:
     _stores: dict[str, S3Store] = field(default_factory=dict)
     _last_expiry: float = 0.0
     _last_eviction: float = 0.0
+    _snapshot_at: float = -math.inf  # time.monotonic() of the last queue snapshot
+    _want_fresh: bool = False
     audit: AuditLog = field(init=False)
     last_tick: float = 0.0
     last_error: str = ""
@@ -153,9 +156,11 @@ class Daemon:
     async def main_loop(self) -> None:
         """Tick every poll_interval, or at once when woken (API ensure, a finished transfer)."""
         interval = self.settings.slurm.poll_interval
+        woken = False
         while not self._stopping.is_set():
             try:
-                await self.tick()
+                reuse, self._want_fresh = woken and not self._want_fresh, False
+                await self.tick(reuse_snapshot=reuse)
                 await self._maybe_evict()
                 await self._maybe_expire()
             except (SlurmError, TransportError, StoreError) as exc:
@@ -163,8 +168,10 @@ class Daemon:
                 self.last_error = str(exc)
                 log.error("tick failed: %s", exc)
             self._wake.clear()
+            woken = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
+                woken = True
 
     async def _maybe_expire(self) -> None:
         if time.time() - self._last_expiry < TRASH_EXPIRY_EVERY:
@@ -185,19 +192,29 @@ class Daemon:
         for store in self._stores.values():
             await store.close()
 
-    def wake(self) -> None:
-        """Run a tick now (e.g. a job asked for its inputs)."""
+    def wake(self, fresh: bool = False) -> None:
+        """Run a tick now; ``fresh``: with a new queue snapshot (a job asked for its inputs
+        and must be seen running), else the last one may do if it is recent (a warmup)."""
+        self._want_fresh = self._want_fresh or fresh
         self._wake.set()
 
     # ------------------------------------------------------------------ one round
 
-    async def tick(self) -> None:
-        """Snapshot the queue, fold it into the database, plan, and start actions."""
+    async def tick(self, reuse_snapshot: bool = False) -> None:
+        """Snapshot the queue, fold it into the database, plan, and start actions.
+
+        With ``reuse_snapshot`` (a tick that something woke early: an API request, a finished
+        transfer) the queue is not asked again if it was less than ``SNAPSHOT_REUSE`` seconds
+        ago: a warmup then starts without waiting for squeue, and Slurm's view is never older
+        than that bound (a timed tick always takes a fresh snapshot).
+        """
         assert self.backend is not None
         assert self.db is not None
-        snapshot = await self.backend.snapshot()
-        with self.db.begin() as session:
-            await sync(session, snapshot, self._directives, self._ignored)
+        if not reuse_snapshot or time.monotonic() - self._snapshot_at >= SNAPSHOT_REUSE:
+            snapshot = await self.backend.snapshot()
+            self._snapshot_at = time.monotonic()
+            with self.db.begin() as session:
+                await sync(session, snapshot, self._directives, self._ignored)
         self._flush_progress()
         with self.db.begin() as session:
             views = list(self._views(session))

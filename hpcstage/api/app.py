@@ -105,7 +105,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         """A job asks for its inputs now (from ``hpcstage env``): look at the queue at once."""
         deadline = time.monotonic() + UNKNOWN_JOB_WAIT * daemon.settings.slurm.poll_interval
         while True:
-            daemon.wake()
+            daemon.wake(fresh=True)
             with db().begin() as session:
                 found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
                 if found is not None:

@@ -16,11 +16,13 @@ from hpcstage.cli.common import config_option, load_settings
 from hpcstage.client import ApiError, Client, client_for
 from hpcstage.errors import HpcstageError
 from hpcstage.slurm.hostlist import expand_hostlist
-from hpcstage.transfer.transport import cache_dir_for
+from hpcstage.transfer.nodes import cache_dir_for
 from hpcstage.units import format_size
 
 ENSURE_EVERY = 5.0  # seconds between nudges to the daemon while waiting
 SAY_EVERY = 5.0  # seconds between progress lines on stderr
+
+WARMUP_POLL = 0.2  # seconds between progress polls of `hpcstage warmup`
 
 
 def _client(config_path: Path | None) -> tuple[Client, Any]:
@@ -314,7 +316,7 @@ def _follow(client: Client, warm_id: int, nodes: list[str], show_bar: bool) -> A
                 bar.update(tasks[node], description=label, completed=size, total=size_total or None)
             if _settled(doc, nodes):
                 return doc
-            time.sleep(0.5)
+            time.sleep(WARMUP_POLL)
 
 
 def _node_totals(doc: dict[str, Any], node: str) -> tuple[int, int, int, int]:

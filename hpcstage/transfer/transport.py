@@ -13,7 +13,6 @@ import os
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import asyncssh
@@ -191,16 +190,3 @@ def agent_argv(command: str, node: str, cache_dir: str) -> list[str]:
 def agent_shell_command(command: str, node: str, cache_dir: str) -> str:
     """The same, quoted for a remote shell."""
     return shlex.join(agent_argv(command, node, cache_dir))
-
-
-def expand_node_template(template: str, node: str, node_addr: str) -> str:
-    """Fill ``{node}`` and ``{node_addr}`` in a config template."""
-    return template.replace("{node_addr}", node_addr or node).replace("{node}", node)
-
-
-def cache_dir_for(template: str, node: str) -> str:
-    """The cache directory of ``node`` from the config template (absolute)."""
-    path = expand_node_template(template, node, node)
-    if not Path(path).is_absolute():
-        raise TransportError(f"nodes.cache_dir must be absolute, got {path!r}")
-    return path
