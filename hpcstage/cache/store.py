@@ -20,6 +20,7 @@ call them from worker threads), except ``ensure()``, the asyncio entry point for
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import functools
 import os
@@ -62,6 +63,7 @@ _TEMP_MODE = 0o600
 GROUP_COMMIT_MAX = 1 << 20  # objects up to this size are committed in groups (one flush)
 GROUP_MAX = 512  # objects per group at most
 _STRIPES = 64
+BATCH_PARALLEL = 2  # group commits (and, separately, link groups) running at once
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
@@ -165,13 +167,21 @@ class NodeCache:
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._inflight: dict[str, asyncio.Task[Path]] = {}
         self._views_made: set[str] = set()
-        self._group: _Batcher[GroupItem, Path] = _Batcher(self.commit_group)
+        # Group commits and links run in the cache's own threads, not asyncio's default pool
+        # (which reads from shared filesystems and does the agent's other blocking calls).
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2 * BATCH_PARALLEL, thread_name_prefix="node-cache"
+        )
+        self._group: _Batcher[GroupItem, Path] = _Batcher(
+            self.commit_group, self._threads, BATCH_PARALLEL
+        )
         self._linker: _Batcher[tuple[str, PurePosixPath | str, Path], Path] = _Batcher(
-            self.link_many
+            self.link_many, self._threads, BATCH_PARALLEL
         )
 
     def close(self) -> None:
         """Close the index; the cache is unusable afterwards."""
+        self._threads.shutdown(wait=True, cancel_futures=True)
         self._index.close()
 
     def __enter__(self) -> NodeCache:
@@ -614,46 +624,57 @@ class NodeCache:
 
 
 class _Batcher(Generic[_In, _Out]):
-    """Runs items submitted on the event loop through ``run`` in a worker thread, in groups.
+    """Runs items submitted on the event loop through ``run`` in worker threads, in groups.
 
-    While one group is in the thread the next one accumulates, so the group size follows the
-    rate by itself: one item when idle, hundreds under load, and one thread hop per group
-    instead of one per item. ``run`` returns, per item, its result or its exception.
+    While a group is in a thread the next one accumulates, so the group size follows the rate
+    by itself: one item when idle, hundreds under load, and one thread hop per group instead
+    of one per item. Up to ``parallel`` groups run at once (the kernel's file work for one
+    group does not wait for another's flush). ``run`` returns, per item, its result or its
+    exception.
     """
 
-    def __init__(self, run: Callable[[list[_In]], list[_Out | BaseException]]) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[_In]], list[_Out | BaseException]],
+        executor: concurrent.futures.Executor,
+        parallel: int,
+    ) -> None:
         self._run_group = run
+        self._executor = executor
+        self._parallel = parallel
         self._waiting: list[tuple[_In, asyncio.Future[_Out]]] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._runners: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: _In) -> _Out:
         future: asyncio.Future[_Out] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
-        if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name="cache-batch")
+        if len(self._runners) < self._parallel:
+            runner = asyncio.create_task(self._run(), name="cache-batch")
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
         return await future
 
     async def _run(self) -> None:
-        try:
-            while self._waiting:
-                group, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]
-                try:
-                    # Shielded: a cancelled waiter must not stop a group half-way (a group
-                    # commit would leave renamed files unindexed until the next reconcile).
-                    results = await asyncio.shield(
-                        asyncio.to_thread(self._run_group, [item for item, _ in group])
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            group, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]
+            try:
+                # Shielded: a cancelled waiter must not stop a group half-way (a group
+                # commit would leave written files unindexed until the next reconcile).
+                results = await asyncio.shield(
+                    loop.run_in_executor(
+                        self._executor, self._run_group, [item for item, _ in group]
                     )
-                except BaseException as exc:  # only a bug: run reports failures per item
-                    results = [exc] * len(group)
-                for (_, future), result in zip(group, results, strict=True):
-                    if future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            self._runner = None
+                )
+            except BaseException as exc:  # only a bug or shutdown: run reports per item
+                results = [exc] * len(group)
+            for (_, future), result in zip(group, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 def _syncfs_available() -> bool:
