@@ -3,6 +3,7 @@
     CACHE/objects/ab/abcdef...               immutable object bytes, named by cache_id (0444)
     CACHE/objects/ab/abcdef....tmp-<random>  in-flight downloads, deleted at reconcile
     CACHE/index.db                           SQLite index (WAL): one row per complete object
+    CACHE/agent.lock                         held (flock) by the one agent using this cache
     CACHE/jobs/<job_id>/...                  a job's view ($HPCSTAGE_DIR): hardlinks to objects
 
 Every name under ``objects/`` is derived from a cache_id (64 hex digits), never from an S3 key or
@@ -11,9 +12,12 @@ a user path, so nothing a user controls can steer where the agent writes.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 from hpcstage.errors import HpcstageError
@@ -21,6 +25,9 @@ from hpcstage.errors import HpcstageError
 OBJECTS = "objects"
 JOBS = "jobs"
 INDEX = "index.db"
+LOCK = "agent.lock"
+
+log = logging.getLogger(__name__)
 
 # objects/ and views must be traversable by job users; a later issue narrows views with ACLs.
 DIR_MODE = 0o755
@@ -80,3 +87,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_cache(root: Path, timeout: float, poll: float = 0.2) -> int:
+    """Take the cache's exclusive lock for the rest of this process; return its fd.
+
+    One agent per cache: when the daemon reconnects, the new agent waits here for the old one
+    to finish its last group commit and exit, so its reconcile never deletes files the other
+    is about to index, and no object is fetched by two agents. The kernel drops the lock when
+    its holder dies, even by ``kill -9``. Raises CacheError after ``timeout`` seconds.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise CacheError(
+                    f"another agent still holds {path} after {timeout:.0f} s: is an old "
+                    f"`hpcstage agent --cache-dir {root}` still running?"
+                ) from None
+            if not waited:
+                log.info("waiting for the previous agent of %s to exit", root)
+                waited = True
+            time.sleep(poll)
+            continue
+        return fd

@@ -4,10 +4,11 @@ One directory per node, owned by the agent's service account (layout in ``cache/
 Objects are written crash-safely: a download goes to ``<cache_id>.tmp-<random>`` in the same
 directory, is fsynced, made read-only and renamed into place, the directory is fsynced, and only
 then is the index row written. Small objects (up to ``GROUP_COMMIT_MAX``) are committed in
-groups: renamed one by one, then one syncfs(2) of the cache's filesystem and one index
-transaction for the group, which is what makes millions of 4 KiB files affordable. Either way
-a crash leaves a temp file or an unindexed file, both removed by ``reconcile()`` at agent
-start, never a row that names partial bytes.
+groups: each is written straight to its final place from memory (``ensure_small``) or renamed
+there from its temp file, then one syncfs(2) of the cache's filesystem and one index
+transaction cover the whole group, which is what makes millions of 4 KiB files affordable.
+Either way a crash leaves a temp file or a file without a row, both removed by ``reconcile()``
+at agent start and never returned by a lookup; no row ever names partial bytes.
 
 Leases are hardlinks: an object is leased while any job view links it (``st_nlink > 1``), and
 eviction never removes a leased object. ``link()`` and ``evict()`` take the object's lock (one

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hpcstage.cache import CacheError, NodeCache, PendingObject, key_dest
+from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.store import GROUP_COMMIT_MAX
 from hpcstage.errors import (
     CredentialError,
@@ -38,6 +39,7 @@ from hpcstage.units import format_size
 log = logging.getLogger("hpcstage.agent")
 
 PROGRESS_EVERY = 0.5  # seconds between progress messages per call
+LOCK_WAIT = 60.0  # seconds a new agent waits for the previous one of its cache to exit
 # Objects in flight per input beyond the `concurrency` downloads: PIPELINE per download slot,
 # at most PIPELINE_MAX (each holds an open temp file until its group is committed).
 PIPELINE = 3
@@ -545,6 +547,7 @@ def run_agent(node: str, cache_dir: Path) -> None:
         level=logging.INFO, stream=sys.stderr, format=f"agent[{node}] %(levelname)s %(message)s"
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
+    lock_cache(cache_dir, LOCK_WAIT)  # held until this process exits
     _raise_open_files_limit()
     agent = Agent(node=node, cache=NodeCache(cache_dir))
     asyncio.run(serve(agent))

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from hpcstage.cache import CacheError, Entry, NodeCache, PendingObject, choose_evictions
+from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.store import ReadSmall
 from hpcstage.cache.views import remove_tree
 from hpcstage.identity import ObjectRef
@@ -669,3 +670,17 @@ def test_commit_group_takes_downloads_and_memory_objects_together(cache: NodeCac
         b"from memory",
     ]
     assert cache.usage().objects == 2
+
+
+# -- one agent per cache ----------------------------------------------------------------------
+
+
+def test_a_second_agent_waits_for_the_cache_lock_then_gets_it(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    first = lock_cache(root, timeout=1)
+    with pytest.raises(CacheError, match=r"another agent still holds .*agent\.lock"):
+        lock_cache(root, timeout=0.3, poll=0.05)
+    os.close(first)  # the first agent exits: its lock goes with it
+    second = lock_cache(root, timeout=1)
+    assert stat.S_IMODE((root / "agent.lock").stat().st_mode) == 0o600
+    os.close(second)
