@@ -644,18 +644,28 @@ class _Batcher(Generic[_In, _Out]):
         self._executor = executor
         self._parallel = parallel
         self._waiting: list[tuple[_In, asyncio.Future[_Out]]] = []
-        self._runners: set[asyncio.Task[None]] = set()
+        # Runners counted when created and uncounted in their own last step, never in a done
+        # callback: that runs later, and an item submitted in between would wait forever.
+        self._active = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references only
 
     async def submit(self, item: _In) -> _Out:
         future: asyncio.Future[_Out] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
-        if len(self._runners) < self._parallel:
+        if self._active < self._parallel:
+            self._active += 1
             runner = asyncio.create_task(self._run(), name="cache-batch")
-            self._runners.add(runner)
-            runner.add_done_callback(self._runners.discard)
+            self._tasks.add(runner)
+            runner.add_done_callback(self._tasks.discard)
         return await future
 
     async def _run(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self._active -= 1  # no await between the empty check and here
+
+    async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiting:
             group, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]

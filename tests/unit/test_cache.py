@@ -684,3 +684,30 @@ def test_a_second_agent_waits_for_the_cache_lock_then_gets_it(tmp_path: Path) ->
     second = lock_cache(root, timeout=1)
     assert stat.S_IMODE((root / "agent.lock").stat().st_mode) == 0o600
     os.close(second)
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_batcher_takes_items_submitted_right_after_its_runners_finished(parallel: int) -> None:
+    # A runner that had just found nothing left must not keep a later item waiting forever
+    # (this hung a warmup in the benchmark: the runner count was only lowered in a done
+    # callback, which runs after the next submit).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hpcstage.cache.store import _Batcher
+
+    def double(items: list[int]) -> list[int | BaseException]:
+        return [2 * n for n in items]
+
+    async def one_after_another() -> list[int]:
+        with ThreadPoolExecutor(2) as pool:
+            batcher: _Batcher[int, int] = _Batcher(double, pool, parallel)
+            got = []
+            for n in range(50):
+                got.append(await batcher.submit(n))  # awaited directly: the tightest timing
+            got += await asyncio.gather(*map(batcher.submit, range(5)))
+            return got
+
+    async def bounded() -> list[int]:
+        return await asyncio.wait_for(one_after_another(), 10)
+
+    assert asyncio.run(bounded()) == [2 * n for n in range(50)] + [0, 2, 4, 6, 8]
