@@ -358,9 +358,14 @@ def _read_with_md5(fd: int, offset: int, length: int) -> tuple[bytes, bytes]:
     return data, hashlib.md5(data, usedforsecurity=False).digest()
 
 
+def _md5_contradicts(etag: str, md5_hex: str) -> bool:
+    """True if ``etag`` is a plain MD5 (no '-': not multipart) other than ``md5_hex``."""
+    return bool(_PLAIN_MD5.fullmatch(etag)) and etag.lower() != md5_hex
+
+
 def _check_md5(url: str, etag: str, md5_hex: str) -> None:
     """A plain-MD5 ETag (no '-': not multipart) must equal the MD5 of the bytes."""
-    if _PLAIN_MD5.fullmatch(etag) and etag.lower() != md5_hex:
+    if _md5_contradicts(etag, md5_hex):
         raise TransientStoreError(f"{url}: checksum mismatch (ETag {etag}, bytes have {md5_hex})")
 
 
@@ -818,8 +823,7 @@ class S3Store:
         GET is retried; one of a multipart download raises TransientStoreError at once (which
         part was bad is unknown; the caller fetches the object again).
         """
-        if (ref.store, ref.bucket) != (self.store_id, self.bucket):
-            raise ValueError(f"{ref} does not belong to {self.store_id} bucket {self.bucket}")
+        self._check_owns(ref)
         tracker = _PartProgress(progress)
         lean = await self.lean_bytes(ref)
         if lean is not None:
@@ -843,19 +847,22 @@ class S3Store:
                 _check_md5(self.url(ref.key), ref.etag, md5)
         return DownloadResult(md5, sha256, ref.size)
 
+    def _check_owns(self, ref: ObjectRef) -> None:
+        if (ref.store, ref.bucket) != (self.store_id, self.bucket):
+            raise ValueError(f"{ref} does not belong to {self.store_id} bucket {self.bucket}")
+
     async def lean_bytes(self, ref: ObjectRef) -> tuple[bytes, str, str] | None:
         """A small object's bytes, SHA-256 and MD5 through the lean GET (hpcstage.s3get), or
         None when it does not apply or falls back: then the SDK path must fetch it."""
         lean = self._lean
         if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold:
             return None
-        if (ref.store, ref.bucket) != (self.store_id, self.bucket):
-            raise ValueError(f"{ref} does not belong to {self.store_id} bucket {self.bucket}")
+        self._check_owns(ref)
         body = await lean.get(ref.key, ref.size, ref.etag)
         if body is None:
             return None
         md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
-        if _PLAIN_MD5.fullmatch(ref.etag) and ref.etag.lower() != md5:
+        if _md5_contradicts(ref.etag, md5):
             return None  # the SDK path fetches again, verifies and retries or reports
         return body, hashlib.sha256(body).hexdigest(), md5
 

@@ -97,10 +97,6 @@ class Index:
             found = self._db.execute(_SELECT + " WHERE cache_id = ?", (cache_id,)).fetchone()
         return Row(*found) if found else None
 
-    def rows(self) -> list[Row]:
-        """Every row, oldest access first (small caches and tests; see ``lru`` for big ones)."""
-        return [row for page in self.lru() for row in page]
-
     def summary(self) -> tuple[int, int, float | None]:
         """Row count, total bytes and the oldest access (None when empty), in one query."""
         with self._lock:
@@ -110,7 +106,7 @@ class Index:
         return int(count), int(total), oldest
 
     def lru(self, page: int | None = None) -> Iterator[list[Row]]:
-        """Every row, oldest access first, ``page`` rows at a time.
+        """Every row, oldest access first, ``page`` rows at a time (default ``PAGE``).
 
         The lock is held per page only, so fetches commit in between; rows touched meanwhile
         move behind the cursor and may come again later with their new time.

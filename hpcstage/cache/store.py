@@ -257,7 +257,7 @@ class NodeCache:
         or the exception that aborted it.
         """
         results: list[Path | BaseException] = []
-        placed: list[tuple[ObjectRef, str, Path]] = []
+        placed: list[tuple[int, ObjectRef, str, Path]] = []  # (index in results, ref, ...)
         group_sync = _syncfs_available()
         for item in items:
             try:
@@ -273,7 +273,7 @@ class NodeCache:
                     exc = CacheError(f"cannot commit object {item_ref(item).cache_id}: {exc}")
                 results.append(exc)
                 continue
-            placed.append((ref, digest, final))
+            placed.append((len(results), ref, digest, final))
             results.append(final)
         if not placed:
             return results
@@ -281,15 +281,14 @@ class NodeCache:
             if group_sync:
                 _syncfs(self.objects)
             else:
-                for parent in {final.parent for _, _, final in placed}:
+                for parent in {final.parent for *_, final in placed}:
                     fsync_dir(parent)
-            self._index.put_many([self._new_row(ref, digest) for ref, digest, _ in placed])
+            self._index.put_many([self._new_row(ref, digest) for _, ref, digest, _ in placed])
         except (OSError, sqlite3.Error) as exc:
             failed = CacheError(f"cannot commit {len(placed)} objects: {exc}")
-            for _, _, final in placed:
+            for index, _, _, final in placed:
                 final.unlink(missing_ok=True)
-            done = {id(final) for _, _, final in placed}
-            return [failed if id(r) in done else r for r in results]
+                results[index] = failed
         return results
 
     def _seal_and_place(self, pending: PendingObject, digest: str, flush: bool) -> None:
@@ -303,10 +302,7 @@ class NodeCache:
     def _write_final(self, obj: SmallObject, flush: bool) -> Path:
         """Write ``obj`` to its final place, read-only; it counts only once indexed."""
         ref = obj.ref
-        if not _SHA256.fullmatch(obj.sha256_hex):
-            raise CacheError(f"not a sha256 hex digest: {obj.sha256_hex!r}")
-        if len(obj.body) != ref.size:
-            raise CacheError(f"object {ref.key!r} has {len(obj.body)} bytes, expected {ref.size}")
+        _check_complete(ref, len(obj.body), obj.sha256_hex)
         final = object_path(self.objects, ref.cache_id)
         fd = -1
         for _ in range(3):
@@ -346,13 +342,7 @@ class NodeCache:
         syncs the whole group) and make it read-only."""
         if pending.closed:
             raise CacheError(f"object {pending.ref.cache_id} was already committed or aborted")
-        if not _SHA256.fullmatch(sha256_hex):
-            raise CacheError(f"not a sha256 hex digest: {sha256_hex!r}")
-        size = os.fstat(pending.fd).st_size
-        if size != pending.ref.size:
-            raise CacheError(
-                f"object {pending.ref.key!r} has {size} bytes, expected {pending.ref.size}"
-            )
+        _check_complete(pending.ref, os.fstat(pending.fd).st_size, sha256_hex)
         if flush:
             os.fsync(pending.fd)
         os.fchmod(pending.fd, OBJECT_MODE)
@@ -714,6 +704,14 @@ def _find_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _find_syncfs()
+
+
+def _check_complete(ref: ObjectRef, size: int, sha256_hex: str) -> None:
+    """CacheError unless ``size`` bytes are what ``ref`` lists and the digest looks like one."""
+    if not _SHA256.fullmatch(sha256_hex):
+        raise CacheError(f"not a sha256 hex digest: {sha256_hex!r}")
+    if size != ref.size:
+        raise CacheError(f"object {ref.key!r} has {size} bytes, expected {ref.size}")
 
 
 def _link_count(path: Path) -> int | None:

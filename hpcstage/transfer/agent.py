@@ -41,10 +41,10 @@ log = logging.getLogger("hpcstage.agent")
 PROGRESS_EVERY = 0.5  # seconds between progress messages per call
 LOCK_WAIT = 60.0  # seconds a new agent waits for the previous one of its cache to exit
 # Objects in flight per input beyond the `concurrency` downloads: PIPELINE per download slot,
-# at most PIPELINE_MAX (each holds an open temp file until its group is committed).
+# at most PIPELINE_MAX (each holds its bytes, or an open temp file, until its group commits).
 PIPELINE = 3
-SMALL_OBJECT = GROUP_COMMIT_MAX  # objects up to this size are fetched into memory
 PIPELINE_MAX = 448
+SMALL_OBJECT = GROUP_COMMIT_MAX  # objects up to this size are fetched into memory
 
 
 @dataclass
