@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from stagein import make_million  # the same 1,000-per-directory layout as its --million
+
 
 def status_mib(pid: int) -> tuple[int, int]:
     """VmRSS and VmHWM of ``pid`` in MiB."""
@@ -30,15 +32,6 @@ def status_mib(pid: int) -> tuple[int, int]:
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
     )
     return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
-
-
-def make_files(src: Path, count: int) -> None:
-    src.mkdir(parents=True)
-    for d in range((count + 999) // 1000):
-        sub = src / f"d{d:04d}"
-        sub.mkdir()
-        for i in range(d * 1000, min(count, (d + 1) * 1000)):
-            (sub / f"f{i:07d}").write_bytes(b"x")
 
 
 def call(stdin: IO[bytes], stdout: IO[bytes], call_id: int, op: str, params: Any) -> Any:
@@ -67,7 +60,7 @@ def main() -> int:
     src, cache = base / "src", base / "cache"
     try:
         start = time.perf_counter()
-        make_files(src, args.count)
+        make_million(src, args.count)
         print(f"{args.count} files in {time.perf_counter() - start:.0f} s", flush=True)
         agent_bin = str(Path(sys.executable).parent / "hpcstage")
         argv = [agent_bin, "agent", "--node", "bench", "--cache-dir", str(cache)]

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from hpcstage.client import ApiError, Client, client_for
 from hpcstage.config import load_config
@@ -97,12 +101,40 @@ class Stager:
             self.jobs.clear()
 
 
-def running_stager(dev: DevCluster, name: str, **config: Any) -> Iterator[Stager]:
+def private_cluster(what: str, name: str, **options: Any) -> Iterator[DevCluster]:
+    """A fixture's body: a dev cluster of its own under a fresh /tmp directory, stopped and
+    removed after (left running with HPCSTAGE_TEST_KEEP=1, for debugging).
+
+    ``what`` names it in messages and in the directory; ``options`` go to DevCluster
+    (spank=, burst_buffer=).
+    """
+    if os.geteuid() != 0:
+        pytest.fail("integration tests start Slurm and sshd and must run as root")
+    base = Path(tempfile.mkdtemp(prefix=f"hpcstage-{what}-", dir="/tmp"))
+    # World-traversable (not pytest's 0700 tmp dir): job users must reach slurm.conf and munge.
+    base.chmod(0o755)
+    dev = DevCluster(base, name=name, **options)
+    keep = os.environ.get("HPCSTAGE_TEST_KEEP") == "1"
+    try:
+        dev.up()
+        yield dev
+    finally:
+        if keep:
+            print(f"\nHPCSTAGE_TEST_KEEP=1: {what} cluster left running at {base}")
+        else:
+            dev.down()
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def running_stager(
+    dev: DevCluster, name: str, config_name: str = "", **config: Any
+) -> Iterator[Stager]:
     """A module fixture's body: a daemon with its own site config and fresh state, stopped after.
 
-    ``config`` goes to write_site_config (policy=, extra=, concurrency=, lease_grace=, ...).
+    The config is ``<name>.toml`` (or ``config_name``), the log ``daemon-<name>.log``;
+    ``config`` goes to write_site_config (policy=, extra=, concurrency=, state_url=, ...).
     """
-    path = write_site_config(dev, name=f"{name}.toml", **config)
+    path = write_site_config(dev, name=config_name or f"{name}.toml", **config)
     (Path(dev.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
     st = Stager(dev, path, f"daemon-{name}.log")
     st.start()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,9 +18,17 @@ from pathlib import Path
 import pytest
 
 from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import write_site_config
 
-from .staging import Stager, busy, make_dataset, parse_sums, small_files, wait_until
+from .staging import (
+    Stager,
+    busy,
+    make_dataset,
+    parse_sums,
+    private_cluster,
+    running_stager,
+    small_files,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,33 +43,13 @@ cd "$HPCSTAGE_DIR" && find . -type f | sort | xargs sha256sum
 @pytest.fixture(scope="module")
 def bb_dev() -> Iterator[DevCluster]:
     """A dev cluster of its own in strict mode; stopped and removed at the end."""
-    if os.geteuid() != 0:
-        pytest.fail("integration tests start Slurm and sshd and must run as root")
-    base = Path(tempfile.mkdtemp(prefix="hpcstage-bb-", dir="/tmp"))
-    base.chmod(0o755)  # job users must reach slurm.conf and munge
-    dev = DevCluster(base, name="hpcbb", burst_buffer=True)
-    keep = os.environ.get("HPCSTAGE_TEST_KEEP") == "1"
-    try:
-        dev.up()
-        yield dev
-    finally:
-        if keep:
-            print(f"\nHPCSTAGE_TEST_KEEP=1: strict-mode cluster left running at {base}")
-        else:
-            dev.down()
-            shutil.rmtree(base, ignore_errors=True)
+    yield from private_cluster("bb", "hpcbb", burst_buffer=True)
 
 
 @pytest.fixture(scope="module")
 def stager(bb_dev: DevCluster) -> Iterator[Stager]:
-    config = write_site_config(bb_dev, concurrency=8, name="hpcstage.toml")
-    st = Stager(bb_dev, config, "daemon-bb.log")
-    st.start()
-    try:
-        yield st
-    finally:
-        st.cancel_all()
-        st.stop()
+    # burst_buffer.lua there expects BASE/etc/hpcstage.toml
+    yield from running_stager(bb_dev, "bb", config_name="hpcstage.toml", concurrency=8)
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ spank_plugin/ and loads it through plugstack.conf); the daemon runs as in test_s
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import write_site_config
 
-from .staging import Stager, make_dataset, parse_sums, small_files
+from .staging import Stager, make_dataset, parse_sums, private_cluster, running_stager, small_files
 
 pytestmark = pytest.mark.integration
 
@@ -31,33 +28,12 @@ ALLOWED_EXPORTS = {"plugin_name", "plugin_type", "plugin_version"}
 @pytest.fixture(scope="module")
 def spank_dev() -> Iterator[DevCluster]:
     """A dev cluster of its own with the plugin loaded; stopped and removed at the end."""
-    if os.geteuid() != 0:
-        pytest.fail("integration tests start Slurm and sshd and must run as root")
-    base = Path(tempfile.mkdtemp(prefix="hpcstage-spank-", dir="/tmp"))
-    base.chmod(0o755)  # job users must reach slurm.conf, munge and the plugin
-    dev = DevCluster(base, name="hpcspank", spank=True)
-    keep = os.environ.get("HPCSTAGE_TEST_KEEP") == "1"
-    try:
-        dev.up()
-        yield dev
-    finally:
-        if keep:
-            print(f"\nHPCSTAGE_TEST_KEEP=1: SPANK cluster left running at {base}")
-        else:
-            dev.down()
-            shutil.rmtree(base, ignore_errors=True)
+    yield from private_cluster("spank", "hpcspank", spank=True)
 
 
 @pytest.fixture(scope="module")
 def stager(spank_dev: DevCluster) -> Iterator[Stager]:
-    config = write_site_config(spank_dev, concurrency=8, name="spank.toml")
-    st = Stager(spank_dev, config, "daemon-spank.log")
-    st.start()
-    try:
-        yield st
-    finally:
-        st.cancel_all()
-        st.stop()
+    yield from running_stager(spank_dev, "spank", concurrency=8)
 
 
 def test_plugin_builds_warning_free_and_exports_only_what_slurm_needs(tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from sqlalchemy import create_engine, text
 
 from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import write_site_config
 
 from .staging import (
     CHECKSUM_JOB,
@@ -29,6 +28,7 @@ from .staging import (
     fetched_on,
     make_dataset,
     parse_sums,
+    running_stager,
     small_files,
     wait_until,
 )
@@ -48,18 +48,9 @@ def stager(
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{db_name}"'))
         state_url = pg_admin_url.rsplit("/", 1)[0] + f"/{db_name}"
-    config = write_site_config(
-        cluster, state_url=state_url, concurrency=8, name=f"stagein-{backend}.toml"
-    )
-    if backend == "sqlite":
-        (Path(cluster.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
-    st = Stager(cluster, config, f"daemon-{backend}.log")
-    st.start()
     try:
-        yield st
+        yield from running_stager(cluster, f"stagein-{backend}", state_url=state_url, concurrency=8)
     finally:
-        st.cancel_all()
-        st.stop()
         if backend == "postgresql":
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
