@@ -21,7 +21,10 @@ import datetime
 import hashlib
 import hmac
 import logging
+import os
+import socket
 import ssl
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
@@ -318,3 +321,296 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
             raise ValueError("malformed header line")
         headers[name.lower()] = value.strip()
     return int(code), headers
+
+
+# --------------------------------------------------------------------------------------------
+# Ranged GETs of big objects' parts, in worker threads
+# --------------------------------------------------------------------------------------------
+
+RANGE_BUFFER: Final = 1024 * 1024  # bytes received per pwrite
+_HEAD_MAX: Final = 64 * 1024  # a response head longer than this is not one we take
+
+
+class RangeAbort:
+    """Stops a running ``RangeGet.fetch`` from another thread (the event loop on cancel).
+
+    ``fetch`` checks the flag between reads; ``abort`` also shuts its socket down, so a read
+    blocked on a silent server returns at once instead of after the read timeout.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+
+    @property
+    def aborted(self) -> bool:
+        return self._event.is_set()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if sock is not None and self._event.is_set():
+                _shutdown(sock)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._event.set()
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class RangeGet:
+    """One part of a big object into a file, with blocking sockets in the caller's thread.
+
+    Why it exists: streaming a 512 MiB object through aiohttp costs about as much CPU as
+    hashing it (asyncio buffers, bytes copies, a thread hop per MiB); here the kernel copies
+    each MiB once into a reused buffer (``recv_into``) and ``pwrite`` puts it at the part's
+    offset. Same contract as LeanGet: only a clean answer with exactly the asked range of the
+    listed size and ETag is taken; anything else makes ``fetch`` return False (the bytes
+    already written at the part's range are then overwritten by the SDK's retry of the part).
+    Thread-safe: the idle connection pool and the counters are behind a lock.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        signer: SigV4,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout: float,
+        read_timeout: float,
+        max_idle: int,
+        clock: Callable[[], str] = amz_now,
+    ) -> None:
+        self.endpoint = endpoint
+        self.stats = LeanStats()
+        self.enabled = True
+        self._signer = signer
+        self._ssl = ssl_context if endpoint.tls else None
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_idle = max_idle
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def fetch(
+        self,
+        key: str,
+        ref: tuple[int, str],
+        span: tuple[int, int],
+        fd: int,
+        on_bytes: Callable[[int], None],
+        abort: RangeAbort,
+    ) -> bool:
+        """Write bytes ``span = (offset, length)`` of ``key`` (``ref = (size, etag)`` as
+        listed) to ``fd`` at that offset; ``on_bytes`` gets the part's running byte count.
+
+        True when the whole range is written; False to fall back to the SDK.
+        """
+        if not self.enabled or abort.aborted:
+            return False
+        path = self.endpoint.path(key)
+        try:
+            if path is None:
+                raise _Fallback("dot segment in key")
+            self._fetch(path, ref, span, fd, on_bytes, abort)
+        except _Fallback as why:
+            self._fell_back(str(why))
+            return False
+        with self._lock:
+            self.stats.served += 1
+        return True
+
+    def _fell_back(self, reason: str) -> None:
+        with self._lock:
+            stats = self.stats
+            stats.fell_back += 1
+            stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+            give_up = stats.served == 0 and stats.fell_back >= GIVE_UP_AFTER and self.enabled
+            if give_up:
+                self.enabled = False
+        if give_up:
+            log.warning(
+                "lean ranged S3 GET turned off for %s: its first %d requests fell back (%s); "
+                "big objects now go through the SDK",
+                self.endpoint.host_header,
+                stats.fell_back,
+                ", ".join(f"{r}: {n}" for r, n in sorted(stats.reasons.items())),
+            )
+
+    def _fetch(
+        self,
+        path: str,
+        ref: tuple[int, str],
+        span: tuple[int, int],
+        fd: int,
+        on_bytes: Callable[[int], None],
+        abort: RangeAbort,
+    ) -> None:
+        offset, length = span
+        request = self._request(path, offset, length)
+        for attempt in range(2):
+            sock, reused = self._connection()
+            abort.attach(sock)
+            keep = False
+            try:
+                try:
+                    sock.sendall(request)
+                    head, rest = _read_head(sock)
+                except (ConnectionError, _Closed) as exc:
+                    # An idle keep-alive connection the server closed meanwhile: once, fresh.
+                    if reused and attempt == 0 and not abort.aborted:
+                        continue
+                    raise _Fallback(f"connection: {type(exc).__name__}") from exc
+                keep = self._check_head(head, ref, span)
+                _read_body(sock, rest, fd, span, on_bytes, abort)
+                return
+            except _Closed as exc:
+                keep = False
+                why = "aborted" if abort.aborted else "connection closed mid-body"
+                raise _Fallback(why) from exc
+            except TimeoutError as exc:
+                keep = False
+                raise _Fallback("timeout") from exc
+            except (OSError, ValueError) as exc:
+                keep = False
+                raise _Fallback("aborted" if abort.aborted else type(exc).__name__) from exc
+            except _Fallback:
+                keep = False
+                raise
+            finally:
+                abort.attach(None)
+                self._put_back(sock, keep and not abort.aborted)
+        raise _Fallback("connection closed twice")
+
+    def _request(self, path: str, offset: int, length: int) -> bytes:
+        headers = {
+            "range": f"bytes={offset}-{offset + length - 1}",
+            "x-amz-content-sha256": EMPTY_SHA256,
+            "x-amz-date": self._clock(),
+        }
+        if self._signer.token:
+            headers["x-amz-security-token"] = self._signer.token
+        auth = self._signer.authorization("GET", self.endpoint.host_header, path, "", headers)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {self.endpoint.host_header}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines += [f"Authorization: {auth}", "", ""]
+        return "\r\n".join(lines).encode()
+
+    @staticmethod
+    def _check_head(head: bytes, ref: tuple[int, str], span: tuple[int, int]) -> bool:
+        """Refuse (``_Fallback``) all but exactly ``span`` of the object; True: keep-alive.
+
+        The status may be 206 or 200 (``rclone serve s3`` answers ranges with 200): what
+        decides is a ``Content-Range`` naming exactly the asked bytes of an object of the
+        listed size, and a ``Content-Length`` of that many bytes.
+        """
+        size, etag = ref
+        offset, length = span
+        status, headers = parse_head(head)
+        if status not in (200, 206):
+            raise _Fallback(f"status {status}")
+        if headers.get("transfer-encoding", "identity").lower() != "identity":
+            raise _Fallback("no content-length")
+        if headers.get("content-length") != str(length):
+            raise _Fallback("length differs from range")
+        want = f"bytes {offset}-{offset + length - 1}/{size}"
+        if " ".join(headers.get("content-range", "").split()) != want:
+            raise _Fallback("content-range differs from range")
+        if headers.get("etag", "").strip().strip('"') != etag:
+            raise _Fallback("etag differs from listing")
+        return headers.get("connection", "").lower() != "close"
+
+    def _connection(self) -> tuple[socket.socket, bool]:
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+        if sock is not None:
+            return sock, True
+        try:
+            raw = socket.create_connection(
+                (self.endpoint.connect_host, self.endpoint.port), self._connect_timeout
+            )
+        except OSError as exc:
+            raise _Fallback(f"connect: {type(exc).__name__}") from exc
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                raw = self._ssl.wrap_socket(raw, server_hostname=self.endpoint.connect_host)
+        except OSError as exc:
+            raw.close()
+            raise _Fallback(f"tls: {type(exc).__name__}") from exc
+        raw.settimeout(self._read_timeout)
+        return raw, False
+
+    def _put_back(self, sock: socket.socket, keep: bool) -> None:
+        with self._lock:
+            if keep and len(self._idle) < self._max_idle:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+class _Closed(Exception):
+    """The server closed the connection before the response was complete."""
+
+
+def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The response head and whatever body bytes came with it."""
+    data = b""
+    while True:
+        chunk = sock.recv(_HEAD_MAX)
+        if not chunk:
+            raise _Closed()
+        data += chunk
+        end = data.find(_HEAD_END)
+        if end >= 0:
+            return data[: end + len(_HEAD_END)], data[end + len(_HEAD_END) :]
+        if len(data) > _HEAD_MAX:
+            raise _Fallback("response head too long")
+
+
+def _read_body(
+    sock: socket.socket,
+    rest: bytes,
+    fd: int,
+    span: tuple[int, int],
+    on_bytes: Callable[[int], None],
+    abort: RangeAbort,
+) -> None:
+    """Receive exactly ``span``'s length into ``fd`` at its offset, a buffer at a time."""
+    offset, length = span
+    if len(rest) > length:
+        raise _Fallback("more bytes than the range")
+    buffer = bytearray(min(RANGE_BUFFER, max(length, 1)))
+    view = memoryview(buffer)
+    view[: len(rest)] = rest
+    filled, done = len(rest), 0
+    while done < length:
+        want = min(len(buffer), length - done)
+        while filled < want:
+            if abort.aborted:
+                raise _Fallback("aborted")
+            got = sock.recv_into(view[filled:want])
+            if not got:
+                raise _Closed()
+            filled += got
+        chunk = view[:want]
+        while chunk:  # pwrite may write less than asked
+            written = os.pwrite(fd, chunk, offset + done)
+            chunk, done = chunk[written:], done + written
+        filled = 0
+        on_bytes(done)

@@ -22,6 +22,7 @@ from botocore.parsers import ResponseParserError
 
 from hpcstage.errors import (
     CredentialError,
+    ObjectChangedError,
     ObjectMissingError,
     StoreError,
     TransientStoreError,
@@ -144,18 +145,41 @@ async def test_download_bytes_through_the_sdk(s3_server: S3Server, scratch: Path
 
 
 async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -> None:
-    ref = await put(h, scratch, "big", payload(LARGE))
-    await fetch(h.store, ref, scratch)
+    data = payload(LARGE)
+    ref = await put(h, scratch, "big", data)
+    assert (await fetch(h.store, ref, scratch))[1] == data
     if h.calls is not None:  # S3: a multipart upload of 3 parts and 3 ranged GETs
         assert h.calls["CreateMultipartUpload"] == 1
         assert h.calls["UploadPart"] == 3
         assert h.calls["CompleteMultipartUpload"] == 1
         assert h.calls["PutObject"] == 0
-        assert sorted(h.ranges) == [
-            f"bytes=0-{5 * MIB - 1}",
-            f"bytes={10 * MIB}-{LARGE - 1}",
-            f"bytes={5 * MIB}-{10 * MIB - 1}",
-        ]
+        # The parts came through the lean ranged GET (hpcstage.s3get.RangeGet), not the SDK.
+        assert isinstance(h.store, S3Store) and h.store.ranged_stats is not None
+        assert (h.store.ranged_stats.served, h.store.ranged_stats.fell_back) == (3, 0)
+        assert h.calls["GetObject"] == 0
+
+
+async def test_large_objects_through_the_sdk_are_ranged_gets(
+    s3_server: S3Server, scratch: Path
+) -> None:
+    ranges: list[str] = []
+
+    def on_call(model: Any, params: Any, **_: Any) -> None:
+        if model.name == "GetObject":
+            ranges.append(params.get("headers", {}).get("Range", ""))
+
+    async with make_s3_store(s3_server, lean_get=False) as store:
+        h = Harness("s3", store, f"sdk-{uuid.uuid4().hex[:8]}/", _none)
+        (await store._client()).meta.events.register("before-call.s3", on_call)
+        data = payload(LARGE, seed=5)
+        ref = await put(h, scratch, "big", data)
+        assert (await fetch(store, ref, scratch))[1] == data
+        assert store.ranged_stats is None
+    assert sorted(ranges) == [
+        f"bytes=0-{5 * MIB - 1}",
+        f"bytes={10 * MIB}-{LARGE - 1}",
+        f"bytes={5 * MIB}-{10 * MIB - 1}",
+    ]
 
 
 async def test_missing_object_is_a_store_error_naming_it(h: Harness, scratch: Path) -> None:
@@ -323,10 +347,39 @@ async def test_parts_of_a_single_put_object_are_checked_against_its_md5_etag(
     assert result.md5_hex == hashlib.md5(data, usedforsecurity=False).hexdigest() == ref.etag
 
 
+async def test_big_objects_with_awkward_keys_come_through_the_ranged_get(
+    s3: S3Store, scratch: Path
+) -> None:
+    h = Harness("s3", s3, f"ranged-{uuid.uuid4().hex[:8]}/", _none)
+    for n, name in enumerate(AWKWARD_NAMES[:3]):
+        data = payload(LARGE + n, seed=20 + n)
+        ref = await put(h, scratch, name, data)
+        result, written = await fetch(s3, ref, scratch)
+        assert written == data
+        assert result.sha256_hex == hashlib.sha256(data).hexdigest()
+    stats = s3.ranged_stats
+    assert stats is not None
+    assert (stats.served, stats.fell_back) == (9, 0), stats.reasons
+
+
+async def test_ranged_get_falls_back_and_the_sdk_reports(s3: S3Store, scratch: Path) -> None:
+    h = Harness("s3", s3, f"ranged-{uuid.uuid4().hex[:8]}/", _none)
+    old = await put(h, scratch, "big", payload(LARGE, seed=1))
+    await put(h, scratch, "big", payload(LARGE, seed=2))  # same size, new bytes and ETag
+    with pytest.raises(ObjectChangedError, match="changed"):
+        await fetch(s3, old, scratch)
+    stats = s3.ranged_stats
+    assert stats is not None and stats.served == 0
+    # Parts still in flight when the first one failed are aborted (their threads stopped).
+    assert set(stats.reasons) <= {"etag differs from listing", "aborted"}
+    assert stats.reasons["etag differs from listing"] >= 1
+
+
 async def test_no_lean_get_without_explicit_keys_or_through_a_proxy(
     s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert make_s3_store(s3_server, lean_get=False).lean_stats is None
+    assert make_s3_store(s3_server, lean_get=False).ranged_stats is None
     assert make_s3_store(s3_server, credentials=None).lean_stats is None
     assert make_s3_store(s3_server, addressing_style="auto").lean_stats is None
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
