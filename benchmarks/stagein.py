@@ -989,6 +989,10 @@ def main() -> int:
         sys.exit("run as root: the dev cluster starts Slurm and sshd")
     if not Path(GNU_TIME).exists():
         sys.exit(f"{GNU_TIME} is missing: apt-get install time")
+    # kill (and SIGINT, which a shell's background job ignores, is no way out) must still stop
+    # and remove the cluster: turn the signals into an exit that runs the cleanup below.
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, lambda signum, _frame: sys.exit(128 + signum))
     base: Path = args.base.resolve()
     rclone = str(Path(sys.executable).parent / "rclone")
     s5cmd = s5cmd_binary()

@@ -440,7 +440,10 @@ class TransferSettings(_Section):
     backoff_max: Duration = Field(default=30.0, validate_default=True)
     """Cap on the retry delay."""
     lean_get: bool = True
-    """Fetch small objects (up to 1 MiB) with hpcstage's own signed GET, not the SDK."""
+    """Fetch small objects (up to 1 MiB) and big objects' parts with hpcstage's own signed
+    GETs, not the SDK."""
+    peer_copy: bool = True
+    """Copy small objects another node's cache holds instead of fetching them from the store."""
 
     @field_validator("multipart_threshold")
     @classmethod

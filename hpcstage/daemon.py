@@ -33,6 +33,7 @@ from hpcstage.errors import DirectiveError, SlurmError, StoreError, TransportErr
 from hpcstage.slurm.backend import CliBackend, SlurmBackend
 from hpcstage.slurm.model import JobInfo
 from hpcstage.store import S3Store, parse_s3_url, resolve_credentials
+from hpcstage.transfer import peer
 from hpcstage.transfer.nodes import cache_dir_for, expand_node_template
 from hpcstage.transfer.rpc import AgentError, RpcClient
 from hpcstage.transfer.transport import (
@@ -44,6 +45,7 @@ from hpcstage.transfer.transport import (
     open_local,
     open_ssh,
 )
+from hpcstage.units import format_size
 from hpcstage.watch import Directives, log_event, split_nodes, sync
 
 log = logging.getLogger("hpcstage.daemon")
@@ -309,6 +311,8 @@ class Daemon:
             for current in plan:
                 staging_id, request_id, src, dest, _text, _line = current
                 limit = self._budget(action.job_id, action.node, spent)
+                if src:
+                    await self._peer_fill(rpc, action, src, limit)
                 await self._stage_one(rpc, staging_id, job_key, user, request_id, src, dest, limit)
                 spent += self._staged_bytes(staging_id)
         except AgentError as exc:
@@ -320,6 +324,55 @@ class Daemon:
         except TransportError as exc:
             self._node_failed(action.node)
             self._requeue(action, _from(plan, current), str(exc))
+
+    async def _peer_fill(
+        self, rpc: RpcClient, action: planner.Stage, src: str, limit: quota.Budget
+    ) -> None:
+        """Copy the small objects of ``src`` another node's cache holds (transfer/peer.py).
+
+        Never fails the staging: whatever is not copied, the stage fetches from the store.
+        """
+        if not self.settings.transfer.peer_copy:
+            return
+        source = source_params(src)
+        if source["kind"] not in ("s3-prefix", "s3-key"):
+            return
+        for other in self._peers_holding(src, action.node):
+            try:
+                copied = await peer.copy_from_peer(
+                    rpc, await self._agent(other), source, limit.max_bytes
+                )
+            except (AgentError, TransportError, LookupError, TypeError, ValueError) as exc:
+                log.warning("peer copy of %s from %s to %s: %s", src, other, action.node, exc)
+                continue
+            if copied.objects or copied.refused:
+                message = (
+                    f"copied {copied.objects} objects ({format_size(copied.bytes)}) of {src}"
+                    f" from {other}'s cache"
+                )
+                if copied.refused:
+                    message += f"; {copied.refused} failed verification (fetched from the store)"
+                assert self.db is not None
+                with self.db.begin() as session:
+                    log_event(session, action.job_id, action.node, message)
+            return
+
+    def _peers_holding(self, src: str, node: str) -> list[str]:
+        """Other nodes whose staging of ``src`` finished (their caches likely hold it)."""
+        assert self.db is not None
+        with self.db.begin() as session:
+            found = session.scalars(
+                select(Staging.node)
+                .join(Request, Staging.request_id == Request.id)
+                .where(
+                    Request.src == src,
+                    Request.direction == "in",
+                    Staging.node != node,
+                    Staging.state.in_(("ready", "released")),
+                )
+                .distinct()
+            ).all()
+        return [n for n in sorted(found) if n in self._node_addr and not self._backing_off(n)]
 
     async def _stage_one(
         self,
@@ -697,6 +750,18 @@ class Daemon:
     def known_nodes(self) -> list[str]:
         """Nodes Slurm reported at the last refresh."""
         return sorted(self._node_addr)
+
+    async def unknown_nodes(self, nodes: Iterable[str]) -> list[str]:
+        """Those of ``nodes`` Slurm does not know (asked again first if any looks new).
+
+        Empty when Slurm's node list cannot be had at all: then the agent connection is
+        what fails, with its own message.
+        """
+        missing = [n for n in nodes if n not in self._node_addr]
+        if missing:
+            await self._refresh_nodes()
+            missing = [n for n in missing if n not in self._node_addr]
+        return missing if self._node_addr else []
 
     async def evict_all(self) -> dict[str, dict[str, int]]:
         """Apply the eviction policy on every node with an open agent session."""

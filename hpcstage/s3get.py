@@ -422,7 +422,9 @@ class RangeGet:
                 raise _Fallback("dot segment in key")
             self._fetch(path, ref, span, fd, on_bytes, abort)
         except _Fallback as why:
-            self._fell_back(str(why))
+            # After an abort the socket was shut down under the read: whatever broke, that
+            # is why (a broken pipe or a short read are its symptoms, not the server's).
+            self._fell_back("aborted" if abort.aborted else str(why))
             return False
         with self._lock:
             self.stats.served += 1
@@ -474,14 +476,13 @@ class RangeGet:
                 return
             except _Closed as exc:
                 keep = False
-                why = "aborted" if abort.aborted else "connection closed mid-body"
-                raise _Fallback(why) from exc
+                raise _Fallback("connection closed mid-body") from exc
             except TimeoutError as exc:
                 keep = False
                 raise _Fallback("timeout") from exc
             except (OSError, ValueError) as exc:
                 keep = False
-                raise _Fallback("aborted" if abort.aborted else type(exc).__name__) from exc
+                raise _Fallback(type(exc).__name__) from exc
             except _Fallback:
                 keep = False
                 raise

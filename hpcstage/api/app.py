@@ -121,6 +121,16 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.post("/api/v1/warmups", status_code=201)
     async def warmup(body: WarmupIn, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
         """Stage SRC onto NODES ahead of any job; poll GET /api/v1/warmups/{id}."""
+        unknown = await daemon.unknown_nodes(body.nodes)
+        if unknown:
+            known = daemon.known_nodes()
+            more = f" and {len(known) - 20} more" if len(known) > 20 else ""
+            shown = ", ".join(known[:20]) + more
+            raise HTTPException(
+                400,
+                f"warmup of {body.src}: Slurm has no node {', '.join(unknown[:20])}"
+                f" (its nodes: {shown})",
+            )
         try:
             warm_id = daemon.create_warmup(body.src, body.nodes, me.user, me.admin)
         except DirectiveError as exc:

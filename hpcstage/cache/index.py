@@ -84,6 +84,10 @@ class Index:
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS objects_lru ON objects (last_access, cache_id)"
         )
+        # Peers ask what this cache holds of a source (a prefix of a bucket), a page at a time.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS objects_source ON objects (store, bucket, key, created)"
+        )
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -134,6 +138,23 @@ class Index:
                 (low, high),
             ).fetchall()
         return {cache_id: size for cache_id, size in found}
+
+    def under(self, store: str, bucket: str, prefix: str, after: str, limit: int) -> list[Row]:
+        """Rows of ``store``/``bucket`` whose key starts with ``prefix`` and sorts after
+        ``after``, by key, the newest version of a key first; at most ``limit`` rows."""
+        with self._lock:
+            found = self._db.execute(
+                _SELECT + " WHERE store = ? AND bucket = ? AND key > ? AND key >= ?"
+                " AND substr(key, 1, ?) = ? ORDER BY key, created DESC LIMIT ?",
+                (store, bucket, after, prefix, len(prefix), prefix, limit),
+            ).fetchall()
+        return [Row(*values) for values in found]
+
+    def have(self, cache_ids: list[str]) -> set[str]:
+        """Those of ``cache_ids`` that have a row (one primary-key probe each)."""
+        probe = "SELECT 1 FROM objects WHERE cache_id = ?"
+        with self._lock:
+            return {i for i in cache_ids if self._db.execute(probe, (i,)).fetchone()}
 
     def put_many(self, rows: list[Row]) -> None:
         """Insert or replace several rows in one transaction (one WAL commit)."""

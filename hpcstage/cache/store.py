@@ -95,6 +95,9 @@ class CacheStats:
     failed_fetches: int = 0
     hits: int = 0  # lookups that found the object complete
     joined: int = 0  # ensure() calls that waited for another caller's fetch
+    peer_objects: int = 0  # objects copied from another node's cache instead of the store
+    peer_bytes: int = 0
+    peer_refused: int = 0  # peer copies that failed verification (fetched from the store later)
 
 
 @dataclass(frozen=True)
@@ -365,12 +368,13 @@ class NodeCache:
         """
         return await self._singleflight(ref, lambda: self._fetch(ref, fetch))
 
-    async def ensure_small(self, ref: ObjectRef, read: ReadSmall) -> Path:
+    async def ensure_small(self, ref: ObjectRef, read: ReadSmall, peer: bool = False) -> Path:
         """``ensure()`` for a small object whose bytes ``read`` returns in memory, verified,
         with their sha256 hex digest. The object is written straight to its final place by the
         group commit (no temp file; an unindexed file left by a crash is what reconcile
-        removes), so the event loop never creates a file."""
-        return await self._singleflight(ref, lambda: self._fetch_small(ref, read))
+        removes), so the event loop never creates a file. ``peer``: the bytes come from
+        another node's cache (counted apart from fetches from the store)."""
+        return await self._singleflight(ref, lambda: self._fetch_small(ref, read, peer))
 
     async def _singleflight(
         self, ref: ObjectRef, start: Callable[[], Coroutine[Any, Any, Path]]
@@ -407,16 +411,53 @@ class NodeCache:
         self.stats.fetched_bytes += ref.size
         return path
 
-    async def _fetch_small(self, ref: ObjectRef, read: ReadSmall) -> Path:
+    async def _fetch_small(self, ref: ObjectRef, read: ReadSmall, peer: bool) -> Path:
         try:
             body, digest = await read()
         except BaseException:
             self.stats.failed_fetches += 1
             raise
         path = await self._group.submit(SmallObject(ref, body, digest))
-        self.stats.fetched_objects += 1
-        self.stats.fetched_bytes += ref.size
+        if peer:
+            self.stats.peer_objects += 1
+            self.stats.peer_bytes += ref.size
+        else:
+            self.stats.fetched_objects += 1
+            self.stats.fetched_bytes += ref.size
         return path
+
+    # -- peers -----------------------------------------------------------------------------
+
+    def holdings(
+        self, store: str, bucket: str, prefix: str, after: str, limit: int
+    ) -> tuple[list[Row], str]:
+        """What this cache holds under ``prefix`` of a bucket, for a peer: the newest cached
+        version of each key, a page of at most ``limit`` rows, and the cursor of the next page
+        ("" when this was the last). An older version of a key may be what the store holds
+        now; the peer lists the store itself and fetches what differs."""
+        rows = self._index.under(store, bucket, prefix, after, limit)
+        newest: list[Row] = []
+        for row in rows:
+            if not newest or newest[-1].key != row.key:
+                newest.append(row)
+        return newest, (rows[-1].key if len(rows) == limit else "")
+
+    def held(self, cache_ids: list[str]) -> set[str]:
+        """Those of ``cache_ids`` this cache has indexed."""
+        return self._index.have(cache_ids)
+
+    def read_object(self, cache_id: str, max_size: int) -> tuple[Row, bytes] | None:
+        """An indexed object's row and bytes, for a peer (None: not held, too big, or not
+        the indexed size any more). The peer checks the bytes against the row's SHA-256."""
+        row = self._index.get(cache_id)
+        if row is None or row.size > max_size:
+            return None
+        try:
+            with open(object_path(self.objects, cache_id), "rb") as file:
+                body = file.read(row.size + 1)
+        except OSError:
+            return None
+        return (row, body) if len(body) == row.size else None
 
     def _fetch_done(self, cache_id: str, task: asyncio.Task[Path]) -> None:
         if self._inflight.get(cache_id) is task:

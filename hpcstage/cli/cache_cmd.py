@@ -70,7 +70,8 @@ def ls(config_path: Path | None, node: str, as_json: bool) -> None:
     )
     click.echo(
         f"  since the agent started: {s['fetched_objects']} fetched "
-        f"({format_size(s['fetched_bytes'])}), {s['hits']} cache hits"
+        f"({format_size(s['fetched_bytes'])}), {s['peer_objects']} copied from other nodes' "
+        f"caches ({format_size(s['peer_bytes'])}), {s['hits']} cache hits"
     )
     views = row["views"]
     click.echo(f"  job directories: {', '.join(views) if views else 'none'}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -33,6 +34,7 @@ from hpcstage.errors import (
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
 from hpcstage.store import FsStore, ObjectStore, S3Store, download_bytes
+from hpcstage.transfer import peer
 from hpcstage.transfer.rpc import MAX_LINE, Handler, ProgressFn, decode, encode
 from hpcstage.units import format_size
 
@@ -326,6 +328,10 @@ class Agent:
             "usage": self.usage,
             "evict": self.evict,
             "ping": self.ping,
+            "peer_list": functools.partial(peer.peer_list, self),
+            "peer_want": functools.partial(peer.peer_want, self),
+            "peer_read": functools.partial(peer.peer_read, self),
+            "peer_put": functools.partial(peer.peer_put, self),
         }
 
 

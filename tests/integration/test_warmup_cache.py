@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hpcstage.cache.layout import object_path
 from hpcstage.devcluster.cluster import DevCluster
 from hpcstage.devcluster.site import write_site_config
 
@@ -76,3 +80,70 @@ def test_eviction_brings_an_overfull_cache_below_the_low_watermark(stager: Stage
     assert after["bytes"] - after["leased_bytes"] <= 0.5 * 2**20
     assert after["leased_bytes"] == before["leased_bytes"]
     assert after["bytes"] < before["bytes"]
+
+
+def test_warmup_to_a_node_slurm_does_not_know_is_refused_by_name(stager: Stager) -> None:
+    src, _ = make_dataset(stager.dev, small_files(2, size=64))
+    refused = stager.cli("alice", "warmup", src, "--nodes", "n1,n9,gpu-typo", "--json", check=False)
+    assert refused.returncode == 1
+    assert "Slurm has no node n9, gpu-typo" in refused.stderr
+    assert "its nodes: n1, n2, n3" in refused.stderr
+    # Nothing was recorded: no warmup for n1 either (the test runs as root: sees every job).
+    jobs = stager.client.get("/api/v1/jobs?all=true")
+    assert jobs and not [j for j in jobs if src in json.dumps(j)]
+
+
+def _cache_of(stager: Stager, node: str) -> Path:
+    return Path(stager.dev.info.base) / "nodes" / node / "cache"
+
+
+def _cached(stager: Stager, node: str, src: str) -> dict[str, str]:
+    """key -> cache_id of what NODE's cache index holds under SRC (read-only, as root)."""
+    prefix = src.removeprefix("s3://datasets/")
+    index = _cache_of(stager, node) / "index.db"
+    with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as db:
+        rows = db.execute(
+            "SELECT key, cache_id FROM objects WHERE bucket = 'datasets' AND substr(key, 1, ?) = ?",
+            (len(prefix), prefix),
+        ).fetchall()
+    return {key.removeprefix(prefix): cache_id for key, cache_id in rows}
+
+
+def _stats(stager: Stager, node: str) -> dict[str, int]:
+    stats: dict[str, int] = json.loads(stager.cli("alice", "cache", "ls", node, "--json").stdout)[
+        "stats"
+    ]
+    return stats
+
+
+def test_a_node_copies_what_another_nodes_cache_holds_and_checks_every_object(
+    stager: Stager,
+) -> None:
+    src, sums = make_dataset(stager.dev, small_files(30, size=1024))
+    stager.cli("alice", "warmup", src, "--nodes", "n1", "--json")
+    on_n1 = _cached(stager, "n1", src)
+    assert set(on_n1) == set(sums)
+    # One object in n1's cache goes bad behind its back (same size, other bytes): n2 must
+    # refuse that copy and fetch the object from the store instead.
+    bad = sorted(on_n1)[3]
+    bad_path = object_path(_cache_of(stager, "n1") / "objects", on_n1[bad])
+    bad_path.write_bytes(bytes(1024))
+    before = _stats(stager, "n2")
+
+    doc = json.loads(stager.cli("alice", "warmup", src, "--nodes", "n2", "--json").stdout)
+
+    after = _stats(stager, "n2")
+    assert after["peer_objects"] - before["peer_objects"] == 29
+    assert after["peer_refused"] - before["peer_refused"] == 1
+    assert after["fetched_objects"] - before["fetched_objects"] == 1  # the bad one, from S3
+    on_n2 = _cached(stager, "n2", src)
+    assert set(on_n2) == set(sums)
+    objects = _cache_of(stager, "n2") / "objects"
+    got = {
+        rel: hashlib.sha256(object_path(objects, cid).read_bytes()).hexdigest()
+        for rel, cid in on_n2.items()
+    }
+    assert got == sums
+    events = json.dumps(doc)
+    assert "copied 29 objects" in events and "from n1's cache" in events
+    assert "1 failed verification" in events

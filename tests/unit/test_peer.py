@@ -1,0 +1,155 @@
+"""Peer copy's pure parts: what a cache offers a peer, how a node checks what a peer sent."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpcstage.cache import NodeCache
+from hpcstage.identity import ObjectRef
+from hpcstage.transfer import peer
+
+STORE = "https://s3.example"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        self.now += 1
+        return self.now
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[NodeCache]:
+    with NodeCache(tmp_path / "cache", clock=Clock()) as node_cache:
+        yield node_cache
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def put(cache: NodeCache, key: str, data: bytes, bucket: str = "b", etag: str = "") -> ObjectRef:
+    ref = ObjectRef(STORE, bucket, key, etag or md5(data), len(data))
+    pending = cache.begin(ref)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(pending.fd, view) :]
+    cache.commit(pending, hashlib.sha256(data).hexdigest())
+    return ref
+
+
+def all_pages(cache: NodeCache, prefix: str, limit: int) -> list[tuple[str, str]]:
+    seen: list[tuple[str, str]] = []
+    after = ""
+    while True:
+        rows, after = cache.holdings(STORE, "b", prefix, after, limit)
+        seen += [(r.key, r.etag) for r in rows]
+        if not after:
+            return seen
+
+
+def test_holdings_are_the_keys_under_the_prefix_newest_version_first(cache: NodeCache) -> None:
+    for i in range(7):
+        put(cache, f"p/{i}", b"x%d" % i)
+    old = put(cache, "p/3", b"old three")
+    new = put(cache, "p/3", b"new three")  # created later: the one offered
+    put(cache, "p2/x", b"not under p/")
+    put(cache, "p", b"the key p itself")
+    put(cache, "p/0", b"other bucket", bucket="c")
+    for limit in (1, 2, 3, 1000):  # every page boundary, also inside a key's versions
+        seen = all_pages(cache, "p/", limit)
+        assert [k for k, _ in seen] == [f"p/{i}" for i in range(7)], limit
+        assert dict(seen)["p/3"] == new.etag != old.etag
+
+
+def test_holdings_of_an_empty_cache_end_at_once(cache: NodeCache) -> None:
+    assert cache.holdings(STORE, "b", "p/", "", 10) == ([], "")
+
+
+def test_read_object_gives_indexed_bytes_only(cache: NodeCache) -> None:
+    ref = put(cache, "p/a", b"hello")
+    found = cache.read_object(ref.cache_id, 1024)
+    assert found is not None and found[1] == b"hello" and found[0].key == "p/a"
+    assert cache.read_object(ref.cache_id, 4) is None  # bigger than asked for
+    assert cache.read_object("0" * 64, 1024) is None  # not held
+    path = cache.lookup(ref)
+    assert path is not None
+    path.chmod(0o644)
+    path.write_bytes(b"hell")  # truncated behind the cache's back
+    assert cache.read_object(ref.cache_id, 1024) is None
+    assert cache.held([ref.cache_id, "1" * 64]) == {ref.cache_id}
+
+
+def entry(key: str, data: bytes, etag: str = "", **over: Any) -> list[Any]:
+    ref = ObjectRef(STORE, "b", key, etag or md5(data), len(data))
+    fields = {
+        "cache_id": ref.cache_id,
+        "key": key,
+        "etag": ref.etag,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "body": base64.b64encode(data).decode(),
+    }
+    fields.update(over)
+    return list(fields.values())
+
+
+def check(e: Any, prefix: str = "p/", exact: bool = False) -> ObjectRef | None:
+    got = peer._checked(e, STORE, "b", prefix, exact)
+    return None if got is None else got[0]
+
+
+def test_a_good_copy_is_taken() -> None:
+    ref = check(entry("p/a", b"data"))
+    assert ref is not None and ref.key == "p/a" and ref.size == 4
+    assert check(entry("p", b"x"), prefix="p", exact=True) is not None
+    # A multipart ETag is no MD5 of the bytes: the SHA-256 the peer recorded decides.
+    assert check(entry("p/m", b"multi", etag="abc-2")) is not None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        entry("p/a", b"data", cache_id="f" * 64),  # not the cache id of its identity
+        entry("q/a", b"data"),  # not under the source
+        entry("p/a", b"data", size=5),  # size other than the bytes
+        entry("p/a", b"data", sha256=hashlib.sha256(b"other").hexdigest()),
+        entry("p/a", b"data", sha256="not-a-digest"),
+        entry("p/a", b"data", body=base64.b64encode(b"dat!").decode()),  # bytes changed
+        entry("p/a", b"data", body="not base64!"),
+        entry("p/a", b"data", etag=md5(b"other")),  # MD5 ETag the bytes do not have
+        [*entry("p/a", b"data")[:2], "", *entry("p/a", b"data")[3:]],  # no ETag
+        entry("p/a", b"data")[:5],  # malformed entry
+        "not a list",
+        entry("p/big", b"z" * (peer.PEER_MAX + 1)),  # bigger than peers copy
+    ],
+)
+def test_anything_else_is_refused(bad: Any) -> None:
+    assert check(bad) is None
+
+
+def test_an_exact_key_source_takes_that_key_only() -> None:
+    assert check(entry("p.bak", b"x"), prefix="p", exact=True) is None
+
+
+def test_batches_hold_at_most_batch_bytes_unless_one_object_is_bigger() -> None:
+    third = peer.BATCH_BYTES // 6
+    rows = [["id", "k", "e", n * third, "s"] for n in (3, 3, 3, 10, 1)]
+    sizes = [[r[3] for r in b] for b in peer._batches(rows)]
+    # In order; a batch closes before it would pass the limit; a bigger object goes alone.
+    assert sizes == [[3 * third, 3 * third], [3 * third], [10 * third], [third]]
+
+
+def test_within_stops_at_the_budget() -> None:
+    rows = [["id", "k", "e", size, "s"] for size in (4, 4, 4)]
+    assert len(peer._within(rows, 9)) == 2
+    assert peer._within(rows, 3) == []
