@@ -410,6 +410,9 @@ class CacheSettings(_Section):
     """Unused objects older than this are evicted even below the watermarks."""
     lease_grace: Duration = 15 * MINUTE
     """A job's lease on its data lasts this long after the job ends."""
+    cluster_nodes: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]] = []
+    """The cache cluster: nodes that hold the inputs of pending jobs Slurm has not planned
+    nodes for yet (reached like compute nodes: same transport, address and cache_dir)."""
 
     @field_validator("high_watermark")
     @classmethod

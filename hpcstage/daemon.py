@@ -223,7 +223,13 @@ class Daemon:
         inflight: dict[str, int] = {}
         for _, node in self._tasks:
             inflight[node] = inflight.get(node, 0) + 1
-        actions = planner.plan(views, time.time(), self.settings.cache.lease_grace, inflight)
+        actions = planner.plan(
+            views,
+            time.time(),
+            self.settings.cache.lease_grace,
+            inflight,
+            cache_nodes=self.settings.cache.cluster_nodes,
+        )
         for action in actions:
             self._act(action)
         self.last_tick = time.time()
@@ -248,6 +254,7 @@ class Daemon:
                 out_state=_out_state(job),
                 out_node=job.batch_host or next(iter(split_nodes(job.nodes)), ""),
                 waits_for=_waits_for(job, outputs),
+                inputs=next((r.src for r in job.requests if r.direction == "in" and r.src), ""),
             )
 
     def _act(self, action: planner.Action) -> None:
@@ -372,7 +379,8 @@ class Daemon:
                 )
                 .distinct()
             ).all()
-        return [n for n in sorted(found) if n in self._node_addr and not self._backing_off(n)]
+        known = set(self._node_addr) | set(self.settings.cache.cluster_nodes)
+        return [n for n in sorted(found) if n in known and not self._backing_off(n)]
 
     async def _stage_one(
         self,
@@ -757,7 +765,8 @@ class Daemon:
         Empty when Slurm's node list cannot be had at all: then the agent connection is
         what fails, with its own message.
         """
-        missing = [n for n in nodes if n not in self._node_addr]
+        cluster = set(self.settings.cache.cluster_nodes)  # cache nodes may be outside Slurm
+        missing = [n for n in nodes if n not in self._node_addr and n not in cluster]
         if missing:
             await self._refresh_nodes()
             missing = [n for n in missing if n not in self._node_addr]

@@ -8,7 +8,11 @@ Rules, in order of precedence:
    nothing more staged (its ``hpcstage env`` fails with that error).
 2. A running job is staged on the nodes it actually got, at once (Slurm's plan is advisory).
 3. A pending job is staged on the nodes the backfill scheduler plans for it; when the plan
-   moves, the old nodes' views are released (their objects stay cached, unleased).
+   moves, the old nodes' views are released (their objects stay cached, unleased). A
+   pending job Slurm has planned no nodes for is staged on one node of the cache cluster
+   (if the site has one), chosen by its inputs so that jobs sharing a dataset share the node;
+   that view is released once the job is planned or starts, and the nodes it gets copy the
+   small objects from there (peer copy, in the executor).
 4. A warmup is staged on its nodes, then its view is released right away: warm data stays
    cached but holds no lease.
 5. An ended job's outputs are staged out at once, from its batch host; its views are
@@ -23,7 +27,8 @@ at most ``max_per_node`` stage operations run on one node at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Staging states, per (request, node): queued -> running -> ready | failed; then released.
@@ -53,6 +58,8 @@ class JobView:
     out_node: str = ""  # where the outputs are: the batch host
     # An input is another job's output whose stage-out is not verified yet: wait for it.
     waits_for: str = ""
+    # The job's first input (its source URL): places it on the cache cluster.
+    inputs: str = ""
 
 
 @dataclass(frozen=True, order=True)
@@ -108,6 +115,7 @@ def plan(
     grace: float,
     inflight: Mapping[str, int],
     max_per_node: int = 4,
+    cache_nodes: Sequence[str] = (),
 ) -> list[Action]:
     """Every action to take now, stage actions first in priority order."""
     stages: list[Stage] = []
@@ -116,19 +124,34 @@ def plan(
         if job.ended_at is not None or (job.kind == "warmup" and _warm(job)):
             others.extend(_end(job, now, grace))
             continue
-        stages.extend(_stage(job))
-        others.extend(_retarget(job))
+        stages.extend(_stage(job, cache_nodes))
+        others.extend(_retarget(job, cache_nodes))
     return [*_bounded(sorted(stages), inflight, max_per_node), *others]
 
 
-def targets(job: JobView) -> tuple[str, ...]:
+def targets(job: JobView, cache_nodes: Sequence[str] = ()) -> tuple[str, ...]:
     """The nodes a job's inputs should be on now."""
     if job.kind == "job" and job.state in RUNNING_JOB_STATES and job.nodes:
         return job.nodes
-    return job.planned_nodes
+    if job.planned_nodes or job.kind != "job" or job.state in RUNNING_JOB_STATES:
+        return job.planned_nodes
+    if any(n not in cache_nodes and s != "released" for n, s in job.node_states.items()):
+        return ()  # staged for an earlier plan: keep that, the plan may come back
+    held = cache_node(job.inputs, cache_nodes)
+    return (held,) if held else ()
 
 
-def _stage(job: JobView) -> list[Stage]:
+def cache_node(inputs: str, cache_nodes: Sequence[str]) -> str:
+    """The cache-cluster node that holds ``inputs`` for jobs not planned yet ("": none).
+
+    A stable hash of the source, so every job needing a dataset asks the same node for it.
+    """
+    if not inputs or not cache_nodes:
+        return ""
+    return cache_nodes[zlib.crc32(inputs.encode()) % len(cache_nodes)]
+
+
+def _stage(job: JobView, cache_nodes: Sequence[str] = ()) -> list[Stage]:
     # A refused directive or a failed input (missing object, refused credentials) fails the
     # job wherever it runs: staging it on yet another node would only repeat the failure.
     if job.error or "failed" in job.node_states.values() or job.waits_for:
@@ -138,20 +161,28 @@ def _stage(job: JobView) -> list[Stage]:
     reason = "job started here" if running else "planned by Slurm"
     if job.kind == "warmup":
         reason = "warmup"
+    elif not running and not job.planned_nodes:
+        reason = "no nodes planned yet: held on the cache cluster"
     return [
         Stage(key, job.id, node, reason)
-        for node in targets(job)
+        for node in targets(job, cache_nodes)
         if job.node_states.get(node, "absent") in ("absent", "queued", "released")
     ]
 
 
-def _retarget(job: JobView) -> list[Action]:
+def _retarget(job: JobView, cache_nodes: Sequence[str] = ()) -> list[Action]:
     """Release views on nodes a pending job is no longer planned for."""
-    keep = set(targets(job))
+    keep = set(targets(job, cache_nodes))
     if not keep:  # no plan at all right now: keep what we have, it may come back
         return []
     return [
-        Release(job.id, node, "Slurm's plan moved the job elsewhere")
+        Release(
+            job.id,
+            node,
+            "the job has nodes now (they copy from the cache cluster)"
+            if node in cache_nodes
+            else "Slurm's plan moved the job elsewhere",
+        )
         for node, state in job.node_states.items()
         if node not in keep and state == "ready"
     ]

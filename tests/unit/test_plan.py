@@ -124,3 +124,55 @@ def test_ended_job_stages_out_first_and_releases_only_after() -> None:
     assert releases(done) == [(1, "n1")]
     # A failed stage-out keeps the outputs (and the lease): never lose data.
     assert plan([job(**ended, out_state="failed", out_node="n1")], NOW, GRACE, {}) == []
+
+
+# -- the cache cluster -------------------------------------------------------------------------
+
+CACHE = ("c1", "c2", "c3")
+DS = "s3://datasets/ligands/"
+
+
+def test_a_job_without_a_plan_goes_to_one_cache_node_chosen_by_its_inputs() -> None:
+    actions = plan([job(inputs=DS)], NOW, GRACE, {}, cache_nodes=CACHE)
+    [(job_id, node)] = stages(actions)
+    assert job_id == 1 and node in CACHE
+    reason = next(a.reason for a in actions if isinstance(a, Stage))
+    assert "cache cluster" in reason
+    # Every job needing the same dataset is held on the same node; datasets spread out.
+    same = plan([job(id=7, inputs=DS, priority=5)], NOW, GRACE, {}, cache_nodes=CACHE)
+    assert stages(same) == [(7, node)]
+    spread = {
+        stages(plan([job(inputs=f"s3://d/{i}/")], NOW, GRACE, {}, cache_nodes=CACHE))[0][1]
+        for i in range(30)
+    }
+    assert spread == set(CACHE)
+
+
+def test_no_cache_cluster_or_no_inputs_means_waiting_as_before() -> None:
+    assert plan([job(inputs=DS)], NOW, GRACE, {}) == []
+    assert plan([job()], NOW, GRACE, {}, cache_nodes=CACHE) == []
+
+
+def test_once_planned_the_job_moves_to_its_nodes_and_the_cache_node_lets_go() -> None:
+    held = stages(plan([job(inputs=DS)], NOW, GRACE, {}, cache_nodes=CACHE))[0][1]
+    view = job(inputs=DS, planned_nodes=("n1",), node_states={held: "ready"})
+    actions = plan([view], NOW, GRACE, {}, cache_nodes=CACHE)
+    assert stages(actions) == [(1, "n1")]
+    assert releases(actions) == [(1, held)]
+    why = next(a.reason for a in actions if isinstance(a, Release))
+    assert "cache cluster" in why
+    running = job(inputs=DS, state="RUNNING", nodes=("n2",), node_states={held: "ready"})
+    actions = plan([running], NOW, GRACE, {}, cache_nodes=CACHE)
+    assert (stages(actions), releases(actions)) == ([(1, "n2")], [(1, held)])
+
+
+def test_a_job_that_lost_its_plan_keeps_its_views_and_is_not_copied_to_the_cache() -> None:
+    view = job(inputs=DS, node_states={"n1": "ready"})
+    assert plan([view], NOW, GRACE, {}, cache_nodes=CACHE) == []
+
+
+def test_warmups_and_running_jobs_never_go_to_the_cache_cluster() -> None:
+    warm = job(kind="warmup", state="WARMUP", inputs=DS, planned_nodes=("n1",))
+    assert stages(plan([warm], NOW, GRACE, {}, cache_nodes=CACHE)) == [(1, "n1")]
+    running = job(inputs=DS, state="RUNNING")  # no nodes known yet: nothing to do
+    assert plan([running], NOW, GRACE, {}, cache_nodes=CACHE) == []

@@ -1,0 +1,74 @@
+"""The cache cluster and peer copy with a real Slurm job: a held job's inputs wait on the
+cache node, and the node the job finally runs on copies them from there, not from S3."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcstage.devcluster import proc
+from hpcstage.devcluster.cluster import DevCluster
+from hpcstage.devcluster.site import write_site_config
+
+from .staging import (
+    CHECKSUM_JOB,
+    Stager,
+    fetched_on,
+    make_dataset,
+    parse_sums,
+    small_files,
+)
+
+pytestmark = pytest.mark.integration
+
+CACHE_NODE = "n3"
+
+
+@pytest.fixture(scope="module")
+def stager(cluster: DevCluster) -> Iterator[Stager]:
+    config = write_site_config(cluster, name="cachecluster.toml", concurrency=8)
+    text = config.read_text()
+    assert text.count("[cache]\n") == 1
+    config.write_text(text.replace("[cache]\n", f'[cache]\ncluster_nodes = ["{CACHE_NODE}"]\n'))
+    (Path(cluster.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
+    st = Stager(cluster, config, "daemon-cachecluster.log")
+    st.start()
+    try:
+        yield st
+    finally:
+        st.cancel_all()
+        st.stop()
+
+
+def test_a_held_job_waits_on_the_cache_node_and_its_node_copies_from_there(
+    stager: Stager,
+) -> None:
+    files = small_files(40, size=2048)
+    src, sums = make_dataset(stager.dev, files)
+    dest = src.rstrip("/").rsplit("/", 1)[1]
+    script = CHECKSUM_JOB.format(src=src, dest=dest)
+    # Held: the backfill scheduler plans no nodes for it, so only the cache cluster can help.
+    job = stager.submit("alice", script, "--hold", "--nodelist=n1", "--account=chem")
+    doc = stager.wait_doc(
+        job,
+        "staged on the cache node while held",
+        lambda d: d["staging"].get(CACHE_NODE) == "ready",
+    )
+    assert doc["state"] == "PENDING" and not doc["planned_nodes"], doc
+    assert fetched_on(doc, CACHE_NODE) == len(files)
+    assert "held on the cache cluster" in str(doc["events"])
+
+    proc.run(["scontrol", "release", str(job)], env=stager.dev.client_env())
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    out = stager.output("alice", job)
+    assert "node=n1" in out
+    assert parse_sums(out) == sums, out
+    doc = stager.doc(job)
+    # n1 asked S3 for nothing: every object came from the cache node, verified.
+    assert fetched_on(doc, "n1") == 0, doc
+    events = str(doc["events"])
+    assert f"copied {len(files)} objects" in events and f"from {CACHE_NODE}'s cache" in events
+    # The cache node's view (its lease) was let go once the job had its node.
+    assert doc["staging"].get(CACHE_NODE) == "released", doc
