@@ -365,20 +365,28 @@ class Daemon:
             return
 
     def _peers_holding(self, src: str, node: str) -> list[str]:
-        """Other nodes whose staging of ``src`` finished (their caches likely hold it)."""
+        """Other nodes whose staging of ``src`` finished (their caches likely hold it).
+
+        None when ``node`` itself staged ``src`` before: its cache likely holds it already,
+        and asking a peer page by page what it lacks would cost more than the stage's own
+        listing finding the few objects evicted since.
+        """
         assert self.db is not None
         with self.db.begin() as session:
-            found = session.scalars(
-                select(Staging.node)
-                .join(Request, Staging.request_id == Request.id)
-                .where(
-                    Request.src == src,
-                    Request.direction == "in",
-                    Staging.node != node,
-                    Staging.state.in_(("ready", "released")),
-                )
-                .distinct()
-            ).all()
+            found = set(
+                session.scalars(
+                    select(Staging.node)
+                    .join(Request, Staging.request_id == Request.id)
+                    .where(
+                        Request.src == src,
+                        Request.direction == "in",
+                        Staging.state.in_(("ready", "released")),
+                    )
+                    .distinct()
+                ).all()
+            )
+        if node in found:
+            return []
         known = set(self._node_addr) | set(self.settings.cache.cluster_nodes)
         return [n for n in sorted(found) if n in known and not self._backing_off(n)]
 
