@@ -13,8 +13,8 @@ Rules, in order of precedence:
    (if the site has one), chosen by its inputs so that jobs sharing a dataset share the node;
    that view is released once the job is planned or starts, and the nodes it gets copy the
    small objects from there (peer copy, in the executor).
-4. A warmup is staged on its nodes, then its view is released right away: warm data stays
-   cached but holds no lease.
+4. A warmup is staged on its nodes (into the cache only: the agent builds no view for it),
+   then released right away: warm data stays cached but holds no lease.
 5. An ended job's outputs are staged out at once, from its batch host; its views are
    released only after every output is verified in the store, and after the lease grace
    period. A failed stage-out keeps the job's directory (and its lease) for the admin.

@@ -52,7 +52,7 @@ from hpcstage.cache.layout import (
     make_dir,
     object_path,
 )
-from hpcstage.cache.views import check_dest, link_into, remove_tree
+from hpcstage.cache.views import ViewLinker, check_dest, remove_tree
 from hpcstage.identity import ObjectRef
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -484,27 +484,35 @@ class NodeCache:
         symlinked parent, if ``obj`` is not one of this cache's objects, or if it was evicted
         since it was looked up (ensure it again).
         """
+        with ViewLinker() as linker:
+            return self._link(linker, job_id, dest, obj)
+
+    def _link(self, linker: ViewLinker, job_id: str, dest: PurePosixPath | str, obj: Path) -> Path:
         rel = check_dest(dest)
         if Path(obj) != object_path(self.objects, Path(obj).name):
             raise CacheError(f"not an object of this cache: {obj}")
         view = self.view_dir(job_id)
         with self._stripe(Path(obj).name):  # eviction reads this object's lease under it
             try:
-                return link_into(view, rel, Path(obj))
+                return linker.link(view, rel, Path(obj))
             except CacheError:
                 self._views_made.discard(job_id)  # the view may be gone: check it next time
+                linker.forget(view)
                 raise
 
     def link_many(
         self, items: list[tuple[str, PurePosixPath | str, Path]]
     ) -> list[Path | BaseException]:
-        """``link()`` for several (job_id, dest, obj); per item its path or its exception."""
+        """``link()`` for several (job_id, dest, obj); per item its path or its exception.
+
+        Each directory of a view is opened once per call, not once per file."""
         results: list[Path | BaseException] = []
-        for job_id, dest, obj in items:
-            try:
-                results.append(self.link(job_id, dest, obj))
-            except Exception as exc:
-                results.append(exc)
+        with ViewLinker() as linker:
+            for job_id, dest, obj in items:
+                try:
+                    results.append(self._link(linker, job_id, dest, obj))
+                except Exception as exc:
+                    results.append(exc)
         return results
 
     async def link_async(self, job_id: str, dest: PurePosixPath | str, obj: Path) -> Path:

@@ -83,15 +83,49 @@ def link_into(view: Path, dest: PurePosixPath, obj: Path) -> Path:
     An existing file at ``dest`` is replaced atomically. Raises CacheError if a parent is a
     symlink or not a directory, or if ``obj`` has vanished.
     """
-    try:
-        parent = _open_parents(view, dest.parts[:-1])
+    with ViewLinker() as linker:
+        return linker.link(view, dest, obj)
+
+
+class ViewLinker:
+    """``link_into`` for many files: each parent directory is opened (and checked) once.
+
+    The directory fds stay open until ``close``, so a batch of links into one directory of a
+    view costs one ``link(2)`` each. Safe as the single call is: every link goes into the
+    directory inode that was opened without following a symlink.
+    """
+
+    def __init__(self) -> None:
+        self._dirs: dict[tuple[Path, tuple[str, ...]], int] = {}
+
+    def link(self, view: Path, dest: PurePosixPath, obj: Path) -> Path:
+        """Like ``link_into``; CacheError on failure."""
+        parents = dest.parts[:-1]
         try:
+            parent = self._dirs.get((view, parents))
+            if parent is None:
+                parent = _open_parents(view, parents)
+                self._dirs[(view, parents)] = parent
             _link_replace(obj, parent, dest.name)
-        finally:
-            os.close(parent)
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in a name
-        raise CacheError(f"cannot link {dest} into {view}: {exc}") from exc
-    return view.joinpath(*dest.parts)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in a name
+            raise CacheError(f"cannot link {dest} into {view}: {exc}") from exc
+        return view.joinpath(*dest.parts)
+
+    def forget(self, view: Path) -> None:
+        """Close what is open under ``view`` (after a failure there: it may be gone)."""
+        for key in [k for k in self._dirs if k[0] == view]:
+            os.close(self._dirs.pop(key))
+
+    def close(self) -> None:
+        dirs, self._dirs = self._dirs, {}
+        for fd in dirs.values():
+            os.close(fd)
+
+    def __enter__(self) -> ViewLinker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def _open_parents(view: Path, parts: Sequence[str]) -> int:

@@ -127,8 +127,15 @@ class Agent:
         }
 
     async def stage(self, params: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
-        """Fetch every item into the cache and link it into the job's view."""
+        """Fetch every item into the cache and link it into the job's view.
+
+        With ``"view": false`` (a warmup) the objects are only cached: no view is built, so
+        warming 10^8 files costs no 10^8 links to make and then remove.
+        """
         job = str(params["job"])
+        if not params.get("view", True):
+            results = [await self._stage_item_checked(None, i, progress) for i in params["items"]]
+            return {"view": "", "acl": False, "items": results}
         view = self.cache.view_dir(job)
         acl = await asyncio.to_thread(grant_access, view, str(params.get("user", "")))
         results = []
@@ -187,7 +194,7 @@ class Agent:
     # ------------------------------------------------------------------ staging
 
     async def _stage_item_checked(
-        self, job: str, item: dict[str, Any], progress: ProgressFn
+        self, job: str | None, item: dict[str, Any], progress: ProgressFn
     ) -> dict[str, Any]:
         result = await self._stage_item(job, item, progress)
         if result["files_total"] == 0:
@@ -199,7 +206,7 @@ class Agent:
         return result
 
     async def _stage_item(
-        self, job: str, item: dict[str, Any], progress: ProgressFn
+        self, job: str | None, item: dict[str, Any], progress: ProgressFn
     ) -> dict[str, Any]:
         request_id = int(item["request_id"])
         counters = Counters()
@@ -218,7 +225,7 @@ class Agent:
 
     async def _fetch_all(
         self,
-        job: str,
+        job: str | None,
         refs: AsyncIterator[ObjectRef],
         prefix: str | None,
         dest: PurePosixPath,
@@ -244,7 +251,7 @@ class Agent:
 
     async def _worker(
         self,
-        job: str,
+        job: str | None,
         queue: asyncio.Queue[ObjectRef | None],
         prefix: str | None,
         dest: PurePosixPath,
@@ -253,6 +260,8 @@ class Agent:
         slots: asyncio.Semaphore,
     ) -> None:
         while (ref := await queue.get()) is not None:
+            # Checked also without a view: a warmup reports a key no job could use, as the
+            # job would.
             target = _view_path(ref, prefix, dest)
             for attempt in range(3):
                 fetcher = _Fetcher(store, ref, counters, slots)
@@ -260,6 +269,8 @@ class Agent:
                     obj = await self.cache.ensure_small(ref, fetcher.read)
                 else:
                     obj = await self.cache.ensure(ref, fetcher)
+                if job is None:  # cache only (a warmup)
+                    break
                 try:
                     await self.cache.link_async(job, target, obj)
                     break

@@ -438,3 +438,20 @@ async def test_store_messages_escape_control_characters(node: Node, s3: HostileS
     with pytest.raises(StoreError) as info:
         await store.head("p/\x1b[2J\nfake: line")
     check_message(info.value, re.escape(r"head s3://b/p/\x1b[2J\x0afake: line: no such object"))
+
+
+async def test_a_warmup_stage_fills_the_cache_and_builds_no_view(s3: HostileS3, node: Node) -> None:
+    put_good(s3)
+    assert node.agent is not None
+    source = {"kind": "s3-prefix", "bucket": B, "key": "p/", "path": ""}
+    params = {
+        "job": "warm-1",
+        "user": "",
+        "view": False,
+        "items": [{"request_id": 1, "source": source, "dest": "data"}],
+    }
+    result = await node.agent.stage(params, lambda _: None)
+    assert result["view"] == "" and result["items"][0]["files_done"] == len(GOOD)
+    assert not (node.root / "jobs" / "warm-1").exists()
+    assert sorted(key for key, _, _ in indexed(node.root).values()) == sorted(GOOD)
+    assert check_clean(node, s3) == {}  # verified objects, and no view anywhere
