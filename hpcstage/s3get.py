@@ -95,6 +95,37 @@ class SigV4:
         )
 
 
+def signed_get(
+    endpoint: Endpoint, signer: SigV4, amz_date: str, path: str, extra: Mapping[str, str]
+) -> bytes:
+    """The bytes of a SigV4-signed ``GET path`` with the ``extra`` headers (lowercase, signed)."""
+    headers = {**extra, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": amz_date}
+    if signer.token:
+        headers["x-amz-security-token"] = signer.token
+    auth = signer.authorization("GET", endpoint.host_header, path, "", headers)
+    lines = [f"GET {path} HTTP/1.1", f"Host: {endpoint.host_header}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines += [f"Authorization: {auth}", "", ""]
+    return "\r\n".join(lines).encode()
+
+
+def count_fallback(stats: LeanStats, reason: str, what: str, host: str) -> bool:
+    """Count one fallback; True (after a warning in the log) when a client whose requests
+    have all fallen back so far should turn itself off."""
+    stats.fell_back += 1
+    stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+    if stats.served or stats.fell_back < GIVE_UP_AFTER:
+        return False
+    log.warning(
+        "%s turned off for %s: its first %d requests fell back (%s); the SDK does them now",
+        what,
+        host,
+        stats.fell_back,
+        ", ".join(f"{r}: {n}" for r, n in sorted(stats.reasons.items())),
+    )
+    return True
+
+
 def amz_now() -> str:
     """The current time as SigV4 wants it (``20240102T030405Z``)."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -190,18 +221,10 @@ class LeanGet:
         return body
 
     def _fell_back(self, reason: str) -> None:
-        stats = self.stats
-        stats.fell_back += 1
-        stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
-        if stats.served == 0 and stats.fell_back >= GIVE_UP_AFTER and self.enabled:
+        if self.enabled and count_fallback(
+            self.stats, reason, "lean S3 GET of small objects", self.endpoint.host_header
+        ):
             self.enabled = False
-            log.warning(
-                "lean S3 GET turned off for %s: its first %d requests fell back (%s); "
-                "small objects now go through the SDK",
-                self.endpoint.host_header,
-                stats.fell_back,
-                ", ".join(f"{r}: {n}" for r, n in sorted(stats.reasons.items())),
-            )
 
     async def _get(self, path: str, size: int, etag: str) -> bytes:
         request = self._request(path)
@@ -229,14 +252,7 @@ class LeanGet:
         raise _Fallback("connection closed twice")
 
     def _request(self, path: str) -> bytes:
-        headers = {"x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": self._clock()}
-        if self._signer.token:
-            headers["x-amz-security-token"] = self._signer.token
-        auth = self._signer.authorization("GET", self.endpoint.host_header, path, "", headers)
-        lines = [f"GET {path} HTTP/1.1", f"Host: {self.endpoint.host_header}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        lines += [f"Authorization: {auth}", "", ""]
-        return "\r\n".join(lines).encode()
+        return signed_get(self.endpoint, self._signer, self._clock(), path, {})
 
     async def _connection(self) -> tuple[_Conn, bool]:
         while self._idle:
@@ -432,20 +448,10 @@ class RangeGet:
 
     def _fell_back(self, reason: str) -> None:
         with self._lock:
-            stats = self.stats
-            stats.fell_back += 1
-            stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
-            give_up = stats.served == 0 and stats.fell_back >= GIVE_UP_AFTER and self.enabled
-            if give_up:
+            if self.enabled and count_fallback(
+                self.stats, reason, "lean ranged S3 GET of big objects", self.endpoint.host_header
+            ):
                 self.enabled = False
-        if give_up:
-            log.warning(
-                "lean ranged S3 GET turned off for %s: its first %d requests fell back (%s); "
-                "big objects now go through the SDK",
-                self.endpoint.host_header,
-                stats.fell_back,
-                ", ".join(f"{r}: {n}" for r, n in sorted(stats.reasons.items())),
-            )
 
     def _fetch(
         self,
@@ -492,18 +498,8 @@ class RangeGet:
         raise _Fallback("connection closed twice")
 
     def _request(self, path: str, offset: int, length: int) -> bytes:
-        headers = {
-            "range": f"bytes={offset}-{offset + length - 1}",
-            "x-amz-content-sha256": EMPTY_SHA256,
-            "x-amz-date": self._clock(),
-        }
-        if self._signer.token:
-            headers["x-amz-security-token"] = self._signer.token
-        auth = self._signer.authorization("GET", self.endpoint.host_header, path, "", headers)
-        lines = [f"GET {path} HTTP/1.1", f"Host: {self.endpoint.host_header}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        lines += [f"Authorization: {auth}", "", ""]
-        return "\r\n".join(lines).encode()
+        extra = {"range": f"bytes={offset}-{offset + length - 1}"}
+        return signed_get(self.endpoint, self._signer, self._clock(), path, extra)
 
     @staticmethod
     def _check_head(head: bytes, ref: tuple[int, str], span: tuple[int, int]) -> bool:
