@@ -58,6 +58,9 @@ NODE_BACKOFF_MAX = 60.0
 TRASH_EXPIRY_EVERY = 3600.0  # seconds between recycle-bin sweeps
 SNAPSHOT_REUSE = 2.0  # seconds an early tick may plan on the last queue snapshot
 EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
+# Peer copies at once: their bytes cross the daemon host, which must not become the
+# bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
+PEER_COPIES = 2
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
 FLUSH_EVERY = 1.0  # seconds between progress writes to the database
 
@@ -93,6 +96,7 @@ class Daemon:
     _node_addr: dict[str, str] = field(default_factory=dict)
     # node -> (consecutive transport failures, time before which it is not tried again)
     _node_down: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _peer_copies: int = 0  # running now (at most PEER_COPIES)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _credentials: dict[str, str] | None = None
@@ -342,12 +346,13 @@ class Daemon:
 
         Never fails the staging: whatever is not copied, the stage fetches from the store.
         """
-        if not self.settings.transfer.peer_copy:
+        if not self.settings.transfer.peer_copy or self._peer_copies >= PEER_COPIES:
             return
         source = source_params(src)
         if source["kind"] not in ("s3-prefix", "s3-key"):
             return
         for other in self._peers_holding(src, action.node):
+            self._peer_copies += 1
             try:
                 copied = await peer.copy_from_peer(
                     rpc, await self._agent(other), source, limit.max_bytes
@@ -355,6 +360,8 @@ class Daemon:
             except (AgentError, TransportError, LookupError, TypeError, ValueError) as exc:
                 log.warning("peer copy of %s from %s to %s: %s", src, other, action.node, exc)
                 continue
+            finally:
+                self._peer_copies -= 1
             if copied.objects or copied.refused:
                 message = (
                     f"copied {copied.objects} objects ({format_size(copied.bytes)}) of {src}"
