@@ -27,7 +27,7 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 from urllib.parse import quote, urlsplit
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,10 @@ class _Fallback(Exception):
     """This request is not one for the lean path (the reason is the message)."""
 
 
-class LeanGet:
-    """GETs of whole small objects for one bucket; ``get`` returns the body or None."""
+class _LeanClient:
+    """What both lean clients hold: the endpoint, the signer, timeouts, an idle pool, counters."""
+
+    _idle: list[Any]
 
     def __init__(
         self,
@@ -202,8 +204,18 @@ class LeanGet:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_idle = max_idle
-        self._idle: list[_Conn] = []
+        self._idle = []
+        self._lock = threading.Lock()
         self._clock = clock
+
+    def _signed(self, path: str, extra: Mapping[str, str]) -> bytes:
+        return signed_get(self.endpoint, self._signer, self._clock(), path, extra)
+
+
+class LeanGet(_LeanClient):
+    """GETs of whole small objects for one bucket; ``get`` returns the body or None."""
+
+    _idle: list[_Conn]
 
     async def get(self, key: str, size: int, etag: str) -> bytes | None:
         """The object's bytes if the server answers 200 with ``size`` bytes and ``etag``."""
@@ -252,7 +264,7 @@ class LeanGet:
         raise _Fallback("connection closed twice")
 
     def _request(self, path: str) -> bytes:
-        return signed_get(self.endpoint, self._signer, self._clock(), path, {})
+        return self._signed(path, {})
 
     async def _connection(self) -> tuple[_Conn, bool]:
         while self._idle:
@@ -381,7 +393,7 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-class RangeGet:
+class RangeGet(_LeanClient):
     """One part of a big object into a file, with blocking sockets in the caller's thread.
 
     Why it exists: streaming a 512 MiB object through aiohttp costs about as much CPU as
@@ -393,28 +405,7 @@ class RangeGet:
     Thread-safe: the idle connection pool and the counters are behind a lock.
     """
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        signer: SigV4,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        connect_timeout: float,
-        read_timeout: float,
-        max_idle: int,
-        clock: Callable[[], str] = amz_now,
-    ) -> None:
-        self.endpoint = endpoint
-        self.stats = LeanStats()
-        self.enabled = True
-        self._signer = signer
-        self._ssl = ssl_context if endpoint.tls else None
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._max_idle = max_idle
-        self._idle: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._clock = clock
+    _idle: list[socket.socket]
 
     def fetch(
         self,
@@ -498,8 +489,7 @@ class RangeGet:
         raise _Fallback("connection closed twice")
 
     def _request(self, path: str, offset: int, length: int) -> bytes:
-        extra = {"range": f"bytes={offset}-{offset + length - 1}"}
-        return signed_get(self.endpoint, self._signer, self._clock(), path, extra)
+        return self._signed(path, {"range": f"bytes={offset}-{offset + length - 1}"})
 
     @staticmethod
     def _check_head(head: bytes, ref: tuple[int, str], span: tuple[int, int]) -> bool:

@@ -184,9 +184,20 @@ def summary(dev: DevCluster, client: Client, jobs: dict[str, int]) -> list[dict[
                     for r in doc["requests"]
                     if r["direction"] == "in"
                 ),
+                "from_peers": _copied(doc, node),
             }
         )
     return rows
+
+
+def _copied(doc: dict[str, Any], node: str) -> int:
+    """Objects the daemon copied onto ``node`` from another node's cache (its events say)."""
+    total = 0
+    for event in doc["events"]:
+        words = str(event["message"]).split()
+        if event["node"] == node and words[:1] == ["copied"] and words[1].isdigit():
+            total += int(words[1])
+    return total
 
 
 def _outputs(doc: dict[str, Any]) -> list[str]:
@@ -214,7 +225,8 @@ def _first_error(doc: dict[str, Any]) -> str:
 def print_summary(rows: list[dict[str, Any]]) -> None:
     say(
         f"{'job':>4}  {'name':<18} {'user':<6} {'state':<10} {'node':<5} "
-        f"{'inputs ready before start':<26} {'waited for data':<16} GETs on that node"
+        f"{'inputs ready before start':<26} {'waited for data':<16} "
+        "objects from S3 / from other nodes' caches"
     )
     for r in rows:
         ready = "yes" if r["ready_before_start"] else "no"
@@ -223,7 +235,7 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         waited = f"{r['waited_for_data_s']}s" if r["waited_for_data_s"] else "-"
         say(
             f"{r['job']:>4}  {r['name']:<18} {r['user']:<6} {r['state']:<10} {r['node']:<5} "
-            f"{ready:<26} {waited:<16} {r['fetched']}"
+            f"{ready:<26} {waited:<16} {r['fetched']} / {r['from_peers']}"
         )
         if r["error"]:
             say(f"      error shown to the user: {r['error']}")

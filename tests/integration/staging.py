@@ -127,14 +127,22 @@ def private_cluster(what: str, name: str, **options: Any) -> Iterator[DevCluster
 
 
 def running_stager(
-    dev: DevCluster, name: str, config_name: str = "", **config: Any
+    dev: DevCluster,
+    name: str,
+    config_name: str = "",
+    edit: Callable[[str], str] | None = None,
+    **config: Any,
 ) -> Iterator[Stager]:
     """A module fixture's body: a daemon with its own site config and fresh state, stopped after.
 
     The config is ``<name>.toml`` (or ``config_name``), the log ``daemon-<name>.log``;
-    ``config`` goes to write_site_config (policy=, extra=, concurrency=, state_url=, ...).
+    ``config`` goes to write_site_config (policy=, extra=, concurrency=, state_url=, ...);
+    ``edit`` rewrites the config's text before the daemon reads it (a key in an existing
+    table, which ``extra`` cannot add).
     """
     path = write_site_config(dev, name=config_name or f"{name}.toml", **config)
+    if edit is not None:
+        path.write_text(edit(path.read_text()))
     (Path(dev.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
     st = Stager(dev, path, f"daemon-{name}.log")
     st.start()

@@ -4,13 +4,11 @@ cache node, and the node the job finally runs on copies them from there, not fro
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import write_site_config
 
 from .staging import (
     CHECKSUM_JOB,
@@ -18,6 +16,7 @@ from .staging import (
     fetched_on,
     make_dataset,
     parse_sums,
+    running_stager,
     small_files,
 )
 
@@ -26,20 +25,14 @@ pytestmark = pytest.mark.integration
 CACHE_NODE = "n3"
 
 
+def _with_cache_cluster(text: str) -> str:
+    assert text.count("[cache]\n") == 1
+    return text.replace("[cache]\n", f'[cache]\ncluster_nodes = ["{CACHE_NODE}"]\n')
+
+
 @pytest.fixture(scope="module")
 def stager(cluster: DevCluster) -> Iterator[Stager]:
-    config = write_site_config(cluster, name="cachecluster.toml", concurrency=8)
-    text = config.read_text()
-    assert text.count("[cache]\n") == 1
-    config.write_text(text.replace("[cache]\n", f'[cache]\ncluster_nodes = ["{CACHE_NODE}"]\n'))
-    (Path(cluster.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
-    st = Stager(cluster, config, "daemon-cachecluster.log")
-    st.start()
-    try:
-        yield st
-    finally:
-        st.cancel_all()
-        st.stop()
+    yield from running_stager(cluster, "cachecluster", edit=_with_cache_cluster, concurrency=8)
 
 
 def test_a_held_job_waits_on_the_cache_node_and_its_node_copies_from_there(

@@ -13,9 +13,8 @@ import pytest
 
 from hpcstage.cache.layout import object_path
 from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import write_site_config
 
-from .staging import Stager, make_dataset, small_files
+from .staging import Stager, make_dataset, running_stager, small_files
 
 pytestmark = pytest.mark.integration
 
@@ -28,18 +27,14 @@ low_watermark = 0.5
 """
 
 
+def _with_small_cache(text: str) -> str:
+    assert '[cache]\nmax_bytes = "20GiB"\n' in text
+    return text.replace('[cache]\nmax_bytes = "20GiB"\n', CACHE.lstrip())
+
+
 @pytest.fixture(scope="module")
 def stager(cluster: DevCluster) -> Iterator[Stager]:
-    config = write_site_config(cluster, name="warmup.toml", extra="")
-    text = config.read_text().replace('[cache]\nmax_bytes = "20GiB"\n', CACHE.lstrip())
-    config.write_text(text)
-    (Path(cluster.info.base) / "daemon" / "state.db").unlink(missing_ok=True)
-    st = Stager(cluster, config, "daemon-warmup.log")
-    st.start()
-    try:
-        yield st
-    finally:
-        st.stop()
+    yield from running_stager(cluster, "warmup", edit=_with_small_cache)
 
 
 def test_warmup_fills_the_nodes_caches_and_holds_no_lease(stager: Stager) -> None:
