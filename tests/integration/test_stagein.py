@@ -67,9 +67,11 @@ def test_inputs_are_staged_onto_the_planned_node_before_the_job_starts(stager: S
     files = {**small_files(60, prefix="small/"), "big/one.bin": os.urandom(3 << 20)}
     src, sums = make_dataset(stager.dev, files)
     # Every node busy; n1 frees first (shortest time limit), so backfill plans the job there.
-    busy(stager, "n1", 12, limit_min=1)
-    busy(stager, "n2", 40, limit_min=3)
-    busy(stager, "n3", 40, limit_min=3)
+    # n1 is filled last, so the whole of its 20 s is left for planning and staging even when
+    # a loaded machine takes seconds to start each busy job.
+    busy(stager, "n2", 45, limit_min=3)
+    busy(stager, "n3", 45, limit_min=3)
+    busy(stager, "n1", 20, limit_min=1)
     dest = src.rstrip("/").rsplit("/", 1)[1]
     job = stager.submit("alice", CHECKSUM_JOB.format(src=src, dest=dest), "--account=chem")
     doc = stager.wait_doc(
