@@ -305,8 +305,8 @@ class Daemon:
         with self.db.begin() as session:
             job = session.get_one(Job, action.job_id)
             requests = [r for r in job.requests if r.direction in ("in", "dir")]
-            job_key, user = _job_key(job), job.user
-            view = job.kind != "warmup"  # a warmup only fills the cache
+            # The agent's "stage" parameters but the items; a warmup only fills the cache.
+            call = {"job": _job_key(job), "user": job.user, "view": job.kind != "warmup"}
             log_event(session, job.id, action.node, f"staging: {action.reason}")
             stagings = [_staging(session, r, action.node) for r in requests]
             for st in stagings:
@@ -325,9 +325,7 @@ class Daemon:
                 limit = self._budget(action.job_id, action.node, spent)
                 if src:
                     await self._peer_fill(rpc, action, src, limit)
-                await self._stage_one(
-                    rpc, staging_id, (job_key, user, view), request_id, src, dest, limit
-                )
+                await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit)
                 spent += self._staged_bytes(staging_id)
         except AgentError as exc:
             assert current is not None
@@ -404,7 +402,7 @@ class Daemon:
         self,
         rpc: RpcClient,
         staging_id: int,
-        who: tuple[str, str, bool],
+        call: dict[str, Any],
         request_id: int,
         src: str,
         dest: str,
@@ -426,10 +424,7 @@ class Daemon:
                     "quota_reason": limit.reason,
                 }
             )
-        job_key, user, view = who
-        result = await rpc.call(
-            "stage", {"job": job_key, "user": user, "view": view, "items": items}, on_progress
-        )
+        result = await rpc.call("stage", {**call, "items": items}, on_progress)
         for got in result.get("items", []):
             on_progress(got)
         self._finish(staging_id, progress)

@@ -181,9 +181,13 @@ class _Fallback(Exception):
 
 
 class _LeanClient:
-    """What both lean clients hold: the endpoint, the signer, timeouts, an idle pool, counters."""
+    """What both lean clients hold: the endpoint, the signer, timeouts, an idle pool, counters.
+
+    Counters are updated under a lock: RangeGet is called from worker threads.
+    """
 
     _idle: list[Any]
+    _what: str  # names the client in the log line that turns it off
 
     def __init__(
         self,
@@ -211,32 +215,42 @@ class _LeanClient:
     def _signed(self, path: str, extra: Mapping[str, str]) -> bytes:
         return signed_get(self.endpoint, self._signer, self._clock(), path, extra)
 
+    def _path(self, key: str) -> str:
+        """``key``'s request path; ``_Fallback`` for a key a server might normalize."""
+        path = self.endpoint.path(key)
+        if path is None:
+            raise _Fallback("dot segment in key")
+        return path
+
+    def _served(self) -> None:
+        with self._lock:
+            self.stats.served += 1
+
+    def _fell_back(self, reason: str) -> None:
+        with self._lock:
+            if self.enabled and count_fallback(
+                self.stats, reason, self._what, self.endpoint.host_header
+            ):
+                self.enabled = False
+
 
 class LeanGet(_LeanClient):
     """GETs of whole small objects for one bucket; ``get`` returns the body or None."""
 
     _idle: list[_Conn]
+    _what = "lean S3 GET of small objects"
 
     async def get(self, key: str, size: int, etag: str) -> bytes | None:
         """The object's bytes if the server answers 200 with ``size`` bytes and ``etag``."""
         if not self.enabled:
             return None
-        path = self.endpoint.path(key)
         try:
-            if path is None:
-                raise _Fallback("dot segment in key")
-            body = await self._get(path, size, etag)
+            body = await self._get(self._path(key), size, etag)
         except _Fallback as why:
             self._fell_back(str(why))
             return None
-        self.stats.served += 1
+        self._served()
         return body
-
-    def _fell_back(self, reason: str) -> None:
-        if self.enabled and count_fallback(
-            self.stats, reason, "lean S3 GET of small objects", self.endpoint.host_header
-        ):
-            self.enabled = False
 
     async def _get(self, path: str, size: int, etag: str) -> bytes:
         request = self._request(path)
@@ -406,6 +420,7 @@ class RangeGet(_LeanClient):
     """
 
     _idle: list[socket.socket]
+    _what = "lean ranged S3 GET of big objects"
 
     def fetch(
         self,
@@ -423,26 +438,15 @@ class RangeGet(_LeanClient):
         """
         if not self.enabled or abort.aborted:
             return False
-        path = self.endpoint.path(key)
         try:
-            if path is None:
-                raise _Fallback("dot segment in key")
-            self._fetch(path, ref, span, fd, on_bytes, abort)
+            self._fetch(self._path(key), ref, span, fd, on_bytes, abort)
         except _Fallback as why:
             # After an abort the socket was shut down under the read: whatever broke, that
             # is why (a broken pipe or a short read are its symptoms, not the server's).
             self._fell_back("aborted" if abort.aborted else str(why))
             return False
-        with self._lock:
-            self.stats.served += 1
+        self._served()
         return True
-
-    def _fell_back(self, reason: str) -> None:
-        with self._lock:
-            if self.enabled and count_fallback(
-                self.stats, reason, "lean ranged S3 GET of big objects", self.endpoint.host_header
-            ):
-                self.enabled = False
 
     def _fetch(
         self,
@@ -458,7 +462,7 @@ class RangeGet(_LeanClient):
         for attempt in range(2):
             sock, reused = self._connection()
             abort.attach(sock)
-            keep = False
+            keep = done = False
             try:
                 try:
                     sock.sendall(request)
@@ -470,22 +474,18 @@ class RangeGet(_LeanClient):
                     raise _Fallback(f"connection: {type(exc).__name__}") from exc
                 keep = self._check_head(head, ref, span)
                 _read_body(sock, rest, fd, span, on_bytes, abort)
+                done = True
                 return
             except _Closed as exc:
-                keep = False
                 raise _Fallback("connection closed mid-body") from exc
             except TimeoutError as exc:
-                keep = False
                 raise _Fallback("timeout") from exc
             except (OSError, ValueError) as exc:
-                keep = False
                 raise _Fallback(type(exc).__name__) from exc
-            except _Fallback:
-                keep = False
-                raise
             finally:
                 abort.attach(None)
-                self._put_back(sock, keep and not abort.aborted)
+                # Only a connection that carried a whole answer can carry the next one.
+                self._put_back(sock, done and keep and not abort.aborted)
         raise _Fallback("connection closed twice")
 
     def _request(self, path: str, offset: int, length: int) -> bytes:

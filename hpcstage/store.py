@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeAlias, TypeVar
 
 import aiohttp
 import botocore.exceptions as bce
@@ -69,6 +69,7 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.identity import ObjectRef
+from hpcstage.libc import libc_function
 from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy, with_retries
 from hpcstage.s3get import Endpoint, LeanGet, LeanStats, RangeAbort, RangeGet, SigV4
 
@@ -290,17 +291,9 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, hashers: Sequence
         hasher.update(data)
 
 
-def _find_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux/glibc: fsync alone does the work
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return cast("Callable[[int, int, int, int], int]", function)
-
-
-_SYNC_FILE_RANGE: Final = _find_sync_file_range()
+_SYNC_FILE_RANGE: Final = libc_function(
+    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
 _SYNC_FILE_RANGE_WRITE: Final = 2
 
 

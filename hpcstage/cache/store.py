@@ -54,6 +54,7 @@ from hpcstage.cache.layout import (
 )
 from hpcstage.cache.views import ViewLinker, check_dest, remove_tree
 from hpcstage.identity import ObjectRef
+from hpcstage.libc import libc_function
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FANOUT = re.compile(r"[0-9a-f]{2}")
@@ -743,16 +744,7 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def _find_syncfs() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    found: Callable[[int], int] | None = getattr(libc, "syncfs", None)
-    return found
-
-
-_SYNCFS = _find_syncfs()
+_SYNCFS = libc_function("syncfs", ctypes.c_int)
 
 
 def _check_complete(ref: ObjectRef, size: int, sha256_hex: str) -> None:

@@ -132,16 +132,14 @@ class Agent:
         With ``"view": false`` (a warmup) the objects are only cached: no view is built, so
         warming 10^8 files costs no 10^8 links to make and then remove.
         """
-        job = str(params["job"])
-        if not params.get("view", True):
-            results = [await self._stage_item_checked(None, i, progress) for i in params["items"]]
-            return {"view": "", "acl": False, "items": results}
-        view = self.cache.view_dir(job)
-        acl = await asyncio.to_thread(grant_access, view, str(params.get("user", "")))
-        results = []
-        for item in params["items"]:
-            results.append(await self._stage_item_checked(job, item, progress))
-        return {"view": str(view), "acl": acl, "items": results}
+        job: str | None = None
+        view, acl = "", False
+        if params.get("view", True):
+            job = str(params["job"])
+            view = str(self.cache.view_dir(job))
+            acl = await asyncio.to_thread(grant_access, Path(view), str(params.get("user", "")))
+        results = [await self._stage_item_checked(job, i, progress) for i in params["items"]]
+        return {"view": view, "acl": acl, "items": results}
 
     async def stage_out(self, params: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         """Upload a finished job's outputs (see hpcstage.stageout); report every file."""

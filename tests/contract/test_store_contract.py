@@ -292,14 +292,21 @@ async def _none() -> list[str]:
 AWKWARD_NAMES = ["plain.txt", "sp ace/ü-ß.pdb", "a+b=c&d;e,f", "pct%20x/~tilde", "q?x#y", "..dots"]
 
 
-async def test_small_objects_come_through_the_lean_get(s3: S3Store, scratch: Path) -> None:
-    h = Harness("s3", s3, f"lean-{uuid.uuid4().hex[:8]}/", _none)
-    for n, name in enumerate(AWKWARD_NAMES):
-        data = payload(4096 + n, seed=n)
+async def roundtrip_awkward_keys(
+    s3: S3Store, scratch: Path, names: list[str], size: int, seed: int
+) -> None:
+    """Upload an object of about ``size`` bytes under each name, fetch it back, verified."""
+    h = Harness("s3", s3, f"awkward-{uuid.uuid4().hex[:8]}/", _none)
+    for n, name in enumerate(names):
+        data = payload(size + n, seed=seed + n)
         ref = await put(h, scratch, name, data)
         result, written = await fetch(s3, ref, scratch)
         assert written == data
         assert result.sha256_hex == hashlib.sha256(data).hexdigest()
+
+
+async def test_small_objects_come_through_the_lean_get(s3: S3Store, scratch: Path) -> None:
+    await roundtrip_awkward_keys(s3, scratch, AWKWARD_NAMES, 4096, seed=0)
     stats = s3.lean_stats
     assert stats is not None
     # The server checked every signature: a rejected one would have fallen back.
@@ -350,13 +357,7 @@ async def test_parts_of_a_single_put_object_are_checked_against_its_md5_etag(
 async def test_big_objects_with_awkward_keys_come_through_the_ranged_get(
     s3: S3Store, scratch: Path
 ) -> None:
-    h = Harness("s3", s3, f"ranged-{uuid.uuid4().hex[:8]}/", _none)
-    for n, name in enumerate(AWKWARD_NAMES[:3]):
-        data = payload(LARGE + n, seed=20 + n)
-        ref = await put(h, scratch, name, data)
-        result, written = await fetch(s3, ref, scratch)
-        assert written == data
-        assert result.sha256_hex == hashlib.sha256(data).hexdigest()
+    await roundtrip_awkward_keys(s3, scratch, AWKWARD_NAMES[:3], LARGE, seed=20)
     stats = s3.ranged_stats
     assert stats is not None
     assert (stats.served, stats.fell_back) == (9, 0), stats.reasons

@@ -277,16 +277,22 @@ def test_a_server_that_sends_more_than_the_range_is_refused(target: tuple[int, P
     assert path.read_bytes() == bytes(SIZE)
 
 
-def test_a_stalled_body_times_out(target: tuple[int, Path]) -> None:
-    fd, _ = target
-    release = threading.Event()
+def _stalls_until(release: threading.Event) -> Script:
+    """A script that announces the range, sends 10 bytes of it, then is silent until
+    ``release`` (the connection stays open)."""
 
     def stall(conn: socket.socket, first: int, last: int) -> bool:
         answer(conn, first, last, length=last - first + 1, body=OBJECT[first : first + 10])
         release.wait(10)
         return False
 
-    peer = Peer([stall])
+    return stall
+
+
+def test_a_stalled_body_times_out(target: tuple[int, Path]) -> None:
+    fd, _ = target
+    release = threading.Event()
+    peer = Peer([_stalls_until(release)])
     get = client(peer, read_timeout=0.3)
     try:
         started = time.monotonic()
@@ -302,13 +308,7 @@ def test_a_stalled_body_times_out(target: tuple[int, Path]) -> None:
 def test_abort_stops_a_read_blocked_on_a_silent_server(target: tuple[int, Path]) -> None:
     fd, _ = target
     release = threading.Event()
-
-    def stall(conn: socket.socket, first: int, last: int) -> bool:
-        answer(conn, first, last, length=last - first + 1, body=OBJECT[first : first + 10])
-        release.wait(10)
-        return False
-
-    peer = Peer([stall])
+    peer = Peer([_stalls_until(release)])
     get = client(peer, read_timeout=30.0)
     abort = RangeAbort()
     result: list[bool] = []

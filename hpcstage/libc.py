@@ -1,0 +1,20 @@
+"""Linux system calls Python's ``os`` module lacks, looked up once in the C library."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any, cast
+
+
+def libc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
+    """The C library's ``name`` taking ``argtypes`` and returning an int (errno kept for
+    ``ctypes.get_errno``), or None where it does not exist (not Linux/glibc): callers then
+    do without it."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return cast("Callable[..., int]", function)
