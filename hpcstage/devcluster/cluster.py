@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -240,6 +241,13 @@ class DevCluster:
         version = render.parse_slurm_version(version_text)
         say(f"Slurm {version_text.strip()} on Debian {_debian_version()}")
         users.ensure_all()
+        # The service account and the scientists run hpcstage from this venv and checkout;
+        # a clone under /root (0700) would be out of their reach.
+        checkout = Path(__file__).resolve().parents[2]
+        opened = users.grant_traverse([Path(sys.prefix), checkout])
+        if opened:
+            shown = ", ".join(map(str, opened))
+            say(f"dev users may traverse {shown} (ACL u:NAME:x; the checkout is below)")
         self._make_dirs()
         self._install_job_submit()
         if self.spank:
@@ -278,7 +286,10 @@ class DevCluster:
         tmp.chmod(0o600)  # holds the S3 secret: root only
         tmp.replace(path)
         self._info = info
-        env_sh = "".join(f"export {k}={v}\n" for k, v in info.env().items())
+        # HPCSTAGE_DEVCLUSTER_BASE: `scripts/devcluster down|status` after sourcing it acts on
+        # this cluster, not on the default base.
+        exports = {**info.env(), "HPCSTAGE_DEVCLUSTER_BASE": str(self.base)}
+        env_sh = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items())
         env_file = self.base / "env.sh"
         env_file.write_text(env_sh)
         env_file.chmod(0o600)

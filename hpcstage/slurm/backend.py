@@ -80,10 +80,12 @@ class CliBackend:
         self._version: str | None = None
 
     async def snapshot(self) -> QueueSnapshot:
-        """``squeue --json --all``; on 22.05 also ``squeue --start`` for planned nodes."""
+        """``squeue --json --all --states=all``; on 22.05 also ``squeue --start`` for planned
+        nodes. ``--states=all``: 24.11 applies squeue's default state filter to JSON output
+        too, which leaves out jobs that have just ended (22.05 listed every job anyway)."""
         taken_at = time.time()
         snapshot = parse_squeue_json(
-            await self._stdout("squeue", "--json", "--all"), taken_at=taken_at
+            await self._stdout("squeue", "--json", "--all", "--states=all"), taken_at=taken_at
         )
         if snapshot.planned_nodes_known:
             return snapshot

@@ -27,6 +27,7 @@ strict xfails, so they start failing, as a reminder to drop the marker, once it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -144,7 +145,8 @@ def put_good(s3: HostileS3) -> None:
 
 def indexed(root: Path) -> dict[str, tuple[str, int, str]]:
     """cache_id -> (key, size, sha256), read from the index as another process would."""
-    with sqlite3.connect(f"file:{root / 'index.db'}?mode=ro", uri=True) as db:
+    # closing(): a connection's own "with" ends a transaction, it does not close.
+    with contextlib.closing(sqlite3.connect(f"file:{root / 'index.db'}?mode=ro", uri=True)) as db:
         rows = db.execute("SELECT cache_id, key, size, sha256 FROM objects").fetchall()
     return {cache_id: (key, size, sha256) for cache_id, key, size, sha256 in rows}
 

@@ -1,5 +1,5 @@
-"""Slurm output parsers against golden files (22.05 recorded, 24.11 from the schema), and the
-thin CLI backend against fake Slurm commands."""
+"""Slurm output parsers against golden files (22.05 recorded; 24.11 recorded, and the 22.05
+scenario written from 24.11's schema), and the thin CLI backend against fake Slurm commands."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from hpcstage.slurm.parse import detect_schema, release_tuple
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 V2205 = GOLDEN / "slurm-22.05"
 V2411 = GOLDEN / "slurm-24.11"
+V2411_RECORDED = GOLDEN / "slurm-24.11-recorded"
 
 
 def golden(path: Path) -> str:
@@ -134,6 +135,39 @@ def test_2411_squeue_json_carries_planned_nodes() -> None:
     assert snapshot.taken_at == 1795919909.0  # last_update, as no taken_at was given
     assert snapshot.planned_nodes_known
     assert snapshot.jobs == EXPECTED_JOBS
+
+
+def test_2411_recorded_snapshot() -> None:
+    """A real 24.11.5 controller's answer (see its README): every state, the plan, directives."""
+    snapshot = parse_squeue_json(golden(V2411_RECORDED / "squeue.json"))
+    assert (snapshot.slurm_version, snapshot.planned_nodes_known) == ("24.11.5", True)
+    jobs = {job.job_id: job for job in snapshot.jobs}
+    states = {job_id: job.state for job_id, job in jobs.items()}
+    assert states == {
+        **dict.fromkeys((1, 2, 3, 4, 5), "COMPLETED"),
+        6: "FAILED",
+        **dict.fromkeys((7, 8, 9, 10), "CANCELLED"),
+        **dict.fromkeys((11, 12, 13), "RUNNING"),
+        14: "PENDING",
+    }
+    assert [jobs[i].nodes for i in (11, 12, 13)] == [("n1",), ("n2",), ("n3",)]
+    assert [jobs[i].batch_host for i in (11, 12, 13)] == ["n1", "n2", "n3"]
+    waiting = jobs[14]
+    assert (waiting.state_reason, waiting.nodes, waiting.planned_nodes) == (
+        "Resources",
+        (),
+        ("n1",),
+    )
+    # The backfill plan: job 14 starts on n1 when job 11 (2 minutes) ends there.
+    assert waiting.start_time == jobs[11].end_time > jobs[11].start_time
+    assert (jobs[6].exit_code, jobs[6].state_reason) == (1, "NonZeroExitCode")
+    assert jobs[4].admin_comment.startswith("hpcstage:v1:in=s3://datasets/docking/ligands/;")
+    assert (jobs[4].user, jobs[1].user) == ("alice", "bob")
+    nodes = parse_nodes_json(golden(V2411_RECORDED / "scontrol-show-nodes.json"))
+    assert [(n.name, n.addr, n.state, n.cpus) for n in nodes] == [
+        (f"n{i}", "127.0.0.1", "ALLOCATED", 1) for i in (1, 2, 3)
+    ]
+    assert parse_version_output(golden(V2411_RECORDED / "squeue-version.txt")) == "24.11.5"
 
 
 def test_2205_scontrol_show_job_matches_the_scenario() -> None:
@@ -431,7 +465,7 @@ def test_backend_snapshot_on_2205_merges_squeue_start(tmp_path: Path) -> None:
         tmp_path / "bin",
         "22.05.8",
         squeue=(
-            f'  "--json --all") cat {V2205 / "squeue.json"};;\n'
+            f'  "--json --all --states=all") cat {V2205 / "squeue.json"};;\n'
             f'  --start*"%A|%S|%Y"*) [ "$SLURM_TIME_FORMAT" = standard ] && '
             f"cat {V2205 / 'squeue-start.txt'};;\n"
         ),
@@ -448,7 +482,7 @@ def test_backend_snapshot_on_2411_runs_one_command(tmp_path: Path) -> None:
     backend = fake_slurm(
         tmp_path / "bin",
         "24.11.7",
-        squeue=f'  "--json --all") cat {V2411 / "squeue.json"};;\n  *) exit 3;;\n',
+        squeue=f'  "--json --all --states=all") cat {V2411 / "squeue.json"};;\n  *) exit 3;;\n',
     )
     snapshot = asyncio.run(backend.snapshot())
     assert snapshot.jobs == EXPECTED_JOBS
@@ -493,7 +527,10 @@ def test_backend_failures_are_slurm_errors(tmp_path: Path) -> None:
     failing = fake_slurm(
         tmp_path / "bin",
         "22.05.8",
-        squeue='  "--json --all") echo "slurm_load_jobs error: Unable to contact" >&2; exit 1;;\n',
+        squeue=(
+            '  "--json --all --states=all")'
+            ' echo "slurm_load_jobs error: Unable to contact" >&2; exit 1;;\n'
+        ),
     )
     with pytest.raises(SlurmError, match=r"exit 1.*Unable to contact"):
         asyncio.run(failing.snapshot())
@@ -503,7 +540,9 @@ def test_backend_failures_are_slurm_errors(tmp_path: Path) -> None:
 
 
 def test_backend_timeout_kills_the_command(tmp_path: Path) -> None:
-    backend = fake_slurm(tmp_path / "bin", "22.05.8", squeue='  "--json --all") sleep 30;;\n')
+    backend = fake_slurm(
+        tmp_path / "bin", "22.05.8", squeue='  "--json --all --states=all") sleep 30;;\n'
+    )
     slow = CliBackend(bin_dir=str(tmp_path / "bin"), timeout=0.3)
     assert asyncio.run(backend.version()) == "22.05.8"
     with pytest.raises(SlurmError, match="timed out"):
