@@ -3,7 +3,8 @@
 The contract (:class:`ObjectStore`)
     ``list`` streams the objects under a key prefix page by page (S3 string-prefix semantics:
     ``"a/"`` never lists ``"ab/x"``); ``head`` describes one object; ``download`` writes an object
-    into an open file descriptor at offsets and returns its MD5 and SHA-256; ``upload``, ``copy``,
+    into an open file descriptor at offsets and says how its bytes were checked (and, for small
+    objects, their SHA-256); ``upload``, ``copy``,
     ``delete`` and ``close`` do what they say. ``delete`` of a missing key is not an error.
 
 Errors
@@ -17,8 +18,14 @@ Errors
 
 Verification
     A download checks its byte count against ``ObjectRef.size``, that the object still has the
-    listed ETag, and, when the ETag is a plain MD5 (single-part uploads), the MD5 of the bytes.
-    Uploads send Content-MD5 for every request, so the server rejects corrupted bodies.
+    listed ETag, and the content of the bytes against the best checksum the store has: for an
+    object above ``LEAN_MAX``, a full-object checksum the store keeps (CRC64NVME, CRC32C, ...;
+    asked for with one HEAD, see hpcstage.checksums); else, when the ETag is a plain MD5
+    (single-part uploads), the MD5 of the bytes. A multipart ETag without a store checksum
+    allows no content check. Objects up to ``LEAN_MAX`` also get a SHA-256, which the node
+    cache records and peer copy verifies; bigger ones do not (it would cost a second pass
+    over every byte for a record nothing reads). Uploads send Content-MD5 for every request,
+    so the server rejects corrupted bodies.
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.parsers import ResponseParserError
 
+from hpcstage import checksums
+from hpcstage.checksums import StoreChecksum
 from hpcstage.errors import (
     CredentialError,
     ObjectChangedError,
@@ -102,15 +111,18 @@ _PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy")
 
 @dataclass(frozen=True)
 class DownloadResult:
-    """What a download wrote: checksums of the bytes (as written) and their count.
+    """What a download wrote: the byte count and how the content was checked.
 
-    ``md5_hex`` is "" for an S3 object with a multipart ETag fetched in parts: such an ETag
-    is not the MD5 of the bytes, so computing one would verify nothing.
+    ``sha256_hex`` is the SHA-256 of the bytes for objects up to ``LEAN_MAX``, "" for bigger
+    ones. ``verified`` names what the bytes were checked against beyond their count and the
+    ETag: a store checksum's algorithm (``"crc64nvme"``, ``"crc32c"``, ``"crc32"``, ``"sha1"``,
+    ``"sha256"``), ``"md5"`` (a plain-MD5 ETag), or "" when the store offers nothing to check
+    content against (a multipart ETag and no store checksum; a shared-filesystem file).
     """
 
-    md5_hex: str
     sha256_hex: str
     size: int
+    verified: str
 
 
 S3Credentials: TypeAlias = dict[str, str]
@@ -276,12 +288,49 @@ def _parts(size: int, part_size: int) -> Sequence[_Part]:
     return [_Part(n + 1, n * part_size, min(part_size, size - n * part_size)) for n in range(count)]
 
 
-def _new_hashers() -> tuple[Any, Any]:
+def _new_md5() -> Any:
     # MD5 only checks S3's ETag, it protects nothing, hence usedforsecurity=False (FIPS hosts).
-    return hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    return hashlib.md5(usedforsecurity=False)
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, hashers: Sequence[Any]) -> None:
+@dataclass
+class _Checks:
+    """The running checksums of one download, chosen by what the store can confirm."""
+
+    md5: Any | None = None  # when the ETag is a plain MD5 and the store keeps no checksum
+    store: checksums.Checksummer | None = None  # the store's full-object checksum
+    sha256: Any | None = None  # recorded for objects up to LEAN_MAX
+
+    @classmethod
+    def choose(cls, ref: ObjectRef, stored: StoreChecksum | None) -> _Checks:
+        return cls(
+            md5=_new_md5() if stored is None and _PLAIN_MD5.fullmatch(ref.etag) else None,
+            store=stored.new() if stored is not None else None,
+            sha256=hashlib.sha256() if ref.size <= LEAN_MAX else None,
+        )
+
+    def hashers(self) -> list[Any]:
+        return [h for h in (self.md5, self.store, self.sha256) if h is not None]
+
+    def verify(self, url: str, ref: ObjectRef, stored: StoreChecksum | None) -> DownloadResult:
+        """Compare with what the store said; TransientStoreError on a mismatch."""
+        verified = ""
+        if self.store is not None and stored is not None:
+            got = self.store.value()
+            if got != stored.value:
+                raise TransientStoreError(
+                    f"{url}: checksum mismatch (the store keeps {stored},"
+                    f" the bytes have {stored.algorithm.upper()} {got})"
+                )
+            verified = stored.algorithm
+        elif self.md5 is not None:
+            _check_md5(url, ref.etag, self.md5.hexdigest())
+            verified = "md5"
+        sha256 = self.sha256.hexdigest() if self.sha256 is not None else ""
+        return DownloadResult(sha256, ref.size, verified)
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, hashers: Iterable[Any]) -> None:
     """Write all of ``data`` at ``offset`` (pwrite may write less than asked) and hash it."""
     view = memoryview(data)
     while view:
@@ -305,17 +354,17 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 class _InOrderHash:
-    """SHA-256 (and MD5, when the ETag is one) of a file whose parts land out of order.
+    """Checksums of a file whose parts land out of order (``hashers``: objects with update()).
 
     Each part is hashed, read back from the page cache in a thread, as soon as it and every
     part before it are written, so hashing overlaps the download instead of following it.
+    Each landed part also starts on its way to disk, hashers or not.
     """
 
-    def __init__(self, fd: int, parts: Sequence[_Part], with_md5: bool) -> None:
+    def __init__(self, fd: int, parts: Sequence[_Part], hashers: Sequence[Any]) -> None:
         self._fd = fd
         self._parts = parts
-        self._md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
-        self._sha256 = hashlib.sha256()
+        self._hashers = hashers
         self._landed: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -328,17 +377,18 @@ class _InOrderHash:
             self._task = asyncio.create_task(self._run(), name="hash-in-order")
 
     async def _run(self) -> None:
-        hashers = [h for h in (self._md5, self._sha256) if h is not None]
         for part in self._parts:
             while part.number not in self._landed:
                 self._wake.clear()
                 await self._wake.wait()
-            # MD5 and SHA-256 in two threads (hashlib releases the GIL): on two cores the
-            # pair costs the slower one's time, not the sum. Each reads the page cache itself.
-            # The part also starts on its way to disk now, so the fsync before the object is
-            # indexed finds little left to write (it used to wait for the whole file).
+            # One thread per checksum (hashlib and awscrt release the GIL), each reading the
+            # page cache itself. The part also starts on its way to disk now, so the fsync
+            # before the object is indexed finds little left to write.
             await asyncio.gather(
-                *(asyncio.to_thread(self._hash, h, part.offset, part.length) for h in hashers),
+                *(
+                    asyncio.to_thread(self._hash, h, part.offset, part.length)
+                    for h in self._hashers
+                ),
                 asyncio.to_thread(start_writeback, self._fd, part.offset, part.length),
             )
 
@@ -351,12 +401,11 @@ class _InOrderHash:
             hasher.update(chunk)
             offset += len(chunk)
 
-    async def finish(self) -> tuple[str, str]:
-        """MD5 ("" when not wanted) and SHA-256 hex digests, once every part has landed."""
+    async def finish(self) -> None:
+        """Return once every part has landed and been hashed."""
         if self._task is None:  # no parts (cannot happen for multipart sizes): hash nothing
             self._task = asyncio.create_task(self._run())
         await self._task
-        return (self._md5.hexdigest() if self._md5 else ""), self._sha256.hexdigest()
 
     async def cancel(self) -> None:
         """Stop hashing (after a failed download); no-op once finished."""
@@ -856,9 +905,11 @@ class S3Store:
         """Fetch ``ref`` into ``dest_fd``: one GET, or parallel ranged GETs for big objects.
 
         ``dest_fd`` must be open O_RDWR: parts land out of order, so checksums of a multipart
-        download are computed by reading the written file back. A checksum mismatch of a single
-        GET is retried; one of a multipart download raises TransientStoreError at once (which
-        part was bad is unknown; the caller fetches the object again).
+        download are computed by reading the written file back. An object above ``LEAN_MAX``
+        is first asked for with a HEAD whether the store keeps a full-object checksum of it.
+        A checksum mismatch of a single GET is retried; one of a multipart download raises
+        TransientStoreError at once (which part was bad is unknown; the caller fetches the
+        object again).
         """
         self._check_owns(ref)
         tracker = _PartProgress(progress)
@@ -867,30 +918,48 @@ class S3Store:
             body, sha256_hex, md5_hex = lean
             await _write_body(dest_fd, body)
             tracker.update(0, len(body))
-            return DownloadResult(md5_hex, sha256_hex, len(body))
+            return DownloadResult(sha256_hex, len(body), "md5" if md5_hex else "")
+        stored = await self.stored_checksum(ref) if ref.size > LEAN_MAX else None
         if ref.size < self._threshold:
-            md5, sha256 = await self._retried(
-                "get", ref.key, lambda: self._get_whole(ref, dest_fd, tracker)
+            return await self._retried(
+                "get", ref.key, lambda: self._get_whole(ref, dest_fd, tracker, stored)
             )
-        else:
-            parts = _parts(ref.size, self._part_size)
-            hasher = _InOrderHash(dest_fd, parts, bool(_PLAIN_MD5.fullmatch(ref.etag)))
-            try:
-                await self._get_parts(ref, dest_fd, parts, tracker, hasher.part_done)
-                md5, sha256 = await hasher.finish()
-            finally:
-                await hasher.cancel()
-            if md5:
-                _check_md5(self.url(ref.key), ref.etag, md5)
-        return DownloadResult(md5, sha256, ref.size)
+        parts = _parts(ref.size, self._part_size)
+        checks = _Checks.choose(ref, stored)
+        hasher = _InOrderHash(dest_fd, parts, checks.hashers())
+        try:
+            await self._get_parts(ref, dest_fd, parts, tracker, hasher.part_done)
+            await hasher.finish()
+        finally:
+            await hasher.cancel()
+        return checks.verify(self.url(ref.key), ref, stored)
+
+    async def stored_checksum(self, ref: ObjectRef) -> StoreChecksum | None:
+        """The full-object checksum the store keeps for ``ref``'s version, if any (one HEAD).
+
+        ObjectChangedError when the object is no longer the one listed (its checksum would
+        describe other bytes)."""
+        answer = await self._call(
+            "head",
+            ref.key,
+            lambda c: c.head_object(Bucket=self.bucket, Key=ref.key, ChecksumMode="ENABLED"),
+        )
+        self._check_same(ref, answer.get("ETag"))
+        if answer.get("ContentLength") != ref.size:
+            raise ObjectChangedError(
+                f"head {self.url(ref.key)}: the object changed since it was listed"
+                f" ({answer.get('ContentLength')} bytes, listed with {ref.size})"
+            )
+        return checksums.from_response(answer)
 
     def _check_owns(self, ref: ObjectRef) -> None:
         if (ref.store, ref.bucket) != (self.store_id, self.bucket):
             raise ValueError(f"{ref} does not belong to {self.store_id} bucket {self.bucket}")
 
     async def lean_bytes(self, ref: ObjectRef) -> tuple[bytes, str, str] | None:
-        """A small object's bytes, SHA-256 and MD5 through the lean GET (hpcstage.s3get), or
-        None when it does not apply or falls back: then the SDK path must fetch it."""
+        """A small object's bytes, SHA-256 and MD5 ("" unless the ETag is one) through the lean
+        GET (hpcstage.s3get), or None when it does not apply or falls back: then the SDK path
+        must fetch it."""
         lean = self._lean
         if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold:
             return None
@@ -898,24 +967,26 @@ class S3Store:
         body = await lean.get(ref.key, ref.size, ref.etag)
         if body is None:
             return None
-        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
-        if _md5_contradicts(ref.etag, md5):
-            return None  # the SDK path fetches again, verifies and retries or reports
+        md5 = ""
+        if _PLAIN_MD5.fullmatch(ref.etag):
+            md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+            if _md5_contradicts(ref.etag, md5):
+                return None  # the SDK path fetches again, verifies and retries or reports
         return body, hashlib.sha256(body).hexdigest(), md5
 
-    async def _get_whole(self, ref: ObjectRef, fd: int, tracker: _PartProgress) -> tuple[str, str]:
-        hashers = _new_hashers()
+    async def _get_whole(
+        self, ref: ObjectRef, fd: int, tracker: _PartProgress, stored: StoreChecksum | None
+    ) -> DownloadResult:
+        checks = _Checks.choose(ref, stored)
         answer = await self._request(
             "get", ref.key, lambda c: c.get_object(Bucket=self.bucket, Key=ref.key)
         )
         async with answer["Body"] as body:  # released to the pool whatever happens
             self._check_same(ref, answer.get("ETag"))
             self._check_announced(ref, answer.get("ContentLength"))
-            got = await self._stream(ref.key, body, fd, 0, hashers, 0, tracker, ref.size)
+            got = await self._stream(ref.key, body, fd, 0, checks.hashers(), 0, tracker, ref.size)
         self._check_count(ref.key, got, ref.size)
-        md5 = hashers[0].hexdigest()
-        _check_md5(self.url(ref.key), ref.etag, md5)
-        return md5, hashers[1].hexdigest()
+        return checks.verify(self.url(ref.key), ref, stored)
 
     async def _get_parts(
         self,
@@ -1416,7 +1487,8 @@ class FsStore:
         src = await self._fs("open", ref.key, lambda: os.open(real, flags))
         try:
             await self._check_same(ref, src)
-            hashers = _new_hashers()
+            sha256 = hashlib.sha256() if ref.size <= LEAN_MAX else None
+            hashers = [sha256] if sha256 is not None else []
             got = await _copy_loop(
                 lambda n, off: self._fs("read", ref.key, lambda: os.pread(src, n, off)),
                 lambda data, off: asyncio.to_thread(_pwrite_all, dest_fd, data, off, hashers),
@@ -1428,7 +1500,8 @@ class FsStore:
             os.close(src)
         if got != ref.size:
             raise TransientStoreError(f"read {ref.key}: truncated: got {got} of {ref.size} bytes")
-        return DownloadResult(hashers[0].hexdigest(), hashers[1].hexdigest(), got)
+        # A file has nothing to check content against (no ETag, no checksum): size and mtime.
+        return DownloadResult(sha256.hexdigest() if sha256 is not None else "", got, "")
 
     async def _check_same(self, ref: ObjectRef, fd: int) -> None:
         stat = await self._fs("stat", ref.key, lambda: os.fstat(fd))

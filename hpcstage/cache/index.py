@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS objects (
     key         TEXT NOT NULL,
     etag        TEXT NOT NULL,
     size        INTEGER NOT NULL,
-    sha256      TEXT NOT NULL,
+    sha256      TEXT NOT NULL,  -- "" for objects above 1 MiB (see hpcstage.store)
     created     REAL NOT NULL,
     last_access REAL NOT NULL
 )
@@ -43,7 +43,8 @@ _INSERT = (
 
 @dataclass(frozen=True)
 class Row:
-    """One indexed object: its source identity, verified size and checksum, and its times."""
+    """One indexed object: its source identity, verified size, SHA-256 ("" for objects above
+    GROUP_COMMIT_MAX: downloads do not hash big objects twice) and its times."""
 
     cache_id: str
     store: str

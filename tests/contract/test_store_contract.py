@@ -20,6 +20,7 @@ import botocore.exceptions as bce
 import pytest
 from botocore.parsers import ResponseParserError
 
+from hpcstage import checksums
 from hpcstage.errors import (
     CredentialError,
     ObjectChangedError,
@@ -30,6 +31,7 @@ from hpcstage.errors import (
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
 from hpcstage.store import (
+    LEAN_MAX,
     MIB,
     DownloadResult,
     FsStore,
@@ -121,10 +123,11 @@ async def test_download_roundtrip_is_verified(h: Harness, scratch: Path, size: i
     ref = await put(h, scratch, "obj", data)
     result, written = await fetch(h.store, ref, scratch)
     assert written == data
-    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-    if h.kind == "s3" and size == LARGE and "-" in ref.etag:
-        md5 = ""  # a multipart ETag is no MD5 of the bytes: nothing to compute it for
-    assert result == DownloadResult(md5, hashlib.sha256(data).hexdigest(), size)
+    # S3: the plain-MD5 ETag is checked (a multipart one is no MD5 of the bytes); a file has
+    # nothing to check content against. Only objects up to LEAN_MAX get a SHA-256 recorded.
+    verified = "md5" if h.kind == "s3" and "-" not in ref.etag else ""
+    sha256 = hashlib.sha256(data).hexdigest() if size <= LEAN_MAX else ""
+    assert result == DownloadResult(sha256, size, verified)
 
 
 async def test_download_bytes_gives_verified_bytes_in_memory(h: Harness, scratch: Path) -> None:
@@ -302,7 +305,8 @@ async def roundtrip_awkward_keys(
         ref = await put(h, scratch, name, data)
         result, written = await fetch(s3, ref, scratch)
         assert written == data
-        assert result.sha256_hex == hashlib.sha256(data).hexdigest()
+        sha256 = hashlib.sha256(data).hexdigest() if len(data) <= LEAN_MAX else ""
+        assert (result.sha256_hex, result.verified) == (sha256, "md5")
 
 
 async def test_small_objects_come_through_the_lean_get(s3: S3Store, scratch: Path) -> None:
@@ -351,7 +355,55 @@ async def test_parts_of_a_single_put_object_are_checked_against_its_md5_etag(
     assert "-" not in ref.etag
     result, written = await fetch(s3, ref, scratch)  # 3 ranged GETs, hashed as they land
     assert written == data
-    assert result.md5_hex == hashlib.md5(data, usedforsecurity=False).hexdigest() == ref.etag
+    assert ref.etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
+    assert (result.verified, result.sha256_hex) == ("md5", "")
+    # The same size with the wrong ETag: the MD5 of the parts is compared, and refused.
+    liar = ObjectRef(ref.store, ref.bucket, ref.key, "0" * 32, ref.size)
+    with pytest.raises(ObjectChangedError):  # the store's answers name the real ETag
+        await fetch(s3, liar, scratch)
+
+
+MIDDLE = 3 * MIB  # above LEAN_MAX, below the suite's threshold: one whole GET through the SDK
+
+
+async def put_with_checksum(s3: S3Store, key: str, data: bytes, algorithm: str, value: str) -> None:
+    """PUT in one request carrying a full-object checksum, as AWS SDKs send one by default
+    (rclone serve s3 keeps what it is given without checking it, and returns it on HEAD)."""
+    client = await s3._client()
+    await client.put_object(
+        Bucket=BUCKET, Key=key, Body=data, **{checksums.field(algorithm): value}
+    )
+
+
+@pytest.mark.parametrize("size", [MIDDLE, LARGE], ids=["whole-get", "ranged"])
+@pytest.mark.parametrize("algorithm", checksums.ALGORITHMS)
+async def test_big_objects_are_checked_against_the_stores_checksum(
+    s3: S3Store, scratch: Path, algorithm: str, size: int
+) -> None:
+    data = payload(size, seed=30)
+    key = f"checksum-{algorithm}-{uuid.uuid4().hex[:8]}"
+    await put_with_checksum(s3, key, data, algorithm, checksums.compute(algorithm, data))
+    ref = await s3.head(key)
+    result, written = await fetch(s3, ref, scratch)
+    assert written == data
+    # The store's checksum is what was checked (the MD5 ETag was not computed).
+    assert (result.verified, result.sha256_hex, result.size) == (algorithm, "", size)
+
+
+@pytest.mark.parametrize("size", [MIDDLE, LARGE], ids=["whole-get", "ranged"])
+async def test_bytes_that_contradict_the_stores_checksum_are_refused(
+    s3: S3Store, scratch: Path, size: int
+) -> None:
+    data = payload(size, seed=31)
+    key = f"bad-checksum-{uuid.uuid4().hex[:8]}"
+    wrong = checksums.compute("crc64nvme", data[:-1] + b"x")  # another object's checksum
+    await put_with_checksum(s3, key, data, "crc64nvme", wrong)
+    ref = await s3.head(key)
+    assert ref.etag == hashlib.md5(data, usedforsecurity=False).hexdigest()  # MD5 would pass
+    with pytest.raises(
+        TransientStoreError, match=f"checksum mismatch .*CRC64NVME {re.escape(wrong)}"
+    ):
+        await fetch(s3, ref, scratch)
 
 
 async def test_big_objects_with_awkward_keys_come_through_the_ranged_get(
@@ -363,10 +415,29 @@ async def test_big_objects_with_awkward_keys_come_through_the_ranged_get(
     assert (stats.served, stats.fell_back) == (9, 0), stats.reasons
 
 
-async def test_ranged_get_falls_back_and_the_sdk_reports(s3: S3Store, scratch: Path) -> None:
+async def test_a_big_object_changed_since_listed_is_refused_before_any_get(
+    s3: S3Store, scratch: Path
+) -> None:
     h = Harness("s3", s3, f"ranged-{uuid.uuid4().hex[:8]}/", _none)
     old = await put(h, scratch, "big", payload(LARGE, seed=1))
     await put(h, scratch, "big", payload(LARGE, seed=2))  # same size, new bytes and ETag
+    with pytest.raises(ObjectChangedError, match="changed since it was listed"):
+        await fetch(s3, old, scratch)
+    stats = s3.ranged_stats
+    assert stats is not None and (stats.served, stats.reasons) == (0, {})
+
+
+async def test_ranged_get_falls_back_and_the_sdk_reports(
+    s3: S3Store, scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness("s3", s3, f"ranged-{uuid.uuid4().hex[:8]}/", _none)
+    old = await put(h, scratch, "big", payload(LARGE, seed=1))
+    await put(h, scratch, "big", payload(LARGE, seed=2))
+
+    async def after_the_head(ref: ObjectRef) -> None:
+        return None  # as if the object changed between the HEAD and the ranged GETs
+
+    monkeypatch.setattr(s3, "stored_checksum", after_the_head)
     with pytest.raises(ObjectChangedError, match="changed"):
         await fetch(s3, old, scratch)
     stats = s3.ranged_stats
