@@ -370,6 +370,7 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 RANGE_BUFFER: Final = 1024 * 1024  # bytes received per pwrite
+PROGRESS_EVERY: Final = 8 * RANGE_BUFFER  # bytes between progress reports of one part
 _HEAD_MAX: Final = 64 * 1024  # a response head longer than this is not one we take
 
 
@@ -585,7 +586,7 @@ def _read_body(
     buffer = bytearray(min(RANGE_BUFFER, max(length, 1)))
     view = memoryview(buffer)
     view[: len(rest)] = rest
-    filled, done = len(rest), 0
+    filled, done, reported = len(rest), 0, 0
     while done < length:
         want = min(len(buffer), length - done)
         while filled < want:
@@ -600,4 +601,6 @@ def _read_body(
             written = os.pwrite(fd, chunk, offset + done)
             chunk, done = chunk[written:], done + written
         filled = 0
-        on_bytes(done)
+        if done - reported >= PROGRESS_EVERY or done == length:
+            on_bytes(done)  # each report wakes the event loop: not for every buffer
+            reported = done
