@@ -338,9 +338,16 @@ async def upload(
             body = path.read_bytes()
             crc = checksums.compute("crc64nvme", body)
             client = await store._client()
-            await client.put_object(
-                Bucket=BUCKET, Key=prefix + path.name, Body=body, ChecksumCRC64NVME=crc
-            )
+            for attempt in range(3):
+                try:
+                    await client.put_object(
+                        Bucket=BUCKET, Key=prefix + path.name, Body=body, ChecksumCRC64NVME=crc
+                    )
+                    break
+                except Exception as exc:  # rclone serve s3 can trip over concurrent first PUTs
+                    if attempt == 2:  # into a new directory ("Dir.Rename error"): again
+                        raise RuntimeError(f"cannot upload {path.name}: {exc}") from exc
+                    await asyncio.sleep(1)
             if (await store.stored_checksum(await store.head(prefix + path.name))) is None:
                 raise RuntimeError(f"the S3 server did not keep the CRC64NVME of {path.name}")
 
