@@ -7,8 +7,7 @@ verifies a big download against it when the store has one: a CRC costs about 0.1
 GiB where an MD5, the only other content check a plain ETag allows, costs about 1.5 s and
 runs on one core per object. A *composite* checksum (a multipart upload's checksum of part
 checksums, shown as ``"...-N"``) says nothing about the whole bytes and is ignored, like a
-multipart ETag. Uploads send a full-object CRC64NVME so that the store can check what it got
-and later downloads can check what they get.
+multipart ETag.
 
 CRC32C and CRC64NVME come from ``awscrt`` (hardware-accelerated, releases the GIL); CRC32
 from zlib; SHA-1 and SHA-256 from hashlib. Values are base64 of the big-endian digest, as S3
@@ -37,7 +36,6 @@ _FIELDS: Final = {
     "sha256": "ChecksumSHA256",
 }
 _DIGEST_BYTES: Final = {"crc64nvme": 8, "crc32c": 4, "crc32": 4, "sha1": 20, "sha256": 32}
-UPLOAD_ALGORITHM: Final = "crc64nvme"
 
 
 class Checksummer(Protocol):

@@ -95,37 +95,6 @@ class SigV4:
         )
 
 
-def signed_get(
-    endpoint: Endpoint, signer: SigV4, amz_date: str, path: str, extra: Mapping[str, str]
-) -> bytes:
-    """The bytes of a SigV4-signed ``GET path`` with the ``extra`` headers (lowercase, signed)."""
-    headers = {**extra, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": amz_date}
-    if signer.token:
-        headers["x-amz-security-token"] = signer.token
-    auth = signer.authorization("GET", endpoint.host_header, path, "", headers)
-    lines = [f"GET {path} HTTP/1.1", f"Host: {endpoint.host_header}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    lines += [f"Authorization: {auth}", "", ""]
-    return "\r\n".join(lines).encode()
-
-
-def count_fallback(stats: LeanStats, reason: str, what: str, host: str) -> bool:
-    """Count one fallback; True (after a warning in the log) when a client whose requests
-    have all fallen back so far should turn itself off."""
-    stats.fell_back += 1
-    stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
-    if stats.served or stats.fell_back < GIVE_UP_AFTER:
-        return False
-    log.warning(
-        "%s turned off for %s: its first %d requests fell back (%s); the SDK does them now",
-        what,
-        host,
-        stats.fell_back,
-        ", ".join(f"{r}: {n}" for r, n in sorted(stats.reasons.items())),
-    )
-    return True
-
-
 def amz_now() -> str:
     """The current time as SigV4 wants it (``20240102T030405Z``)."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -213,7 +182,17 @@ class _LeanClient:
         self._clock = clock
 
     def _signed(self, path: str, extra: Mapping[str, str]) -> bytes:
-        return signed_get(self.endpoint, self._signer, self._clock(), path, extra)
+        """The bytes of a SigV4-signed ``GET path`` with the ``extra`` headers (lowercase,
+        signed)."""
+        headers = {**extra, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": self._clock()}
+        if self._signer.token:
+            headers["x-amz-security-token"] = self._signer.token
+        host = self.endpoint.host_header
+        auth = self._signer.authorization("GET", host, path, "", headers)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines += [f"Authorization: {auth}", "", ""]
+        return "\r\n".join(lines).encode()
 
     def _path(self, key: str) -> str:
         """``key``'s request path; ``_Fallback`` for a key a server might normalize."""
@@ -227,11 +206,24 @@ class _LeanClient:
             self.stats.served += 1
 
     def _fell_back(self, reason: str) -> None:
+        """Count one fallback; a client whose requests have all fallen back so far turns
+        itself off after GIVE_UP_AFTER of them, with a warning in the log."""
         with self._lock:
-            if self.enabled and count_fallback(
-                self.stats, reason, self._what, self.endpoint.host_header
-            ):
-                self.enabled = False
+            if not self.enabled:
+                return
+            stats = self.stats
+            stats.fell_back += 1
+            stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+            if stats.served or stats.fell_back < GIVE_UP_AFTER:
+                return
+            self.enabled = False
+            log.warning(
+                "%s turned off for %s: its first %d requests fell back (%s); the SDK does them now",
+                self._what,
+                self.endpoint.host_header,
+                stats.fell_back,
+                ", ".join(f"{r}: {n}" for r, n in sorted(stats.reasons.items())),
+            )
 
 
 class LeanGet(_LeanClient):

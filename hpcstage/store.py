@@ -297,24 +297,28 @@ def _new_md5() -> Any:
 class _Checks:
     """The running checksums of one download, chosen by what the store can confirm."""
 
-    md5: Any | None = None  # when the ETag is a plain MD5 and the store keeps no checksum
-    store: checksums.Checksummer | None = None  # the store's full-object checksum
-    sha256: Any | None = None  # recorded for objects up to LEAN_MAX
+    ref: ObjectRef
+    stored: StoreChecksum | None  # the store's full-object checksum, if it keeps one
+    store: checksums.Checksummer | None  # computing it over the bytes
+    md5: Any | None  # when the ETag is a plain MD5 and the store keeps no checksum
+    sha256: Any | None  # recorded for objects up to LEAN_MAX
 
     @classmethod
     def choose(cls, ref: ObjectRef, stored: StoreChecksum | None) -> _Checks:
         return cls(
-            md5=_new_md5() if stored is None and _PLAIN_MD5.fullmatch(ref.etag) else None,
+            ref,
+            stored,
             store=stored.new() if stored is not None else None,
+            md5=_new_md5() if stored is None and _PLAIN_MD5.fullmatch(ref.etag) else None,
             sha256=hashlib.sha256() if ref.size <= LEAN_MAX else None,
         )
 
     def hashers(self) -> list[Any]:
         return [h for h in (self.md5, self.store, self.sha256) if h is not None]
 
-    def verify(self, url: str, ref: ObjectRef, stored: StoreChecksum | None) -> DownloadResult:
+    def verify(self, url: str) -> DownloadResult:
         """Compare with what the store said; TransientStoreError on a mismatch."""
-        verified = ""
+        ref, stored, verified = self.ref, self.stored, ""
         if self.store is not None and stored is not None:
             got = self.store.value()
             if got != stored.value:
@@ -932,7 +936,7 @@ class S3Store:
             await hasher.finish()
         finally:
             await hasher.cancel()
-        return checks.verify(self.url(ref.key), ref, stored)
+        return checks.verify(self.url(ref.key))
 
     async def stored_checksum(self, ref: ObjectRef) -> StoreChecksum | None:
         """The full-object checksum the store keeps for ``ref``'s version, if any (one HEAD).
@@ -986,7 +990,7 @@ class S3Store:
             self._check_announced(ref, answer.get("ContentLength"))
             got = await self._stream(ref.key, body, fd, 0, checks.hashers(), 0, tracker, ref.size)
         self._check_count(ref.key, got, ref.size)
-        return checks.verify(self.url(ref.key), ref, stored)
+        return checks.verify(self.url(ref.key))
 
     async def _get_parts(
         self,
