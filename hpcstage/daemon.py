@@ -29,6 +29,7 @@ from hpcstage import policy, quota, stageout, trash
 from hpcstage.audit import AuditLog
 from hpcstage.config import Settings
 from hpcstage.db import Job, Request, Staging, Upload, open_db
+from hpcstage.db.changes import Changes
 from hpcstage.errors import DirectiveError, SlurmError, StoreError, TransportError
 from hpcstage.slurm.backend import CliBackend, SlurmBackend
 from hpcstage.slurm.model import JobInfo
@@ -62,7 +63,6 @@ EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
 # bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
 PEER_COPIES = 2
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
-FLUSH_EVERY = 1.0  # seconds between progress writes to the database
 
 
 def reconnect_delay(failures: int) -> float:
@@ -72,7 +72,8 @@ def reconnect_delay(failures: int) -> float:
 
 @dataclass
 class Progress:
-    """Latest progress of one staging, flushed to the database periodically."""
+    """Latest progress of one staging: written to the database at each tick, shown live by the
+    API in between (``Daemon.live_progress``)."""
 
     files_done: int = 0
     bytes_done: int = 0
@@ -98,6 +99,7 @@ class Daemon:
     _node_down: dict[str, tuple[int, float]] = field(default_factory=dict)
     _peer_copies: int = 0  # running now (at most PEER_COPIES)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    changes: Changes = field(default_factory=Changes)  # committed writes, for long polling
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _credentials: dict[str, str] | None = None
     _stores: dict[str, S3Store] = field(default_factory=dict)
@@ -118,6 +120,8 @@ class Daemon:
         """Open state, resume interrupted work, prepare the Slurm backend and agents."""
         if self.db is None:
             self.db = open_db(self.settings.site.state_url)
+        self.changes.watch(self.db)
+        self.changes.bind(asyncio.get_running_loop())
         if self.backend is None:
             bin_dir = str(self.settings.slurm.bin_dir or "")
             self.backend = CliBackend(bin_dir=bin_dir)
@@ -622,6 +626,20 @@ class Daemon:
         assert self.db is not None
         with self.db.begin() as session:
             session.get_one(Job, job_id).released_at = time.time()
+
+    def live_progress(self) -> dict[int, dict[str, int]]:
+        """Per running staging id, the counters its agent reported since the last tick wrote
+        them (what the API shows instead of the database's older numbers)."""
+        live = {}
+        for staging_id, p in self._progress.items():
+            fields = {"files_done": p.files_done, "bytes_done": p.bytes_done}
+            fields["fetched_files"] = p.fetched
+            if p.files_total is not None:
+                fields["files_total"] = p.files_total
+            if p.bytes_total is not None:
+                fields["bytes_total"] = p.bytes_total
+            live[staging_id] = fields
+        return live
 
     def _flush_progress(self, requeue: bool = False) -> None:
         if not self._progress or self.db is None:

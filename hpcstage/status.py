@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -14,9 +15,16 @@ from hpcstage.db import Event, Job, Staging
 READY, FAILED, WAITING = "ready", "failed", "staging"
 
 
-def job_document(session: Session, job: Job, events: int = 20) -> dict[str, Any]:
-    """Everything about one job: Slurm state, each input per node, errors, recent events."""
+Live = Mapping[int, Mapping[str, int]]  # staging id -> counters newer than its row's
+
+
+def job_document(
+    session: Session, job: Job, events: int = 20, live: Live | None = None
+) -> dict[str, Any]:
+    """Everything about one job: Slurm state, each input per node, errors, recent events;
+    ``live``: progress of running stagings not yet written to their rows."""
     doc = job_summary(job)
+    live = live or {}
     doc["requests"] = [
         {
             "direction": r.direction,
@@ -24,7 +32,7 @@ def job_document(session: Session, job: Job, events: int = 20) -> dict[str, Any]
             "dest": r.dest,
             "line": r.line,
             "text": r.text,
-            "nodes": {st.node: staging_document(st) for st in r.stagings},
+            "nodes": {st.node: staging_document(st, live.get(st.id)) for st in r.stagings},
         }
         for r in job.requests
     ]
@@ -61,9 +69,9 @@ def job_summary(job: Job) -> dict[str, Any]:
     }
 
 
-def staging_document(st: Staging) -> dict[str, Any]:
-    """Progress of one input on one node."""
-    return {
+def staging_document(st: Staging, live: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Progress of one input on one node (``live``: newer counters of a running one)."""
+    doc = {
         "state": st.state,
         "files_done": st.files_done,
         "files_total": st.files_total,
@@ -86,6 +94,9 @@ def staging_document(st: Staging) -> dict[str, Any]:
             for u in st.uploads
         ],
     }
+    if live and st.state == "running":
+        doc.update(live)
+    return doc
 
 
 def node_readiness(job: Job) -> dict[str, str]:

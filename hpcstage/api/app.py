@@ -6,10 +6,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Query
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from hpcstage import __version__, auth, trash
 from hpcstage.api.dashboard import render_dashboard
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
     from hpcstage.daemon import Daemon
 
 UNKNOWN_JOB_WAIT = 2.5  # poll intervals to wait for a job the daemon has not seen yet
+MAX_WAIT = 20.0  # seconds a long-polling request may wait (the CLI's HTTP timeout is 30)
+
+SINCE = Query(
+    None, description="`changes` of an earlier answer: wait until the job changes after it"
+)
+WAIT = Query(0.0, ge=0, le=MAX_WAIT, description="seconds to wait at most (with since)")
 
 
 class WarmupIn(BaseModel):
@@ -93,12 +100,31 @@ def create_app(daemon: Daemon) -> FastAPI:
                 query = query.where(Job.user == me.user)
             return [job_summary(j) for j in session.scalars(query)]
 
+    def document(session: Session, job: Job) -> dict[str, Any]:
+        """A job's status document with live progress and the daemon's change count."""
+        doc = job_document(session, job, live=daemon.live_progress())
+        doc["changes"] = daemon.changes.count
+        return doc
+
     @app.get("/api/v1/jobs/{job_id}")
-    async def job(job_id: int, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
-        """One Slurm job: state, each input per node with progress, errors, events."""
+    async def job(
+        job_id: int,
+        since: int | None = SINCE,
+        wait: float = WAIT,
+        me: auth.Identity = Depends(caller),
+    ) -> dict[str, Any]:
+        """One Slurm job: state, each input per node with progress, errors, events.
+
+        With ``since`` (the ``changes`` of an earlier answer) and ``wait``, the answer waits
+        until the daemon has committed a change to this job since, for at most ``wait``
+        seconds (long polling: how ``hpcstage env`` and ``warmup`` follow a staging).
+        """
         with db().begin() as session:
             found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
-            return job_document(session, owned(found, me, f"job {job_id}"))
+            key = owned(found, me, f"job {job_id}").id
+        await daemon.changes.wait(key, since, wait)
+        with db().begin() as session:
+            return document(session, session.get_one(Job, key))
 
     @app.post("/api/v1/jobs/{job_id}/ensure")
     async def ensure(job_id: int, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
@@ -109,7 +135,7 @@ def create_app(daemon: Daemon) -> FastAPI:
             with db().begin() as session:
                 found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
                 if found is not None:
-                    return job_document(session, owned(found, me, f"job {job_id}"))
+                    return document(session, owned(found, me, f"job {job_id}"))
             if time.monotonic() > deadline:
                 raise HTTPException(
                     404,
@@ -140,13 +166,21 @@ def create_app(daemon: Daemon) -> FastAPI:
         return {"id": warm_id}
 
     @app.get("/api/v1/warmups/{warm_id}")
-    async def warmup_status(warm_id: int, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
-        """Progress of one warmup per node."""
+    async def warmup_status(
+        warm_id: int,
+        since: int | None = SINCE,
+        wait: float = WAIT,
+        me: auth.Identity = Depends(caller),
+    ) -> dict[str, Any]:
+        """Progress of one warmup per node (``since``/``wait``: as for a job)."""
         with db().begin() as session:
             found = session.get(Job, warm_id)
             if found is not None and found.kind != "warmup":
                 found = None
-            return job_document(session, owned(found, me, f"warmup {warm_id}"))
+            owned(found, me, f"warmup {warm_id}")
+        await daemon.changes.wait(warm_id, since, wait)
+        with db().begin() as session:
+            return document(session, session.get_one(Job, warm_id))
 
     @app.get("/api/v1/nodes")
     async def nodes(me: auth.Identity = Depends(caller)) -> list[str]:

@@ -21,8 +21,9 @@ from hpcstage.units import format_size
 
 ENSURE_EVERY = 5.0  # seconds between nudges to the daemon while waiting
 SAY_EVERY = 5.0  # seconds between progress lines on stderr
+ENV_WAIT = 2.0  # seconds `hpcstage env` lets the daemon hold a request with no news
 
-WARMUP_POLL = 0.2  # seconds between progress polls of `hpcstage warmup`
+WARMUP_REFRESH = 0.5  # seconds between redraws of `hpcstage warmup`'s bar with no news
 
 
 def _client(config_path: Path | None) -> tuple[Client, Any]:
@@ -89,14 +90,11 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
 
 def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    last_nudge = last_said = 0.0
+    last_said = 0.0
     said = ""
+    doc = client.post(f"/api/v1/jobs/{job_id}/ensure")
+    last_nudge = time.monotonic()
     while True:
-        if time.monotonic() - last_nudge > ENSURE_EVERY:
-            doc = client.post(f"/api/v1/jobs/{job_id}/ensure")
-            last_nudge = time.monotonic()
-        else:
-            doc = client.get(f"/api/v1/jobs/{job_id}")
         state = _node_state(doc, node)
         if state == "ready":
             return
@@ -111,7 +109,20 @@ def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
         if line != said and time.monotonic() - last_said > SAY_EVERY:
             click.echo(line, err=True)
             said, last_said = line, time.monotonic()
-        time.sleep(1)
+        if time.monotonic() - last_nudge > ENSURE_EVERY:
+            doc = client.post(f"/api/v1/jobs/{job_id}/ensure")
+            last_nudge = time.monotonic()
+        else:
+            doc = _next(client, f"/api/v1/jobs/{job_id}", doc, ENV_WAIT)
+
+
+def _next(client: Client, path: str, doc: dict[str, Any], wait: float) -> Any:
+    """The next answer about ``path``: as soon as the daemon commits a change to it after
+    ``doc``, else after ``wait`` seconds (long polling)."""
+    if "changes" not in doc:  # a daemon from before long polling: poll
+        time.sleep(wait)
+        return client.get(path)
+    return client.get(f"{path}?since={doc['changes']}&wait={wait}")
 
 
 def _node_state(doc: dict[str, Any], node: str) -> str:
@@ -308,15 +319,16 @@ def _follow(client: Client, warm_id: int, nodes: list[str], show_bar: bool) -> A
     )
     with Progress(*columns, disable=not show_bar, transient=False) as bar:
         tasks = {n: bar.add_task(f"warm {n}", total=None) for n in nodes}
+        path = f"/api/v1/warmups/{warm_id}"
+        doc = client.get(path)
         while True:
-            doc = client.get(f"/api/v1/warmups/{warm_id}")
             for node in nodes:
                 files, size, files_total, size_total = _node_totals(doc, node)
                 label = f"{node} {files}/{files_total or '?'} files"
                 bar.update(tasks[node], description=label, completed=size, total=size_total or None)
             if _settled(doc, nodes):
                 return doc
-            time.sleep(WARMUP_POLL)
+            doc = _next(client, path, doc, WARMUP_REFRESH)
 
 
 def _node_totals(doc: dict[str, Any], node: str) -> tuple[int, int, int, int]:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +76,42 @@ def test_eviction_brings_an_overfull_cache_below_the_low_watermark(stager: Stage
     assert after["bytes"] - after["leased_bytes"] <= 0.5 * 2**20
     assert after["leased_bytes"] == before["leased_bytes"]
     assert after["bytes"] < before["bytes"]
+
+
+def test_a_long_polling_status_request_answers_when_the_warmup_finishes(
+    stager: Stager,
+) -> None:
+    src, _ = make_dataset(stager.dev, small_files(16, size=4096))
+    warm = stager.client.post("/api/v1/warmups", {"src": src, "nodes": ["n2"]})["id"]
+    path = f"/api/v1/warmups/{warm}"
+    doc = stager.client.get(path)
+    answered, asked = time.time(), 0
+    while not doc["requests"][0]["nodes"].get("n2", {}).get("finished_at"):
+        asked += 1
+        assert asked < 30, doc
+        doc = stager.client.get(f"{path}?since={doc['changes']}&wait=8")
+        answered = time.time()
+    st = doc["requests"][0]["nodes"]["n2"]
+    assert st["state"] in ("ready", "released") and st["files_done"] == 16, st
+    # The answer came when the staging finished, not at the end of its 8 s wait.
+    assert answered - st["finished_at"] < 3, (answered, st["finished_at"])
+    # Once the daemon has also released the warmup (two more changes at most), nothing
+    # changes it any more: a request that asks to wait does wait, then answers the same.
+    for _ in range(5):
+        start = time.monotonic()
+        again = stager.client.get(f"{path}?since={doc['changes']}&wait=1.5")
+        if time.monotonic() - start >= 1.4:
+            assert again["requests"] == doc["requests"] and again["staging"] == doc["staging"]
+            break
+        assert again["changes"] > doc["changes"]  # woken early: by a change
+        doc = again
+    else:
+        pytest.fail(f"every request with nothing new to wait for answered at once: {doc}")
+    assert doc["staging"]["n2"] == "released"
+    # A count from an earlier answer, with news since, gets its answer at once.
+    start = time.monotonic()
+    stager.client.get(f"{path}?since=0&wait=8")
+    assert time.monotonic() - start < 4
 
 
 def test_warmup_to_a_node_slurm_does_not_know_is_refused_by_name(stager: Stager) -> None:
