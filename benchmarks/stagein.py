@@ -876,7 +876,8 @@ def render(
         details.append(
             f"- {run.scenario}: the `hpcstage warmup` command took {run.seconds:.2f} s; the "
             f"daemon recorded the data ready after {e['ready_s']:.2f} s (the CLI long-polls "
-            f"its progress), of which the agent's staging call took {e['agent_stage_s']:.2f} s. CPU: "
+            f"its progress), of which the agent's staging call took "
+            f"{e['agent_stage_s']:.2f} s. CPU: "
             f"agent {e['agent_cpu_s']:.1f} s, daemon {e['daemon_cpu_s']:.1f} s, CLI "
             f"{e['cli_cpu_s']:.1f} s. Agent RSS {e['agent_rss_before_kib'] / 1024:.0f} MiB "
             f"before, peak {run.rss_kib / 1024:.0f} MiB. Opening the agent (SSH, start-up, "

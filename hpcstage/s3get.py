@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 from urllib.parse import quote, urlsplit
 
+from hpcstage.libc import start_writeback
+
 log = logging.getLogger(__name__)
 
 EMPTY_SHA256: Final = hashlib.sha256(b"").hexdigest()
@@ -594,5 +596,8 @@ def _read_body(
             chunk, done = chunk[written:], done + written
         filled = 0
         if done - reported >= PROGRESS_EVERY or done == length:
+            # What was written since the last report starts on its way to disk now, so the
+            # fsync before the object is indexed finds little left to write.
+            start_writeback(fd, offset + reported, done - reported)
             on_bytes(done)  # each report wakes the event loop: not for every buffer
             reported = done

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
 import errno
 import hashlib
 import logging
@@ -78,7 +77,7 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.identity import ObjectRef
-from hpcstage.libc import libc_function
+from hpcstage.libc import start_writeback
 from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy, with_retries
 from hpcstage.s3get import Endpoint, LeanGet, LeanStats, RangeAbort, RangeGet, SigV4
 
@@ -344,25 +343,13 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, hashers: Iterable
         hasher.update(data)
 
 
-_SYNC_FILE_RANGE: Final = libc_function(
-    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
-)
-_SYNC_FILE_RANGE_WRITE: Final = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing ``fd``'s dirty pages in the range to disk, without waiting (Linux
-    sync_file_range(2)); a hint only: durability still comes from fsync, errors are its."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
 class _InOrderHash:
     """Checksums of a file whose parts land out of order (``hashers``: objects with update()).
 
     Each part is hashed, read back from the page cache in a thread, as soon as it and every
     part before it are written, so hashing overlaps the download instead of following it.
-    Each landed part also starts on its way to disk, hashers or not.
+    Each landed part also starts on its way to disk, hashers or not (the lean ranged GET
+    already started most of it as it wrote; the SDK's fallback path did not).
     """
 
     def __init__(self, fd: int, parts: Sequence[_Part], hashers: Sequence[Any]) -> None:

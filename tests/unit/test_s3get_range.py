@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcstage import s3get
 from hpcstage.s3get import PROGRESS_EVERY, Endpoint, RangeAbort, RangeGet, SigV4
 
 SIZE = 3 * 1024 * 1024 + 17  # the listed object: more than two receive buffers, odd length
@@ -170,6 +171,25 @@ def test_a_clean_answer_lands_at_the_parts_offset(target: tuple[int, Path]) -> N
     request = peer.requests[0]
     assert request.startswith(b"GET /b/dir/obj HTTP/1.1\r\n")
     assert b"SignedHeaders=host;range;x-amz-content-sha256;x-amz-date," in request
+
+
+def test_what_is_written_starts_on_its_way_to_disk_range_by_range(
+    target: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, _ = target
+    monkeypatch.setattr(s3get, "PROGRESS_EVERY", 1024 * 1024)  # a report per buffer
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(s3get, "start_writeback", lambda _fd, off, n: started.append((off, n)))
+    span = (1024 * 1024 + 5, 2 * 1024 * 1024 + 3)
+    ok, _, _, progress = run([clean], fd, span)
+    assert ok and progress == [1024 * 1024, 2 * 1024 * 1024, span[1]]
+    # Each report hands the bytes written since the previous one to writeback: the ranges
+    # follow each other and cover exactly the part, at its offset in the file.
+    assert started == [
+        (span[0], 1024 * 1024),
+        (span[0] + 1024 * 1024, 1024 * 1024),
+        (span[0] + 2 * 1024 * 1024, 3),
+    ]
 
 
 def test_200_with_the_exact_content_range_is_taken(target: tuple[int, Path]) -> None:
