@@ -328,7 +328,7 @@ class Daemon:
                 staging_id, request_id, src, dest, _text, _line = current
                 limit = self._budget(action.job_id, action.node, spent)
                 if src:
-                    await self._peer_fill(rpc, action, src, limit)
+                    await self._peer_fill(rpc, action, staging_id, src, limit)
                 await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit)
                 spent += self._staged_bytes(staging_id)
         except AgentError as exc:
@@ -342,9 +342,15 @@ class Daemon:
             self._requeue(action, _from(plan, current), str(exc))
 
     async def _peer_fill(
-        self, rpc: RpcClient, action: planner.Stage, src: str, limit: quota.Budget
+        self,
+        rpc: RpcClient,
+        action: planner.Stage,
+        staging_id: int,
+        src: str,
+        limit: quota.Budget,
     ) -> None:
-        """Copy the small objects of ``src`` another node's cache holds (transfer/peer.py).
+        """Copy the small objects of ``src`` another node's cache holds (transfer/peer.py),
+        counted in the staging's ``peer_files``.
 
         Never fails the staging: whatever is not copied, the stage fetches from the store.
         """
@@ -373,6 +379,7 @@ class Daemon:
                     message += f"; {copied.refused} failed verification (fetched from the store)"
                 assert self.db is not None
                 with self.db.begin() as session:
+                    session.get_one(Staging, staging_id).peer_files += copied.objects
                     log_event(session, action.job_id, action.node, message)
             return
 

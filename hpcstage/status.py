@@ -78,6 +78,7 @@ def staging_document(st: Staging, live: Mapping[str, int] | None = None) -> dict
         "bytes_done": st.bytes_done,
         "bytes_total": st.bytes_total,
         "fetched_files": st.fetched_files,
+        "peer_files": st.peer_files,
         "error": st.error,
         "started_at": st.started_at,
         "finished_at": st.finished_at,

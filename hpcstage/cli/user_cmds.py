@@ -251,9 +251,10 @@ def _file_lines(files: list[dict[str, Any]], limit: int = 20) -> list[str]:
 def _counts(st: dict[str, Any]) -> str:
     total = st["files_total"] if st["files_total"] is not None else "?"
     size_total = format_size(st["bytes_total"]) if st["bytes_total"] is not None else "?"
+    peers = f"  from peers {st['peer_files']}" if st.get("peer_files") else ""
     return (
         f"{st['files_done']}/{total} files  {format_size(st['bytes_done'])}/{size_total}"
-        f"  fetched {st['fetched_files']}"
+        f"  fetched {st['fetched_files']}{peers}"
     )
 
 

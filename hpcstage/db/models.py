@@ -98,6 +98,7 @@ class Staging(Base):
     bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     fetched_files: Mapped[int] = mapped_column(BigInteger, default=0)  # from the store
+    peer_files: Mapped[int] = mapped_column(BigInteger, default=0)  # from other nodes' caches
     error: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)

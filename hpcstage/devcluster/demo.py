@@ -179,25 +179,20 @@ def summary(dev: DevCluster, client: Client, jobs: dict[str, int]) -> list[dict[
                 "error": _first_error(doc),
                 "stage_out": doc["stage_out"],
                 "outputs": _outputs(doc),
-                "fetched": sum(
-                    r["nodes"].get(node, {}).get("fetched_files", 0)
-                    for r in doc["requests"]
-                    if r["direction"] == "in"
-                ),
-                "from_peers": _copied(doc, node),
+                "fetched": _inputs_sum(doc, node, "fetched_files"),
+                "from_peers": _inputs_sum(doc, node, "peer_files"),
             }
         )
     return rows
 
 
-def _copied(doc: dict[str, Any], node: str) -> int:
-    """Objects the daemon copied onto ``node`` from another node's cache (its events say)."""
-    total = 0
-    for event in doc["events"]:
-        words = str(event["message"]).split()
-        if event["node"] == node and words[:1] == ["copied"] and words[1].isdigit():
-            total += int(words[1])
-    return total
+def _inputs_sum(doc: dict[str, Any], node: str, counter: str) -> int:
+    """A staging counter summed over the job's inputs on ``node``."""
+    return sum(
+        int(r["nodes"].get(node, {}).get(counter, 0))
+        for r in doc["requests"]
+        if r["direction"] == "in"
+    )
 
 
 def _outputs(doc: dict[str, Any]) -> list[str]:

@@ -176,6 +176,8 @@ def test_a_node_copies_what_another_nodes_cache_holds_and_checks_every_object(
         for rel, cid in on_n2.items()
     }
     assert got == sums
-    events = json.dumps(doc)
+    st = doc["requests"][0]["nodes"]["n2"]
+    assert (st["peer_files"], st["fetched_files"]) == (29, 1), st
+    events = json.dumps(doc["events"])
     assert "copied 29 objects" in events and "from n1's cache" in events
     assert "1 failed verification" in events

@@ -1,0 +1,91 @@
+"""The state schema upgrades in place: a daemon's database from an older release keeps its rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, MetaData, Table, create_engine, inspect
+
+from hpcstage.db import MIGRATIONS, Staging, open_db
+
+
+def _upgrade(url: str, revision: str) -> None:
+    engine = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    engine.dispose()
+
+
+def _insert(conn: Connection, table: str, **row: object) -> None:
+    conn.execute(Table(table, MetaData(), autoload_with=conn).insert().values(**row))
+
+
+def test_a_database_of_revision_0002_upgrades_and_keeps_its_stagings(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    _upgrade(url, "0002")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        assert "peer_files" not in {c["name"] for c in inspect(conn).get_columns("stagings")}
+        _insert(
+            conn,
+            "jobs",
+            id=1,
+            kind="job",
+            name="j",
+            user="alice",
+            account="",
+            partition="",
+            state="RUNNING",
+            state_reason="",
+            priority=0,
+            planned_nodes="",
+            nodes="n1",
+            batch_host="",
+            directive_source="admin_comment",
+            error="",
+            first_seen=0.0,
+        )
+        _insert(
+            conn,
+            "requests",
+            id=1,
+            job_id=1,
+            direction="in",
+            position=0,
+            src="s3://b/k",
+            dest="k",
+            line=1,
+            text="--stage-in=s3://b/k",
+            when="always",
+            optional=False,
+        )
+        _insert(
+            conn,
+            "stagings",
+            id=1,
+            request_id=1,
+            node="n1",
+            state="ready",
+            files_done=3,
+            bytes_done=300,
+            fetched_files=3,
+            error="",
+            attempts=1,
+        )
+    engine.dispose()
+
+    factory = open_db(url)  # what a newer daemon does at start: upgrade to head
+    try:
+        with factory.begin() as session:
+            st = session.get_one(Staging, 1)
+            assert (st.files_done, st.fetched_files, st.peer_files) == (3, 3, 0)
+            st.peer_files = 29
+        with factory.begin() as session:
+            assert session.get_one(Staging, 1).peer_files == 29
+    finally:
+        factory.kw["bind"].dispose()
