@@ -21,9 +21,10 @@ from hpcstage.units import format_size
 
 ENSURE_EVERY = 5.0  # seconds between nudges to the daemon while waiting
 SAY_EVERY = 5.0  # seconds between progress lines on stderr
-ENV_WAIT = 2.0  # seconds `hpcstage env` lets the daemon hold a request with no news
+ENV_WAIT = 5.0  # seconds `hpcstage env` lets the daemon hold a request with no news
 
 WARMUP_REFRESH = 0.5  # seconds between redraws of `hpcstage warmup`'s bar with no news
+QUIET_WAIT = 10.0  # seconds `hpcstage warmup --json` lets the daemon hold a request
 
 
 def _client(config_path: Path | None) -> tuple[Client, Any]:
@@ -120,7 +121,7 @@ def _next(client: Client, path: str, doc: dict[str, Any], wait: float) -> Any:
     """The next answer about ``path``: as soon as the daemon commits a change to it after
     ``doc``, else after ``wait`` seconds (long polling)."""
     if "changes" not in doc:  # a daemon from before long polling: poll
-        time.sleep(wait)
+        time.sleep(min(wait, 1.0))
         return client.get(path)
     return client.get(f"{path}?since={doc['changes']}&wait={wait}")
 
@@ -302,6 +303,12 @@ def warmup(config_path: Path | None, src: str, nodes: str, wait: bool, as_json: 
 
 
 def _follow(client: Client, warm_id: int, nodes: list[str], show_bar: bool) -> Any:
+    path = f"/api/v1/warmups/{warm_id}"
+    doc = client.get(path)
+    if not show_bar:  # --json: nothing to redraw, so no need for rich (its import is slow)
+        while not _settled(doc, nodes):
+            doc = _next(client, path, doc, QUIET_WAIT)
+        return doc
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -318,10 +325,8 @@ def _follow(client: Client, warm_id: int, nodes: list[str], show_bar: bool) -> A
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not show_bar, transient=False) as bar:
+    with Progress(*columns, transient=False) as bar:
         tasks = {n: bar.add_task(f"warm {n}", total=None) for n in nodes}
-        path = f"/api/v1/warmups/{warm_id}"
-        doc = client.get(path)
         while True:
             for node in nodes:
                 files, size, files_total, size_total = _node_totals(doc, node)

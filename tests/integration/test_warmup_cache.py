@@ -52,6 +52,13 @@ def test_warmup_fills_the_nodes_caches_and_holds_no_lease(stager: Stager) -> Non
     assert listing.splitlines()[1].startswith("n1")
 
 
+def test_warmup_draws_its_progress_and_says_when_the_nodes_are_warm(stager: Stager) -> None:
+    src, _ = make_dataset(stager.dev, small_files(8, size=1024))
+    done = stager.cli("alice", "warmup", src, "--nodes", "n1")
+    assert f"warm on n1: {src}" in done.stdout
+    assert "n1 8/8 files" in done.stdout  # the bar's last state, as a terminal would show it
+
+
 def test_warmup_of_a_missing_prefix_fails_with_the_reason(stager: Stager) -> None:
     failed = stager.cli(
         "alice", "warmup", "s3://datasets/never-uploaded/", "--nodes", "n1", "--json", check=False
