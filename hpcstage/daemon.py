@@ -315,6 +315,7 @@ class Daemon:
             stagings = [_staging(session, r, action.node) for r in requests]
             for st in stagings:
                 st.state, st.started_at, st.error = "running", time.time(), ""
+                st.peer_files = 0  # counted per attempt, like fetched_files
                 st.attempts += 1
             plan = [
                 (st.id, r.id, r.src, r.dest, r.text, r.line)

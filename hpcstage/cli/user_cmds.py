@@ -114,7 +114,8 @@ def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
             doc = client.post(f"/api/v1/jobs/{job_id}/ensure")
             last_nudge = time.monotonic()
         else:
-            doc = _next(client, f"/api/v1/jobs/{job_id}", doc, ENV_WAIT)
+            left = max(0.1, deadline - time.monotonic())
+            doc = _next(client, f"/api/v1/jobs/{job_id}", doc, min(ENV_WAIT, left))
 
 
 def _next(client: Client, path: str, doc: dict[str, Any], wait: float) -> Any:

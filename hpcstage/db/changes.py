@@ -11,11 +11,12 @@ wait costs one request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import OrderedDict
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from hpcstage.db.models import Event, Job
 
@@ -24,7 +25,8 @@ REMEMBERED = 10_000  # jobs whose last change is remembered; older ones count as
 
 
 class Changes:
-    """A counter bumped by every commit that changed a job; waiters wake on the next bump.
+    """A counter bumped by every commit that changed a job; a request waiting on a job wakes
+    when that job changes (only then: a site may have thousands of jobs waiting).
 
     Bumps from the event loop's thread wake waiters at once; from another thread they are
     handed to the loop (``asyncio.Event`` is not thread-safe).
@@ -34,7 +36,7 @@ class Changes:
         self.count = 0
         self._touched: OrderedDict[int, int] = OrderedDict()  # job id -> count of its change
         self._forgotten = 0  # the newest count dropped from _touched
-        self._event = asyncio.Event()
+        self._waiters: dict[int, set[asyncio.Event]] = {}  # job id -> its waiting requests
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
 
@@ -43,7 +45,7 @@ class Changes:
         self._loop, self._thread = loop, threading.get_ident()
 
     def bump(self, jobs: set[int]) -> None:
-        """Record that ``jobs`` changed, and wake every waiter to look."""
+        """Record that ``jobs`` changed, and wake the requests waiting on them."""
         if self._loop is not None and threading.get_ident() != self._thread:
             self._loop.call_soon_threadsafe(self.bump, jobs)
             return
@@ -51,11 +53,11 @@ class Changes:
         for job in jobs:
             self._touched[job] = self.count
             self._touched.move_to_end(job)
+            for woken in self._waiters.get(job, ()):
+                woken.set()
         while len(self._touched) > REMEMBERED:
             _, dropped = self._touched.popitem(last=False)
             self._forgotten = max(self._forgotten, dropped)
-        woken, self._event = self._event, asyncio.Event()
-        woken.set()
 
     def changed(self, job: int, since: int) -> bool:
         """Whether ``job`` changed after the count was ``since`` (True when unsure)."""
@@ -66,25 +68,26 @@ class Changes:
     async def wait(self, job: int, since: int | None, timeout: float) -> None:
         """Return once ``job`` changed after ``since``, or after ``timeout`` seconds; at once
         when ``since`` is None (no earlier answer)."""
-        if since is None or timeout <= 0:
+        if since is None or timeout <= 0 or self.changed(job, since):
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.changed(job, since):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            try:
-                await asyncio.wait_for(self._event.wait(), remaining)
-            except TimeoutError:
-                return
+        woken = asyncio.Event()
+        self._waiters.setdefault(job, set()).add(woken)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout)
+        finally:
+            waiting = self._waiters.get(job)
+            if waiting is not None:
+                waiting.discard(woken)
+                if not waiting:
+                    del self._waiters[job]
 
     def watch(self, factory: sessionmaker[Session]) -> None:
         """Bump after each commit of a session from ``factory`` that logged an event for a
         job or updated a job's row (read-only transactions, such as the API's, do not)."""
         event.listen(factory, "after_flush", _note_jobs)
         event.listen(factory, "after_commit", self._after_commit)
-        event.listen(factory, "after_rollback", _forget_jobs)
+        event.listen(factory, "after_transaction_end", _forget_jobs)
 
     def _after_commit(self, session: Session) -> None:
         jobs = session.info.pop(_TOUCHED, None)
@@ -105,5 +108,9 @@ def _note_jobs(session: Session, _context: object) -> None:
             jobs.add(obj.id)
 
 
-def _forget_jobs(session: Session) -> None:
-    session.info.pop(_TOUCHED, None)
+def _forget_jobs(session: Session, transaction: SessionTransaction) -> None:
+    # Only when the outermost transaction ends (after its commit was counted, or rolled
+    # back): a savepoint rolled back inside a transaction that then commits must not drop
+    # what the transaction changed before it (at worst, one early answer).
+    if transaction.parent is None:
+        session.info.pop(_TOUCHED, None)

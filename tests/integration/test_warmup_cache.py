@@ -101,9 +101,14 @@ def test_a_long_polling_status_request_answers_when_the_warmup_finishes(
     st = doc["requests"][0]["nodes"]["n2"]
     assert st["state"] in ("ready", "released") and st["files_done"] == 16, st
     # The answer came when the staging finished, not at the end of its 8 s wait.
-    assert answered - st["finished_at"] < 3, (answered, st["finished_at"])
-    # Once the daemon has also released the warmup (two more changes at most), nothing
-    # changes it any more: a request that asks to wait does wait, then answers the same.
+    assert answered - st["finished_at"] < 6, (answered, st["finished_at"])
+    # The daemon then releases the warmup (its staging says "released", then the job is
+    # marked done: one more change); after that nothing changes it: a request that asks to
+    # wait does wait, then answers the same.
+    while doc["staging"]["n2"] != "released":
+        asked += 1
+        assert asked < 30, doc
+        doc = stager.client.get(f"{path}?since={doc['changes']}&wait=8")
     for _ in range(5):
         start = time.monotonic()
         again = stager.client.get(f"{path}?since={doc['changes']}&wait=1.5")
@@ -114,7 +119,6 @@ def test_a_long_polling_status_request_answers_when_the_warmup_finishes(
         doc = again
     else:
         pytest.fail(f"every request with nothing new to wait for answered at once: {doc}")
-    assert doc["staging"]["n2"] == "released"
     # A count from an earlier answer, with news since, gets its answer at once.
     start = time.monotonic()
     stager.client.get(f"{path}?since=0&wait=8")

@@ -106,17 +106,40 @@ def test_commits_that_change_a_job_bump_and_reads_do_not(
     assert not seen.changed(job_id, before + 2) and seen.changed(other, before + 2)
 
 
-def test_a_rolled_back_change_wakes_nobody(factory: sessionmaker[Session]) -> None:
+def test_a_rolled_back_change_is_not_carried_into_the_next_commit(
+    factory: sessionmaker[Session],
+) -> None:
     seen = Changes()
     seen.watch(factory)
-    job_id, _ = _new_job(factory)
+    job_id, staging_id = _new_job(factory)
     before = seen.count
     with factory() as session:
         session.get_one(Job, job_id).state = "RUNNING"
         log_event(session, job_id, "", "never committed")
         session.flush()
         session.rollback()
+        # The same session goes on with a change to no job (progress counters): nothing
+        # woken, although the rolled-back flush had touched the job.
+        session.get_one(Staging, staging_id).files_done = 1
+        session.commit()
     assert seen.count == before
+
+
+def test_a_savepoint_rolled_back_keeps_what_the_transaction_changed_before(
+    factory: sessionmaker[Session],
+) -> None:
+    seen = Changes()
+    seen.watch(factory)
+    job_id, staging_id = _new_job(factory)
+    before = seen.count
+    with factory.begin() as session:
+        session.get_one(Job, job_id).state = "RUNNING"
+        session.flush()
+        nested = session.begin_nested()
+        session.get_one(Staging, staging_id).files_done = 1
+        session.flush()
+        nested.rollback()
+    assert seen.count == before + 1 and seen.changed(job_id, before)
 
 
 def test_a_commit_in_another_thread_is_handed_to_the_loop() -> None:
@@ -128,6 +151,7 @@ def test_a_commit_in_another_thread_is_handed_to_the_loop() -> None:
         thread = threading.Thread(target=seen.bump, args=({4},))
         thread.start()
         thread.join()
+        assert seen.count == 0  # not counted in that thread: handed to this loop
         await asyncio.wait_for(waiter, 1)
         assert seen.count == 1
 
