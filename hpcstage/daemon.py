@@ -24,8 +24,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import directives as dirs
+from hpcstage import leader, policy, quota, stageout, trash
 from hpcstage import plan as planner
-from hpcstage import policy, quota, stageout, trash
 from hpcstage.audit import AuditLog
 from hpcstage.config import Settings
 from hpcstage.db import Job, Request, Staging, Upload, open_db
@@ -59,6 +59,7 @@ NODE_BACKOFF_MAX = 60.0
 TRASH_EXPIRY_EVERY = 3600.0  # seconds between recycle-bin sweeps
 SNAPSHOT_REUSE = 2.0  # seconds an early tick may plan on the last queue snapshot
 EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
+LOCK_CHECK_EVERY = 10.0  # seconds between checks that this daemon still holds the state's lock
 # Peer copies at once: their bytes cross the daemon host, which must not become the
 # bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
 PEER_COPIES = 2
@@ -107,6 +108,9 @@ class Daemon:
     _last_eviction: float = 0.0
     _snapshot_at: float = -math.inf  # time.monotonic() of the last queue snapshot
     _want_fresh: bool = False
+    _lock: leader.StateLock | None = None
+    _last_lock_check: float = 0.0
+    exit_code: int = 0  # of `hpcstage daemon`: 3 when the state's lock was lost
     audit: AuditLog = field(init=False)
     last_tick: float = 0.0
     last_error: str = ""
@@ -135,20 +139,69 @@ class Daemon:
         await self._refresh_nodes()
 
     async def run(self, api: Any = None) -> None:
-        """Run until SIGTERM/SIGINT; ``api`` is an optional coroutine serving HTTP."""
-        await self.startup()
+        """Run until SIGTERM/SIGINT; ``api`` is an optional coroutine serving HTTP.
+
+        Only one daemon acts on a state database (leader.py): while another holds its lock,
+        this one stands by, without serving the API, and takes over when that one is gone.
+        """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
-        api_task = asyncio.create_task(api) if api is not None else None
+        self._lock = leader.state_lock(self.settings.site.state_url)
         try:
-            await self.main_loop()
+            if self._lock is not None and not await self._elect(self._lock):
+                return  # stopped while standing by
+            await self.startup()
+            api_task = asyncio.create_task(api) if api is not None else None
+            try:
+                await self.main_loop()
+            finally:
+                if api_task is not None:
+                    api_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await api_task
+                await self.shutdown()
         finally:
-            if api_task is not None:
-                api_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await api_task
-            await self.shutdown()
+            if self._lock is not None:
+                self._lock.release()
+
+    async def _elect(self, lock: leader.StateLock) -> bool:
+        """Take the state's lock, standing by while another daemon holds it; False when
+        stopped first. Errors reaching the state end the first attempt (a wrong URL fails
+        at once) and are retried while standing by (the database may be restarting)."""
+        said = False
+        first = True
+        while not self._stopping.is_set():
+            try:
+                if lock.try_acquire():
+                    log.info("active: this daemon holds the %s", lock.where)
+                    return True
+            except leader.StateUnavailable as exc:
+                if first:
+                    raise
+                log.warning("standing by: %s; trying again", exc)
+            else:
+                if not said:
+                    holder = lock.holder()
+                    log.warning(
+                        "standing by: another hpcstage daemon is active on the %s%s;"
+                        " this one takes over when it stops",
+                        lock.where,
+                        f" ({holder})" if holder else "",
+                    )
+                    said = True
+            first = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), leader.STANDBY_RETRY)
+        return False
+
+    def _check_lock(self) -> None:
+        """Stop (exit status 3) if the state's lock was lost with the database session."""
+        if self._lock is None or self._lock.still_held():
+            return
+        log.critical("lost the lock on the %s: stopping, not to act twice", self._lock.where)
+        self.exit_code = 3
+        self._stopping.set()
 
     def _on_signal(self) -> None:
         if self._stopping.is_set():
@@ -168,6 +221,11 @@ class Daemon:
         interval = self.settings.slurm.poll_interval
         woken = False
         while not self._stopping.is_set():
+            if time.monotonic() - self._last_lock_check >= LOCK_CHECK_EVERY:
+                self._last_lock_check = time.monotonic()
+                self._check_lock()
+                if self._stopping.is_set():
+                    break
             try:
                 reuse, self._want_fresh = woken and not self._want_fresh, False
                 await self.tick(reuse_snapshot=reuse)

@@ -23,7 +23,10 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
 
     Runs in the foreground as the service account (no root), logging to stderr; stop it with
     SIGTERM or Ctrl-C: running transfers are left queued and resume at the next start.
-    State lives in site.state_url (SQLite by default, PostgreSQL for HA).
+    State lives in site.state_url (SQLite by default, PostgreSQL for HA). One daemon acts
+    on a state database at a time: another one started on it stands by (logging who is
+    active) and takes over when that one stops or dies. Exit status 3: the lock on the
+    state was lost with the database connection (restart it to stand for election again).
 
     \b
     Example:
@@ -51,6 +54,8 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
         server = _QuietServer(config)
         api = server.serve()
     asyncio.run(d.run(api))
+    if d.exit_code:
+        sys.exit(d.exit_code)
 
 
 class _QuietServer(uvicorn.Server):

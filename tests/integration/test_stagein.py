@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, text
 
 from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
+from hpcstage.devcluster.site import start_daemon, stop_daemon
 
 from .staging import (
     CHECKSUM_JOB,
@@ -215,3 +216,47 @@ def test_a_shared_filesystem_directory_is_staged_too(stager: Stager) -> None:
     assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
     got = parse_sums(stager.output("alice", job))
     assert got == {rel: hashlib.sha256(body).hexdigest() for rel, body in files.items()}
+
+
+def test_a_second_daemon_stands_by_and_takes_over_when_the_first_dies(stager: Stager) -> None:
+    log = Path(stager.dev.info.base) / "log" / f"standby-{uuid.uuid4().hex[:6]}.log"
+    second = start_daemon(stager.dev, stager.config, log.name)
+    try:
+        wait_until(
+            "the second daemon to stand by",
+            lambda: "standing by: another hpcstage daemon is active" in log.read_text(),
+            60,
+            log,
+        )
+        assert "active: this daemon holds" not in log.read_text()
+        assert stager.client.get("/api/v1/health")["last_tick"]  # still the first's API
+        stager.stop(hard=True)  # the active daemon dies
+        wait_until(
+            "the standby to take over",
+            lambda: "active: this daemon holds" in log.read_text(),
+            60,
+            log,
+        )
+        stager.pid, second = second, 0
+        wait_until("the new daemon's API", stager._healthy, 60, log)
+        # And it acts: a job's inputs are staged by it.
+        src, sums = make_dataset(stager.dev, small_files(5))
+        dest = src.rstrip("/").rsplit("/", 1)[1]
+        job = stager.submit("alice", CHECKSUM_JOB.format(src=src, dest=dest))
+        assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+        assert parse_sums(stager.output("alice", job)) == sums
+        # A daemon standing by stops at once on SIGTERM (it holds nothing to drain).
+        log_third = log.with_name(log.name.replace("standby", "third"))
+        second = start_daemon(stager.dev, stager.config, log_third.name)
+        wait_until(
+            "a third daemon to stand by",
+            lambda: "standing by" in log_third.read_text(),
+            60,
+            log_third,
+        )
+        os.kill(second, signal.SIGTERM)
+        wait_until("the standby to exit", lambda: not proc.alive(second), 15, log_third)
+        second = 0
+    finally:
+        if second:
+            stop_daemon(second)
