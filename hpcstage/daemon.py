@@ -59,7 +59,6 @@ NODE_BACKOFF_MAX = 60.0
 TRASH_EXPIRY_EVERY = 3600.0  # seconds between recycle-bin sweeps
 SNAPSHOT_REUSE = 2.0  # seconds an early tick may plan on the last queue snapshot
 EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
-LOCK_CHECK_EVERY = 10.0  # seconds between checks that this daemon still holds the state's lock
 # Peer copies at once: their bytes cross the daemon host, which must not become the
 # bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
 PEER_COPIES = 2
@@ -109,7 +108,6 @@ class Daemon:
     _snapshot_at: float = -math.inf  # time.monotonic() of the last queue snapshot
     _want_fresh: bool = False
     _lock: leader.StateLock | None = None
-    _last_lock_check: float = 0.0
     exit_code: int = 0  # of `hpcstage daemon`: 3 when the state's lock was lost
     audit: AuditLog = field(init=False)
     last_tick: float = 0.0
@@ -148,41 +146,47 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         self._lock = leader.state_lock(self.settings.site.state_url)
+        api_task = watch_task = None
         try:
             if self._lock is not None and not await self._elect(self._lock):
                 return  # stopped while standing by
             await self.startup()
+            if self._lock is not None:
+                watch_task = asyncio.create_task(self._watch_lock(self._lock))
             api_task = asyncio.create_task(api) if api is not None else None
             try:
                 await self.main_loop()
             finally:
-                if api_task is not None:
-                    api_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await api_task
+                for task in (api_task, watch_task):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
                 await self.shutdown()
         finally:
+            if api is not None and api_task is None:
+                api.close()  # never started (standing by, or start-up failed)
             if self._lock is not None:
                 self._lock.release()
 
     async def _elect(self, lock: leader.StateLock) -> bool:
         """Take the state's lock, standing by while another daemon holds it; False when
         stopped first. Errors reaching the state end the first attempt (a wrong URL fails
-        at once) and are retried while standing by (the database may be restarting)."""
+        at once) and are retried while standing by (the database may be restarting). Lock
+        calls run in a thread: signals are handled while one waits on the network."""
         said = False
         first = True
         while not self._stopping.is_set():
             try:
-                if lock.try_acquire():
-                    log.info("active: this daemon holds the %s", lock.where)
-                    return True
+                if await asyncio.to_thread(lock.try_acquire):
+                    return await self._take_over(lock, after_another=said)
             except leader.StateUnavailable as exc:
                 if first:
                     raise
                 log.warning("standing by: %s; trying again", exc)
             else:
                 if not said:
-                    holder = lock.holder()
+                    holder = await asyncio.to_thread(lock.holder)
                     log.warning(
                         "standing by: another hpcstage daemon is active on the %s%s;"
                         " this one takes over when it stops",
@@ -191,17 +195,39 @@ class Daemon:
                     )
                     said = True
             first = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), leader.STANDBY_RETRY)
+            await self._sleep_unless_stopped(leader.STANDBY_RETRY)
         return False
 
-    def _check_lock(self) -> None:
-        """Stop (exit status 3) if the state's lock was lost with the database session."""
-        if self._lock is None or self._lock.still_held():
-            return
-        log.critical("lost the lock on the %s: stopping, not to act twice", self._lock.where)
-        self.exit_code = 3
-        self._stopping.set()
+    async def _take_over(self, lock: leader.StateLock, after_another: bool) -> bool:
+        if after_another and lock.takeover_grace > 0:
+            # The one that was active may not know yet that it lost the lock (a database
+            # restart drops every session): give it the time to notice and stop.
+            log.warning(
+                "taking over the %s: acting in %.0f s, once the daemon that was active has"
+                " noticed it lost the lock",
+                lock.where,
+                lock.takeover_grace,
+            )
+            await self._sleep_unless_stopped(lock.takeover_grace)
+            if self._stopping.is_set():
+                return False
+        log.info("active: this daemon holds the %s", lock.where)
+        return True
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _watch_lock(self, lock: leader.StateLock) -> None:
+        """Stop at once, with exit status 3, if the state's lock is lost (with the database
+        session): another daemon may take over, and two must never act at once."""
+        while not self._stopping.is_set():
+            await self._sleep_unless_stopped(leader.CHECK_EVERY)
+            if self._stopping.is_set() or await asyncio.to_thread(lock.still_held):
+                continue
+            log.critical("lost the lock on the %s: stopping, not to act twice", lock.where)
+            self.exit_code = 3
+            self.stop()
 
     def _on_signal(self) -> None:
         if self._stopping.is_set():
@@ -221,11 +247,6 @@ class Daemon:
         interval = self.settings.slurm.poll_interval
         woken = False
         while not self._stopping.is_set():
-            if time.monotonic() - self._last_lock_check >= LOCK_CHECK_EVERY:
-                self._last_lock_check = time.monotonic()
-                self._check_lock()
-                if self._stopping.is_set():
-                    break
             try:
                 reuse, self._want_fresh = woken and not self._want_fresh, False
                 await self.tick(reuse_snapshot=reuse)
@@ -254,7 +275,8 @@ class Daemon:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        self._flush_progress(requeue=True)
+        if self.exit_code != 3:  # with the lock lost, the state is the next daemon's
+            self._flush_progress(requeue=True)
         if self._pool is not None:
             await self._pool.close()
         for store in self._stores.values():

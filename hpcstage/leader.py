@@ -35,6 +35,14 @@ from sqlalchemy.pool import NullPool
 from hpcstage.errors import ConfigError, HpcstageError
 
 STANDBY_RETRY = 2.0  # seconds between a standby daemon's attempts to take the lock
+CHECK_EVERY = 5.0  # seconds between an active daemon's checks that it still holds it
+PG_CONNECT_TIMEOUT = 5  # seconds
+PG_TCP_TIMEOUT = 15  # seconds of unacknowledged data before a PostgreSQL connection is dead
+# How long a daemon that saw another one active waits, once it has a PostgreSQL lock, before
+# acting: the time the other one may take to notice that it lost the lock (a check, and a
+# call on a dead connection timing out) and stop. Without it both could act for a moment
+# after a database restart, which drops every session, the active daemon's lock included.
+TAKEOVER_GRACE = CHECK_EVERY + PG_TCP_TIMEOUT + 5.0
 
 
 class StateUnavailable(HpcstageError):
@@ -49,6 +57,8 @@ class StateLock(Protocol):
     """The daemon's claim on its state database."""
 
     where: str  # what is locked, for messages
+    # Seconds a daemon that saw another one active waits, once it has the lock, before acting.
+    takeover_grace: float
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free; True when this process holds it."""
@@ -73,6 +83,8 @@ class FileLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.where = str(path)
+        # A flock is only ever dropped by its holder, or with its holder's death: no grace.
+        self.takeover_grace = 0.0
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
@@ -102,7 +114,13 @@ class FileLock:
             return ""
 
     def still_held(self) -> bool:
-        return self._fd is not None
+        # Held, and still on the file others would lock (not one removed or replaced since).
+        if self._fd is None:
+            return False
+        try:
+            return os.fstat(self._fd).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            return False
 
     def release(self) -> None:
         if self._fd is not None:
@@ -115,12 +133,17 @@ class PgAdvisoryLock:
 
     def __init__(self, url: str) -> None:
         self.where = f"state database {make_url(url).database} (PostgreSQL advisory lock)"
+        self.takeover_grace = TAKEOVER_GRACE
         # No pool: a refused attempt closes its connection, the held one is the only one.
-        self._engine: Engine = create_engine(
-            url,
-            poolclass=NullPool,
-            connect_args={"application_name": f"hpcstage daemon {me()}"},
-        )
+        # Keepalives both ways: the server drops the session (and the lock) of a host that
+        # died or was cut off within about half a minute, not after the kernel's two hours;
+        # and no call on this connection blocks the daemon for longer than that.
+        try:
+            self._engine: Engine = create_engine(
+                url, poolclass=NullPool, connect_args=_pg_session_args()
+            )
+        except Exception as exc:  # a missing driver (the optional `postgres` extra), a bad URL
+            raise ConfigError(f"site.state_url: cannot use {url!r}: {exc}") from exc
         self._conn: Connection | None = None
 
     def try_acquire(self) -> bool:
@@ -180,6 +203,22 @@ class PgAdvisoryLock:
                 self._conn.close()
             self._conn = None
         self._engine.dispose()
+
+
+def _pg_session_args() -> dict[str, object]:
+    return {
+        "application_name": f"hpcstage daemon {me()}",
+        "connect_timeout": PG_CONNECT_TIMEOUT,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": PG_TCP_TIMEOUT * 1000,
+        "options": (
+            "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+            f" -c tcp_user_timeout={PG_TCP_TIMEOUT * 1000}"
+        ),
+    }
 
 
 def state_lock(url: str) -> StateLock | None:

@@ -25,8 +25,9 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
     SIGTERM or Ctrl-C: running transfers are left queued and resume at the next start.
     State lives in site.state_url (SQLite by default, PostgreSQL for HA). One daemon acts
     on a state database at a time: another one started on it stands by (logging who is
-    active) and takes over when that one stops or dies. Exit status 3: the lock on the
-    state was lost with the database connection (restart it to stand for election again).
+    active) and takes over when that one stops or dies (SQLite: within 2 s; PostgreSQL:
+    about 30 s). Exit status 3: the lock on the state was lost with the database session
+    (restart it to stand for election again).
 
     \b
     Example:

@@ -257,6 +257,8 @@ def test_a_second_daemon_stands_by_and_takes_over_when_the_first_dies(stager: St
         os.kill(second, signal.SIGTERM)
         wait_until("the standby to exit", lambda: not proc.alive(second), 15, log_third)
         second = 0
+        said = log_third.read_text()
+        assert "Traceback" not in said and "never awaited" not in said, said
     finally:
         if second:
             stop_daemon(second)
