@@ -718,16 +718,7 @@ class Daemon:
     def live_progress(self) -> dict[int, dict[str, int]]:
         """Per running staging id, the counters its agent reported since the last tick wrote
         them (what the API shows instead of the database's older numbers)."""
-        live = {}
-        for staging_id, p in self._progress.items():
-            fields = {"files_done": p.files_done, "bytes_done": p.bytes_done}
-            fields["fetched_files"] = p.fetched
-            if p.files_total is not None:
-                fields["files_total"] = p.files_total
-            if p.bytes_total is not None:
-                fields["bytes_total"] = p.bytes_total
-            live[staging_id] = fields
-        return live
+        return {staging_id: _columns(p) for staging_id, p in self._progress.items()}
 
     def _flush_progress(self, requeue: bool = False) -> None:
         if not self._progress or self.db is None:
@@ -1132,10 +1123,20 @@ def _out_state(job: Job) -> str:
     return "done"
 
 
-def _apply(st: Staging, progress: Progress) -> None:
-    st.files_done, st.bytes_done = progress.files_done, progress.bytes_done
+def _columns(progress: Progress) -> dict[str, int]:
+    """The staging columns ``progress`` sets (totals only once the agent knows them)."""
+    columns = {
+        "files_done": progress.files_done,
+        "bytes_done": progress.bytes_done,
+        "fetched_files": progress.fetched,
+    }
     if progress.files_total is not None:
-        st.files_total = progress.files_total
+        columns["files_total"] = progress.files_total
     if progress.bytes_total is not None:
-        st.bytes_total = progress.bytes_total
-    st.fetched_files = progress.fetched
+        columns["bytes_total"] = progress.bytes_total
+    return columns
+
+
+def _apply(st: Staging, progress: Progress) -> None:
+    for name, value in _columns(progress).items():
+        setattr(st, name, value)

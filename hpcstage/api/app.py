@@ -106,6 +106,12 @@ def create_app(daemon: Daemon) -> FastAPI:
         doc["changes"] = daemon.changes.count
         return doc
 
+    async def followed(key: int, since: int | None, wait: float) -> dict[str, Any]:
+        """Job ``key``'s document once it changed after ``since`` or ``wait`` s passed."""
+        await daemon.changes.wait(key, since, wait)
+        with db().begin() as session:
+            return document(session, session.get_one(Job, key))
+
     @app.get("/api/v1/jobs/{job_id}")
     async def job(
         job_id: int,
@@ -122,9 +128,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         with db().begin() as session:
             found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
             key = owned(found, me, f"job {job_id}").id
-        await daemon.changes.wait(key, since, wait)
-        with db().begin() as session:
-            return document(session, session.get_one(Job, key))
+        return await followed(key, since, wait)
 
     @app.post("/api/v1/jobs/{job_id}/ensure")
     async def ensure(job_id: int, me: auth.Identity = Depends(caller)) -> dict[str, Any]:
@@ -178,9 +182,7 @@ def create_app(daemon: Daemon) -> FastAPI:
             if found is not None and found.kind != "warmup":
                 found = None
             owned(found, me, f"warmup {warm_id}")
-        await daemon.changes.wait(warm_id, since, wait)
-        with db().begin() as session:
-            return document(session, session.get_one(Job, warm_id))
+        return await followed(warm_id, since, wait)
 
     @app.get("/api/v1/nodes")
     async def nodes(me: auth.Identity = Depends(caller)) -> list[str]:

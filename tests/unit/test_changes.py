@@ -37,6 +37,14 @@ def _new_job(factory: sessionmaker[Session], name: str = "j") -> tuple[int, int]
         return job.id, st.id
 
 
+def _watched(factory: sessionmaker[Session]) -> tuple[Changes, int, int]:
+    """A counter watching ``factory``'s commits, after one job was added: (counter, job id,
+    staging id)."""
+    seen = Changes()
+    seen.watch(factory)
+    return (seen, *_new_job(factory))
+
+
 def test_a_waiter_wakes_for_its_own_job_not_for_others() -> None:
     async def main() -> None:
         seen = Changes()
@@ -85,9 +93,7 @@ def test_counts_from_before_a_restart_or_too_old_to_tell_count_as_changed(
 def test_commits_that_change_a_job_bump_and_reads_do_not(
     factory: sessionmaker[Session],
 ) -> None:
-    seen = Changes()
-    seen.watch(factory)
-    job_id, staging_id = _new_job(factory)
+    seen, job_id, staging_id = _watched(factory)
     assert seen.count >= 1 and seen.changed(job_id, 0)
     before = seen.count
     with factory.begin() as session:  # a read, as the API does
@@ -109,9 +115,7 @@ def test_commits_that_change_a_job_bump_and_reads_do_not(
 def test_a_rolled_back_change_is_not_carried_into_the_next_commit(
     factory: sessionmaker[Session],
 ) -> None:
-    seen = Changes()
-    seen.watch(factory)
-    job_id, staging_id = _new_job(factory)
+    seen, job_id, staging_id = _watched(factory)
     before = seen.count
     with factory() as session:
         session.get_one(Job, job_id).state = "RUNNING"
@@ -128,9 +132,7 @@ def test_a_rolled_back_change_is_not_carried_into_the_next_commit(
 def test_a_savepoint_rolled_back_keeps_what_the_transaction_changed_before(
     factory: sessionmaker[Session],
 ) -> None:
-    seen = Changes()
-    seen.watch(factory)
-    job_id, staging_id = _new_job(factory)
+    seen, job_id, staging_id = _watched(factory)
     before = seen.count
     with factory.begin() as session:
         session.get_one(Job, job_id).state = "RUNNING"
