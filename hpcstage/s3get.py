@@ -21,7 +21,6 @@ import datetime
 import hashlib
 import hmac
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 from urllib.parse import quote, urlsplit
 
-from hpcstage.libc import start_writeback
+from hpcstage.libc import pwrite_all, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +362,7 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
 # Ranged GETs of big objects' parts, in worker threads
 # --------------------------------------------------------------------------------------------
 
-RANGE_BUFFER: Final = 1024 * 1024  # bytes received per pwrite
+RANGE_BUFFER: Final = 1024 * 1024  # bytes received before they are written
 PROGRESS_EVERY: Final = 8 * RANGE_BUFFER  # bytes between progress reports of one part
 _HEAD_MAX: Final = 64 * 1024  # a response head longer than this is not one we take
 
@@ -590,10 +589,8 @@ def _read_body(
             if not got:
                 raise _Closed()
             filled += got
-        chunk = view[:want]
-        while chunk:  # pwrite may write less than asked
-            written = os.pwrite(fd, chunk, offset + done)
-            chunk, done = chunk[written:], done + written
+        pwrite_all(fd, view[:want], offset + done)
+        done += want
         filled = 0
         if done - reported >= PROGRESS_EVERY or done == length:
             # What was written since the last report starts on its way to disk now, so the

@@ -77,7 +77,7 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.identity import ObjectRef
-from hpcstage.libc import start_writeback
+from hpcstage.libc import pwrite_all, start_writeback
 from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy, with_retries
 from hpcstage.s3get import Endpoint, LeanGet, LeanStats, RangeAbort, RangeGet, SigV4
 
@@ -334,11 +334,8 @@ class _Checks:
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, hashers: Iterable[Any]) -> None:
-    """Write all of ``data`` at ``offset`` (pwrite may write less than asked) and hash it."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+    """Write all of ``data`` at ``offset`` and hash it."""
+    pwrite_all(fd, data, offset)
     for hasher in hashers:
         hasher.update(data)
 
