@@ -1,10 +1,20 @@
 """hpcstage: Slurm-integrated data staging and node-local cache for HPC sites."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("hpcstage")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
+from typing import Any
 
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Looked up on first use: importlib.metadata costs about 40 ms, paid by every command
+    # (`hpcstage env` runs in every job) while only --version, the API and benchmarks ask.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("hpcstage")
+        except PackageNotFoundError:  # running from a source tree without installation
+            found = "0.0.0+unknown"
+        globals()["__version__"] = found
+        return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

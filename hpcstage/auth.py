@@ -8,7 +8,6 @@ password or token is stored anywhere.
 
 from __future__ import annotations
 
-import asyncio
 import pwd
 import subprocess
 from dataclasses import dataclass
@@ -52,6 +51,8 @@ def encode(socket: str | None = None) -> str:
 
 async def decode(credential: str, socket: str | None = None) -> tuple[int, int]:
     """(uid, gid) of a credential; AuthError with munged's reason when it is not valid."""
+    import asyncio  # here: the CLI only encodes, and asyncio costs it ~25 ms to import
+
     try:
         process = await asyncio.create_subprocess_exec(
             "unmunge",

@@ -1,16 +1,31 @@
-"""A small HTTP client for the daemon's API (stdlib only: it runs inside every job)."""
+"""A small HTTP client for the daemon's API (stdlib only: it runs inside every job).
+
+The commands that talk to the daemon (``hpcstage env``, ``status``, ``warmup``, ``cache``,
+``trash``) read only what they need from the site configuration with
+:func:`load_client_settings`: where the API listens, how it authenticates, munged's socket and
+the node cache directory, checked by the same rules as the full schema
+(:mod:`hpcstage.config_rules`). Importing that schema (pydantic) would cost every job's
+``hpcstage env`` about 0.2 s; the daemon checks the whole file when it starts, and
+``hpcstage config check FILE`` lists every problem in it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import tomllib
 import urllib.error
 import urllib.request
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hpcstage import auth
-from hpcstage.config import Settings
-from hpcstage.errors import HpcstageError
+from hpcstage import config_rules as rules
+from hpcstage.errors import ConfigError, HpcstageError
+
+if TYPE_CHECKING:
+    from hpcstage.config import Settings
 
 
 class ApiError(HpcstageError):
@@ -66,7 +81,71 @@ def _detail(exc: urllib.error.HTTPError) -> str:
     return str(detail or f"HTTP {exc.code} {exc.reason}")
 
 
-def client_for(settings: Settings, timeout: float = 30) -> Client:
+@dataclass(frozen=True)
+class ApiAccess:
+    """The ``[api]`` values a client needs (the same names as ``ApiSettings``)."""
+
+    listen: str = rules.DEFAULT_LISTEN
+    auth: str = rules.DEFAULT_API_AUTH
+    munge_socket: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the client commands read from the site configuration."""
+
+    api: ApiAccess
+    cache_dir: str = rules.DEFAULT_CACHE_DIR  # ``nodes.cache_dir``
+
+
+def load_client_settings(path: Path) -> ClientSettings:
+    """The client's values from the site TOML at ``path``; ConfigError names the file, the key
+    and the problem (the rest of the file is the daemon's to check)."""
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        problem = f"{path}: cannot read: {exc.strerror or exc}"
+        raise ConfigError(problem, problems=[problem]) from exc
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        problem = f"{path}: not a valid TOML file ({exc}); `hpcstage config check {path}` says more"
+        raise ConfigError(problem, problems=[problem]) from exc
+
+    def value(section: str, key: str, default: Any, check: Any) -> Any:
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{section}: must be a table")
+        raw = table.get(key, default)
+        if not isinstance(raw, str):
+            raise ValueError(f"{section}.{key}: must be a string, got {raw!r}")
+        try:
+            return check(raw)
+        except ValueError as exc:
+            raise ValueError(f"{section}.{key}: {exc}") from None
+
+    def auth_mode(raw: str) -> str:
+        if raw not in rules.API_AUTHS:
+            raise ValueError(f"must be one of {', '.join(rules.API_AUTHS)}, got {raw!r}")
+        return raw
+
+    try:
+        api = ApiAccess(
+            listen=value("api", "listen", rules.DEFAULT_LISTEN, rules.host_port),
+            auth=value("api", "auth", rules.DEFAULT_API_AUTH, auth_mode),
+            munge_socket=value("api", "munge_socket", "", rules.optional_path),
+        )
+        cache_dir = value(
+            "nodes",
+            "cache_dir",
+            rules.DEFAULT_CACHE_DIR,
+            lambda raw: rules.absolute_template(rules.template(raw, rules.CACHE_DIR_PLACEHOLDERS)),
+        )
+    except ValueError as exc:
+        problem = f"{path}: {exc}"
+        raise ConfigError(problem, problems=[problem]) from None
+    return ClientSettings(api, cache_dir)
+
+
+def client_for(settings: Settings | ClientSettings, timeout: float = 30) -> Client:
     """A client for the daemon of ``settings``, authenticating as its API requires."""
     api = settings.api
     socket = str(api.munge_socket) if api.munge_socket else None

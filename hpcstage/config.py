@@ -19,7 +19,6 @@ import json
 import math
 import re
 import shlex
-import string
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from hpcstage import config_rules as rules
 from hpcstage.errors import ConfigError
 from hpcstage.units import format_duration, format_size, parse_duration, parse_size
 
@@ -119,26 +119,7 @@ def _size_range(low: int, high: int | None = None, why: str = "") -> AfterValida
     return AfterValidator(check)
 
 
-def _non_empty(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty")
-    return value
-
-
-NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
-
-
-def _abs_path(value: Any) -> Path:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"must be a non-empty path string, got {value!r}")
-    path = Path(value).expanduser()  # "~" is the home of the user who loads the config
-    if not path.is_absolute():
-        raise ValueError(f"must be an absolute path (or start with ~), got {value!r}")
-    return path
-
-
-def _optional_path(value: Any) -> Path | None:
-    return None if value == "" else _abs_path(value)
+NonEmptyStr = Annotated[str, AfterValidator(rules.non_empty)]
 
 
 def _optional_str(value: Any) -> str | None:
@@ -147,8 +128,8 @@ def _optional_str(value: Any) -> str | None:
     return value or None
 
 
-AbsPath = Annotated[Path, BeforeValidator(_abs_path)]
-OptionalPath = Annotated[Path | None, BeforeValidator(_optional_path)]
+AbsPath = Annotated[Path, BeforeValidator(rules.abs_path)]
+OptionalPath = Annotated[Path | None, BeforeValidator(rules.optional_path)]
 OptionalStr = Annotated[str | None, BeforeValidator(_optional_str)]
 
 
@@ -163,26 +144,7 @@ def _unique_non_empty(values: list[str]) -> list[str]:
 
 def _template(allowed: frozenset[str]) -> AfterValidator:
     """Check a ``str.format`` template uses only ``allowed`` placeholders, plainly."""
-    names = ", ".join("{" + name + "}" for name in sorted(allowed))
-
-    def check(value: str) -> str:
-        _non_empty(value)
-        try:
-            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(value)]
-        except ValueError as exc:
-            raise ValueError(f"is not a valid template ({exc}); placeholders: {names}") from exc
-        for field, spec, conv in fields:
-            if field is not None and (field not in allowed or spec or conv):
-                raise ValueError(f"unknown placeholder {{{field}}}; allowed: {names}")
-        return value
-
-    return AfterValidator(check)
-
-
-def _absolute_template(value: str) -> str:
-    if not value.startswith("/"):
-        raise ValueError(f"must be an absolute path, got {value!r}")
-    return value
+    return AfterValidator(lambda value: rules.template(value, allowed))
 
 
 def _command(value: str) -> str:
@@ -233,13 +195,6 @@ def _grant(value: str) -> str:
 Grant = Annotated[str, AfterValidator(_grant)]
 
 
-def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"must be host:port (e.g. 127.0.0.1:8470 or [::1]:8470), got {value!r}")
-    return value
-
-
 def _site_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
         raise ValueError(f"must be letters, digits, '.', '_' or '-', got {value!r}")
@@ -263,9 +218,7 @@ def _poll_interval(value: float) -> float:
 
 class _Section(BaseModel):
     # strict: TOML has real types, so "22" for a port is a mistake worth reporting, not coercing.
-    model_config = ConfigDict(
-        extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True
-    )
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class SiteSettings(_Section):
@@ -373,8 +326,8 @@ class NodesSettings(_Section):
     address: Annotated[str, _template(frozenset({"node", "node_addr"}))] = "{node_addr}"
     """Host to connect to; {node} is the Slurm node name, {node_addr} its NodeAddr."""
     cache_dir: Annotated[
-        str, _template(frozenset({"node"})), AfterValidator(_absolute_template)
-    ] = "/local/hpcstage"
+        str, _template(rules.CACHE_DIR_PLACEHOLDERS), AfterValidator(rules.absolute_template)
+    ] = rules.DEFAULT_CACHE_DIR
     """Cache directory on the node's local disk; may contain {node}."""
     agent_command: Annotated[str, AfterValidator(_command)] = "hpcstage agent"
     """Command line that starts the agent on the node."""
@@ -491,7 +444,7 @@ class ApiSettings(_Section):
 
     model_config = ConfigDict(extra="forbid")
 
-    listen: Annotated[str, AfterValidator(_host_port)] = "127.0.0.1:8470"
+    listen: Annotated[str, AfterValidator(rules.host_port)] = rules.DEFAULT_LISTEN
     """Address the API listens on, host:port."""
     admins: list[NonEmptyStr] = Field(default_factory=lambda: ["root"])
     """User names with admin rights in the API."""

@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from hpcstage import __version__
 from hpcstage.errors import HpcstageError
 
+# Each command's module is imported only when that command runs (or for --help): the
+# commands a job runs (env) must not pay for the daemon's imports (FastAPI, SQLAlchemy,
+# the configuration schema).
+_COMMANDS = {
+    "env": "hpcstage.cli.user_cmds",
+    "status": "hpcstage.cli.user_cmds",
+    "warmup": "hpcstage.cli.user_cmds",
+    "daemon": "hpcstage.cli.run_cmds",
+    "agent": "hpcstage.cli.run_cmds",
+    "trash": "hpcstage.cli.trash_cmd",
+    "cache": "hpcstage.cli.cache_cmd",
+    "config": "hpcstage.cli.config_cmd",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "-V", "--version", prog_name="hpcstage")
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command = getattr(importlib.import_module(module), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(None, "-V", "--version", package_name="hpcstage", prog_name="hpcstage")
 def cli() -> None:
     """Stage job data from the S3 store to node-local cache before Slurm starts the job,
     and write declared outputs back after it ends.
@@ -28,26 +58,8 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    # Imported here so each command module stays independent of the others.
-    from hpcstage.cli import cache_cmd, config_cmd, run_cmds, trash_cmd, user_cmds
-
-    for command in (
-        user_cmds.env,
-        user_cmds.status,
-        user_cmds.warmup,
-        run_cmds.daemon,
-        run_cmds.agent,
-        trash_cmd.trash,
-        cache_cmd.cache,
-        config_cmd.config,
-    ):
-        cli.add_command(command)
-
-
 def main() -> None:
     """Entry point: run the CLI, turning our own errors into one clear line and exit code 1."""
-    _register()
     try:
         code = cli.main(standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -8,14 +8,14 @@ from typing import Any
 
 import click
 
-from hpcstage.cli.common import config_option, load_settings
+from hpcstage.cli.common import config_option, load_client
 from hpcstage.client import Client, client_for
 from hpcstage.slurm.hostlist import expand_hostlist
 from hpcstage.units import format_size
 
 
 def _client(config_path: Path | None) -> Client:
-    return client_for(load_settings(config_path))
+    return client_for(load_client(config_path))
 
 
 @click.group("cache")

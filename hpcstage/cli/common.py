@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from hpcstage.config import Settings, load_config
+from hpcstage.client import ClientSettings, load_client_settings
 from hpcstage.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hpcstage.config import Settings
 
 ENV_VAR = "HPCSTAGE_CONFIG"
 
@@ -21,8 +25,22 @@ config_option = click.option(
 )
 
 
-def load_settings(path: Path | None) -> Settings:
-    """Load the site config or fail with a message that says how to give one."""
+def _given(path: Path | None) -> Path:
     if path is None:
         raise ConfigError(f"no site configuration: pass --config FILE or set ${ENV_VAR}")
-    return load_config(path)
+    return path
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Load and check the whole site config (the daemon's and agents' view) or fail with a
+    message that says how to give one."""
+    # Imported here: the schema (pydantic) costs about 0.2 s, which the commands that only
+    # talk to the daemon do not pay (see load_client).
+    from hpcstage.config import load_config
+
+    return load_config(_given(path))
+
+
+def load_client(path: Path | None) -> ClientSettings:
+    """The values a command that talks to the daemon needs (hpcstage.client)."""
+    return load_client_settings(_given(path))

@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from hpcstage.cli.common import config_option, load_settings
-from hpcstage.client import ApiError, Client, client_for
+from hpcstage.cli.common import config_option, load_client
+from hpcstage.client import ApiError, Client, ClientSettings, client_for
 from hpcstage.errors import HpcstageError
 from hpcstage.slurm.hostlist import expand_hostlist
 from hpcstage.transfer.nodes import cache_dir_for
@@ -27,8 +27,8 @@ WARMUP_REFRESH = 0.5  # seconds between redraws of `hpcstage warmup`'s bar with 
 QUIET_WAIT = 10.0  # seconds `hpcstage warmup --json` lets the daemon hold a request
 
 
-def _client(config_path: Path | None) -> tuple[Client, Any]:
-    settings = load_settings(config_path)
+def _client(config_path: Path | None) -> tuple[Client, ClientSettings]:
+    settings = load_client(config_path)
     return client_for(settings), settings
 
 
@@ -79,7 +79,7 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
                 "(or SLURM_JOB_ID and SLURMD_NODENAME)"
             )
         client, settings = _client(config_path)
-        view = Path(cache_dir_for(settings.nodes.cache_dir, node)) / "jobs" / str(job_id)
+        view = Path(cache_dir_for(settings.cache_dir, node)) / "jobs" / str(job_id)
         _wait_ready(client, job_id, node, timeout)
     except HpcstageError as exc:
         message = f"hpcstage: job {job_id} cannot start: {exc}"

@@ -544,7 +544,6 @@ def test_docs_describe_every_key() -> None:
 
 @pytest.fixture
 def runner() -> CliRunner:
-    cli_module._register()
     return CliRunner()
 
 

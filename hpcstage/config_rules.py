@@ -1,0 +1,65 @@
+"""Checks of single configuration values, in plain Python (no pydantic).
+
+Shared by the full schema in :mod:`hpcstage.config`, which the daemon and agents load, and by
+the light reading in :mod:`hpcstage.client`, which the commands users run (``hpcstage env`` in
+every job, ``status``, ``warmup``) use to find the daemon without paying for the schema. Each
+check returns the value or raises ValueError with a message that reads well after "key: ".
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, Final
+
+DEFAULT_LISTEN: Final = "127.0.0.1:8470"
+DEFAULT_API_AUTH: Final = "munge"
+API_AUTHS: Final = ("munge", "none")
+DEFAULT_CACHE_DIR: Final = "/local/hpcstage"
+CACHE_DIR_PLACEHOLDERS: Final = frozenset({"node"})
+
+
+def non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def abs_path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty path string, got {value!r}")
+    path = Path(value).expanduser()  # "~" is the home of the user who loads the config
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path (or start with ~), got {value!r}")
+    return path
+
+
+def optional_path(value: Any) -> Path | None:
+    return None if value == "" else abs_path(value)
+
+
+def template(value: str, allowed: frozenset[str]) -> str:
+    """A ``str.format`` template using only ``allowed`` placeholders, plainly."""
+    names = ", ".join("{" + name + "}" for name in sorted(allowed))
+    non_empty(value)
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(value)]
+    except ValueError as exc:
+        raise ValueError(f"is not a valid template ({exc}); placeholders: {names}") from exc
+    for field, spec, conv in fields:
+        if field is not None and (field not in allowed or spec or conv):
+            raise ValueError(f"unknown placeholder {{{field}}}; allowed: {names}")
+    return value
+
+
+def absolute_template(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return value
+
+
+def host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be host:port (e.g. 127.0.0.1:8470 or [::1]:8470), got {value!r}")
+    return value
