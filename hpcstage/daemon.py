@@ -882,24 +882,32 @@ class Daemon:
             missing = [n for n in missing if n not in self._node_addr]
         return missing if self._node_addr else []
 
-    async def evict_all(self) -> dict[str, dict[str, int]]:
-        """Apply the eviction policy on every node with an open agent session."""
-        assert self._pool is not None
-        c, evicted = self.settings.cache, {}
+    async def evict_node(self, node: str) -> int:
+        """Apply the eviction policy on ``node`` now (opening its agent session if needed);
+        the number of objects evicted. Leased objects stay."""
+        c = self.settings.cache
         params = {
             "max_bytes": c.max_bytes,
             "high": c.high_watermark,
             "low": c.low_watermark,
             "ttl": c.ttl,
         }
-        for node in self._pool.open_nodes():
+        reply = await (await self._agent(node)).call("evict", params)
+        return int(reply.get("evicted", 0))
+
+    async def evict_all(self) -> dict[str, dict[str, int]]:
+        """Apply the eviction policy on every node with an open agent session, all at once."""
+        assert self._pool is not None
+
+        async def one(node: str) -> tuple[str, int | None]:
             try:
-                reply = await (await self._agent(node)).call("evict", params)
+                return node, await self.evict_node(node)
             except (AgentError, TransportError) as exc:
                 log.warning("eviction on %s failed: %s", node, exc)
-                continue
-            evicted[node] = {"evicted": int(reply.get("evicted", 0))}
-        return evicted
+                return node, None
+
+        done = await asyncio.gather(*(one(node) for node in self._pool.open_nodes()))
+        return {node: {"evicted": count} for node, count in done if count is not None}
 
     async def _maybe_evict(self) -> None:
         if time.time() - self._last_eviction < EVICT_EVERY:

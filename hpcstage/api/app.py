@@ -205,8 +205,8 @@ def create_app(daemon: Daemon) -> FastAPI:
         if not me.admin:
             raise HTTPException(403, "only admins may trigger eviction")
         try:
-            await daemon.cache_usage(node)  # opens the agent session if needed
-            return (await daemon.evict_all()).get(node, {"evicted": 0})
+            # This node only: an admin's request does not wait for every other node's pass.
+            return {"evicted": await daemon.evict_node(node)}
         except (HpcstageError, TimeoutError) as exc:
             raise HTTPException(502, f"cannot reach the agent on {node}: {exc}") from exc
 
