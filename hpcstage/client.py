@@ -16,6 +16,7 @@ import os
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,7 +111,7 @@ def load_client_settings(path: Path) -> ClientSettings:
         problem = f"{path}: not a valid TOML file ({exc}); `hpcstage config check {path}` says more"
         raise ConfigError(problem, problems=[problem]) from exc
 
-    def value(section: str, key: str, default: Any, check: Any) -> Any:
+    def value(section: str, key: str, default: str, check: Callable[[str], Any]) -> Any:
         table = data.get(section, {})
         if not isinstance(table, dict):
             raise ValueError(f"{section}: must be a table")

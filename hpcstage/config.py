@@ -448,7 +448,7 @@ class ApiSettings(_Section):
     """Address the API listens on, host:port."""
     admins: list[NonEmptyStr] = Field(default_factory=lambda: ["root"])
     """User names with admin rights in the API."""
-    auth: Literal["munge", "none"] = "munge"
+    auth: Literal["munge", "none"] = rules.DEFAULT_API_AUTH  # the choices: rules.API_AUTHS
     """How API clients prove who they are: a MUNGE credential per request, or not at all."""
     munge_socket: OptionalPath = None
     """munged's socket; unset = MUNGE's default (/run/munge/munge.socket.2)."""

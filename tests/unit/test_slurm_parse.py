@@ -16,11 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpcstage.errors import SlurmError
-from hpcstage.slurm import (
-    CliBackend,
-    JobInfo,
-    NodeInfo,
-    StartEstimate,
+from hpcstage.slurm.backend import CliBackend
+from hpcstage.slurm.model import JobInfo, NodeInfo, StartEstimate
+from hpcstage.slurm.parse import (
+    detect_schema,
     merge_planned,
     normalize_job_state,
     parse_nodes_json,
@@ -29,8 +28,8 @@ from hpcstage.slurm import (
     parse_squeue_json,
     parse_squeue_start,
     parse_version_output,
+    release_tuple,
 )
-from hpcstage.slurm.parse import detect_schema, release_tuple
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 V2205 = GOLDEN / "slurm-22.05"
