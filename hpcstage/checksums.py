@@ -12,6 +12,10 @@ multipart ETag.
 CRC32C and CRC64NVME come from ``awscrt`` (hardware-accelerated, releases the GIL); CRC32
 from zlib; SHA-1 and SHA-256 from hashlib. Values are base64 of the big-endian digest, as S3
 sends them.
+
+A CRC of a whole object can be put together from the CRCs of its parts and their lengths
+(``PartChecksums``): the parts of a big download are checksummed as their bytes arrive, in any
+order, and nothing is read back. The hashes cannot be combined that way.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import base64
 import binascii
 import hashlib
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -49,16 +53,16 @@ class Checksummer(Protocol):
 
 
 class _Crc:
-    def __init__(self, fn: Callable[[Any, int], int], width: int) -> None:
+    def __init__(self, fn: Callable[[Any, int], int], width: int, crc: int = 0) -> None:
         self._fn = fn
         self._width = width
-        self._crc = 0
+        self.crc = crc
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        self._crc = self._fn(data, self._crc)
+        self.crc = self._fn(data, self.crc)
 
     def value(self) -> str:
-        return base64.b64encode(self._crc.to_bytes(self._width, "big")).decode()
+        return base64.b64encode(self.crc.to_bytes(self._width, "big")).decode()
 
 
 class _Hash:
@@ -76,17 +80,69 @@ def _zlib_crc32(data: Any, previous: int) -> int:
     return zlib.crc32(data, previous)
 
 
+_CRCS: Final[dict[str, tuple[Callable[[Any, int], int], int]]] = {
+    "crc64nvme": (_crt.crc64nvme, 8),
+    "crc32c": (_crt.crc32c, 4),
+    "crc32": (_zlib_crc32, 4),  # the same CRC-32 as awscrt's (zlib's is at hand)
+}
+# combine(crc_a, crc_b, len_b) = the CRC of a's bytes then b's (awscrt 0.31 and later).
+_COMBINE: Final[dict[str, Callable[[int, int, int], int]]] = {
+    "crc64nvme": _crt.combine_crc64nvme,
+    "crc32c": _crt.combine_crc32c,
+    "crc32": _crt.combine_crc32,
+}
+
+
 def new(algorithm: str) -> Checksummer:
     """A fresh checksummer for one of ``ALGORITHMS``."""
-    if algorithm == "crc64nvme":
-        return _Crc(_crt.crc64nvme, 8)
-    if algorithm == "crc32c":
-        return _Crc(_crt.crc32c, 4)
-    if algorithm == "crc32":
-        return _Crc(_zlib_crc32, 4)
+    if algorithm in _CRCS:
+        return _Crc(*_CRCS[algorithm])
     if algorithm in ("sha1", "sha256"):
         return _Hash(algorithm)
     raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+
+
+def combinable(algorithm: str) -> bool:
+    """Whether ``algorithm``'s value over a whole object can be made from its parts' values."""
+    return algorithm in _COMBINE
+
+
+class PartChecksums:
+    """The checksum of an object whose parts (``lengths``, in order) arrive in any order.
+
+    ``part(i)`` hands out a fresh checksummer for part ``i`` each time it is called, so a part
+    fetched again after a failure is checksummed again from its first byte; the last one
+    handed out for each part counts. ``value()`` combines them once every part has been given
+    its bytes. Only for ``combinable`` algorithms.
+    """
+
+    def __init__(self, algorithm: str, lengths: Sequence[int]) -> None:
+        if not combinable(algorithm):
+            raise ValueError(f"{algorithm} values cannot be combined from parts")
+        self.algorithm = algorithm
+        self._lengths = list(lengths)
+        self._parts: dict[int, _Crc] = {}
+
+    def part(self, index: int) -> Checksummer:
+        """A fresh checksummer for part ``index`` (0-based), replacing any earlier one."""
+        if not 0 <= index < len(self._lengths):
+            raise IndexError(f"part {index} of {len(self._lengths)}")
+        fn, width = _CRCS[self.algorithm]
+        self._parts[index] = crc = _Crc(fn, width)
+        return crc
+
+    def value(self) -> str:
+        """The whole object's checksum, as S3 shows it."""
+        missing = [i for i in range(len(self._lengths)) if i not in self._parts]
+        if missing:
+            raise ValueError(f"no checksum of part {missing[0]} yet")
+        combine = _COMBINE[self.algorithm]
+        whole = 0
+        for index, length in enumerate(self._lengths):
+            crc = self._parts[index].crc
+            whole = crc if index == 0 else combine(whole, crc, length)
+        fn, width = _CRCS[self.algorithm]
+        return _Crc(fn, width, whole).value()
 
 
 def compute(algorithm: str, data: bytes | bytearray | memoryview) -> str:

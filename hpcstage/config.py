@@ -400,6 +400,9 @@ class TransferSettings(_Section):
     GETs, not the SDK."""
     peer_copy: bool = True
     """Copy small objects another node's cache holds instead of fetching them from the store."""
+    direct_writes: bool = True
+    """Write the parts of big objects checked by a CRC straight to disk (O_DIRECT) where the
+    cache's file system allows it."""
 
     @field_validator("multipart_threshold")
     @classmethod

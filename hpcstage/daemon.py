@@ -843,6 +843,7 @@ class Daemon:
             "backoff_base": t.backoff_base,
             "backoff_max": t.backoff_max,
             "lean_get": t.lean_get,
+            "direct_writes": t.direct_writes,
         }
         reply = await rpc.call("hello", {"store": store, "transfer": transfer})
         log.info("agent on %s ready: %s", node, reply.get("reconcile"))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 from urllib.parse import quote, urlsplit
 
-from hpcstage.libc import pwrite_all, start_writeback
+from hpcstage.libc import PartSink, start_writeback, thread_buffer
 
 log = logging.getLogger(__name__)
 
@@ -406,11 +406,13 @@ class RangeGet(_LeanClient):
 
     Why it exists: streaming a 512 MiB object through aiohttp costs about as much CPU as
     hashing it (asyncio buffers, bytes copies, a thread hop per MiB); here the kernel copies
-    each MiB once into a reused buffer (``recv_into``) and ``pwrite`` puts it at the part's
-    offset. Same contract as LeanGet: only a clean answer with exactly the asked range of the
-    listed size and ETag is taken; anything else makes ``fetch`` return False (the bytes
-    already written at the part's range are then overwritten by the SDK's retry of the part).
-    Thread-safe: the idle connection pool and the counters are behind a lock.
+    each MiB once into the thread's reused, page-aligned buffer (``recv_into``) and the part's
+    ``PartSink`` checksums it and writes it at its offset (straight to disk with O_DIRECT
+    when it can). Same contract as LeanGet: only a clean answer with exactly the asked range
+    of the listed size and ETag is taken; anything else makes ``fetch`` return False (the
+    bytes already written at the part's range are then overwritten by the SDK's retry of the
+    part, with a fresh checksum). Thread-safe: the idle connection pool and the counters are
+    behind a lock.
     """
 
     _idle: list[socket.socket]
@@ -421,19 +423,20 @@ class RangeGet(_LeanClient):
         key: str,
         ref: tuple[int, str],
         span: tuple[int, int],
-        fd: int,
+        sink: PartSink,
         on_bytes: Callable[[int], None],
         abort: RangeAbort,
     ) -> bool:
         """Write bytes ``span = (offset, length)`` of ``key`` (``ref = (size, etag)`` as
-        listed) to ``fd`` at that offset; ``on_bytes`` gets the part's running byte count.
+        listed) through ``sink`` at that offset; ``on_bytes`` gets the part's running byte
+        count.
 
         True when the whole range is written; False to fall back to the SDK.
         """
         if not self.enabled or abort.aborted:
             return False
         try:
-            self._fetch(self._path(key), ref, span, fd, on_bytes, abort)
+            self._fetch(self._path(key), ref, span, sink, on_bytes, abort)
         except _Fallback as why:
             # After an abort the socket was shut down under the read: whatever broke, that
             # is why (a broken pipe or a short read are its symptoms, not the server's).
@@ -447,7 +450,7 @@ class RangeGet(_LeanClient):
         path: str,
         ref: tuple[int, str],
         span: tuple[int, int],
-        fd: int,
+        sink: PartSink,
         on_bytes: Callable[[int], None],
         abort: RangeAbort,
     ) -> None:
@@ -467,7 +470,7 @@ class RangeGet(_LeanClient):
                         continue
                     raise _Fallback(f"connection: {type(exc).__name__}") from exc
                 keep = self._check_head(head, ref, span)
-                _read_body(sock, rest, fd, span, on_bytes, abort)
+                _read_body(sock, rest, sink, span, on_bytes, abort)
                 done = True
                 return
             except _Closed as exc:
@@ -567,21 +570,20 @@ def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
 def _read_body(
     sock: socket.socket,
     rest: bytes,
-    fd: int,
+    sink: PartSink,
     span: tuple[int, int],
     on_bytes: Callable[[int], None],
     abort: RangeAbort,
 ) -> None:
-    """Receive exactly ``span``'s length into ``fd`` at its offset, a buffer at a time."""
+    """Receive exactly ``span``'s length into ``sink`` at its offset, a buffer at a time."""
     offset, length = span
     if len(rest) > length:
         raise _Fallback("more bytes than the range")
-    buffer = bytearray(min(RANGE_BUFFER, max(length, 1)))
-    view = memoryview(buffer)
+    view = memoryview(thread_buffer(RANGE_BUFFER))  # page-aligned, as O_DIRECT wants
     view[: len(rest)] = rest
     filled, done, reported = len(rest), 0, 0
     while done < length:
-        want = min(len(buffer), length - done)
+        want = min(len(view), length - done)
         while filled < want:
             if abort.aborted:
                 raise _Fallback("aborted")
@@ -589,12 +591,12 @@ def _read_body(
             if not got:
                 raise _Closed()
             filled += got
-        pwrite_all(fd, view[:want], offset + done)
+        sink.write(view[:want], offset + done)
         done += want
         filled = 0
         if done - reported >= PROGRESS_EVERY or done == length:
-            # What was written since the last report starts on its way to disk now, so the
-            # fsync before the object is indexed finds little left to write.
-            start_writeback(fd, offset + reported, done - reported)
+            # What went into the page cache since the last report starts on its way to disk
+            # now, so the fsync before the object is indexed finds little left to write.
+            start_writeback(sink.fd, offset + reported, done - reported)
             on_bytes(done)  # each report wakes the event loop: not for every buffer
             reported = done

@@ -77,7 +77,14 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.identity import ObjectRef
-from hpcstage.libc import pwrite_all, start_writeback
+from hpcstage.libc import (
+    DIRECT_ALIGN,
+    DIRECT_UNSUPPORTED,
+    PartSink,
+    open_direct,
+    pwrite_all,
+    start_writeback,
+)
 from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy, with_retries
 from hpcstage.s3get import Endpoint, LeanGet, LeanStats, RangeAbort, RangeGet, SigV4
 
@@ -106,6 +113,16 @@ _PLAIN_MD5: Final = re.compile(r"[0-9a-fA-F]{32}")
 LEAN_MAX: Final = 1 * MIB  # objects up to this size try the lean GET first (hpcstage.s3get)
 _INLINE_WRITE: Final = 64 * 1024  # bodies up to this size are written on the event loop
 _PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy")
+
+
+@dataclass
+class WriteStats:
+    """How big downloads reached the disk and were checked (for tests and the benchmark)."""
+
+    direct_bytes: int = 0  # written with O_DIRECT
+    checked_inline: int = 0  # multipart downloads checksummed part by part as bytes arrived
+    read_back: int = 0  # multipart downloads read back from the page cache to be checked
+    direct_refused: str = ""  # why O_DIRECT was given up on this store ("": it was not)
 
 
 @dataclass(frozen=True)
@@ -301,6 +318,7 @@ class _Checks:
     store: checksums.Checksummer | None  # computing it over the bytes
     md5: Any | None  # when the ETag is a plain MD5 and the store keeps no checksum
     sha256: Any | None  # recorded for objects up to LEAN_MAX
+    parts: checksums.PartChecksums | None = None  # the store's checksum, part by part
 
     @classmethod
     def choose(cls, ref: ObjectRef, stored: StoreChecksum | None) -> _Checks:
@@ -315,11 +333,27 @@ class _Checks:
     def hashers(self) -> list[Any]:
         return [h for h in (self.md5, self.store, self.sha256) if h is not None]
 
+    def by_parts(self, parts: Sequence[_Part]) -> bool:
+        """Check a multipart download part by part as its bytes arrive, in any order (True),
+        if what must be computed allows it: nothing, or a CRC the store keeps. An MD5 (of a
+        single-PUT ETag) or a SHA must see the bytes in order: the parts are read back."""
+        if self.md5 is not None or self.sha256 is not None:
+            return False
+        if self.stored is not None:
+            if not checksums.combinable(self.stored.algorithm):
+                return False
+            self.parts = checksums.PartChecksums(self.stored.algorithm, [p.length for p in parts])
+        return True
+
+    def part(self, part: _Part) -> Any | None:
+        """A fresh checksum of ``part``'s bytes (None: none to compute), for each attempt."""
+        return self.parts.part(part.number - 1) if self.parts is not None else None
+
     def verify(self, url: str) -> DownloadResult:
         """Compare with what the store said; TransientStoreError on a mismatch."""
         ref, stored, verified = self.ref, self.stored, ""
         if self.store is not None and stored is not None:
-            got = self.store.value()
+            got = self.parts.value() if self.parts is not None else self.store.value()
             if got != stored.value:
                 raise TransientStoreError(
                     f"{url}: checksum mismatch (the store keeps {stored},"
@@ -672,6 +706,7 @@ class S3Store:
         upload_memory: int = 1 * GIB,
         list_page_size: int = 1000,
         lean_get: bool = True,
+        direct_writes: bool = True,
     ) -> None:
         if part_size < S3_MIN_PART or max_connections < 1:
             raise ValueError("part_size must be at least 5 MiB and max_connections at least 1")
@@ -708,6 +743,8 @@ class S3Store:
         self._lean: LeanGet | None = None
         self._ranged: RangeGet | None = None
         self._range_threads: ThreadPoolExecutor | None = None
+        self._direct = direct_writes
+        self.write_stats = WriteStats()
         lean = None
         if lean_get:
             lean = _make_lean(
@@ -892,12 +929,15 @@ class S3Store:
     ) -> DownloadResult:
         """Fetch ``ref`` into ``dest_fd``: one GET, or parallel ranged GETs for big objects.
 
-        ``dest_fd`` must be open O_RDWR: parts land out of order, so checksums of a multipart
-        download are computed by reading the written file back. An object above ``LEAN_MAX``
-        is first asked for with a HEAD whether the store keeps a full-object checksum of it.
-        A checksum mismatch of a single GET is retried; one of a multipart download raises
-        TransientStoreError at once (which part was bad is unknown; the caller fetches the
-        object again).
+        ``dest_fd`` must be open O_RDWR: parts land out of order, so an MD5 or SHA of a
+        multipart download is computed by reading the written file back (a CRC the store
+        keeps is computed part by part as the bytes arrive, and combined). An object above
+        ``LEAN_MAX`` is first asked for with a HEAD whether the store keeps a full-object
+        checksum of it. A checksum mismatch of a single GET is retried; one of a multipart
+        download raises TransientStoreError at once (which part was bad is unknown; the
+        caller fetches the object again). Parts fetched by the lean ranged GET and checked
+        part by part are written with O_DIRECT where the file system allows it
+        (``direct_writes``; see ``hpcstage.libc.PartSink``).
         """
         self._check_owns(ref)
         tracker = _PartProgress(progress)
@@ -914,13 +954,49 @@ class S3Store:
             )
         parts = _parts(ref.size, self._part_size)
         checks = _Checks.choose(ref, stored)
-        hasher = _InOrderHash(dest_fd, parts, checks.hashers())
+        by_parts = checks.by_parts(parts)
+        # Only writeback hints are left to do in part order when the parts are checked as
+        # they arrive (the SDK's fallback path does not give them as it writes).
+        hasher = _InOrderHash(dest_fd, parts, [] if by_parts else checks.hashers())
+        direct_fd = self._open_direct(dest_fd, parts) if by_parts else -1
         try:
-            await self._get_parts(ref, dest_fd, parts, tracker, hasher.part_done)
+            await self._get_parts(
+                ref, parts, tracker, hasher.part_done, checks, (dest_fd, direct_fd)
+            )
             await hasher.finish()
         finally:
             await hasher.cancel()
+            if direct_fd >= 0:
+                os.close(direct_fd)
+        stats = self.write_stats
+        if by_parts:
+            stats.checked_inline += 1
+        else:
+            stats.read_back += 1
         return checks.verify(self.url(ref.key))
+
+    def _open_direct(self, fd: int, parts: Sequence[_Part]) -> int:
+        """An O_DIRECT descriptor of ``fd``'s file for the lean ranged GET, or -1 (off, no
+        lean ranged GET, parts off the alignment, or not possible there)."""
+        if not self._direct or self._ranged is None or not self._ranged.enabled:
+            return -1
+        if any(part.offset % DIRECT_ALIGN for part in parts):
+            return -1  # part sizes grown to fit 10,000 parts need not be aligned
+        try:
+            direct_fd = open_direct(fd)
+        except OSError as exc:
+            if exc.errno in DIRECT_UNSUPPORTED:
+                self._give_up_direct(f"the cache's file system refuses O_DIRECT ({exc.strerror})")
+            return -1  # else (out of descriptors, ...) this once
+        if direct_fd < 0:
+            self._give_up_direct("no O_DIRECT on this platform")
+        return direct_fd
+
+    def _give_up_direct(self, why: str) -> None:
+        if self._direct:
+            self._direct = False
+            self.write_stats.direct_refused = why
+            log.info("big downloads go through the page cache from now on: %s", why)
 
     async def stored_checksum(self, ref: ObjectRef) -> StoreChecksum | None:
         """The full-object checksum the store keeps for ``ref``'s version, if any (one HEAD).
@@ -979,20 +1055,28 @@ class S3Store:
     async def _get_parts(
         self,
         ref: ObjectRef,
-        fd: int,
         parts: Sequence[_Part],
         tracker: _PartProgress,
         done: Callable[[_Part], None],
+        checks: _Checks,
+        fds: tuple[int, int],
     ) -> None:
+        """Fetch ``parts`` into ``fds = (fd, direct_fd)`` (direct_fd: -1 or ``fd``'s file
+        opened O_DIRECT), each checksummed by ``checks.part`` when checked part by part."""
+        fd, direct_fd = fds
+
         async def one(part: _Part) -> None:
-            if not await self._lean_range(ref, fd, part, tracker):
-                await self._retried("get", ref.key, lambda: self._get_range(ref, fd, part, tracker))
+            sink = PartSink(fd, direct_fd, checks.part(part))
+            if not await self._lean_range(ref, sink, part, tracker):
+                await self._retried(
+                    "get", ref.key, lambda: self._get_range(ref, fd, part, tracker, checks)
+                )
             done(part)
 
         await _run_bounded(parts, one, min(self._max_connections, len(parts)))
 
     async def _lean_range(
-        self, ref: ObjectRef, fd: int, part: _Part, tracker: _PartProgress
+        self, ref: ObjectRef, sink: PartSink, part: _Part, tracker: _PartProgress
     ) -> bool:
         """One part through the lean ranged GET in a worker thread; False: the SDK must."""
         ranged = self._ranged
@@ -1014,20 +1098,25 @@ class S3Store:
             ref.key,
             (ref.size, ref.etag),
             (part.offset, part.length),
-            fd,
+            sink,
             on_bytes,
             abort,
         )
         try:
-            return await asyncio.shield(future)
+            served = await asyncio.shield(future)
         except asyncio.CancelledError:
-            # The caller closes ``fd`` next: the thread must have stopped writing to it first.
+            # The caller closes the file next: the thread must have stopped writing to it first.
             abort.abort()
             await asyncio.wait([future])
             raise
+        finally:
+            self.write_stats.direct_bytes += sink.direct_bytes
+        if sink.direct_refused is not None:
+            self._give_up_direct(f"a direct write was refused: {sink.direct_refused}")
+        return served
 
     async def _get_range(
-        self, ref: ObjectRef, fd: int, part: _Part, tracker: _PartProgress
+        self, ref: ObjectRef, fd: int, part: _Part, tracker: _PartProgress, checks: _Checks
     ) -> None:
         last = part.offset + part.length - 1
         answer = await self._request(
@@ -1041,8 +1130,10 @@ class S3Store:
             self._check_same(ref, answer.get("ETag"))
             if answer.get("ContentLength") != part.length:
                 raise StoreError(f"get {self.url(ref.key)}: the store ignored a ranged GET")
+            checksum = checks.part(part)  # from the part's first byte, on every attempt
+            hashers = () if checksum is None else (checksum,)
             got = await self._stream(
-                ref.key, body, fd, part.offset, (), part.number, tracker, part.length
+                ref.key, body, fd, part.offset, hashers, part.number, tracker, part.length
             )
         self._check_count(ref.key, got, part.length)
 

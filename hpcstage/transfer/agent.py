@@ -99,6 +99,7 @@ class Agent:
     multipart_threshold: int = 256 * 1024 * 1024
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     lean_get: bool = True
+    direct_writes: bool = True
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ calls
@@ -116,6 +117,7 @@ class Agent:
             cap=float(limits.get("backoff_max", 30)),
         )
         self.lean_get = bool(limits.get("lean_get", True))
+        self.direct_writes = bool(limits.get("direct_writes", True))
         await self._close_stores()
         report = await asyncio.to_thread(self.cache.reconcile)
         usage = await asyncio.to_thread(self.cache.usage)
@@ -318,6 +320,7 @@ class Agent:
                 retry=self.retry,
                 credentials=s.credentials,
                 lean_get=self.lean_get,
+                direct_writes=self.direct_writes,
             )
         found = self._stores[bucket]
         assert isinstance(found, S3Store)

@@ -21,6 +21,7 @@ import pytest
 from botocore.parsers import ResponseParserError
 
 from hpcstage import checksums
+from hpcstage import store as store_module
 from hpcstage.errors import (
     CredentialError,
     ObjectChangedError,
@@ -160,6 +161,10 @@ async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -
         assert isinstance(h.store, S3Store) and h.store.ranged_stats is not None
         assert (h.store.ranged_stats.served, h.store.ranged_stats.fell_back) == (3, 0)
         assert h.calls["GetObject"] == 0
+        # rclone gives even a multipart upload the MD5 of its bytes as ETag: that MD5 is
+        # checked, so the parts went through the page cache and were read back in order.
+        stats = h.store.write_stats
+        assert (stats.checked_inline, stats.read_back, stats.direct_bytes) == (0, 1, 0)
 
 
 async def test_large_objects_through_the_sdk_are_ranged_gets(
@@ -388,6 +393,43 @@ async def test_big_objects_are_checked_against_the_stores_checksum(
     assert written == data
     # The store's checksum is what was checked (the MD5 ETag was not computed).
     assert (result.verified, result.sha256_hex, result.size) == (algorithm, "", size)
+    stats = s3.write_stats
+    if size < LARGE:  # one GET, checksummed as it streams
+        assert (stats.checked_inline, stats.read_back, stats.direct_bytes) == (0, 0, 0)
+    elif checksums.combinable(algorithm):  # parts' CRCs combined, written with O_DIRECT
+        assert (stats.checked_inline, stats.read_back, stats.direct_bytes) == (1, 0, size)
+    else:  # a SHA must see the bytes in order: read back from the page cache
+        assert (stats.checked_inline, stats.read_back, stats.direct_bytes) == (0, 1, 0)
+
+
+@pytest.mark.parametrize("how", ["sdk", "no-direct", "direct-refused"])
+async def test_a_crc_is_combined_from_parts_on_every_path(
+    s3_server: S3Server, scratch: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts checked as they arrive, whoever fetched and wrote them: the SDK (no lean ranged
+    GET), the page cache (direct_writes off) or a file system that refuses O_DIRECT."""
+    data = payload(LARGE + 4321, seed=32)  # a last part that ends inside a block
+    key = f"combined-{how}-{uuid.uuid4().hex[:8]}"
+    options: dict[str, Any] = {"lean_get": how != "sdk", "direct_writes": how != "no-direct"}
+    if how == "direct-refused":  # as tmpfs before Linux 6.6 does
+
+        def refuse(fd: int) -> int:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(store_module, "open_direct", refuse)
+    async with make_s3_store(s3_server, **options) as store:
+        await put_with_checksum(store, key, data, "crc32c", checksums.compute("crc32c", data))
+        ref = await store.head(key)
+        result, written = await fetch(store, ref, scratch)
+        assert written == data and result.verified == "crc32c"
+        stats = store.write_stats
+        assert (stats.checked_inline, stats.read_back, stats.direct_bytes) == (1, 0, 0)
+        refused = "the cache's file system refuses O_DIRECT (Invalid argument)"
+        assert stats.direct_refused == (refused if how == "direct-refused" else "")
+        # Bytes that contradict the checksum are caught on these paths too.
+        await put_with_checksum(store, key, data, "crc32c", checksums.compute("crc32c", data[1:]))
+        with pytest.raises(TransientStoreError, match="checksum mismatch"):
+            await fetch(store, await store.head(key), scratch)
 
 
 @pytest.mark.parametrize("size", [MIDDLE, LARGE], ids=["whole-get", "ranged"])

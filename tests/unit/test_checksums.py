@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
+import random
 import zlib
 
 import pytest
@@ -87,3 +89,47 @@ def test_every_object_the_cache_commits_in_groups_gets_a_sha256() -> None:
     # Downloads record a SHA-256 up to LEAN_MAX; the cache requires one up to GROUP_COMMIT_MAX
     # (peer copy verifies it). The first must cover the second.
     assert GROUP_COMMIT_MAX <= LEAN_MAX
+
+
+COMBINABLE = [a for a in checksums.ALGORITHMS if checksums.combinable(a)]
+
+
+def test_the_crcs_are_combinable_and_the_hashes_not() -> None:
+    assert COMBINABLE == ["crc64nvme", "crc32c", "crc32"]
+    with pytest.raises(ValueError, match="sha256 values cannot be combined"):
+        checksums.PartChecksums("sha256", [10])
+
+
+@pytest.mark.parametrize("algorithm", COMBINABLE)
+@pytest.mark.parametrize("seed", range(5))
+def test_parts_checksummed_in_any_order_combine_into_the_whole(algorithm: str, seed: int) -> None:
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data
+    data = rng.randbytes(rng.randrange(1, 300_000))
+    cuts = sorted(
+        {0, len(data), *(rng.randrange(1, len(data) + 1) for _ in range(rng.randrange(5)))}
+    )
+    lengths = [b - a for a, b in itertools.pairwise(cuts)]
+    sums = checksums.PartChecksums(algorithm, lengths)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    for index in order:
+        sums.part(index).update(data[cuts[index] : cuts[index + 1]])
+    assert sums.value() == checksums.compute(algorithm, data)
+
+
+def test_a_part_checksummed_again_counts_only_its_last_attempt() -> None:
+    data = os.urandom(10_000)
+    sums = checksums.PartChecksums("crc64nvme", [4000, 6000])
+    sums.part(0).update(data[:4000])
+    sums.part(1).update(b"half of a first attempt that broke off")
+    sums.part(1).update(data[4000:])  # a fresh checksummer: the broken attempt is forgotten
+    assert sums.value() == checksums.compute("crc64nvme", data)
+
+
+def test_a_part_without_a_checksum_is_an_error_not_a_wrong_value() -> None:
+    sums = checksums.PartChecksums("crc32c", [5, 5])
+    sums.part(1).update(b"12345")
+    with pytest.raises(ValueError, match="no checksum of part 0"):
+        sums.value()
+    with pytest.raises(IndexError):
+        sums.part(2)

@@ -1,8 +1,12 @@
-"""hpcstage.libc.pwrite_all: every byte lands at its offset, in slices, short writes or not."""
+"""hpcstage.libc: pwrite_all lands every byte at its offset, in slices, short writes or not;
+PartSink writes around the page cache where it can and through it where it cannot."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,3 +49,142 @@ def test_short_writes_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     finally:
         os.close(fd)
     assert path.read_bytes() == data
+
+
+BLOCK = libc.DIRECT_ALIGN
+
+
+@pytest.fixture
+def two_fds(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        direct_fd = libc.open_direct(fd)
+    except OSError as exc:
+        os.close(fd)
+        pytest.skip(f"this file system refuses O_DIRECT: {exc}")
+    try:
+        if direct_fd < 0:
+            pytest.skip("no O_DIRECT on this platform")
+        yield fd, direct_fd, path
+    finally:
+        os.close(fd)
+        if direct_fd >= 0:
+            os.close(direct_fd)
+
+
+def aligned(data: bytes) -> memoryview:
+    buffer = libc.thread_buffer(1024 * 1024)
+    view = memoryview(buffer)[: len(data)]
+    view[:] = data
+    return view
+
+
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """(fd, offset, length) of every pwrite(2) from now on."""
+    calls: list[tuple[int, int, int]] = []
+    real = os.pwrite
+
+    def recording(fd: int, chunk: memoryview, offset: int) -> int:
+        calls.append((fd, offset, len(chunk)))
+        return real(fd, chunk, offset)
+
+    monkeypatch.setattr(libc.os, "pwrite", recording)
+    return calls
+
+
+def test_a_sink_writes_whole_blocks_direct_and_the_tail_buffered(
+    two_fds: tuple[int, int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, direct_fd, path = two_fds
+    data = os.urandom(3 * BLOCK + 100)
+    seen = bytearray()
+    sink = libc.PartSink(fd, direct_fd, checksum=_Collect(seen))
+    calls = recorded(monkeypatch)
+    sink.write(aligned(data), 2 * BLOCK)
+    assert path.read_bytes() == bytes(2 * BLOCK) + data
+    assert calls == [(direct_fd, 2 * BLOCK, 3 * BLOCK), (fd, 5 * BLOCK, 100)]
+    assert (sink.direct_bytes, sink.direct_refused, bytes(seen)) == (3 * BLOCK, None, data)
+
+
+def test_an_offset_off_the_block_goes_through_the_page_cache(
+    two_fds: tuple[int, int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, direct_fd, path = two_fds
+    data = os.urandom(2 * BLOCK)
+    sink = libc.PartSink(fd, direct_fd)
+    calls = recorded(monkeypatch)
+    sink.write(aligned(data), 10)
+    assert path.read_bytes() == bytes(10) + data
+    assert [c[0] for c in calls] == [fd] and sink.direct_bytes == 0
+
+
+def test_a_refused_direct_write_goes_buffered_and_the_sink_stays_buffered(
+    two_fds: tuple[int, int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file system wanting a bigger alignment than ours refuses the write with EINVAL.
+    fd, direct_fd, path = two_fds
+    real = os.pwrite
+
+    def refusing(target: int, chunk: memoryview, offset: int) -> int:
+        if target == direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(target, chunk, offset)
+
+    monkeypatch.setattr(libc.os, "pwrite", refusing)
+    first, second = os.urandom(2 * BLOCK), os.urandom(BLOCK)
+    sink = libc.PartSink(fd, direct_fd)
+    sink.write(aligned(first), 0)
+    sink.write(aligned(second), 2 * BLOCK)
+    assert path.read_bytes() == first + second
+    assert sink.direct_fd == -1 and sink.direct_bytes == 0
+    assert sink.direct_refused is not None and sink.direct_refused.errno == errno.EINVAL
+
+
+def test_other_direct_write_errors_are_raised(
+    two_fds: tuple[int, int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, direct_fd, _ = two_fds
+
+    def full(target: int, chunk: memoryview, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(libc.os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left"):
+        libc.PartSink(fd, direct_fd).write(aligned(os.urandom(BLOCK)), 0)
+
+
+def test_open_direct_without_o_direct_or_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with monkeypatch.context() as patched:
+            patched.delattr(libc.os, "O_DIRECT")  # not Linux
+            assert libc.open_direct(fd) == -1
+    finally:
+        os.close(fd)
+    with pytest.raises(FileNotFoundError) as raised:  # closed: no /proc/self/fd entry to reopen
+        libc.open_direct(fd)
+    assert raised.value.errno in libc.DIRECT_UNSUPPORTED
+
+
+def test_each_thread_reuses_its_own_aligned_buffer() -> None:
+    import threading
+
+    first = libc.thread_buffer(BLOCK * 2)
+    assert libc.thread_buffer(BLOCK * 2) is first
+    assert ctypes.addressof(ctypes.c_char.from_buffer(first)) % BLOCK == 0  # O_DIRECT wants it
+    other: list[object] = []
+    thread = threading.Thread(target=lambda: other.append(libc.thread_buffer(BLOCK * 2)))
+    thread.start()
+    thread.join()
+    assert other[0] is not first
+
+
+class _Collect:
+    def __init__(self, into: bytearray) -> None:
+        self.into = into
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self.into += data

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage import s3get
+from hpcstage import checksums, s3get
+from hpcstage.libc import PartSink, open_direct
 from hpcstage.s3get import PROGRESS_EVERY, Endpoint, RangeAbort, RangeGet, SigV4
 
 SIZE = 3 * 1024 * 1024 + 17  # the listed object: more than two receive buffers, odd length
@@ -139,12 +140,14 @@ def run(
     *,
     read_timeout: float = 5.0,
     key: str = "dir/obj",
+    sink: PartSink | None = None,
 ) -> tuple[bool, RangeGet, Peer, list[int]]:
     peer = Peer(scripts)
     get = client(peer, read_timeout)
     progress: list[int] = []
+    sink = sink or PartSink(fd)
     try:
-        ok = get.fetch(key, (SIZE, ETAG), span, fd, progress.append, RangeAbort())
+        ok = get.fetch(key, (SIZE, ETAG), span, sink, progress.append, RangeAbort())
     finally:
         get.close()
         peer.close()
@@ -192,6 +195,33 @@ def test_what_is_written_starts_on_its_way_to_disk_range_by_range(
     ]
 
 
+def test_a_direct_sink_gets_the_aligned_bytes_and_the_checksum_sees_every_byte(
+    target: tuple[int, Path],
+) -> None:
+    # The object's last part: it starts on a block and ends 17 bytes past one.
+    fd, path = target
+    try:
+        direct_fd = open_direct(fd)
+    except OSError as exc:
+        pytest.skip(f"this file system refuses O_DIRECT: {exc}")
+    if direct_fd < 0:
+        pytest.skip("no O_DIRECT on this platform")
+    span = (1024 * 1024, SIZE - 1024 * 1024)
+    checksum = checksums.new("crc64nvme")
+    sink = PartSink(fd, direct_fd, checksum)
+    try:
+        ok, _, _, progress = run([clean], fd, span, sink=sink)
+    finally:
+        os.close(direct_fd)
+    assert ok and progress == [span[1]]
+    data = path.read_bytes()
+    assert data[span[0] :] == OBJECT[span[0] :]
+    assert data[: span[0]] == bytes(span[0])
+    assert checksum.value() == checksums.compute("crc64nvme", OBJECT[span[0] :])
+    # Everything but the 17 bytes after the last whole 4 KiB block went around the page cache.
+    assert (sink.direct_bytes, sink.direct_refused) == (span[1] - 17, None)
+
+
 def test_200_with_the_exact_content_range_is_taken(target: tuple[int, Path]) -> None:
     # rclone serve s3 answers ranged GETs with 200 and a Content-Range.
     fd, path = target
@@ -218,7 +248,7 @@ def test_keep_alive_connections_are_reused_and_a_stale_one_is_retried_fresh(
     try:
         for offset in (0, 1024 * 1024, 2 * 1024 * 1024):
             span = (offset, 1024 * 1024)
-            assert get.fetch("k", (SIZE, ETAG), span, fd, lambda _: None, RangeAbort())
+            assert get.fetch("k", (SIZE, ETAG), span, PartSink(fd), lambda _: None, RangeAbort())
     finally:
         get.close()
         peer.close()
@@ -317,7 +347,7 @@ def test_a_stalled_body_times_out(target: tuple[int, Path]) -> None:
     get = client(peer, read_timeout=0.3)
     try:
         started = time.monotonic()
-        ok = get.fetch("k", (SIZE, ETAG), (0, 1024), fd, lambda _: None, RangeAbort())
+        ok = get.fetch("k", (SIZE, ETAG), (0, 1024), PartSink(fd), lambda _: None, RangeAbort())
         assert time.monotonic() - started < 2
     finally:
         release.set()
@@ -335,7 +365,7 @@ def test_abort_stops_a_read_blocked_on_a_silent_server(target: tuple[int, Path])
     result: list[bool] = []
     worker = threading.Thread(
         target=lambda: result.append(
-            get.fetch("k", (SIZE, ETAG), (0, 1024), fd, lambda _: None, abort)
+            get.fetch("k", (SIZE, ETAG), (0, 1024), PartSink(fd), lambda _: None, abort)
         )
     )
     try:
@@ -360,7 +390,7 @@ def test_it_turns_itself_off_when_nothing_ever_works(target: tuple[int, Path]) -
     get = client(peer)
     try:
         results = [
-            get.fetch("k", (SIZE, ETAG), (0, 10), fd, lambda _: None, RangeAbort())
+            get.fetch("k", (SIZE, ETAG), (0, 10), PartSink(fd), lambda _: None, RangeAbort())
             for _ in range(25)
         ]
     finally:
