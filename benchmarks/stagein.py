@@ -148,7 +148,10 @@ def cpu_by_process(mark: str) -> dict[int, tuple[str, float]]:
         label = " ".join([Path(argv[0]).name, *argv[1:2]]) if argv else "[kernel]"
         if mark in " ".join(argv):
             label += " [bench]"
-        used = sum(int(f) for f in fields[11:15]) / CLK_TCK
+        # Init's reaped children are orphans of anything, this benchmark's own included (an
+        # agent whose SSH session ended exits as init's child): only its own time counts.
+        own_only = entry.name == "1"
+        used = sum(int(f) for f in fields[11 : 13 if own_only else 15]) / CLK_TCK
         found[int(entry.name)] = (label, used)
     return found
 
