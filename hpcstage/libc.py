@@ -7,7 +7,6 @@ import ctypes
 import errno
 import mmap
 import os
-import threading
 from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
@@ -80,17 +79,10 @@ def open_direct(fd: int) -> int:
     return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC | flag)
 
 
-_buffers = threading.local()
-
-
-def thread_buffer(size: int) -> mmap.mmap:
-    """A page-aligned buffer of ``size`` bytes belonging to the calling thread, reused by its
-    later calls (fresh memory costs a page fault per page, and more in a VM)."""
-    buffer: mmap.mmap | None = getattr(_buffers, "buffer", None)
-    if buffer is None or len(buffer) != size:
-        buffer = mmap.mmap(-1, size)
-        _buffers.buffer = buffer
-    return buffer
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A fresh page-aligned buffer of ``size`` bytes (anonymous memory, as O_DIRECT wants);
+    unmapped when the last reference to it (or a memoryview of it) goes."""
+    return mmap.mmap(-1, size)
 
 
 class Checksum(Protocol):
@@ -118,7 +110,7 @@ class PartSink:
 
     def write(self, data: memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset``. With O_DIRECT, ``data`` must start on a page
-        (a ``thread_buffer``); only its aligned head goes direct when ``offset`` is aligned."""
+        (an ``aligned_buffer``); only its aligned head goes direct when ``offset`` is aligned."""
         if self.checksum is not None:
             self.checksum.update(data)
         if self.direct_fd >= 0 and offset % DIRECT_ALIGN == 0:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 from urllib.parse import quote, urlsplit
 
-from hpcstage.libc import PartSink, start_writeback, thread_buffer
+from hpcstage.libc import PartSink, aligned_buffer, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class RangeGet(_LeanClient):
 
     Why it exists: streaming a 512 MiB object through aiohttp costs about as much CPU as
     hashing it (asyncio buffers, bytes copies, a thread hop per MiB); here the kernel copies
-    each MiB once into the thread's reused, page-aligned buffer (``recv_into``) and the part's
+    each MiB once into the part's page-aligned buffer (``recv_into``) and the part's
     ``PartSink`` checksums it and writes it at its offset (straight to disk with O_DIRECT
     when it can). Same contract as LeanGet: only a clean answer with exactly the asked range
     of the listed size and ETag is taken; anything else makes ``fetch`` return False (the
@@ -579,7 +579,7 @@ def _read_body(
     offset, length = span
     if len(rest) > length:
         raise _Fallback("more bytes than the range")
-    view = memoryview(thread_buffer(RANGE_BUFFER))  # page-aligned, as O_DIRECT wants
+    view = memoryview(aligned_buffer(RANGE_BUFFER))  # 1 MiB per part: cheap beside its bytes
     view[: len(rest)] = rest
     filled, done, reported = len(rest), 0, 0
     while done < length:

@@ -111,6 +111,7 @@ _STREAM_CHUNK: Final = 1 * MIB  # bytes buffered per connection before one pwrit
 _FILE_CHUNK: Final = 8 * MIB  # pread/pwrite size for local and shared-filesystem copies
 _PLAIN_MD5: Final = re.compile(r"[0-9a-fA-F]{32}")
 LEAN_MAX: Final = 1 * MIB  # objects up to this size try the lean GET first (hpcstage.s3get)
+READ_BACK_PARTS: Final = 4  # parts of one object in flight when it is hashed in order
 _INLINE_WRITE: Final = 64 * 1024  # bodies up to this size are written on the event loop
 _PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy")
 
@@ -226,18 +227,34 @@ def resolve_credentials(profile: str | None = None) -> S3Credentials:
 
 
 class _PartProgress:
-    """Turns 'part N has D bytes done' into deltas, so a retried part is never counted twice."""
+    """Turns 'part N has D bytes done' into deltas, so a retried part is never counted twice.
 
-    def __init__(self, callback: Progress | None) -> None:
+    ``landed`` (optional) hears every report as it is (the part's attempt has written its
+    first D bytes), and ``restart`` that a part is fetched again from its first byte."""
+
+    def __init__(
+        self,
+        callback: Progress | None,
+        landed: Callable[[int, int], None] | None = None,
+        restart: Callable[[int], None] | None = None,
+    ) -> None:
         self._callback = callback
+        self._landed = landed
+        self._restart = restart
         self._done: dict[int, int] = {}
 
     def update(self, part: int, done: int) -> None:
+        if self._landed is not None:
+            self._landed(part, done)
         previous = self._done.get(part, 0)
         if done > previous:
             self._done[part] = done
             if self._callback is not None:
                 self._callback(done - previous)
+
+    def restart(self, part: int) -> None:
+        if self._restart is not None:
+            self._restart(part)
 
 
 class _MemoryBudget:
@@ -377,42 +394,66 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, hashers: Iterable
 class _InOrderHash:
     """Checksums of a file whose parts land out of order (``hashers``: objects with update()).
 
-    Each part is hashed, read back from the page cache in a thread, as soon as it and every
-    part before it are written, so hashing overlaps the download instead of following it.
-    Each landed part also starts on its way to disk, hashers or not (the lean ranged GET
-    already started most of it as it wrote; the SDK's fallback path did not).
+    The bytes are hashed in file order, read back from the page cache in threads, as soon as
+    they are written: the part being hashed is followed as its bytes land (each part is
+    written front to back by one attempt), so hashing overlaps the download instead of
+    following it. What is hashed also starts on its way to disk (the lean ranged GET already
+    started most of it as it wrote; the SDK's fallback path did not).
+
+    A part fetched again after some of its bytes were hashed (the SDK's retry of a failed
+    ranged GET) would be checked by bytes since overwritten: ``finish`` then raises
+    TransientStoreError, and the object is fetched again whole.
     """
 
     def __init__(self, fd: int, parts: Sequence[_Part], hashers: Sequence[Any]) -> None:
         self._fd = fd
         self._parts = parts
         self._hashers = hashers
-        self._landed: set[int] = set()
+        self._landed: dict[int, int] = {}  # part number -> bytes its attempt has written
+        self._current = 0  # the part being hashed (0: none yet)
+        self._hashed = 0  # its bytes hashed so far
+        self._reading = False  # its bytes are being read (hashed) since it became current
+        self._refetched = 0  # a part fetched again after being (partly) hashed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def part_done(self, part: _Part) -> None:
-        """``part`` is completely written."""
-        self._landed.add(part.number)
+    def landed(self, number: int, done: int) -> None:
+        """Part ``number``'s current attempt has written its first ``done`` bytes."""
+        if not self._hashers and done < self._parts[number - 1].length:
+            return  # only writeback to start: by whole parts
+        self._landed[number] = done
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="hash-in-order")
 
+    def part_done(self, part: _Part) -> None:
+        """``part`` is completely written."""
+        self.landed(part.number, part.length)
+
+    def restart(self, number: int) -> None:
+        """Part ``number`` is fetched again from its first byte."""
+        self._landed.pop(number, None)
+        if number < self._current or (number == self._current and self._reading):
+            self._refetched = self._refetched or number
+
     async def _run(self) -> None:
         for part in self._parts:
-            while part.number not in self._landed:
-                self._wake.clear()
-                await self._wake.wait()
-            # One thread per checksum (hashlib and awscrt release the GIL), each reading the
-            # page cache itself. The part also starts on its way to disk now, so the fsync
-            # before the object is indexed finds little left to write.
-            await asyncio.gather(
-                *(
-                    asyncio.to_thread(self._hash, h, part.offset, part.length)
-                    for h in self._hashers
-                ),
-                asyncio.to_thread(start_writeback, self._fd, part.offset, part.length),
-            )
+            self._current, self._hashed, self._reading = part.number, 0, False
+            while self._hashed < part.length:
+                upto = self._landed.get(part.number, 0)
+                if upto <= self._hashed:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                start, length = part.offset + self._hashed, upto - self._hashed
+                self._reading = True
+                # One thread per checksum (hashlib and awscrt release the GIL), each reading
+                # the page cache itself.
+                await asyncio.gather(
+                    *(asyncio.to_thread(self._hash, h, start, length) for h in self._hashers),
+                    asyncio.to_thread(start_writeback, self._fd, start, length),
+                )
+                self._hashed = upto
 
     def _hash(self, hasher: Any, offset: int, length: int) -> None:
         end = offset + length
@@ -423,11 +464,16 @@ class _InOrderHash:
             hasher.update(chunk)
             offset += len(chunk)
 
-    async def finish(self) -> None:
-        """Return once every part has landed and been hashed."""
+    async def finish(self, url: str) -> None:
+        """Return once every part has landed and been hashed (``url`` names the object)."""
         if self._task is None:  # no parts (cannot happen for multipart sizes): hash nothing
             self._task = asyncio.create_task(self._run())
         await self._task
+        if self._refetched and self._hashers:
+            raise TransientStoreError(
+                f"{url}: part {self._refetched} was fetched again after its first bytes were"
+                " checked; fetching the object again"
+            )
 
     async def cancel(self) -> None:
         """Stop hashing (after a failed download); no-op once finished."""
@@ -940,15 +986,15 @@ class S3Store:
         (``direct_writes``; see ``hpcstage.libc.PartSink``).
         """
         self._check_owns(ref)
-        tracker = _PartProgress(progress)
         lean = await self.lean_bytes(ref)
         if lean is not None:
             body, sha256_hex, md5_hex = lean
             await _write_body(dest_fd, body)
-            tracker.update(0, len(body))
+            _PartProgress(progress).update(0, len(body))
             return DownloadResult(sha256_hex, len(body), "md5" if md5_hex else "")
         stored = await self.stored_checksum(ref) if ref.size > LEAN_MAX else None
         if ref.size < self._threshold:
+            tracker = _PartProgress(progress)
             return await self._retried(
                 "get", ref.key, lambda: self._get_whole(ref, dest_fd, tracker, stored)
             )
@@ -958,12 +1004,13 @@ class S3Store:
         # Only writeback hints are left to do in part order when the parts are checked as
         # they arrive (the SDK's fallback path does not give them as it writes).
         hasher = _InOrderHash(dest_fd, parts, [] if by_parts else checks.hashers())
+        tracker = _PartProgress(progress, hasher.landed, hasher.restart)
         direct_fd = self._open_direct(dest_fd, parts) if by_parts else -1
         try:
             await self._get_parts(
                 ref, parts, tracker, hasher.part_done, checks, (dest_fd, direct_fd)
             )
-            await hasher.finish()
+            await hasher.finish(self.url(ref.key))
         finally:
             await hasher.cancel()
             if direct_fd >= 0:
@@ -1073,7 +1120,13 @@ class S3Store:
                 )
             done(part)
 
-        await _run_bounded(parts, one, min(self._max_connections, len(parts)))
+        limit = min(self._max_connections, len(parts))
+        if checks.parts is None and checks.hashers():
+            # Read back and hashed in order: parts started in order and a few at a time land
+            # in order, so the hashing follows the download closely instead of starting
+            # when the last part lands.
+            limit = min(limit, READ_BACK_PARTS)
+        await _run_bounded(parts, one, limit)
 
     async def _lean_range(
         self, ref: ObjectRef, sink: PartSink, part: _Part, tracker: _PartProgress
@@ -1132,6 +1185,7 @@ class S3Store:
                 raise StoreError(f"get {self.url(ref.key)}: the store ignored a ranged GET")
             checksum = checks.part(part)  # from the part's first byte, on every attempt
             hashers = () if checksum is None else (checksum,)
+            tracker.restart(part.number)
             got = await self._stream(
                 ref.key, body, fd, part.offset, hashers, part.number, tracker, part.length
             )
