@@ -82,6 +82,7 @@ from hpcstage.libc import (
     DIRECT_UNSUPPORTED,
     PartSink,
     open_direct,
+    preallocate,
     pwrite_all,
     start_writeback,
 )
@@ -1005,6 +1006,7 @@ class S3Store:
         # they arrive (the SDK's fallback path does not give them as it writes).
         hasher = _InOrderHash(dest_fd, parts, [] if by_parts else checks.hashers())
         tracker = _PartProgress(progress, hasher.landed, hasher.restart)
+        await asyncio.to_thread(preallocate, dest_fd, ref.size)  # no room: fail before any GET
         direct_fd = self._open_direct(dest_fd, parts) if by_parts else -1
         try:
             await self._get_parts(

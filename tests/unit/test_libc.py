@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,3 +184,55 @@ class _Collect:
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         self.into += data
+
+
+def test_preallocate_reserves_the_blocks_and_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        libc.preallocate(fd, 3 * 1024 * 1024 + 5)
+        stat = os.fstat(fd)
+    finally:
+        os.close(fd)
+    assert stat.st_size == 3 * 1024 * 1024 + 5
+    assert stat.st_blocks * 512 >= stat.st_size  # allocated, not a sparse file
+    assert path.read_bytes() == bytes(stat.st_size)
+
+
+def test_preallocate_beyond_what_may_be_stored_is_an_error_before_any_byte(
+    tmp_path: Path,
+) -> None:
+    # A file size limit (RLIMIT_FSIZE) refuses it as a full disk or quota would: at once.
+    script = f"""
+import errno, os, resource, signal
+from hpcstage import libc
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+fd = os.open({str(tmp_path / "f")!r}, os.O_RDWR | os.O_CREAT, 0o600)
+try:
+    libc.preallocate(fd, 8 << 20)
+except OSError as exc:
+    print(errno.errorcode[exc.errno], exc.strerror, os.fstat(fd).st_size)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split()[0] == "EFBIG"
+    assert "(reserving 8388608 bytes for a download)" in out
+    assert out.split()[-1] == "0"  # nothing was written
+
+
+def test_preallocate_where_the_file_system_cannot_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(libc, "_FALLOCATE", unsupported)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        libc.preallocate(fd, 1 << 20)
+        assert os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
