@@ -8,7 +8,10 @@ import errno
 import mmap
 import os
 from collections.abc import Callable
-from typing import Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
+
+if TYPE_CHECKING:  # type only: importing checksums loads awscrt
+    from hpcstage.checksums import Checksummer
 
 # Bytes per pwrite(2) when a big buffer goes into the page cache. Measured on a 2-core VM
 # (benchmarks/stagein.py's machine, Linux 6.18, ext4): 16 threads writing 1 GiB into two
@@ -110,10 +113,6 @@ def aligned_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
-class Checksum(Protocol):
-    def update(self, data: bytes | bytearray | memoryview) -> None: ...
-
-
 class PartSink:
     """Where the bytes of one part of a file go, in order: ``fd`` (through the page cache), or
     ``direct_fd`` (the same file opened O_DIRECT, see ``open_direct``; -1: none) for every
@@ -126,7 +125,7 @@ class PartSink:
     why). Not thread-safe: one sink per part and thread.
     """
 
-    def __init__(self, fd: int, direct_fd: int = -1, checksum: Checksum | None = None) -> None:
+    def __init__(self, fd: int, direct_fd: int = -1, checksum: Checksummer | None = None) -> None:
         self.fd = fd
         self.direct_fd = direct_fd
         self.checksum = checksum

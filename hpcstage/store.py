@@ -363,7 +363,7 @@ class _Checks:
             self.parts = checksums.PartChecksums(self.stored.algorithm, [p.length for p in parts])
         return True
 
-    def part(self, part: _Part) -> Any | None:
+    def part(self, part: _Part) -> checksums.Checksummer | None:
         """A fresh checksum of ``part``'s bytes (None: none to compute), for each attempt."""
         return self.parts.part(part.number - 1) if self.parts is not None else None
 
@@ -1004,13 +1004,18 @@ class S3Store:
         by_parts = checks.by_parts(parts)
         # Only writeback hints are left to do in part order when the parts are checked as
         # they arrive (the SDK's fallback path does not give them as it writes).
-        hasher = _InOrderHash(dest_fd, parts, [] if by_parts else checks.hashers())
+        read_back = [] if by_parts else checks.hashers()
+        hasher = _InOrderHash(dest_fd, parts, read_back)
+        # Read back and hashed in order: parts started in order and a few at a time land in
+        # order, so the hashing follows the download closely instead of starting when the
+        # last part lands.
+        in_flight = min(len(parts), READ_BACK_PARTS) if read_back else len(parts)
         tracker = _PartProgress(progress, hasher.landed, hasher.restart)
         await asyncio.to_thread(preallocate, dest_fd, ref.size)  # no room: fail before any GET
         direct_fd = self._open_direct(dest_fd, parts) if by_parts else -1
         try:
             await self._get_parts(
-                ref, parts, tracker, hasher.part_done, checks, (dest_fd, direct_fd)
+                ref, parts, tracker, hasher.part_done, checks, (dest_fd, direct_fd), in_flight
             )
             await hasher.finish(self.url(ref.key))
         finally:
@@ -1109,9 +1114,11 @@ class S3Store:
         done: Callable[[_Part], None],
         checks: _Checks,
         fds: tuple[int, int],
+        in_flight: int,
     ) -> None:
         """Fetch ``parts`` into ``fds = (fd, direct_fd)`` (direct_fd: -1 or ``fd``'s file
-        opened O_DIRECT), each checksummed by ``checks.part`` when checked part by part."""
+        opened O_DIRECT), each checksummed by ``checks.part`` when checked part by part, at
+        most ``in_flight`` (and ``max_connections``) at a time."""
         fd, direct_fd = fds
 
         async def one(part: _Part) -> None:
@@ -1122,13 +1129,7 @@ class S3Store:
                 )
             done(part)
 
-        limit = min(self._max_connections, len(parts))
-        if checks.parts is None and checks.hashers():
-            # Read back and hashed in order: parts started in order and a few at a time land
-            # in order, so the hashing follows the download closely instead of starting
-            # when the last part lands.
-            limit = min(limit, READ_BACK_PARTS)
-        await _run_bounded(parts, one, limit)
+        await _run_bounded(parts, one, min(self._max_connections, in_flight))
 
     async def _lean_range(
         self, ref: ObjectRef, sink: PartSink, part: _Part, tracker: _PartProgress

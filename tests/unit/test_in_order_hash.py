@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from hpcstage.store import _InOrderHash, _Part, _parts
 PART = 64 * 1024
 DATA = hashlib.sha256(b"seed").digest() * (3 * PART // 32 + 100)  # 3 parts and a bit
 PARTS = _parts(len(DATA), PART)
+DATA_MD5 = hashlib.md5(DATA, usedforsecurity=False).hexdigest()
 URL = "s3://b/k"
 
 
@@ -38,6 +39,14 @@ def write(fd: int, part: _Part, upto: int, data: bytes = DATA) -> None:
     os.pwrite(fd, data[part.offset : part.offset + upto], part.offset)
 
 
+async def land_all(fd: int, hasher: _InOrderHash, parts: Iterable[_Part] = PARTS) -> None:
+    """Write every part whole, report it, and wait for the hashing to finish."""
+    for part in parts:
+        write(fd, part, part.length)
+        hasher.part_done(part)
+    await hasher.finish(URL)
+
+
 async def settle() -> None:
     for _ in range(20):  # let the hashing task and its threads run
         await asyncio.sleep(0.01)
@@ -49,13 +58,10 @@ def test_parts_landing_out_of_order_are_hashed_in_order(fd: int) -> None:
     async def main() -> str:
         md5 = hashlib.md5(usedforsecurity=False)
         hasher = _InOrderHash(fd, PARTS, [md5])
-        for part in reversed(PARTS):
-            write(fd, part, part.length)
-            hasher.part_done(part)
-        await hasher.finish(URL)
+        await land_all(fd, hasher, reversed(PARTS))
         return md5.hexdigest()
 
-    assert asyncio.run(main()) == hashlib.md5(DATA, usedforsecurity=False).hexdigest()
+    assert asyncio.run(main()) == DATA_MD5
 
 
 def test_the_part_being_hashed_is_followed_as_its_bytes_land(
@@ -78,17 +84,14 @@ def test_the_part_being_hashed_is_followed_as_its_bytes_land(
         hasher.landed(1, 1000)  # the first 1000 bytes of the first part: hashed already
         await settle()
         seen = list(reads)
-        for part in PARTS:
-            write(fd, part, part.length)
-            hasher.part_done(part)
-        await hasher.finish(URL)
+        await land_all(fd, hasher)
         return md5.hexdigest(), seen
 
     digest, before_the_rest = asyncio.run(main())
     assert before_the_rest == [(0, 1000)]
     assert reads[1] == (1000, PART - 1000)  # then the rest of that part, from where it was
     assert sum(length for _, length in reads) == len(DATA)
-    assert digest == hashlib.md5(DATA, usedforsecurity=False).hexdigest()
+    assert digest == DATA_MD5
 
 
 def test_a_part_fetched_again_after_being_hashed_fails_the_object(fd: int) -> None:
@@ -98,10 +101,7 @@ def test_a_part_fetched_again_after_being_hashed_fails_the_object(fd: int) -> No
         hasher.landed(1, 1000)
         await settle()
         hasher.restart(1)  # the SDK's retry rewrites bytes that were already hashed
-        for part in PARTS:
-            write(fd, part, part.length)
-            hasher.part_done(part)
-        await hasher.finish(URL)
+        await land_all(fd, hasher)
 
     with pytest.raises(TransientStoreError, match="part 1 was fetched again"):
         asyncio.run(main())
@@ -116,13 +116,10 @@ def test_a_part_fetched_again_before_it_was_reached_is_fine(fd: int) -> None:
         write(fd, third, 5000, data=bytes(len(DATA)))
         hasher.landed(3, 5000)
         hasher.restart(3)
-        for part in PARTS:
-            write(fd, part, part.length)
-            hasher.part_done(part)
-        await hasher.finish(URL)
+        await land_all(fd, hasher)
         return md5.hexdigest()
 
-    assert asyncio.run(main()) == hashlib.md5(DATA, usedforsecurity=False).hexdigest()
+    assert asyncio.run(main()) == DATA_MD5
 
 
 def test_without_hashers_only_whole_parts_start_their_writeback(
