@@ -401,8 +401,8 @@ class TransferSettings(_Section):
     peer_copy: bool = True
     """Copy small objects another node's cache holds instead of fetching them from the store."""
     direct_writes: bool = True
-    """Write the parts of big objects checked by a CRC straight to disk (O_DIRECT) where the
-    cache's file system allows it."""
+    """Write the parts of big objects not checked by an MD5 or SHA (which are read back)
+    straight to disk (O_DIRECT) where the cache's file system allows it."""
 
     @field_validator("multipart_threshold")
     @classmethod
