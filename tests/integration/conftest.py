@@ -11,7 +11,7 @@ import pytest
 
 from hpcstage.devcluster.cluster import DevCluster
 
-from .staging import private_cluster
+from .staging import drop_stale_databases, private_cluster
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,7 @@ def pg_admin_url() -> Iterator[str]:
     base.chmod(0o755)
     url, stop = pg.find_or_start(base)
     try:
+        drop_stale_databases(url)  # left by runs that were killed
         yield url
     finally:
         stop()

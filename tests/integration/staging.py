@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -99,6 +100,63 @@ class Stager:
         if self.jobs:
             proc.run(["scancel", *map(str, self.jobs)], env=self.dev.client_env(), check=False)
             self.jobs.clear()
+
+
+TEST_DATABASE = "hpcstage_test_"  # + <pid of the test run>_<purpose>_<random>
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str, purpose: str) -> Iterator[str]:
+    """The URL of a new PostgreSQL database for one fixture, dropped after it. Its name
+    carries this process's pid: a run that is killed before dropping it leaves it to the
+    next run's :func:`drop_stale_databases`."""
+    from sqlalchemy import create_engine, text
+
+    name = f"{TEST_DATABASE}{os.getpid()}_{purpose}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def drop_stale_databases(admin_url: str) -> list[str]:
+    """Drop the scratch databases of test runs on this machine that no longer run (killed
+    before their fixtures could clean up); those of live runs are left alone."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    dropped = []
+    try:
+        with admin.connect() as conn:
+            names = conn.execute(
+                text("SELECT datname FROM pg_database WHERE starts_with(datname, :prefix)"),
+                {"prefix": TEST_DATABASE},
+            ).scalars()
+            for name in list(names):
+                pid = name.removeprefix(TEST_DATABASE).split("_", 1)[0]
+                if pid.isdigit() and not _running(int(pid)):
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                    dropped.append(name)
+    finally:
+        admin.dispose()
+    return dropped
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def private_cluster(what: str, name: str, **options: Any) -> Iterator[DevCluster]:

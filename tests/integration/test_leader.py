@@ -13,6 +13,8 @@ from sqlalchemy import create_engine, text
 
 from hpcstage.leader import PgAdvisoryLock, StateUnavailable
 
+from .staging import TEST_DATABASE, drop_stale_databases, scratch_database
+
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -20,16 +22,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 @pytest.fixture
 def state_url(pg_admin_url: str) -> Iterator[str]:
-    name = f"hpcstage_lock_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(pg_admin_url, "lock") as url:
+        yield url
 
 
 def test_one_daemon_holds_the_lock_and_another_takes_it_when_its_session_dies(
@@ -58,6 +52,31 @@ def test_one_daemon_holds_the_lock_and_another_takes_it_when_its_session_dies(
     finally:
         active.release()
         standby.release()
+
+
+def test_databases_of_killed_test_runs_are_dropped_and_live_ones_kept(pg_admin_url: str) -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: no process has its pid now
+    dead_pid = child.pid
+    stale = f"{TEST_DATABASE}{dead_pid}_killed_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{stale}"'))
+        with scratch_database(pg_admin_url, "live") as live_url:
+            dropped = drop_stale_databases(pg_admin_url)
+            with admin.connect() as conn:
+                names = set(conn.execute(text("SELECT datname FROM pg_database")).scalars())
+            assert stale in dropped and stale not in names
+            live = live_url.rsplit("/", 1)[1]
+            assert live in names and live not in dropped  # this run's own: still in use
+        with admin.connect() as conn:
+            names = set(conn.execute(text("SELECT datname FROM pg_database")).scalars())
+        assert live not in names, "the scratch database outlived its fixture"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def test_an_unreachable_state_database_is_a_clear_error() -> None:

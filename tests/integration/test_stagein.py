@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
@@ -30,6 +29,7 @@ from .staging import (
     make_dataset,
     parse_sums,
     running_stager,
+    scratch_database,
     small_files,
     wait_until,
 )
@@ -42,20 +42,11 @@ def stager(
     request: pytest.FixtureRequest, cluster: DevCluster, pg_admin_url: str
 ) -> Iterator[Stager]:
     backend = request.param
-    db_name = f"hpcstage_{uuid.uuid4().hex[:10]}"
-    state_url = ""
-    if backend == "postgresql":
-        admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-        state_url = pg_admin_url.rsplit("/", 1)[0] + f"/{db_name}"
-    try:
-        yield from running_stager(cluster, f"stagein-{backend}", state_url=state_url, concurrency=8)
-    finally:
+    with contextlib.ExitStack() as stack:
+        state_url = ""
         if backend == "postgresql":
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-            admin.dispose()
+            state_url = stack.enter_context(scratch_database(pg_admin_url, "stagein"))
+        yield from running_stager(cluster, f"stagein-{backend}", state_url=state_url, concurrency=8)
 
 
 @pytest.fixture(autouse=True)
