@@ -73,7 +73,9 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _PATTERN = re.compile(r"%([0-9]*)(.?)", re.DOTALL)
 _ADMIN_MARK = re.compile(r"(?:^|(?<=\s))hpcstage:v([0-9]+):(\S*)")
 _ADMIN_SAFE = "/:=,@+"  # quote() also keeps A-Z a-z 0-9 - . _ ~
-_ADMIN_ITEM = re.compile(r"(in|out)=((?:[A-Za-z0-9\-._~/:=,@+]|%[0-9A-Fa-f]{2})*)")
+# bad=<word>: a word of a #HPCSTAGE line that is no staging option (job_submit.lua passes it
+# on, so that the job is refused with it instead of running without that input).
+_ADMIN_ITEM = re.compile(r"(in|out|bad)=((?:[A-Za-z0-9\-._~/:=,@+]|%[0-9A-Fa-f]{2})*)")
 _ADMIN_KINDS: dict[str, Kind] = {"in": "stage-in", "out": "stage-out"}
 
 
@@ -618,4 +620,6 @@ def _decode_item(item: str) -> str:
         value = unquote(match.group(2), errors="strict")
     except UnicodeDecodeError as err:
         raise DirectiveError("admin_comment hpcstage item is not UTF-8") from err
+    if match.group(1) == "bad":
+        return value  # parse_args refuses it by name
     return f"--{_ADMIN_KINDS[match.group(1)]}={value}"

@@ -46,7 +46,7 @@ local CONFIG = "/etc/hpcstage/site.toml"           -- the daemon's site configur
 -- Node-local staging root as in the config's nodes.cache_dir; "{node}" is replaced by the
 -- node's name when the job has one node (slurm_bb_paths cannot ask anyone: it runs inside
 -- slurmctld and must return at once).
-local CACHE_DIR = "/var/cache/hpcstage"
+local CACHE_DIR = "/local/hpcstage"
 local STAGE_IN_WAIT = 3600   -- 22.05: seconds data_in waits (keep below StageInTimeout)
 local PRE_RUN_WAIT = 1800    -- seconds pre_run waits for the allocated nodes
 local UNPLANNED_GRACE = 20   -- seconds without planned nodes before data_in lets Slurm go on

@@ -23,6 +23,9 @@ pending until its inputs are staged. Requires BurstBufferType=burst_buffer/lua.
 
 Format written (read by hpcstage.directives.decode_admin_comment):
   hpcstage:v1:in=<pct-encoded value>;out=<pct-encoded value>;...;end
+A word on a #HPCSTAGE line that is no staging option (a typo such as --stage_in=...) is
+passed on as bad=<pct-encoded word>, so that the job fails with it instead of running
+without that input (sbatch itself refuses unknown options on #SBATCH lines).
 Validation happens in the daemon, which reports malformed directives by name in
 `hpcstage status` and fails the job at `hpcstage env`. Lua 5.1 compatible.
 ]]
@@ -48,7 +51,9 @@ local function words(text)
   return out
 end
 
-local function add_options(items, option_words)
+-- strict: every word must be a staging option (#HPCSTAGE lines); others are recorded as
+-- bad=<word> for the daemon to refuse. #SBATCH lines also carry sbatch's own options.
+local function add_options(items, option_words, strict)
   local i = 1
   while i <= #option_words do
     local w = option_words[i]
@@ -62,6 +67,8 @@ local function add_options(items, option_words)
     end
     if kind == "in" or kind == "out" then
       items[#items + 1] = kind .. "=" .. pct_encode(value)
+    elseif strict then
+      items[#items + 1] = "bad=" .. pct_encode(w)
     end
     i = i + 1
   end
@@ -78,12 +85,16 @@ local function from_script(script, items, read_sbatch)
       -- the interpreter line
     elseif stripped:match("^%s*$") then
       -- blank lines do not end the block
-    elseif stripped:sub(1, 1) ~= "#" then
-      break
+    elseif not stripped:match("^%s*#") then
+      break  -- an indented comment (sbatch and the daemon read on) does not end the block
     else
       local rest = stripped:match("^#HPCSTAGE%s+(.*)$")
-      if rest == nil and read_sbatch then rest = stripped:match("^#SBATCH%s+(.*)$") end
-      if rest ~= nil then add_options(items, words(rest)) end
+      if rest ~= nil then
+        add_options(items, words(rest), true)
+      elseif read_sbatch then
+        rest = stripped:match("^#SBATCH%s+(.*)$")
+        if rest ~= nil then add_options(items, words(rest), false) end
+      end
     end
   end
 end

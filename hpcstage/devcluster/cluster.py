@@ -332,7 +332,7 @@ class DevCluster:
                 f'local HPCSTAGE = "{Path(sys.executable).parent / "hpcstage"}"'
             ),
             'local CONFIG = "/etc/hpcstage/site.toml"': f'local CONFIG = "{etc}/hpcstage.toml"',
-            'local CACHE_DIR = "/var/cache/hpcstage"': (
+            'local CACHE_DIR = "/local/hpcstage"': (
                 f'local CACHE_DIR = "{self.base}/nodes/{{node}}/cache"'
             ),
             "local STAGE_IN_WAIT = 3600": "local STAGE_IN_WAIT = 300",

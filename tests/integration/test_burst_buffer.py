@@ -170,7 +170,7 @@ def _run_hooks(tmp: Path, new_api: bool, doc: dict[str, object], calls: str) -> 
     job.write_text("#!/bin/bash\n#BB_LUA hpcstage\ntrue\n")
     settings = {
         'local HPCSTAGE = "/opt/hpcstage/bin/hpcstage"': f"local HPCSTAGE = {_lua_str(str(fake))}",
-        'local CACHE_DIR = "/var/cache/hpcstage"': 'local CACHE_DIR = "/c/{node}"',
+        'local CACHE_DIR = "/local/hpcstage"': 'local CACHE_DIR = "/c/{node}"',
         "local UNPLANNED_GRACE = 20": "local UNPLANNED_GRACE = 0",
         "local STAGE_IN_WAIT = 3600": "local STAGE_IN_WAIT = 1",
         "local PRE_RUN_WAIT = 1800": "local PRE_RUN_WAIT = 2",

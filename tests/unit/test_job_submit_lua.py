@@ -1,0 +1,101 @@
+"""examples/slurm/job_submit.lua run by lua5.1 (the Lua Debian 12's Slurm links), its
+admin_comment read back by the daemon's decoder: what reaches the daemon is what the script
+said, and a typo on a #HPCSTAGE line fails the job instead of vanishing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcstage.directives import (
+    ParsedDirectives,
+    decode_admin_comment,
+    parse_args,
+    parse_script,
+)
+
+LUA = shutil.which("lua5.1")
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "job_submit.lua"
+
+pytestmark = pytest.mark.skipif(LUA is None, reason="lua5.1 is not installed (scripts/bootstrap)")
+
+DRIVER = """
+slurm = {SUCCESS = 0, ERROR = -1}
+function slurm.log_debug() end
+function slurm.log_info() end
+function slurm.log_user() end
+dofile(arg[1])
+local f = io.open(arg[2], "rb")
+local job = {script = f:read("*a"), admin_comment = "site note"}
+f:close()
+assert(slurm_job_submit(job, {}, 1000) == slurm.SUCCESS)
+io.write(job.admin_comment or "")
+"""
+
+
+def submitted(tmp_path: Path, script: str) -> str:
+    """The admin_comment job_submit.lua writes for a batch script."""
+    driver, batch = tmp_path / "driver.lua", tmp_path / "job.sh"
+    driver.write_text(DRIVER)
+    batch.write_text(script)
+    assert LUA is not None
+    done = subprocess.run(
+        [LUA, str(driver), str(SCRIPT), str(batch)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_directives_reach_the_daemon_as_written(tmp_path: Path) -> None:
+    script = (
+        "#!/bin/bash\n"
+        "#SBATCH -N 1 --stage-in=s3://datasets/a%20b/:in\n"
+        "#HPCSTAGE --stage-in s3://datasets/ref/genome.fa\n"
+        "  # an indented comment does not end the block\n"
+        "#HPCSTAGE --stage-out=results:s3://results/%j/\n"
+        "srun true\n"
+        "#HPCSTAGE --stage-in=s3://datasets/after-the-command/\n"
+    )
+    comment = submitted(tmp_path, script)
+    assert comment.startswith("site note hpcstage:v1:")  # the site's own text is kept
+    decoded = decode_admin_comment(comment)
+    assert decoded == [
+        "--stage-in=s3://datasets/a%20b/:in",
+        "--stage-in=s3://datasets/ref/genome.fa",
+        "--stage-out=results:s3://results/%j/",
+    ]
+    # The daemon reading the script itself finds the same.
+    parsed, from_script = parse_args(decoded), parse_script(script)
+
+    def what(p: ParsedDirectives) -> list[tuple[object, object]]:
+        return [(d.src, d.dest) for d in (*p.stage_in, *p.stage_out)]
+
+    assert what(parsed) == what(from_script) and len(what(parsed)) == 3
+    assert not parsed.errors
+
+
+@pytest.mark.parametrize(
+    "typo", ["--stage_in=s3://datasets/x/", "--stagein=s3://datasets/x/", "stage-in=s3://d/x/"]
+)
+def test_a_typo_on_a_hpcstage_line_fails_the_job_by_name(tmp_path: Path, typo: str) -> None:
+    script = f"#!/bin/bash\n#HPCSTAGE --stage-in=s3://datasets/ok/ {typo}\nsrun true\n"
+    decoded = decode_admin_comment(submitted(tmp_path, script))
+    assert decoded is not None
+    parsed = parse_args(decoded)
+    assert [str(s.src.url) for s in parsed.stage_in] == ["s3://datasets/ok/"]
+    assert len(parsed.errors) == 1 and parsed.errors[0].text == typo
+    assert "expected --stage-in=VALUE or --stage-out=VALUE" in parsed.errors[0].message
+    # As the daemon would say reading the script itself: the job does not run without it.
+    assert parse_script(script).errors
+
+
+def test_sbatch_options_on_sbatch_lines_are_not_directives(tmp_path: Path) -> None:
+    script = "#!/bin/bash\n#SBATCH --time=5 -N 2 --gres=gpu:1\nsrun true\n"
+    assert submitted(tmp_path, script) == "site note"
