@@ -89,6 +89,7 @@ class ApiAccess:
     listen: str = rules.DEFAULT_LISTEN
     auth: str = rules.DEFAULT_API_AUTH
     munge_socket: Path | None = None
+    url: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,18 @@ def load_client_settings(path: Path) -> ClientSettings:
         return raw
 
     try:
+        listen = value("api", "listen", rules.DEFAULT_LISTEN, rules.host_port)
+
+        def url_for_clients(raw: str) -> str:
+            url = rules.optional_http_url(raw)
+            rules.client_url(listen, url)  # a wildcard listen needs a URL
+            return url
+
         api = ApiAccess(
-            listen=value("api", "listen", rules.DEFAULT_LISTEN, rules.host_port),
+            listen=listen,
             auth=value("api", "auth", rules.DEFAULT_API_AUTH, auth_mode),
             munge_socket=value("api", "munge_socket", "", rules.optional_path),
+            url=value("api", "url", "", url_for_clients),
         )
         cache_dir = value(
             "nodes",
@@ -150,9 +159,10 @@ def client_for(settings: Settings | ClientSettings, timeout: float = 30) -> Clie
     """A client for the daemon of ``settings``, authenticating as its API requires."""
     api = settings.api
     socket = str(api.munge_socket) if api.munge_socket else None
-    return Client(api_url(api.listen), timeout, munge=api.auth == "munge", socket=socket)
+    url = api_url(api.listen, api.url)
+    return Client(url, timeout, munge=api.auth == "munge", socket=socket)
 
 
-def api_url(listen: str) -> str:
-    """The daemon's base URL: $HPCSTAGE_API, else http://<api.listen from the config>."""
-    return os.environ.get("HPCSTAGE_API") or f"http://{listen}"
+def api_url(listen: str, url: str = "") -> str:
+    """The daemon's base URL: $HPCSTAGE_API, else api.url, else http://<api.listen>."""
+    return os.environ.get("HPCSTAGE_API") or rules.client_url(listen, url)

@@ -148,6 +148,8 @@ def _template(allowed: frozenset[str]) -> AfterValidator:
 
 
 def _command(value: str) -> str:
+    if value == "":
+        return value  # the daemon's own hpcstage command (transport.agent_command)
     try:
         words = shlex.split(value)
     except ValueError as exc:
@@ -241,7 +243,10 @@ class SiteSettings(_Section):
         if value == "":
             state_dir = info.data.get("state_dir")
             return f"sqlite:///{state_dir}/state.db" if state_dir else value
-        if not re.match(r"(sqlite|postgresql)(\+\w+)?://", value):
+        # The drivers installed with hpcstage: Python's sqlite3 and psycopg 3. A plain
+        # postgresql:// would make SQLAlchemy look for psycopg2.
+        value = re.sub(r"^postgresql://", "postgresql+psycopg://", value)
+        if not re.match(r"(sqlite(\+pysqlite)?|postgresql\+psycopg)://", value):
             raise ValueError(
                 f'must be a sqlite:/// or postgresql+psycopg:// URL (or ""), got {value!r}'
             )
@@ -329,8 +334,9 @@ class NodesSettings(_Section):
         str, _template(rules.CACHE_DIR_PLACEHOLDERS), AfterValidator(rules.absolute_template)
     ] = rules.DEFAULT_CACHE_DIR
     """Cache directory on the node's local disk; may contain {node}."""
-    agent_command: Annotated[str, AfterValidator(_command)] = "hpcstage agent"
-    """Command line that starts the agent on the node."""
+    agent_command: Annotated[str, AfterValidator(_command)] = ""
+    """Command line that starts the agent on the node; "" = the daemon's own hpcstage
+    command (its absolute path, as on the daemon's host) followed by "agent"."""
     ssh_user: NonEmptyStr = "hpcstage"
     """User the daemon logs in as."""
     ssh_port: int = Field(default=22, ge=1, le=65535)
@@ -449,12 +455,23 @@ class ApiSettings(_Section):
 
     listen: Annotated[str, AfterValidator(rules.host_port)] = rules.DEFAULT_LISTEN
     """Address the API listens on, host:port."""
+    url: str = Field(default="", validate_default=True)
+    """URL at which jobs and users reach the API; "" = http://<listen>."""
     admins: list[NonEmptyStr] = Field(default_factory=lambda: ["root"])
     """User names with admin rights in the API."""
     auth: Literal["munge", "none"] = rules.DEFAULT_API_AUTH  # the choices: rules.API_AUTHS
     """How API clients prove who they are: a MUNGE credential per request, or not at all."""
     munge_socket: OptionalPath = None
     """munged's socket; unset = MUNGE's default (/run/munge/munge.socket.2)."""
+
+    @field_validator("url")
+    @classmethod
+    def _client_url(cls, value: str, info: ValidationInfo) -> str:
+        value = rules.optional_http_url(value)
+        listen = info.data.get("listen")
+        if listen is not None:  # else listen's own error is reported
+            rules.client_url(listen, value)
+        return value
 
     @property
     def host(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8470"
 DEFAULT_API_AUTH: Final = "munge"
@@ -56,6 +57,39 @@ def absolute_template(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"must be an absolute path, got {value!r}")
     return value
+
+
+def optional_http_url(value: str) -> str:
+    """ "" or an http(s) URL without credentials, query or fragment (a trailing / dropped)."""
+    if value == "":
+        return value
+    example = "e.g. http://stager.example.org:8470"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc}), {example}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, {example}, got {value!r}")
+    if parts.username or parts.password:
+        raise ValueError("must not contain credentials (clients authenticate with MUNGE)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query or fragment, got {value!r}")
+    return value.rstrip("/")
+
+
+def client_url(listen: str, url: str) -> str:
+    """Where clients reach the API: ``url`` (api.url), else http://<listen>. ValueError
+    (for api.url) when that would be a wildcard address, which names no host to reach."""
+    if url:
+        return url
+    host, _, port = listen.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::"):  # noqa: S104 - recognising it, not binding
+        raise ValueError(
+            f"must be set when api.listen ({listen}) is a wildcard address: the URL at which"
+            f" jobs and users reach the daemon, e.g. http://stager.example.org:{port}"
+        )
+    return f"http://{listen}"
 
 
 def host_port(value: str) -> str:

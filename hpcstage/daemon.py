@@ -42,6 +42,7 @@ from hpcstage.transfer.transport import (
     AgentSession,
     SshTarget,
     agent_argv,
+    agent_command,
     agent_shell_command,
     open_local,
     open_ssh,
@@ -129,6 +130,7 @@ class Daemon:
             self.backend = CliBackend(bin_dir=bin_dir)
         self._credentials = resolve_credentials(self.settings.store.profile or None)
         self._pool = AgentPool(self._open_agent, self._hello)
+        log.info("agents start with: %s", agent_command(self.settings.nodes.agent_command))
         with self.db.begin() as session:
             # Transfers that were running when we stopped are simply queued again.
             session.execute(
@@ -808,7 +810,8 @@ class Daemon:
         nodes = self.settings.nodes
         cache_dir = cache_dir_for(nodes.cache_dir, node)
         if nodes.transport == "local":
-            return await open_local(node, agent_argv(nodes.agent_command, node, cache_dir))
+            command = agent_command(nodes.agent_command)
+            return await open_local(node, agent_argv(command, node, cache_dir))
         if node not in self._node_addr:
             await self._refresh_nodes()
         target = SshTarget(
@@ -817,7 +820,7 @@ class Daemon:
             user=nodes.ssh_user,
             key=str(nodes.ssh_key),
             known_hosts=str(nodes.ssh_known_hosts),
-            command=agent_shell_command(nodes.agent_command, node, cache_dir),
+            command=agent_shell_command(agent_command(nodes.agent_command), node, cache_dir),
             connect_timeout=nodes.connect_timeout,
         )
         return await open_ssh(node, target)

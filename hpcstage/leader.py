@@ -142,7 +142,7 @@ class PgAdvisoryLock:
             self._engine: Engine = create_engine(
                 url, poolclass=NullPool, connect_args=_pg_session_args()
             )
-        except Exception as exc:  # a missing driver (the optional `postgres` extra), a bad URL
+        except Exception as exc:  # a missing driver (a URL naming another one), a bad URL
             raise ConfigError(f"site.state_url: cannot use {url!r}: {exc}") from exc
         self._conn: Connection | None = None
 

@@ -1,8 +1,10 @@
-"""``hpcstage config check|show``: validate the site TOML and print its effective settings."""
+"""``hpcstage config check|show|systemd-unit``: validate the site TOML, print its effective
+settings, write a systemd unit running the daemon on it."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import NoReturn
 
@@ -10,6 +12,7 @@ import click
 
 from hpcstage.config import Settings, parse_config, render_toml, settings_as_dict
 from hpcstage.errors import ConfigError
+from hpcstage.service_unit import render_unit
 
 ENV_VAR = "HPCSTAGE_CONFIG"
 
@@ -83,6 +86,54 @@ def show(file: Path | None, config_path: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(settings_as_dict(settings), indent=2))
     else:
         click.echo(render_toml(settings), nl=False)
+
+
+@config.command("systemd-unit")
+@_file_argument
+@_config_option
+@click.option(
+    "--user",
+    default="hpcstage",
+    show_default=True,
+    help="The service account the daemon runs as.",
+)
+@click.option(
+    "--exec",
+    "executable",
+    type=click.Path(path_type=Path),
+    help="The hpcstage command to run (default: this one).",
+)
+def systemd_unit(
+    file: Path | None, config_path: Path | None, user: str, executable: Path | None
+) -> None:
+    """Print a systemd unit that runs `hpcstage daemon --config FILE` as USER.
+
+    It restarts the daemon after a crash, an error or a lost lock on the state (exit 1 or
+    3), not while the configuration is invalid (exit 78), and stops it with SIGTERM (a
+    drain: running transfers resume at the next start). FILE is not read: check it with
+    `hpcstage config check`. scripts/install-prefix writes this unit into
+    PREFIX/share/hpcstage/systemd/.
+
+    \b
+    Example (as root):
+      hpcstage config systemd-unit /etc/hpcstage/site.toml --user hpcstage \\
+        > /etc/systemd/system/hpcstage-daemon.service
+      systemctl daemon-reload && systemctl enable --now hpcstage-daemon
+    """
+    path = Path(os.path.abspath(_choose(file, config_path)))
+    if not path.exists():
+        click.echo(f"hpcstage: warning: {path} does not exist (yet)", err=True)
+    from hpcstage.transfer.transport import own_command  # asyncssh: only this command
+
+    command = executable or Path(own_command())
+    docs = command.parent.parent / "share" / "doc" / "hpcstage" / "install.md"
+    try:
+        unit = render_unit(
+            os.path.abspath(command), str(path), user, str(docs) if docs.is_file() else None
+        )
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    click.echo(unit, nl=False)
 
 
 def _choose(file: Path | None, config_path: Path | None) -> Path:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import uvicorn
 
 from hpcstage.cli.common import config_option, load_settings
+from hpcstage.errors import ConfigError
+from hpcstage.service_unit import EX_CONFIG
 
 
 @click.command()
@@ -27,7 +32,9 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
     on a state database at a time: another one started on it stands by (logging who is
     active) and takes over when that one stops or dies (SQLite: within 2 s; PostgreSQL:
     about 30 s). Exit status 3: the lock on the state was lost with the database session
-    (restart it to stand for election again).
+    (restart it to stand for election again); 78: the configuration is invalid (fix it
+    first: `hpcstage config check FILE`); 1: another error (an unreachable state database).
+    `hpcstage config systemd-unit` writes a systemd unit that restarts it accordingly.
 
     \b
     Example:
@@ -36,7 +43,12 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
     from hpcstage.api import create_app
     from hpcstage.daemon import Daemon
 
-    settings = load_settings(config_path)
+    try:
+        settings = load_settings(config_path)
+        _usable_state_dir(settings.site.state_dir)
+    except ConfigError as exc:
+        _config_error(exc)
+    raise_open_files_limit()  # one SSH session per node, S3 and API connections
     logging.basicConfig(
         level=settings.site.log_level.upper(),
         stream=sys.stderr,
@@ -54,9 +66,43 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
         )
         server = _QuietServer(config)
         api = server.serve()
-    asyncio.run(d.run(api))
+    try:
+        asyncio.run(d.run(api))
+    except ConfigError as exc:  # found at start-up, e.g. a state_url it cannot use
+        _config_error(exc)
     if d.exit_code:
         sys.exit(d.exit_code)
+
+
+def _config_error(exc: ConfigError) -> NoReturn:
+    click.echo(f"hpcstage: error: {exc}", err=True)
+    sys.exit(EX_CONFIG)
+
+
+def _usable_state_dir(path: Path) -> None:
+    """Create ``site.state_dir`` if missing (0700: the state and audit log are the service
+    account's alone); ConfigError, saying what to do, when it cannot be created or written."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"site.state_dir {path}: cannot create it ({exc.strerror or exc}); create it for"
+            f" the service account, e.g. install -d -o {_me()} -m 0700 {path}"
+        ) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"site.state_dir {path}: not writable by {_me()}; make it the service account's"
+            f" (chown {_me()} {path}) or choose another"
+        )
+
+
+def _me() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 class _QuietServer(uvicorn.Server):
@@ -79,4 +125,14 @@ def agent(node: str, cache_dir: Path) -> None:
     """Internal: the node agent, started by the daemon over SSH; speaks JSON lines on stdio."""
     from hpcstage.transfer.agent import run_agent
 
+    raise_open_files_limit()  # connections and in-flight temp files add up
     run_agent(node, cache_dir)
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one (systemd's default soft limit is
+    1024, its hard one 524288)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

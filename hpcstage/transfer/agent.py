@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -446,15 +445,21 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class AccessError(HpcstageError):
+    """The job's user cannot be given access to its directory (no ACL support)."""
+
+
 def grant_access(view: Path, user: str) -> bool:
     """Let the job's user read the view and create outputs in it; keep the agent able to read.
 
     POSIX ACLs set by the owner (the service account): no root needed. The default entries
-    make what the job creates readable to the agent for stage-out. False when the file system
-    or the tools do not support ACLs (inputs stay readable to all; outputs cannot be written).
+    make what the job creates readable to the agent for stage-out. True when an entry was
+    added, False when none is needed (the job runs as the service account). AccessError when
+    it cannot be done: the view is private to the service account, so a job started anyway
+    could not read its inputs.
     """
     if not user or user == _self_user():
-        return True
+        return False
     spec = f"u:{user}:rwx,d:u:{user}:rwx,d:u:{_self_user()}:rwx"
     try:
         done = subprocess.run(
@@ -464,12 +469,16 @@ def grant_access(view: Path, user: str) -> bool:
             check=False,
             timeout=30,
         )
+        problem = done.stderr.strip() or f"setfacl exited {done.returncode}"
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("cannot set ACLs on %s: %s", view, exc)
-        return False
-    if done.returncode != 0:
-        log.warning("cannot set ACLs on %s: %s", view, done.stderr.strip())
-    return done.returncode == 0
+        done, problem = None, str(exc)
+    if done is None or done.returncode != 0:
+        raise AccessError(
+            f"cannot give {user} access to the job directory {view}: {problem}; the node"
+            " cache needs POSIX ACLs (setfacl, Debian package acl, on a file system with ACL"
+            " support)"
+        )
+    return True
 
 
 def revoke_access(view: Path, user: str) -> None:
@@ -566,14 +575,5 @@ def run_agent(node: str, cache_dir: Path) -> None:
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     lock_cache(cache_dir, LOCK_WAIT)  # held until this process exits
-    _raise_open_files_limit()
     agent = Agent(node=node, cache=NodeCache(cache_dir))
     asyncio.run(serve(agent))
-
-
-def _raise_open_files_limit() -> None:
-    """Use the hard limit on open files: connections and in-flight temp files add up."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -24,6 +24,7 @@ from hpcstage.errors import HpcstageError, TransportError
 log = logging.getLogger(__name__)
 
 MAX_LINE = 16 * 1024 * 1024  # a single message; progress and results are far smaller
+CLOSE_WAIT = 5.0  # seconds a failed send waits for the reader to say why the session ended
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -74,6 +75,9 @@ class RpcClient:
     _pump: asyncio.Task[None] | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    # Says why the agent ended when its output just stops (e.g. the remote shell's exit
+    # status and last words): "session closed" alone tells an admin nothing.
+    explain_eof: Callable[[], Awaitable[str]] | None = None
 
     def start(self) -> None:
         """Start reading replies in the background."""
@@ -93,7 +97,11 @@ class RpcClient:
             await self.writer.drain()
             return await future
         except (ConnectionError, BrokenPipeError, OSError) as exc:
-            raise TransportError(f"agent on {self.name}: {exc}") from exc
+            # The session just ended (e.g. the agent command failed at once): its reader
+            # says why (exit status, last output) better than "channel not open".
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closed.wait(), CLOSE_WAIT)
+            raise TransportError(f"agent on {self.name}: {self.close_reason or exc}") from exc
         finally:
             self._calls.pop(call_id, None)
 
@@ -102,6 +110,9 @@ class RpcClient:
         try:
             while line := await self.reader.readline():
                 self._dispatch(decode(line))
+            if self.explain_eof is not None:
+                with contextlib.suppress(Exception):
+                    reason = f"{reason} ({await self.explain_eof()})".replace(" ()", "")
         except (TransportError, ConnectionError, OSError, asyncio.LimitOverrunError) as exc:
             reason = str(exc)
         except asyncio.CancelledError:

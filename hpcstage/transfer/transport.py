@@ -7,12 +7,17 @@ Nothing listens on compute nodes: the daemon logs in the way admins do and start
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
+import re
 import shlex
+import shutil
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncssh
@@ -21,6 +26,12 @@ from hpcstage.errors import TransportError
 from hpcstage.transfer.rpc import MAX_LINE, RpcClient
 
 log = logging.getLogger(__name__)
+agent_log = logging.getLogger("hpcstage.agent")
+
+STDERR_TAIL = 5  # last stderr lines of an agent kept to explain why its session ended
+EXIT_WAIT = 2.0  # seconds to wait for a remote agent's exit status and last words
+_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+_AGENT_LINE = re.compile(rf"agent\[[^\]]*\] ({'|'.join(_LEVELS)}) (.*)")
 
 
 class AgentSession(Protocol):
@@ -77,11 +88,14 @@ class SshSession:
     rpc: RpcClient
     conn: asyncssh.SSHClientConnection
     process: Any
+    stderr: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
         await self.rpc.close()
         with contextlib.suppress(Exception):
             self.process.close()
+        if self.stderr is not None:
+            self.stderr.cancel()
         self.conn.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.conn.wait_closed(), 10)
@@ -118,11 +132,60 @@ async def open_ssh(node: str, target: SshTarget) -> SshSession:
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         where = f"{target.user}@{target.host}:{target.port}"
         raise TransportError(f"cannot log in to {node} ({where}): {exc or 'timeout'}") from exc
-    process = await conn.create_process(target.command, encoding=None)
-    stdout = process.stdout
-    rpc = RpcClient(_StreamAdapter(stdout), process.stdin, node)
+    except ValueError as exc:  # asyncssh.KeyImportError: encrypted, or not a private key
+        raise TransportError(
+            f"cannot log in to {node}: the SSH key {target.key} cannot be used ({exc});"
+            " nodes.ssh_key must be an unencrypted private key the service account can read"
+        ) from exc
+    try:
+        process = await conn.create_process(target.command, encoding=None)
+    except (OSError, asyncssh.Error) as exc:
+        conn.close()
+        raise TransportError(f"cannot start the agent on {node}: {exc}") from exc
+    # The agent's log (and the remote shell's errors) arrive on stderr. Read it all the
+    # time: it shares the channel's flow-control window with the replies on stdout.
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+    ended = asyncio.Event()  # stderr read to its end
+    stderr = asyncio.create_task(
+        _log_stderr(node, process.stderr, tail, ended), name=f"stderr-{node}"
+    )
+
+    async def explain() -> str:
+        with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
+            await asyncio.wait_for(process.wait_closed(), EXIT_WAIT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), EXIT_WAIT)
+        said = []
+        if process.exit_status is not None:
+            said.append(f"exit status {process.exit_status}")
+        elif process.exit_signal:
+            said.append(f"killed by signal {process.exit_signal[0]}")
+        if tail:
+            said.append("last output: " + " | ".join(tail))
+        return "; ".join(said)
+
+    rpc = RpcClient(_StreamAdapter(process.stdout), process.stdin, node, explain_eof=explain)
     rpc.start()
-    return SshSession(rpc, conn, process)
+    return SshSession(rpc, conn, process, stderr)
+
+
+async def _log_stderr(
+    node: str, stream: Any, tail: collections.deque[str], ended: asyncio.Event
+) -> None:
+    """Log each stderr line of the agent on ``node`` at its own level (the agent writes
+    ``agent[NODE] LEVEL message``; anything else, such as a shell's "command not found" or a
+    traceback, as a warning), keeping the last few for the session's close reason; set
+    ``ended`` at the end of the stream."""
+    with contextlib.suppress(asyncssh.Error, OSError):
+        while raw := await stream.readline():
+            text = raw.decode(errors="replace").rstrip()
+            if not text:
+                continue
+            found = _AGENT_LINE.fullmatch(text)
+            level = _LEVELS[found.group(1)] if found else logging.WARNING
+            agent_log.log(level, "agent on %s: %s", node, found.group(2) if found else text)
+            tail.append(text)
+    ended.set()
 
 
 class _StreamAdapter(asyncio.StreamReader):
@@ -180,6 +243,24 @@ class AgentPool:
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()
+
+
+def own_command() -> str:
+    """The absolute path of the running ``hpcstage`` command, symlinks kept (an install
+    prefix's bin/hpcstage stays valid across reinstalls; the venv behind it may not)."""
+    argv0 = sys.argv[0]
+    found = argv0 if os.sep in argv0 else shutil.which(argv0)
+    if found and Path(found).name == "hpcstage":
+        return os.path.abspath(found)
+    return str(Path(sys.executable).parent / "hpcstage")  # python -m hpcstage
+
+
+def agent_command(configured: str) -> str:
+    """``nodes.agent_command``, or when it is "" this process's own ``hpcstage`` followed by
+    ``agent``: with the software tree at the same path on the nodes (as modules need), the
+    agent is the daemon's own version. An SSH command runs in a non-login shell, which does
+    not load modules: a bare "hpcstage agent" works only if hpcstage is on its PATH."""
+    return configured or shlex.join([own_command(), "agent"])
 
 
 def agent_argv(command: str, node: str, cache_dir: str) -> list[str]:

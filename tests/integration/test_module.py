@@ -386,6 +386,46 @@ def test_command_gone_after_unload(session: Session) -> None:
     assert "command not found" in out, out
 
 
+def _unit(install: Install) -> tuple[Path, dict[str, str]]:
+    unit = install.prefix / "share" / "hpcstage" / "systemd" / "hpcstage-daemon.service"
+    assert unit.is_file(), f"no systemd unit {unit}\n" + _show(install.proc)
+    found = {}
+    for line in unit.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            found[key] = value
+    return unit, found
+
+
+def test_install_writes_the_daemons_systemd_unit(
+    installed: Install, installed_with_config: tuple[Install, Path]
+) -> None:
+    unit, found = _unit(installed)
+    prefix = installed.prefix
+    assert found["ExecStart"] == (
+        f'"{prefix}/bin/hpcstage" daemon --config "/etc/hpcstage/site.toml"'
+    ), "without --config the unit reads the documented default"
+    assert found["User"] == "hpcstage"
+    assert found["Documentation"] == f"file://{prefix}/share/doc/hpcstage/install.md"
+    assert (prefix / "share" / "doc" / "hpcstage" / "install.md").is_file()
+    assert (found["Restart"], found["RestartPreventExitStatus"]) == ("on-failure", "78")
+    if shutil.which("systemd-analyze"):  # systemd's own parser: the command is there, too
+        done = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+        )
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    install, config = installed_with_config
+    _, found = _unit(install)
+    assert found["ExecStart"] == f'"{install.prefix}/bin/hpcstage" daemon --config "{config}"'
+
+
+def test_install_prefix_refuses_a_bad_service_user(alice_dir: Path) -> None:
+    proc = run_install(alice_dir / "prefix-bad-user", "--service-user", "Bad User")
+    assert proc.returncode == 1, _show(proc)
+    assert "--service-user: not a valid user name: 'Bad User'" in proc.stderr
+    assert not (alice_dir / "prefix-bad-user" / "venv").exists(), "it installed before checking"
+
+
 # --------------------------------------------------------------------------------------------
 # site config
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.client import ApiAccess, ClientSettings, load_client_settings
+from hpcstage.client import ApiAccess, ClientSettings, api_url, client_for, load_client_settings
 from hpcstage.config import load_config
 from hpcstage.errors import ConfigError
 
@@ -38,7 +38,7 @@ def full_view(path: Path) -> ClientSettings:
     settings = load_config(path)
     api = settings.api
     return ClientSettings(
-        ApiAccess(api.listen, api.auth, api.munge_socket), settings.nodes.cache_dir
+        ApiAccess(api.listen, api.auth, api.munge_socket, api.url), settings.nodes.cache_dir
     )
 
 
@@ -49,8 +49,9 @@ def full_view(path: Path) -> ClientSettings:
         '[api]\nlisten = "[::1]:9000"\nauth = "none"\nmunge_socket = ""\n',
         '[api]\nmunge_socket = "/run/munge/x.socket"\n[nodes]\ncache_dir = "/ssd/{node}/c"\n',
         '[nodes]\ncache_dir = "/local/cache"\ntransport = "local"\n',
+        '[api]\nlisten = "0.0.0.0:8470"\nurl = "https://stager.example.org:8443/hpcstage/"\n',
     ],
-    ids=["defaults", "ipv6-no-auth", "socket-and-template", "plain-dir"],
+    ids=["defaults", "ipv6-no-auth", "socket-and-template", "plain-dir", "wildcard-with-url"],
 )
 def test_agrees_with_the_full_schema(tmp_path: Path, extra: str) -> None:
     path = write(tmp_path, BASE + extra)
@@ -72,6 +73,11 @@ def test_agrees_on_the_shipped_example() -> None:
         ('[nodes]\ncache_dir = "local/{node}"\n', "nodes.cache_dir: must be an absolute path"),
         ('[nodes]\ncache_dir = "/local/{user}"\n', "nodes.cache_dir: unknown placeholder {user}"),
         ('api = "x"\n', "api: must be a table"),
+        ('[api]\nlisten = "0.0.0.0:8470"\n', "api.url: must be set when api.listen (0.0.0.0:8470)"),
+        ('[api]\nlisten = "[::]:8470"\n', "api.url: must be set when api.listen ([::]:8470)"),
+        ('[api]\nurl = "stager:8470"\n', "api.url: must be an http:// or https:// URL"),
+        ('[api]\nurl = "http://u:pw@stager:8470"\n', "api.url: must not contain credentials"),
+        ('[api]\nurl = "http://stager:99999"\n', "api.url: is not a valid URL"),
     ],
 )
 def test_refuses_what_the_schema_refuses(tmp_path: Path, extra: str, message: str) -> None:
@@ -110,3 +116,20 @@ def test_the_commands_a_job_runs_do_not_load_the_daemons_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert done.stdout.strip() == ""
+
+
+def test_clients_dial_api_url_else_api_listen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HPCSTAGE_API", raising=False)
+    assert api_url("10.0.0.5:8470") == "http://10.0.0.5:8470"
+    path = write(
+        tmp_path,
+        BASE + '[api]\nlisten = "0.0.0.0:8470"\nurl = "https://stager.example.org/hpcstage/"\n',
+    )
+    api = load_client_settings(path).api
+    assert api.url == "https://stager.example.org/hpcstage"  # joined with /api/v1/...
+    assert api_url(api.listen, api.url) == "https://stager.example.org/hpcstage"
+    assert client_for(load_client_settings(path)).base_url == api.url
+    monkeypatch.setenv("HPCSTAGE_API", "http://127.0.0.1:9999")  # a job's override wins
+    assert client_for(load_client_settings(path)).base_url == "http://127.0.0.1:9999"

@@ -76,7 +76,8 @@ def test_example_loads() -> None:
     assert settings.cache.ttl == 7 * 86400.0
     assert settings.transfer.backoff_base == 0.5
     assert settings.policy.rules[0].accounts == ["chem"]
-    assert settings.policy.rules[0].shared is True
+    assert settings.policy.rules[0].shared is False  # accepted, not acted on yet
+    assert settings.api.url == "" and settings.nodes.agent_command == ""
     assert settings.quotas.accounts == {"chem": 300 * GIB, "physics": 100 * GIB}
     assert check_config(EXAMPLE) == []
 
@@ -102,7 +103,7 @@ def test_minimal_file_gets_documented_defaults() -> None:
         "/local/hpcstage",
     )
     assert (s.nodes.agent_command, s.nodes.ssh_user, s.nodes.ssh_port) == (
-        "hpcstage agent",
+        "",  # the daemon's own hpcstage command (transport.agent_command)
         "hpcstage",
         22,
     )
@@ -163,6 +164,18 @@ def test_state_url_default_follows_state_dir_and_postgres_is_kept() -> None:
     pg = "postgresql+psycopg://hpcstage@db.example.org/hpcstage"
     s = parse_config(MINIMAL.replace('name = "demo"', f'name = "demo"\nstate_url = "{pg}"'))
     assert s.site.state_url == pg
+    # A plain postgresql:// means the driver installed with hpcstage (psycopg 3).
+    plain = pg.replace("+psycopg", "")
+    s = parse_config(MINIMAL.replace('name = "demo"', f'name = "demo"\nstate_url = "{plain}"'))
+    assert s.site.state_url == pg
+    other = pg.replace("+psycopg", "+asyncpg")
+    problems = problems_of(
+        MINIMAL.replace('name = "demo"', f'name = "demo"\nstate_url = "{other}"')
+    )
+    assert problems == [
+        "site.toml:3: site.state_url: must be a sqlite:/// or postgresql+psycopg:// URL"
+        f' (or ""), got {other!r}'
+    ]
 
 
 def test_settings_are_frozen() -> None:
