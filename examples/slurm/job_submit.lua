@@ -44,10 +44,40 @@ local function pct_encode(value)
   end))
 end
 
--- Split a directive line's options into words (whitespace separated, like sbatch).
+-- Split a directive line into words as sbatch (and the daemon) do: whitespace separates,
+-- quotes group, a backslash makes the next character literal, and an unquoted # starts a
+-- comment ("#HPCSTAGE --stage-in=s3://b/p/   # the inputs"). nil when a quote is left open.
+local SPACE = { [" "] = true, ["\t"] = true, ["\n"] = true, ["\v"] = true, ["\f"] = true,
+                ["\r"] = true }
 local function words(text)
-  local out = {}
-  for w in text:gmatch("%S+") do out[#out + 1] = w end
+  local out, word, in_word, quote = {}, {}, false, nil
+  local i = 1
+  while i <= #text do
+    local c = text:sub(i, i)
+    if quote ~= nil and c == quote then
+      quote = nil
+    elseif quote ~= nil then
+      word[#word + 1] = c
+    elseif SPACE[c] then
+      if in_word then out[#out + 1] = table.concat(word) end
+      word, in_word = {}, false
+    elseif c == "#" then
+      break
+    else
+      in_word = true
+      if c == '"' or c == "'" then
+        quote = c
+      elseif c == "\\" then
+        i = i + 1
+        word[#word + 1] = text:sub(i, i)
+      else
+        word[#word + 1] = c
+      end
+    end
+    i = i + 1
+  end
+  if quote ~= nil then return nil end
+  if in_word then out[#out + 1] = table.concat(word) end
   return out
 end
 
@@ -90,10 +120,15 @@ local function from_script(script, items, read_sbatch)
     else
       local rest = stripped:match("^#HPCSTAGE%s+(.*)$")
       if rest ~= nil then
-        add_options(items, words(rest), true)
+        local found = words(rest)
+        if found == nil then  -- an open quote: the daemon refuses the line by its text
+          items[#items + 1] = "bad=" .. pct_encode(rest)
+        else
+          add_options(items, found, true)
+        end
       elseif read_sbatch then
         rest = stripped:match("^#SBATCH%s+(.*)$")
-        if rest ~= nil then add_options(items, words(rest), false) end
+        if rest ~= nil then add_options(items, words(rest) or {}, false) end
       end
     end
   end

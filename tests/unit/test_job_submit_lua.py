@@ -18,7 +18,8 @@ from hpcstage.directives import (
 )
 
 LUA = shutil.which("lua5.1")
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "job_submit.lua"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "slurm" / "job_submit.lua"
 
 pytestmark = pytest.mark.skipif(LUA is None, reason="lua5.1 is not installed (scripts/bootstrap)")
 
@@ -99,3 +100,51 @@ def test_a_typo_on_a_hpcstage_line_fails_the_job_by_name(tmp_path: Path, typo: s
 def test_sbatch_options_on_sbatch_lines_are_not_directives(tmp_path: Path) -> None:
     script = "#!/bin/bash\n#SBATCH --time=5 -N 2 --gres=gpu:1\nsrun true\n"
     assert submitted(tmp_path, script) == "site note"
+
+
+def readme_job() -> str:
+    """The batch script README.md shows users ("What users write")."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## What users write") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    return section[start : section.index("\n```", start)] + "\n"
+
+
+def test_the_readmes_job_reaches_the_daemon_with_its_comments_left_out(tmp_path: Path) -> None:
+    script = readme_job()
+    assert "#HPCSTAGE --stage-in=s3://datasets/docking/ligands/ " in script
+    assert "# a prefix" in script  # the trailing comments this is about
+    decoded = decode_admin_comment(submitted(tmp_path, script))
+    assert decoded is not None
+    parsed, from_script = parse_args(decoded), parse_script(script)
+    assert not parsed.errors and not from_script.errors
+    assert [d.text for d in parsed.stage_in + parsed.stage_out] == [
+        "--stage-in=s3://datasets/docking/ligands/",
+        "--stage-in=s3://datasets/docking/receptor.pdb:inputs/",
+        "--stage-out=results:s3://results/docking/%u/%j/",
+    ]
+
+
+def test_quotes_and_backslashes_as_sbatch_reads_them(tmp_path: Path) -> None:
+    script = (
+        "#!/bin/bash\n"
+        "#HPCSTAGE --stage-in='s3://datasets/q/#not-a-comment/' \"--stage-in=s3://d/b/\"\n"
+        "#HPCSTAGE --stage-in=s3://datasets/e/\\#x/:in\n"
+        "srun true\n"
+    )
+    decoded = decode_admin_comment(submitted(tmp_path, script))
+    assert decoded == [
+        "--stage-in=s3://datasets/q/#not-a-comment/",
+        "--stage-in=s3://d/b/",
+        "--stage-in=s3://datasets/e/#x/:in",
+    ]
+    assert [(s.src, s.dest) for s in parse_script(script).stage_in] == [
+        (s.src, s.dest) for s in parse_args(decoded).stage_in
+    ]
+
+
+def test_an_open_quote_fails_the_job_with_the_line(tmp_path: Path) -> None:
+    script = "#!/bin/bash\n#HPCSTAGE --stage-in='s3://datasets/x/\nsrun true\n"
+    decoded = decode_admin_comment(submitted(tmp_path, script))
+    assert decoded == ["--stage-in='s3://datasets/x/"]
+    assert parse_args(decoded).errors and parse_script(script).errors
