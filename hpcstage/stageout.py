@@ -45,9 +45,10 @@ class Skipped:
 def should_run(when: str, job_state: str, site_states: frozenset[str]) -> tuple[bool, str]:
     """Whether a stage-out directive runs for a job that ended in ``job_state``, and why not."""
     if job_state == "GONE":
-        # We never saw the end state (the daemon was down past MinJobAge): uploading is the
-        # choice that loses nothing, so only explicitly conditional directives are skipped.
-        return (when == "always", "job outcome unknown; directive is conditional")
+        # We never saw the end state (the daemon was down past MinJobAge). Skipping would
+        # delete the outputs with the job directory; uploading loses nothing (what it
+        # replaces goes to the recycle bin), so every directive runs, conditional or not.
+        return True, ""
     if job_state not in site_states:
         return False, f"site does not stage out jobs that end {job_state}"
     success = job_state in SUCCESS_STATES
