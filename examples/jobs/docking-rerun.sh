@@ -6,7 +6,7 @@
 #HPCSTAGE --stage-in=s3://datasets/docking/ligands/
 set -euo pipefail
 t0=$(date +%s.%N)
-eval "$(hpcstage env)"
+eval "$(hpcstage env || echo exit 1)"
 t1=$(date +%s.%N)
 echo "hpcstage: node=$SLURMD_NODENAME dir=$HPCSTAGE_DIR waited=$(awk "BEGIN{printf \"%.2f\", $t1-$t0}")s"
 echo "ligands: $(find "$HPCSTAGE_DIR/ligands" -type f | wc -l) files"

@@ -8,7 +8,7 @@
 #HPCSTAGE --stage-out=results:s3://results/docking/%u/%j/
 set -euo pipefail
 t0=$(date +%s.%N)
-eval "$(hpcstage env)"          # waits until the inputs are on this node; fails the job if not
+eval "$(hpcstage env || echo exit 1)"          # waits until the inputs are on this node; fails the job if not
 t1=$(date +%s.%N)
 echo "hpcstage: node=$SLURMD_NODENAME dir=$HPCSTAGE_DIR waited=$(awk "BEGIN{printf \"%.2f\", $t1-$t0}")s"
 

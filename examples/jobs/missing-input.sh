@@ -4,5 +4,5 @@
 #SBATCH --job-name=missing-input
 #SBATCH --time=2
 #HPCSTAGE --stage-in=s3://datasets/docking/no-such-receptor.pdb
-eval "$(hpcstage env)"
+eval "$(hpcstage env || echo exit 1)"
 echo "this line must never run"

@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from hpcstage.units import format_size
 ENSURE_EVERY = 5.0  # seconds between nudges to the daemon while waiting
 SAY_EVERY = 5.0  # seconds between progress lines on stderr
 ENV_WAIT = 5.0  # seconds `hpcstage env` lets the daemon hold a request with no news
+# Answers `hpcstage env` waits out instead of failing the job: the daemon unreachable (0: a
+# restart, an HA takeover, a timeout) or a proxy in front of it without it (502-504).
+RETRY_STATUSES = frozenset({0, 502, 503, 504})
+RETRY_MAX = 15.0  # seconds between attempts at most
 
 WARMUP_REFRESH = 0.5  # seconds between redraws of `hpcstage warmup`'s bar with no news
 QUIET_WAIT = 10.0  # seconds `hpcstage warmup --json` lets the daemon hold a request
@@ -65,12 +70,14 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
 
     \b
       #HPCSTAGE --stage-in=s3://datasets/ligands/
-      eval "$(hpcstage env)"
+      eval "$(hpcstage env || echo exit 1)"
       python dock.py "$HPCSTAGE_DIR/ligands"
 
     It asks the daemon to fetch whatever is missing on this node and waits, printing progress
-    on stderr. On failure (a missing object, a malformed directive, timeout) it prints
-    `exit 1` for the shell, so the job stops instead of running without its data.
+    on stderr. A daemon that cannot be reached (restarting, an HA takeover) is asked again
+    until the timeout. On failure (a missing object, a malformed directive, timeout) it prints
+    `exit 1` for the shell, so the job stops instead of running without its data
+    (`|| echo exit 1` does the same if hpcstage itself cannot run, e.g. no module loaded).
     """
     try:
         if job_id is None or not node:
@@ -93,7 +100,8 @@ def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last_said = 0.0
     said = ""
-    doc = client.post(f"/api/v1/jobs/{job_id}/ensure")
+    ask = _Patient(client, deadline)
+    doc = ask.post(f"/api/v1/jobs/{job_id}/ensure")
     last_nudge = time.monotonic()
     while True:
         state = _node_state(doc, node)
@@ -111,11 +119,45 @@ def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
             click.echo(line, err=True)
             said, last_said = line, time.monotonic()
         if time.monotonic() - last_nudge > ENSURE_EVERY:
-            doc = client.post(f"/api/v1/jobs/{job_id}/ensure")
+            doc = ask.post(f"/api/v1/jobs/{job_id}/ensure")
             last_nudge = time.monotonic()
         else:
             left = max(0.1, deadline - time.monotonic())
-            doc = _next(client, f"/api/v1/jobs/{job_id}", doc, min(ENV_WAIT, left))
+            doc = ask.next(f"/api/v1/jobs/{job_id}", doc, min(ENV_WAIT, left))
+
+
+class _Patient:
+    """Calls to the daemon that wait out its absence until ``deadline`` (a restart or an HA
+    takeover must not fail the jobs waiting for their inputs), saying so once on stderr."""
+
+    def __init__(self, client: Client, deadline: float) -> None:
+        self.client, self.deadline = client, deadline
+        self._said = False
+
+    def post(self, path: str) -> Any:
+        return self._retried(lambda: self.client.post(path))
+
+    def next(self, path: str, doc: dict[str, Any], wait: float) -> Any:
+        return self._retried(lambda: _next(self.client, path, doc, wait))
+
+    def _retried(self, call: Callable[[], Any]) -> Any:
+        delay = 1.0
+        while True:
+            try:
+                answer = call()
+            except ApiError as exc:
+                if exc.status not in RETRY_STATUSES or time.monotonic() + delay > self.deadline:
+                    raise
+                if not self._said:
+                    click.echo(f"hpcstage: {exc}; asking again until it answers", err=True)
+                    self._said = True
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            if self._said:
+                click.echo("hpcstage: the daemon answers again", err=True)
+                self._said = False
+            return answer
 
 
 def _next(client: Client, path: str, doc: dict[str, Any], wait: float) -> Any:
@@ -186,14 +228,18 @@ def status(config_path: Path | None, job_id: int | None, as_json: bool, show_all
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     if not jobs:
         return "no jobs with staging directives"
-    lines = [f"{'JOBID':>10}  {'USER':<10} {'STATE':<11} {'NODES':<14} STAGING"]
+    head = f"{'JOBID':>10}  {'USER':<10} {'STATE':<11} {'NODES':<14} {'STAGE-OUT':<9} STAGING"
+    lines = [head]
     for j in jobs:
         ident = str(j["job_id"]) if j["kind"] == "job" else f"warmup-{j['id']}"
         nodes = ",".join(j["nodes"] or j["planned_nodes"]) or "-"
         staging = " ".join(f"{n}:{s}" for n, s in sorted(j["staging"].items())) or "-"
         if j["failure"]:
             staging += "  FAILED: " + j["failure"]
-        lines.append(f"{ident:>10}  {j['user']:<10} {j['state']:<11} {nodes:<14} {staging}")
+        out = {"none": "-"}.get(j.get("stage_out", "none"), j.get("stage_out", "-"))
+        lines.append(
+            f"{ident:>10}  {j['user']:<10} {j['state']:<11} {nodes:<14} {out:<9} {staging}"
+        )
     return "\n".join(lines)
 
 

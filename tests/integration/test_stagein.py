@@ -163,6 +163,34 @@ def test_kill_9_mid_stage_in_resumes_without_refetching(stager: Stager, victim: 
     assert len(parse_sums(stager.output("alice", job))) == count
 
 
+def test_a_job_waiting_in_hpcstage_env_outlives_a_daemon_restart(stager: Stager) -> None:
+    files = small_files(8, prefix="restart/")
+    src, sums = make_dataset(stager.dev, files)
+    stager.stop()  # down (restarting, an HA takeover) when the job starts and asks
+    try:
+        dest = src.rstrip("/").rsplit("/", 1)[1]
+        job = stager.submit("alice", CHECKSUM_JOB.format(src=src, dest=dest))
+        wait_until(
+            "the job to find the daemon gone",
+            lambda: "asking again until it answers" in _output_or_empty(stager, job),
+            120,
+            None,
+        )
+    finally:
+        stager.start()
+    assert stager.dev.wait_job(job, timeout=180) == "COMPLETED", stager.output("alice", job)
+    out = stager.output("alice", job)
+    assert "cannot reach the hpcstage daemon" in out and "the daemon answers again" in out
+    assert parse_sums(out) == sums
+
+
+def _output_or_empty(stager: Stager, job: int) -> str:
+    try:
+        return stager.output("alice", job)
+    except FileNotFoundError:
+        return ""
+
+
 def _files_done(doc: dict[str, object], node: str) -> int:
     return sum(r["nodes"].get(node, {}).get("files_done", 0) for r in doc["requests"])  # type: ignore[attr-defined, index]
 
