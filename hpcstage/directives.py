@@ -6,7 +6,9 @@ Grammar (each option may be repeated; a job has at most 1000 directives)::
         SRC    s3://BUCKET/KEY        one object
                s3://BUCKET/PREFIX/    every object under PREFIX (s3://BUCKET/ = whole bucket)
                /ABSOLUTE/PATH         a file or directory on a shared filesystem
-        DEST   a path relative to $HPCSTAGE_DIR; default: SRC's last component
+        DEST   a path relative to $HPCSTAGE_DIR; default: SRC's last component. DIR/ means
+               "into DIR" as with cp: an object or a path without a final '/' lands as
+               DIR/NAME, a prefix or a path written with a final '/' as DIR
     --stage-out=SRC:DEST[:FLAGS]
         SRC    a path relative to $HPCSTAGE_DIR (file or directory), or "." for all of it
         DEST   s3://BUCKET/PREFIX/    SRC goes under PREFIX (a directory's contents, a file by name)
@@ -449,9 +451,13 @@ def _parse_stage_in(value: str) -> tuple[Source, PurePosixPath]:
     src_text, colon, dest_text = (rest if scheme else value).partition(":")
     src = parse_source(f"{scheme}://{src_text}" if scheme else src_text)
     if colon and dest_text.endswith("/") and dest_text != "/":
-        # "DIR/" means "into DIR", as with cp: a prefix lands as DIR, an object as DIR/NAME.
+        # "DIR/" means "into DIR", as with cp: a prefix (and a path written with a final
+        # '/') lands as DIR, an object as DIR/NAME, and so does a path written without one,
+        # which may be a file (whether it is one is known only on the node).
         folder = _dest_path(dest_text.removesuffix("/"))
-        if src.kind is SourceKind.S3_OBJECT:
+        if src.kind is SourceKind.S3_OBJECT or (
+            src.kind is SourceKind.PATH and not src_text.endswith("/")
+        ):
             return src, folder / _default_dest(src)
         return src, folder
     return src, _dest_path(dest_text) if colon else _default_dest(src)

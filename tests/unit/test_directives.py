@@ -56,6 +56,11 @@ ALWAYS, SUCCESS, FAILURE = When.ALWAYS, When.SUCCESS, When.FAILURE
         # "DIR/" means "into DIR", as with cp.
         ("s3://bucket/pre/:inputs/", Source(PREFIX, "bucket", "pre/"), "inputs"),
         ("s3://bucket/d/in.csv:inputs/", Source(OBJ, "bucket", "d/in.csv"), "inputs/in.csv"),
+        # A path may be a file: written without a final '/' it goes into DIR by its name
+        # (cp -r /shared/a.pdb inputs/), with one its contents land as DIR (like a prefix).
+        ("/shared/a.pdb:inputs/", Source(PATH, path="/shared/a.pdb"), "inputs/a.pdb"),
+        ("/shared/set:inputs/", Source(PATH, path="/shared/set"), "inputs/set"),
+        ("/shared/set/:inputs/", Source(PATH, path="/shared/set"), "inputs"),
     ],
 )
 def test_good_stage_in(value: str, src: Source, dest: str) -> None:
