@@ -1116,9 +1116,16 @@ def _waits_for(job: Job, outputs: list[tuple[str, str]]) -> str:
         if r.direction != "in":
             continue
         for dest, other in outputs:
-            if other != _job_key(job) and (r.src.startswith(dest) or dest.startswith(r.src)):
+            if other != _job_key(job) and overlaps(r.src, dest):
                 return other
     return ""
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether locations ``a`` and ``b`` (s3:// URLs or paths; a prefix ends with '/') can
+    name the same object: equal, or one a prefix the other lies under. s3://b/a does not
+    overlap s3://b/ab/, nor s3://b/out/x s3://b/out/xy."""
+    return a == b or (a.endswith("/") and b.startswith(a)) or (b.endswith("/") and a.startswith(b))
 
 
 def _out_state(job: Job) -> str:
