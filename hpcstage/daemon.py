@@ -91,6 +91,7 @@ class Daemon:
     backend: SlurmBackend | None = None
     db: sessionmaker[Session] | None = None
     _pool: AgentPool | None = None
+    _agent_command: str = ""  # set with _pool: nodes.agent_command, or our own hpcstage's
     _tasks: dict[tuple[int, str], asyncio.Task[None]] = field(default_factory=dict)
     _progress: dict[int, Progress] = field(default_factory=dict)
     _files: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -130,7 +131,8 @@ class Daemon:
             self.backend = CliBackend(bin_dir=bin_dir)
         self._credentials = resolve_credentials(self.settings.store.profile or None)
         self._pool = AgentPool(self._open_agent, self._hello)
-        log.info("agents start with: %s", agent_command(self.settings.nodes.agent_command))
+        self._agent_command = agent_command(self.settings.nodes.agent_command)
+        log.info("agents start with: %s", self._agent_command)
         with self.db.begin() as session:
             # Transfers that were running when we stopped are simply queued again.
             session.execute(
@@ -810,8 +812,7 @@ class Daemon:
         nodes = self.settings.nodes
         cache_dir = cache_dir_for(nodes.cache_dir, node)
         if nodes.transport == "local":
-            command = agent_command(nodes.agent_command)
-            return await open_local(node, agent_argv(command, node, cache_dir))
+            return await open_local(node, agent_argv(self._agent_command, node, cache_dir))
         if node not in self._node_addr:
             await self._refresh_nodes()
         target = SshTarget(
@@ -820,7 +821,7 @@ class Daemon:
             user=nodes.ssh_user,
             key=str(nodes.ssh_key),
             known_hosts=str(nodes.ssh_known_hosts),
-            command=agent_shell_command(agent_command(nodes.agent_command), node, cache_dir),
+            command=agent_shell_command(self._agent_command, node, cache_dir),
             connect_timeout=nodes.connect_timeout,
         )
         return await open_ssh(node, target)

@@ -15,6 +15,7 @@ from typing import NoReturn
 import click
 import uvicorn
 
+from hpcstage.auth import user_name
 from hpcstage.cli.common import config_option, load_settings
 from hpcstage.errors import ConfigError
 from hpcstage.service_unit import EX_CONFIG
@@ -82,27 +83,19 @@ def _config_error(exc: ConfigError) -> NoReturn:
 def _usable_state_dir(path: Path) -> None:
     """Create ``site.state_dir`` if missing (0700: the state and audit log are the service
     account's alone); ConfigError, saying what to do, when it cannot be created or written."""
+    me = user_name(os.geteuid())
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"site.state_dir {path}: cannot create it ({exc.strerror or exc}); create it for"
-            f" the service account, e.g. install -d -o {_me()} -m 0700 {path}"
+            f" the service account, e.g. install -d -o {me} -m 0700 {path}"
         ) from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"site.state_dir {path}: not writable by {_me()}; make it the service account's"
-            f" (chown {_me()} {path}) or choose another"
+            f"site.state_dir {path}: not writable by {me}; make it the service account's"
+            f" (chown {me} {path}) or choose another"
         )
-
-
-def _me() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 class _QuietServer(uvicorn.Server):

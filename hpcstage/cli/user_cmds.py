@@ -236,7 +236,8 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
         staging = " ".join(f"{n}:{s}" for n, s in sorted(j["staging"].items())) or "-"
         if j["failure"]:
             staging += "  FAILED: " + j["failure"]
-        out = {"none": "-"}.get(j.get("stage_out", "none"), j.get("stage_out", "-"))
+        out = j.get("stage_out", "none")  # absent from a daemon older than the column
+        out = "-" if out == "none" else out
         lines.append(
             f"{ident:>10}  {j['user']:<10} {j['state']:<11} {nodes:<14} {out:<9} {staging}"
         )

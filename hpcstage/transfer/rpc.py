@@ -112,7 +112,8 @@ class RpcClient:
                 self._dispatch(decode(line))
             if self.explain_eof is not None:
                 with contextlib.suppress(Exception):
-                    reason = f"{reason} ({await self.explain_eof()})".replace(" ()", "")
+                    if detail := await self.explain_eof():
+                        reason = f"{reason} ({detail})"
         except (TransportError, ConnectionError, OSError, asyncio.LimitOverrunError) as exc:
             reason = str(exc)
         except asyncio.CancelledError:
