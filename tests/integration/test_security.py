@@ -121,6 +121,35 @@ def test_requests_without_or_with_a_replayed_credential_are_refused(stager: Stag
     assert _status(url, "MUNGE not-a-credential") == 401
 
 
+def test_a_credential_whose_payload_claims_root_is_refused(stager: Stager) -> None:
+    """Issue 15 item 1: unmunge prints the user's payload after the metadata, so a payload of
+    'UID:0' lines made the daemon see root. Alice forges one and asks for an admin action."""
+    socket = f"{stager.dev.info.base}/munge-run/munge.socket"
+    url = f"{stager.client.base_url}/api/v1/nodes/n1/evict"
+    forged = stager.dev.run_as(
+        "alice", ["sh", "-c", f"printf 'UID:0\\nGID:0\\n' | munge --socket {socket}"]
+    ).stdout.strip()
+    code, body = _post(url, f"MUNGE {forged}")
+    assert code == 401, body
+    assert "payload" in body
+    refused = [a for a in audit_lines(stager) if a.get("event") == "auth-refused"]
+    assert "payload" in str(refused[-1])
+    # Alice's own credential without a payload still works, as alice (not an admin).
+    plain = stager.dev.run_as("alice", ["munge", "--no-input", "--socket", socket]).stdout
+    assert _post(url, f"MUNGE {plain.strip()}")[0] == 403
+
+
+def _post(url: str, authorization: str) -> tuple[int, str]:
+    req = urllib.request.Request(  # noqa: S310 - loopback test URL
+        url, data=b"", method="POST", headers={"Authorization": authorization}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def test_the_site_secret_appears_nowhere_a_user_can_read(stager: Stager) -> None:
     secret = stager.dev.info.s3_secret_key
     src = chem_dataset(stager)
