@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from hpcstage.errors import HpcstageError
 
 SCHEME = "MUNGE"
+# An admin's request on behalf of this uid (burst_buffer.lua's `scontrol show bbstat`).
+FOR_UID_HEADER = "X-Hpcstage-For-Uid"
 # munge_decode's errors that users meet (munge_err_t in munge.h).
 _MUNGE_ERRORS = {
     15: "expired credential",

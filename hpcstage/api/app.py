@@ -52,8 +52,30 @@ def create_app(daemon: Daemon) -> FastAPI:
         assert daemon.db is not None
         return daemon.db
 
-    async def caller(authorization: str = Header(default="")) -> auth.Identity:
-        """The authenticated user of this request (MUNGE), or 401."""
+    async def caller(
+        authorization: str = Header(default=""),
+        for_uid: int | None = Header(default=None, alias=auth.FOR_UID_HEADER),
+    ) -> auth.Identity:
+        """The authenticated user of this request (MUNGE), or 401.
+
+        An admin may ask as another uid (``X-Hpcstage-For-Uid``): burst_buffer.lua runs as
+        SlurmUser and answers `scontrol show bbstat` for whoever typed it.
+        """
+        me = await authenticated(authorization)
+        if for_uid is None:
+            return me
+        if not me.admin:
+            daemon.audit.record("auth-refused", user=me.user, reason="for-uid from a non-admin")
+            raise HTTPException(403, "only admins may ask on behalf of another user")
+        return identity(for_uid)
+
+    def identity(uid: int) -> auth.Identity:
+        user = auth.user_name(uid)
+        return auth.Identity(
+            user=user, uid=uid, admin=uid == 0 or user in daemon.settings.api.admins
+        )
+
+    async def authenticated(authorization: str) -> auth.Identity:
         api = daemon.settings.api
         if api.auth == "none":
             return auth.Identity(user="anonymous", uid=-1, admin=True)
@@ -66,8 +88,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         except auth.AuthError as exc:
             daemon.audit.record("auth-refused", reason=str(exc))
             raise HTTPException(401, str(exc)) from exc
-        user = auth.user_name(uid)
-        return auth.Identity(user=user, uid=uid, admin=uid == 0 or user in api.admins)
+        return identity(uid)
 
     def owned(job: Job | None, me: auth.Identity, what: str) -> Job:
         """``job`` if ``me`` may see it; 404 if unknown, 403 if someone else's."""

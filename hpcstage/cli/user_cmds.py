@@ -205,13 +205,22 @@ def _progress_line(doc: dict[str, Any], node: str) -> str:
 @click.argument("job_id", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON document.")
 @click.option("--all", "show_all", is_flag=True, help="Include jobs whose staging is over.")
-def status(config_path: Path | None, job_id: int | None, as_json: bool, show_all: bool) -> None:
+@click.option(
+    "--for-uid",
+    type=click.IntRange(min=0),
+    metavar="UID",
+    help="Admins: answer as user UID would be answered (burst_buffer.lua's bbstat uses it).",
+)
+def status(
+    config_path: Path | None, job_id: int | None, as_json: bool, show_all: bool, for_uid: int | None
+) -> None:
     """Show staging of one job (JOBID) or of every job the daemon tracks.
 
     For one job: each input with files and bytes done/total per node, its state and error,
-    then the daemon's recent events for the job.
+    then the daemon's recent events for the job. Users see their own jobs only.
     """
     client, _ = _client(config_path)
+    client.for_uid = for_uid
     if job_id is None:
         jobs = client.get(f"/api/v1/jobs?all={'true' if show_all else 'false'}")
         click.echo(json.dumps(jobs, indent=2) if as_json else _jobs_table(jobs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pwd
 import urllib.error
 import urllib.request
 import uuid
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from hpcstage import auth
+from hpcstage.client import ApiError, client_for
+from hpcstage.config import load_config
 from hpcstage.devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, running_stager, small_files
@@ -137,6 +140,23 @@ def test_a_credential_whose_payload_claims_root_is_refused(stager: Stager) -> No
     # Alice's own credential without a payload still works, as alice (not an admin).
     plain = stager.dev.run_as("alice", ["munge", "--no-input", "--socket", socket]).stdout
     assert _post(url, f"MUNGE {plain.strip()}")[0] == 403
+
+
+def test_only_admins_may_ask_on_behalf_of_another_uid(stager: Stager) -> None:
+    """burst_buffer.lua (SlurmUser, an admin) answers bbstat as the asking uid; a user who
+    sends the same header claiming uid 0 is refused, not promoted."""
+    src = chem_dataset(stager)
+    script = f"#!/bin/bash\n#HPCSTAGE --stage-in={src}\n"
+    job = stager.submit("alice", script, "--account=chem", "--hold")
+    stager.wait_doc(job, "known to the daemon", lambda d: d["job_id"] == job)
+    bob = stager.cli("bob", "status", "--for-uid", "0", str(job), check=False)
+    assert bob.returncode == 1 and "only admins may ask on behalf" in bob.stderr, bob
+    admin = client_for(load_config(stager.config), timeout=10)  # root: an admin
+    admin.for_uid = pwd.getpwnam("alice").pw_uid
+    assert admin.get(f"/api/v1/jobs/{job}")["user"] == "alice"
+    admin.for_uid = pwd.getpwnam("bob").pw_uid
+    with pytest.raises(ApiError, match="belongs to another user"):
+        admin.get(f"/api/v1/jobs/{job}")
 
 
 def _post(url: str, authorization: str) -> tuple[int, str]:
