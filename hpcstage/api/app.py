@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hpcstage import __version__, auth, trash
-from hpcstage.api.dashboard import render_dashboard
+from hpcstage.api import session
+from hpcstage.api.dashboard import render_dashboard, render_login_needed
 from hpcstage.db import Job, Staging
-from hpcstage.errors import DirectiveError, HpcstageError
+from hpcstage.errors import ConfigError, DirectiveError, HpcstageError
 from hpcstage.status import job_document, job_summary
 from hpcstage.store import parse_s3_url
 
@@ -267,9 +270,23 @@ def create_app(daemon: Daemon) -> FastAPI:
         daemon.audit.record("trash-restore", user=me.user, bucket=bucket, **done)
         return done
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    metrics_token = _read_token(daemon.settings.api.metrics_token_file)
+
+    async def scraper(authorization: str = Header(default="")) -> None:
+        """/metrics' reader: the site's scrape token, or an admin's MUNGE credential."""
+        scheme, _, given = authorization.partition(" ")
+        if scheme == "Bearer" and metrics_token:
+            if hmac.compare_digest(given.strip().encode(), metrics_token.encode()):
+                return
+            daemon.audit.record("auth-refused", reason="wrong metrics token")
+            raise HTTPException(401, "wrong metrics token")
+        me = await caller(authorization, None)
+        if not me.admin:
+            raise HTTPException(403, "metrics are for admins and the site's scraper")
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(scraper)])
     async def metrics() -> str:
-        """Prometheus text format."""
+        """Prometheus text format (api.metrics_token_file's token as a Bearer, or an admin)."""
         with db().begin() as session:
             rows = session.execute(
                 select(
@@ -284,21 +301,78 @@ def create_app(daemon: Daemon) -> FastAPI:
             ).all()
         return render_metrics(rows, jobs_by_state, daemon.last_tick)
 
+    session_key = session.new_key()  # in memory only: a restart ends every browser session
+    logins = session.OnceOnly()
+
+    @app.post("/api/v1/dashboard/login")
+    async def dashboard_login(me: auth.Identity = Depends(caller)) -> dict[str, str]:
+        """A one-minute, single-use token that opens the dashboard as you (GET /login?token=)."""
+        if me.uid < 0:  # api.auth = "none": the page needs no login
+            return {"token": ""}
+        daemon.audit.record("dashboard-login", user=me.user)
+        return {"token": session.issue(session_key, "login", me.uid, time.time())}
+
+    @app.get("/login")
+    async def login(token: str = "") -> Response:
+        """Trade a login token for a session cookie, then show the dashboard."""
+        now = time.time()
+        try:
+            claims = session.verify(session_key, token, "login", now)
+            logins.spend(claims, now)
+        except auth.AuthError as exc:
+            daemon.audit.record("auth-refused", reason=f"dashboard: {exc}")
+            return HTMLResponse(render_login_needed(str(exc)), status_code=401)
+        reply = RedirectResponse("/", status_code=303)
+        reply.set_cookie(
+            session.COOKIE,
+            session.issue(session_key, "session", claims.uid, now),
+            max_age=session.SESSION_SECONDS,
+            httponly=True,
+            samesite="strict",
+            secure=daemon.settings.api.url.startswith("https:"),
+        )
+        return reply
+
+    def viewer(cookie: str | None) -> auth.Identity:
+        """Who the dashboard is for: the session cookie's user; AuthError without one."""
+        if daemon.settings.api.auth == "none":
+            return auth.Identity(user="anonymous", uid=-1, admin=True)
+        if not cookie:
+            raise auth.AuthError("the dashboard needs a login")
+        return identity(session.verify(session_key, cookie, "session", time.time()).uid)
+
     @app.get("/", response_class=HTMLResponse)
-    async def dashboard() -> str:
-        """A page for people: jobs and their staging, refreshed every few seconds."""
-        with db().begin() as session:
-            docs = [
-                job_summary(j)
-                for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(200))
-            ]
-        return render_dashboard(docs, __version__)
+    async def dashboard(request: Request) -> Response:
+        """A page for people: their jobs (admins: all) and staging, refreshed every few seconds."""
+        try:
+            me = viewer(request.cookies.get(session.COOKIE))
+        except auth.AuthError as exc:
+            return HTMLResponse(render_login_needed(str(exc)), status_code=401)
+        with db().begin() as db_session:
+            query = select(Job).order_by(Job.id.desc()).limit(200)
+            if not me.admin:
+                query = query.where(Job.user == me.user)
+            docs = [job_summary(j) for j in db_session.scalars(query)]
+        return HTMLResponse(render_dashboard(docs, __version__, me.user))
 
     return app
 
 
 def _socket(path: object) -> str | None:
     return str(path) if path else None
+
+
+def _read_token(path: Path | None) -> str:
+    """The metrics scrape token in ``path`` ("" when unset); ConfigError if unreadable."""
+    if path is None:
+        return ""
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"api.metrics_token_file: cannot read {path}: {exc}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"api.metrics_token_file: {path} holds fewer than 16 characters")
+    return token
 
 
 def render_metrics(rows: Any, jobs_by_state: Any, last_tick: float) -> str:

@@ -411,3 +411,20 @@ def _settled(doc: dict[str, Any], nodes: list[str]) -> bool:
     return bool(doc["requests"]) and all(
         req["nodes"].get(n, {}).get("finished_at") for req in doc["requests"] for n in nodes
     )
+
+
+# ---------------------------------------------------------------------------- dashboard
+
+
+@click.command()
+@config_option
+def dashboard(config_path: Path | None) -> None:
+    """Print a link that opens the dashboard in a browser, as you.
+
+    Browsers cannot make MUNGE credentials, so this command asks the daemon (with one) for
+    a login link. It is valid for a minute and for one use; opening it sets a session
+    cookie for some hours. The page shows your own jobs (admins: everyone's).
+    """
+    client, _ = _client(config_path)
+    token = client.post("/api/v1/dashboard/login")["token"]
+    click.echo(f"{client.base_url}/login?token={token}" if token else f"{client.base_url}/")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
+import os
 import pwd
 import urllib.error
 import urllib.request
@@ -15,6 +17,7 @@ import pytest
 from hpcstage import auth
 from hpcstage.client import ApiError, client_for
 from hpcstage.config import load_config
+from hpcstage.devcluster import users
 from hpcstage.devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, running_stager, small_files
@@ -44,9 +47,21 @@ bio = "300KiB"
 """
 
 
+METRICS_TOKEN = "scrape-" + uuid.uuid4().hex
+
+
 @pytest.fixture(scope="module")
 def stager(cluster: DevCluster) -> Iterator[Stager]:
-    yield from running_stager(cluster, "security", policy=POLICY, extra=QUOTAS)
+    token = Path(cluster.info.base) / "etc" / "metrics-token"
+    token.write_text(METRICS_TOKEN + "\n")
+    svc = pwd.getpwnam(users.SERVICE.name)
+    os.chown(token, svc.pw_uid, svc.pw_gid)
+    token.chmod(0o600)
+
+    def with_token(text: str) -> str:
+        return text.replace('auth = "munge"\n', f'auth = "munge"\nmetrics_token_file = "{token}"\n')
+
+    yield from running_stager(cluster, "security", policy=POLICY, extra=QUOTAS, edit=with_token)
 
 
 def chem_dataset(stager: Stager, count: int = 5, account: str = "chem") -> str:
@@ -157,6 +172,62 @@ def test_only_admins_may_ask_on_behalf_of_another_uid(stager: Stager) -> None:
     admin.for_uid = pwd.getpwnam("bob").pw_uid
     with pytest.raises(ApiError, match="belongs to another user"):
         admin.get(f"/api/v1/jobs/{job}")
+
+
+def test_the_dashboard_shows_nothing_without_a_login_and_users_their_own_jobs(
+    stager: Stager,
+) -> None:
+    """Issue 15 item 14: the page at / listed every user's jobs, sources and errors to anyone
+    who reached the port. Now: nothing without a session; `hpcstage dashboard` prints a
+    one-minute, single-use link that sets one; each user sees their own jobs."""
+    src = chem_dataset(stager)
+    script = f"#!/bin/bash\n#HPCSTAGE --stage-in={src}\n"
+    job = stager.submit("alice", script, "--account=chem", "--hold")
+    stager.wait_doc(job, "known to the daemon", lambda d: d["job_id"] == job)
+    base = stager.client.base_url
+    code, page = _get(base + "/")
+    assert code == 401 and src not in page and "alice" not in page, page
+    assert "hpcstage dashboard" in page  # says how to get in
+    link = stager.cli("alice", "dashboard").stdout.strip()
+    assert link.startswith(f"{base}/login?token="), link
+    browser = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
+    with browser.open(link, timeout=10) as resp:  # follows the redirect to /
+        page = resp.read().decode()
+    assert f"<td>{job}</td><td>alice</td>" in page, page
+    assert _get(link)[0] == 401  # used once already
+    bobs = stager.cli("bob", "dashboard").stdout.strip()
+    bob_browser = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
+    with bob_browser.open(bobs, timeout=10) as resp:
+        page = resp.read().decode()
+    assert "as seen by bob" in page and "<td>alice</td>" not in page, page
+    forged = bobs.split("token=")[1][:-4] + "AAAA"  # a changed signature
+    assert _get(f"{base}/login?token={forged}")[0] == 401
+
+
+def test_metrics_need_the_scrape_token_or_an_admin(stager: Stager) -> None:
+    url = f"{stager.client.base_url}/metrics"
+    assert _get(url)[0] == 401
+    assert _get(url, "Bearer not-the-token")[0] == 401
+    code, text = _get(url, f"Bearer {METRICS_TOKEN}")
+    assert code == 200 and "hpcstage_stagings" in text, text
+    socket = f"{stager.dev.info.base}/munge-run/munge.socket"
+    bob = stager.dev.run_as("bob", ["munge", "--no-input", "--socket", socket]).stdout.strip()
+    assert _get(url, f"MUNGE {bob}")[0] == 403
+    assert _get(url, f"MUNGE {auth.encode(socket)}")[0] == 200  # root: an admin
+
+
+def _get(url: str, authorization: str = "") -> tuple[int, str]:
+    headers = {"Authorization": authorization} if authorization else {}
+    req = urllib.request.Request(url, headers=headers)  # noqa: S310 - loopback test URL
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def _post(url: str, authorization: str) -> tuple[int, str]:
