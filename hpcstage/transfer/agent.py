@@ -31,6 +31,7 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.identity import ObjectRef
+from hpcstage.permissions import Person, Reader
 from hpcstage.retry import RetryPolicy
 from hpcstage.store import FsStore, ObjectStore, S3Store, download_bytes
 from hpcstage.transfer import peer
@@ -139,7 +140,8 @@ class Agent:
             job = str(params["job"])
             view = str(self.cache.view_dir(job))
             acl = await asyncio.to_thread(grant_access, Path(view), str(params.get("user", "")))
-        results = [await self._stage_item_checked(job, i, progress) for i in params["items"]]
+        user = str(params.get("user", ""))
+        results = [await self._stage_item_checked(job, user, i, progress) for i in params["items"]]
         return {"view": view, "acl": acl, "items": results}
 
     async def stage_out(self, params: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
@@ -193,9 +195,9 @@ class Agent:
     # ------------------------------------------------------------------ staging
 
     async def _stage_item_checked(
-        self, job: str | None, item: dict[str, Any], progress: ProgressFn
+        self, job: str | None, user: str, item: dict[str, Any], progress: ProgressFn
     ) -> dict[str, Any]:
-        result = await self._stage_item(job, item, progress)
+        result = await self._stage_item(job, user, item, progress)
         if result["files_total"] == 0:
             # A typo in a prefix must not look like an empty, successfully staged input.
             url = item["source"].get("path") or (
@@ -205,13 +207,18 @@ class Agent:
         return result
 
     async def _stage_item(
-        self, job: str | None, item: dict[str, Any], progress: ProgressFn
+        self, job: str | None, user: str, item: dict[str, Any], progress: ProgressFn
     ) -> dict[str, Any]:
         request_id = int(item["request_id"])
         counters = Counters()
         dest = PurePosixPath(item["dest"])
         store, prefix, is_prefix = self._open_store(item["source"])
         refs = _limited(_refs(store, prefix, is_prefix, counters), item)
+        if item["source"]["kind"] == "path" and job is not None:
+            # Read as the service account, so checked as the job's user first (docs/security.md).
+            # A warmup only fills the cache, which no user reads: a job's staging checks again.
+            reader = Reader(await asyncio.to_thread(Person.named, user))
+            refs = _readable(refs, reader, prefix if is_prefix else None)
         reporter = asyncio.create_task(_report(progress, counters, request_id))
         try:
             await self._fetch_all(job, refs, prefix if is_prefix else None, dest, store, counters)
@@ -355,6 +362,17 @@ async def _refs(
         yield ref
         return
     async for ref in store.list(key):
+        yield ref
+
+
+async def _readable(
+    refs: AsyncIterator[ObjectRef], reader: Reader, top: str | None
+) -> AsyncIterator[ObjectRef]:
+    """``refs``, each checked readable by the reader's person (PermissionRefused if not)."""
+    if top is not None:
+        await asyncio.to_thread(reader.check_dir, top.rstrip("/") or "/")
+    async for ref in refs:
+        await asyncio.to_thread(reader.check_file, ref.key, top)
         yield ref
 
 

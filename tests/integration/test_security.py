@@ -6,6 +6,7 @@ import http.cookiejar
 import json
 import os
 import pwd
+import subprocess
 import urllib.error
 import urllib.request
 import uuid
@@ -48,6 +49,11 @@ bio = "300KiB"
 
 
 METRICS_TOKEN = "scrape-" + uuid.uuid4().hex
+SHARED_RULE = """
+[[policy.rules]]
+accounts = ["chem", "bio"]
+read = ["{base}/shared/"]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,10 @@ def stager(cluster: DevCluster) -> Iterator[Stager]:
     def with_token(text: str) -> str:
         return text.replace('auth = "munge"\n', f'auth = "munge"\nmetrics_token_file = "{token}"\n')
 
-    yield from running_stager(cluster, "security", policy=POLICY, extra=QUOTAS, edit=with_token)
+    shared = SHARED_RULE.format(base=cluster.info.base)
+    yield from running_stager(
+        cluster, "security", policy=POLICY + shared, extra=QUOTAS, edit=with_token
+    )
 
 
 def chem_dataset(stager: Stager, count: int = 5, account: str = "chem") -> str:
@@ -228,6 +237,34 @@ def _get(url: str, authorization: str = "") -> tuple[int, str]:
             return int(resp.status), resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def test_a_shared_file_is_staged_only_for_users_who_may_read_it(stager: Stager) -> None:
+    """Issue 15 item 13: the agent reads shared-filesystem sources as the service account.
+    Alice's private file, which the site lets the stager read (an ACL), is inside a prefix the
+    policy grants both accounts; Bob's job asks for it and must not get it."""
+    home = Path(stager.dev.info.base) / "shared" / f"alice-{uuid.uuid4().hex[:6]}"
+    home.mkdir(parents=True)
+    home.parent.chmod(0o755)
+    secret = home / "secret.txt"
+    secret.write_text("alice's unpublished result\n")
+    alice = pwd.getpwnam("alice")
+    for path, mode, acl in ((home, 0o700, "rx"), (secret, 0o600, "r")):
+        os.chown(path, alice.pw_uid, alice.pw_gid)
+        path.chmod(mode)
+        subprocess.run(["setfacl", "-m", f"u:{users.SERVICE.name}:{acl}", str(path)], check=True)
+    job = (
+        f"#!/bin/bash\n#HPCSTAGE --stage-in={secret}\n"
+        'eval "$(hpcstage env)"\ncat "$HPCSTAGE_DIR/secret.txt"\n'
+    )
+    bobs = stager.submit("bob", job, "--account=bio")
+    assert stager.dev.wait_job(bobs, timeout=120) == "FAILED"
+    out = stager.output("bob", bobs)
+    assert "unpublished" not in out, out
+    assert f"{home}: bob may not enter it" in out, out
+    alices = stager.submit("alice", job, "--account=chem")
+    assert stager.dev.wait_job(alices, timeout=120) == "COMPLETED", stager.output("alice", alices)
+    assert "alice's unpublished result" in stager.output("alice", alices)
 
 
 def _post(url: str, authorization: str) -> tuple[int, str]:
