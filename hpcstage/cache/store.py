@@ -164,8 +164,7 @@ class NodeCache:
             path.chmod(mode)
         self.stats = CacheStats()
         self._clock = clock
-        self._index = Index(self.root / INDEX)
-        (self.root / INDEX).chmod(0o600)  # the keys of cached objects are nobody else's business
+        self._index = Index(self.root / INDEX)  # private (0600), its WAL and shm files too
         self._lock = threading.RLock()
         # A lease check in eviction and a link of the same object exclude each other; objects
         # are spread over stripes so links of different objects do not wait for each other.

@@ -711,3 +711,43 @@ def test_batcher_takes_items_submitted_right_after_its_runners_finished(parallel
         return await asyncio.wait_for(one_after_another(), 10)
 
     assert asyncio.run(bounded()) == [2 * n for n in range(50)] + [0, 2, 4, 6, 8]
+
+
+# -- index file modes ----------------------------------------------------------------------
+
+
+def _index_modes(root: Path) -> dict[str, int]:
+    return {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in root.iterdir()
+        if p.name.startswith("index.db")
+    }
+
+
+def test_the_index_and_its_wal_and_shm_files_are_private(tmp_path: Path) -> None:
+    # The keys of every user's staged objects are in the WAL before a checkpoint: with the
+    # usual umask SQLite used to create -wal and -shm 0644 (a local user could read them).
+    old = os.umask(0o022)
+    try:
+        with NodeCache(tmp_path / "cache") as cache:
+            store(cache, "users/alice/secret-plan.dat", b"x")
+            modes = _index_modes(cache.root)
+            assert set(modes) == {"index.db", "index.db-wal", "index.db-shm"}
+            assert modes == dict.fromkeys(modes, 0o600)
+            assert b"secret-plan" in (cache.root / "index.db-wal").read_bytes()
+    finally:
+        os.umask(old)
+
+
+def test_opening_the_cache_makes_an_old_install_s_index_files_private(tmp_path: Path) -> None:
+    # An agent of an older hpcstage that was killed leaves -wal and -shm 0644 behind.
+    with NodeCache(tmp_path / "cache") as cache:
+        store(cache, "k", b"x")
+    for name in ("index.db", "index.db-wal", "index.db-shm"):
+        path = tmp_path / "cache" / name
+        path.touch()
+        path.chmod(0o644)
+    with NodeCache(tmp_path / "cache") as cache:
+        modes = _index_modes(cache.root)
+        assert modes == dict.fromkeys(modes, 0o600)
+        assert set(modes) >= {"index.db", "index.db-wal", "index.db-shm"}
