@@ -703,16 +703,18 @@ class Daemon:
             job_key = _job_key(session.get_one(Job, action.job_id))
         try:
             rpc = await self._agent(action.node)
-            await rpc.call("release", {"job": job_key})
+            done = await rpc.call("release", {"job": job_key})
         except (AgentError, TransportError) as exc:
             log.warning("release of %s on %s failed: %s", job_key, action.node, exc)
             return
+        # The job made part of its directory undeletable: released all the same, lease ended.
+        left = f" (left for an admin: released/{done['leftover']})" if done.get("leftover") else ""
         with self.db.begin() as session:
             for st in _job_stagings(session, action.job_id, action.node):
                 # A failure stays on record (status, `hpcstage env`) after its view is gone.
                 if st.request.direction != "out" and st.state != "failed":
                     st.state = "released"
-            log_event(session, action.job_id, action.node, f"view released: {action.reason}")
+            log_event(session, action.job_id, action.node, f"view released: {action.reason}{left}")
 
     def _mark_released(self, job_id: int) -> None:
         assert self.db is not None
