@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpcstage import auth
+from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, running_stager, small_files
@@ -247,3 +251,35 @@ def test_a_job_cannot_pin_its_inputs_by_making_its_directory_undeletable(
         shutil.rmtree(cache / "jobs" / str(job), ignore_errors=True)
         for leftover in (cache / "released").glob(f"{job}.*"):
             shutil.rmtree(leftover)
+
+
+def test_a_reused_job_id_is_staged_as_the_new_job_not_refused_as_the_old_ones(
+    stager: Stager,
+) -> None:
+    # Slurm gives ids again after its counter wraps or its state is reset: bob's job that had
+    # the next id ended long ago. (Recorded as a daemon of before submit times were kept
+    # would have it: no submit time, first seen a day ago.)
+    probe = stager.submit("alice", "#!/bin/bash\ntrue\n", "--hold")
+    proc.run(["scancel", str(probe)], env=stager.dev.client_env())
+    old_id = probe + 1
+    state = Path(stager.dev.info.base) / "daemon" / "state.db"
+    day_ago = time.time() - 86400
+    with contextlib.closing(sqlite3.connect(state)) as conn, conn:
+        conn.execute(
+            "INSERT INTO jobs (kind, slurm_job_id, name, user, account, partition, state,"
+            " state_reason, priority, planned_nodes, nodes, batch_host, directive_source,"
+            " error, first_seen, ended_at, released_at) VALUES ('job', ?, 'old', 'bob', 'bio',"
+            " 'debug', 'COMPLETED', '', 0, '', 'n2', 'n2', 'admin_comment', '', ?, ?, ?)",
+            (old_id, day_ago, day_ago + 60, day_ago + 120),
+        )
+    src = chem_dataset(stager, count=2)
+    script = (
+        f'#!/bin/bash\n#HPCSTAGE --stage-in={src}:data\neval "$(hpcstage env)"\n'
+        'echo "RAN $(ls "$HPCSTAGE_DIR/data" | wc -l)"\n'
+    )
+    job = stager.submit("alice", script, "--account=chem")
+    assert job == old_id
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    assert "RAN 2" in stager.output("alice", job)
+    mine = json.loads(stager.cli("alice", "status", str(job), "--json").stdout)
+    assert (mine["user"], mine["job_id"]) == ("alice", job)
