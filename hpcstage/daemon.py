@@ -48,7 +48,7 @@ from hpcstage.transfer.transport import (
     open_ssh,
 )
 from hpcstage.units import format_size
-from hpcstage.watch import Directives, log_event, split_nodes, sync
+from hpcstage.watch import Directives, JobKey, log_event, split_nodes, sync
 
 log = logging.getLogger("hpcstage.daemon")
 
@@ -95,7 +95,7 @@ class Daemon:
     _tasks: dict[tuple[int, str], asyncio.Task[None]] = field(default_factory=dict)
     _progress: dict[int, Progress] = field(default_factory=dict)
     _files: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    _ignored: set[int] = field(default_factory=set)
+    _ignored: set[JobKey] = field(default_factory=set)
     _node_addr: dict[str, str] = field(default_factory=dict)
     # node -> (consecutive transport failures, time before which it is not tried again)
     _node_down: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -347,6 +347,7 @@ class Daemon:
                 out_node=job.batch_host or next(iter(split_nodes(job.nodes)), ""),
                 waits_for=_waits_for(job, outputs),
                 inputs=next((r.src for r in job.requests if r.direction == "in" and r.src), ""),
+                replaced=job.replaced_at is not None,
             )
 
     def _act(self, action: planner.Action) -> None:
@@ -703,16 +704,18 @@ class Daemon:
             job_key = _job_key(session.get_one(Job, action.job_id))
         try:
             rpc = await self._agent(action.node)
-            await rpc.call("release", {"job": job_key})
+            done = await rpc.call("release", {"job": job_key})
         except (AgentError, TransportError) as exc:
             log.warning("release of %s on %s failed: %s", job_key, action.node, exc)
             return
+        # The job made part of its directory undeletable: released all the same, lease ended.
+        left = f" (left for an admin: released/{done['leftover']})" if done.get("leftover") else ""
         with self.db.begin() as session:
             for st in _job_stagings(session, action.job_id, action.node):
                 # A failure stays on record (status, `hpcstage env`) after its view is gone.
                 if st.request.direction != "out" and st.state != "failed":
                     st.state = "released"
-            log_event(session, action.job_id, action.node, f"view released: {action.reason}")
+            log_event(session, action.job_id, action.node, f"view released: {action.reason}{left}")
 
     def _mark_released(self, job_id: int) -> None:
         assert self.db is not None
@@ -1070,7 +1073,7 @@ def _take(progress: Progress, data: dict[str, Any]) -> None:
 
 
 def _job_key(job: Job) -> str:
-    return str(job.slurm_job_id) if job.kind == "job" else f"warmup-{job.id}"
+    return str(job.slurm_id) if job.kind == "job" else f"warmup-{job.id}"
 
 
 def _staging(session: Session, request: Request, node: str) -> Staging:

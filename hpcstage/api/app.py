@@ -160,11 +160,18 @@ def create_app(daemon: Daemon) -> FastAPI:
         deadline = time.monotonic() + UNKNOWN_JOB_WAIT * daemon.settings.slurm.poll_interval
         while True:
             daemon.wake(fresh=True)
+            late = time.monotonic() > deadline
             with db().begin() as session:
                 found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
-                if found is not None:
+                # A job that asks runs: an ended row with its id may be an older job Slurm
+                # gave the id before (see hpcstage.watch), not yet replaced by the daemon.
+                if (
+                    found is not None
+                    and found.replaced_at is None
+                    and (found.ended_at is None or late)
+                ):
                     return document(session, owned(found, me, f"job {job_id}"))
-            if time.monotonic() > deadline:
+            if late:
                 raise HTTPException(
                     404,
                     f"job {job_id} is not known to hpcstage: it has no staging directives"

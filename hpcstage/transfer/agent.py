@@ -23,6 +23,7 @@ from typing import Any
 from hpcstage.cache import CacheError, NodeCache, PendingObject, key_dest
 from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.store import GROUP_COMMIT_MAX
+from hpcstage.cache.views import hardlinks_protected
 from hpcstage.errors import (
     CredentialError,
     HpcstageError,
@@ -163,10 +164,11 @@ class Agent:
         return {"items": [await uploader.run(item) for item in params["items"]]}
 
     async def release(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
-        """Drop a job's view (its lease); the objects stay cached until evicted."""
+        """Drop a job's view (its lease); the objects stay cached until evicted. ``leftover``
+        names what the job made undeletable, set aside under the cache's ``released/``."""
         job = str(params["job"])
-        await asyncio.to_thread(self.cache.release, job)
-        return {"released": job}
+        leftover = await asyncio.to_thread(self.cache.release, job)
+        return {"released": job, "leftover": leftover}
 
     async def usage(self, _params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
         """Bytes and objects in the cache, leased and total, and fetch counters."""
@@ -174,6 +176,7 @@ class Agent:
             "usage": _plain(await asyncio.to_thread(self.cache.usage)),
             "stats": _plain(self.cache.stats),
             "views": self.cache.views(),
+            "leftovers": self.cache.leftovers(),
         }
 
     async def evict(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
@@ -593,5 +596,10 @@ def run_agent(node: str, cache_dir: Path) -> None:
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     lock_cache(cache_dir, LOCK_WAIT)  # held until this process exits
+    if not hardlinks_protected():
+        log.warning(
+            "fs.protected_hardlinks is 0: a job can hardlink its inputs outside its directory"
+            " and keep them from eviction; set it to 1 (sysctl, the usual default)"
+        )
     agent = Agent(node=node, cache=NodeCache(cache_dir))
     asyncio.run(serve(agent))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.cookiejar
 import json
 import os
 import pwd
+import shutil
+import sqlite3
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -18,7 +22,7 @@ import pytest
 from hpcstage import auth
 from hpcstage.client import ApiError, client_for
 from hpcstage.config import load_config
-from hpcstage.devcluster import users
+from hpcstage.devcluster import proc, users
 from hpcstage.devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, running_stager, small_files
@@ -344,3 +348,94 @@ def test_an_account_over_its_node_quota_is_refused_and_others_data_kept(stager: 
     # The first job's leased inputs were not evicted to make room.
     assert stager.dev.wait_job(first, timeout=120) == "COMPLETED"
     assert stager.output("bob", first).split()[-1] == "50"
+
+
+PIN_JOB = """#!/bin/bash
+#HPCSTAGE --stage-in={src}:data
+eval "$(hpcstage env)"
+cd "$HPCSTAGE_DIR"
+stat -c 'INODE %i' data/*
+mkdir pin
+# The attack: move the inputs (hardlinks, the job's lease on the cached objects) into a
+# directory of one's own, then make it undeletable to the service account.
+mv data/* pin/ && echo MOVED || echo NOT-MOVED
+ln data/f00000.dat pin/link && echo LINKED || echo NOT-LINKED
+cp data/f00001.dat pin/own
+chmod 500 pin
+# The same with outputs: a private file in a private directory.
+mkdir out
+echo result > out/result
+chmod 600 out/result out
+"""
+
+
+def test_a_job_cannot_pin_its_inputs_by_making_its_directory_undeletable(
+    stager: Stager,
+) -> None:
+    src = chem_dataset(stager, count=3)
+    job = stager.submit("alice", PIN_JOB.format(src=src), "--account=chem", "--nodelist=n1")
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    out = stager.output("alice", job)
+    inodes = {int(line.split()[1]) for line in out.splitlines() if line.startswith("INODE ")}
+    assert len(inodes) == 3, out
+    cache = stager.dev.info.node_cache("n1")
+    try:
+        # Released at the first ticks after the lease grace (20 s), not retried forever.
+        doc = stager.wait_doc(
+            job, "released", lambda d: d["staging"].get("n1") == "released", timeout=60
+        )
+        assert not (cache / "jobs" / str(job)).exists()
+        # The links stayed where the agent put them (sticky directories of its own).
+        assert "NOT-MOVED" in out and "NOT-LINKED" in out, out
+        # The lease ended: no link to the job's objects is left anywhere.
+        links = {
+            p.stat().st_ino: p.stat().st_nlink
+            for p in (cache / "objects").rglob("*")
+            if p.is_file() and p.stat().st_ino in inodes
+        }
+        assert links == dict.fromkeys(inodes, 1), links
+        # What alice made undeletable is set aside, shown to admins, and logged once.
+        left = stager.client.get("/api/v1/nodes/n1/cache")["leftovers"]
+        mine = [name for name in left if name.startswith(f"{job}.")]
+        assert len(mine) == 1, left
+        assert any(
+            "view released" in e["message"] and f"released/{mine[0]}" in e["message"]
+            for e in doc["events"]
+        ), doc["events"]
+        assert f"release of {job} " not in stager.log.read_text()
+    finally:  # as root, as an admin would
+        shutil.rmtree(cache / "jobs" / str(job), ignore_errors=True)
+        for leftover in (cache / "released").glob(f"{job}.*"):
+            shutil.rmtree(leftover)
+
+
+def test_a_reused_job_id_is_staged_as_the_new_job_not_refused_as_the_old_ones(
+    stager: Stager,
+) -> None:
+    # Slurm gives ids again after its counter wraps or its state is reset: bob's job that had
+    # the next id ended long ago. (Recorded as a daemon of before submit times were kept
+    # would have it: no submit time, first seen a day ago.)
+    probe = stager.submit("alice", "#!/bin/bash\ntrue\n", "--hold")
+    proc.run(["scancel", str(probe)], env=stager.dev.client_env())
+    old_id = probe + 1
+    state = Path(stager.dev.info.base) / "daemon" / "state.db"
+    day_ago = time.time() - 86400
+    with contextlib.closing(sqlite3.connect(state)) as conn, conn:
+        conn.execute(
+            "INSERT INTO jobs (kind, slurm_job_id, name, user, account, partition, state,"
+            " state_reason, priority, planned_nodes, nodes, batch_host, directive_source,"
+            " error, first_seen, ended_at, released_at) VALUES ('job', ?, 'old', 'bob', 'bio',"
+            " 'debug', 'COMPLETED', '', 0, '', 'n2', 'n2', 'admin_comment', '', ?, ?, ?)",
+            (old_id, day_ago, day_ago + 60, day_ago + 120),
+        )
+    src = chem_dataset(stager, count=2)
+    script = (
+        f'#!/bin/bash\n#HPCSTAGE --stage-in={src}:data\neval "$(hpcstage env)"\n'
+        'echo "RAN $(ls "$HPCSTAGE_DIR/data" | wc -l)"\n'
+    )
+    job = stager.submit("alice", script, "--account=chem")
+    assert job == old_id
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    assert "RAN 2" in stager.output("alice", job)
+    mine = json.loads(stager.cli("alice", "status", str(job), "--json").stdout)
+    assert (mine["user"], mine["job_id"]) == ("alice", job)
