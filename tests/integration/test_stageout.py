@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -142,7 +143,7 @@ def test_daemon_killed_mid_upload_every_object_once_no_multipart_left(stager: St
     stored = s3_objects(stager.dev, prefix)
     assert {k.removeprefix(prefix): v[0] for k, v in stored.items()} == local
     # Exactly once: nothing was replaced (so nothing went to the recycle bin)...
-    assert not any(f"/{job}/" in k for k in s3_objects(stager.dev, ".hpcstage-trash/"))
+    assert not any(f"/{job}~" in k for k in s3_objects(stager.dev, ".hpcstage-trash/"))
     # ...and no multipart upload was left behind.
     assert open_uploads(stager.dev, prefix) == []
 
@@ -185,7 +186,10 @@ def test_overwrite_keeps_the_old_object_in_the_trash_and_restore_brings_it_back(
     files = [f for r in doc["requests"] for st in r["nodes"].values() for f in st["files"]]
     assert [f["state"] for f in files] == ["uploaded"]
     trash = files[0]["trash_key"]
-    assert trash.startswith(".hpcstage-trash/") and trash.endswith(f"/{job}/{prefix}table.csv")
+    # <trash_prefix><day>/<job>~<ETag of the version kept>/<key>
+    old_etag = hashlib.md5(old).hexdigest()  # noqa: S324 (rclone's ETag)
+    assert trash.startswith(".hpcstage-trash/")
+    assert trash.endswith(f"/{job}~{old_etag}/{prefix}table.csv"), trash
     assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=trash) == old
     assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=f"{prefix}table.csv") == b"new\n"
     listing = stager.cli("alice", "trash", "ls", BUCKET).stdout
