@@ -215,6 +215,43 @@ async def test_a_stage_out_aborts_no_other_writers_multipart_upload(
     await client.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=theirs["UploadId"])
 
 
+class PausedAfterCreate(S3Store):
+    """A store whose first multipart upload waits, open, before its first part is sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reached, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def _put_part_once(self, *args: Any) -> str:
+        if not self.gate.is_set():
+            self.reached.set()
+            await self.gate.wait()
+        return await super()._put_part_once(*args)
+
+
+async def test_two_stage_outs_to_one_key_neither_aborts_the_others_upload(
+    run: Run, other: S3Store, any_s3_server: S3Server, tmp_path: Path
+) -> None:
+    # Job A's multipart upload is open when job B's stage-out to the same key starts and
+    # finishes; A then finds B's object there: it bins it and writes again. Nothing is lost.
+    key = run.prefix + "big.bin"
+    await put(other, key, b"O\n", tmp_path)
+    job_b = Run(run.node, run.job + "b", run.prefix)
+    run.write("big.bin", _payload(6 * MIB, b"A"))
+    job_b.write("big.bin", _payload(6 * MIB, b"B"))
+    paused = make_s3_store(any_s3_server, PausedAfterCreate)
+    first = asyncio.create_task(run.stage_out(paused))
+    await paused.reached.wait()
+    await job_b.stage_out(make_s3_store(any_s3_server))
+    run.stores += job_b.stores
+    paused.gate.set()
+    await first
+    assert await read(other, key) == _payload(6 * MIB, b"A")
+    assert await bin_of(other, run.job) == sorted([b"O\n", _payload(6 * MIB, b"B")])
+    assert await bin_of(other, job_b.job) == [b"O\n"]
+    assert await open_uploads(any_s3_server, run.prefix) == []
+
+
 class NoAbort(S3Store):
     """A store whose first multipart upload fails and is not aborted (the agent was killed)."""
 
@@ -300,8 +337,8 @@ async def test_two_restores_in_one_second_keep_both_displaced_versions(
     assert await read(any_s3, done_b["displaced_to"]) == b"A: kept by job 101\n"
 
 
-def _payload(size: int) -> bytes:
-    block = hashlib.sha256(b"stage-out").digest() * 4096
+def _payload(size: int, seed: bytes = b"stage-out") -> bytes:
+    block = hashlib.sha256(seed).digest() * 4096
     return (block * (size // len(block) + 1))[:size]
 
 
