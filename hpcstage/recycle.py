@@ -138,7 +138,8 @@ class UploadJournal:
 
     def opened(self, key: str, upload_id: str) -> None:
         """Record an upload before its first part is sent."""
-        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for directory in (self._dir.parent, self._dir):  # keys are nobody else's business
+            directory.mkdir(mode=0o700, exist_ok=True)
         entry = {"bucket": self._bucket, "key": key, "upload_id": upload_id}
         self._path(upload_id).write_text(json.dumps(entry))
 

@@ -41,7 +41,7 @@ class WarmupIn(BaseModel):
 class RestoreIn(BaseModel):
     """Body of POST /api/v1/trash/restore."""
 
-    url: str = Field(description="s3://bucket/<trash_prefix><day>/<job>/<key>")
+    url: str = Field(description="s3://bucket/<trash_prefix><day>/<job>~<version>/<key>")
 
 
 def create_app(daemon: Daemon) -> FastAPI:
