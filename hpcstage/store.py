@@ -794,8 +794,10 @@ async def _refused(
 
 
 def _code(exc: BaseException) -> str:
-    """The S3 error code behind a translated error ("" when there is none)."""
+    """The S3 error code behind a translated (and maybe retried) error ("": none)."""
     cause = exc.__cause__
+    while cause is not None and not isinstance(cause, bce.ClientError):
+        cause = cause.__cause__
     if isinstance(cause, bce.ClientError):
         return str(cause.response.get("Error", {}).get("Code", ""))
     return ""
@@ -873,6 +875,7 @@ class S3Store:
         # Whether PutObject honours If-Match/If-None-Match (None: not probed yet; see
         # conditional_writes). rclone's server ignores both; AWS and moto honour them.
         self._conditional: bool | None = None
+        self._conditional_complete = True  # False once Complete answered NotImplemented to it
         self._s3: S3Client | None = None
         self._lean: LeanGet | None = None
         self._ranged: RangeGet | None = None
@@ -1536,7 +1539,7 @@ class S3Store:
             await _run_bounded(parts, one, min(self._max_connections, len(parts)))
             if only_if is not None:
                 await self._check_precondition(key, only_if)  # some servers ignore it on Complete
-            await self._complete(key, upload_id, etags, self._condition(only_if))
+            await self._complete_on(key, upload_id, etags, only_if)
         except BaseException:
             aborted = await asyncio.shield(self.abort(key, upload_id))
             if aborted and journal is not None:
@@ -1544,6 +1547,21 @@ class S3Store:
             raise
         if journal is not None:
             journal.closed(upload_id)
+
+    async def _complete_on(
+        self, key: str, upload_id: str, etags: dict[int, str], only_if: Precondition | None
+    ) -> None:
+        """Complete on ``only_if`` (already checked by a HEAD): with the conditional header
+        where the store honours it, and without where it is not implemented on Complete."""
+        condition = self._condition(only_if) if self._conditional_complete else {}
+        try:
+            await self._complete(key, upload_id, etags, condition)
+        except TransientStoreError as exc:
+            if not condition or _code(exc) != "NotImplemented":
+                raise
+            self._conditional_complete = False
+            log.warning("%s: no conditional CompleteMultipartUpload; HEAD only", self.url(""))
+            await self._complete(key, upload_id, etags, {})
 
     async def _complete(
         self, key: str, upload_id: str, etags: dict[int, str], condition: Mapping[str, str]

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions as bce
 import pytest
 
 from hpcstage import trash
 from hpcstage.cache import NodeCache
 from hpcstage.errors import ObjectChangedError, TransientStoreError
-from hpcstage.store import MIB, Precondition, S3Store
+from hpcstage.store import MIB, Precondition, S3Store, translate_s3_error
 from hpcstage.transfer.uploader import Uploader
 
 from .conftest import BUCKET, S3Server, make_s3_store, open_uploads
@@ -68,7 +69,7 @@ class Run:
             self.stores.append(store)
             self.node.store = store
         uploader = Uploader(
-            self.node,  # type: ignore[arg-type]
+            self.node,
             self.job,
             ENDED,
             TRASH,
@@ -374,3 +375,36 @@ async def test_a_write_on_a_stale_condition_is_refused_on_both_servers(
     assert await open_uploads(any_s3_server, key) == []
     fresh = await any_s3.upload(source, key, only_if=Precondition((await any_s3.head(key)).etag))
     assert fresh.size == size
+
+
+class NoConditionalComplete(S3Store):
+    """A server that honours conditional PUTs but answers 501 to a conditional Complete."""
+
+    refused = 0
+
+    async def _complete(self, key: str, upload_id: str, etags: Any, condition: Any) -> None:
+        if condition:
+            self.refused += 1
+            answer = {"Error": {"Code": "NotImplemented", "Message": "If-None-Match"}}
+            answer["ResponseMetadata"] = {"HTTPStatusCode": 501}
+            error = bce.ClientError(answer, "CompleteMultipartUpload")
+            raise translate_s3_error(error, f"complete multipart {key}") from error
+        await super()._complete(key, upload_id, etags, condition)
+
+
+async def test_a_store_without_conditional_complete_falls_back_to_the_head(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    store = make_s3_store(moto_server, NoConditionalComplete)
+    try:
+        assert await store.conditional_writes(f"{TRASH}.probe-{uuid.uuid4().hex[:8]}")
+        source = tmp_path / "big"
+        source.write_bytes(_payload(6 * MIB))
+        for name in ("a", "b"):
+            ref = await store.upload(
+                source, f"nc-{uuid.uuid4().hex[:8]}/{name}", only_if=Precondition()
+            )
+            assert ref.size == 6 * MIB
+        assert store.refused == 1  # asked once, then remembered
+    finally:
+        await store.close()
