@@ -22,7 +22,9 @@ Verification
     object above ``LEAN_MAX``, a full-object checksum the store keeps (CRC64NVME, CRC32C, ...;
     asked for with one HEAD, see hpcstage.checksums); else, when the ETag is a plain MD5
     (single-part uploads), the MD5 of the bytes. A multipart ETag without a store checksum
-    allows no content check. Objects up to ``LEAN_MAX`` also get a SHA-256, which the node
+    allows no content check, nor does the ETag of an object encrypted with SSE-KMS or SSE-C,
+    which looks like an MD5 and is none (known by the answer's encryption headers, see
+    ``etag_is_md5``). Objects up to ``LEAN_MAX`` also get a SHA-256, which the node
     cache records and peer copy verifies; bigger ones do not (it would cost a second pass
     over every byte for a record nothing reads). Uploads send Content-MD5 for every request,
     so the server rejects corrupted bodies.
@@ -394,12 +396,15 @@ class _Checks:
     parts: checksums.PartChecksums | None = None  # the store's checksum, part by part
 
     @classmethod
-    def choose(cls, ref: ObjectRef, stored: StoreChecksum | None) -> _Checks:
+    def choose(cls, ref: ObjectRef, stored: StoreChecksum | None, md5_etag: bool = True) -> _Checks:
+        """``md5_etag`` False: the object's ETag is no MD5 although it may look like one
+        (SSE-KMS, SSE-C: see ``etag_is_md5``)."""
+        md5 = stored is None and md5_etag and _PLAIN_MD5.fullmatch(ref.etag)
         return cls(
             ref,
             stored,
             store=stored.new() if stored is not None else None,
-            md5=_new_md5() if stored is None and _PLAIN_MD5.fullmatch(ref.etag) else None,
+            md5=_new_md5() if md5 else None,
             sha256=hashlib.sha256() if ref.size <= LEAN_MAX else None,
         )
 
@@ -876,6 +881,7 @@ class S3Store:
         # conditional_writes). rclone's server ignores both; AWS and moto honour them.
         self._conditional: bool | None = None
         self._conditional_complete = True  # False once Complete answered NotImplemented to it
+        self._opaque_etags = False  # an object's MD5-looking ETag was none (SSE-KMS, SSE-C)
         self._s3: S3Client | None = None
         self._lean: LeanGet | None = None
         self._ranged: RangeGet | None = None
@@ -1096,14 +1102,14 @@ class S3Store:
             await _write_body(dest_fd, body)
             _PartProgress(progress).update(0, len(body))
             return DownloadResult(sha256_hex, len(body), "md5" if md5_hex else "")
-        stored = await self.stored_checksum(ref) if ref.size > LEAN_MAX else None
+        stored, md5_etag = await self._head_checks(ref) if ref.size > LEAN_MAX else (None, True)
         if ref.size < self._threshold:
             tracker = _PartProgress(progress)
             return await self._retried(
                 "get", ref.key, lambda: self._get_whole(ref, dest_fd, tracker, stored)
             )
         parts = _parts(ref.size, self._part_size)
-        checks = _Checks.choose(ref, stored)
+        checks = _Checks.choose(ref, stored, md5_etag)
         by_parts = checks.by_parts(parts)
         # Only writeback hints are left to do in part order when the parts are checked as
         # they arrive (the SDK's fallback path does not give them as it writes).
@@ -1160,6 +1166,11 @@ class S3Store:
 
         ObjectChangedError when the object is no longer the one listed (its checksum would
         describe other bytes)."""
+        return (await self._head_checks(ref))[0]
+
+    async def _head_checks(self, ref: ObjectRef) -> tuple[StoreChecksum | None, bool]:
+        """``stored_checksum``, and whether ``ref``'s ETag is the MD5 of its bytes (no SSE-KMS
+        or SSE-C: the listing cannot tell)."""
         answer = await self._call(
             "head",
             ref.key,
@@ -1171,7 +1182,17 @@ class S3Store:
                 f"head {self.url(ref.key)}: the object changed since it was listed"
                 f" ({answer.get('ContentLength')} bytes, listed with {ref.size})"
             )
-        return checksums.from_response(answer)
+        return checksums.from_response(answer), self._md5_etag(ref, answer)
+
+    def _md5_etag(self, ref: ObjectRef, answer: Mapping[str, Any]) -> bool:
+        """``etag_is_md5`` of an answer about ``ref``; an MD5-looking ETag that is none (SSE)
+        turns the lean GET off for this store: it could only check such objects by their
+        ETag, fail, and fall back to the SDK every time."""
+        md5 = etag_is_md5(ref.etag, answer)
+        if not md5 and _PLAIN_MD5.fullmatch(ref.etag) and not self._opaque_etags:
+            self._opaque_etags = True
+            log.info("%s: encrypted objects (SSE-KMS/SSE-C): their ETags are no MD5", self.url(""))
+        return md5
 
     def _check_owns(self, ref: ObjectRef) -> None:
         if (ref.store, ref.bucket) != (self.store_id, self.bucket):
@@ -1183,6 +1204,8 @@ class S3Store:
         must fetch it."""
         lean = self._lean
         if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold:
+            return None
+        if self._opaque_etags:
             return None
         self._check_owns(ref)
         body = await lean.get(ref.key, ref.size, ref.etag)
@@ -1198,10 +1221,10 @@ class S3Store:
     async def _get_whole(
         self, ref: ObjectRef, fd: int, tracker: _PartProgress, stored: StoreChecksum | None
     ) -> DownloadResult:
-        checks = _Checks.choose(ref, stored)
         answer = await self._request(
             "get", ref.key, lambda c: c.get_object(Bucket=self.bucket, Key=ref.key)
         )
+        checks = _Checks.choose(ref, stored, self._md5_etag(ref, answer))
         async with answer["Body"] as body:  # released to the pool whatever happens
             self._check_same(ref, answer.get("ETag"))
             self._check_announced(ref, answer.get("ContentLength"))

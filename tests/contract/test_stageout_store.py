@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -21,6 +22,7 @@ from typing import Any
 
 import botocore.exceptions as bce
 import pytest
+from hostile_s3 import HostileS3, Mode  # tests/: on sys.path, above the contract package
 
 from hpcstage import trash
 from hpcstage.cache import NodeCache
@@ -28,7 +30,7 @@ from hpcstage.errors import ObjectChangedError, TransientStoreError
 from hpcstage.store import MIB, Precondition, S3Store, translate_s3_error
 from hpcstage.transfer.uploader import Uploader
 
-from .conftest import BUCKET, S3Server, make_s3_store, open_uploads
+from .conftest import BUCKET, SMALL_POLICY, S3Server, make_s3_store, open_uploads
 
 pytestmark = pytest.mark.anyio
 
@@ -408,3 +410,36 @@ async def test_a_store_without_conditional_complete_falls_back_to_the_head(
         assert store.refused == 1  # asked once, then remembered
     finally:
         await store.close()
+
+
+# --- SSE-KMS ETags on the way in -------------------------------------------------------------
+
+
+async def test_sse_kms_objects_are_staged_in_without_taking_their_etag_for_an_md5() -> None:
+    # AWS gives an SSE-KMS object an ETag of 32 hex digits that is not the MD5 of its bytes
+    # (moto does not emulate that, the hostile test server does). Such an object is checked
+    # by its size, its ETag staying the same and the store's checksum if any, not the ETag.
+    server = HostileS3()
+    await server.start()
+    small, mid, plain = _payload(100 * 1024, b"s"), _payload(2 * MIB, b"m"), b"plain"
+    server.put("b", "p/small", small, Mode.SSE_KMS)
+    server.put("b", "p/mid", mid, Mode.SSE_KMS)  # above LEAN_MAX: a HEAD first, then the SDK
+    server.put("b", "p/plain", plain)
+    credentials = {"access_key": "x", "secret_key": "y", "token": ""}
+    store = S3Store(server.endpoint, "b", credentials=credentials, retry=SMALL_POLICY)
+    try:
+        refs = {ref.key: ref async for ref in store.list("p/")}
+        got = {key: await _download(store, ref) for key, ref in sorted(refs.items())}
+    finally:
+        await store.close()
+        await server.stop()
+    assert got == {"p/mid": (mid, ""), "p/plain": (plain, "md5"), "p/small": (small, "")}
+
+
+async def _download(store: S3Store, ref: Any) -> tuple[bytes, str]:
+    fd = os.memfd_create("sse", os.MFD_CLOEXEC)
+    try:
+        result = await store.download(ref, fd)
+        return os.pread(fd, ref.size, 0), result.verified
+    finally:
+        os.close(fd)

@@ -481,10 +481,10 @@ async def test_ranged_get_falls_back_and_the_sdk_reports(
     old = await put(h, scratch, "big", payload(LARGE, seed=1))
     await put(h, scratch, "big", payload(LARGE, seed=2))
 
-    async def after_the_head(ref: ObjectRef) -> None:
-        return None  # as if the object changed between the HEAD and the ranged GETs
+    async def after_the_head(ref: ObjectRef) -> tuple[None, bool]:
+        return None, True  # as if the object changed between the HEAD and the ranged GETs
 
-    monkeypatch.setattr(s3, "stored_checksum", after_the_head)
+    monkeypatch.setattr(s3, "_head_checks", after_the_head)
     with pytest.raises(ObjectChangedError, match="changed"):
         await fetch(s3, old, scratch)
     stats = s3.ranged_stats
