@@ -5,15 +5,18 @@ sit beside the agent-side walk of the job directory and the upload loop.
 
 Exactly once, by construction: every file is compared with what is already at its key
 (size + MD5). Identical: nothing to do (a restarted stage-out skips what arrived before).
-Different: the old object is first copied to the recycle bin under a key fixed by the job
-(``<trash_prefix><YYYY-MM-DD of the job's end>/<jobid>/<key>``), then replaced. Repeating any
-step after a crash gives the same result, so the daemon simply runs the whole stage-out again.
+Different: the old object is first copied to the recycle bin under a key fixed by the job and
+the version it holds (``<trash_prefix><YYYY-MM-DD of the job's end>/<jobid>~<ETag>/<key>``),
+then replaced on condition that the key still holds that version (hpcstage.recycle). Repeating
+any step after a crash gives the same result, so the daemon simply runs the whole stage-out
+again; a version someone else wrote meanwhile gets its own copy in the bin.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -23,6 +26,9 @@ from pathlib import Path, PurePosixPath
 from hpcstage.errors import HpcstageError
 
 SUCCESS_STATES = frozenset({"COMPLETED"})
+VERSION_MARK = "~"  # between the job and the version in a recycle-bin key (no job id has one)
+_PLAIN_MD5 = re.compile(r"[0-9a-f]{32}")
+_NOT_IN_TAG = re.compile(r"[^0-9A-Za-z-]")
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,19 @@ def key_for(dest_key: str, src_is_dir: bool, rel_in_src: str, src_name: str) -> 
     return f"{dest_key}/{rel_in_src}" if src_is_dir else dest_key
 
 
-def trash_key(trash_prefix: str, ended_at: float, job: str, key: str) -> str:
-    """Where the object replaced at ``key`` by ``job`` is kept (same bucket)."""
+def trash_key(trash_prefix: str, ended_at: float, job: str, key: str, etag: str) -> str:
+    """Where the version ``etag`` of the object at ``key``, replaced by ``job``, is kept.
+
+    The version is part of the name, so a copy found there on a retry is a copy of that
+    version, never of an older one the key held before someone else rewrote it.
+    """
     day = time.strftime("%Y-%m-%d", time.gmtime(ended_at))
-    return f"{trash_prefix}{day}/{job}/{key}"
+    return f"{trash_prefix}{day}/{job}{VERSION_MARK}{version_tag(etag)}/{key}"
+
+
+def version_tag(etag: str) -> str:
+    """An ETag as one path segment: what a (hostile) store sends must not add a '/'."""
+    return _NOT_IN_TAG.sub("", etag)[:80] or "none"
 
 
 def walk(view: Path, src: PurePosixPath, dest_key: str) -> Iterator[Output | Skipped]:
@@ -143,10 +158,27 @@ def file_digests(path: Path) -> tuple[str, str]:
     return md5.hexdigest(), sha.hexdigest()
 
 
-def same_object(etag: str, size: int, md5_hex: str, local_size: int) -> bool:
-    """True when the stored object is the local file: same size and, for a plain ETag, MD5.
+def same_object(
+    etag: str,
+    size: int,
+    md5_hex: str,
+    local_size: int,
+    *,
+    etag_is_md5: bool = True,
+    stored_sha256: str = "",
+    sha256_hex: str = "",
+) -> bool:
+    """True when the stored object is the local file: same size, and the same content by
+    the best evidence there is.
 
-    A multipart ETag ("...-N") is no MD5 of the content; size alone would be a guess, so such
-    an object is treated as different (it then goes to the recycle bin: nothing is lost).
+    A plain ETag is the MD5 of the content unless the object is encrypted with SSE-KMS or
+    SSE-C (``etag_is_md5`` False): then, as for a multipart ETag ("...-N", no MD5 of the
+    content), the SHA-256 hpcstage recorded in the object's metadata when it uploaded it
+    decides (``stored_sha256``). Without it, size alone would be a guess: the object is
+    treated as different (it then goes to the recycle bin: nothing is lost).
     """
-    return size == local_size and "-" not in etag and etag.lower() == md5_hex
+    if size != local_size:
+        return False
+    if etag_is_md5 and _PLAIN_MD5.fullmatch(etag.lower()):
+        return etag.lower() == md5_hex
+    return bool(stored_sha256) and stored_sha256 == sha256_hex

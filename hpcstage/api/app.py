@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from hpcstage import __version__, auth, trash
+from hpcstage import __version__, auth, policy, trash
 from hpcstage.api import session
 from hpcstage.api.dashboard import render_dashboard, render_login_needed
 from hpcstage.db import Job, Staging
@@ -44,7 +44,7 @@ class WarmupIn(BaseModel):
 class RestoreIn(BaseModel):
     """Body of POST /api/v1/trash/restore."""
 
-    url: str = Field(description="s3://bucket/<trash_prefix><day>/<job>/<key>")
+    url: str = Field(description="s3://bucket/<trash_prefix><day>/<job>~<version>/<key>")
 
 
 def create_app(daemon: Daemon) -> FastAPI:
@@ -262,15 +262,30 @@ def create_app(daemon: Daemon) -> FastAPI:
             job = session.scalar(select(Job).where(Job.slurm_job_id == int(job_key)))
             return job is not None and job.user == me.user
 
+    def may_not_write(job_key: str, me: auth.Identity, url: str) -> str:
+        """Why ``me`` may not write ``url`` now ("": may), by today's policy: a restore writes
+        the key again, and the rules may have changed since the job's stage-out was admitted.
+        Admins run the site and may restore anything."""
+        if me.admin:
+            return ""
+        with db().begin() as session:
+            job = session.scalar(select(Job).where(Job.slurm_job_id == int(job_key)))
+            account = job.account if job is not None else ""
+        decision = policy.check(daemon.settings.policy, me.user, account, "write", url)
+        return "" if decision.allowed else decision.rule
+
     @app.post("/api/v1/trash/restore")
     async def trash_restore(body: RestoreIn, me: auth.Identity = Depends(caller)) -> dict[str, str]:
         """Put a recycle-bin entry back at its key (what is there now goes to the bin)."""
         prefix = daemon.settings.stage_out.trash_prefix
         try:
             bucket, key = parse_s3_url(body.url)
-            _day, job_key, _original = trash.parse_trash_key(prefix, key)
+            _day, job_key, original = trash.parse_trash_key(prefix, key)
             if not me.admin and not may_touch(job_key, me):
                 raise HTTPException(403, "that recycle-bin entry belongs to another user's job")
+            refused = may_not_write(job_key, me, f"s3://{bucket}/{original}")
+            if refused:
+                raise HTTPException(403, f"restore refused: {refused}")
             done = await trash.restore(daemon.store(bucket), prefix, key)
         except (ValueError, HpcstageError) as exc:
             raise HTTPException(400, str(exc)) from exc

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from hpcstage.cache import PendingObject
 from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
 from hpcstage.identity import ObjectRef
+from hpcstage.recycle import UploadJournal, abort_own, replace
 from hpcstage.stageout import Output, Skipped, file_digests, same_object, trash_key, walk
-from hpcstage.store import S3Store
+from hpcstage.store import Described, S3Store
 from hpcstage.transfer.rpc import ProgressFn
 
 if TYPE_CHECKING:
@@ -97,8 +99,13 @@ class Uploader:
         report.files_total = len(outputs)
         report.bytes_total = sum(o.size for o in outputs)
         store = self.agent.s3_store(item["dest_bucket"])
-        await store.abort_uploads(item["dest_key"], {o.key for o in outputs})
-        await self._upload_all(store, view, outputs, report)
+        journal = UploadJournal(self.agent.cache.root / "uploads" / self.job, store.bucket)
+        # What an earlier attempt of this stage-out left open; another job's uploads to the
+        # same keys are not ours to abort.
+        await abort_own(store, journal)
+        await store.conditional_writes(f"{self.trash_prefix}.probe-{secrets.token_hex(8)}")
+        await self._upload_all(store, view, outputs, report, journal)
+        journal.tidy()
         self.progress(report.flush())
         failed = report.files_total - report.files_done
         if failed:
@@ -114,14 +121,19 @@ class Uploader:
         }
 
     async def _upload_all(
-        self, store: S3Store, view: Path, outputs: list[Output], report: _Report
+        self,
+        store: S3Store,
+        view: Path,
+        outputs: list[Output],
+        report: _Report,
+        journal: UploadJournal,
     ) -> None:
         sem = asyncio.Semaphore(self.agent.concurrency)
         reporter = asyncio.create_task(self._report_loop(report))
 
         async def one(output: Output) -> None:
             async with sem:
-                report.add(await self._one(store, view, output))
+                report.add(await self._one(store, view, output, journal))
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -139,7 +151,9 @@ class Uploader:
             await asyncio.sleep(REPORT_EVERY)
             self.progress(report.flush())
 
-    async def _one(self, store: S3Store, view: Path, output: Output) -> dict[str, Any]:
+    async def _one(
+        self, store: S3Store, view: Path, output: Output, journal: UploadJournal
+    ) -> dict[str, Any]:
         path = view / output.rel
         outcome: dict[str, Any] = {
             "path": output.rel,
@@ -150,21 +164,25 @@ class Uploader:
         }
         try:
             md5, sha = await asyncio.to_thread(file_digests, path)
-            existing = await store.head_or_none(output.key)
-            if existing is not None and same_object(existing.etag, existing.size, md5, output.size):
+            existing = await store.describe(output.key)
+            if existing is not None and _holds(existing, output, md5, sha):
                 outcome["state"] = "present"  # arrived in an earlier run: exactly once
-                await self._cache(store, path, existing, sha)
+                await self._cache(store, path, existing.ref, sha)
                 return outcome
-            if existing is not None:
-                outcome["trash_key"] = trash_key(
-                    self.trash_prefix, self.ended_at, self.job, output.key
-                )
-                # A retried stage-out finds the recycle-bin copy of the original from the first
-                # run already there: keep it, never overwrite it with this job's own output.
-                if await store.head_or_none(outcome["trash_key"]) is None:
-                    await store.copy(output.key, outcome["trash_key"])
-            ref = await store.upload(path, output.key)
-            _verify(ref, output, md5)
+            # Whatever the key holds goes to the bin first, each version under its own name,
+            # and is only written over while it is still there (hpcstage.recycle).
+            placed = await replace(
+                store,
+                output.key,
+                existing,
+                lambda v: trash_key(self.trash_prefix, self.ended_at, self.job, v.key, v.etag),
+                lambda only_if: store.upload(
+                    path, output.key, only_if=only_if, journal=journal, sha256=sha
+                ),
+                lambda now: _holds(now, output, md5, sha),
+            )
+            ref, outcome["trash_key"] = placed.ref, placed.trash_key
+            _verify(ref, output)
             outcome["state"] = "uploaded"
             await self._cache(store, path, ref, sha)
         except (TransientStoreError, CredentialError):
@@ -188,13 +206,27 @@ class Uploader:
             log.warning("output %s uploaded but not cached: %s", store.url(ref.key), exc)
 
 
-def _verify(ref: ObjectRef, output: Output, md5: str) -> None:
+def _holds(stored: Described, output: Output, md5: str, sha: str) -> bool:
+    """True when the object at the output's key already is the file (see same_object)."""
+    ref = stored.ref
+    return same_object(
+        ref.etag,
+        ref.size,
+        md5,
+        output.size,
+        etag_is_md5=stored.etag_is_md5,
+        stored_sha256=stored.sha256,
+        sha256_hex=sha,
+    )
+
+
+def _verify(ref: ObjectRef, output: Output) -> None:
+    # The content was checked by the store (Content-MD5 of every request, and the MD5 ETag of
+    # a single PUT where it is one, see S3Store.upload); the size is checked here.
     if ref.size != output.size:
         raise TransientStoreError(
             f"{output.key}: store holds {ref.size} bytes after upload, expected {output.size}"
         )
-    if "-" not in ref.etag and ref.etag.lower() != md5:
-        raise TransientStoreError(f"{output.key}: checksum mismatch after upload")
 
 
 def _copy_file(path: Path, fd: int) -> None:

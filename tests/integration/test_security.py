@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.cookiejar
 import json
@@ -439,3 +440,43 @@ def test_a_reused_job_id_is_staged_as_the_new_job_not_refused_as_the_old_ones(
     assert "RAN 2" in stager.output("alice", job)
     mine = json.loads(stager.cli("alice", "status", str(job), "--json").stdout)
     assert (mine["user"], mine["job_id"]) == ("alice", job)
+
+
+def _s3(dev: DevCluster, method: str, **kw: object) -> object:
+    async def run() -> object:
+        async with dev.s3_client() as s3:
+            result = await getattr(s3, method)(**kw)
+            return await result["Body"].read() if "Body" in result else result
+
+    return asyncio.run(run())
+
+
+def test_a_restore_is_checked_against_the_policy_of_today(stager: Stager) -> None:
+    # A recycle-bin entry of alice's job whose key she may not write (the rules changed since
+    # the stage-out, or someone with bucket access put it there): restoring it would make the
+    # service account write bio's prefix for her.
+    src = chem_dataset(stager)
+    script = f'#!/bin/bash\n#HPCSTAGE --stage-in={src}\neval "$(hpcstage env)"\n'
+    job = stager.submit("alice", script, "--account=chem")
+    stager.wait_doc(job, "known to the daemon", lambda d: d["job_id"] == job)
+    tag = uuid.uuid4().hex[:8]
+    theirs, mine = f"bio/{tag}/table.csv", f"chem/{tag}/table.csv"
+    for key in (theirs, mine):
+        _s3(stager.dev, "put_object", Bucket="results", Key=key, Body=b"current\n")
+        entry = f".hpcstage-trash/2026-01-01/{job}/{key}"
+        _s3(stager.dev, "put_object", Bucket="results", Key=entry, Body=b"from the bin\n")
+    refused = stager.cli(
+        "alice",
+        "trash",
+        "restore",
+        f"s3://results/.hpcstage-trash/2026-01-01/{job}/{theirs}",
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "restore refused: no policy rule grants user alice (account chem) write" in (
+        refused.stderr
+    ), refused.stderr
+    assert _s3(stager.dev, "get_object", Bucket="results", Key=theirs) == b"current\n"
+    # Where she may write, the same restore goes through.
+    stager.cli("alice", "trash", "restore", f"s3://results/.hpcstage-trash/2026-01-01/{job}/{mine}")
+    assert _s3(stager.dev, "get_object", Bucket="results", Key=mine) == b"from the bin\n"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -142,7 +144,7 @@ def test_daemon_killed_mid_upload_every_object_once_no_multipart_left(stager: St
     stored = s3_objects(stager.dev, prefix)
     assert {k.removeprefix(prefix): v[0] for k, v in stored.items()} == local
     # Exactly once: nothing was replaced (so nothing went to the recycle bin)...
-    assert not any(f"/{job}/" in k for k in s3_objects(stager.dev, ".hpcstage-trash/"))
+    assert not any(f"/{job}~" in k for k in s3_objects(stager.dev, ".hpcstage-trash/"))
     # ...and no multipart upload was left behind.
     assert open_uploads(stager.dev, prefix) == []
 
@@ -185,7 +187,10 @@ def test_overwrite_keeps_the_old_object_in_the_trash_and_restore_brings_it_back(
     files = [f for r in doc["requests"] for st in r["nodes"].values() for f in st["files"]]
     assert [f["state"] for f in files] == ["uploaded"]
     trash = files[0]["trash_key"]
-    assert trash.startswith(".hpcstage-trash/") and trash.endswith(f"/{job}/{prefix}table.csv")
+    # <trash_prefix><day>/<job>~<ETag of the version kept>/<key>
+    old_etag = hashlib.md5(old).hexdigest()  # noqa: S324 (rclone's ETag)
+    assert trash.startswith(".hpcstage-trash/")
+    assert trash.endswith(f"/{job}~{old_etag}/{prefix}table.csv"), trash
     assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=trash) == old
     assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=f"{prefix}table.csv") == b"new\n"
     listing = stager.cli("alice", "trash", "ls", BUCKET).stdout
@@ -266,3 +271,39 @@ ln -s / "$HPCSTAGE_DIR/a"
     errors = [st["error"] for r in doc["requests"] for st in r["nodes"].values() if st["error"]]
     assert any("symlinks are not followed" in e for e in errors), errors
     assert s3_objects(stager.dev, prefix) == {}  # nothing of /etc left the node
+
+
+def test_a_retry_bins_the_version_written_since_and_aborts_no_one_elses_upload(
+    stager: Stager,
+) -> None:
+    # The state a first attempt leaves when it copied O to the bin and then failed, after
+    # which someone else wrote N to the key and started a multipart upload there: the retry
+    # must put N in the bin too (not take the copy of O for it) and leave that upload alone.
+    from hpcstage.devcluster import proc
+
+    prefix = f"race-{uuid.uuid4().hex[:8]}/"
+    key = f"{prefix}table.csv"
+    s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=key, Body=b"O\n")
+    job = stager.submit(
+        "alice", writer_job(f"s3://{BUCKET}/{prefix}", "echo mine > table.csv"), "--hold"
+    )
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    first_attempt = f".hpcstage-trash/{day}/{job}/{key}"  # the copy's name before versions
+    s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=first_attempt, Body=b"O\n")
+    s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=key, Body=b"N\n")
+    theirs = s3_call(stager.dev, "create_multipart_upload", Bucket=BUCKET, Key=key)["UploadId"]
+    try:
+        proc.run(["scontrol", "release", str(job)], env=stager.dev.client_env())
+        assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+        assert wait_stage_out(stager, job)["stage_out"] == "done"
+        assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=key) == b"mine\n"
+        binned = [
+            s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=k)
+            for k in s3_objects(stager.dev, ".hpcstage-trash/")
+            if k.endswith(f"/{key}") and (f"/{job}/" in k or f"/{job}~" in k)
+        ]
+        assert sorted(binned) == [b"N\n", b"O\n"]
+        assert theirs in [u["UploadId"] for u in open_uploads(stager.dev, prefix)]
+    finally:
+        with contextlib.suppress(Exception):  # gone if the stage-out aborted it (the defect)
+            s3_call(stager.dev, "abort_multipart_upload", Bucket=BUCKET, Key=key, UploadId=theirs)
