@@ -42,6 +42,40 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A file under SRC that should be uploaded but cannot be: the stage-out fails naming it.
+
+    ``rel`` is printable (see ``shown``): it goes into messages and the database as is.
+    """
+
+    rel: str
+    reason: str
+
+
+def shown(text: str) -> str:
+    """``text`` as UTF-8 that can be printed and stored: a byte of a file name that is not
+    UTF-8 (which os gives as a lone surrogate) becomes the four characters ``\\xNN``."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: escape it as itself
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def name_problem(name: str) -> str:
+    """Why the file name ``name`` (as os decodes it) cannot be an object key; "" if it can.
+
+    S3 keys are UTF-8. A name with other bytes is refused by name rather than renamed: a
+    silently changed key would be a different output than the one the job wrote.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not UTF-8 (object keys are): rename it to stage it out"
+    return ""
+
+
 def should_run(when: str, job_state: str, site_states: frozenset[str]) -> tuple[bool, str]:
     """Whether a stage-out directive runs for a job that ended in ``job_state``, and why not."""
     if job_state == "GONE":
@@ -72,7 +106,7 @@ def trash_key(trash_prefix: str, ended_at: float, job: str, key: str) -> str:
     return f"{trash_prefix}{day}/{job}/{key}"
 
 
-def walk(view: Path, src: PurePosixPath, dest_key: str) -> Iterator[Output | Skipped]:
+def walk(view: Path, src: PurePosixPath, dest_key: str) -> Iterator[Output | Skipped | Refused]:
     """The files under ``view/src`` to upload, never leaving the job directory.
 
     Symlinks are not followed (one pointing outside the job directory would otherwise upload
@@ -108,7 +142,7 @@ def _check_parents(view: Path, src: PurePosixPath) -> None:
             )
 
 
-def _walk_dir(view: Path, top: Path, dest_key: str) -> Iterator[Output | Skipped]:
+def _walk_dir(view: Path, top: Path, dest_key: str) -> Iterator[Output | Skipped | Refused]:
     stack = [top]
     while stack:
         current = stack.pop()
@@ -116,6 +150,10 @@ def _walk_dir(view: Path, top: Path, dest_key: str) -> Iterator[Output | Skipped
             for entry in sorted(entries, key=lambda e: e.name):
                 path = Path(entry.path)
                 st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and (problem := name_problem(entry.name)):
+                    rel = shown(path.relative_to(view).as_posix())
+                    yield Refused(rel, f"{problem}; nothing in this directory is staged out")
+                    continue
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(path)
                     continue
@@ -123,12 +161,14 @@ def _walk_dir(view: Path, top: Path, dest_key: str) -> Iterator[Output | Skipped
                 yield _one(view, path, st, key_for(dest_key, True, rel_in_src, path.name))
 
 
-def _one(view: Path, path: Path, st: os.stat_result, key: str) -> Output | Skipped:
+def _one(view: Path, path: Path, st: os.stat_result, key: str) -> Output | Skipped | Refused:
     rel = path.relative_to(view).as_posix()
     if stat.S_ISLNK(st.st_mode):
-        return Skipped(rel, f"symlink to {os.readlink(path)!r} not followed")
+        return Skipped(shown(rel), f"symlink to '{shown(os.readlink(path))}' not followed")
     if not stat.S_ISREG(st.st_mode):
-        return Skipped(rel, "not a regular file (device, FIFO or socket)")
+        return Skipped(shown(rel), "not a regular file (device, FIFO or socket)")
+    if problem := name_problem(rel):
+        return Refused(shown(rel), problem)
     return Output(rel, key, st.st_size)
 
 

@@ -27,11 +27,11 @@ from hpcstage.errors import (
     CredentialError,
     HpcstageError,
     ObjectChangedError,
-    StoreError,
     TransientStoreError,
 )
 from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
+from hpcstage.stageout import shown
 from hpcstage.store import FsStore, ObjectStore, S3Store, download_bytes
 from hpcstage.transfer import peer
 from hpcstage.transfer.rpc import MAX_LINE, Handler, ProgressFn, decode, encode
@@ -556,16 +556,16 @@ async def _handle(
         send({"event": "error", "message": _user_message(exc), "transient": transient})
     except Exception as exc:  # never let one bad call kill the agent's other work
         log.exception("call %s failed", message.get("op"))
-        send({"event": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
+        send({"event": "error", "message": shown(f"internal error: {type(exc).__name__}: {exc}")})
     await writer.drain()
 
 
 def _user_message(exc: BaseException) -> str:
+    """One line for the daemon: printable and storable (a file name that is not UTF-8 in an
+    OSError would otherwise fail the daemon's database write, and the staging would never end)."""
     if isinstance(exc, CredentialError):
-        return f"store refused the site credentials: {exc}"
-    if isinstance(exc, StoreError):
-        return str(exc)
-    return str(exc) or type(exc).__name__
+        return shown(f"store refused the site credentials: {exc}")
+    return shown(str(exc) or type(exc).__name__)
 
 
 def run_agent(node: str, cache_dir: Path) -> None:

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 from hpcstage.cache import PendingObject
 from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
 from hpcstage.identity import ObjectRef
-from hpcstage.stageout import Output, Skipped, file_digests, same_object, trash_key, walk
+from hpcstage.stageout import (
+    Output,
+    Refused,
+    Skipped,
+    file_digests,
+    same_object,
+    trash_key,
+    walk,
+)
 from hpcstage.store import S3Store
 from hpcstage.transfer.rpc import ProgressFn
 
@@ -23,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hpcstage.agent")
 
 REPORT_EVERY = 0.5
+FAILURES_NAMED = 3  # failed files a stage-out's error names (status lists them all)
 
 
 @dataclass
@@ -36,9 +45,12 @@ class _Report:
     files_total: int = 0
     bytes_total: int = 0
     uploaded: int = 0
+    failures: list[str] = field(default_factory=list)  # the first few, for the error message
 
     def add(self, outcome: dict[str, Any]) -> None:
         self.files.append(outcome)
+        if outcome["state"] == "failed" and len(self.failures) < FAILURES_NAMED:
+            self.failures.append(f"{outcome['path']}: {outcome['error']}")
         if outcome["state"] in ("uploaded", "present"):
             self.files_done += 1
             self.bytes_done += int(outcome["size"])
@@ -83,18 +95,10 @@ class Uploader:
             # Optional, or the job failed before writing it: nothing to keep, nothing lost.
             found = [Skipped(item["src"], f"absent: {exc}")]
         outputs = [o for o in found if isinstance(o, Output)]
-        for skip in (s for s in found if isinstance(s, Skipped)):
-            report.add(
-                {
-                    "path": skip.rel,
-                    "key": "",
-                    "size": 0,
-                    "state": "skipped",
-                    "error": skip.reason,
-                    "trash_key": "",
-                }
-            )
-        report.files_total = len(outputs)
+        for other in (s for s in found if not isinstance(s, Output)):
+            state = "skipped" if isinstance(other, Skipped) else "failed"
+            report.add(_outcome(other.rel, state, other.reason))
+        report.files_total = len(outputs) + sum(isinstance(r, Refused) for r in found)
         report.bytes_total = sum(o.size for o in outputs)
         store = self.agent.s3_store(item["dest_bucket"])
         await store.abort_uploads(item["dest_key"], {o.key for o in outputs})
@@ -103,8 +107,9 @@ class Uploader:
         failed = report.files_total - report.files_done
         if failed:
             raise HpcstageError(
-                f"{failed} of {report.files_total} outputs could not be uploaded"
-                " (see the per-file errors)"
+                f"{failed} of {report.files_total} outputs could not be uploaded: "
+                + "; ".join(report.failures[:FAILURES_NAMED])
+                + ("; ..." if failed > FAILURES_NAMED else "")
             )
         return {
             "request_id": report.request_id,
@@ -186,6 +191,11 @@ class Uploader:
             await self.agent.cache.ensure(ref, copy_in)
         except HpcstageError as exc:  # the upload stands; caching is only an optimisation
             log.warning("output %s uploaded but not cached: %s", store.url(ref.key), exc)
+
+
+def _outcome(rel: str, state: str, error: str) -> dict[str, Any]:
+    """A per-file report for something that is not uploaded."""
+    return {"path": rel, "key": "", "size": 0, "state": state, "error": error, "trash_key": ""}
 
 
 def _verify(ref: ObjectRef, output: Output, md5: str) -> None:

@@ -266,3 +266,28 @@ ln -s / "$HPCSTAGE_DIR/a"
     errors = [st["error"] for r in doc["requests"] for st in r["nodes"].values() if st["error"]]
     assert any("symlinks are not followed" in e for e in errors), errors
     assert s3_objects(stager.dev, prefix) == {}  # nothing of /etc left the node
+
+
+def _staging_errors(doc: dict[str, Any]) -> list[str]:
+    return [st["error"] for r in doc["requests"] for st in r["nodes"].values() if st["error"]]
+
+
+def _files(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        f["path"]: f for r in doc["requests"] for st in r["nodes"].values() for f in st["files"]
+    }
+
+
+def test_a_file_name_that_is_not_utf8_ends_the_stage_out_naming_it(stager: Stager) -> None:
+    prefix = f"utf8-{uuid.uuid4().hex[:8]}/"
+    body = "echo fine > ok.txt; echo kept > \"$(printf 'bad\\xff.txt')\"; echo two > z.txt"
+    job = stager.submit("bob", writer_job(f"s3://{BUCKET}/{prefix}", body), "--account=bio")
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+    # It ends (before: an UnicodeEncodeError in the database was retried forever)...
+    doc = wait_stage_out(stager, job, timeout=90)
+    assert doc["stage_out"] == "failed", doc
+    # ...saying which file, its bytes escaped, and uploading every other file.
+    assert any("bad\\xff.txt" in e and "UTF-8" in e for e in _staging_errors(doc)), doc
+    assert sorted(s3_objects(stager.dev, prefix)) == [f"{prefix}ok.txt", f"{prefix}z.txt"]
+    bad = _files(doc)["out/bad\\xff.txt"]
+    assert bad["state"] == "failed" and "UTF-8" in bad["error"], bad
