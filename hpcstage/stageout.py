@@ -1,7 +1,8 @@
 """Stage-out: write a finished job's declared outputs back to the store, verified, losing nothing.
 
-Pure decisions (which outputs run, which key each file gets, where a replaced object goes)
-sit beside the agent-side walk of the job directory and the upload loop.
+Pure decisions: which outputs run, which key each file gets, which files may be uploaded,
+where a replaced object goes. The agent's walk of the job directory is in transfer/jobdir.py,
+its upload loop in transfer/uploader.py.
 
 Exactly once, by construction: every file is compared with what is already at its key
 (size + MD5). Identical: nothing to do (a restarted stage-out skips what arrived before).
@@ -12,15 +13,10 @@ step after a crash gives the same result, so the daemon simply runs the whole st
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-
-from hpcstage.errors import HpcstageError
 
 SUCCESS_STATES = frozenset({"COMPLETED"})
 
@@ -106,81 +102,22 @@ def trash_key(trash_prefix: str, ended_at: float, job: str, key: str) -> str:
     return f"{trash_prefix}{day}/{job}/{key}"
 
 
-def walk(view: Path, src: PurePosixPath, dest_key: str) -> Iterator[Output | Skipped | Refused]:
-    """The files under ``view/src`` to upload, never leaving the job directory.
+def file_problem(st: os.stat_result, dev: int, job_uid: int, service_uid: int) -> str:
+    """Why the file ``st`` (its stat) is not uploaded for a job of ``job_uid``; "" if it is.
 
-    Symlinks are not followed (one pointing outside the job directory would otherwise upload
-    e.g. /etc/passwd); devices, FIFOs and sockets are skipped. Each skip is reported.
+    Uploaded: a regular file on the job directory's file system ``dev`` owned by the job's
+    user, or a file of the service account that everybody may read: an input the cache linked
+    into the job's directory (its objects are 0444), which a job may write back. Anything else
+    (another user's file, the cache's own 0600 index) reached the directory in a way its user
+    should not have (a hardlink where fs.protected_hardlinks is off) and is refused.
     """
-    if ".." in src.parts or src.is_absolute():
-        raise HpcstageError(f"stage-out source {src} leaves the job directory")
-    _check_parents(view, src)
-    top = view / src
-    try:
-        st = os.lstat(top)
-    except FileNotFoundError as exc:
-        raise HpcstageError(f"stage-out source {src} does not exist in the job directory") from exc
-    if stat.S_ISDIR(st.st_mode):
-        yield from _walk_dir(view, top, dest_key)
-    else:
-        yield _one(view, top, st, key_for(dest_key, False, "", top.name))
-
-
-def _check_parents(view: Path, src: PurePosixPath) -> None:
-    """Refuse a SRC whose directories include a symlink (``a -> /`` then ``a/etc``)."""
-    current = view
-    for part in src.parts[:-1]:
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            return  # walk() reports the missing source
-        if not stat.S_ISDIR(st.st_mode):
-            raise HpcstageError(
-                f"stage-out source {src}: {current.relative_to(view)} is not a directory "
-                "inside the job directory (symlinks are not followed)"
-            )
-
-
-def _walk_dir(view: Path, top: Path, dest_key: str) -> Iterator[Output | Skipped | Refused]:
-    stack = [top]
-    while stack:
-        current = stack.pop()
-        with os.scandir(current) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                path = Path(entry.path)
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode) and (problem := name_problem(entry.name)):
-                    rel = shown(path.relative_to(view).as_posix())
-                    yield Refused(rel, f"{problem}; nothing in this directory is staged out")
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(path)
-                    continue
-                rel_in_src = path.relative_to(top).as_posix()
-                yield _one(view, path, st, key_for(dest_key, True, rel_in_src, path.name))
-
-
-def _one(view: Path, path: Path, st: os.stat_result, key: str) -> Output | Skipped | Refused:
-    rel = path.relative_to(view).as_posix()
-    if stat.S_ISLNK(st.st_mode):
-        return Skipped(shown(rel), f"symlink to '{shown(os.readlink(path))}' not followed")
     if not stat.S_ISREG(st.st_mode):
-        return Skipped(shown(rel), "not a regular file (device, FIFO or socket)")
-    if problem := name_problem(rel):
-        return Refused(shown(rel), problem)
-    return Output(rel, key, st.st_size)
-
-
-def file_digests(path: Path) -> tuple[str, str]:
-    """(MD5, SHA-256) of a file, opened without following a symlink."""
-    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        while chunk := f.read(1 << 20):
-            md5.update(chunk)
-            sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
+        return "not a regular file (device, FIFO or socket)"
+    if st.st_dev != dev:
+        return "on another file system than the job directory"
+    if st.st_uid == job_uid or (st.st_uid == service_uid and st.st_mode & stat.S_IROTH):
+        return ""
+    return f"owned by uid {st.st_uid}, not by the job's user (uid {job_uid})"
 
 
 def same_object(etag: str, size: int, md5_hex: str, local_size: int) -> bool:

@@ -175,6 +175,10 @@ class ObjectStore(Protocol):
         """Store the file at ``path`` under ``key``; return the new object's identity."""
         ...
 
+    async def upload_fd(self, fd: int, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """``upload`` of the file open as ``fd`` (read with pread; the caller closes it)."""
+        ...
+
     async def copy(self, src_key: str, dst_key: str) -> None:
         """Copy an object inside the store, without moving its bytes through this process."""
         ...
@@ -1265,13 +1269,18 @@ class S3Store:
         """PUT ``path`` as ``key`` (multipart for big files; aborted on any failure)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            size = os.fstat(fd).st_size
-            tracker = _PartProgress(progress)
-            if size < self._threshold:
-                return self._ref(key, await self._put_whole(fd, key, size, tracker), size)
-            await self._put_parts(fd, key, size, tracker)
+            return await self.upload_fd(fd, key, progress=progress)
         finally:
             os.close(fd)
+
+    async def upload_fd(self, fd: int, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """PUT the file open as ``fd`` as ``key``: the bytes of that file, whatever its path
+        names by now (stage-out checks a file on its fd, then uploads from it)."""
+        size = os.fstat(fd).st_size
+        tracker = _PartProgress(progress)
+        if size < self._threshold:
+            return self._ref(key, await self._put_whole(fd, key, size, tracker), size)
+        await self._put_parts(fd, key, size, tracker)
         # Servers disagree on a multipart object's ETag (S3: md5-of-parts "-N"; some: the
         # whole MD5) between Complete and HEAD; the identity must be what listings will show.
         ref = await self.head(key)
@@ -1648,14 +1657,18 @@ class FsStore:
 
     async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
         """Copy the local file ``path`` to ``key``: temp file, fsync, rename."""
-        dest = await asyncio.to_thread(self._checked, key)
-        tracker = _PartProgress(progress)
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # the caller's file: OSError as is
         try:
-            size = os.fstat(src).st_size
-            await self._retried("write", key, lambda: self._write(key, dest, src, size, tracker))
+            return await self.upload_fd(src, key, progress=progress)
         finally:
             os.close(src)
+
+    async def upload_fd(self, fd: int, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """``upload`` of the file open as ``fd``."""
+        dest = await asyncio.to_thread(self._checked, key)
+        tracker = _PartProgress(progress)
+        size = os.fstat(fd).st_size
+        await self._retried("write", key, lambda: self._write(key, dest, fd, size, tracker))
         return await self.head(key)
 
     async def _write(

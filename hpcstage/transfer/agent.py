@@ -147,12 +147,14 @@ class Agent:
         from hpcstage.transfer.uploader import Uploader
 
         job = str(params["job"])
-        # The job is over: its user loses access to the directory before we read it, so no
-        # leftover process can swap a file for a symlink between our checks and the upload.
+        # The job is over: its user loses access to the directory before we read it. A process
+        # already holding a directory in it as its cwd keeps access there, so the reads do not
+        # rely on this: they never follow a symlink and check each file on its fd (jobdir.py).
         await asyncio.to_thread(revoke_access, self.cache.jobs / job, str(params.get("user", "")))
         uploader = Uploader(
             self,
             job,
+            str(params.get("user", "")),
             float(params["ended_at"]),
             str(params["trash_prefix"]),
             bool(params.get("cache", True)),

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from hpcstage.cache import PendingObject
+from hpcstage.cache import CacheError, PendingObject
 from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
 from hpcstage.identity import ObjectRef
-from hpcstage.stageout import (
-    Output,
-    Refused,
-    Skipped,
-    file_digests,
-    same_object,
-    trash_key,
-    walk,
-)
+from hpcstage.stageout import Output, Refused, Skipped, same_object, trash_key
 from hpcstage.store import S3Store
+from hpcstage.transfer.jobdir import JobDir, Owners, digests, same_file
 from hpcstage.transfer.rpc import ProgressFn
 
 if TYPE_CHECKING:
@@ -75,6 +69,7 @@ class Uploader:
 
     agent: Agent
     job: str
+    user: str  # the job's user: whose files its outputs may be (transfer/jobdir.py)
     ended_at: float
     trash_prefix: str
     cache_outputs: bool
@@ -82,12 +77,22 @@ class Uploader:
 
     async def run(self, item: dict[str, Any]) -> dict[str, Any]:
         """Upload one directive's files; raise on a transient failure (the daemon retries)."""
-        report = _Report(int(item["request_id"]))
-        view = self.agent.cache.jobs / self.job
         try:
-            found = await asyncio.to_thread(
-                lambda: list(walk(view, PurePosixPath(item["src"]), item["dest_key"]))
+            jobdir = await asyncio.to_thread(
+                JobDir, self.agent.cache.jobs / self.job, Owners.of(self.user)
             )
+        except FileNotFoundError:
+            jobdir = None  # the whole job directory is gone (the node's cache was wiped)
+        try:
+            return await self._run(jobdir, item)
+        finally:
+            if jobdir is not None:
+                jobdir.close()
+
+    async def _run(self, jobdir: JobDir | None, item: dict[str, Any]) -> dict[str, Any]:
+        report = _Report(int(item["request_id"]))
+        try:
+            found = await asyncio.to_thread(_walk, jobdir, item)
         except HpcstageError as exc:
             absent = "does not exist" in str(exc)
             if not absent or not (item.get("optional") or not item.get("job_completed", True)):
@@ -102,7 +107,8 @@ class Uploader:
         report.bytes_total = sum(o.size for o in outputs)
         store = self.agent.s3_store(item["dest_bucket"])
         await store.abort_uploads(item["dest_key"], {o.key for o in outputs})
-        await self._upload_all(store, view, outputs, report)
+        if jobdir is not None:  # (else there are no outputs)
+            await self._upload_all(store, jobdir, outputs, report)
         self.progress(report.flush())
         failed = report.files_total - report.files_done
         if failed:
@@ -119,14 +125,14 @@ class Uploader:
         }
 
     async def _upload_all(
-        self, store: S3Store, view: Path, outputs: list[Output], report: _Report
+        self, store: S3Store, jobdir: JobDir, outputs: list[Output], report: _Report
     ) -> None:
         sem = asyncio.Semaphore(self.agent.concurrency)
         reporter = asyncio.create_task(self._report_loop(report))
 
         async def one(output: Output) -> None:
             async with sem:
-                report.add(await self._one(store, view, output))
+                report.add(await self._one(store, jobdir, output))
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -144,8 +150,7 @@ class Uploader:
             await asyncio.sleep(REPORT_EVERY)
             self.progress(report.flush())
 
-    async def _one(self, store: S3Store, view: Path, output: Output) -> dict[str, Any]:
-        path = view / output.rel
+    async def _one(self, store: S3Store, jobdir: JobDir, output: Output) -> dict[str, Any]:
         outcome: dict[str, Any] = {
             "path": output.rel,
             "key": output.key,
@@ -154,43 +159,80 @@ class Uploader:
             "error": "",
         }
         try:
-            md5, sha = await asyncio.to_thread(file_digests, path)
-            existing = await store.head_or_none(output.key)
-            if existing is not None and same_object(existing.etag, existing.size, md5, output.size):
-                outcome["state"] = "present"  # arrived in an earlier run: exactly once
-                await self._cache(store, path, existing, sha)
-                return outcome
-            if existing is not None:
-                outcome["trash_key"] = trash_key(
-                    self.trash_prefix, self.ended_at, self.job, output.key
-                )
-                # A retried stage-out finds the recycle-bin copy of the original from the first
-                # run already there: keep it, never overwrite it with this job's own output.
-                if await store.head_or_none(outcome["trash_key"]) is None:
-                    await store.copy(output.key, outcome["trash_key"])
-            ref = await store.upload(path, output.key)
-            _verify(ref, output, md5)
-            outcome["state"] = "uploaded"
-            await self._cache(store, path, ref, sha)
+            fd, opened = await asyncio.to_thread(jobdir.open, output.rel)
+        except (HpcstageError, OSError) as exc:
+            outcome.update(state="failed", error=str(exc))
+            return outcome
+        try:
+            await self._send(store, _Source(fd, opened), output, outcome)
         except (TransientStoreError, CredentialError):
             raise  # the whole stage-out is retried later (credentials: reported as failed)
         except (StoreError, HpcstageError, OSError) as exc:
             outcome.update(state="failed", error=str(exc))
+        finally:
+            os.close(fd)
         return outcome
 
-    async def _cache(self, store: S3Store, path: Path, ref: ObjectRef, sha: str) -> None:
+    async def _send(
+        self, store: S3Store, source: _Source, output: Output, outcome: dict[str, Any]
+    ) -> None:
+        """Compare, recycle, upload and cache the output open as ``source``: every byte read
+        for it comes from that one fd, the one its checks were made on (jobdir.py)."""
+        source.check_unchanged(output.size)
+        md5, sha = await asyncio.to_thread(digests, source.fd)
+        existing = await store.head_or_none(output.key)
+        if existing is not None and same_object(existing.etag, existing.size, md5, output.size):
+            outcome["state"] = "present"  # arrived in an earlier run: exactly once
+            await self._cache(store, source, existing, sha)
+            return
+        if existing is not None:
+            outcome["trash_key"] = trash_key(self.trash_prefix, self.ended_at, self.job, output.key)
+            # A retried stage-out finds the recycle-bin copy of the original from the first
+            # run already there: keep it, never overwrite it with this job's own output.
+            if await store.head_or_none(outcome["trash_key"]) is None:
+                await store.copy(output.key, outcome["trash_key"])
+        ref = await store.upload_fd(source.fd, output.key)
+        _verify(ref, output, md5)
+        source.check_unchanged(output.size)  # what was sent is what was hashed
+        outcome["state"] = "uploaded"
+        await self._cache(store, source, ref, sha)
+
+    async def _cache(self, store: S3Store, source: _Source, ref: ObjectRef, sha: str) -> None:
         """Keep the verified output as an ordinary (unleased) cache entry for later jobs."""
         if not self.cache_outputs:
             return
 
         async def copy_in(pending: PendingObject) -> str:
-            await asyncio.to_thread(_copy_file, path, pending.fd)
-            return sha
+            return await asyncio.to_thread(_copy_verified, source, pending.fd, sha)
 
         try:
             await self.agent.cache.ensure(ref, copy_in)
         except HpcstageError as exc:  # the upload stands; caching is only an optimisation
             log.warning("output %s uploaded but not cached: %s", store.url(ref.key), exc)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """An output open for stage-out, and its fstat when it was opened and checked."""
+
+    fd: int
+    opened: os.stat_result
+
+    def check_unchanged(self, listed_size: int) -> None:
+        """HpcstageError if the file was written to since it was listed and opened."""
+        now = os.fstat(self.fd)
+        if now.st_size != listed_size or not same_file(self.opened, now):
+            raise HpcstageError(
+                "it changed while it was being staged out (written to after the job ended)"
+            )
+
+
+def _walk(jobdir: JobDir | None, item: dict[str, Any]) -> list[Output | Skipped | Refused]:
+    if jobdir is None:
+        raise HpcstageError(
+            f"stage-out source {item['src']} does not exist: the job directory is gone"
+        )
+    return list(jobdir.walk(PurePosixPath(item["src"]), item["dest_key"]))
 
 
 def _outcome(rel: str, state: str, error: str) -> dict[str, Any]:
@@ -207,12 +249,14 @@ def _verify(ref: ObjectRef, output: Output, md5: str) -> None:
         raise TransientStoreError(f"{output.key}: checksum mismatch after upload")
 
 
-def _copy_file(path: Path, fd: int) -> None:
-    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        offset = 0
-        while chunk := os.read(src, 1 << 20):
-            os.pwrite(fd, chunk, offset)
-            offset += len(chunk)
-    finally:
-        os.close(src)
+def _copy_verified(source: _Source, dest: int, sha: str) -> str:
+    """Copy the output into the cache's pending file; its SHA-256, which must be ``sha``
+    (the digest of the bytes that were uploaded and verified): else CacheError."""
+    digest, offset = hashlib.sha256(), 0
+    while chunk := os.pread(source.fd, 1 << 20, offset):
+        os.pwrite(dest, chunk, offset)
+        digest.update(chunk)
+        offset += len(chunk)
+    if digest.hexdigest() != sha or not same_file(source.opened, os.fstat(source.fd)):
+        raise CacheError("the file changed after it was uploaded: not cached")
+    return sha

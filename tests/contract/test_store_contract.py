@@ -251,6 +251,25 @@ async def test_upload_reports_progress_once_per_byte(h: Harness, scratch: Path) 
     assert all(step > 0 for step in progress)
 
 
+@pytest.mark.parametrize("size", [SMALL, LARGE])
+async def test_upload_fd_sends_the_open_files_bytes_whatever_its_path_names_now(
+    h: Harness, scratch: Path, size: int
+) -> None:
+    # Stage-out checks a file on its fd, then uploads from it: a path swapped in between
+    # (here another file renamed over it) must not be what is stored.
+    source, other = scratch / "checked", scratch / "other"
+    source.write_bytes(payload(size, seed=1))
+    other.write_bytes(payload(size, seed=2))
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.replace(other, source)
+        ref = await h.store.upload_fd(fd, h.key("fd"))
+    finally:
+        os.close(fd)
+    _, body = await fetch(h.store, ref, scratch)
+    assert body == payload(size, seed=1)
+
+
 # --- S3 specifics ----------------------------------------------------------------------------
 
 

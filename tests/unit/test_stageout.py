@@ -1,14 +1,13 @@
 """Which stage-out directives run for a job's end (stageout.should_run), the keys files get
-(key_for), which names can be keys (name_problem, shown): pure rules; and the walk's verdicts."""
+(key_for), which names can be keys (name_problem, shown): pure rules."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
 
 import pytest
 
-from hpcstage.stageout import Output, Refused, key_for, name_problem, should_run, shown, walk
+from hpcstage.stageout import key_for, name_problem, should_run, shown
 
 EVERY = frozenset({"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY"})
 
@@ -56,20 +55,3 @@ def test_a_file_name_that_is_not_utf8_is_refused_and_shown_escaped() -> None:
     assert shown("odd \ud800 surrogate") == "odd \\ud800 surrogate"  # none os gives: as is
     for text in (name, "odd \ud800 surrogate"):
         shown(text).encode("utf-8")  # storable
-
-
-def test_the_walk_refuses_names_that_are_not_utf8_and_lists_the_rest(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    (out / os.fsdecode(b"dir\xfe")).mkdir(parents=True)
-    (out / os.fsdecode(b"dir\xfe") / "inside.txt").write_text("x")
-    (out / os.fsdecode(b"bad\xff.txt")).write_text("x")
-    (out / "ok.txt").write_text("fine")
-    found = list(walk(tmp_path, PurePosixPath("out"), "p/"))
-    assert found == [
-        Refused("out/bad\\xff.txt", name_problem(os.fsdecode(b"\xff"))),
-        Refused(
-            "out/dir\\xfe",
-            name_problem(os.fsdecode(b"\xfe")) + "; nothing in this directory is staged out",
-        ),
-        Output("out/ok.txt", "p/ok.txt", 4),
-    ]
