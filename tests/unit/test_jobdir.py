@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hpcstage.errors import HpcstageError
 from hpcstage.stageout import Output, Refused, Skipped, file_problem, name_problem
@@ -191,7 +194,7 @@ def _st(mode: int, uid: int, dev: int = 1) -> os.stat_result:
 
 
 @pytest.mark.parametrize(
-    ("st", "problem"),
+    ("status", "problem"),
     [
         (_st(stat.S_IFREG | 0o600, 1000), ""),  # the job user's own file, private or not
         (_st(stat.S_IFREG | 0o444, 999), ""),  # an input the cache linked in
@@ -203,5 +206,37 @@ def _st(mode: int, uid: int, dev: int = 1) -> os.stat_result:
         (_st(stat.S_IFSOCK | 0o644, 1000), "not a regular file (device, FIFO or socket)"),
     ],
 )
-def test_which_files_a_job_may_upload(st: os.stat_result, problem: str) -> None:
-    assert file_problem(st, dev=1, job_uid=1000, service_uid=999) == problem
+def test_which_files_a_job_may_upload(status: os.stat_result, problem: str) -> None:
+    assert file_problem(status, dev=1, job_uid=1000, service_uid=999) == problem
+
+
+# Any bytes but NUL and '/' can name a file: each is either staged under its exact name, or
+# refused naming it with its odd bytes escaped; nothing is dropped silently, nothing crashes.
+file_names = st.binary(min_size=1, max_size=40).filter(
+    lambda b: b"\0" not in b and b"/" not in b and b not in (b".", b"..")
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(file_names, min_size=1, max_size=6, unique=True))
+def test_every_file_name_is_staged_exactly_or_refused_by_name(names: list[bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(os.fsencode(tmp), b"out")
+        os.mkdir(out)
+        for name in names:
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(name)
+        with JobDir(Path(tmp), Owners(ME, ME)) as jobdir:
+            found = walked(jobdir)
+            staged = {f.key: read_all(jobdir, f.rel) for f in found if isinstance(f, Output)}
+    refused = {f.rel: f.reason for f in found if isinstance(f, Refused)}
+    assert len(staged) + len(refused) == len(names) == len(found)
+    for name in names:
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            shown_name = "out/" + name.decode("utf-8", "backslashreplace")
+            assert "not UTF-8" in refused[shown_name]
+            shown_name.encode("utf-8")  # storable and printable
+        else:
+            assert staged[f"p/{text}"] == name  # the key is the name, the bytes the file's
