@@ -381,17 +381,18 @@ class Daemon:
         assert self.db is not None
         message = stageout.shown(message)  # an error may quote a file name that is not UTF-8
         with self.db.begin() as session:
+            outcome = "will retry"
             for st in _job_stagings(session, job_id, node):
                 if st.state == "running":
                     # A bug that strikes every attempt must not keep a staging running forever.
                     give_up = st.attempts >= MAX_INTERNAL_ERROR_ATTEMPTS
                     st.state = "failed" if give_up else "queued"
-                    st.error = (
-                        f"gave up after {st.attempts} attempts: {message}" if give_up else message
-                    )
+                    if give_up:
+                        outcome = f"gave up after {st.attempts} attempts"
+                    st.error = f"{outcome}: {message}" if give_up else message
                     self._progress.pop(st.id, None)
                     self._files.pop(st.id, None)
-            log_event(session, job_id, node, f"will retry: {message}", "error")
+            log_event(session, job_id, node, f"{outcome}: {message}", "error")
 
     # ------------------------------------------------------------------ actions
 

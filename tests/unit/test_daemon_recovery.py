@@ -13,7 +13,7 @@ import pytest
 from hpcstage.config import parse_config
 from hpcstage.daemon import MAX_INTERNAL_ERROR_ATTEMPTS, Daemon
 from hpcstage.db import open_db
-from hpcstage.db.models import Job, Request, Staging, Upload
+from hpcstage.db.models import Event, Job, Request, Staging, Upload
 
 NODE = "n1"
 
@@ -79,6 +79,10 @@ def test_an_error_in_every_attempt_fails_the_staging_after_a_bounded_number(
     assert st.error == (
         f"gave up after {MAX_INTERNAL_ERROR_ATTEMPTS} attempts: internal error: RuntimeError: a bug"
     )
+    assert daemon.db is not None
+    with daemon.db.begin() as session:
+        last = session.query(Event).order_by(Event.id.desc()).first()
+        assert last is not None and last.message == st.error
 
 
 def test_an_error_quoting_a_name_that_is_not_utf8_is_stored_escaped(daemon: Daemon) -> None:
