@@ -64,6 +64,7 @@ EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
 # bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
 PEER_COPIES = 2
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
+MAX_INTERNAL_ERROR_ATTEMPTS = 5  # an unexpected error (a bug) ends a staging at this attempt
 
 
 def reconnect_delay(failures: int) -> float:
@@ -379,13 +380,20 @@ class Daemon:
 
     def _recover(self, job_id: int, node: str, message: str) -> None:
         assert self.db is not None
+        message = stageout.shown(message)  # an error may quote a file name that is not UTF-8
         with self.db.begin() as session:
+            outcome = "will retry"
             for st in _job_stagings(session, job_id, node):
                 if st.state == "running":
-                    st.state, st.error = "queued", message
+                    # A bug that strikes every attempt must not keep a staging running forever.
+                    give_up = st.attempts >= MAX_INTERNAL_ERROR_ATTEMPTS
+                    st.state = "failed" if give_up else "queued"
+                    if give_up:
+                        outcome = f"gave up after {st.attempts} attempts"
+                    st.error = f"{outcome}: {message}" if give_up else message
                     self._progress.pop(st.id, None)
                     self._files.pop(st.id, None)
-            log_event(session, job_id, node, f"will retry: {message}", "error")
+            log_event(session, job_id, node, f"{outcome}: {message}", "error")
 
     # ------------------------------------------------------------------ actions
 
@@ -691,10 +699,11 @@ class Daemon:
         if not files:
             return
         known = {u.path: u for u in st.uploads}
-        for path, f in files.items():
+        for path, f in ((stageout.shown(p), f) for p, f in files.items()):
             row = known.get(path) or Upload(staging_id=st.id, path=path)
-            row.key, row.size, row.state = f["key"], int(f["size"]), f["state"]
-            row.trash_key, row.error, row.updated_at = f["trash_key"], f["error"], time.time()
+            row.key, row.size, row.state = stageout.shown(f["key"]), int(f["size"]), f["state"]
+            row.trash_key, row.error = stageout.shown(f["trash_key"]), stageout.shown(f["error"])
+            row.updated_at = time.time()
             if path not in known:
                 session.add(row)
 

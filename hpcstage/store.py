@@ -37,6 +37,7 @@ import base64
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import math
 import os
@@ -59,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeAlias, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Final, Protocol, Self, TypeAlias, TypeVar, cast
 
 import aiohttp
 import botocore.exceptions as bce
@@ -232,6 +233,10 @@ class ObjectStore(Protocol):
         """Store the file at ``path`` under ``key``; return the new object's identity."""
         ...
 
+    async def upload_fd(self, fd: int, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """``upload`` of the file open as ``fd`` (read with pread; the caller closes it)."""
+        ...
+
     async def copy(self, src_key: str, dst_key: str) -> None:
         """Copy an object inside the store, without moving its bytes through this process."""
         ...
@@ -318,8 +323,9 @@ class _PartProgress:
 class _MemoryBudget:
     """Caps the upload bytes held in memory at once; one request larger than the cap runs alone.
 
-    Uploads read a whole part (or small object) into memory to send it with its Content-MD5, so
-    without this 64 transfers of 256 MiB objects would hold 16 GiB.
+    An object below the multipart threshold is read into memory to send it with its
+    Content-MD5, so without this 64 transfers of 256 MiB objects would hold 16 GiB. (Parts of
+    bigger objects are streamed from the file: they hold no more than a read each.)
     """
 
     def __init__(self, limit: int) -> None:
@@ -556,6 +562,52 @@ def _read_with_md5(fd: int, offset: int, length: int) -> tuple[bytes, bytes]:
         done += len(chunk)
     data = b"".join(chunks)
     return data, hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def _md5_of_range(fd: int, offset: int, length: int) -> bytes:
+    """The MD5 digest of ``length`` bytes at ``offset`` (for a streamed part's Content-MD5)."""
+    md5, done = _new_md5(), 0
+    while done < length:  # 1 MiB reads: parts hash in parallel, each holding one read
+        chunk = os.pread(fd, min(MIB, length - done), offset + done)
+        if not chunk:
+            raise OSError(errno.EIO, f"file shrank while uploading it (short by {length - done})")
+        md5.update(chunk)
+        done += len(chunk)
+    return bytes(md5.digest())
+
+
+class _FileRange(io.RawIOBase):
+    """``length`` bytes of the file open as ``fd`` from ``offset``, as a seekable stream:
+    what an upload sends (and sends again on a retry) is read from the file as it goes, with
+    pread (no shared offset: parts of one fd stream in parallel). Closing it leaves ``fd``."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._length - self._pos)
+        if want <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buffer)[:want]], self._offset + self._pos)
+        if not got:
+            raise OSError(errno.EIO, "file shrank while uploading it")
+        self._pos += got
+        return got
 
 
 def _md5_contradicts(etag: str, md5_hex: str) -> bool:
@@ -1413,15 +1465,31 @@ class S3Store:
         """
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            size = os.fstat(fd).st_size
-            tracker = _PartProgress(progress)
-            meta = {SHA256_METADATA: sha256} if sha256 else {}
-            if size < self._threshold:
-                etag = await self._put_whole(fd, key, size, tracker, only_if, meta)
-                return self._ref(key, etag, size)
-            await self._put_parts(fd, key, size, tracker, only_if, journal, meta)
+            return await self.upload_fd(
+                fd, key, progress=progress, only_if=only_if, journal=journal, sha256=sha256
+            )
         finally:
             os.close(fd)
+
+    async def upload_fd(
+        self,
+        fd: int,
+        key: str,
+        *,
+        progress: Progress | None = None,
+        only_if: Precondition | None = None,
+        journal: UploadLog | None = None,
+        sha256: str = "",
+    ) -> ObjectRef:
+        """``upload`` of the file open as ``fd``: the bytes of that file, whatever its path
+        names by now (stage-out checks a file on its fd, then uploads from it)."""
+        size = os.fstat(fd).st_size
+        tracker = _PartProgress(progress)
+        meta = {SHA256_METADATA: sha256} if sha256 else {}
+        if size < self._threshold:
+            etag = await self._put_whole(fd, key, size, tracker, only_if, meta)
+            return self._ref(key, etag, size)
+        await self._put_parts(fd, key, size, tracker, only_if, journal, meta)
         # Servers disagree on a multipart object's ETag (S3: md5-of-parts "-N"; some: the
         # whole MD5) between Complete and HEAD; the identity must be what listings will show.
         ref = await self.head(key)
@@ -1499,18 +1567,18 @@ class S3Store:
         meta: dict[str, str],
     ) -> None:
         async def send(upload_id: str, part: _Part) -> str:
-            async with self._budget.reserve(part.length):
-                data, md5 = await asyncio.to_thread(_read_with_md5, fd, part.offset, part.length)
-                etag = await self._retried(
-                    "put part", key, lambda: self._put_part_once(key, upload_id, part, data, md5)
-                )
+            # Streamed from the file, never held whole: a part of a 100 TiB file is 10 GiB.
+            md5 = await asyncio.to_thread(_md5_of_range, fd, part.offset, part.length)
+            etag = await self._retried(
+                "put part", key, lambda: self._put_part_once(key, upload_id, part, fd, md5)
+            )
             tracker.update(part.number, part.length)
             return etag
 
         await self._multipart(key, _parts(size, self._part_size), send, only_if, journal, meta)
 
     async def _put_part_once(
-        self, key: str, upload_id: str, part: _Part, data: bytes, md5: bytes
+        self, key: str, upload_id: str, part: _Part, fd: int, md5: bytes
     ) -> str:
         answer = await self._request(
             "put part",
@@ -1520,7 +1588,8 @@ class S3Store:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=part.number,
-                Body=data,
+                Body=cast("IO[bytes]", _FileRange(fd, part.offset, part.length)),
+                ContentLength=part.length,
                 ContentMD5=base64.b64encode(md5).decode(),
             ),
         )
@@ -1921,14 +1990,18 @@ class FsStore:
 
     async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
         """Copy the local file ``path`` to ``key``: temp file, fsync, rename."""
-        dest = await asyncio.to_thread(self._checked, key)
-        tracker = _PartProgress(progress)
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # the caller's file: OSError as is
         try:
-            size = os.fstat(src).st_size
-            await self._retried("write", key, lambda: self._write(key, dest, src, size, tracker))
+            return await self.upload_fd(src, key, progress=progress)
         finally:
             os.close(src)
+
+    async def upload_fd(self, fd: int, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """``upload`` of the file open as ``fd``."""
+        dest = await asyncio.to_thread(self._checked, key)
+        tracker = _PartProgress(progress)
+        size = os.fstat(fd).st_size
+        await self._retried("write", key, lambda: self._write(key, dest, fd, size, tracker))
         return await self.head(key)
 
     async def _write(

@@ -28,12 +28,12 @@ from hpcstage.errors import (
     CredentialError,
     HpcstageError,
     ObjectChangedError,
-    StoreError,
     TransientStoreError,
 )
 from hpcstage.identity import ObjectRef
 from hpcstage.permissions import Person, Reader
 from hpcstage.retry import RetryPolicy
+from hpcstage.stageout import shown
 from hpcstage.store import FsStore, ObjectStore, S3Store, download_bytes
 from hpcstage.transfer import peer
 from hpcstage.transfer.rpc import MAX_LINE, Handler, ProgressFn, decode, encode
@@ -150,12 +150,14 @@ class Agent:
         from hpcstage.transfer.uploader import Uploader
 
         job = str(params["job"])
-        # The job is over: its user loses access to the directory before we read it, so no
-        # leftover process can swap a file for a symlink between our checks and the upload.
+        # The job is over: its user loses access to the directory before we read it. A process
+        # already holding a directory in it as its cwd keeps access there, so the reads do not
+        # rely on this: they never follow a symlink and check each file on its fd (jobdir.py).
         await asyncio.to_thread(revoke_access, self.cache.jobs / job, str(params.get("user", "")))
         uploader = Uploader(
             self,
             job,
+            str(params.get("user", "")),
             float(params["ended_at"]),
             str(params["trash_prefix"]),
             bool(params.get("cache", True)),
@@ -577,16 +579,16 @@ async def _handle(
         send({"event": "error", "message": _user_message(exc), "transient": transient})
     except Exception as exc:  # never let one bad call kill the agent's other work
         log.exception("call %s failed", message.get("op"))
-        send({"event": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
+        send({"event": "error", "message": shown(f"internal error: {type(exc).__name__}: {exc}")})
     await writer.drain()
 
 
 def _user_message(exc: BaseException) -> str:
+    """One line for the daemon: printable and storable (a file name that is not UTF-8 in an
+    OSError would otherwise fail the daemon's database write, and the staging would never end)."""
     if isinstance(exc, CredentialError):
-        return f"store refused the site credentials: {exc}"
-    if isinstance(exc, StoreError):
-        return str(exc)
-    return str(exc) or type(exc).__name__
+        return shown(f"store refused the site credentials: {exc}")
+    return shown(str(exc) or type(exc).__name__)
 
 
 def run_agent(node: str, cache_dir: Path) -> None:

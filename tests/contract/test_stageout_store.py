@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pwd
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -71,8 +72,9 @@ class Run:
             self.stores.append(store)
             self.node.store = store
         uploader = Uploader(
-            self.node,
+            self.node,  # type: ignore[arg-type]  # the parts of an Agent it uses
             self.job,
+            pwd.getpwuid(os.getuid()).pw_name,  # the files' owner: the job's user
             ENDED,
             TRASH,
             False,
@@ -150,11 +152,11 @@ class FailFirstUpload(S3Store):
 
     failed = False
 
-    async def upload(self, path: Path, key: str, **options: Any) -> Any:
+    async def upload_fd(self, fd: int, key: str, **options: Any) -> Any:
         if not self.failed:
             self.failed = True
             raise TransientStoreError(f"put {key}: connection reset (injected)")
-        return await super().upload(path, key, **options)
+        return await super().upload_fd(fd, key, **options)
 
 
 class WriterBeforePut(S3Store):
@@ -165,11 +167,11 @@ class WriterBeforePut(S3Store):
     tmp: Path
     done = False
 
-    async def upload(self, path: Path, key: str, **options: Any) -> Any:
+    async def upload_fd(self, fd: int, key: str, **options: Any) -> Any:
         if not self.done:
             self.done = True
             await put(self.other, key, self.data, self.tmp)
-        return await super().upload(path, key, **options)
+        return await super().upload_fd(fd, key, **options)
 
 
 async def test_a_retry_keeps_the_version_someone_wrote_after_the_first_attempt(

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import re
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -172,6 +173,27 @@ async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -
             assert (stats.checked_inline, stats.read_back) == (1, 0)
 
 
+async def test_parts_are_streamed_from_the_file_not_held_in_memory(
+    s3_server: S3Server, scratch: Path
+) -> None:
+    # A 100 TiB file has 10 GiB parts (S3 allows 10,000): reading each into memory (and
+    # joining its chunks) would take 20 GiB per part in flight.
+    part = 16 * MIB
+    source = scratch / "src"
+    source.write_bytes(payload(3 * part))
+    async with make_s3_store(s3_server, part_size=part, multipart_threshold=part) as store:
+        await store.head_or_none("streamed/big")  # the client (its models: MiBs) exists now
+        tracemalloc.start()
+        try:
+            ref = await store.upload(source, "streamed/big")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert (await fetch(store, ref, scratch))[1] == payload(3 * part)
+    # Three parts in flight held at least 3 x 2 x 16 MiB before; now some 1 MiB reads each.
+    assert peak < part, f"{peak / MIB:.1f} MiB held at once for {part // MIB} MiB parts"
+
+
 async def test_large_objects_through_the_sdk_are_ranged_gets(
     s3_server: S3Server, scratch: Path
 ) -> None:
@@ -254,6 +276,25 @@ async def test_upload_reports_progress_once_per_byte(h: Harness, scratch: Path) 
     ref = await h.store.upload(source, h.key("big"), progress=progress.append)
     assert sum(progress) == LARGE == ref.size
     assert all(step > 0 for step in progress)
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE])
+async def test_upload_fd_sends_the_open_files_bytes_whatever_its_path_names_now(
+    h: Harness, scratch: Path, size: int
+) -> None:
+    # Stage-out checks a file on its fd, then uploads from it: a path swapped in between
+    # (here another file renamed over it) must not be what is stored.
+    source, other = scratch / "checked", scratch / "other"
+    source.write_bytes(payload(size, seed=1))
+    other.write_bytes(payload(size, seed=2))
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.replace(other, source)
+        ref = await h.store.upload_fd(fd, h.key("fd"))
+    finally:
+        os.close(fd)
+    _, body = await fetch(h.store, ref, scratch)
+    assert body == payload(size, seed=1)
 
 
 # --- S3 specifics ----------------------------------------------------------------------------

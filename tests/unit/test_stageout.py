@@ -1,14 +1,23 @@
 """Which stage-out directives run for a job's end (stageout.should_run), the keys files get
-(key_for), the recycle-bin keys of replaced versions (trash_key) and when a stored object is
-already the file (same_object): pure rules."""
+(key_for), the recycle-bin keys of replaced versions (trash_key), when a stored object is
+already the file (same_object) and which names can be keys (name_problem, shown): pure rules."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
-from hpcstage.stageout import key_for, same_object, should_run, trash_key, version_tag
+from hpcstage.stageout import (
+    key_for,
+    name_problem,
+    same_object,
+    should_run,
+    shown,
+    trash_key,
+    version_tag,
+)
 from hpcstage.trash import parse_trash_key
 
 EVERY = frozenset({"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY"})
@@ -88,3 +97,14 @@ def test_same_object_trusts_an_md5_etag_else_the_recorded_sha256(
     etag: str, size: int, options: dict[str, Any], same: bool
 ) -> None:
     assert same_object(etag, size, MD5, 43, sha256_hex=SHA, **options) is same
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_and_shown_escaped() -> None:
+    name = os.fsdecode(b"bad\xff.txt")  # as os.scandir gives it: the byte as a surrogate
+    assert "not UTF-8" in name_problem(name)
+    assert name_problem("résumé ✓.txt") == ""
+    assert shown(name) == "bad\\xff.txt"
+    assert shown("résumé ✓.txt") == "résumé ✓.txt"
+    assert shown("odd \ud800 surrogate") == "odd \\ud800 surrogate"  # none os gives: as is
+    for text in (name, "odd \ud800 surrogate"):
+        shown(text).encode("utf-8")  # storable
