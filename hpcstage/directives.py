@@ -75,8 +75,9 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _PATTERN = re.compile(r"%([0-9]*)(.?)", re.DOTALL)
 _ADMIN_MARK = re.compile(r"(?:^|(?<=\s))hpcstage:v([0-9]+):(\S*)")
 _ADMIN_SAFE = "/:=,@+"  # quote() also keeps A-Z a-z 0-9 - . _ ~
-# bad=<word>: a word of a #HPCSTAGE line that is no staging option (job_submit.lua passes it
-# on, so that the job is refused with it instead of running without that input).
+# bad=<word>: a word of a #HPCSTAGE line that is no staging option, or a whole line with an
+# open quote (job_submit.lua passes it on, so that the job is refused with it instead of
+# running without that input).
 _ADMIN_ITEM = re.compile(r"(in|out|bad)=((?:[A-Za-z0-9\-._~/:=,@+]|%[0-9A-Fa-f]{2})*)")
 _ADMIN_KINDS: dict[str, Kind] = {"in": "stage-in", "out": "stage-out"}
 
@@ -215,6 +216,9 @@ class JobContext:
 # --- public entry points ------------------------------------------------------------------
 
 
+_AFTER_COMMAND = "ignored: sbatch reads no directive after a command"
+
+
 def parse_script(text: str) -> ParsedDirectives:
     """Parse a batch script's ``#SBATCH``/``#HPCSTAGE`` directives, collecting every error."""
     found = _Collector()
@@ -223,13 +227,16 @@ def parse_script(text: str) -> ParsedDirectives:
         try:
             options = _options(_split_words(rest), strict=magic == "#HPCSTAGE")
         except DirectiveError as err:
-            found.problem(number, line, str(err))
+            if in_header:
+                found.problem(number, line, str(err))
+            else:  # not read at all, broken or not (e.g. a line of a heredoc)
+                found.warn(number, line, _AFTER_COMMAND)
             continue
         for kind, value in options:
             if in_header:
                 found.add(kind, value, number, line)
             else:
-                found.warn(number, line, "ignored: sbatch reads no directive after a command")
+                found.warn(number, line, _AFTER_COMMAND)
     return found.result()
 
 
@@ -644,5 +651,7 @@ def _decode_item(item: str) -> str:
     except UnicodeDecodeError as err:
         raise DirectiveError("admin_comment hpcstage item is not UTF-8") from err
     if match.group(1) == "bad":
-        return value  # parse_args refuses it by name
+        # parse_args refuses it by name. Never as a directive: job_submit.lua before issue 15
+        # passed a whole line with an open quote this way, and it may start --stage-in=.
+        return f"#HPCSTAGE {value}" if value.partition("=")[0] in _OPTIONS else value
     return f"--{_ADMIN_KINDS[match.group(1)]}={value}"
