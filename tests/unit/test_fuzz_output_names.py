@@ -21,12 +21,15 @@ Settings: derandomize=True, so that CI runs the same examples every time.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from hpcstage.cli.user_cmds import _job_text, _jobs_table
 from hpcstage.directives import MAX_NAME_BYTES
 from hpcstage.stageout import Output, Refused, Skipped
 from hpcstage.transfer.jobdir import JobDir, Owners
@@ -127,3 +130,59 @@ def test_every_file_in_a_tree_is_staged_exactly_or_refused_by_name(
     assert {o.key for o in outputs} == expected_keys  # and nothing else
     for output in outputs:
         assert output.key.encode() == DEST.encode() + output.rel.encode()[len(b"out/") :]
+
+
+# --- what `hpcstage status` shows of them ---------------------------------------------------
+
+# A job chooses its name and the names of its files (and the targets of its symlinks, and so
+# part of every error about them); an admin runs `hpcstage status` on any job.
+HOSTILE_PIECES = [
+    "x", " ", "\n", "\r", "\t", "\x1b]0;pwned\x07", "\x1b[2J", "\x9b31m", "\x00", "\x7f",
+    "\u2028", "\u202e", "é", "\\xff", "%",
+]  # fmt: skip
+hostile_text = st.lists(st.sampled_from(HOSTILE_PIECES), max_size=6).map("".join)
+
+
+def job_doc(text: list[str]) -> dict[str, Any]:
+    """A status document (hpcstage.status.job_document's shape) with ``text`` in every field
+    a job can influence."""
+    (name, path, key, error, target, message) = text
+    files = [
+        {"path": f"out/{path}", "key": key, "size": 1, "state": "skipped", "trash_key": "",
+         "error": f"symlink to '{target}' not followed"},
+        {"path": f"out/{path}2", "key": key, "size": 1, "state": "failed", "trash_key": "",
+         "error": error},
+        {"path": f"out/{path}3", "key": key, "size": 1, "state": "uploaded",
+         "trash_key": f"trash/{key}", "error": ""},
+    ]  # fmt: skip
+    node = {
+        "state": "failed", "files_done": 1, "files_total": 3, "bytes_done": 1, "bytes_total": 3,
+        "fetched_files": 0, "peer_files": 0, "error": error, "files": files,
+    }  # fmt: skip
+    return {
+        "id": 1, "kind": "job", "job_id": 7, "name": name, "user": "alice", "account": "chem",
+        "state": "COMPLETED", "reason": "", "planned_nodes": [], "nodes": ["n1"],
+        "directive_source": "admin_comment", "error": error, "stage_out": "failed",
+        "staging": {"n1": "failed"}, "failure": error,
+        "requests": [
+            {"direction": "out", "src": path, "dest": f"s3://b/{key}", "line": 3,
+             "text": f"--stage-out={path}:s3://b/{key}", "nodes": {"n1": node}}
+        ],
+        "events": [{"ts": 0.0, "node": "n1", "level": "error", "message": message}],
+    }  # fmt: skip
+
+
+TERMINAL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # all but '\n'
+
+
+@FUZZ
+@given(st.lists(hostile_text, min_size=6, max_size=6))
+@example(["\x1b]0;pwned\x07", "\x1b[2J", "k\nREFUSED: forged line", "e\r", "/t\x1b", "m\n"])
+def test_status_shows_hostile_names_escaped_on_lines_of_their_own(text: list[str]) -> None:
+    plain = _job_text(job_doc(["x" if t else "" for t in text]))  # the same lines, tame
+    shown_text = _job_text(job_doc(text))
+    # No byte a terminal acts on (title, clear screen, cursor), no line a name made up.
+    assert not TERMINAL.search(shown_text), ascii(shown_text)
+    assert shown_text.count("\n") == plain.count("\n"), shown_text
+    table = _jobs_table([job_doc(text)])
+    assert not TERMINAL.search(table) and table.count("\n") == 1, ascii(table)
