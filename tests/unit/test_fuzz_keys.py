@@ -294,3 +294,28 @@ def test_an_output_key_under_a_parsed_dest_is_a_key_a_stage_in_accepts(
         return  # refused by name at stage-in; '%' is a pattern in a directive, not in a key
     stage_in = parse_value("stage-in", f"s3://bucket/{key}")
     assert stage_in.src.kind is SourceKind.S3_OBJECT and stage_in.src.key == key
+
+
+# --- a listing that answers with keys outside its prefix ---------------------------------------
+
+
+@FUZZ
+@given(st.sampled_from(["p/", "Alice/", "data/2024/", "é/"]), rel_key)
+@example("Alice/", "secret")  # a store that matches prefixes case-insensitively
+@example("é/", "x")  # or after Unicode normalisation (NFC 'é/' vs NFD 'e\u0301/')
+def test_a_listed_key_outside_the_prefix_is_refused(prefix_: str, rel: str) -> None:
+    """The policy allowed the prefix, not the bucket: a key the listing returns that is not
+    under it (a buggy or hostile store, a prefix matched after folding case or Unicode form)
+    is refused by name, never staged. On 4f7f2a1 it was staged under its whole key."""
+    for key in (rel, prefix_.lower() + rel, unicodedata.normalize("NFD", prefix_) + rel):
+        if key.startswith(prefix_) or not fits(key):
+            continue
+        try:
+            path = view_path(prefix_, key, PurePosixPath("data"))
+        except CacheError as err:
+            message = str(err)
+            assert message.startswith(f"object key {repr(key)[:30]}"), message
+            assert "not under the prefix" in message and repr(prefix_) in message
+            assert len(message) < SHORT and not UNSAFE.search(message)
+            continue
+        raise AssertionError(f"{key!r} outside {prefix_!r} staged at {path}")
