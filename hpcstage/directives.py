@@ -75,8 +75,9 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _PATTERN = re.compile(r"%([0-9]*)(.?)", re.DOTALL)
 _ADMIN_MARK = re.compile(r"(?:^|(?<=\s))hpcstage:v([0-9]+):(\S*)")
 _ADMIN_SAFE = "/:=,@+"  # quote() also keeps A-Z a-z 0-9 - . _ ~
-# bad=<word>: a word of a #HPCSTAGE line that is no staging option (job_submit.lua passes it
-# on, so that the job is refused with it instead of running without that input).
+# bad=<word>: a word of a #HPCSTAGE line that is no staging option, or a whole line with an
+# open quote (job_submit.lua passes it on, so that the job is refused with it instead of
+# running without that input).
 _ADMIN_ITEM = re.compile(r"(in|out|bad)=((?:[A-Za-z0-9\-._~/:=,@+]|%[0-9A-Fa-f]{2})*)")
 _ADMIN_KINDS: dict[str, Kind] = {"in": "stage-in", "out": "stage-out"}
 
@@ -153,6 +154,16 @@ def shown(text: str, limit: int = SHOWN_CHARS) -> str:
     return safe if len(safe) <= limit else f"{safe[:limit]}... ({len(text)} characters)"
 
 
+QUOTED_CHARS = 60  # of one piece of a value quoted inside a message
+
+
+def quoted(text: str, limit: int = QUOTED_CHARS) -> str:
+    """``repr`` of a piece of a value for a message, cut: a 4 KiB value (the most a directive
+    may hold) must not make a 4 KiB message; the reason follows it, so it stays readable."""
+    text_repr = repr(text)  # escapes every non-printable character
+    return text_repr if len(text_repr) <= limit else f"{text_repr[: limit - 4]}...'"
+
+
 def summarize(problems: list[str]) -> str:
     """The first few problems, then how many more: 10,000 bad lines make one short message."""
     head = "; ".join(problems[:SHOWN_PROBLEMS])
@@ -205,6 +216,9 @@ class JobContext:
 # --- public entry points ------------------------------------------------------------------
 
 
+_AFTER_COMMAND = "ignored: sbatch reads no directive after a command"
+
+
 def parse_script(text: str) -> ParsedDirectives:
     """Parse a batch script's ``#SBATCH``/``#HPCSTAGE`` directives, collecting every error."""
     found = _Collector()
@@ -213,13 +227,16 @@ def parse_script(text: str) -> ParsedDirectives:
         try:
             options = _options(_split_words(rest), strict=magic == "#HPCSTAGE")
         except DirectiveError as err:
-            found.problem(number, line, str(err))
+            if in_header:
+                found.problem(number, line, str(err))
+            else:  # not read at all, broken or not (e.g. a line of a heredoc)
+                found.warn(number, line, _AFTER_COMMAND)
             continue
         for kind, value in options:
             if in_header:
                 found.add(kind, value, number, line)
             else:
-                found.warn(number, line, "ignored: sbatch reads no directive after a command")
+                found.warn(number, line, _AFTER_COMMAND)
     return found.result()
 
 
@@ -254,7 +271,9 @@ def parse_source(text: str) -> Source:
     if scheme is None:
         return _path_source(text)
     if scheme != "s3":
-        raise DirectiveError(f"unsupported scheme {scheme}:// (use s3:// or an absolute path)")
+        raise DirectiveError(
+            f"unsupported scheme {shown(scheme, 30)}:// (use s3:// or an absolute path)"
+        )
     return _s3_source(rest, "SRC")
 
 
@@ -276,7 +295,7 @@ def expand_stage_out(stage_out: StageOut, context: JobContext) -> StageOut:
         _check_text(key)
         dest = _s3_source(f"{stage_out.dest.bucket}/{key}", "DEST")
         if dest.kind is not stage_out.dest.kind:
-            raise DirectiveError(f"expanded DEST {dest.url!r} changes from object to prefix")
+            raise DirectiveError(f"expanded DEST {quoted(dest.url)} changes from object to prefix")
     except DirectiveError as err:
         problem = DirectiveProblem(stage_out.line, stage_out.text, str(err))
         raise DirectiveError(str(problem)) from err
@@ -289,7 +308,7 @@ def encode_admin_comment(directives: Sequence[str]) -> str:
     for directive in directives:
         name, equals, value = directive.partition("=")
         if name not in _OPTIONS or not equals:
-            raise DirectiveError(f"not a staging directive: {directive!r}")
+            raise DirectiveError(f"not a staging directive: {quoted(directive)}")
         _check_text(value)  # refused later anyway; and quote() cannot encode lone surrogates
         items.append(f"{name.removeprefix('--stage-')}={quote(value, safe=_ADMIN_SAFE)}")
     comment = "hpcstage:v1:" + "".join(f"{item};" for item in items) + "end"
@@ -376,7 +395,7 @@ def _options(words: list[str], strict: bool) -> list[tuple[Kind, str]]:
             index, value = index + 1, words[index + 1]
         elif name not in _OPTIONS:
             if strict:
-                raise DirectiveError(f"unknown #HPCSTAGE option {words[index]!r}")
+                raise DirectiveError(f"unknown #HPCSTAGE option {quoted(words[index])}")
             index += 1
             continue
         found.append((_OPTIONS[name], value))
@@ -413,7 +432,9 @@ class _Collector:
             self.stage_out.append(directive)
         elif directive.dest in self.dests:
             first = self.dests[directive.dest]
-            self.problem(line, text, f"DEST {str(directive.dest)!r} already used on line {first}")
+            self.problem(
+                line, text, f"DEST {quoted(str(directive.dest))} already used on line {first}"
+            )
         else:
             self.dests[directive.dest] = line
             self.stage_in.append(directive)
@@ -472,7 +493,9 @@ def _parse_stage_out(value: str) -> tuple[PurePosixPath, Source, When, bool]:
     if scheme is None:
         raise DirectiveError("stage-out DEST must be s3://BUCKET/PREFIX/ or s3://BUCKET/KEY")
     if scheme != "s3":
-        raise DirectiveError(f"unsupported scheme {scheme}:// (stage-out writes to s3://)")
+        raise DirectiveError(
+            f"unsupported scheme {shown(scheme, 30)}:// (stage-out writes to s3://)"
+        )
     dest_text, colon, flags = after.partition(":")
     dest = _s3_source(dest_text, "DEST")
     expand_patterns(dest.key, _PROBE)  # refuse unknown patterns now, not after the job
@@ -485,7 +508,7 @@ def _parse_flags(text: str) -> tuple[When, bool]:
     for flag in text.split(","):
         name, equals, value = flag.partition("=")
         if name in seen:
-            raise DirectiveError(f"stage-out flag {name!r} given twice")
+            raise DirectiveError(f"stage-out flag {quoted(name)} given twice")
         seen.add(name)
         if name == "on" and equals and value in _WHEN_VALUES:
             when = When(value)
@@ -493,7 +516,8 @@ def _parse_flags(text: str) -> tuple[When, bool]:
             optional = True
         else:
             raise DirectiveError(
-                f"unknown stage-out flag {flag!r} (known: on=always|success|failure, optional)"
+                f"unknown stage-out flag {quoted(flag)} "
+                "(known: on=always|success|failure, optional)"
             )
     return when, optional
 
@@ -510,7 +534,7 @@ def _s3_source(text: str, what: str) -> Source:
     """``BUCKET/KEY`` (after ``s3://``) -> an object or prefix Source."""
     bucket, slash, key = text.partition("/")
     if not slash:
-        raise DirectiveError(f"{what} s3://{text} needs /KEY or a trailing '/'")
+        raise DirectiveError(f"{what} {quoted('s3://' + text)} needs /KEY or a trailing '/'")
     _check_bucket(bucket)
     if len(key.encode()) > MAX_KEY_BYTES:
         raise DirectiveError(f"{what} key is longer than {MAX_KEY_BYTES} bytes")
@@ -523,7 +547,7 @@ def _s3_source(text: str, what: str) -> Source:
 
 def _path_source(text: str) -> Source:
     if not text.startswith("/"):
-        raise DirectiveError(f"SRC path {text!r} must be absolute")
+        raise DirectiveError(f"SRC path {quoted(text)} must be absolute")
     body = text[1:].removesuffix("/")
     if not body:
         raise DirectiveError("SRC cannot be the root directory")
@@ -539,7 +563,7 @@ def _default_dest(src: Source) -> PurePosixPath:
 
 def _dest_path(text: str) -> PurePosixPath:
     if text.endswith("/") and text != "/":
-        raise DirectiveError(f"DEST {text!r} must not end with '/'")
+        raise DirectiveError(f"DEST {quoted(text)} must not end with '/'")
     return _relative_path(text, "DEST")
 
 
@@ -548,7 +572,7 @@ def _relative_path(text: str, what: str) -> PurePosixPath:
     if not text:
         raise DirectiveError(f"{what} is empty")
     if text.startswith("/"):
-        raise DirectiveError(f"{what} {text!r} must be relative to $HPCSTAGE_DIR")
+        raise DirectiveError(f"{what} {quoted(text)} must be relative to $HPCSTAGE_DIR")
     _check_components(text, what)
     too_long = next((part for part in text.split("/") if len(part.encode()) > MAX_NAME_BYTES), "")
     if too_long:
@@ -562,8 +586,8 @@ def _relative_path(text: str, what: str) -> PurePosixPath:
 def _check_components(path: str, what: str) -> None:
     for part in path.split("/"):
         if part in ("", ".", ".."):
-            shown = "an empty" if not part else f"a {part!r}"
-            raise DirectiveError(f"{what} {path!r} has {shown} component")
+            which = "an empty" if not part else f"a {part!r}"
+            raise DirectiveError(f"{what} {quoted(path)} has {which} component")
 
 
 def _check_text(value: str) -> None:
@@ -590,7 +614,7 @@ def _check_bucket(bucket: str) -> None:
         or bucket.startswith(_BUCKET_PREFIXES)
         or bucket.endswith(_BUCKET_SUFFIXES)
     ):
-        raise DirectiveError(f"{bucket!r} is not a valid S3 bucket name")
+        raise DirectiveError(f"{quoted(bucket)} is not a valid S3 bucket name")
 
 
 # --- patterns and admin_comment ---------------------------------------------------------------
@@ -601,7 +625,7 @@ _PROBE = JobContext(job_id=1, user="user", name="name")
 def _pattern_value(match: re.Match[str], context: JobContext) -> str:
     width_text, letter = match.groups()
     if len(width_text) > 2 or int(width_text or 0) > 10:
-        raise DirectiveError(f"pattern width in %{width_text}{letter} is over 10")
+        raise DirectiveError(f"pattern width in {shown('%' + width_text + letter, 20)} is over 10")
     width = int(width_text or 0)
     if letter == "%" and not width_text:
         return "%"
@@ -614,8 +638,8 @@ def _pattern_value(match: re.Match[str], context: JobContext) -> str:
         return f"{numbers[letter] or 0:0{width}d}"
     if letter in ("u", "x"):
         return context.user if letter == "u" else context.name
-    shown = f"%{width_text}{letter}" if letter else "a trailing '%'"
-    raise DirectiveError(f"unsupported pattern {shown} (known: %j %u %x %A %a %%)")
+    which = shown(f"%{width_text}{letter}", 20) if letter else "a trailing '%'"
+    raise DirectiveError(f"unsupported pattern {which} (known: %j %u %x %A %a %%)")
 
 
 def _decode_item(item: str) -> str:
@@ -627,5 +651,7 @@ def _decode_item(item: str) -> str:
     except UnicodeDecodeError as err:
         raise DirectiveError("admin_comment hpcstage item is not UTF-8") from err
     if match.group(1) == "bad":
-        return value  # parse_args refuses it by name
+        # parse_args refuses it by name. Never as a directive: job_submit.lua before issue 15
+        # passed a whole line with an open quote this way, and it may start --stage-in=.
+        return f"#HPCSTAGE {value}" if value.partition("=")[0] in _OPTIONS else value
     return f"--{_ADMIN_KINDS[match.group(1)]}={value}"

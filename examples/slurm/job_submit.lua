@@ -110,7 +110,9 @@ local function from_script(script, items, read_sbatch)
   for line in (script .. "\n"):gmatch("([^\n]*)\n") do
     n = n + 1
     if n > MAX_SCAN_LINES then break end
-    local stripped = line:gsub("\r$", "")
+    -- Read as the daemon reads a script: a '\r' is a blank like any other (so a final
+    -- "\\\r" keeps its '\r', which the daemon then refuses as a control character).
+    local stripped = line
     if n == 1 and stripped:match("^#!") then
       -- the interpreter line
     elseif stripped:match("^%s*$") then
@@ -118,11 +120,13 @@ local function from_script(script, items, read_sbatch)
     elseif not stripped:match("^%s*#") then
       break  -- an indented comment (sbatch and the daemon read on) does not end the block
     else
-      local rest = stripped:match("^#HPCSTAGE%s+(.*)$")
+      -- A bare prefix, as sbatch reads "#SBATCH": "#HPCSTAGE--stage-in=..." is a directive
+      -- and "#HPCSTAGEfoo" a refused word, as for the daemon reading the script.
+      local rest = stripped:match("^#HPCSTAGE(.*)$")
       if rest ~= nil then
         local found = words(rest)
         if found == nil then  -- an open quote: the daemon refuses the line by its text
-          items[#items + 1] = "bad=" .. pct_encode(rest)
+          items[#items + 1] = "bad=" .. pct_encode((rest:gsub("^%s+", "")))
         else
           add_options(items, found, true)
         end

@@ -35,6 +35,7 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # carries terminal escapes into listings; directives refuse them too.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SHOWN_MAX = 200
+NAME_MAX = 255  # bytes in one file name, on every Linux filesystem
 
 
 def check_dest(dest: PurePosixPath | str) -> PurePosixPath:
@@ -61,16 +62,20 @@ def key_dest(dest: PurePosixPath, rel: str, key: str) -> PurePosixPath:
 
     Each key must get a path of its own, inside the view. Refused, with a CacheError naming the
     key: a leading '/', and empty, '.' or '..' components (PurePosixPath would fold 'p//x' and
-    'p/./x' onto 'p/x', and one object would silently replace another), control characters.
+    'p/./x' onto 'p/x', and one object would silently replace another), control characters,
+    components over NAME_MAX bytes (S3 allows them; link(2) would refuse, after the fetch).
     """
     if not rel:
         return check_dest(dest)
     problem = ""
     odd = next((part for part in rel.split("/") if part in ("", ".", "..")), None)
+    long = next((part for part in rel.split("/") if len(part.encode()) > NAME_MAX), None)
     if rel.startswith("/"):
         problem = "it starts with '/' after the prefix"
     elif odd is not None:
         problem = f"it has {'an empty' if not odd else repr(odd)} path component"
+    elif long is not None:
+        problem = f"its component {_shown(long[:40])}... is over {NAME_MAX} bytes"
     elif (bad := _CONTROL.search(rel)) is not None:
         problem = f"it holds the control character {bad.group()!r}"
     if problem:

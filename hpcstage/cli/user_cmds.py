@@ -234,7 +234,21 @@ def status(
     click.echo(json.dumps(doc, indent=2) if as_json else _job_text(doc))
 
 
+def _printable(value: Any) -> Any:
+    """The API's answer with every non-printable character of its text escaped (``\\x1b``,
+    ``\\n``): a job names itself and its files, and an admin reads ``hpcstage status`` on a
+    terminal, which acts on escape sequences, and where a name must not forge a line."""
+    if isinstance(value, str):
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
+    if isinstance(value, list):
+        return [_printable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _printable(item) for key, item in value.items()}
+    return value
+
+
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
+    jobs = _printable(jobs)
     if not jobs:
         return "no jobs with staging directives"
     head = f"{'JOBID':>10}  {'USER':<10} {'STATE':<11} {'NODES':<14} {'STAGE-OUT':<9} STAGING"
@@ -254,6 +268,7 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
 
 
 def _job_text(doc: dict[str, Any]) -> str:
+    doc = _printable(doc)
     out = [
         f"job {doc['job_id'] or 'warmup-' + str(doc['id'])} ({doc['name']}) user {doc['user']}"
         f" account {doc['account'] or '-'}: {doc['state']} {doc['reason'] or ''}".rstrip(),

@@ -24,6 +24,7 @@ from hpcstage.cache import CacheError, NodeCache, PendingObject, key_dest
 from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.store import GROUP_COMMIT_MAX
 from hpcstage.cache.views import hardlinks_protected
+from hpcstage.directives import quoted
 from hpcstage.errors import (
     CredentialError,
     HpcstageError,
@@ -443,8 +444,14 @@ def _view_path(ref: ObjectRef, prefix: str | None, dest: PurePosixPath) -> PureP
     """Where ``ref`` appears in the job's view; hostile keys are refused before any fetch."""
     if prefix is None:
         return dest
-    rel = ref.key[len(prefix) :] if ref.key.startswith(prefix) else ref.key
-    return key_dest(dest, rel, ref.key)
+    if not ref.key.startswith(prefix):
+        # The policy allowed this prefix, not the bucket: a key outside it comes from a store
+        # that lists wrongly (or matches prefixes after folding case or Unicode form).
+        raise CacheError(
+            f"object key {quoted(ref.key, 200)} is not under the prefix {quoted(prefix, 200)}"
+            " that was listed"
+        )
+    return key_dest(dest, ref.key[len(prefix) :], ref.key)
 
 
 async def _report(progress: ProgressFn, counters: Counters, request_id: int) -> None:

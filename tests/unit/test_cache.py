@@ -12,7 +12,14 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from hpcstage.cache import CacheError, Entry, NodeCache, PendingObject, choose_evictions
+from hpcstage.cache import (
+    CacheError,
+    Entry,
+    NodeCache,
+    PendingObject,
+    choose_evictions,
+    key_dest,
+)
 from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.store import ReadSmall
 from hpcstage.cache.views import hardlinks_protected, remove_tree
@@ -352,6 +359,26 @@ def test_link_of_an_evicted_object_fails_cleanly(cache: NodeCache) -> None:
     cache.evict(max_bytes=0, high=0.9, low=0.5, ttl=3600)
     with pytest.raises(CacheError, match="cannot link"):
         cache.link("1", "k", obj)
+
+
+@pytest.mark.parametrize(
+    "name", ["a" * 256, "é" * 128, "日" * 86, "a" * 200 + "😀" * 14], ids=lambda n: n[:3]
+)
+def test_a_key_with_a_name_over_255_bytes_is_refused_before_any_fetch(
+    cache: NodeCache, name: str
+) -> None:
+    # Found by tests/unit/test_fuzz_keys.py. S3 allows it (keys are up to 1024 bytes);
+    # no Linux filesystem does (NAME_MAX). It was refused only by link(2), after the fetch,
+    # in a message naming the path, not the key.
+    key = f"p/sub/{name}/x"
+    with pytest.raises(CacheError, match=r"over 255 bytes") as info:
+        key_dest(PurePosixPath("data"), key.removeprefix("p/"), key)
+    assert repr(key)[:40] in str(info.value) and len(str(info.value)) < 400
+    # 255 bytes is fine, and links.
+    fits = name.encode()[:255].decode(errors="ignore")
+    path = key_dest(PurePosixPath("data"), f"sub/{fits}", f"p/sub/{fits}")
+    _, obj = store(cache, "k", b"abc")
+    assert cache.link("1", path, obj).read_bytes() == b"abc"
 
 
 @pytest.mark.parametrize("job_id", ["..", ".", "a/b", "", ".hidden", "x" * 65])

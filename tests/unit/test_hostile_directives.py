@@ -329,3 +329,53 @@ def test_64_kib_config_values_give_a_short_message(text: str) -> None:
     problems = config_problems(text)
     assert len(problems) == 1
     assert len(problems[0]) < SHORT, len(problems[0])
+
+
+# --- a refusal deep inside a 4 KiB value ------------------------------------------------------
+
+K4 = 1900  # repeats of a two-character piece: just under the 4096-character limit
+# Found by tests/unit/test_fuzz_directives.py: each echoed the value whole (up to 4 KiB) in
+# the message, the part after the last character (the reason) at its very end.
+DEEP_REFUSALS = [
+    ("stage-in", "s3://bucket/k:" + "a/" * K4 + "..", "has a '..' component"),
+    ("stage-in", "/shared/" + "a/" * K4 + "..:x", "has a '..' component"),
+    ("stage-in", "s3://bucket/k:" + "d/" * K4 + "/", "must not end with '/'"),
+    ("stage-in", "s3://bucket/k:/" + "d/" * K4 + "d", "must be relative"),
+    ("stage-in", "s3://" + "b" * 3000 + "/k", "is not a valid S3 bucket name"),
+    ("stage-in", "s3://bucket" + "x" * 3000, "needs /KEY or a trailing '/'"),
+    ("stage-in", "gs" * 1000 + "://x", "unsupported scheme"),
+    ("stage-out", "x:s3://bucket/o/:" + "z" * 3000, "unknown stage-out flag"),
+    ("stage-out", "x:s3://bucket/%" + "9" * 1000 + "j", "pattern width"),
+    # Not a control character (Cc), but a line break on terminals and in JSON viewers.
+    ("stage-in", "s3://b\u2028ucket", "needs /KEY or a trailing '/'"),
+]
+UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+@pytest.mark.parametrize(("kind", "value", "reason"), DEEP_REFUSALS, ids=lambda v: v[:24])
+def test_a_refusal_deep_in_a_long_value_is_named_in_a_short_message(
+    kind: str, value: str, reason: str
+) -> None:
+    with pytest.raises(DirectiveError, match=re.escape(reason)) as info:
+        parse_value(kind, value, 12)  # type: ignore[call-overload]
+    message = str(info.value)
+    assert message.startswith("line 12: ") and len(message) < SHORT, (len(message), message[:80])
+    assert not UNSAFE.search(message), ascii(message[:300])
+    [error] = parse_script(lines(f"#HPCSTAGE --{kind}={value}")).errors
+    assert reason in error.message and len(str(error)) < SHORT and not UNSAFE.search(str(error))
+
+
+def test_long_words_and_dests_on_a_line_give_a_short_message() -> None:
+    dest = "d/" * K4 + "d"
+    parsed = parse_script(
+        lines(
+            f"#HPCSTAGE --stage-in=s3://bucket/a:{dest}",
+            f"#HPCSTAGE --stage-in=s3://bucket/b:{dest}",  # the same DEST again
+            f"#HPCSTAGE --{'t' * 3000}",
+        )
+    )
+    assert [e.line for e in parsed.errors] == [3, 4]
+    assert "already used on line 2" in parsed.errors[0].message
+    assert "unknown #HPCSTAGE option" in parsed.errors[1].message
+    for error in parsed.errors:
+        assert len(str(error)) < SHORT, len(str(error))

@@ -146,5 +146,51 @@ def test_quotes_and_backslashes_as_sbatch_reads_them(tmp_path: Path) -> None:
 def test_an_open_quote_fails_the_job_with_the_line(tmp_path: Path) -> None:
     script = "#!/bin/bash\n#HPCSTAGE --stage-in='s3://datasets/x/\nsrun true\n"
     decoded = decode_admin_comment(submitted(tmp_path, script))
-    assert decoded == ["--stage-in='s3://datasets/x/"]
+    # Returned as the line, so that it cannot pass for a directive (see below).
+    assert decoded == ["#HPCSTAGE --stage-in='s3://datasets/x/"]
     assert parse_args(decoded).errors and parse_script(script).errors
+
+
+def found(parsed: ParsedDirectives) -> tuple[bool, list[tuple[object, ...]]]:
+    """(refused, what is staged): a refused job stages nothing."""
+    if parsed.errors:
+        return True, []
+    return False, [(d.src, d.dest) for d in (*parsed.stage_in, *parsed.stage_out)]
+
+
+# Minimal scripts on which tests/unit/test_fuzz_directives.py found job_submit.lua and the
+# daemon's reading of the script at odds (4f7f2a1).
+DISAGREED = [
+    # The daemon reads '#HPCSTAGE' as a bare prefix, as sbatch reads '#SBATCH'; Lua wanted a
+    # blank after it and dropped the line: the job ran without its input.
+    "#!/bin/bash\n#HPCSTAGE--stage-in=s3://bucket/x/\n",
+    "#!/bin/bash\n#HPCSTAGEfoo\n",  # refused by the daemon; Lua saw no directive at all
+    # An open quote: Lua passed the line on whole as bad=..., which the daemon then read as a
+    # directive (DEST "x '") instead of refusing the line.
+    "#!/bin/bash\n#HPCSTAGE --stage-in=s3://bucket/k:x '\n",
+    '#!/bin/bash\n#HPCSTAGE --stage-out=r:s3://bucket/o/a" b\n',
+    # Lua dropped a final '\r' before splitting; the daemon keeps it (escaped, it is a
+    # control character in the value).
+    "#!/bin/bash\n#HPCSTAGE --stage-in=s3://bucket/k\\\r\n",
+    # After the first command no line is a directive, not even a broken one (Lua stops
+    # reading there; the daemon refused the job for it).
+    "#!/bin/bash\nsrun true\n#HPCSTAGE --stage_in=s3://bucket/x\n",
+    "#!/bin/bash\ncat > next.sh <<EOF\n#HPCSTAGE --stage-in='s3://bucket/$X\nEOF\n",
+]
+
+
+@pytest.mark.parametrize("script", DISAGREED, ids=repr)
+def test_job_submit_lua_and_the_daemon_agree_on_odd_lines(tmp_path: Path, script: str) -> None:
+    by_daemon = found(parse_script(script))
+    decoded = decode_admin_comment(submitted(tmp_path, script)) or []
+    assert found(parse_args(decoded)) == by_daemon
+
+
+def test_a_bad_item_is_never_read_as_a_directive() -> None:
+    # What an older job_submit.lua writes for '#HPCSTAGE --stage-in=s3://bucket/k:x ' (an
+    # open quote): sites keep their copy of the script, so the daemon must refuse it too.
+    decoded = decode_admin_comment("hpcstage:v1:bad=--stage-in=s3://bucket/k:x%20%27;end")
+    assert decoded is not None
+    parsed = parse_args(decoded)
+    assert parsed.stage_in == ()
+    assert "--stage-in=s3://bucket/k:x '" in str(parsed.errors[0])
