@@ -24,7 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import directives as dirs
-from hpcstage import leader, policy, quota, stageout, trash
+from hpcstage import leader, overlap, policy, quota, stageout, trash
 from hpcstage import plan as planner
 from hpcstage.audit import AuditLog
 from hpcstage.config import Settings
@@ -329,7 +329,7 @@ class Daemon:
     def _views(self, session: Session) -> Iterable[planner.JobView]:
         query = select(Job).where(Job.released_at.is_(None))
         jobs = list(session.scalars(query))
-        outputs = _unfinished_outputs(jobs)
+        outputs = overlap.OutputIndex(_unfinished_outputs(jobs))
         for job in jobs:
             yield planner.JobView(
                 id=job.id,
@@ -1111,22 +1111,10 @@ def _unfinished_outputs(jobs: list[Job]) -> list[tuple[str, str]]:
     ]
 
 
-def _waits_for(job: Job, outputs: list[tuple[str, str]]) -> str:
+def _waits_for(job: Job, outputs: overlap.OutputIndex) -> str:
     """The job whose unfinished outputs this job reads, if any ('' when none)."""
-    for r in job.requests:
-        if r.direction != "in":
-            continue
-        for dest, other in outputs:
-            if other != _job_key(job) and overlaps(r.src, dest):
-                return other
-    return ""
-
-
-def overlaps(a: str, b: str) -> bool:
-    """Whether locations ``a`` and ``b`` (s3:// URLs or paths; a prefix ends with '/') can
-    name the same object: equal, or one a prefix the other lies under. s3://b/a does not
-    overlap s3://b/ab/, nor s3://b/out/x s3://b/out/xy."""
-    return a == b or (a.endswith("/") and b.startswith(a)) or (b.endswith("/") and a.startswith(b))
+    inputs = dict.fromkeys(r.src for r in job.requests if r.direction == "in")
+    return overlap.waits_for(inputs, _job_key(job), outputs)
 
 
 def _out_state(job: Job) -> str:
