@@ -27,6 +27,7 @@ from hpcstage import directives as dirs
 from hpcstage import leader, overlap, policy, quota, stageout, trash
 from hpcstage import plan as planner
 from hpcstage.audit import AuditLog
+from hpcstage.clients import ClientCache
 from hpcstage.config import Settings
 from hpcstage.db import Job, Request, Staging, Upload, open_db
 from hpcstage.db.changes import Changes
@@ -64,6 +65,9 @@ EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
 # bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
 PEER_COPIES = 2
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
+# The daemon's own S3 clients kept open (one per bucket, each a connection pool): users name
+# buckets in requests, so more than a few would grow with every name.
+STORE_CLIENTS = 8
 
 
 def reconnect_delay(failures: int) -> float:
@@ -104,7 +108,7 @@ class Daemon:
     changes: Changes = field(default_factory=Changes)  # committed writes, for long polling
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _credentials: dict[str, str] | None = None
-    _stores: dict[str, S3Store] = field(default_factory=dict)
+    _stores: ClientCache[S3Store] = field(init=False)
     _last_expiry: float = 0.0
     _last_eviction: float = 0.0
     _snapshot_at: float = -math.inf  # time.monotonic() of the last queue snapshot
@@ -119,6 +123,7 @@ class Daemon:
 
     def __post_init__(self) -> None:
         self.audit = AuditLog(Path(self.settings.site.state_dir) / "audit.jsonl")
+        self._stores = ClientCache(STORE_CLIENTS, self._new_store)
 
     async def startup(self) -> None:
         """Open state, resume interrupted work, prepare the Slurm backend and agents."""
@@ -283,8 +288,7 @@ class Daemon:
             self._flush_progress(requeue=True)
         if self._pool is not None:
             await self._pool.close()
-        for store in self._stores.values():
-            await store.close()
+        await self._stores.close()
 
     def wake(self, fresh: bool = False) -> None:
         """Run a tick now; ``fresh``: with a new queue snapshot (a job asked for its inputs
@@ -924,23 +928,25 @@ class Daemon:
 
     # ------------------------------------------------------------------ recycle bin
 
-    def store(self, bucket: str) -> S3Store:
-        """The daemon's own client for ``bucket`` (recycle bin: copies and deletes only)."""
-        if bucket not in self._stores:
-            s = self.settings.store
-            self._stores[bucket] = S3Store(
-                s.endpoint_url,
-                bucket,
-                region=s.region,
-                profile=s.profile,
-                addressing_style=s.addressing_style,
-                verify_tls=s.verify_tls,
-                ca_bundle=str(s.ca_bundle) if s.ca_bundle else None,
-                connect_timeout=s.connect_timeout,
-                read_timeout=s.read_timeout,
-                credentials=self._credentials,
-            )
-        return self._stores[bucket]
+    def store(self, bucket: str) -> contextlib.AbstractAsyncContextManager[S3Store]:
+        """The daemon's own client for ``bucket`` (recycle bin: copies and deletes only), for
+        an ``async with`` block; at most STORE_CLIENTS idle ones stay open."""
+        return self._stores.lease(bucket)
+
+    def _new_store(self, bucket: str) -> S3Store:
+        s = self.settings.store
+        return S3Store(
+            s.endpoint_url,
+            bucket,
+            region=s.region,
+            profile=s.profile,
+            addressing_style=s.addressing_style,
+            verify_tls=s.verify_tls,
+            ca_bundle=str(s.ca_bundle) if s.ca_bundle else None,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            credentials=self._credentials,
+        )
 
     def stage_out_buckets(self) -> list[str]:
         """Buckets that stage-out has written to (where recycle bins may exist)."""
@@ -953,9 +959,10 @@ class Daemon:
         """Delete recycle-bin entries older than stage_out.trash_retention, in every bucket."""
         conf, deleted = self.settings.stage_out, 0
         for bucket in self.stage_out_buckets():
-            deleted += await trash.expire(
-                self.store(bucket), conf.trash_prefix, conf.trash_retention, time.time()
-            )
+            async with self.store(bucket) as store:
+                deleted += await trash.expire(
+                    store, conf.trash_prefix, conf.trash_retention, time.time()
+                )
         return deleted
 
     # ------------------------------------------------------------------ warmups
