@@ -24,14 +24,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import directives as dirs
-from hpcstage import leader, overlap, policy, quota, stageout, trash
+from hpcstage import leader, limits, overlap, policy, quota, stageout, trash
 from hpcstage import plan as planner
 from hpcstage.audit import AuditLog
 from hpcstage.clients import ClientCache
 from hpcstage.config import Settings
 from hpcstage.db import Job, Request, Staging, Upload, open_db
 from hpcstage.db.changes import Changes
-from hpcstage.errors import DirectiveError, SlurmError, StoreError, TransportError
+from hpcstage.errors import DirectiveError, LimitError, SlurmError, StoreError, TransportError
 from hpcstage.slurm.backend import CliBackend, SlurmBackend
 from hpcstage.slurm.model import JobInfo
 from hpcstage.store import S3Store, parse_s3_url, resolve_credentials
@@ -412,14 +412,16 @@ class Daemon:
         current = plan[0] if plan else None
         try:
             rpc = await self._agent(action.node)
-            spent = 0
+            spent = objects = 0
             for current in plan:
                 staging_id, request_id, src, dest, _text, _line = current
                 limit = self._budget(action.job_id, action.node, spent)
                 if src:
                     await self._peer_fill(rpc, action, staging_id, src, limit)
-                await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit)
-                spent += self._staged_bytes(staging_id)
+                left = limits.stage_in_budget(self.settings.limits, objects)
+                await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
+                done_bytes, done_files = self._staged(staging_id)
+                spent, objects = spent + done_bytes, objects + done_files
         except AgentError as exc:
             assert current is not None
             if exc.transient:  # the store was down or throttling: try again later
@@ -507,6 +509,7 @@ class Daemon:
         src: str,
         dest: str,
         limit: quota.Budget,
+        objects: limits.ObjectBudget,
     ) -> None:
         progress = self._progress.setdefault(staging_id, Progress())
 
@@ -522,6 +525,8 @@ class Daemon:
                     "dest": dest,
                     "max_bytes": limit.max_bytes,
                     "quota_reason": limit.reason,
+                    "max_objects": objects.max_objects,
+                    "objects_reason": objects.reason,
                 }
             )
         result = await rpc.call("stage", {**call, "items": items}, on_progress)
@@ -548,10 +553,12 @@ class Daemon:
             )
         return quota.budget(self.settings.quotas, account, node, spent, int(used or 0))
 
-    def _staged_bytes(self, staging_id: int) -> int:
+    def _staged(self, staging_id: int) -> tuple[int, int]:
+        """(bytes, files) a finished staging moved."""
         assert self.db is not None
         with self.db.begin() as session:
-            return session.get_one(Staging, staging_id).bytes_done
+            st = session.get_one(Staging, staging_id)
+            return st.bytes_done, st.files_done
 
     def _finish(self, staging_id: int, progress: Progress) -> None:
         assert self.db is not None
@@ -620,11 +627,14 @@ class Daemon:
         current = items[0] if items else None
         try:
             rpc = await self._agent(action.node) if items else None
+            files = size = 0
             for current in items:
                 assert rpc is not None
-                await self._out_one(
-                    rpc, current, job_key, ended_at, {**who, "optional": optional[current[0]]}
-                )
+                bound = limits.stage_out_limit(self.settings.limits, files, size)
+                flags = {**who, "optional": optional[current[0]], "limit": bound}
+                await self._out_one(rpc, current, job_key, ended_at, flags)
+                done_bytes, done_files = self._staged(current[0])
+                files, size = files + done_files, size + done_bytes
         except AgentError as exc:
             assert current is not None
             if exc.transient:
@@ -668,6 +678,9 @@ class Daemon:
                     "dest_key": key,
                     "optional": flags["optional"],
                     "job_completed": flags["job_completed"],
+                    "max_files": flags["limit"].max_files,
+                    "max_bytes": flags["limit"].max_bytes,
+                    "limit_reason": flags["limit"].reason,
                 }
             ],
         }
@@ -970,8 +983,9 @@ class Daemon:
     def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
         """Record a warmup of ``src`` on ``nodes``; the next tick starts it.
 
-        PermissionError when the policy does not let ``user`` read ``src`` (admins may warm
-        anything: they run the site).
+        PermissionError when the policy does not let ``user`` read ``src``, LimitError when
+        ``user`` has too many warmups in flight or requested too many in the last minute
+        (admins may warm anything, as often as they like: they run the site).
         """
         assert self.db is not None
         stage_in = dirs.parse_value("stage-in", src)
@@ -979,6 +993,10 @@ class Daemon:
         if not (admin or decision.allowed):
             self.audit.record("refused", user=user, warmup=src, reason=decision.rule)
             raise PermissionError(f"warmup of {src} refused: {decision.rule}")
+        refusal = "" if admin else self._warmup_refusal(user)
+        if refusal:
+            self.audit.record("refused", user=user, warmup=src, reason=refusal)
+            raise LimitError(f"warmup of {src} refused: {refusal}")
         self.audit.record("warmup", user=user, src=stage_in.src.url, nodes=nodes)
         with self.db.begin() as session:
             job = Job(
@@ -1005,6 +1023,16 @@ class Daemon:
             job_id = job.id
         self.wake()
         return job_id
+
+    def _warmup_refusal(self, user: str) -> str:
+        """Why ``user`` may not request another warmup now ('' if they may). Counted and
+        recorded in one synchronous step of the loop: two requests cannot both slip under."""
+        assert self.db is not None
+        mine = select(func.count()).select_from(Job).where(Job.kind == "warmup", Job.user == user)
+        with self.db.begin() as session:
+            in_flight = session.scalar(mine.where(Job.released_at.is_(None))) or 0
+            recent = session.scalar(mine.where(Job.first_seen >= time.time() - 60)) or 0
+        return limits.warmup_refusal(self.settings.limits, in_flight, recent)
 
 
 def to_directives(source: str, parsed: dirs.ParsedDirectives, info: JobInfo) -> Directives:

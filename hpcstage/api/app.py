@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from hpcstage import __version__, auth, trash
 from hpcstage.api.dashboard import render_dashboard
 from hpcstage.db import Job, Staging
-from hpcstage.errors import DirectiveError, HpcstageError
+from hpcstage.errors import DirectiveError, HpcstageError, LimitError
 from hpcstage.status import job_document, job_summary
 from hpcstage.store import parse_s3_url
 
@@ -168,6 +168,8 @@ def create_app(daemon: Daemon) -> FastAPI:
             raise HTTPException(400, str(exc)) from exc
         except PermissionError as exc:
             raise HTTPException(403, str(exc)) from exc
+        except LimitError as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "60"}) from exc
         return {"id": warm_id}
 
     @app.get("/api/v1/warmups/{warm_id}")

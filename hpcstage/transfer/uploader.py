@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from hpcstage import limits
 from hpcstage.cache import PendingObject
 from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
 from hpcstage.identity import ObjectRef
@@ -72,10 +74,16 @@ class Uploader:
         """Upload one directive's files; raise on a transient failure (the daemon retries)."""
         report = _Report(int(item["request_id"]))
         view = self.agent.cache.jobs / self.job
+        # The job's limits on files and bytes, checked as the walk goes (before any upload).
+        bound = limits.OutputLimit(
+            item.get("max_files"), item.get("max_bytes"), str(item.get("limit_reason", ""))
+        )
+
+        def walked() -> Iterator[Output | Skipped]:
+            return walk(view, PurePosixPath(item["src"]), item["dest_key"])
+
         try:
-            found = await asyncio.to_thread(
-                lambda: list(walk(view, PurePosixPath(item["src"]), item["dest_key"]))
-            )
+            found = await asyncio.to_thread(lambda: list(bound.bounded(walked(), _entry_size)))
         except HpcstageError as exc:
             absent = "does not exist" in str(exc)
             if not absent or not (item.get("optional") or not item.get("job_completed", True)):
@@ -186,6 +194,10 @@ class Uploader:
             await self.agent.cache.ensure(ref, copy_in)
         except HpcstageError as exc:  # the upload stands; caching is only an optimisation
             log.warning("output %s uploaded but not cached: %s", store.url(ref.key), exc)
+
+
+def _entry_size(entry: Output | Skipped) -> int:
+    return entry.size if isinstance(entry, Output) else 0
 
 
 def _verify(ref: ObjectRef, output: Output, md5: str) -> None:
