@@ -362,6 +362,8 @@ class CacheSettings(_Section):
 
     max_bytes: Annotated[Size, _size_range(1)] = 500 * GIB
     """Bytes the cache may use on each node."""
+    max_objects: int = Field(default=10_000_000, ge=0)
+    """Objects (files, hence inodes) the cache may hold on each node; 0 = no limit."""
     low_watermark: float = Field(default=0.80, gt=0, lt=1)
     """Eviction stops when usage falls below this fraction of max_bytes."""
     high_watermark: float = Field(default=0.90, gt=0, le=1, validate_default=True)

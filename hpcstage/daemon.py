@@ -913,6 +913,7 @@ class Daemon:
             "high": c.high_watermark,
             "low": c.low_watermark,
             "ttl": c.ttl,
+            "max_objects": c.max_objects,
         }
         reply = await (await self._agent(node)).call("evict", params)
         return int(reply.get("evicted", 0))

@@ -183,6 +183,7 @@ class Agent:
             float(params["low"]),
             float(params["ttl"]),
             time.time(),
+            int(params.get("max_objects", 0)),  # absent from an older daemon: bytes only
         )
         # Counted as it goes: a pass over 10^6 expired objects holds no list of their ids.
         evicted = await asyncio.to_thread(lambda: sum(1 for _ in passing))

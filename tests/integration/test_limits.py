@@ -26,9 +26,20 @@ warmups_per_minute = 3
 """
 
 
+MAX_OBJECTS = 40  # cache.max_objects: the watermarks (0.9, 0.8) apply to the count too
+
+
+def _count_objects(text: str) -> str:
+    assert '[cache]\nmax_bytes = "20GiB"\n' in text
+    return text.replace(
+        '[cache]\nmax_bytes = "20GiB"\n',
+        f'[cache]\nmax_bytes = "20GiB"\nmax_objects = {MAX_OBJECTS}\n',
+    )
+
+
 @pytest.fixture(scope="module")
 def stager(cluster: DevCluster) -> Iterator[Stager]:
-    yield from running_stager(cluster, "limits", extra=LIMITS)
+    yield from running_stager(cluster, "limits", extra=LIMITS, edit=_count_objects)
 
 
 def test_a_prefix_of_more_objects_than_the_limit_fails_the_job_naming_it(stager: Stager) -> None:
@@ -51,6 +62,15 @@ def test_a_stage_out_of_more_files_than_the_limit_fails_before_any_upload(stager
     text = json.dumps(doc)
     assert "more than 5 files" in text and "limits.stage_out_files = 5" in text, text
     assert s3_objects(stager.dev, prefix) == {}
+
+
+def test_zero_byte_objects_over_the_caches_object_mark_are_evicted(stager: Stager) -> None:
+    for _ in range(2):  # 38 objects of no bytes (each within stage_in_objects): no byte mark
+        src, _ = make_dataset(stager.dev, small_files(19, size=0))
+        stager.cli("alice", "warmup", src, "--nodes", "n3", "--json")
+    stager.client.post("/api/v1/nodes/n3/evict")  # (the daemon's own pass may come first)
+    after = json.loads(stager.cli("alice", "cache", "ls", "n3", "--json").stdout)["usage"]
+    assert after["objects"] - after["leased_objects"] <= 0.8 * MAX_OBJECTS, after
 
 
 def test_warmups_over_the_rate_are_refused_with_the_limit(stager: Stager) -> None:
