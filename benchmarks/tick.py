@@ -19,14 +19,20 @@ overlaps, the pairwise loop compares everything), and ``pipeline`` (job j reads 
 prefix job j-1 writes, so every job but the first waits; the pairwise loop stops at the first
 hit, after scanning on average half of the outputs).
 
+``--views N`` also writes N such jobs (one staging per request) into a scratch SQLite state
+database and times ``Daemon._views``, the whole per-tick read the planner needs, of which the
+overlap check is one part.
+
     .venv/bin/python benchmarks/tick.py                       # 1,000 x 500 x 500
     .venv/bin/python benchmarks/tick.py --jobs 50 --old-jobs 50   # the issue's 50-job case
+    .venv/bin/python benchmarks/tick.py --views 50            # + the database read, 50 jobs
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
 
 from hpcstage.overlap import OutputIndex, overlaps, waits_for
@@ -105,6 +111,52 @@ def old_tick_pairs(jobs: int, inputs: int, outputs: int, layout: str) -> int:
     return inputs * every + sum((j - 1) * outputs + 1 for j in range(1, jobs))
 
 
+def time_views(jobs: int, inputs: int, outputs: int) -> float:
+    """Seconds ``Daemon._views`` takes over ``jobs`` running jobs in a SQLite state."""
+    from sqlalchemy import insert
+
+    from hpcstage.config import parse_config
+    from hpcstage.daemon import Daemon
+    from hpcstage.db import Job, Request, Staging, open_db
+
+    where = tempfile.mkdtemp(prefix="hpcstage-tick-")
+    db = open_db(f"sqlite:///{where}/state.db")
+    ins, outs = state(jobs, inputs, outputs, "disjoint")
+    requests: list[dict[str, object]] = []
+    for j, reads in enumerate(ins.values()):
+        requests += [
+            {"job_id": j + 1, "direction": "in", "position": i, "src": src, "dest": f"in/{i}"}
+            for i, src in enumerate(reads)
+        ]
+    key_to_job = {key: j + 1 for j, key in enumerate(ins)}
+    requests += [
+        {"job_id": key_to_job[key], "direction": "out", "position": 0, "src": "out", "dest": d}
+        for d, key in outs
+    ]
+    with db.begin() as session:
+        session.execute(
+            insert(Job),
+            [
+                {"id": j + 1, "slurm_job_id": int(key), "state": "RUNNING", "nodes": "n1"}
+                | {"started_at": 1.0, "user": "u"}
+                for j, key in enumerate(ins)
+            ],
+        )
+        for i, row in enumerate(requests, 1):
+            row["id"] = i
+        session.execute(insert(Request), requests)
+        session.execute(
+            insert(Staging),
+            [{"request_id": r["id"], "node": "n1", "state": "queued"} for r in requests],
+        )
+    text = f'[site]\nname = "b"\nstate_dir = "{where}"\n[store]\nendpoint_url = "http://x"\n'
+    daemon = Daemon(parse_config(text), db=db)
+    t0 = time.perf_counter()
+    with db.begin() as session:
+        list(daemon._views(session))
+    return time.perf_counter() - t0
+
+
 def human(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.1f} ms"
@@ -122,6 +174,7 @@ def main() -> None:
     parser.add_argument("--outputs", type=int, default=500)
     parser.add_argument("--old-jobs", type=int, default=1, help="jobs the pairwise loop checks")
     parser.add_argument("--old-inputs", type=int, default=20, help="of each, this many inputs")
+    parser.add_argument("--views", type=int, default=0, help="jobs for the database read")
     args = parser.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()}, {platform.node()}")
     print(f"{args.jobs} jobs x {args.inputs} stage-ins x {args.outputs} unfinished stage-outs")
@@ -140,6 +193,13 @@ def main() -> None:
         print(
             f"  old: {compared:,} pairs in {human(seconds)} ({per_pair * 1e9:.0f} ns a pair);"
             f" a tick compares {total:,.0f} pairs: about {human(total * per_pair)}"
+        )
+
+    if args.views:
+        seconds = time_views(args.views, args.inputs, args.outputs)
+        print(
+            f"Daemon._views over {args.views} jobs x {args.inputs} x {args.outputs}"
+            f" in SQLite: {human(seconds)}"
         )
 
 
