@@ -38,7 +38,7 @@ def brute_waits_for(inputs: list[str], me: str, outputs: list[tuple[str, str]]) 
 
 
 @given(OUTPUTS, location())
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 def test_the_index_finds_exactly_the_overlapping_outputs(
     outputs: list[tuple[str, str]], src: str
 ) -> None:
@@ -47,7 +47,7 @@ def test_the_index_finds_exactly_the_overlapping_outputs(
 
 
 @given(OUTPUTS, st.lists(location(), max_size=5), st.sampled_from(["1", "2", "3", "4"]))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 def test_a_job_waits_exactly_when_the_pairwise_check_says_so(
     outputs: list[tuple[str, str]], inputs: list[str], me: str
 ) -> None:
