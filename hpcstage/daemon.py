@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import directives as dirs
-from hpcstage import leader, limits, overlap, policy, quota, stageout, trash
+from hpcstage import leader, limits, policy, quota, stageout, tickview, trash
 from hpcstage import plan as planner
 from hpcstage.audit import AuditLog
 from hpcstage.clients import ClientCache
@@ -49,7 +49,7 @@ from hpcstage.transfer.transport import (
     open_ssh,
 )
 from hpcstage.units import format_size
-from hpcstage.watch import Directives, log_event, split_nodes, sync
+from hpcstage.watch import Directives, log_event, sync
 
 log = logging.getLogger("hpcstage.daemon")
 
@@ -331,30 +331,7 @@ class Daemon:
         self.last_tick = time.time()
 
     def _views(self, session: Session) -> Iterable[planner.JobView]:
-        # Requests and their stagings in two more queries, not one per job and per request:
-        # 50 jobs of 1,000 directives were 50,000 queries a tick, on the event loop.
-        rows = selectinload(Job.requests).selectinload(Request.stagings)
-        query = select(Job).where(Job.released_at.is_(None)).options(rows)
-        jobs = list(session.scalars(query))
-        outputs = overlap.OutputIndex(_unfinished_outputs(jobs))
-        for job in jobs:
-            yield planner.JobView(
-                id=job.id,
-                kind=job.kind,
-                state=job.state,
-                priority=job.priority,
-                expected_start=job.expected_start,
-                planned_nodes=split_nodes(job.planned_nodes),
-                nodes=split_nodes(job.nodes),
-                ended_at=job.ended_at,
-                released=job.released_at is not None,
-                error=job.error,
-                node_states=_node_states(job),
-                out_state=_out_state(job),
-                out_node=job.batch_host or next(iter(split_nodes(job.nodes)), ""),
-                waits_for=_waits_for(job, outputs),
-                inputs=next((r.src for r in job.requests if r.direction == "in" and r.src), ""),
-            )
+        return tickview.read_views(session)  # plain columns: no ORM object per directive
 
     def _act(self, action: planner.Action) -> None:
         if isinstance(action, planner.MarkReleased):
@@ -1126,48 +1103,6 @@ def _staging(session: Session, request: Request, node: str) -> Staging:
 def _job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:
     query = select(Staging).join(Request).where(Request.job_id == job_id, Staging.node == node)
     return list(session.scalars(query))
-
-
-def _node_states(job: Job) -> dict[str, str]:
-    per_node: dict[str, list[str]] = {}
-    for request in job.requests:
-        if request.direction == "out":
-            continue
-        for st in request.stagings:
-            per_node.setdefault(st.node, []).append(st.state)
-    return {node: planner.node_state(states) for node, states in per_node.items()}
-
-
-def _unfinished_outputs(jobs: list[Job]) -> list[tuple[str, str]]:
-    """(destination URL, job key) of every stage-out not yet verified."""
-    return [
-        (r.dest, _job_key(job))
-        for job in jobs
-        if _out_state(job) in ("pending", "queued", "running")
-        and (job.started_at is not None or job.ended_at is not None)
-        for r in job.requests
-        if r.direction == "out"
-    ]
-
-
-def _waits_for(job: Job, outputs: overlap.OutputIndex) -> str:
-    """The job whose unfinished outputs this job reads, if any ('' when none)."""
-    inputs = dict.fromkeys(r.src for r in job.requests if r.direction == "in")
-    return overlap.waits_for(inputs, _job_key(job), outputs)
-
-
-def _out_state(job: Job) -> str:
-    """Stage-out as one word: none | pending | queued | running | failed | done."""
-    outs = [r for r in job.requests if r.direction == "out"]
-    if not outs:
-        return "none"
-    states = [st.state for r in outs for st in r.stagings]
-    if len(states) < len(outs):
-        return "pending"
-    for state in ("running", "queued", "failed"):
-        if state in states:
-            return state
-    return "done"
 
 
 def _columns(progress: Progress) -> dict[str, int]:
