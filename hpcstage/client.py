@@ -47,6 +47,7 @@ class Client:
         self.timeout = timeout
         self.munge = munge
         self.socket = socket
+        self.for_uid: int | None = None  # an admin asking as this uid
 
     def get(self, path: str) -> Any:
         return self._call("GET", path, None)
@@ -59,6 +60,8 @@ class Client:
         headers = {"Content-Type": "application/json"}
         if self.munge:  # one fresh credential per request: munged refuses replays
             headers["Authorization"] = auth.header(self.socket)
+        if self.for_uid is not None:
+            headers[auth.FOR_UID_HEADER] = str(self.for_uid)
         req = urllib.request.Request(  # noqa: S310 - URL from the site config
             self.base_url + path, data=data, method=method, headers=headers
         )

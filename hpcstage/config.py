@@ -466,6 +466,8 @@ class ApiSettings(_Section):
     """How API clients prove who they are: a MUNGE credential per request, or not at all."""
     munge_socket: OptionalPath = None
     """munged's socket; unset = MUNGE's default (/run/munge/munge.socket.2)."""
+    metrics_token_file: OptionalPath = None
+    """File holding the token a Prometheus scraper sends as a Bearer; unset = admins only."""
 
     @field_validator("url")
     @classmethod

@@ -49,7 +49,7 @@ from hpcstage.transfer.transport import (
     open_ssh,
 )
 from hpcstage.units import format_size
-from hpcstage.watch import Directives, log_event, sync
+from hpcstage.watch import Directives, JobKey, log_event, sync
 
 log = logging.getLogger("hpcstage.daemon")
 
@@ -65,6 +65,7 @@ EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
 # bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
 PEER_COPIES = 2
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
+MAX_INTERNAL_ERROR_ATTEMPTS = 5  # an unexpected error (a bug) ends a staging at this attempt
 # The daemon's own S3 clients kept open (one per bucket, each a connection pool): users name
 # buckets in requests, so more than a few would grow with every name.
 STORE_CLIENTS = 8
@@ -99,7 +100,7 @@ class Daemon:
     _tasks: dict[tuple[int, str], asyncio.Task[None]] = field(default_factory=dict)
     _progress: dict[int, Progress] = field(default_factory=dict)
     _files: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    _ignored: set[int] = field(default_factory=set)
+    _ignored: set[JobKey] = field(default_factory=set)
     _node_addr: dict[str, str] = field(default_factory=dict)
     # node -> (consecutive transport failures, time before which it is not tried again)
     _node_down: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -362,13 +363,20 @@ class Daemon:
 
     def _recover(self, job_id: int, node: str, message: str) -> None:
         assert self.db is not None
+        message = stageout.shown(message)  # an error may quote a file name that is not UTF-8
         with self.db.begin() as session:
+            outcome = "will retry"
             for st in _job_stagings(session, job_id, node):
                 if st.state == "running":
-                    st.state, st.error = "queued", message
+                    # A bug that strikes every attempt must not keep a staging running forever.
+                    give_up = st.attempts >= MAX_INTERNAL_ERROR_ATTEMPTS
+                    st.state = "failed" if give_up else "queued"
+                    if give_up:
+                        outcome = f"gave up after {st.attempts} attempts"
+                    st.error = f"{outcome}: {message}" if give_up else message
                     self._progress.pop(st.id, None)
                     self._files.pop(st.id, None)
-            log_event(session, job_id, node, f"will retry: {message}", "error")
+            log_event(session, job_id, node, f"{outcome}: {message}", "error")
 
     # ------------------------------------------------------------------ actions
 
@@ -687,10 +695,11 @@ class Daemon:
         if not files:
             return
         known = {u.path: u for u in st.uploads}
-        for path, f in files.items():
+        for path, f in ((stageout.shown(p), f) for p, f in files.items()):
             row = known.get(path) or Upload(staging_id=st.id, path=path)
-            row.key, row.size, row.state = f["key"], int(f["size"]), f["state"]
-            row.trash_key, row.error, row.updated_at = f["trash_key"], f["error"], time.time()
+            row.key, row.size, row.state = stageout.shown(f["key"]), int(f["size"]), f["state"]
+            row.trash_key, row.error = stageout.shown(f["trash_key"]), stageout.shown(f["error"])
+            row.updated_at = time.time()
             if path not in known:
                 session.add(row)
 
@@ -700,16 +709,18 @@ class Daemon:
             job_key = _job_key(session.get_one(Job, action.job_id))
         try:
             rpc = await self._agent(action.node)
-            await rpc.call("release", {"job": job_key})
+            done = await rpc.call("release", {"job": job_key})
         except (AgentError, TransportError) as exc:
             log.warning("release of %s on %s failed: %s", job_key, action.node, exc)
             return
+        # The job made part of its directory undeletable: released all the same, lease ended.
+        left = f" (left for an admin: released/{done['leftover']})" if done.get("leftover") else ""
         with self.db.begin() as session:
             for st in _job_stagings(session, action.job_id, action.node):
                 # A failure stays on record (status, `hpcstage env`) after its view is gone.
                 if st.request.direction != "out" and st.state != "failed":
                     st.state = "released"
-            log_event(session, action.job_id, action.node, f"view released: {action.reason}")
+            log_event(session, action.job_id, action.node, f"view released: {action.reason}{left}")
 
     def _mark_released(self, job_id: int) -> None:
         assert self.db is not None
@@ -1086,7 +1097,7 @@ def _take(progress: Progress, data: dict[str, Any]) -> None:
 
 
 def _job_key(job: Job) -> str:
-    return str(job.slurm_job_id) if job.kind == "job" else f"warmup-{job.id}"
+    return str(job.slurm_id) if job.kind == "job" else f"warmup-{job.id}"
 
 
 def _staging(session: Session, request: Request, node: str) -> Staging:

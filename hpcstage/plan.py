@@ -17,7 +17,8 @@ Rules, in order of precedence:
    then released right away: warm data stays cached but holds no lease.
 5. An ended job's outputs are staged out at once, from its batch host; its views are
    released only after every output is verified in the store, and after the lease grace
-   period. A failed stage-out keeps the job's directory (and its lease) for the admin.
+   period (at once if Slurm gave its id to a newer job, ``replaced``). A failed stage-out
+   keeps the job's directory (and its lease) for the admin.
 A job whose input is the destination of another job's unfinished stage-out (a pipeline
 with --dependency) waits until those outputs are verified in the store.
 Stage actions come out ordered: running jobs first, then by expected start, then priority;
@@ -60,6 +61,9 @@ class JobView:
     waits_for: str = ""
     # The job's first input (its source URL): places it on the cache cluster.
     inputs: str = ""
+    # Slurm gave the job's id to a newer job: nothing can requeue this one, and the newer
+    # one needs the job directories that are named by the id, so no lease grace.
+    replaced: bool = False
 
 
 @dataclass(frozen=True, order=True)
@@ -202,7 +206,8 @@ def _end(job: JobView, now: float, grace: float) -> list[Action]:
         # Outputs stay on the node, leased, until verified in the store. A failed stage-out
         # keeps them there for the admin (`hpcstage status` says where): nothing is lost.
         return []
-    if job.kind == "job" and job.ended_at is not None and now < job.ended_at + grace:
+    in_grace = job.ended_at is not None and now < job.ended_at + grace
+    if job.kind == "job" and in_grace and not job.replaced:
         return []
     live = [n for n, s in job.node_states.items() if s not in ("released", "running", "absent")]
     if any(s == IN_FLIGHT for s in job.node_states.values()):

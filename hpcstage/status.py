@@ -49,7 +49,7 @@ def job_summary(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
         "kind": job.kind,
-        "job_id": job.slurm_job_id,
+        "job_id": job.slurm_id,
         "name": job.name,
         "user": job.user,
         "account": job.account,

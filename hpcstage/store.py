@@ -22,7 +22,9 @@ Verification
     object above ``LEAN_MAX``, a full-object checksum the store keeps (CRC64NVME, CRC32C, ...;
     asked for with one HEAD, see hpcstage.checksums); else, when the ETag is a plain MD5
     (single-part uploads), the MD5 of the bytes. A multipart ETag without a store checksum
-    allows no content check. Objects up to ``LEAN_MAX`` also get a SHA-256, which the node
+    allows no content check, nor does the ETag of an object encrypted with SSE-KMS or SSE-C,
+    which looks like an MD5 and is none (known by the answer's encryption headers, see
+    ``etag_is_md5``). Objects up to ``LEAN_MAX`` also get a SHA-256, which the node
     cache records and peer copy verifies; bigger ones do not (it would cost a second pass
     over every byte for a record nothing reads). Uploads send Content-MD5 for every request,
     so the server rejects corrupted bodies.
@@ -35,6 +37,7 @@ import base64
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import math
 import os
@@ -45,7 +48,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Container,
     Generator,
     Iterable,
     Iterator,
@@ -58,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeAlias, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Final, Protocol, Self, TypeAlias, TypeVar, cast
 
 import aiohttp
 import botocore.exceptions as bce
@@ -150,6 +152,62 @@ S3Credentials: TypeAlias = dict[str, str]
 _ADDRESSING_STYLES: Final = ("path", "virtual", "auto")
 
 
+@dataclass(frozen=True)
+class Precondition:
+    """What must be at a key for a write to go ahead: the object whose ETag is ``etag``, or
+    (``etag == ""``) no object at all. See ``S3Store.upload``."""
+
+    etag: str = ""
+
+    def holds(self, current: ObjectRef | None) -> bool:
+        """True when ``current`` (a fresh HEAD, None: no object) is what the write expects."""
+        if not self.etag:
+            return current is None
+        return current is not None and current.etag == self.etag
+
+    def headers(self) -> dict[str, str]:
+        """The request's conditional header: If-Match on the ETag, or If-None-Match: *."""
+        return {"IfMatch": f'"{self.etag}"'} if self.etag else {"IfNoneMatch": "*"}
+
+
+SHA256_METADATA: Final = "hpcstage-sha256"  # x-amz-meta-hpcstage-sha256, set on upload
+_OPAQUE_SSE: Final = frozenset({"aws:kms", "aws:kms:dsse"})  # their ETags are no MD5 (nor SSE-C's)
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a HEAD says about an object beyond its identity: enough to tell whether it holds
+    the bytes of a given file without reading it back."""
+
+    ref: ObjectRef
+    sha256: str  # the SHA-256 hpcstage recorded in the object's metadata on upload ("": none)
+    etag_is_md5: bool  # False for a multipart ETag, and under SSE-KMS or SSE-C
+
+
+def etag_is_md5(etag: str, answer: Mapping[str, Any]) -> bool:
+    """True when ``etag`` in a HEAD/PUT ``answer`` is the MD5 of the bytes: a plain 32-hex ETag
+    of an object not encrypted with SSE-KMS or SSE-C (those look like MD5s but are not)."""
+    if answer.get("ServerSideEncryption") in _OPAQUE_SSE or answer.get("SSECustomerAlgorithm"):
+        return False
+    return bool(_PLAIN_MD5.fullmatch(etag))
+
+
+_NO_ETAG: Final = Precondition("0" * 32)  # an ETag no object has: If-Match must fail
+
+
+class UploadLog(Protocol):
+    """Hears of every multipart upload a store opens and ends, so that the uploads of a writer
+    killed mid-way can be aborted later by it alone (see hpcstage.recycle.UploadJournal)."""
+
+    def opened(self, key: str, upload_id: str) -> None:
+        """A multipart upload of ``key`` was created (called before any part is sent)."""
+        ...
+
+    def closed(self, upload_id: str) -> None:
+        """The upload was completed or aborted."""
+        ...
+
+
 class ObjectStore(Protocol):
     """A handful of async methods every store implements (see the module docstring)."""
 
@@ -173,6 +231,10 @@ class ObjectStore(Protocol):
 
     async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
         """Store the file at ``path`` under ``key``; return the new object's identity."""
+        ...
+
+    async def upload_fd(self, fd: int, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """``upload`` of the file open as ``fd`` (read with pread; the caller closes it)."""
         ...
 
     async def copy(self, src_key: str, dst_key: str) -> None:
@@ -261,8 +323,9 @@ class _PartProgress:
 class _MemoryBudget:
     """Caps the upload bytes held in memory at once; one request larger than the cap runs alone.
 
-    Uploads read a whole part (or small object) into memory to send it with its Content-MD5, so
-    without this 64 transfers of 256 MiB objects would hold 16 GiB.
+    An object below the multipart threshold is read into memory to send it with its
+    Content-MD5, so without this 64 transfers of 256 MiB objects would hold 16 GiB. (Parts of
+    bigger objects are streamed from the file: they hold no more than a read each.)
     """
 
     def __init__(self, limit: int) -> None:
@@ -339,12 +402,15 @@ class _Checks:
     parts: checksums.PartChecksums | None = None  # the store's checksum, part by part
 
     @classmethod
-    def choose(cls, ref: ObjectRef, stored: StoreChecksum | None) -> _Checks:
+    def choose(cls, ref: ObjectRef, stored: StoreChecksum | None, md5_etag: bool = True) -> _Checks:
+        """``md5_etag`` False: the object's ETag is no MD5 although it may look like one
+        (SSE-KMS, SSE-C: see ``etag_is_md5``)."""
+        md5 = stored is None and md5_etag and _PLAIN_MD5.fullmatch(ref.etag)
         return cls(
             ref,
             stored,
             store=stored.new() if stored is not None else None,
-            md5=_new_md5() if stored is None and _PLAIN_MD5.fullmatch(ref.etag) else None,
+            md5=_new_md5() if md5 else None,
             sha256=hashlib.sha256() if ref.size <= LEAN_MAX else None,
         )
 
@@ -498,6 +564,52 @@ def _read_with_md5(fd: int, offset: int, length: int) -> tuple[bytes, bytes]:
     return data, hashlib.md5(data, usedforsecurity=False).digest()
 
 
+def _md5_of_range(fd: int, offset: int, length: int) -> bytes:
+    """The MD5 digest of ``length`` bytes at ``offset`` (for a streamed part's Content-MD5)."""
+    md5, done = _new_md5(), 0
+    while done < length:  # 1 MiB reads: parts hash in parallel, each holding one read
+        chunk = os.pread(fd, min(MIB, length - done), offset + done)
+        if not chunk:
+            raise OSError(errno.EIO, f"file shrank while uploading it (short by {length - done})")
+        md5.update(chunk)
+        done += len(chunk)
+    return bytes(md5.digest())
+
+
+class _FileRange(io.RawIOBase):
+    """``length`` bytes of the file open as ``fd`` from ``offset``, as a seekable stream:
+    what an upload sends (and sends again on a retry) is read from the file as it goes, with
+    pread (no shared offset: parts of one fd stream in parallel). Closing it leaves ``fd``."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._length - self._pos)
+        if want <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buffer)[:want]], self._offset + self._pos)
+        if not got:
+            raise OSError(errno.EIO, "file shrank while uploading it")
+        self._pos += got
+        return got
+
+
 def _md5_contradicts(etag: str, md5_hex: str) -> bool:
     """True if ``etag`` is a plain MD5 (no '-': not multipart) other than ``md5_hex``."""
     return bool(_PLAIN_MD5.fullmatch(etag)) and etag.lower() != md5_hex
@@ -528,6 +640,7 @@ _CREDENTIAL_CODES: Final = frozenset(
         "403",
     }
 )
+_CONDITION_CODES: Final = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 _MISSING_CODES: Final = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound", "404"})
 _TRANSIENT_CODES: Final = frozenset(
     {
@@ -601,6 +714,10 @@ def _translate_client_error(exc: bce.ClientError, where: str) -> StoreError:
     if code in _CREDENTIAL_CODES or status in (401, 403):
         # The server's text is left out: some error bodies echo the request's signing details.
         return CredentialError(f"{where}: access denied ({code or status}); check the credentials")
+    if code in _CONDITION_CODES or status == 412:
+        # A conditional request (If-Match, If-None-Match, x-amz-copy-source-if-match) lost a
+        # race: the object is not what the caller saw. Not retried as is: look again first.
+        return ObjectChangedError(f"{where}: the object changed (precondition failed)")
     if code in _MISSING_CODES or status == 404:
         what = "bucket" if code == "NoSuchBucket" else "object"
         return ObjectMissingError(f"{where}: no such {what}")
@@ -718,6 +835,31 @@ def _make_lean(
     return LeanGet(endpoint, signer, **options), RangeGet(endpoint, signer, **options)
 
 
+async def _refused(
+    put: Callable[[dict[str, str]], Awaitable[Any]], condition: dict[str, str]
+) -> bool:
+    """True when ``put`` with ``condition`` is refused as a failed precondition (412)."""
+    try:
+        await put(condition)
+    except ObjectChangedError:
+        return True
+    except CredentialError:
+        raise
+    except StoreError:  # 501 NotImplemented, 400 for a header it does not know, ...
+        return False
+    return False
+
+
+def _code(exc: BaseException) -> str:
+    """The S3 error code behind a translated (and maybe retried) error ("": none)."""
+    cause = exc.__cause__
+    while cause is not None and not isinstance(cause, bce.ClientError):
+        cause = cause.__cause__
+    if isinstance(cause, bce.ClientError):
+        return str(cause.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
 def _etag(value: object) -> str:
     return str(value or "").strip('"')
 
@@ -786,6 +928,12 @@ class S3Store:
         self._profile = (profile or None) if credentials is None else None
         self._stack = AsyncExitStack()
         self._lock = asyncio.Lock()
+        self._probe_lock = asyncio.Lock()
+        # Whether PutObject honours If-Match/If-None-Match (None: not probed yet; see
+        # conditional_writes). rclone's server ignores both; AWS and moto honour them.
+        self._conditional: bool | None = None
+        self._conditional_complete = True  # False once Complete answered NotImplemented to it
+        self._opaque_etags = False  # an object's MD5-looking ETag was none (SSE-KMS, SSE-C)
         self._s3: S3Client | None = None
         self._lean: LeanGet | None = None
         self._ranged: RangeGet | None = None
@@ -967,10 +1115,23 @@ class S3Store:
 
     async def head(self, key: str) -> ObjectRef:
         """The object's identity from a HEAD request."""
+        return (await self._head(key))[0]
+
+    async def _head(self, key: str) -> tuple[ObjectRef, Mapping[str, Any]]:
         answer = await self._call("head", key, lambda c: c.head_object(Bucket=self.bucket, Key=key))
-        return self._checked_ref(
+        ref = self._checked_ref(
             f"head {self.url(key)}", key, answer.get("ETag"), answer.get("ContentLength")
         )
+        return ref, answer
+
+    async def describe(self, key: str) -> Described | None:
+        """The object at ``key`` as stage-out compares it with a file (None: no object)."""
+        try:
+            ref, answer = await self._head(key)
+        except ObjectMissingError:
+            return None
+        sha256 = str((answer.get("Metadata") or {}).get(SHA256_METADATA, "")).lower()
+        return Described(ref, sha256, etag_is_md5(ref.etag, answer))
 
     # -- download ------------------------------------------------------------------------------
 
@@ -996,14 +1157,14 @@ class S3Store:
             await _write_body(dest_fd, body)
             _PartProgress(progress).update(0, len(body))
             return DownloadResult(sha256_hex, len(body), "md5" if md5_hex else "")
-        stored = await self.stored_checksum(ref) if ref.size > LEAN_MAX else None
+        stored, md5_etag = await self._head_checks(ref) if ref.size > LEAN_MAX else (None, True)
         if ref.size < self._threshold:
             tracker = _PartProgress(progress)
             return await self._retried(
                 "get", ref.key, lambda: self._get_whole(ref, dest_fd, tracker, stored)
             )
         parts = _parts(ref.size, self._part_size)
-        checks = _Checks.choose(ref, stored)
+        checks = _Checks.choose(ref, stored, md5_etag)
         by_parts = checks.by_parts(parts)
         # Only writeback hints are left to do in part order when the parts are checked as
         # they arrive (the SDK's fallback path does not give them as it writes).
@@ -1060,6 +1221,11 @@ class S3Store:
 
         ObjectChangedError when the object is no longer the one listed (its checksum would
         describe other bytes)."""
+        return (await self._head_checks(ref))[0]
+
+    async def _head_checks(self, ref: ObjectRef) -> tuple[StoreChecksum | None, bool]:
+        """``stored_checksum``, and whether ``ref``'s ETag is the MD5 of its bytes (no SSE-KMS
+        or SSE-C: the listing cannot tell)."""
         answer = await self._call(
             "head",
             ref.key,
@@ -1071,7 +1237,17 @@ class S3Store:
                 f"head {self.url(ref.key)}: the object changed since it was listed"
                 f" ({answer.get('ContentLength')} bytes, listed with {ref.size})"
             )
-        return checksums.from_response(answer)
+        return checksums.from_response(answer), self._md5_etag(ref, answer)
+
+    def _md5_etag(self, ref: ObjectRef, answer: Mapping[str, Any]) -> bool:
+        """``etag_is_md5`` of an answer about ``ref``; an MD5-looking ETag that is none (SSE)
+        turns the lean GET off for this store: it could only check such objects by their
+        ETag, fail, and fall back to the SDK every time."""
+        md5 = etag_is_md5(ref.etag, answer)
+        if not md5 and _PLAIN_MD5.fullmatch(ref.etag) and not self._opaque_etags:
+            self._opaque_etags = True
+            log.info("%s: encrypted objects (SSE-KMS/SSE-C): their ETags are no MD5", self.url(""))
+        return md5
 
     def _check_owns(self, ref: ObjectRef) -> None:
         if (ref.store, ref.bucket) != (self.store_id, self.bucket):
@@ -1083,6 +1259,8 @@ class S3Store:
         must fetch it."""
         lean = self._lean
         if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold:
+            return None
+        if self._opaque_etags:
             return None
         self._check_owns(ref)
         body = await lean.get(ref.key, ref.size, ref.etag)
@@ -1098,10 +1276,10 @@ class S3Store:
     async def _get_whole(
         self, ref: ObjectRef, fd: int, tracker: _PartProgress, stored: StoreChecksum | None
     ) -> DownloadResult:
-        checks = _Checks.choose(ref, stored)
         answer = await self._request(
             "get", ref.key, lambda c: c.get_object(Bucket=self.bucket, Key=ref.key)
         )
+        checks = _Checks.choose(ref, stored, self._md5_etag(ref, answer))
         async with answer["Body"] as body:  # released to the pool whatever happens
             self._check_same(ref, answer.get("ETag"))
             self._check_announced(ref, answer.get("ContentLength"))
@@ -1264,17 +1442,57 @@ class S3Store:
 
     # -- upload --------------------------------------------------------------------------------
 
-    async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
-        """PUT ``path`` as ``key`` (multipart for big files; aborted on any failure)."""
+    async def upload(
+        self,
+        path: Path,
+        key: str,
+        *,
+        progress: Progress | None = None,
+        only_if: Precondition | None = None,
+        journal: UploadLog | None = None,
+        sha256: str = "",
+    ) -> ObjectRef:
+        """PUT ``path`` as ``key`` (multipart for big files; aborted on any failure).
+
+        ``sha256`` (the file's, if the caller computed it) is kept in the object's metadata
+        (``SHA256_METADATA``): where the ETag is no MD5 (multipart, SSE-KMS, SSE-C) it is what
+        tells a later stage-out that the object already holds the file.
+
+        ``only_if``: write only if ``key`` still holds what the caller saw, else raise
+        ObjectChangedError and write nothing. Where the store honours conditional writes (see
+        ``conditional_writes``) the PUT (or CompleteMultipartUpload) carries If-Match or
+        If-None-Match: * and the store decides atomically. Elsewhere, and for every multipart
+        upload (some servers ignore the condition on Complete), the key is HEADed again right
+        before the write: that leaves a race of one round trip, not of the whole upload.
+        ``journal`` hears of every multipart upload opened and ended.
+        """
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            size = os.fstat(fd).st_size
-            tracker = _PartProgress(progress)
-            if size < self._threshold:
-                return self._ref(key, await self._put_whole(fd, key, size, tracker), size)
-            await self._put_parts(fd, key, size, tracker)
+            return await self.upload_fd(
+                fd, key, progress=progress, only_if=only_if, journal=journal, sha256=sha256
+            )
         finally:
             os.close(fd)
+
+    async def upload_fd(
+        self,
+        fd: int,
+        key: str,
+        *,
+        progress: Progress | None = None,
+        only_if: Precondition | None = None,
+        journal: UploadLog | None = None,
+        sha256: str = "",
+    ) -> ObjectRef:
+        """``upload`` of the file open as ``fd``: the bytes of that file, whatever its path
+        names by now (stage-out checks a file on its fd, then uploads from it)."""
+        size = os.fstat(fd).st_size
+        tracker = _PartProgress(progress)
+        meta = {SHA256_METADATA: sha256} if sha256 else {}
+        if size < self._threshold:
+            etag = await self._put_whole(fd, key, size, tracker, only_if, meta)
+            return self._ref(key, etag, size)
+        await self._put_parts(fd, key, size, tracker, only_if, journal, meta)
         # Servers disagree on a multipart object's ETag (S3: md5-of-parts "-N"; some: the
         # whole MD5) between Complete and HEAD; the identity must be what listings will show.
         ref = await self.head(key)
@@ -1282,38 +1500,88 @@ class S3Store:
             raise StoreError(f"put {self.url(key)}: stored {ref.size} bytes of {size}")
         return ref
 
-    async def _put_whole(self, fd: int, key: str, size: int, tracker: _PartProgress) -> str:
+    async def _put_whole(
+        self,
+        fd: int,
+        key: str,
+        size: int,
+        tracker: _PartProgress,
+        only_if: Precondition | None,
+        meta: dict[str, str],
+    ) -> str:
         async with self._budget.reserve(size):
             data, md5 = await asyncio.to_thread(_read_with_md5, fd, 0, size)
-            answer = await self._retried("put", key, lambda: self._put_once(key, data, md5))
+            if only_if is not None and not self._conditional:
+                await self._check_precondition(key, only_if)
+            answer = await self._retried(
+                "put", key, lambda: self._put_once(key, data, md5, self._condition(only_if), meta)
+            )
         tracker.update(0, size)
         return answer
 
-    async def _put_once(self, key: str, data: bytes, md5: bytes) -> str:
-        answer = await self._request(
-            "put",
-            key,
-            lambda c: c.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentMD5=base64.b64encode(md5).decode()
-            ),
-        )
-        _check_md5(self.url(key), _etag(answer.get("ETag")), md5.hex())
-        return _etag(answer.get("ETag"))
+    def _condition(self, only_if: Precondition | None) -> dict[str, str]:
+        """The conditional header to send: none where the store was not seen to honour them."""
+        return only_if.headers() if only_if is not None and self._conditional else {}
 
-    async def _put_parts(self, fd: int, key: str, size: int, tracker: _PartProgress) -> None:
+    async def _check_precondition(self, key: str, only_if: Precondition) -> None:
+        """The fallback for stores that ignore conditional headers: look right before writing."""
+        if not only_if.holds(await self.head_or_none(key)):
+            raise ObjectChangedError(f"put {self.url(key)}: the object changed since it was seen")
+
+    async def _put_once(
+        self,
+        key: str,
+        data: bytes,
+        md5: bytes,
+        condition: Mapping[str, str],
+        meta: dict[str, str],
+    ) -> str:
+        try:
+            answer = await self._request(
+                "put",
+                key,
+                lambda c: c.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ContentMD5=base64.b64encode(md5).decode(),
+                    Metadata=meta,
+                    **condition,  # type: ignore[arg-type]
+                ),
+            )
+        except ObjectMissingError as exc:
+            if "IfMatch" in condition and _code(exc) == "NoSuchKey":
+                # If-Match on a key deleted meanwhile: it changed, it is not a missing bucket.
+                raise ObjectChangedError(f"put {self.url(key)}: the object was deleted") from exc
+            raise
+        etag = _etag(answer.get("ETag"))
+        if etag_is_md5(etag, answer):  # else the server checked the body by its Content-MD5
+            _check_md5(self.url(key), etag, md5.hex())
+        return etag
+
+    async def _put_parts(
+        self,
+        fd: int,
+        key: str,
+        size: int,
+        tracker: _PartProgress,
+        only_if: Precondition | None,
+        journal: UploadLog | None,
+        meta: dict[str, str],
+    ) -> None:
         async def send(upload_id: str, part: _Part) -> str:
-            async with self._budget.reserve(part.length):
-                data, md5 = await asyncio.to_thread(_read_with_md5, fd, part.offset, part.length)
-                etag = await self._retried(
-                    "put part", key, lambda: self._put_part_once(key, upload_id, part, data, md5)
-                )
+            # Streamed from the file, never held whole: a part of a 100 TiB file is 10 GiB.
+            md5 = await asyncio.to_thread(_md5_of_range, fd, part.offset, part.length)
+            etag = await self._retried(
+                "put part", key, lambda: self._put_part_once(key, upload_id, part, fd, md5)
+            )
             tracker.update(part.number, part.length)
             return etag
 
-        await self._multipart(key, _parts(size, self._part_size), send)
+        await self._multipart(key, _parts(size, self._part_size), send, only_if, journal, meta)
 
     async def _put_part_once(
-        self, key: str, upload_id: str, part: _Part, data: bytes, md5: bytes
+        self, key: str, upload_id: str, part: _Part, fd: int, md5: bytes
     ) -> str:
         answer = await self._request(
             "put part",
@@ -1323,28 +1591,40 @@ class S3Store:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=part.number,
-                Body=data,
+                Body=cast("IO[bytes]", _FileRange(fd, part.offset, part.length)),
+                ContentLength=part.length,
                 ContentMD5=base64.b64encode(md5).decode(),
             ),
         )
         etag = str(answer.get("ETag", ""))
-        _check_md5(self.url(key), _etag(etag), md5.hex())
+        if etag_is_md5(_etag(etag), answer):  # under SSE-KMS/SSE-C the Content-MD5 is the check
+            _check_md5(self.url(key), _etag(etag), md5.hex())
         return etag
 
     async def _multipart(
-        self, key: str, parts: Sequence[_Part], send: Callable[[str, _Part], Awaitable[str]]
+        self,
+        key: str,
+        parts: Sequence[_Part],
+        send: Callable[[str, _Part], Awaitable[str]],
+        only_if: Precondition | None = None,
+        journal: UploadLog | None = None,
+        meta: dict[str, str] | None = None,
     ) -> None:
         """Create a multipart upload, ``send`` every part in parallel, complete it.
 
         On any failure, cancellation included, the upload is aborted: an abandoned multipart
         upload keeps its parts (and their cost) in the bucket invisibly and forever.
+        ``journal`` is told of the upload before its first part and after its end, so that
+        the uploads of a writer killed mid-way are aborted by it, not by another writer.
         """
         created = await self._call(
             "create multipart",
             key,
-            lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=key),
+            lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta or {}),
         )
         upload_id = created["UploadId"]
+        if journal is not None:
+            journal.opened(key, upload_id)
         etags: dict[int, str] = {}
 
         async def one(part: _Part) -> None:
@@ -1352,12 +1632,35 @@ class S3Store:
 
         try:
             await _run_bounded(parts, one, min(self._max_connections, len(parts)))
-            await self._complete(key, upload_id, etags)
+            if only_if is not None:
+                await self._check_precondition(key, only_if)  # some servers ignore it on Complete
+            await self._complete_on(key, upload_id, etags, only_if)
         except BaseException:
-            await asyncio.shield(self._abort(key, upload_id))
+            aborted = await asyncio.shield(self.abort(key, upload_id))
+            if aborted and journal is not None:
+                journal.closed(upload_id)  # else it stays listed, for the next attempt to abort
             raise
+        if journal is not None:
+            journal.closed(upload_id)
 
-    async def _complete(self, key: str, upload_id: str, etags: dict[int, str]) -> None:
+    async def _complete_on(
+        self, key: str, upload_id: str, etags: dict[int, str], only_if: Precondition | None
+    ) -> None:
+        """Complete on ``only_if`` (already checked by a HEAD): with the conditional header
+        where the store honours it, and without where it is not implemented on Complete."""
+        condition = self._condition(only_if) if self._conditional_complete else {}
+        try:
+            await self._complete(key, upload_id, etags, condition)
+        except TransientStoreError as exc:
+            if not condition or _code(exc) != "NotImplemented":
+                raise
+            self._conditional_complete = False
+            log.warning("%s: no conditional CompleteMultipartUpload; HEAD only", self.url(""))
+            await self._complete(key, upload_id, etags, {})
+
+    async def _complete(
+        self, key: str, upload_id: str, etags: dict[int, str], condition: Mapping[str, str]
+    ) -> None:
         done: list[CompletedPartTypeDef] = [
             {"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)
         ]
@@ -1365,26 +1668,90 @@ class S3Store:
             "complete multipart",
             key,
             lambda c: c.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": done},
+                **condition,  # type: ignore[arg-type]
             ),
         )
 
-    async def _abort(self, key: str, upload_id: str) -> None:
+    async def abort(self, key: str, upload_id: str) -> bool:
+        """Abort one multipart upload; False (logged, not raised) when that failed.
+
+        An upload that is already gone (NoSuchUpload) counts as aborted.
+        """
         try:
             await self._call(
                 "abort multipart",
                 key,
                 lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
             )
+        except ObjectMissingError:
+            return True
         except StoreError as exc:
             log.warning("could not abort multipart upload %s: %s", upload_id, exc)
+            return False
+        return True
+
+    async def conditional_writes(self, probe_key: str) -> bool:
+        """Whether this store honours If-Match and If-None-Match on PutObject (asked once).
+
+        Probed at ``probe_key`` (a key of hpcstage's own, e.g. under the recycle bin): an
+        empty object is written, then written again under each condition, which must be
+        refused with 412; then it is deleted. A store that ignores the headers (rclone's
+        server), or refuses them as not implemented (501), is written to without them, and
+        ``upload`` HEADs the key right before each write instead.
+        """
+        async with self._probe_lock:
+            if self._conditional is None:
+                self._conditional = await self._probe_conditions(probe_key)
+                if not self._conditional:
+                    log.warning(
+                        "%s ignores conditional writes: a write is preceded by a HEAD instead",
+                        self.url(""),
+                    )
+        return self._conditional
+
+    async def _probe_conditions(self, key: str) -> bool:
+        async def put(condition: dict[str, str]) -> Any:
+            return await self._request(
+                "probe",
+                key,
+                lambda c: c.put_object(Bucket=self.bucket, Key=key, Body=b"", **condition),  # type: ignore[arg-type]
+            )
+
+        await self._retried("probe", key, lambda: put({}))
+        try:
+            refused = [await _refused(put, p.headers()) for p in (Precondition(), _NO_ETAG)]
+        finally:
+            await self.delete(key)
+        return all(refused)
 
     # -- copy / delete -------------------------------------------------------------------------
 
-    async def copy(self, src_key: str, dst_key: str) -> None:
-        """Server-side copy; in parts above CopyObject's 5 GiB limit."""
+    async def copy(
+        self,
+        src_key: str,
+        dst_key: str,
+        *,
+        if_match: str = "",
+        only_if: Precondition | None = None,
+    ) -> None:
+        """Server-side copy; in parts above CopyObject's 5 GiB limit.
+
+        ``if_match``: copy only the version with that ETag (x-amz-copy-source-if-match; some
+        servers ignore it, so a caller that depends on it checks the copy afterwards).
+        ``only_if``: copy only while ``dst_key`` holds what the caller saw, checked by a HEAD
+        right before (conditional CopyObject is not as widely honoured as conditional PUT).
+        """
         source = await self.head(src_key)
+        if only_if is not None:
+            await self._check_precondition(dst_key, only_if)
+        if if_match and source.etag != if_match:
+            raise ObjectChangedError(f"copy {self.url(src_key)}: the object changed")
         if source.size <= S3_MAX_COPY:
+            condition = {"CopySourceIfMatch": f'"{source.etag}"'} if if_match else {}
             await self._call(
                 "copy",
                 dst_key,
@@ -1392,6 +1759,7 @@ class S3Store:
                     Bucket=self.bucket,
                     Key=dst_key,
                     CopySource={"Bucket": self.bucket, "Key": src_key},
+                    **condition,  # type: ignore[arg-type]
                 ),
             )
             return
@@ -1424,32 +1792,6 @@ class S3Store:
             return await self.head(key)
         except ObjectMissingError:
             return None
-
-    async def abort_uploads(self, prefix: str, keys: Container[str] | None = None) -> int:
-        """Abort incomplete multipart uploads under ``prefix`` (only for ``keys`` if given).
-
-        A writer killed mid-upload leaves its parts stored (and billed) until someone aborts
-        them; stage-out calls this before it starts, so none is ever left behind for good.
-        """
-        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        aborted = 0
-        while True:
-            try:
-                page = await self._call(
-                    "list uploads", prefix, lambda c: c.list_multipart_uploads(**params)
-                )
-            except ObjectMissingError:
-                # Some servers (rclone's) answer NoSuchUpload when a bucket has none at all.
-                return aborted
-            for upload in page.get("Uploads", []):
-                key, upload_id = upload["Key"], upload["UploadId"]
-                if keys is None or key in keys:
-                    await self._abort(key, upload_id)
-                    aborted += 1
-            if not page.get("IsTruncated"):
-                return aborted
-            params["KeyMarker"] = page.get("NextKeyMarker", "")
-            params["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
 
     async def delete(self, key: str) -> None:
         """DeleteObject (S3 answers success for a missing key too)."""
@@ -1651,14 +1993,18 @@ class FsStore:
 
     async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
         """Copy the local file ``path`` to ``key``: temp file, fsync, rename."""
-        dest = await asyncio.to_thread(self._checked, key)
-        tracker = _PartProgress(progress)
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # the caller's file: OSError as is
         try:
-            size = os.fstat(src).st_size
-            await self._retried("write", key, lambda: self._write(key, dest, src, size, tracker))
+            return await self.upload_fd(src, key, progress=progress)
         finally:
             os.close(src)
+
+    async def upload_fd(self, fd: int, key: str, *, progress: Progress | None = None) -> ObjectRef:
+        """``upload`` of the file open as ``fd``."""
+        dest = await asyncio.to_thread(self._checked, key)
+        tracker = _PartProgress(progress)
+        size = os.fstat(fd).st_size
+        await self._retried("write", key, lambda: self._write(key, dest, fd, size, tracker))
         return await self.head(key)
 
     async def _write(

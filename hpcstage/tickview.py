@@ -42,6 +42,8 @@ class _JobRow:
     started_at: float | None
     error: str
     batch_host: str
+    former_slurm_job_id: int | None
+    replaced_at: float | None
 
 
 _JOB_COLUMNS = (
@@ -57,6 +59,8 @@ _JOB_COLUMNS = (
     Job.started_at,
     Job.error,
     Job.batch_host,
+    Job.former_slurm_job_id,
+    Job.replaced_at,
 )
 
 
@@ -71,9 +75,12 @@ class _Directives:
     inputs: list[str] = field(default_factory=list)  # stage-in sources, in position order
 
 
-def job_key(kind: str, slurm_job_id: int | None, job_id: int) -> str:
-    """How agents, the recycle bin and other jobs name a job (as daemon._job_key)."""
-    return str(slurm_job_id) if kind == "job" else f"warmup-{job_id}"
+def job_key(j: _JobRow) -> str:
+    """How agents, the recycle bin and other jobs name a job (as daemon._job_key): its Slurm
+    id, also after a newer job took that over (Job.slurm_id)."""
+    if j.kind != "job":
+        return f"warmup-{j.id}"
+    return str(j.slurm_job_id if j.slurm_job_id is not None else j.former_slurm_job_id)
 
 
 def out_state(outputs: int, stagings: int, states: Iterable[str]) -> str:
@@ -92,7 +99,7 @@ def read_views(session: Session) -> list[planner.JobView]:
     query = select(*_JOB_COLUMNS).where(Job.released_at.is_(None))
     jobs = [_JobRow(*cast(tuple[Any, ...], row)) for row in session.execute(query)]
     found = _directives(session)
-    keys = {j.id: job_key(j.kind, j.slurm_job_id, j.id) for j in jobs}
+    keys = {j.id: job_key(j) for j in jobs}
     index = overlap.OutputIndex(
         (dest, keys[j.id])
         for j in jobs
@@ -125,6 +132,7 @@ def _view(j: _JobRow, d: _Directives, key: str, index: overlap.OutputIndex) -> p
         out_node=j.batch_host or next(iter(nodes), ""),
         waits_for=overlap.waits_for(dict.fromkeys(d.inputs), key, index),
         inputs=next((src for src in d.inputs if src), ""),
+        replaced=j.replaced_at is not None,
     )
 
 

@@ -1,8 +1,9 @@
 """The recycle bin: objects that stage-out replaced, kept for a retention period.
 
-Layout, in the bucket of the replaced object: ``<trash_prefix><YYYY-MM-DD>/<job>/<key>``,
-where the date is the job's end (UTC). Listing, restoring and expiring are metadata
-operations (server-side copies and deletes), so the daemon does them itself.
+Layout, in the bucket of the replaced object: ``<trash_prefix><YYYY-MM-DD>/<job>~<ETag>/<key>``,
+where the date is the job's end (UTC) and the ETag that of the version kept (entries of
+older releases have no ``~<ETag>``). Listing, restoring and expiring are metadata operations
+(server-side copies and deletes), so the daemon does them itself.
 
 The API lists the bin in pages (``list_page``): one request examines at most ``PAGE`` keys
 and answers with a continuation token naming the bucket and the last key examined, so that a
@@ -20,10 +21,11 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from hpcstage import recycle
 from hpcstage.errors import HpcstageError
 from hpcstage.identity import ObjectRef
-from hpcstage.stageout import same_object, trash_key
-from hpcstage.store import S3Store
+from hpcstage.stageout import VERSION_MARK, same_object, trash_key
+from hpcstage.store import Described, Precondition, S3Store
 
 DAY = 86400.0
 PAGE = 1000  # keys one listing request examines at most (one ListObjectsV2 page)
@@ -51,8 +53,8 @@ def parse_trash_key(prefix: str, trash: str) -> tuple[str, str, str]:
         raise HpcstageError(f"{trash!r} is not in the recycle bin ({prefix})")
     parts = trash[len(prefix) :].split("/", 2)
     if len(parts) != 3 or not all(parts) or len(parts[0]) != 10:
-        raise HpcstageError(f"{trash!r} is not a recycle-bin key (<day>/<job>/<key>)")
-    return parts[0], parts[1], parts[2]
+        raise HpcstageError(f"{trash!r} is not a recycle-bin key (<day>/<job>~<version>/<key>)")
+    return parts[0], parts[1].partition(VERSION_MARK)[0], parts[2]
 
 
 def expired(day: str, now: float, retention: float) -> bool:
@@ -150,22 +152,52 @@ def _entry(bucket: str, prefix: str, ref: ObjectRef) -> TrashEntry | None:
     return TrashEntry(bucket, ref.key, key, job, day, ref.size, ref.etag)
 
 
-async def restore(store: S3Store, prefix: str, trash: str) -> dict[str, str]:
-    """Bring a trash entry back to its key; whatever is there now goes to the trash first."""
-    _day, _job, key = parse_trash_key(prefix, trash)
-    kept = await store.head_or_none(trash)
+async def restore(
+    store: S3Store, prefix: str, trash: str, now: float | None = None
+) -> dict[str, str]:
+    """Bring a trash entry back to its key; whatever is there now goes to the trash first.
+
+    The displaced version is kept under the entry's job and its own ETag (dated ``now``), so
+    two restores to one key never share a name unless they displace the same bytes; it is
+    written over only while the key still holds it (hpcstage.recycle).
+    """
+    _day, job, key = parse_trash_key(prefix, trash)
+    kept = await store.describe(trash)
     if kept is None:
         raise HpcstageError(f"nothing in the recycle bin at s3://{store.bucket}/{trash}")
-    current = await store.head_or_none(key)
-    displaced = ""
-    if current is not None and not same_object(current.etag, current.size, kept.etag, kept.size):
-        displaced = trash_key(prefix, time.time(), f"restore-{int(time.time())}", key)
-        await store.copy(key, displaced)
-    await store.copy(trash, key)
-    back = await store.head(key)
-    if back.size != kept.size or ("-" not in kept.etag and back.etag != kept.etag):
+    current = await store.describe(key)
+    if current is not None and _same(current, kept):
+        return {"key": key, "from": trash, "displaced_to": ""}
+    day = time.time() if now is None else now
+
+    async def write(only_if: Precondition) -> ObjectRef:
+        await store.copy(trash, key, only_if=only_if)
+        return await store.head(key)
+
+    placed = await recycle.replace(
+        store,
+        key,
+        current,
+        lambda version: trash_key(prefix, day, job, key, version.etag),
+        write,
+        lambda now_there: _same(now_there, kept),
+    )
+    back = placed.ref
+    if back.size != kept.ref.size or (kept.etag_is_md5 and back.etag != kept.ref.etag):
         raise HpcstageError(f"restored s3://{store.bucket}/{key} does not match the trash copy")
-    return {"key": key, "from": trash, "displaced_to": displaced}
+    return {"key": key, "from": trash, "displaced_to": placed.trash_key}
+
+
+def _same(a: Described, b: Described) -> bool:
+    return same_object(
+        a.ref.etag,
+        a.ref.size,
+        b.ref.etag.lower(),
+        b.ref.size,
+        etag_is_md5=a.etag_is_md5 and b.etag_is_md5,
+        stored_sha256=a.sha256,
+        sha256_hex=b.sha256,
+    )
 
 
 async def expire(store: S3Store, prefix: str, retention: float, now: float) -> int:

@@ -3,6 +3,11 @@
 Pure helpers decide what changed; ``sync`` applies it inside one database transaction.
 A job that leaves ``squeue`` without our seeing its end state (the daemon was down longer
 than MinJobAge) is recorded as ended, so its leases still expire.
+
+A Slurm job id names one job at a time only: Slurm gives it again when its counter wraps or its
+state is reset. A job is its id and its submit time (``same_job``); a newer job with a known id
+ends the older one's row at once (no lease grace: nothing can requeue it) and is admitted once
+the older one's job directories are released, since they are named by the id on the nodes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from hpcstage.slurm.model import FINISHED_STATES, JobInfo, QueueSnapshot
 
 # Slurm's final states, plus the two flags it shows instead of one for requeued/federated jobs.
 ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
+# How far slurmctld's clock (submit times) and the daemon's (first_seen) may disagree.
+CLOCK_SLACK = 600.0
+# One Slurm job, even where ids are reused: its id and its submit time.
+JobKey = tuple[int, float | None]
 
 
 @dataclass(frozen=True)
@@ -43,15 +52,39 @@ def is_ended(info: JobInfo) -> bool:
     return info.state in ENDED_STATES
 
 
+def job_key(info: JobInfo) -> JobKey:
+    """What tells ``info`` from another job Slurm gave the same id."""
+    return (info.job_id, info.submit_time)
+
+
+def same_job(row: Job, info: JobInfo) -> bool:
+    """True if ``row`` records the Slurm job ``info`` (whose id it has), False if ``info`` is
+    a newer job that Slurm gave the same id.
+
+    A job never changes owner (where both names are known). Slurm gives a requeued job a new
+    submit time and counts the restart, so only a new submit time without a restart names
+    another job. A row from a release that kept no submit time compares with when the daemon
+    first saw it: a job submitted later than that (beyond ``CLOCK_SLACK``) cannot be its job.
+    """
+    if row.user and info.user and row.user != info.user[:64]:
+        return False
+    if info.submit_time is None or info.restarts > 0:
+        return True
+    if row.submitted_at is None:
+        return info.submit_time <= row.first_seen + CLOCK_SLACK
+    return abs(info.submit_time - row.submitted_at) < 1.0
+
+
 async def sync(
     session: Session,
     snapshot: QueueSnapshot,
     directives_for: DirectivesFn,
-    ignored: set[int],
+    ignored: set[JobKey],
 ) -> list[int]:
-    """Record new jobs with directives, update known ones, mark vanished ones ended.
+    """Record new jobs with directives, update known ones, mark vanished or replaced ones
+    ended.
 
-    ``ignored`` caches job ids without directives so their scripts are read only once.
+    ``ignored`` caches jobs without directives so their scripts are read only once.
     Returns the ids (our ``jobs.id``) of jobs that changed state.
     """
     known = {
@@ -63,7 +96,11 @@ async def sync(
     for info in snapshot.jobs:
         seen.add(info.job_id)
         job = known.get(info.job_id)
-        if job is None and info.job_id not in ignored and not is_ended(info):
+        if job is not None and not same_job(job, info):
+            _replaced(session, job, snapshot.taken_at)
+            changed.append(job.id)
+            job = None
+        if job is None and job_key(info) not in ignored and not is_ended(info):
             job = await _admit(session, info, directives_for, ignored, snapshot.taken_at)
         if job is not None and _update(job, info, snapshot.taken_at):
             changed.append(job.id)
@@ -78,15 +115,23 @@ async def _admit(
     session: Session,
     info: JobInfo,
     directives_for: DirectivesFn,
-    ignored: set[int],
+    ignored: set[JobKey],
     now: float,
 ) -> Job | None:
+    old = session.scalar(select(Job).where(Job.slurm_job_id == info.job_id))
+    if old is not None:
+        if same_job(old, info):
+            return None  # ended earlier and already handled
+        _replaced(session, old, now)
+        if old.released_at is None:
+            return None  # its job directories on the nodes still have this id as their name
     found = await directives_for(info)
     if not found.any:
-        ignored.add(info.job_id)
+        ignored.add(job_key(info))
         return None
-    if session.scalar(select(Job).where(Job.slurm_job_id == info.job_id)) is not None:
-        return None  # ended earlier and already handled
+    if old is not None:  # released: the id is the new job's now (what the API looks up)
+        old.former_slurm_job_id, old.slurm_job_id = old.slurm_job_id, None
+        session.flush()
     # Column limits: slurmctld accepts longer names than PostgreSQL would store.
     job = Job(
         kind="job",
@@ -99,6 +144,7 @@ async def _admit(
         directive_source=found.source,
         error=found.error,
         first_seen=now,
+        submitted_at=info.submit_time,
     )
     job.requests = [_request("in", i, d) for i, d in enumerate(found.stage_in)]
     job.requests += [_request("out", i, d) for i, d in enumerate(found.stage_out)]
@@ -150,6 +196,8 @@ def _update(job: Job, info: JobInfo, now: float) -> bool:
         job.started_at = info.start_time
     if is_ended(info):
         job.ended_at = info.end_time or now
+    # A requeue gives the job a new submit time: the next comparison is with that one.
+    job.submitted_at = info.submit_time or job.submitted_at
     return (job.state, job.nodes, job.planned_nodes) != before
 
 
@@ -158,6 +206,19 @@ def _vanished(session: Session, job: Job, now: float) -> None:
     if job.state not in ENDED_STATES:
         job.state = "GONE"
     log_event(session, job.id, "", "job left the Slurm queue; treating it as ended", "warning")
+
+
+def _replaced(session: Session, job: Job, now: float) -> None:
+    """Slurm gave ``job``'s id to a newer job: ``job`` is gone for good (once recorded)."""
+    if job.replaced_at is not None:
+        return
+    job.replaced_at = now
+    if job.ended_at is None:
+        _vanished(session, job, now)
+    message = f"Slurm job id {job.slurm_job_id} now names a newer job: this one is over"
+    if job.released_at is None:
+        message += "; its job directories are released without the lease grace"
+    log_event(session, job.id, "", message, "warning")
 
 
 def log_event(

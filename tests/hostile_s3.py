@@ -42,6 +42,7 @@ class Mode(StrEnum):
     WRONG_ETAG = "wrong-etag"  # GET answers another ETag than the listing showed
     BAD_MD5 = "bad-md5"  # ETag is the MD5 of the listed bytes; the body is corrupted
     CHANGES = "changes"  # replaced between list and get: new bytes, new size, new ETag
+    SSE_KMS = "sse-kms"  # encrypted with SSE-KMS, as AWS does it: an ETag that is no MD5
 
 
 class ListMode(StrEnum):
@@ -66,6 +67,8 @@ class StoredObject:
 
     @property
     def etag(self) -> str:
+        if self.mode is Mode.SSE_KMS:  # 32 hex digits, as AWS's, but not the MD5 of the data
+            return hashlib.sha256(self.data).hexdigest()[:32]
         return hashlib.md5(self.data, usedforsecurity=False).hexdigest()
 
 
@@ -196,6 +199,8 @@ class HostileS3:
             length = len(data)
         headers = {"ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
         headers["Last-Modified"] = "Mon, 01 Jan 2024 00:00:00 GMT"
+        if mode is Mode.SSE_KMS:
+            headers["x-amz-server-side-encryption"] = "aws:kms"
         if mode is Mode.ENDLESS:
             headers["Connection"] = "close"
         elif mode is Mode.LONG_LENGTH:

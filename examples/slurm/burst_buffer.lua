@@ -30,7 +30,8 @@ an optional message that Slurm shows as the job's reason on error:
   slurm_bb_data_out      (async, STAGE_OUT)  returns at once, see below
   slurm_bb_test_data_out (24.05+, polled)    done
   slurm_bb_job_teardown  (async)             nothing: leases end with the job
-  slurm_bb_get_status    (scontrol show bbstat JOBID)  `hpcstage status JOBID`
+  slurm_bb_get_status    (scontrol show bbstat JOBID)  `hpcstage status JOBID` as the uid
+                                             that asks (24.05+; 22.05 does not say who)
 
 Every hook is idempotent: Slurm repeats stage-in after a slurmctld restart, and asking the
 daemon twice changes nothing. Stage-out: the daemon uploads a job's outputs as soon as Slurm
@@ -349,16 +350,27 @@ function slurm_bb_job_teardown(job_id, job_script, hurry, uid, gid)
   return slurm.SUCCESS
 end
 
--- scontrol show bbstat JOBID: the daemon's view of that job.
+-- scontrol show bbstat JOBID: the daemon's view of that job, for its owner (and admins).
+-- This runs as SlurmUser, an API admin, so the daemon is asked to answer as the uid that
+-- typed it. 24.05+ passes that uid and gid (as text) before the words typed; 22.05 passes
+-- only the words, which the user chooses ("bbstat 0 0 JOB" would claim root), so nobody
+-- learns a job's staging this way there.
 function slurm_bb_get_status(...)
   local args = { ... }
-  if NEW_API then table.remove(args, 1); table.remove(args, 1) end  -- uid, gid
+  local uid = nil
+  if NEW_API then
+    uid = tonumber(table.remove(args, 1)); table.remove(args, 1)  -- uid, gid
+  end
   local job_id = args[1]
   if job_id == nil or not tostring(job_id):match("^%d+$") then
     return slurm.SUCCESS, NAME .. ": usage: scontrol show bbstat JOBID\n"
   end
-  local cmd = string.format("%s status --config %s %s", shell_quote(HPCSTAGE),
-                            shell_quote(CONFIG), shell_quote(job_id))
+  if uid == nil then
+    return slurm.SUCCESS, NAME .. ": this Slurm does not say who asks; run `hpcstage status "
+                          .. job_id .. "` instead\n"
+  end
+  local cmd = string.format("%s status --config %s --for-uid %d %s", shell_quote(HPCSTAGE),
+                            shell_quote(CONFIG), uid, shell_quote(job_id))
   local _, out = run(cmd)
   return slurm.SUCCESS, out
 end

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from hpcstage import __version__, auth, trash
-from hpcstage.api.dashboard import render_dashboard
+from hpcstage import __version__, auth, policy, trash
+from hpcstage.api import session
+from hpcstage.api.dashboard import render_dashboard, render_login_needed
 from hpcstage.db import Job, Staging
-from hpcstage.errors import DirectiveError, HpcstageError, LimitError
+from hpcstage.errors import ConfigError, DirectiveError, HpcstageError, LimitError
 from hpcstage.status import job_document, job_summary
 from hpcstage.store import parse_s3_url
 
@@ -42,7 +45,7 @@ class WarmupIn(BaseModel):
 class RestoreIn(BaseModel):
     """Body of POST /api/v1/trash/restore."""
 
-    url: str = Field(description="s3://bucket/<trash_prefix><day>/<job>/<key>")
+    url: str = Field(description="s3://bucket/<trash_prefix><day>/<job>~<version>/<key>")
 
 
 def create_app(daemon: Daemon) -> FastAPI:
@@ -53,8 +56,30 @@ def create_app(daemon: Daemon) -> FastAPI:
         assert daemon.db is not None
         return daemon.db
 
-    async def caller(authorization: str = Header(default="")) -> auth.Identity:
-        """The authenticated user of this request (MUNGE), or 401."""
+    async def caller(
+        authorization: str = Header(default=""),
+        for_uid: int | None = Header(default=None, alias=auth.FOR_UID_HEADER),
+    ) -> auth.Identity:
+        """The authenticated user of this request (MUNGE), or 401.
+
+        An admin may ask as another uid (``X-Hpcstage-For-Uid``): burst_buffer.lua runs as
+        SlurmUser and answers `scontrol show bbstat` for whoever typed it.
+        """
+        me = await authenticated(authorization)
+        if for_uid is None:
+            return me
+        if not me.admin:
+            daemon.audit.record("auth-refused", user=me.user, reason="for-uid from a non-admin")
+            raise HTTPException(403, "only admins may ask on behalf of another user")
+        return identity(for_uid)
+
+    def identity(uid: int) -> auth.Identity:
+        user = auth.user_name(uid)
+        return auth.Identity(
+            user=user, uid=uid, admin=uid == 0 or user in daemon.settings.api.admins
+        )
+
+    async def authenticated(authorization: str) -> auth.Identity:
         api = daemon.settings.api
         if api.auth == "none":
             return auth.Identity(user="anonymous", uid=-1, admin=True)
@@ -67,8 +92,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         except auth.AuthError as exc:
             daemon.audit.record("auth-refused", reason=str(exc))
             raise HTTPException(401, str(exc)) from exc
-        user = auth.user_name(uid)
-        return auth.Identity(user=user, uid=uid, admin=uid == 0 or user in api.admins)
+        return identity(uid)
 
     def owned(job: Job | None, me: auth.Identity, what: str) -> Job:
         """``job`` if ``me`` may see it; 404 if unknown, 403 if someone else's."""
@@ -137,11 +161,18 @@ def create_app(daemon: Daemon) -> FastAPI:
         deadline = time.monotonic() + UNKNOWN_JOB_WAIT * daemon.settings.slurm.poll_interval
         while True:
             daemon.wake(fresh=True)
+            late = time.monotonic() > deadline
             with db().begin() as session:
                 found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
-                if found is not None:
+                # A job that asks runs: an ended row with its id may be an older job Slurm
+                # gave the id before (see hpcstage.watch), not yet replaced by the daemon.
+                if (
+                    found is not None
+                    and found.replaced_at is None
+                    and (found.ended_at is None or late)
+                ):
                     return document(session, owned(found, me, f"job {job_id}"))
-            if time.monotonic() > deadline:
+            if late:
                 raise HTTPException(
                     404,
                     f"job {job_id} is not known to hpcstage: it has no staging directives"
@@ -236,7 +267,7 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     def own_jobs(job_keys: set[str], me: auth.Identity) -> set[str]:
         """Those of ``job_keys`` (Slurm job ids, as in recycle-bin keys) that are ``me``'s jobs,
-        in one query. A reused job id counts as its first job's."""
+        in one query (a reused id is the job's that holds it now, as for a restore)."""
         ids = {int(k) for k in job_keys if k.isascii() and k.isdigit() and len(k) <= JOB_ID_DIGITS}
         if not ids:
             return set()
@@ -252,15 +283,30 @@ def create_app(daemon: Daemon) -> FastAPI:
         """True when the job that put an entry in the recycle bin was ``me``'s."""
         return job_key in own_jobs({job_key}, me)
 
+    def may_not_write(job_key: str, me: auth.Identity, url: str) -> str:
+        """Why ``me`` may not write ``url`` now ("": may), by today's policy: a restore writes
+        the key again, and the rules may have changed since the job's stage-out was admitted.
+        Admins run the site and may restore anything."""
+        if me.admin:
+            return ""
+        with db().begin() as session:
+            job = session.scalar(select(Job).where(Job.slurm_job_id == int(job_key)))
+            account = job.account if job is not None else ""
+        decision = policy.check(daemon.settings.policy, me.user, account, "write", url)
+        return "" if decision.allowed else decision.rule
+
     @app.post("/api/v1/trash/restore")
     async def trash_restore(body: RestoreIn, me: auth.Identity = Depends(caller)) -> dict[str, str]:
         """Put a recycle-bin entry back at its key (what is there now goes to the bin)."""
         prefix = daemon.settings.stage_out.trash_prefix
         try:
             bucket, key = parse_s3_url(body.url)
-            _day, job_key, _original = trash.parse_trash_key(prefix, key)
+            _day, job_key, original = trash.parse_trash_key(prefix, key)
             if not me.admin and not may_touch(job_key, me):
                 raise HTTPException(403, "that recycle-bin entry belongs to another user's job")
+            refused = may_not_write(job_key, me, f"s3://{bucket}/{original}")
+            if refused:
+                raise HTTPException(403, f"restore refused: {refused}")
             async with daemon.store(bucket) as store:
                 done = await trash.restore(store, prefix, key)
         except (ValueError, HpcstageError) as exc:
@@ -268,9 +314,23 @@ def create_app(daemon: Daemon) -> FastAPI:
         daemon.audit.record("trash-restore", user=me.user, bucket=bucket, **done)
         return done
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    metrics_token = _read_token(daemon.settings.api.metrics_token_file)
+
+    async def scraper(authorization: str = Header(default="")) -> None:
+        """/metrics' reader: the site's scrape token, or an admin's MUNGE credential."""
+        scheme, _, given = authorization.partition(" ")
+        if scheme == "Bearer" and metrics_token:
+            if hmac.compare_digest(given.strip().encode(), metrics_token.encode()):
+                return
+            daemon.audit.record("auth-refused", reason="wrong metrics token")
+            raise HTTPException(401, "wrong metrics token")
+        me = await caller(authorization, None)
+        if not me.admin:
+            raise HTTPException(403, "metrics are for admins and the site's scraper")
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(scraper)])
     async def metrics() -> str:
-        """Prometheus text format."""
+        """Prometheus text format (api.metrics_token_file's token as a Bearer, or an admin)."""
         with db().begin() as session:
             rows = session.execute(
                 select(
@@ -285,21 +345,78 @@ def create_app(daemon: Daemon) -> FastAPI:
             ).all()
         return render_metrics(rows, jobs_by_state, daemon.last_tick)
 
+    session_key = session.new_key()  # in memory only: a restart ends every browser session
+    logins = session.OnceOnly()
+
+    @app.post("/api/v1/dashboard/login")
+    async def dashboard_login(me: auth.Identity = Depends(caller)) -> dict[str, str]:
+        """A one-minute, single-use token that opens the dashboard as you (GET /login?token=)."""
+        if me.uid < 0:  # api.auth = "none": the page needs no login
+            return {"token": ""}
+        daemon.audit.record("dashboard-login", user=me.user)
+        return {"token": session.issue(session_key, "login", me.uid, time.time())}
+
+    @app.get("/login")
+    async def login(token: str = "") -> Response:
+        """Trade a login token for a session cookie, then show the dashboard."""
+        now = time.time()
+        try:
+            claims = session.verify(session_key, token, "login", now)
+            logins.spend(claims, now)
+        except auth.AuthError as exc:
+            daemon.audit.record("auth-refused", reason=f"dashboard: {exc}")
+            return HTMLResponse(render_login_needed(str(exc)), status_code=401)
+        reply = RedirectResponse("/", status_code=303)
+        reply.set_cookie(
+            session.COOKIE,
+            session.issue(session_key, "session", claims.uid, now),
+            max_age=session.SESSION_SECONDS,
+            httponly=True,
+            samesite="strict",
+            secure=daemon.settings.api.url.startswith("https:"),
+        )
+        return reply
+
+    def viewer(cookie: str | None) -> auth.Identity:
+        """Who the dashboard is for: the session cookie's user; AuthError without one."""
+        if daemon.settings.api.auth == "none":
+            return auth.Identity(user="anonymous", uid=-1, admin=True)
+        if not cookie:
+            raise auth.AuthError("the dashboard needs a login")
+        return identity(session.verify(session_key, cookie, "session", time.time()).uid)
+
     @app.get("/", response_class=HTMLResponse)
-    async def dashboard() -> str:
-        """A page for people: jobs and their staging, refreshed every few seconds."""
-        with db().begin() as session:
-            docs = [
-                job_summary(j)
-                for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(200))
-            ]
-        return render_dashboard(docs, __version__)
+    async def dashboard(request: Request) -> Response:
+        """A page for people: their jobs (admins: all) and staging, refreshed every few seconds."""
+        try:
+            me = viewer(request.cookies.get(session.COOKIE))
+        except auth.AuthError as exc:
+            return HTMLResponse(render_login_needed(str(exc)), status_code=401)
+        with db().begin() as db_session:
+            query = select(Job).order_by(Job.id.desc()).limit(200)
+            if not me.admin:
+                query = query.where(Job.user == me.user)
+            docs = [job_summary(j) for j in db_session.scalars(query)]
+        return HTMLResponse(render_dashboard(docs, __version__, me.user))
 
     return app
 
 
 def _socket(path: object) -> str | None:
     return str(path) if path else None
+
+
+def _read_token(path: Path | None) -> str:
+    """The metrics scrape token in ``path`` ("" when unset); ConfigError if unreadable."""
+    if path is None:
+        return ""
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"api.metrics_token_file: cannot read {path}: {exc}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"api.metrics_token_file: {path} holds fewer than 16 characters")
+    return token
 
 
 def render_metrics(rows: Any, jobs_by_state: Any, last_tick: float) -> str:

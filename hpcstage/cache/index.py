@@ -7,6 +7,7 @@ bytes; the reverse (a file without a row) is cleaned up by ``NodeCache.reconcile
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,11 @@ from hpcstage.cache.layout import CacheError
 
 SCHEMA_VERSION = 1
 PAGE = 1000  # rows per page when walking the whole index
+# The keys of every user's cached objects are nobody else's business, in the database and in
+# the WAL and shared-memory files next to it (SQLite gives those the database file's mode).
+FILE_MODE = 0o600
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -41,6 +47,30 @@ _INSERT = (
 )
 
 
+def make_private(path: Path) -> None:
+    """Create the database file ``FILE_MODE`` before SQLite opens it, whatever the umask, and
+    narrow its side files: an older hpcstage created them 0644, and a killed agent leaves
+    them behind for the next one to reuse. CacheError if a file cannot be opened or changed."""
+    try:
+        _chmod_open(path, os.O_RDWR | os.O_CREAT)
+        for suffix in _SIDE_FILES:
+            try:
+                _chmod_open(path.with_name(path.name + suffix), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+    except OSError as exc:
+        raise CacheError(f"cannot make the cache index private: {exc}") from exc
+
+
+def _chmod_open(path: Path, flags: int) -> None:
+    """Open ``path`` without following a symlink and set its mode to ``FILE_MODE``."""
+    fd = os.open(path, flags | _OPEN_FLAGS, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Row:
     """One indexed object: its source identity, verified size, SHA-256 ("" for objects above
@@ -63,6 +93,7 @@ class Index:
     def __init__(self, path: Path) -> None:
         # The agent calls the cache from worker threads; one lock serializes the connection.
         self._lock = threading.Lock()
+        make_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             self._setup()

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import ctypes
 import functools
+import logging
 import os
 import re
 import secrets
@@ -44,6 +45,7 @@ from hpcstage.cache.layout import (
     JOBS,
     OBJECT_MODE,
     OBJECTS,
+    RELEASED,
     TEMP_MARK,
     CacheError,
     check_job_id,
@@ -55,6 +57,8 @@ from hpcstage.cache.layout import (
 from hpcstage.cache.views import ViewLinker, check_dest, remove_tree
 from hpcstage.identity import ObjectRef
 from hpcstage.libc import libc_function
+
+log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FANOUT = re.compile(r"[0-9a-f]{2}")
@@ -110,6 +114,7 @@ class ReconcileReport:
     orphans_removed: int
     objects: int
     bytes: int
+    leftovers: int = 0  # released views still holding what their job made undeletable
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,8 @@ def item_ref(item: GroupItem) -> ObjectRef:
 
 
 ROOT_MODE = 0o711
-VIEW_MODE = 0o700
+# Sticky like every directory the agent makes in a view (see cache/views.py).
+VIEW_MODE = 0o1700
 
 
 class NodeCache:
@@ -155,17 +161,17 @@ class NodeCache:
         self.root = Path(root)
         self.objects = self.root / OBJECTS
         self.jobs = self.root / JOBS
+        self.released = self.root / RELEASED
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        for path in (self.root, self.objects, self.jobs):
-            make_dir(path)
         # Isolation without root: other users may traverse to a view they were granted (by an
         # ACL on the view itself) but list nothing, and never reach objects by their own path.
-        for path, mode in ((self.root, ROOT_MODE), (self.objects, 0o700), (self.jobs, ROOT_MODE)):
+        modes = {self.root: ROOT_MODE, self.objects: 0o700, self.jobs: ROOT_MODE}
+        for path, mode in {**modes, self.released: 0o700}.items():
+            make_dir(path)
             path.chmod(mode)
         self.stats = CacheStats()
         self._clock = clock
-        self._index = Index(self.root / INDEX)
-        (self.root / INDEX).chmod(0o600)  # the keys of cached objects are nobody else's business
+        self._index = Index(self.root / INDEX)  # private (0600), its WAL and shm files too
         self._lock = threading.RLock()
         # A lease check in eviction and a link of the same object exclude each other; objects
         # are spread over stripes so links of different objects do not wait for each other.
@@ -523,14 +529,39 @@ class NodeCache:
     def _stripe(self, cache_id: str) -> threading.Lock:
         return self._stripes[int(cache_id[:2], 16) % _STRIPES]
 
-    def release(self, job_id: str) -> None:
+    def release(self, job_id: str) -> str:
         """Remove the job's view and everything the job left in it, ending its leases.
 
-        Symlinks are removed, never followed. Raises CacheError naming what could not be
-        removed; the objects themselves always stay.
+        Always succeeds whatever the job did inside: the view is first renamed aside into
+        ``released/`` (the service account owns it, so it may always rename it), which frees
+        the job id at once; then everything the service account may delete is deleted, never
+        following a symlink. What the job made undeletable to it (a directory of its own with
+        mode 500) stays there, logged, to be retried once when an agent next opens the cache;
+        it holds none of the leases (see cache/views.py). Returns the name of such a leftover
+        under ``released/``, or "". The objects themselves always stay.
         """
         self._views_made.discard(job_id)
-        remove_tree(self.jobs / check_job_id(job_id))
+        aside = self.released / f"{check_job_id(job_id)}.{secrets.token_hex(4)}"
+        try:
+            os.rename(self.jobs / job_id, aside)
+        except FileNotFoundError:
+            return ""  # released before
+        except OSError as exc:
+            raise CacheError(f"cannot release the view of job {job_id}: {exc}") from exc
+        return "" if self._clear_leftover(aside) else aside.name
+
+    def _clear_leftover(self, path: Path) -> bool:
+        """Remove the released view at ``path``; False (logged) if part of it stays."""
+        try:
+            remove_tree(path)
+        except CacheError as exc:
+            log.warning("%s; it stays until an agent starts again or an admin removes it", exc)
+            return False
+        return True
+
+    def leftovers(self) -> list[str]:
+        """Released views that still hold something their job made undeletable, sorted."""
+        return sorted(os.listdir(self.released))
 
     def views(self) -> list[str]:
         """Job ids that have a view, sorted."""
@@ -543,7 +574,8 @@ class NodeCache:
         """Make disk and index agree after a crash; run at agent start, before any fetch.
 
         Deletes every temp file, drops rows whose file is missing or has the wrong size, and
-        deletes object files without a row (their bytes cannot be verified). Checksums are not
+        deletes object files without a row (their bytes cannot be verified). Tries once more to
+        remove what released jobs left undeletable (see ``release``). Checksums are not
         re-read: that would cost a full read of the cache at every start. Works one fan-out
         directory at a time, so memory stays small with millions of objects.
         """
@@ -559,7 +591,11 @@ class NodeCache:
                     totals[2] += self._clear_foreign_dir(Path(path))
             for n in range(256):
                 self._reconcile_fanout(f"{n:02x}", totals)
-        return ReconcileReport(*totals)
+            left = [
+                name for name in self.leftovers() if not self._clear_leftover(self.released / name)
+            ]
+        temps, dropped, orphans, objects, size = totals
+        return ReconcileReport(temps, dropped, orphans, objects, size, leftovers=len(left))
 
     def _reconcile_fanout(self, prefix: str, totals: list[int]) -> None:
         upper = f"{int(prefix, 16) + 1:02x}" if prefix != "ff" else "g"

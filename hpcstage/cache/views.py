@@ -7,6 +7,10 @@ refused rather than resolved; so are absolute destinations and ``..``.
 
 A hardlink doubles as the lease: while any view links an object its ``st_nlink`` is above 1 and
 eviction leaves it alone; removing the view ends the lease without bookkeeping that could drift.
+So the job must not be able to keep a link where the agent cannot remove it: links go only into
+directories the service account made, each sticky (``VIEW_DIR_MODE``), so the job may add and
+remove files of its own there but can neither move nor delete a link (nor a directory of links),
+e.g. into a directory of its own that it then makes undeletable with ``chmod 500``.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from hpcstage.cache.layout import DIR_MODE, CacheError
+from hpcstage.cache.layout import CacheError
 
+# Readable to the job (ACLs narrow it to the job's user), sticky: see the module docstring.
+VIEW_DIR_MODE = 0o1755
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # C0, DEL and C1: a file name with a newline or an escape sequence breaks job scripts and
 # carries terminal escapes into listings; directives refuse them too.
@@ -107,7 +114,7 @@ class ViewLinker:
                 parent = _open_parents(view, parents)
                 self._dirs[(view, parents)] = parent
             _link_replace(obj, parent, dest.name)
-        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in a name
+        except (OSError, ValueError, CacheError) as exc:  # ValueError: a NUL byte in a name
             raise CacheError(f"cannot link {dest} into {view}: {exc}") from exc
         return view.joinpath(*dest.parts)
 
@@ -143,15 +150,24 @@ def _open_parents(view: Path, parts: Sequence[str]) -> int:
 
 
 def _open_subdir(dir_fd: int, name: str) -> int:
-    """Open directory ``name`` under ``dir_fd``, creating it (mode 0755) if missing."""
-    try:
-        os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
-        created = True
-    except FileExistsError:
-        created = False  # ours from an earlier link, or the job's: the O_NOFOLLOW open decides
+    """Open directory ``name`` under ``dir_fd``, creating it (``VIEW_DIR_MODE``) if missing.
+
+    CacheError if it is the job's: a link there could be moved out of the agent's reach.
+    """
+    with suppress(FileExistsError):  # ours from an earlier link, or the job's: checked below
+        os.mkdir(name, VIEW_DIR_MODE, dir_fd=dir_fd)
     fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
-    if created:
-        os.fchmod(fd, DIR_MODE)  # mkdir's mode is filtered by the umask
+    try:
+        found = os.fstat(fd)
+        if found.st_uid != os.geteuid():
+            raise CacheError(f"directory {name!r} was not made by hpcstage but by the job")
+        if stat.S_IMODE(found.st_mode) != VIEW_DIR_MODE:
+            # New (mkdir's mode is filtered by the umask and drops the sticky bit on some
+            # systems), or made by an hpcstage that did not make view directories sticky.
+            os.fchmod(fd, VIEW_DIR_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -171,6 +187,19 @@ def _link_replace(obj: Path, dir_fd: int, name: str) -> None:
         # rename() is a no-op when both names already link the same inode: drop the temp then.
         with suppress(FileNotFoundError):
             os.unlink(temp, dir_fd=dir_fd)
+
+
+PROTECTED_HARDLINKS = Path("/proc/sys/fs/protected_hardlinks")
+
+
+def hardlinks_protected(setting: Path = PROTECTED_HARDLINKS) -> bool:
+    """False if the kernel lets users hardlink files they cannot write (``fs.protected_hardlinks``
+    is 0): a job could then link its inputs into a directory of its own, outside the agent's
+    reach, and keep the cached objects leased forever. True where the setting is unknown."""
+    try:
+        return setting.read_text().strip() != "0"
+    except OSError:
+        return True
 
 
 def remove_tree(view: Path) -> None:

@@ -16,6 +16,7 @@ _COMMANDS = {
     "env": "hpcstage.cli.user_cmds",
     "status": "hpcstage.cli.user_cmds",
     "warmup": "hpcstage.cli.user_cmds",
+    "dashboard": "hpcstage.cli.user_cmds",
     "daemon": "hpcstage.cli.run_cmds",
     "agent": "hpcstage.cli.run_cmds",
     "trash": "hpcstage.cli.trash_cmd",

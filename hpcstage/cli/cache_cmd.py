@@ -58,7 +58,8 @@ def usage(config_path: Path | None, nodes: str | None, as_json: bool) -> None:
 @click.argument("node")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls(config_path: Path | None, node: str, as_json: bool) -> None:
-    """NODE's cache: usage, fetch counters since its agent started, and job directories."""
+    """NODE's cache: usage, fetch counters since its agent started, job directories, and
+    what released jobs left undeletable (for an admin to remove)."""
     row = _client(config_path).get(f"/api/v1/nodes/{node}/cache")
     if as_json:
         click.echo(json.dumps(row, indent=2))
@@ -75,6 +76,12 @@ def ls(config_path: Path | None, node: str, as_json: bool) -> None:
     )
     views = row["views"]
     click.echo(f"  job directories: {', '.join(views) if views else 'none'}")
+    left = row.get("leftovers", [])
+    if left:
+        # Jobs made these undeletable to the service account (e.g. a chmod 500 directory).
+        click.echo(
+            f"  left by released jobs, for an admin to remove: released/{{{','.join(left)}}}"
+        )
 
 
 @cache.command("evict")

@@ -78,7 +78,8 @@ def restore(config_path: Path | None, url: str) -> None:
     """Put the recycle-bin entry URL back at its original key.
 
     Whatever is at that key now is moved to the recycle bin first, so a restore loses nothing
-    either. URL is one of the `restore:` lines of `hpcstage trash ls`.
+    either. URL is one of the `restore:` lines of `hpcstage trash ls`. The key must be one the
+    site's policy lets you write today (admins: any).
     """
     done = _client(config_path).post("/api/v1/trash/restore", {"url": url})
     click.echo(f"restored s3://{url.removeprefix('s3://').split('/', 1)[0]}/{done['key']}")

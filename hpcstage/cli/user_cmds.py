@@ -205,13 +205,22 @@ def _progress_line(doc: dict[str, Any], node: str) -> str:
 @click.argument("job_id", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON document.")
 @click.option("--all", "show_all", is_flag=True, help="Include jobs whose staging is over.")
-def status(config_path: Path | None, job_id: int | None, as_json: bool, show_all: bool) -> None:
+@click.option(
+    "--for-uid",
+    type=click.IntRange(min=0),
+    metavar="UID",
+    help="Admins: answer as user UID would be answered (burst_buffer.lua's bbstat uses it).",
+)
+def status(
+    config_path: Path | None, job_id: int | None, as_json: bool, show_all: bool, for_uid: int | None
+) -> None:
     """Show staging of one job (JOBID) or of every job the daemon tracks.
 
     For one job: each input with files and bytes done/total per node, its state and error,
-    then the daemon's recent events for the job.
+    then the daemon's recent events for the job. Users see their own jobs only.
     """
     client, _ = _client(config_path)
+    client.for_uid = for_uid
     if job_id is None:
         jobs = client.get(f"/api/v1/jobs?all={'true' if show_all else 'false'}")
         click.echo(json.dumps(jobs, indent=2) if as_json else _jobs_table(jobs))
@@ -402,3 +411,20 @@ def _settled(doc: dict[str, Any], nodes: list[str]) -> bool:
     return bool(doc["requests"]) and all(
         req["nodes"].get(n, {}).get("finished_at") for req in doc["requests"] for n in nodes
     )
+
+
+# ---------------------------------------------------------------------------- dashboard
+
+
+@click.command()
+@config_option
+def dashboard(config_path: Path | None) -> None:
+    """Print a link that opens the dashboard in a browser, as you.
+
+    Browsers cannot make MUNGE credentials, so this command asks the daemon (with one) for
+    a login link. It is valid for a minute and for one use; opening it sets a session
+    cookie for some hours. The page shows your own jobs (admins: everyone's).
+    """
+    client, _ = _client(config_path)
+    token = client.post("/api/v1/dashboard/login")["token"]
+    click.echo(f"{client.base_url}/login?token={token}" if token else f"{client.base_url}/")

@@ -48,10 +48,22 @@ class Job(Base):
     error: Mapped[str] = mapped_column(Text, default="")  # refusal or malformed directive
     first_seen: Mapped[float] = mapped_column(Float, default=0.0)
     released_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Slurm's submit time: with the id, what tells this job from a later one Slurm gave the
+    # same id (its counter wrapped, its state was reset). None in rows of older releases.
+    submitted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # When a newer job with this id appeared: this one is gone from Slurm for good.
+    replaced_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The id, once the newer job took ``slurm_job_id`` over (after this one's release).
+    former_slurm_job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     requests: Mapped[list[Request]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Request.position"
     )
+
+    @property
+    def slurm_id(self) -> int | None:
+        """The Slurm job id, also after a newer job took it over."""
+        return self.slurm_job_id if self.slurm_job_id is not None else self.former_slurm_job_id
 
 
 class Request(Base):

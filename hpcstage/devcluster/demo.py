@@ -274,7 +274,7 @@ def run(base: Path, keep: bool, timeout: float) -> int:
         step("hpcstage daemon, as the unprivileged service account 'hpcstage'")
         daemon_pid = start_daemon(dev, config)
         client = _wait_api(config, dev)
-        say(f"  pid {daemon_pid}, API and dashboard at {client.base_url}/")
+        say(f"  pid {daemon_pid}, API at {client.base_url}/ (dashboard: `hpcstage dashboard`)")
         step("Jobs: busy jobs fill n1-n3, then alice's and bob's staged jobs queue behind them")
         env = {
             "HPCSTAGE_CONFIG": str(config),

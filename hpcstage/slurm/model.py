@@ -71,6 +71,7 @@ class JobInfo:
     work_dir: str
     exit_code: int | None  # return code, 128+signal if killed; None until the job finished
     state_flags: tuple[str, ...] = ()
+    restarts: int = 0  # times Slurm requeued it (each gives it a new submit time)
 
     @property
     def pending(self) -> bool:

@@ -123,6 +123,7 @@ def _job_from_json(item: object) -> JobInfo:
         work_dir=record.text("current_working_directory"),
         exit_code=_json_exit_code(record, state),
         state_flags=flags,
+        restarts=record.integer("restart_cnt") or 0,
     )
 
 
@@ -275,6 +276,7 @@ def _job_from_fields(fields: dict[str, str], tz: tzinfo | None) -> JobInfo:
         work_dir=_value(fields, "WorkDir"),
         exit_code=_text_exit_code(fields.get("ExitCode", ""), state, where),
         state_flags=flags,
+        restarts=_optional_int(fields.get("Restarts")) or 0,
     )
 
 

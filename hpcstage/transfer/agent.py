@@ -24,15 +24,17 @@ from hpcstage import limits
 from hpcstage.cache import CacheError, NodeCache, PendingObject, key_dest
 from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.store import GROUP_COMMIT_MAX
+from hpcstage.cache.views import hardlinks_protected
 from hpcstage.errors import (
     CredentialError,
     HpcstageError,
     ObjectChangedError,
-    StoreError,
     TransientStoreError,
 )
 from hpcstage.identity import ObjectRef
+from hpcstage.permissions import Person, Reader
 from hpcstage.retry import RetryPolicy
+from hpcstage.stageout import shown
 from hpcstage.store import FsStore, ObjectStore, S3Store, download_bytes
 from hpcstage.transfer import peer
 from hpcstage.transfer.rpc import MAX_LINE, Handler, ProgressFn, decode, encode
@@ -140,7 +142,8 @@ class Agent:
             job = str(params["job"])
             view = str(self.cache.view_dir(job))
             acl = await asyncio.to_thread(grant_access, Path(view), str(params.get("user", "")))
-        results = [await self._stage_item_checked(job, i, progress) for i in params["items"]]
+        user = str(params.get("user", ""))
+        results = [await self._stage_item_checked(job, user, i, progress) for i in params["items"]]
         return {"view": view, "acl": acl, "items": results}
 
     async def stage_out(self, params: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
@@ -148,12 +151,14 @@ class Agent:
         from hpcstage.transfer.uploader import Uploader
 
         job = str(params["job"])
-        # The job is over: its user loses access to the directory before we read it, so no
-        # leftover process can swap a file for a symlink between our checks and the upload.
+        # The job is over: its user loses access to the directory before we read it. A process
+        # already holding a directory in it as its cwd keeps access there, so the reads do not
+        # rely on this: they never follow a symlink and check each file on its fd (jobdir.py).
         await asyncio.to_thread(revoke_access, self.cache.jobs / job, str(params.get("user", "")))
         uploader = Uploader(
             self,
             job,
+            str(params.get("user", "")),
             float(params["ended_at"]),
             str(params["trash_prefix"]),
             bool(params.get("cache", True)),
@@ -162,10 +167,11 @@ class Agent:
         return {"items": [await uploader.run(item) for item in params["items"]]}
 
     async def release(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
-        """Drop a job's view (its lease); the objects stay cached until evicted."""
+        """Drop a job's view (its lease); the objects stay cached until evicted. ``leftover``
+        names what the job made undeletable, set aside under the cache's ``released/``."""
         job = str(params["job"])
-        await asyncio.to_thread(self.cache.release, job)
-        return {"released": job}
+        leftover = await asyncio.to_thread(self.cache.release, job)
+        return {"released": job, "leftover": leftover}
 
     async def usage(self, _params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
         """Bytes and objects in the cache, leased and total, and fetch counters."""
@@ -173,6 +179,7 @@ class Agent:
             "usage": _plain(await asyncio.to_thread(self.cache.usage)),
             "stats": _plain(self.cache.stats),
             "views": self.cache.views(),
+            "leftovers": self.cache.leftovers(),
         }
 
     async def evict(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
@@ -195,9 +202,9 @@ class Agent:
     # ------------------------------------------------------------------ staging
 
     async def _stage_item_checked(
-        self, job: str | None, item: dict[str, Any], progress: ProgressFn
+        self, job: str | None, user: str, item: dict[str, Any], progress: ProgressFn
     ) -> dict[str, Any]:
-        result = await self._stage_item(job, item, progress)
+        result = await self._stage_item(job, user, item, progress)
         if result["files_total"] == 0:
             # A typo in a prefix must not look like an empty, successfully staged input.
             url = item["source"].get("path") or (
@@ -207,13 +214,18 @@ class Agent:
         return result
 
     async def _stage_item(
-        self, job: str | None, item: dict[str, Any], progress: ProgressFn
+        self, job: str | None, user: str, item: dict[str, Any], progress: ProgressFn
     ) -> dict[str, Any]:
         request_id = int(item["request_id"])
         counters = Counters()
         dest = PurePosixPath(item["dest"])
         store, prefix, is_prefix = self._open_store(item["source"])
         refs = _limited(_refs(store, prefix, is_prefix, counters), item)
+        if item["source"]["kind"] == "path" and job is not None:
+            # Read as the service account, so checked as the job's user first (docs/security.md).
+            # A warmup only fills the cache, which no user reads: a job's staging checks again.
+            reader = Reader(await asyncio.to_thread(Person.named, user))
+            refs = _readable(refs, reader, prefix if is_prefix else None)
         reporter = asyncio.create_task(_report(progress, counters, request_id))
         try:
             await self._fetch_all(job, refs, prefix if is_prefix else None, dest, store, counters)
@@ -357,6 +369,17 @@ async def _refs(
         yield ref
         return
     async for ref in store.list(key):
+        yield ref
+
+
+async def _readable(
+    refs: AsyncIterator[ObjectRef], reader: Reader, top: str | None
+) -> AsyncIterator[ObjectRef]:
+    """``refs``, each checked readable by the reader's person (PermissionRefused if not)."""
+    if top is not None:
+        await asyncio.to_thread(reader.check_dir, top.rstrip("/") or "/")
+    async for ref in refs:
+        await asyncio.to_thread(reader.check_file, ref.key, top)
         yield ref
 
 
@@ -563,16 +586,16 @@ async def _handle(
         send({"event": "error", "message": _user_message(exc), "transient": transient})
     except Exception as exc:  # never let one bad call kill the agent's other work
         log.exception("call %s failed", message.get("op"))
-        send({"event": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
+        send({"event": "error", "message": shown(f"internal error: {type(exc).__name__}: {exc}")})
     await writer.drain()
 
 
 def _user_message(exc: BaseException) -> str:
+    """One line for the daemon: printable and storable (a file name that is not UTF-8 in an
+    OSError would otherwise fail the daemon's database write, and the staging would never end)."""
     if isinstance(exc, CredentialError):
-        return f"store refused the site credentials: {exc}"
-    if isinstance(exc, StoreError):
-        return str(exc)
-    return str(exc) or type(exc).__name__
+        return shown(f"store refused the site credentials: {exc}")
+    return shown(str(exc) or type(exc).__name__)
 
 
 def run_agent(node: str, cache_dir: Path) -> None:
@@ -582,5 +605,10 @@ def run_agent(node: str, cache_dir: Path) -> None:
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     lock_cache(cache_dir, LOCK_WAIT)  # held until this process exits
+    if not hardlinks_protected():
+        log.warning(
+            "fs.protected_hardlinks is 0: a job can hardlink its inputs outside its directory"
+            " and keep them from eviction; set it to 1 (sysctl, the usual default)"
+        )
     agent = Agent(node=node, cache=NodeCache(cache_dir))
     asyncio.run(serve(agent))

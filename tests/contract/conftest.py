@@ -1,7 +1,10 @@
-"""Fixtures for the store conformance suite: one real S3 server (rclone) and one harness per store.
+"""Fixtures for the store conformance suite: two real S3 servers and one harness per store.
 
-``store`` is parametrized over every ObjectStore implementation, so each contract test runs
-against S3Store (talking to ``rclone serve s3`` on loopback) and FsStore (a temp directory).
+``h`` is parametrized over every ObjectStore implementation, so each contract test runs
+against S3Store talking to ``rclone serve s3`` (plain-MD5 ETags even for multipart objects,
+conditional headers ignored), S3Store talking to moto's server (AWS's semantics: multipart
+"-N" ETags, If-Match/If-None-Match honoured on PUT), both on loopback, and FsStore (a temp
+directory). ``any_s3`` gives a store on either server, for the tests that matter on both.
 Sizes are tiny on purpose: a 5 MiB part and threshold make a 12 MiB object go through ranged
 parallel GETs and a multipart upload.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import botocore.session
 import pytest
 from aiobotocore.session import get_session
 
@@ -34,12 +38,13 @@ SMALL_POLICY = RetryPolicy(retries=2, base=0.01, cap=0.05)
 
 @dataclass(frozen=True)
 class S3Server:
-    """A running ``rclone serve s3`` and how to reach it."""
+    """A running S3 server (``rclone serve s3``, or moto's) and how to reach it."""
 
     endpoint: str
     access_key: str
     secret_key: str
     data_dir: Path
+    kind: str = "rclone"
 
     def credentials(self) -> dict[str, str]:
         return {"access_key": self.access_key, "secret_key": self.secret_key, "token": ""}
@@ -91,8 +96,87 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             server.wait()
 
 
-def make_s3_store(server: S3Server, **overrides: Any) -> S3Store:
-    """An S3Store on the test server with the suite's small parts and fast retries."""
+def _wait_for(what: str, port: int, server: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return
+        if server.poll() is not None:
+            break
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not come up:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 in server mode on a free loopback port, with the suite's bucket (in memory)."""
+    base = tmp_path_factory.mktemp("moto")
+    binary = Path(sys.executable).parent / "moto_server"
+    if not binary.exists():
+        pytest.fail("moto_server not found: install the dev extras (moto[server])")
+    port = free_port()
+    log = base / "moto.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
+    try:
+        _wait_for("moto_server", port, server, log)
+        found = S3Server(f"http://127.0.0.1:{port}", "moto-key", "moto-secret", base, "moto")
+        _create_bucket(found)
+        yield found
+    finally:
+        _stop(server)
+
+
+def _create_bucket(server: S3Server) -> None:
+    # Synchronous botocore: the fixture may be set up from inside a running event loop.
+    botocore.session.Session().create_client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+    ).create_bucket(Bucket=BUCKET)
+
+
+def _client(server: S3Server) -> Any:
+    return get_session().create_client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+    )
+
+
+@pytest.fixture(params=["rclone", "moto"])
+def any_s3_server(request: pytest.FixtureRequest) -> S3Server:
+    """Each S3 server in turn (moto's is only started when a test asks for it)."""
+    name = "s3_server" if request.param == "rclone" else "moto_server"
+    server: S3Server = request.getfixturevalue(name)
+    return server
+
+
+@pytest.fixture
+async def any_s3(any_s3_server: S3Server) -> AsyncIterator[S3Store]:
+    """An S3Store on each S3 server in turn."""
+    async with make_s3_store(any_s3_server) as store:
+        yield store
+
+
+def make_s3_store(server: S3Server, cls: type[S3Store] = S3Store, **overrides: Any) -> Any:
+    """An S3Store (or ``cls``, a subclass) on the test server with the suite's small parts
+    and fast retries."""
     settings: dict[str, Any] = {
         "part_size": 5 * MIB,
         "multipart_threshold": 5 * MIB,
@@ -103,21 +187,22 @@ def make_s3_store(server: S3Server, **overrides: Any) -> S3Store:
     }
     settings.update(overrides)
     endpoint = settings.pop("endpoint_url", server.endpoint)
-    return S3Store(endpoint, settings.pop("bucket", BUCKET), **settings)
+    return cls(endpoint, settings.pop("bucket", BUCKET), **settings)
 
 
 async def pending_multipart_uploads(server: S3Server, prefix: str) -> list[str]:
     """Keys of multipart uploads still open under ``prefix`` (should always be none)."""
-    session = get_session()
-    async with session.create_client(
-        "s3",
-        endpoint_url=server.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-    ) as client:
-        answer = await client.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix)
-    return [upload["Key"] for upload in answer.get("Uploads", [])]
+    return [key for key, _ in await open_uploads(server, prefix)]
+
+
+async def open_uploads(server: S3Server, prefix: str) -> list[tuple[str, str]]:
+    """(key, upload id) of the multipart uploads open under ``prefix``."""
+    async with _client(server) as client:
+        try:
+            answer = await client.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix)
+        except client.exceptions.NoSuchUpload:  # rclone's answer when the bucket has none
+            return []
+    return [(upload["Key"], upload["UploadId"]) for upload in answer.get("Uploads", [])]
 
 
 @dataclass
@@ -166,13 +251,12 @@ def _fs_harness(root: Path) -> Harness:
     return Harness("fs", store, base, leftovers)
 
 
-@pytest.fixture(params=["s3", "fs"])
-async def h(
-    request: pytest.FixtureRequest, s3_server: S3Server, tmp_path: Path
-) -> AsyncIterator[Harness]:
+@pytest.fixture(params=["s3", "moto", "fs"])
+async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     """The store under test (each contract test runs once per implementation)."""
-    if request.param == "s3":
-        harness = await _s3_harness(s3_server)
+    if request.param in ("s3", "moto"):
+        server = request.getfixturevalue("s3_server" if request.param == "s3" else "moto_server")
+        harness = await _s3_harness(server)
     else:
         root = tmp_path / "shared"
         root.mkdir()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcstage.devcluster import render
 from hpcstage.devcluster.cluster import DevCluster
 
 from .staging import (
@@ -114,6 +115,24 @@ def test_failed_stage_in_holds_the_job_with_the_cause(strict: Stager) -> None:
     assert "slurm bb data in" in reason and src in reason and "no such object" in reason, found
     time.sleep(1)
     assert not (stager.dev.workdir("bob") / f"{job}.out").exists()  # it never ran
+
+
+def test_bbstat_shows_a_job_to_its_owner_only(strict: Stager) -> None:
+    """Issue 15 item 6: the hook runs `hpcstage status` as SlurmUser, an admin of the API, so
+    `scontrol show bbstat JOB` showed anyone any job. Bob asks for Alice's job."""
+    stager = strict
+    src = f"s3://datasets/chem/secret-{uuid.uuid4().hex[:6]}/"
+    job = stager.submit("alice", f"#!/bin/bash\n#HPCSTAGE --stage-in={src}\n", "--hold")
+    stager.wait_doc(job, "known to the daemon", lambda d: d["job_id"] == job)
+    bob = stager.dev.run_as("bob", ["scontrol", "show", "bbstat", str(job)], check=False)
+    assert src not in bob.stdout + bob.stderr, bob
+    assert "alice" not in bob.stdout + bob.stderr, bob
+    alice = stager.dev.run_as("alice", ["scontrol", "show", "bbstat", str(job)], check=False)
+    if render.parse_slurm_version(stager.dev.info.slurm_version) >= (24, 5):  # hook told who asks
+        assert src in alice.stdout, alice
+        assert "belongs to another user" in bob.stdout, bob
+    else:  # 22.05 does not: nobody's status through bbstat, and the way that works instead
+        assert src not in alice.stdout and "hpcstage status" in alice.stdout, alice
 
 
 def test_jobs_without_directives_are_not_burst_buffer_jobs(strict: Stager) -> None:
@@ -233,6 +252,26 @@ def test_hooks_follow_slurms_conventions(tmp_path: Path, new_api: bool) -> None:
         assert _run_hooks(tmp_path, new_api, ready, data_in) == ["0|nil"]
     [line] = _run_hooks(tmp_path, new_api, failed, data_in)
     assert line == "-1|hpcstage: s3://d/x: no such object", line
+
+
+@pytest.mark.parametrize("new_api", [False, True], ids=["22.05", "24.05+"])
+def test_bbstat_asks_as_the_uid_slurm_names_never_as_one_typed(
+    tmp_path: Path, new_api: bool
+) -> None:
+    """24.05+ passes the asker's uid and gid as text before the words typed; 22.05 passes
+    only the words, so "bbstat 0 0 7" there must not be read as uid 0 asking for job 7."""
+    (tmp_path / "calls").touch()
+    calls = '{"slurm_bb_get_status", "1001", "1001", "7"}, {"slurm_bb_get_status", "0", "0", "7"}'
+    lines = _run_hooks(tmp_path, new_api, _doc(), calls)
+    asked = (tmp_path / "calls").read_text()
+    if new_api:
+        assert "status --config /etc/hpcstage/site.toml --for-uid 1001 7" in asked, asked
+        assert "--for-uid 0 " in asked  # root asking is root (an admin anyway)
+        assert lines[0].startswith("0|{"), lines
+    else:
+        assert asked == "", asked  # the daemon is not asked at all
+        said = [line for line in lines if line]
+        assert len(said) == 2 and all("run `hpcstage status" in line for line in said), lines
 
 
 def test_paths_and_pre_run(tmp_path: Path) -> None:

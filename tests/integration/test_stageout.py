@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hpcstage.devcluster import proc
 from hpcstage.devcluster.cluster import DevCluster
 
 from .staging import Stager, fetched_on, parse_sums, running_stager, wait_until
@@ -143,7 +148,7 @@ def test_daemon_killed_mid_upload_every_object_once_no_multipart_left(stager: St
     stored = s3_objects(stager.dev, prefix)
     assert {k.removeprefix(prefix): v[0] for k, v in stored.items()} == local
     # Exactly once: nothing was replaced (so nothing went to the recycle bin)...
-    assert not any(f"/{job}/" in k for k in s3_objects(stager.dev, ".hpcstage-trash/"))
+    assert not any(f"/{job}~" in k for k in s3_objects(stager.dev, ".hpcstage-trash/"))
     # ...and no multipart upload was left behind.
     assert open_uploads(stager.dev, prefix) == []
 
@@ -186,7 +191,10 @@ def test_overwrite_keeps_the_old_object_in_the_trash_and_restore_brings_it_back(
     files = [f for r in doc["requests"] for st in r["nodes"].values() for f in st["files"]]
     assert [f["state"] for f in files] == ["uploaded"]
     trash = files[0]["trash_key"]
-    assert trash.startswith(".hpcstage-trash/") and trash.endswith(f"/{job}/{prefix}table.csv")
+    # <trash_prefix><day>/<job>~<ETag of the version kept>/<key>
+    old_etag = hashlib.md5(old).hexdigest()  # noqa: S324 (rclone's ETag)
+    assert trash.startswith(".hpcstage-trash/")
+    assert trash.endswith(f"/{job}~{old_etag}/{prefix}table.csv"), trash
     assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=trash) == old
     assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=f"{prefix}table.csv") == b"new\n"
     listing = stager.cli("alice", "trash", "ls", BUCKET).stdout
@@ -295,3 +303,187 @@ ln -s / "$HPCSTAGE_DIR/a"
     errors = [st["error"] for r in doc["requests"] for st in r["nodes"].values() if st["error"]]
     assert any("symlinks are not followed" in e for e in errors), errors
     assert s3_objects(stager.dev, prefix) == {}  # nothing of /etc left the node
+
+
+def test_a_retry_bins_the_version_written_since_and_aborts_no_one_elses_upload(
+    stager: Stager,
+) -> None:
+    # The state a first attempt leaves when it copied O to the bin and then failed, after
+    # which someone else wrote N to the key and started a multipart upload there: the retry
+    # must put N in the bin too (not take the copy of O for it) and leave that upload alone.
+    from hpcstage.devcluster import proc
+
+    prefix = f"race-{uuid.uuid4().hex[:8]}/"
+    key = f"{prefix}table.csv"
+    s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=key, Body=b"O\n")
+    job = stager.submit(
+        "alice", writer_job(f"s3://{BUCKET}/{prefix}", "echo mine > table.csv"), "--hold"
+    )
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    first_attempt = f".hpcstage-trash/{day}/{job}/{key}"  # the copy's name before versions
+    s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=first_attempt, Body=b"O\n")
+    s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=key, Body=b"N\n")
+    theirs = s3_call(stager.dev, "create_multipart_upload", Bucket=BUCKET, Key=key)["UploadId"]
+    try:
+        proc.run(["scontrol", "release", str(job)], env=stager.dev.client_env())
+        assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+        assert wait_stage_out(stager, job)["stage_out"] == "done"
+        assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=key) == b"mine\n"
+        binned = [
+            s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=k)
+            for k in s3_objects(stager.dev, ".hpcstage-trash/")
+            if k.endswith(f"/{key}") and (f"/{job}/" in k or f"/{job}~" in k)
+        ]
+        assert sorted(binned) == [b"N\n", b"O\n"]
+        assert theirs in [u["UploadId"] for u in open_uploads(stager.dev, prefix)]
+    finally:
+        with contextlib.suppress(Exception):  # gone if the stage-out aborted it (the defect)
+            s3_call(stager.dev, "abort_multipart_upload", Bucket=BUCKET, Key=key, UploadId=theirs)
+
+
+def _staging_errors(doc: dict[str, Any]) -> list[str]:
+    return [st["error"] for r in doc["requests"] for st in r["nodes"].values() if st["error"]]
+
+
+def _files(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        f["path"]: f for r in doc["requests"] for st in r["nodes"].values() for f in st["files"]
+    }
+
+
+def test_a_file_name_that_is_not_utf8_ends_the_stage_out_naming_it(stager: Stager) -> None:
+    prefix = f"utf8-{uuid.uuid4().hex[:8]}/"
+    body = "echo fine > ok.txt; echo kept > \"$(printf 'bad\\xff.txt')\"; echo two > z.txt"
+    job = stager.submit("bob", writer_job(f"s3://{BUCKET}/{prefix}", body), "--account=bio")
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+    # It ends (before: an UnicodeEncodeError in the database was retried forever)...
+    doc = wait_stage_out(stager, job, timeout=90)
+    assert doc["stage_out"] == "failed", doc
+    # ...saying which file, its bytes escaped, and uploading every other file.
+    assert any("bad\\xff.txt" in e and "UTF-8" in e for e in _staging_errors(doc)), doc
+    assert sorted(s3_objects(stager.dev, prefix)) == [f"{prefix}ok.txt", f"{prefix}z.txt"]
+    bad = _files(doc)["out/bad\\xff.txt"]
+    assert bad["state"] == "failed" and "UTF-8" in bad["error"], bad
+
+
+SWAPPER = r"""
+# As the job's user, from a shell that holds a directory inside the job's view as its cwd
+# (a second job or a login on the node keeps it after the job ends and its ACL is revoked).
+view=$1; swap=$2; mark=$3
+cd "$view/out" || exit 1
+touch "$mark.ready"
+# The stage-out begins by revoking our access to the view; its walk of the directory takes
+# milliseconds, its uploads seconds: swap what it listed in between.
+while ls "$view" >/dev/null 2>&1; do sleep 0.01; done
+sleep 0.5
+eval "$swap"
+touch "$mark.swapped"
+"""
+
+
+def _bodies(dev: DevCluster, keys: list[str]) -> dict[str, bytes]:
+    async def run() -> dict[str, bytes]:
+        async with dev.s3_client() as s3:
+            sem = asyncio.Semaphore(16)
+
+            async def get(key: str) -> tuple[str, bytes]:
+                async with sem:
+                    answer = await s3.get_object(Bucket=BUCKET, Key=key)
+                    return key, await answer["Body"].read()
+
+            return dict(await asyncio.gather(*(get(k) for k in keys)))
+
+    return asyncio.run(run())
+
+
+def _read_when_there(path: Path, timeout: float) -> str:
+    wait_until(f"{path} written", path.exists, timeout, None)
+    wait_until(f"{path} complete", lambda: path.read_text().endswith("\n"), 10, None)
+    return path.read_text().strip()
+
+
+def _victim_job(stager: Stager, tag: str) -> tuple[int, str]:
+    """alice's running job with a directory of secrets: (job id, that directory)."""
+    mark = stager.dev.workdir("alice") / f"victim-{tag}"
+    job = stager.submit(
+        "alice",
+        f"""#!/bin/bash
+#HPCSTAGE --stage-out=results:s3://{BUCKET}/victim-{tag}/:optional
+eval "$(hpcstage env)"
+mkdir -p "$HPCSTAGE_DIR/secret" && cd "$HPCSTAGE_DIR/secret"
+for i in $(seq 1000); do echo "SECR $i" > f$i; done
+echo "$HPCSTAGE_DIR" > {mark}
+sleep 300
+""",
+        "--nodelist=n2",
+        "--account=chem",
+    )
+    return job, _read_when_there(mark, 120) + "/secret"
+
+
+@pytest.mark.parametrize(
+    "swapped_in", ["a symlink to another user's job directory", "a symlink to the cache", "a FIFO"]
+)
+def test_outputs_swapped_during_the_stage_out_upload_nothing_else_and_never_block(
+    stager: Stager, swapped_in: str
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    prefix = f"swap-{tag}/"
+    victim, swap = 0, f"mv b b.real && ln -s {stager.dev.info.node_cache('n1')} b"
+    if swapped_in == "a FIFO":
+        swap = "rm b/f999 && mkfifo b/f999"  # nobody writes to it: a blocking open hangs
+    elif swapped_in == "a symlink to another user's job directory":
+        # Its files have the names and sizes of bob's: the old walk's checks all passed.
+        # (It runs on n2: all dev nodes share this host, as jobs on one node share it.)
+        victim, secrets = _victim_job(stager, tag)
+        swap = f"mv b b.real && ln -s {secrets} b"
+    mark = stager.dev.workdir("bob") / f"attack-{tag}"
+    # f999 and index.db sort last: the uploads reach them after the swap.
+    body = (
+        'mkdir b; for i in $(seq 1000); do echo "mine $i" > b/f$i; done\n'
+        "echo 'not the index' > b/index.db\n"
+        f'echo "$HPCSTAGE_DIR" > {mark}\n'
+        f"for i in $(seq 600); do [ -e {mark}.ready ] && break; sleep 0.1; done"
+    )
+    job = stager.submit(
+        "bob", writer_job(f"s3://{BUCKET}/{prefix}", body), "--nodelist=n1", "--account=bio"
+    )
+    view = _read_when_there(mark, 120)
+    swapper = subprocess.Popen(
+        [
+            "runuser",
+            "-u",
+            "bob",
+            "--",
+            "bash",
+            "-c",
+            SWAPPER,
+            "swapper",
+            view,
+            swap,
+            str(mark),
+        ]
+    )
+    try:
+        assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("bob", job)
+        doc = wait_stage_out(stager, job, timeout=90)
+        assert swapper.wait(timeout=60) == 0
+    finally:
+        if swapper.poll() is None:
+            swapper.kill()
+        if victim:
+            proc.run(["scancel", str(victim)], env=stager.dev.client_env(), check=False)
+    assert Path(f"{mark}.swapped").exists()  # the swap came while the stage-out ran
+    stored = _bodies(stager.dev, sorted(s3_objects(stager.dev, prefix)))
+    mine = (b"mine ", b"not the index")
+    foreign = {k: v[:40] for k, v in stored.items() if not v.startswith(mine)}
+    assert foreign == {}, f"{len(foreign)} objects not bob's: {sorted(foreign.items())[:5]}"
+    # What could not be read safely any more is named, and failed the stage-out.
+    failed = {p: f["error"] for p, f in _files(doc).items() if f["state"] == "failed"}
+    assert all(p.startswith("out/b/") for p in failed), failed
+    if swapped_in == "a FIFO":
+        assert list(failed) == ["out/b/f999"], failed
+        assert "not a regular file" in failed["out/b/f999"], failed
+    else:  # (or "No such file" when it looked between the swapper's mv and ln)
+        assert all("a directory on its path" in e for e in failed.values()), failed
+    assert (doc["stage_out"] == "failed") == bool(failed), doc["stage_out"]

@@ -1,4 +1,4 @@
-"""The audit log's format and MUNGE output parsing (pure parts of auth)."""
+"""The audit log's format and what a decoded MUNGE credential means (pure parts of auth)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpcstage.audit import AuditLog
-from hpcstage.auth import AuthError, _ids
+from hpcstage.auth import AuthError, _verdict, decode_now
 
 
 def test_audit_lines_are_json_objects_appended(tmp_path: Path) -> None:
@@ -26,10 +26,24 @@ def test_audit_failure_is_logged_not_raised(tmp_path: Path) -> None:
     AuditLog(tmp_path / "missing-dir" / "audit.jsonl").record("x")  # must not raise
 
 
-def test_unmunge_metadata_is_parsed() -> None:
-    assert _ids("UID:             1001\nGID:             1002\n\n") == (1001, 1002)
+def test_a_valid_credential_without_payload_gives_its_ids() -> None:
+    assert _verdict(0, "", 0, 1001, 1002) == (1001, 1002)
 
 
-def test_unmunge_without_ids_is_refused() -> None:
-    with pytest.raises(AuthError, match="no uid/gid"):
-        _ids("STATUS: Success (0)\n")
+def test_a_credential_with_a_payload_is_refused_whatever_it_says() -> None:
+    # The attack of issue 15: the payload 'UID:0\nGID:0\n' (12 bytes) must not count.
+    with pytest.raises(AuthError, match="carries a payload"):
+        _verdict(0, "", 12, 1001, 1002)
+
+
+def test_munge_errors_name_the_reason() -> None:
+    with pytest.raises(AuthError, match="replayed credential"):
+        _verdict(17, "Replayed credential", 0, 0, 0)
+    with pytest.raises(AuthError, match="Invalid credential format"):
+        _verdict(8, "Invalid credential format", 0, 0, 0)
+
+
+def test_malformed_credentials_are_refused_before_munged_is_asked() -> None:
+    for bad in ("MUNGE:a\0b:", "x" * 5000):
+        with pytest.raises(AuthError, match="malformed"):
+            decode_now(bad, socket="/nonexistent/munge.socket")

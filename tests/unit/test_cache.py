@@ -15,7 +15,7 @@ import pytest
 from hpcstage.cache import CacheError, Entry, NodeCache, PendingObject, choose_evictions
 from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.store import ReadSmall
-from hpcstage.cache.views import remove_tree
+from hpcstage.cache.views import hardlinks_protected, remove_tree
 from hpcstage.identity import ObjectRef
 
 
@@ -311,7 +311,7 @@ def test_link_builds_the_view_from_hardlinks(cache: NodeCache) -> None:
     assert linked.stat().st_ino == obj.stat().st_ino
     assert obj.stat().st_nlink == 2
     assert linked.read_bytes() == b"input"
-    assert stat.S_IMODE((cache.view_dir("42") / "inputs").stat().st_mode) == 0o755
+    assert stat.S_IMODE((cache.view_dir("42") / "inputs").stat().st_mode) == 0o1755
     assert cache.views() == ["42"]
     assert cache.usage().leased_objects == 1
 
@@ -396,21 +396,71 @@ def test_release_removes_the_view_and_ends_the_lease(cache: NodeCache, tmp_path:
     cache.release("5_1")  # already gone: nothing to do
 
 
-def test_release_reports_what_it_could_not_remove(
-    cache: NodeCache, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (cache.view_dir("3") / "stuck").write_bytes(b"x")
+def _undeletable(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
+    """Make ``name`` undeletable, as a job's ``chmod 500`` directory is to the service account
+    (root, running these tests, ignores modes); returns the names tried, in order."""
     real_unlink = os.unlink
+    tried: list[str] = []
 
     def unlink(path: str, *, dir_fd: int | None = None) -> None:
-        # Stands in for a file the job made undeletable (root, running these tests, cannot).
-        if path == "stuck":
+        tried.append(path)
+        if path == name:
             raise PermissionError(1, "Operation not permitted", path)
         real_unlink(path, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    with pytest.raises(CacheError, match=r"could not remove 2 entries.*stuck"):
-        cache.release("3")
+    return tried
+
+
+def test_release_ends_the_view_even_when_the_job_left_something_undeletable(
+    cache: NodeCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, obj = store(cache, "k", b"abc")
+    cache.link("3", "in/k", obj)
+    (cache.view_dir("3") / "stuck").write_bytes(b"x")
+    tried = _undeletable(monkeypatch, "stuck")
+    cache.release("3")  # no exception: the daemon would otherwise retry it every tick
+    assert cache.views() == []
+    assert obj.stat().st_nlink == 1  # the lease ended
+    (left,) = cache.leftovers()
+    assert left.startswith("3.")
+    assert (cache.root / "released" / left / "stuck").read_bytes() == b"x"
+    # Tried once at release, once more when an agent opens the cache, never in a loop.
+    assert tried.count("stuck") == 1
+    cache.reconcile()
+    assert tried.count("stuck") == 2
+    monkeypatch.undo()
+    assert cache.reconcile().leftovers == 0
+    assert cache.leftovers() == []
+    # The job id is free again at once (a later job with a reused id gets an empty view).
+    cache.link("3", "k", obj)
+    assert os.listdir(cache.view_dir("3")) == ["k"]
+
+
+def test_view_directories_are_sticky(cache: NodeCache) -> None:
+    # The job can write into its view, but it cannot move or delete the hardlinks (owned by
+    # the service account) out of the directories the agent made, e.g. into a directory of
+    # its own that it then makes undeletable: that would pin the objects forever.
+    _, obj = store(cache, "k", b"abc")
+    cache.link("4", "in/deeper/k", obj)
+    view = cache.view_dir("4")
+    for path in (view, view / "in", view / "in" / "deeper"):
+        assert stat.S_IMODE(path.stat().st_mode) & stat.S_ISVTX, path
+
+
+def test_link_refuses_a_directory_the_job_made(cache: NodeCache) -> None:
+    # Hardlinks go only into directories of the service account (sticky, see above): in one
+    # of the job's own, the job could move them anywhere.
+    _, obj = store(cache, "k", b"abc")
+    theirs = cache.view_dir("6") / "mine"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    with pytest.raises(CacheError, match="not made by hpcstage"):
+        cache.link("6", "mine/k", obj)
+    with pytest.raises(CacheError, match="not made by hpcstage"):
+        cache.link("6", "mine/deeper/k", obj)
+    assert obj.stat().st_nlink == 1
+    assert list(theirs.iterdir()) == []
 
 
 def test_usage_counts_leased_objects(cache: NodeCache) -> None:
@@ -725,3 +775,53 @@ def test_batcher_takes_items_submitted_right_after_its_runners_finished(parallel
         return await asyncio.wait_for(one_after_another(), 10)
 
     assert asyncio.run(bounded()) == [2 * n for n in range(50)] + [0, 2, 4, 6, 8]
+
+
+# -- index file modes ----------------------------------------------------------------------
+
+
+def _index_modes(root: Path) -> dict[str, int]:
+    return {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in root.iterdir()
+        if p.name.startswith("index.db")
+    }
+
+
+def test_the_index_and_its_wal_and_shm_files_are_private(tmp_path: Path) -> None:
+    # The keys of every user's staged objects are in the WAL before a checkpoint: with the
+    # usual umask SQLite used to create -wal and -shm 0644 (a local user could read them).
+    old = os.umask(0o022)
+    try:
+        with NodeCache(tmp_path / "cache") as cache:
+            store(cache, "users/alice/secret-plan.dat", b"x")
+            modes = _index_modes(cache.root)
+            assert set(modes) == {"index.db", "index.db-wal", "index.db-shm"}
+            assert modes == dict.fromkeys(modes, 0o600)
+            assert b"secret-plan" in (cache.root / "index.db-wal").read_bytes()
+    finally:
+        os.umask(old)
+
+
+def test_opening_the_cache_makes_an_old_install_s_index_files_private(tmp_path: Path) -> None:
+    # An agent of an older hpcstage that was killed leaves -wal and -shm 0644 behind.
+    with NodeCache(tmp_path / "cache") as cache:
+        store(cache, "k", b"x")
+    for name in ("index.db", "index.db-wal", "index.db-shm"):
+        path = tmp_path / "cache" / name
+        path.touch()
+        path.chmod(0o644)
+    with NodeCache(tmp_path / "cache") as cache:
+        modes = _index_modes(cache.root)
+        assert modes == dict.fromkeys(modes, 0o600)
+        assert set(modes) >= {"index.db", "index.db-wal", "index.db-shm"}
+
+
+@pytest.mark.parametrize(("text", "protected"), [("1\n", True), ("0\n", False), (None, True)])
+def test_hardlinks_protected_reads_the_kernel_setting(
+    tmp_path: Path, text: str | None, protected: bool
+) -> None:
+    setting = tmp_path / "protected_hardlinks"
+    if text is not None:
+        setting.write_text(text)
+    assert hardlinks_protected(setting) is protected

@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, MetaData, Table, create_engine, inspect
 
-from hpcstage.db import MIGRATIONS, Staging, open_db
+from hpcstage.db import MIGRATIONS, Job, Staging, open_db
 
 
 def _upgrade(url: str, revision: str) -> None:
@@ -89,3 +89,57 @@ def test_a_database_of_revision_0002_upgrades_and_keeps_its_stagings(tmp_path: P
             assert session.get_one(Staging, 1).peer_files == 29
     finally:
         factory.kw["bind"].dispose()
+
+
+def test_a_database_of_revision_0003_upgrades_and_its_jobs_keep_their_ids(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    _upgrade(url, "0003")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        _insert(
+            conn,
+            "jobs",
+            id=1,
+            kind="job",
+            slurm_job_id=7,
+            name="j",
+            user="alice",
+            account="",
+            partition="",
+            state="COMPLETED",
+            state_reason="",
+            priority=0,
+            planned_nodes="",
+            nodes="n1",
+            batch_host="n1",
+            directive_source="admin_comment",
+            error="",
+            first_seen=100.0,
+        )
+    engine.dispose()
+
+    factory = open_db(url)
+    try:
+        with factory.begin() as session:
+            job = session.get_one(Job, 1)
+            assert (job.slurm_job_id, job.slurm_id, job.submitted_at, job.replaced_at) == (
+                7,
+                7,
+                None,
+                None,
+            )
+            job.slurm_job_id, job.former_slurm_job_id = None, 7
+        with factory.begin() as session:
+            assert session.get_one(Job, 1).slurm_id == 7
+    finally:
+        factory.kw["bind"].dispose()
+    # And back: the downgrade drops the columns again.
+    engine = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+        columns = {c["name"] for c in inspect(conn).get_columns("jobs")}
+    engine.dispose()
+    assert not columns & {"submitted_at", "replaced_at", "former_slurm_job_id"}

@@ -24,7 +24,7 @@ LOCATIONS = ["s3://b/a", "s3://b/a/", "s3://b/ab/", "s3://b/a/x", "s3://c/", "/s
 
 
 def _job_key(job: Job) -> str:
-    return str(job.slurm_job_id) if job.kind == "job" else f"warmup-{job.id}"
+    return str(job.slurm_id) if job.kind == "job" else f"warmup-{job.id}"
 
 
 def _node_states(job: Job) -> dict[str, str]:
@@ -87,6 +87,7 @@ def reference_views(session: Session) -> list[planner.JobView]:
             out_node=job.batch_host or next(iter(split_nodes(job.nodes)), ""),
             waits_for=waits_for(job),
             inputs=next((r.src for r in job.requests if r.direction == "in" and r.src), ""),
+            replaced=job.replaced_at is not None,
         )
         for job in jobs
     ]
@@ -95,9 +96,12 @@ def reference_views(session: Session) -> list[planner.JobView]:
 def random_state(rng: random.Random, session: Session) -> None:
     for j in range(rng.randint(0, 12)):
         kind = rng.choice(["job", "job", "warmup"])
+        replaced = kind == "job" and rng.random() < 0.2  # its id taken over by a newer job
         job = Job(
             kind=kind,
-            slurm_job_id=100 + j if kind == "job" else None,
+            slurm_job_id=100 + j if kind == "job" and not replaced else None,
+            former_slurm_job_id=100 + j if replaced else None,
+            replaced_at=5.0 if replaced else None,
             user="u",
             state=rng.choice(["PENDING", "RUNNING", "COMPLETED", "WARMUP"]),
             priority=rng.randint(0, 5),

@@ -1,0 +1,202 @@
+"""A Slurm job id names one job at a time: a reused id (counter wrap, a reset state) is another
+job, which must be staged as itself and never taken for the old one or refused as someone
+else's. Pure decision first, then the watcher against a real SQLite state database."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from hpcstage.db import Job, open_db
+from hpcstage.plan import JobView, MarkReleased, Release, plan
+from hpcstage.slurm.model import JobInfo, QueueSnapshot
+from hpcstage.slurm.parse import parse_scontrol_show_job, parse_squeue_json
+from hpcstage.watch import Directives, same_job, sync
+
+OLD_SUBMIT = 1_700_000_000.0
+NEW_SUBMIT = 1_790_000_000.0
+
+
+def info(
+    job_id: int = 7, user: str = "bob", submit: float | None = NEW_SUBMIT, **kw: object
+) -> JobInfo:
+    base = JobInfo(
+        job_id=job_id,
+        array_job_id=None,
+        array_task_id=None,
+        name="new",
+        user=user,
+        uid=None,
+        account="chem",
+        partition="debug",
+        state="PENDING",
+        state_reason="",
+        priority=1,
+        submit_time=submit,
+        start_time=None,
+        end_time=None,
+        nodes=(),
+        planned_nodes=("n1",),
+        batch_host="",
+        admin_comment="",
+        comment="",
+        work_dir="/w",
+        exit_code=None,
+    )
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def row(
+    user: str = "alice", submitted: float | None = OLD_SUBMIT, first_seen: float = OLD_SUBMIT + 5
+) -> Job:
+    return Job(kind="job", slurm_job_id=7, user=user, submitted_at=submitted, first_seen=first_seen)
+
+
+# -- the pure decision ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "same"),
+    [
+        (row(user="bob"), info(submit=OLD_SUBMIT), True),  # the job itself, seen again
+        (row(user="bob"), info(submit=NEW_SUBMIT), False),  # the id given to a newer job
+        (row(user="alice"), info(submit=OLD_SUBMIT), False),  # a job never changes owner
+        # Slurm gives a requeued job a new submit time, and counts the restart.
+        (row(user="bob"), info(submit=NEW_SUBMIT, restarts=1), True),
+        (row(user="bob"), info(submit=None), True),  # nothing to tell them apart by
+        # Rows from before submit times were kept: a job submitted after the daemon first
+        # saw the old one cannot be it (with slack for the two hosts' clocks).
+        (row(user="bob", submitted=None), info(submit=OLD_SUBMIT), True),
+        (row(user="bob", submitted=None), info(submit=OLD_SUBMIT + 60), True),
+        (row(user="bob", submitted=None), info(submit=NEW_SUBMIT), False),
+        (row(user="alice", submitted=None), info(submit=None), False),
+    ],
+)
+def test_same_job(old: Job, new: JobInfo, same: bool) -> None:
+    assert same_job(old, new) is same
+
+
+def test_squeue_json_reports_restarts() -> None:
+    golden = Path(__file__).resolve().parent.parent / "golden" / "slurm-24.11" / "squeue.json"
+    text = golden.read_text()
+    assert {job.restarts for job in parse_squeue_json(text, taken_at=0).jobs} == {0}
+    requeued = text.replace('"restart_cnt": 0', '"restart_cnt": 2', 1)
+    assert 2 in {job.restarts for job in parse_squeue_json(requeued, taken_at=0).jobs}
+
+
+def test_scontrol_reports_restarts() -> None:
+    golden = Path(__file__).resolve().parent.parent / "golden" / "slurm-22.05"
+    text = (golden / "scontrol-show-job.txt").read_text()
+    assert {job.restarts for job in parse_scontrol_show_job(text, tz=UTC)} == {0}
+    requeued = text.replace("Restarts=0", "Restarts=3", 1)
+    assert 3 in {job.restarts for job in parse_scontrol_show_job(requeued, tz=UTC)}
+
+
+# -- the watcher on a real state database ---------------------------------------------------
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> sessionmaker[Session]:
+    return open_db(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+async def with_directives(job: JobInfo) -> Directives:
+    item: dict[str, object] = {"src": "s3://b/in/", "dest": "in", "line": 2, "text": "--stage-in"}
+    return Directives("admin_comment", [item], [])
+
+
+async def without_directives(job: JobInfo) -> Directives:
+    return Directives("none", [], [])
+
+
+def tick(
+    db: sessionmaker[Session], *jobs: JobInfo, ignored: set[tuple[int, float | None]] | None = None
+) -> None:
+    snapshot = QueueSnapshot(NEW_SUBMIT + 100, "24.11.1", jobs)
+    with db.begin() as session:
+        asyncio.run(sync(session, snapshot, with_directives, set() if ignored is None else ignored))
+
+
+def add_old(db: sessionmaker[Session], released: bool, ended: bool = True) -> int:
+    with db.begin() as session:
+        old = row()
+        old.state, old.ended_at = ("COMPLETED", OLD_SUBMIT + 50) if ended else ("RUNNING", None)
+        old.released_at = OLD_SUBMIT + 60 if released else None
+        session.add(old)
+        session.flush()
+        return old.id
+
+
+def rows_for(db: sessionmaker[Session], slurm_id: int) -> list[Job]:
+    with db.begin() as session:
+        return list(session.scalars(select(Job).where(Job.slurm_job_id == slurm_id)))
+
+
+def test_a_reused_id_is_staged_as_the_new_job(db: sessionmaker[Session]) -> None:
+    old_id = add_old(db, released=True)
+    tick(db, info())
+    with db.begin() as session:
+        # What the API and `hpcstage env` look up by the id: the new job's row.
+        new = session.scalars(select(Job).where(Job.slurm_job_id == 7)).one()
+        assert (new.user, new.submitted_at, new.id != old_id) == ("bob", NEW_SUBMIT, True)
+        assert [r.direction for r in new.requests] == ["in"]
+        old = session.get_one(Job, old_id)
+        assert (old.slurm_job_id, old.slurm_id, old.user) == (None, 7, "alice")
+
+
+def test_the_job_itself_seen_again_after_its_end_is_not_admitted_twice(
+    db: sessionmaker[Session],
+) -> None:
+    add_old(db, released=True)
+    tick(db, info(user="alice", submit=OLD_SUBMIT))
+    (only,) = rows_for(db, 7)
+    assert only.user == "alice"
+
+
+def test_a_reused_id_waits_until_the_old_jobs_directory_is_released(
+    db: sessionmaker[Session],
+) -> None:
+    # Until then the nodes' jobs/7 is the old job's (its user still has access to it).
+    old_id = add_old(db, released=False, ended=False)
+    tick(db, info())
+    (old,) = rows_for(db, 7)
+    assert old.id == old_id
+    assert old.ended_at is not None and old.replaced_at is not None  # it is gone from Slurm
+    with db.begin() as session:
+        session.get_one(Job, old_id).released_at = NEW_SUBMIT + 110
+    tick(db, info())
+    (new,) = rows_for(db, 7)
+    assert new.user == "bob"
+
+
+def test_a_job_id_without_directives_is_looked_at_again_when_reused(
+    db: sessionmaker[Session],
+) -> None:
+    ignored: set[tuple[int, float | None]] = set()
+    snapshot = QueueSnapshot(OLD_SUBMIT + 10, "24.11.1", (info(user="alice", submit=OLD_SUBMIT),))
+    with db.begin() as session:
+        asyncio.run(sync(session, snapshot, without_directives, ignored))
+    tick(db, info(), ignored=ignored)
+    (new,) = rows_for(db, 7)
+    assert new.user == "bob"
+
+
+def test_a_replaced_job_is_released_without_its_lease_grace() -> None:
+    # Its id now names another job: nothing can requeue it, and the new job needs jobs/<id>.
+    view = JobView(
+        id=1,
+        kind="job",
+        state="COMPLETED",
+        ended_at=1000.0,
+        node_states={"n1": "ready"},
+        replaced=True,
+    )
+    actions = plan([view], 1001.0, 900.0, {})
+    assert [(type(a), a.node) for a in actions if isinstance(a, Release)] == [(Release, "n1")]
+    assert not [a for a in actions if isinstance(a, MarkReleased)]
