@@ -50,6 +50,7 @@ Loc = tuple[str | int, ...]
 KIB: Final = 2**10
 MIB: Final = 2**20
 GIB: Final = 2**30
+TIB: Final = 2**40
 MINUTE: Final = 60.0
 DAY: Final = 86400.0
 
@@ -361,6 +362,8 @@ class CacheSettings(_Section):
 
     max_bytes: Annotated[Size, _size_range(1)] = 500 * GIB
     """Bytes the cache may use on each node."""
+    max_objects: int = Field(default=10_000_000, ge=0)
+    """Objects (files, hence inodes) the cache may hold on each node; 0 = no limit."""
     low_watermark: float = Field(default=0.80, gt=0, lt=1)
     """Eviction stops when usage falls below this fraction of max_bytes."""
     high_watermark: float = Field(default=0.90, gt=0, le=1, validate_default=True)
@@ -535,6 +538,23 @@ class QuotaSettings(_Section):
     """Per-account overrides of account_bytes_per_node."""
 
 
+class LimitSettings(_Section):
+    """``[limits]``: what one job or user can make the service do; 0 = unlimited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage_in_objects: int = Field(default=1_000_000, ge=0)
+    """Objects one job may stage in, all its stage-ins together."""
+    stage_out_files: int = Field(default=1_000_000, ge=0)
+    """Files one job may stage out, all its stage-outs together."""
+    stage_out_bytes: Size = 10 * TIB
+    """Bytes one job may stage out, all its stage-outs together."""
+    warmups_in_flight: int = Field(default=8, ge=0)
+    """Unfinished warmups one user may have at once (admins: no limit)."""
+    warmups_per_minute: int = Field(default=30, ge=0)
+    """Warmups one user may request in any minute (admins: no limit)."""
+
+
 class Settings(_Section):
     """The whole site configuration. Only ``site`` and ``store`` are required."""
 
@@ -550,6 +570,7 @@ class Settings(_Section):
     api: ApiSettings = Field(default_factory=ApiSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -960,6 +981,7 @@ __all__ = [
     "ApiSettings",
     "CacheSettings",
     "Duration",
+    "LimitSettings",
     "Loc",
     "NodesSettings",
     "PolicyRule",

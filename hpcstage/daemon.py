@@ -24,13 +24,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import directives as dirs
-from hpcstage import leader, policy, quota, stageout, trash
+from hpcstage import leader, limits, policy, quota, stageout, tickview, trash
 from hpcstage import plan as planner
 from hpcstage.audit import AuditLog
+from hpcstage.clients import ClientCache
 from hpcstage.config import Settings
 from hpcstage.db import Job, Request, Staging, Upload, open_db
 from hpcstage.db.changes import Changes
-from hpcstage.errors import DirectiveError, SlurmError, StoreError, TransportError
+from hpcstage.errors import DirectiveError, LimitError, SlurmError, StoreError, TransportError
 from hpcstage.slurm.backend import CliBackend, SlurmBackend
 from hpcstage.slurm.model import JobInfo
 from hpcstage.store import S3Store, parse_s3_url, resolve_credentials
@@ -48,7 +49,7 @@ from hpcstage.transfer.transport import (
     open_ssh,
 )
 from hpcstage.units import format_size
-from hpcstage.watch import Directives, JobKey, log_event, split_nodes, sync
+from hpcstage.watch import Directives, JobKey, log_event, sync
 
 log = logging.getLogger("hpcstage.daemon")
 
@@ -65,6 +66,9 @@ EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches
 PEER_COPIES = 2
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
 MAX_INTERNAL_ERROR_ATTEMPTS = 5  # an unexpected error (a bug) ends a staging at this attempt
+# The daemon's own S3 clients kept open (one per bucket, each a connection pool): users name
+# buckets in requests, so more than a few would grow with every name.
+STORE_CLIENTS = 8
 
 
 def reconnect_delay(failures: int) -> float:
@@ -105,7 +109,7 @@ class Daemon:
     changes: Changes = field(default_factory=Changes)  # committed writes, for long polling
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _credentials: dict[str, str] | None = None
-    _stores: dict[str, S3Store] = field(default_factory=dict)
+    _stores: ClientCache[S3Store] = field(init=False)
     _last_expiry: float = 0.0
     _last_eviction: float = 0.0
     _snapshot_at: float = -math.inf  # time.monotonic() of the last queue snapshot
@@ -120,6 +124,7 @@ class Daemon:
 
     def __post_init__(self) -> None:
         self.audit = AuditLog(Path(self.settings.site.state_dir) / "audit.jsonl")
+        self._stores = ClientCache(STORE_CLIENTS, self._new_store)
 
     async def startup(self) -> None:
         """Open state, resume interrupted work, prepare the Slurm backend and agents."""
@@ -284,8 +289,7 @@ class Daemon:
             self._flush_progress(requeue=True)
         if self._pool is not None:
             await self._pool.close()
-        for store in self._stores.values():
-            await store.close()
+        await self._stores.close()
 
     def wake(self, fresh: bool = False) -> None:
         """Run a tick now; ``fresh``: with a new queue snapshot (a job asked for its inputs
@@ -328,28 +332,7 @@ class Daemon:
         self.last_tick = time.time()
 
     def _views(self, session: Session) -> Iterable[planner.JobView]:
-        query = select(Job).where(Job.released_at.is_(None))
-        jobs = list(session.scalars(query))
-        outputs = _unfinished_outputs(jobs)
-        for job in jobs:
-            yield planner.JobView(
-                id=job.id,
-                kind=job.kind,
-                state=job.state,
-                priority=job.priority,
-                expected_start=job.expected_start,
-                planned_nodes=split_nodes(job.planned_nodes),
-                nodes=split_nodes(job.nodes),
-                ended_at=job.ended_at,
-                released=job.released_at is not None,
-                error=job.error,
-                node_states=_node_states(job),
-                out_state=_out_state(job),
-                out_node=job.batch_host or next(iter(split_nodes(job.nodes)), ""),
-                waits_for=_waits_for(job, outputs),
-                inputs=next((r.src for r in job.requests if r.direction == "in" and r.src), ""),
-                replaced=job.replaced_at is not None,
-            )
+        return tickview.read_views(session)  # plain columns: no ORM object per directive
 
     def _act(self, action: planner.Action) -> None:
         if isinstance(action, planner.MarkReleased):
@@ -417,14 +400,16 @@ class Daemon:
         current = plan[0] if plan else None
         try:
             rpc = await self._agent(action.node)
-            spent = 0
+            spent = objects = 0
             for current in plan:
                 staging_id, request_id, src, dest, _text, _line = current
                 limit = self._budget(action.job_id, action.node, spent)
                 if src:
                     await self._peer_fill(rpc, action, staging_id, src, limit)
-                await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit)
-                spent += self._staged_bytes(staging_id)
+                left = limits.stage_in_budget(self.settings.limits, objects)
+                await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
+                done_bytes, done_files = self._staged(staging_id)
+                spent, objects = spent + done_bytes, objects + done_files
         except AgentError as exc:
             assert current is not None
             if exc.transient:  # the store was down or throttling: try again later
@@ -512,6 +497,7 @@ class Daemon:
         src: str,
         dest: str,
         limit: quota.Budget,
+        objects: limits.ObjectBudget,
     ) -> None:
         progress = self._progress.setdefault(staging_id, Progress())
 
@@ -527,6 +513,8 @@ class Daemon:
                     "dest": dest,
                     "max_bytes": limit.max_bytes,
                     "quota_reason": limit.reason,
+                    "max_objects": objects.max_objects,
+                    "objects_reason": objects.reason,
                 }
             )
         result = await rpc.call("stage", {**call, "items": items}, on_progress)
@@ -553,10 +541,12 @@ class Daemon:
             )
         return quota.budget(self.settings.quotas, account, node, spent, int(used or 0))
 
-    def _staged_bytes(self, staging_id: int) -> int:
+    def _staged(self, staging_id: int) -> tuple[int, int]:
+        """(bytes, files) a finished staging moved."""
         assert self.db is not None
         with self.db.begin() as session:
-            return session.get_one(Staging, staging_id).bytes_done
+            st = session.get_one(Staging, staging_id)
+            return st.bytes_done, st.files_done
 
     def _finish(self, staging_id: int, progress: Progress) -> None:
         assert self.db is not None
@@ -625,11 +615,14 @@ class Daemon:
         current = items[0] if items else None
         try:
             rpc = await self._agent(action.node) if items else None
+            files = size = 0
             for current in items:
                 assert rpc is not None
-                await self._out_one(
-                    rpc, current, job_key, ended_at, {**who, "optional": optional[current[0]]}
-                )
+                bound = limits.stage_out_limit(self.settings.limits, files, size)
+                flags = {**who, "optional": optional[current[0]], "limit": bound}
+                await self._out_one(rpc, current, job_key, ended_at, flags)
+                done_bytes, done_files = self._staged(current[0])
+                files, size = files + done_files, size + done_bytes
         except AgentError as exc:
             assert current is not None
             if exc.transient:
@@ -673,6 +666,9 @@ class Daemon:
                     "dest_key": key,
                     "optional": flags["optional"],
                     "job_completed": flags["job_completed"],
+                    "max_files": flags["limit"].max_files,
+                    "max_bytes": flags["limit"].max_bytes,
+                    "limit_reason": flags["limit"].reason,
                 }
             ],
         }
@@ -908,6 +904,7 @@ class Daemon:
             "high": c.high_watermark,
             "low": c.low_watermark,
             "ttl": c.ttl,
+            "max_objects": c.max_objects,
         }
         reply = await (await self._agent(node)).call("evict", params)
         return int(reply.get("evicted", 0))
@@ -936,23 +933,25 @@ class Daemon:
 
     # ------------------------------------------------------------------ recycle bin
 
-    def store(self, bucket: str) -> S3Store:
-        """The daemon's own client for ``bucket`` (recycle bin: copies and deletes only)."""
-        if bucket not in self._stores:
-            s = self.settings.store
-            self._stores[bucket] = S3Store(
-                s.endpoint_url,
-                bucket,
-                region=s.region,
-                profile=s.profile,
-                addressing_style=s.addressing_style,
-                verify_tls=s.verify_tls,
-                ca_bundle=str(s.ca_bundle) if s.ca_bundle else None,
-                connect_timeout=s.connect_timeout,
-                read_timeout=s.read_timeout,
-                credentials=self._credentials,
-            )
-        return self._stores[bucket]
+    def store(self, bucket: str) -> contextlib.AbstractAsyncContextManager[S3Store]:
+        """The daemon's own client for ``bucket`` (recycle bin: copies and deletes only), for
+        an ``async with`` block; at most STORE_CLIENTS idle ones stay open."""
+        return self._stores.lease(bucket)
+
+    def _new_store(self, bucket: str) -> S3Store:
+        s = self.settings.store
+        return S3Store(
+            s.endpoint_url,
+            bucket,
+            region=s.region,
+            profile=s.profile,
+            addressing_style=s.addressing_style,
+            verify_tls=s.verify_tls,
+            ca_bundle=str(s.ca_bundle) if s.ca_bundle else None,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            credentials=self._credentials,
+        )
 
     def stage_out_buckets(self) -> list[str]:
         """Buckets that stage-out has written to (where recycle bins may exist)."""
@@ -965,9 +964,10 @@ class Daemon:
         """Delete recycle-bin entries older than stage_out.trash_retention, in every bucket."""
         conf, deleted = self.settings.stage_out, 0
         for bucket in self.stage_out_buckets():
-            deleted += await trash.expire(
-                self.store(bucket), conf.trash_prefix, conf.trash_retention, time.time()
-            )
+            async with self.store(bucket) as store:
+                deleted += await trash.expire(
+                    store, conf.trash_prefix, conf.trash_retention, time.time()
+                )
         return deleted
 
     # ------------------------------------------------------------------ warmups
@@ -975,8 +975,9 @@ class Daemon:
     def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
         """Record a warmup of ``src`` on ``nodes``; the next tick starts it.
 
-        PermissionError when the policy does not let ``user`` read ``src`` (admins may warm
-        anything: they run the site).
+        PermissionError when the policy does not let ``user`` read ``src``, LimitError when
+        ``user`` has too many warmups in flight or requested too many in the last minute
+        (admins may warm anything, as often as they like: they run the site).
         """
         assert self.db is not None
         stage_in = dirs.parse_value("stage-in", src)
@@ -984,6 +985,10 @@ class Daemon:
         if not (admin or decision.allowed):
             self.audit.record("refused", user=user, warmup=src, reason=decision.rule)
             raise PermissionError(f"warmup of {src} refused: {decision.rule}")
+        refusal = "" if admin else self._warmup_refusal(user)
+        if refusal:
+            self.audit.record("refused", user=user, warmup=src, reason=refusal)
+            raise LimitError(f"warmup of {src} refused: {refusal}")
         self.audit.record("warmup", user=user, src=stage_in.src.url, nodes=nodes)
         with self.db.begin() as session:
             job = Job(
@@ -1010,6 +1015,16 @@ class Daemon:
             job_id = job.id
         self.wake()
         return job_id
+
+    def _warmup_refusal(self, user: str) -> str:
+        """Why ``user`` may not request another warmup now ('' if they may). Counted and
+        recorded in one synchronous step of the loop: two requests cannot both slip under."""
+        assert self.db is not None
+        mine = select(func.count()).select_from(Job).where(Job.kind == "warmup", Job.user == user)
+        with self.db.begin() as session:
+            in_flight = session.scalar(mine.where(Job.released_at.is_(None))) or 0
+            recent = session.scalar(mine.where(Job.first_seen >= time.time() - 60)) or 0
+        return limits.warmup_refusal(self.settings.limits, in_flight, recent)
 
 
 def to_directives(source: str, parsed: dirs.ParsedDirectives, info: JobInfo) -> Directives:
@@ -1099,60 +1114,6 @@ def _staging(session: Session, request: Request, node: str) -> Staging:
 def _job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:
     query = select(Staging).join(Request).where(Request.job_id == job_id, Staging.node == node)
     return list(session.scalars(query))
-
-
-def _node_states(job: Job) -> dict[str, str]:
-    per_node: dict[str, list[str]] = {}
-    for request in job.requests:
-        if request.direction == "out":
-            continue
-        for st in request.stagings:
-            per_node.setdefault(st.node, []).append(st.state)
-    return {node: planner.node_state(states) for node, states in per_node.items()}
-
-
-def _unfinished_outputs(jobs: list[Job]) -> list[tuple[str, str]]:
-    """(destination URL, job key) of every stage-out not yet verified."""
-    return [
-        (r.dest, _job_key(job))
-        for job in jobs
-        if _out_state(job) in ("pending", "queued", "running")
-        and (job.started_at is not None or job.ended_at is not None)
-        for r in job.requests
-        if r.direction == "out"
-    ]
-
-
-def _waits_for(job: Job, outputs: list[tuple[str, str]]) -> str:
-    """The job whose unfinished outputs this job reads, if any ('' when none)."""
-    for r in job.requests:
-        if r.direction != "in":
-            continue
-        for dest, other in outputs:
-            if other != _job_key(job) and overlaps(r.src, dest):
-                return other
-    return ""
-
-
-def overlaps(a: str, b: str) -> bool:
-    """Whether locations ``a`` and ``b`` (s3:// URLs or paths; a prefix ends with '/') can
-    name the same object: equal, or one a prefix the other lies under. s3://b/a does not
-    overlap s3://b/ab/, nor s3://b/out/x s3://b/out/xy."""
-    return a == b or (a.endswith("/") and b.startswith(a)) or (b.endswith("/") and a.startswith(b))
-
-
-def _out_state(job: Job) -> str:
-    """Stage-out as one word: none | pending | queued | running | failed | done."""
-    outs = [r for r in job.requests if r.direction == "out"]
-    if not outs:
-        return "none"
-    states = [st.state for r in outs for st in r.stagings]
-    if len(states) < len(outs):
-        return "pending"
-    for state in ("running", "queued", "failed"):
-        if state in states:
-            return state
-    return "done"
 
 
 def _columns(progress: Progress) -> dict[str, int]:

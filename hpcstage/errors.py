@@ -10,7 +10,8 @@
     │   ├── ObjectChangedError    replaced since it was listed (list again, later)
     │   ├── TransientStoreError   worth retrying (5xx, SlowDown, connection reset, timeouts)
     │   └── CredentialError       never retried (expired/invalid credentials, access denied)
-    └── TransportError            a node agent could not be reached or died
+    ├── TransportError            a node agent could not be reached or died
+    └── LimitError                a job or user asked for more than a site limit allows
 
 Vendor exceptions are translated at the boundary with ``raise ... from`` so the
 cause is kept for logs while users see one clear line.
@@ -65,3 +66,7 @@ class CredentialError(StoreError):
 
 class TransportError(HpcstageError):
     """A node agent could not be reached, or its session died."""
+
+
+class LimitError(HpcstageError):
+    """A job or user asked for more than a site limit ([limits]) allows; names the limit."""

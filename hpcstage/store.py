@@ -1074,8 +1074,9 @@ class S3Store:
 
     # -- list / head ---------------------------------------------------------------------------
 
-    async def list(self, prefix: str) -> AsyncIterator[ObjectRef]:
-        """Stream the objects under ``prefix``, one ListObjectsV2 page at a time.
+    async def list(self, prefix: str, *, start_after: str = "") -> AsyncIterator[ObjectRef]:
+        """Stream the objects under ``prefix``, one ListObjectsV2 page at a time; with
+        ``start_after``, those after that key only (the recycle bin's pages).
 
         The continuation-token loop is written out rather than using botocore's paginator so
         that each page is retried on its own: a failure on page 900 of a 10^6-key listing
@@ -1084,6 +1085,8 @@ class S3Store:
         """
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         params["MaxKeys"] = self._page_size
+        if start_after:
+            params["StartAfter"] = start_after
         where = f"list {self.url(prefix)}"
         tokens: set[str] = set()
         while True:

@@ -4,13 +4,22 @@ Layout, in the bucket of the replaced object: ``<trash_prefix><YYYY-MM-DD>/<job>
 where the date is the job's end (UTC) and the ETag that of the version kept (entries of
 older releases have no ``~<ETag>``). Listing, restoring and expiring are metadata operations
 (server-side copies and deletes), so the daemon does them itself.
+
+The API lists the bin in pages (``list_page``): one request examines at most ``PAGE`` keys
+and answers with a continuation token naming the bucket and the last key examined, so that a
+bin of 10^6 entries is never listed, nor checked against the database, in one request.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from hpcstage import recycle
 from hpcstage.errors import HpcstageError
@@ -19,6 +28,7 @@ from hpcstage.stageout import VERSION_MARK, same_object, trash_key
 from hpcstage.store import Described, Precondition, S3Store
 
 DAY = 86400.0
+PAGE = 1000  # keys one listing request examines at most (one ListObjectsV2 page)
 
 
 @dataclass(frozen=True)
@@ -56,16 +66,90 @@ def expired(day: str, now: float, retention: float) -> bool:
     return start + DAY + retention < now
 
 
-async def list_trash(store: S3Store, prefix: str) -> list[TrashEntry]:
-    """Every recycle-bin entry of one bucket, oldest day first."""
-    found = []
-    async for ref in store.list(prefix):
-        try:
-            day, job, key = parse_trash_key(prefix, ref.key)
-        except HpcstageError:
-            continue
-        found.append(TrashEntry(store.bucket, ref.key, key, job, day, ref.size, ref.etag))
-    return found
+class Listing(Protocol):
+    """What a page needs of a store: its bucket, and a listing that starts after a key."""
+
+    @property
+    def bucket(self) -> str: ...
+
+    def list(self, prefix: str, *, start_after: str = "") -> AsyncIterator[ObjectRef]: ...
+
+
+Lease = Callable[[str], AbstractAsyncContextManager[Listing]]
+
+
+@dataclass(frozen=True)
+class Page:
+    """Entries of one listing request, and the token of the next ('' after the last)."""
+
+    entries: list[TrashEntry]
+    next: str
+
+
+def encode_token(bucket: str, after: str) -> str:
+    """A continuation token: list ``bucket`` from the key after ``after`` on."""
+    return base64.urlsafe_b64encode(json.dumps([bucket, after]).encode()).decode().rstrip("=")
+
+
+def decode_token(token: str) -> tuple[str, str]:
+    """(bucket, key) of a token from ``encode_token``; HpcstageError for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        value = json.loads(raw.decode())
+    except (binascii.Error, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise HpcstageError("not a continuation token of the recycle-bin listing") from exc
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise HpcstageError("not a continuation token of the recycle-bin listing")
+    return value[0], value[1]
+
+
+async def list_page(
+    buckets: Sequence[str], lease: Lease, prefix: str, token: str, limit: int = PAGE
+) -> Page:
+    """Entries of ``buckets`` (in order) from where ``token`` left off ('' = the start),
+    examining at most ``limit`` keys."""
+    names, after = list(buckets), ""
+    if token:
+        start, after = decode_token(token)
+        if start not in names:
+            raise HpcstageError(f"the continuation token is for another bucket ({start!r})")
+        names = names[names.index(start) :]
+    entries: list[TrashEntry] = []
+    for name in names:
+        async with lease(name) as store:
+            found, examined, last = await _scan(store, prefix, after, limit)
+        entries += found
+        limit -= examined
+        if limit <= 0:
+            return Page(entries, encode_token(name, last))
+        after = ""
+    return Page(entries, "")
+
+
+async def _scan(
+    store: Listing, prefix: str, after: str, limit: int
+) -> tuple[list[TrashEntry], int, str]:
+    """(entries, keys examined, last key examined) of at most ``limit`` keys after ``after``."""
+    found: list[TrashEntry] = []
+    examined, last = 0, after
+    async for ref in store.list(prefix, start_after=after):
+        if ref.key <= after:
+            continue  # a store that ignores StartAfter: slower, but no key twice
+        examined, last = examined + 1, ref.key
+        entry = _entry(store.bucket, prefix, ref)
+        if entry is not None:
+            found.append(entry)
+        if examined >= limit:
+            break
+    return found, examined, last
+
+
+def _entry(bucket: str, prefix: str, ref: ObjectRef) -> TrashEntry | None:
+    try:
+        day, job, key = parse_trash_key(prefix, ref.key)
+    except HpcstageError:
+        return None  # not ours
+    return TrashEntry(bucket, ref.key, key, job, day, ref.size, ref.etag)
 
 
 async def restore(
@@ -117,10 +201,12 @@ def _same(a: Described, b: Described) -> bool:
 
 
 async def expire(store: S3Store, prefix: str, retention: float, now: float) -> int:
-    """Delete recycle-bin entries older than ``retention``; returns how many."""
+    """Delete recycle-bin entries older than ``retention``; returns how many. Deletes as it
+    lists (one page in memory, not the whole bin)."""
     deleted = 0
-    for entry in await list_trash(store, prefix):
-        if expired(entry.day, now, retention):
+    async for ref in store.list(prefix):
+        entry = _entry(store.bucket, prefix, ref)
+        if entry is not None and expired(entry.day, now, retention):
             await store.delete(entry.trash_key)
             deleted += 1
     return deleted

@@ -18,7 +18,7 @@ from hpcstage import __version__, auth, policy, trash
 from hpcstage.api import session
 from hpcstage.api.dashboard import render_dashboard, render_login_needed
 from hpcstage.db import Job, Staging
-from hpcstage.errors import ConfigError, DirectiveError, HpcstageError
+from hpcstage.errors import ConfigError, DirectiveError, HpcstageError, LimitError
 from hpcstage.status import job_document, job_summary
 from hpcstage.store import parse_s3_url
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 UNKNOWN_JOB_WAIT = 2.5  # poll intervals to wait for a job the daemon has not seen yet
 MAX_WAIT = 20.0  # seconds a long-polling request may wait (the CLI's HTTP timeout is 30)
+JOB_ID_DIGITS = 10  # Slurm job ids are 32-bit: longer digit strings are no job of ours
 
 SINCE = Query(
     None, description="`changes` of an earlier answer: wait until the job changes after it"
@@ -198,6 +199,8 @@ def create_app(daemon: Daemon) -> FastAPI:
             raise HTTPException(400, str(exc)) from exc
         except PermissionError as exc:
             raise HTTPException(403, str(exc)) from exc
+        except LimitError as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "60"}) from exc
         return {"id": warm_id}
 
     @app.get("/api/v1/warmups/{warm_id}")
@@ -243,24 +246,42 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/api/v1/trash")
     async def trash_list(
-        bucket: str | None = None, me: auth.Identity = Depends(caller)
-    ) -> list[dict[str, Any]]:
-        """Objects that your jobs' stage-outs replaced (admins: all), kept for the retention."""
+        bucket: str | None = None,
+        limit: int = Query(trash.PAGE, ge=1, le=trash.PAGE, description="keys to examine"),
+        after: str = Query("", description="`next` of the previous page"),
+        me: auth.Identity = Depends(caller),
+    ) -> dict[str, Any]:
+        """Objects that your jobs' stage-outs replaced (admins: all), kept for the retention,
+        one page at a time: ``next`` is '' after the last page. A page examines at most
+        ``limit`` recycle-bin keys, so it may hold fewer entries (even none) before the end."""
         buckets = [bucket] if bucket else daemon.stage_out_buckets()
-        prefix = daemon.settings.stage_out.trash_prefix
-        found: list[dict[str, Any]] = []
-        for b in buckets:
-            entries = await trash.list_trash(daemon.store(b), prefix)
-            found += [e.as_dict() for e in entries if me.admin or may_touch(e.job, me)]
-        return found
+        try:
+            page = await trash.list_page(
+                buckets, daemon.store, daemon.settings.stage_out.trash_prefix, after, limit
+            )
+        except (ValueError, HpcstageError) as exc:
+            raise HTTPException(400, str(exc)) from exc
+        yours = set() if me.admin else own_jobs({e.job for e in page.entries}, me)
+        shown = [e.as_dict() for e in page.entries if me.admin or e.job in yours]
+        return {"entries": shown, "next": page.next}
+
+    def own_jobs(job_keys: set[str], me: auth.Identity) -> set[str]:
+        """Those of ``job_keys`` (Slurm job ids, as in recycle-bin keys) that are ``me``'s jobs,
+        in one query (a reused id is the job's that holds it now, as for a restore)."""
+        ids = {int(k) for k in job_keys if k.isascii() and k.isdigit() and len(k) <= JOB_ID_DIGITS}
+        if not ids:
+            return set()
+        query = select(Job.slurm_job_id, Job.user).where(Job.slurm_job_id.in_(ids))
+        with db().begin() as session:
+            rows = session.execute(query.order_by(Job.id)).all()
+        first: dict[int | None, str] = {}
+        for job_id, user in rows:
+            first.setdefault(job_id, user)
+        return {str(job_id) for job_id, user in first.items() if user == me.user}
 
     def may_touch(job_key: str, me: auth.Identity) -> bool:
         """True when the job that put an entry in the recycle bin was ``me``'s."""
-        if not job_key.isdigit():
-            return False
-        with db().begin() as session:
-            job = session.scalar(select(Job).where(Job.slurm_job_id == int(job_key)))
-            return job is not None and job.user == me.user
+        return job_key in own_jobs({job_key}, me)
 
     def may_not_write(job_key: str, me: auth.Identity, url: str) -> str:
         """Why ``me`` may not write ``url`` now ("": may), by today's policy: a restore writes
@@ -286,7 +307,8 @@ def create_app(daemon: Daemon) -> FastAPI:
             refused = may_not_write(job_key, me, f"s3://{bucket}/{original}")
             if refused:
                 raise HTTPException(403, f"restore refused: {refused}")
-            done = await trash.restore(daemon.store(bucket), prefix, key)
+            async with daemon.store(bucket) as store:
+                done = await trash.restore(store, prefix, key)
         except (ValueError, HpcstageError) as exc:
             raise HTTPException(400, str(exc)) from exc
         daemon.audit.record("trash-restore", user=me.user, bucket=bucket, **done)

@@ -6,7 +6,10 @@ Two passes, in order:
    (stale datasets should not pin disk until the next pressure spike).
 2. Watermarks: if what remains exceeds ``high * capacity``, unleased entries go in LRU order
    until it is at most ``low * capacity``. Evicting down to a lower mark than the trigger avoids
-   running eviction again after every single fetch.
+   running eviction again after every single fetch. With ``max_objects`` the number of
+   entries has the same two marks (each entry is a file, hence an inode: 10^7 zero-byte
+   objects never reach a byte mark but exhaust the file system); whichever count is over its
+   high mark is brought down to its low mark.
 
 Leased entries (linked into a job's view) are never chosen, even if that leaves the cache above
 its high watermark: a job's inputs matter more than the fill level.
@@ -17,6 +20,7 @@ objects does); ``choose_evictions`` applies it to a list (tests, small callers).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,40 +45,60 @@ class EvictionPass:
     """
 
     def __init__(
-        self, total: int, capacity: int, high: float, low: float, ttl: float, now: float
+        self,
+        total: int,
+        capacity: int,
+        high: float,
+        low: float,
+        ttl: float,
+        now: float,
+        *,
+        count: int = 0,
+        max_objects: int = 0,
     ) -> None:
-        """``capacity`` in bytes; ``high``/``low`` fractions of it; ``ttl`` in seconds."""
+        """``capacity`` in bytes; ``high``/``low`` fractions of it (and of ``max_objects``,
+        0 = no limit on ``count``, the indexed entries); ``ttl`` in seconds."""
         _check_policy(capacity, high, low, ttl)
         self.total = total
+        self.count = count
         self.cutoff = now - ttl
         self._high = high * capacity
         self._low = low * capacity
-        self._over_high: bool | None = None  # decided at the first fresh candidate
+        self._high_count = high * max_objects if max_objects else math.inf
+        self._low_count = low * max_objects if max_objects else math.inf
+        self._over: tuple[bool, bool] | None = None  # (bytes, count), at the first fresh one
         self.done = False
 
     def needed(self, oldest_access: float | None) -> bool:
-        """False when no entry can be chosen (below the high mark and nothing expired)."""
+        """False when no entry can be chosen (below the high marks and nothing expired)."""
         expired = oldest_access is not None and oldest_access < self.cutoff
-        return expired or self.total > self._high
+        return expired or self.total > self._high or self.count > self._high_count
 
     def offer(self, entry: Entry) -> bool:
         """True if ``entry`` is to be evicted (the caller must then evict it)."""
         if self.done or entry.leased:
             return False
         if entry.last_access < self.cutoff:
-            self.total -= entry.size
+            self._take(entry.size)
             return True
-        if self._over_high is None:
-            self._over_high = self.total > self._high
-        if not self._over_high or self.total <= self._low:
+        if self._over is None:
+            self._over = (self.total > self._high, self.count > self._high_count)
+        over_bytes, over_count = self._over
+        if not (over_bytes and self.total > self._low) and not (
+            over_count and self.count > self._low_count
+        ):
             self.done = True  # fresh entries come in LRU order: nothing later qualifies
             return False
-        self.total -= entry.size
+        self._take(entry.size)
         return True
 
     def forget(self, size: int) -> None:
         """An indexed entry vanished (its file was gone): it no longer counts."""
+        self._take(size)
+
+    def _take(self, size: int) -> None:
         self.total -= size
+        self.count -= 1
 
 
 def choose_evictions(
@@ -84,13 +108,18 @@ def choose_evictions(
     low: float,
     ttl: float,
     now: float,
+    max_objects: int = 0,
 ) -> list[str]:
     """Return the cache_ids to evict, expired ones first, then least recently used.
 
-    ``capacity`` is in bytes; ``high`` and ``low`` are fractions of it with ``0 <= low <= high``;
-    ``ttl`` is in seconds (``math.inf`` disables the TTL pass); ``now`` is a Unix time.
+    ``capacity`` is in bytes; ``high`` and ``low`` are fractions of it (and of ``max_objects``,
+    0 = entries not counted) with ``0 <= low <= high``; ``ttl`` is in seconds (``math.inf``
+    disables the TTL pass); ``now`` is a Unix time.
     """
-    policy = EvictionPass(sum(e.size for e in entries), capacity, high, low, ttl, now)
+    total = sum(e.size for e in entries)
+    policy = EvictionPass(
+        total, capacity, high, low, ttl, now, count=len(entries), max_objects=max_objects
+    )
     chosen = []
     for entry in sorted(entries, key=_lru_key):
         if policy.offer(entry):

@@ -654,18 +654,31 @@ class NodeCache:
         return Usage(total, count, leased_bytes, leased_objects)
 
     def evict(
-        self, max_bytes: int, high: float, low: float, ttl: float, now: float | None = None
+        self,
+        max_bytes: int,
+        high: float,
+        low: float,
+        ttl: float,
+        now: float | None = None,
+        max_objects: int = 0,
     ) -> list[str]:
         """Evict by the policy in ``cache/evict.py``; return the evicted cache_ids.
 
-        ``max_bytes`` is the cache's capacity, ``high``/``low`` fractions of it, ``ttl`` in
-        seconds; ``now`` defaults to the clock. Leased objects are never evicted. In-flight
-        downloads are not counted. See ``evict_iter`` for caches with very many objects.
+        ``max_bytes`` is the cache's capacity, ``high``/``low`` fractions of it (and of
+        ``max_objects``, 0 = not counted), ``ttl`` in seconds; ``now`` defaults to the clock.
+        Leased objects are never evicted. In-flight downloads are not counted. See
+        ``evict_iter`` for caches with very many objects.
         """
-        return list(self.evict_iter(max_bytes, high, low, ttl, now))
+        return list(self.evict_iter(max_bytes, high, low, ttl, now, max_objects))
 
     def evict_iter(
-        self, max_bytes: int, high: float, low: float, ttl: float, now: float | None = None
+        self,
+        max_bytes: int,
+        high: float,
+        low: float,
+        ttl: float,
+        now: float | None = None,
+        max_objects: int = 0,
     ) -> Iterator[str]:
         """``evict()`` one object at a time: yields each cache_id as it is evicted.
 
@@ -675,7 +688,9 @@ class NodeCache:
         """
         when = self._clock() if now is None else now
         count, total, oldest = self._index.summary()
-        policy = EvictionPass(total, max_bytes, high, low, ttl, when)
+        policy = EvictionPass(
+            total, max_bytes, high, low, ttl, when, count=count, max_objects=max_objects
+        )
         if count == 0 or not policy.needed(oldest):
             return
         for page in self._index.lru():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
 import click
 
@@ -29,23 +32,43 @@ def trash() -> None:
 @trash.command("ls")
 @config_option
 @click.argument("bucket", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def ls(config_path: Path | None, bucket: str | None, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one list of every entry).")
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, 1000),
+    default=1000,
+    show_default=True,
+    help="Recycle-bin keys the daemon examines per request; all pages are followed.",
+)
+def ls(config_path: Path | None, bucket: str | None, as_json: bool, page_size: int) -> None:
     """List recycle-bin entries of BUCKET (default: every bucket stage-out wrote to)."""
-    query = f"?bucket={bucket}" if bucket else ""
-    entries = _client(config_path).get(f"/api/v1/trash{query}")
+    entries = _entries(_client(config_path), bucket, page_size)
     if as_json:
-        click.echo(json.dumps(entries, indent=2))
+        click.echo(json.dumps(list(entries), indent=2))
         return
-    if not entries:
-        click.echo("the recycle bin is empty")
-        return
-    for e in entries:
+    empty = True
+    for e in entries:  # printed as the pages come
+        empty = False
         click.echo(
             f"{e['day']}  job {e['job']:<8} {format_size(e['size']):>10}  "
             f"s3://{e['bucket']}/{e['key']}"
         )
         click.echo(f"    restore: hpcstage trash restore s3://{e['bucket']}/{e['trash_key']}")
+    if empty:
+        click.echo("the recycle bin is empty")
+
+
+def _entries(client: Client, bucket: str | None, page_size: int) -> Iterator[dict[str, Any]]:
+    """Every entry, page after page, following the API's ``next`` token."""
+    query: dict[str, str | int] = {"limit": page_size}
+    if bucket:
+        query["bucket"] = bucket
+    while True:
+        page = client.get(f"/api/v1/trash?{urlencode(query)}")
+        yield from page["entries"]
+        if not page["next"]:
+            return
+        query["after"] = page["next"]
 
 
 @trash.command("restore")

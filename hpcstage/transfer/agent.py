@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from hpcstage import limits
 from hpcstage.cache import CacheError, NodeCache, PendingObject, key_dest
 from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.store import GROUP_COMMIT_MAX
@@ -190,6 +191,7 @@ class Agent:
             float(params["low"]),
             float(params["ttl"]),
             time.time(),
+            int(params.get("max_objects", 0)),  # absent from an older daemon: bytes only
         )
         # Counted as it goes: a pass over 10^6 expired objects holds no list of their ids.
         evicted = await asyncio.to_thread(lambda: sum(1 for _ in passing))
@@ -389,16 +391,21 @@ class QuotaError(HpcstageError):
 async def _limited(
     refs: AsyncIterator[ObjectRef], item: dict[str, Any]
 ) -> AsyncIterator[ObjectRef]:
-    """Stop the listing as soon as the input outgrows its budget (before fetching that much)."""
+    """Stop the listing as soon as the input outgrows its budget in bytes or objects (before
+    fetching that much)."""
     limit = item.get("max_bytes")
-    total = 0
+    max_objects = item.get("max_objects")
+    total = count = 0
     async for ref in refs:
-        total += ref.size
+        total, count = total + ref.size, count + 1
         if limit is not None and total > int(limit):
             raise QuotaError(
                 f"over quota: this input needs more than {format_size(int(limit))}"
                 f" and {item.get('quota_reason', 'a quota applies')}"
             )
+        if max_objects is not None and count > int(max_objects):
+            reason = str(item.get("objects_reason", "a limit applies"))
+            raise limits.too_many_objects(int(max_objects), reason)
         yield ref
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from hpcstage import limits
 from hpcstage.cache import CacheError, PendingObject
 from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
 from hpcstage.identity import ObjectRef
@@ -257,7 +258,16 @@ def _walk(jobdir: JobDir | None, item: dict[str, Any]) -> list[Output | Skipped 
         raise HpcstageError(
             f"stage-out source {item['src']} does not exist: the job directory is gone"
         )
-    return list(jobdir.walk(PurePosixPath(item["src"]), item["dest_key"]))
+    # The job's limits on files and bytes, checked as the walk goes (before any upload).
+    bound = limits.OutputLimit(
+        item.get("max_files"), item.get("max_bytes"), str(item.get("limit_reason", ""))
+    )
+    walked = jobdir.walk(PurePosixPath(item["src"]), item["dest_key"])
+    return list(bound.bounded(walked, _entry_size))
+
+
+def _entry_size(entry: Output | Skipped | Refused) -> int:
+    return entry.size if isinstance(entry, Output) else 0
 
 
 def _outcome(rel: str, state: str, error: str) -> dict[str, Any]:

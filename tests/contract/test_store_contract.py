@@ -337,6 +337,21 @@ async def test_s3_list_reads_pages_lazily(s3_server: S3Server, scratch: Path) ->
         await store.close()
 
 
+async def test_s3_list_starts_after_a_key_and_pages_on_from_there(
+    s3_server: S3Server, scratch: Path
+) -> None:
+    store = make_s3_store(s3_server, list_page_size=2)
+    harness = Harness("s3", store, "after-list/", lambda: _none())
+    try:
+        for n in range(6):
+            await put(harness, scratch, f"k{n}", b"x")
+        keys = [ref.key async for ref in store.list("after-list/", start_after="after-list/k1")]
+        assert keys == [f"after-list/k{n}" for n in range(2, 6)]  # over pages of 2
+        assert [r.key async for r in store.list("after-list/", start_after="after-list/k5")] == []
+    finally:
+        await store.close()
+
+
 async def _none() -> list[str]:
     return []
 

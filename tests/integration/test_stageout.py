@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import subprocess
 import time
 import uuid
@@ -201,6 +202,34 @@ def test_overwrite_keeps_the_old_object_in_the_trash_and_restore_brings_it_back(
     restored = stager.cli("alice", "trash", "restore", f"s3://{BUCKET}/{trash}").stdout
     assert "restored" in restored and "now in the bin" in restored, restored
     assert s3_call(stager.dev, "get_object", Bucket=BUCKET, Key=f"{prefix}table.csv") == old
+
+
+def test_trash_ls_follows_pages_and_shows_each_user_their_own_entries(stager: Stager) -> None:
+    prefix = f"pages-{uuid.uuid4().hex[:8]}/"
+    jobs = {}
+    for user in ("alice", "bob"):
+        script = writer_job(f"s3://{BUCKET}/{prefix}{user}/", "echo x > x")
+        jobs[user] = stager.submit(user, script, *(["--account=bio"] if user == "bob" else []))
+    for job in jobs.values():
+        assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+        wait_stage_out(stager, job)
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    planted = {
+        user: {
+            f".hpcstage-trash/{day}/{job}/{prefix}f{i}" for i in range(5 if user == "alice" else 3)
+        }
+        for user, job in jobs.items()
+    }
+    for keys in planted.values():
+        for key in keys:
+            s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=key, Body=b"old")
+    for user in ("alice", "bob"):
+        # Pages of 2 keys: many requests, each entry once, someone else's never.
+        out = stager.cli(user, "trash", "ls", BUCKET, "--page-size", "2", "--json").stdout
+        listed = [e["trash_key"] for e in json.loads(out) if prefix in e["trash_key"]]
+        assert sorted(listed) == sorted(planted[user]), out
+    text = stager.cli("alice", "trash", "ls", "--page-size", "3").stdout  # every bucket
+    assert sum(f"{prefix}f" in line and "restore:" in line for line in text.splitlines()) == 5
 
 
 def test_symlinks_leaving_the_job_dir_and_special_files_are_not_uploaded(stager: Stager) -> None:

@@ -106,6 +106,20 @@ def test_lookup_touches_last_access(cache: NodeCache, clock: Clock) -> None:
     assert cache.evict(max_bytes=2, high=0.9, low=0.5, ttl=3600) == [make_ref("new", b"2").cache_id]
 
 
+def test_zero_byte_objects_over_the_object_mark_are_evicted_and_their_files_go(
+    cache: NodeCache, clock: Clock
+) -> None:
+    refs = []
+    for i in range(20):  # each a file, hence an inode, though no byte mark ever sees them
+        clock.now += 1
+        refs.append(store(cache, f"empty/{i:02d}", b"")[0])
+    assert cache.evict(max_bytes=10**9, high=0.9, low=0.5, ttl=3600) == []  # bytes only
+    evicted = cache.evict(max_bytes=10**9, high=0.9, low=0.5, ttl=3600, max_objects=10)
+    assert evicted == [ref.cache_id for ref in refs[:15]]  # oldest first, down to 5
+    assert cache.usage().objects == 5
+    assert len(files_under(cache.objects)) == 5
+
+
 def test_commit_with_wrong_size_is_rejected_and_aborted(cache: NodeCache) -> None:
     ref = make_ref("short", b"12345")
     pending = cache.begin(ref)

@@ -115,3 +115,46 @@ def test_policy_properties(entries: list[Entry], capacity: int, a: float, b: flo
     assert remaining <= high * capacity or not unleased_left
     # Stale unleased entries always go.
     assert all(e.last_access >= NOW - HOUR for e in unleased_left)
+
+
+# --- objects counted as well as bytes (issue 15, item 8: zero-byte objects exhaust inodes) ---
+
+
+def test_zero_byte_objects_over_the_object_mark_are_evicted_lru_down_to_the_low_mark() -> None:
+    entries = [entry(f"z{i:02d}", 0, 100 - i) for i in range(20)]  # z00 the oldest
+    chosen = choose_evictions(entries, 10**9, 0.9, 0.5, HOUR, NOW, max_objects=10)
+    assert chosen == [f"z{i:02d}" for i in range(15)]  # 20 -> 5 = low * max_objects
+
+
+def test_the_object_mark_alone_does_not_evict_bytes_below_their_mark() -> None:
+    entries = [entry("big", 80, 50), *(entry(f"z{i}", 0, 40 - i) for i in range(9))]
+    # 10 objects > 0.9 * 10: evict LRU down to 5 objects; "big" is the oldest and goes first,
+    # since LRU order is what the policy follows, but only as many as the count needs.
+    chosen = choose_evictions(entries, 100, 0.9, 0.5, HOUR, NOW, max_objects=10)
+    assert len(chosen) == 5 and chosen[0] == "big"
+
+
+def test_no_object_mark_means_bytes_only() -> None:
+    entries = [entry(f"z{i}", 0, i) for i in range(1000)]
+    assert choose_evictions(entries, 100, 0.9, 0.5, HOUR, NOW) == []
+    assert choose_evictions(entries, 100, 0.9, 0.5, HOUR, NOW, max_objects=0) == []
+
+
+@given(
+    entries_strategy,
+    st.integers(0, 10_000),
+    st.integers(1, 40),
+    st.floats(0, 1),
+    st.floats(0, 1),
+)
+def test_policy_properties_with_an_object_mark(
+    entries: list[Entry], capacity: int, max_objects: int, a: float, b: float
+) -> None:
+    low, high = sorted((a, b))
+    chosen = choose_evictions(entries, capacity, high, low, HOUR, NOW, max_objects=max_objects)
+    by_id = {e.cache_id: e for e in entries}
+    assert not any(by_id[c].leased for c in chosen)
+    left = [e for e in entries if e.cache_id not in chosen]
+    unleased_left = [e for e in left if not e.leased]
+    assert len(left) <= high * max_objects or not unleased_left
+    assert sum(e.size for e in left) <= high * capacity or not unleased_left
