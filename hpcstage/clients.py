@@ -56,7 +56,17 @@ class ClientCache(Generic[C]):
             yield entry.client
         finally:
             entry.users -= 1
+            if self._entries.get(key) is not entry and entry.users == 0:
+                await entry.client.close()  # dropped (renew) while in use: its last user left
             await self._evict()
+
+    async def renew(self) -> None:
+        """Forget every client (new ones are made on next use): idle ones are closed now,
+        leased ones when their last lease ends. For new credentials, say."""
+        dropped, self._entries = list(self._entries.values()), OrderedDict()
+        for entry in dropped:
+            if entry.users == 0:
+                await entry.client.close()
 
     async def _evict(self) -> None:
         """Close idle clients, least recently used first, while there are more than ``size``."""

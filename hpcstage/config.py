@@ -265,8 +265,9 @@ class StoreSettings(_Section):
 
     endpoint_url: Annotated[str, AfterValidator(_http_url)]
     """S3 endpoint, http:// or https://."""
-    region: NonEmptyStr = "us-east-1"
-    """Region sent in request signatures."""
+    region: str = ""
+    """Region sent in request signatures; "" = AWS_REGION, AWS_DEFAULT_REGION or the
+    profile's region, else us-east-1."""
     profile: OptionalStr = None
     """AWS profile to take credentials from; "" (None) = the default AWS credential chain."""
     addressing_style: Literal["path", "virtual", "auto"] = "path"

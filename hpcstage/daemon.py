@@ -31,10 +31,18 @@ from hpcstage.clients import ClientCache
 from hpcstage.config import Settings
 from hpcstage.db import Job, Request, Staging, Upload, open_db
 from hpcstage.db.changes import Changes
-from hpcstage.errors import DirectiveError, LimitError, SlurmError, StoreError, TransportError
+from hpcstage.errors import (
+    CredentialError,
+    DirectiveError,
+    HpcstageError,
+    LimitError,
+    SlurmError,
+    StoreError,
+    TransportError,
+)
 from hpcstage.slurm.backend import CliBackend, SlurmBackend
 from hpcstage.slurm.model import JobInfo
-from hpcstage.store import S3Store, parse_s3_url, resolve_credentials
+from hpcstage.store import CredentialSource, S3Store, parse_s3_url
 from hpcstage.transfer import peer
 from hpcstage.transfer.nodes import cache_dir_for, expand_node_template
 from hpcstage.transfer.rpc import AgentError, RpcClient
@@ -109,6 +117,8 @@ class Daemon:
     changes: Changes = field(default_factory=Changes)  # committed writes, for long polling
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _credentials: dict[str, str] | None = None
+    _creds: CredentialSource | None = None  # where _credentials come from, asked each tick
+    _region: str = "us-east-1"  # store.region, else the AWS environment's, resolved at start-up
     _stores: ClientCache[S3Store] = field(init=False)
     _last_expiry: float = 0.0
     _last_eviction: float = 0.0
@@ -135,7 +145,9 @@ class Daemon:
         if self.backend is None:
             bin_dir = str(self.settings.slurm.bin_dir or "")
             self.backend = CliBackend(bin_dir=bin_dir)
-        self._credentials = resolve_credentials(self.settings.store.profile or None)
+        self._creds = CredentialSource(self.settings.store.profile or None)
+        self._credentials = self._creds.current()
+        self._region = self._creds.region(self.settings.store.region)
         self._pool = AgentPool(self._open_agent, self._hello)
         self._agent_command = agent_command(self.settings.nodes.agent_command)
         log.info("agents start with: %s", self._agent_command)
@@ -260,6 +272,7 @@ class Daemon:
             try:
                 reuse, self._want_fresh = woken and not self._want_fresh, False
                 await self.tick(reuse_snapshot=reuse)
+                await self._renew_credentials()
                 await self._maybe_evict()
                 await self._maybe_expire()
             except (SlurmError, TransportError, StoreError) as exc:
@@ -271,6 +284,31 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
                 woken = True
+
+    async def _renew_credentials(self) -> None:
+        """Hand agents the store credentials anew when botocore has refreshed them (temporary
+        ones are refreshed within 15 minutes of their expiry; long-term ones never change)."""
+        if self._creds is None:
+            return
+        try:
+            fresh = await asyncio.to_thread(self._creds.current)
+        except CredentialError as exc:
+            log.error("%s (staging goes on with the current ones until they expire)", exc)
+            return
+        if fresh == self._credentials:
+            return
+        self._credentials = fresh
+        await self._stores.renew()
+        assert self._pool is not None
+        told = 0
+        for node in self._pool.open_nodes():
+            try:
+                rpc = await self._pool.get(node)
+                await asyncio.wait_for(rpc.call("credentials", {"credentials": fresh}), 30)
+                told += 1
+            except (HpcstageError, TimeoutError) as exc:  # it gets them in its next hello
+                log.warning("agent on %s: new S3 credentials not handed over: %s", node, exc)
+        log.info("S3 credentials renewed; handed to %d agent(s)", told)
 
     async def _maybe_expire(self) -> None:
         if time.time() - self._last_expiry < TRASH_EXPIRY_EVERY:
@@ -838,7 +876,7 @@ class Daemon:
         s, t = self.settings.store, self.settings.transfer
         store = {
             "endpoint_url": s.endpoint_url,
-            "region": s.region,
+            "region": self._region,
             "addressing_style": s.addressing_style,
             "verify_tls": s.verify_tls,
             "ca_bundle": str(s.ca_bundle or ""),
@@ -943,7 +981,7 @@ class Daemon:
         return S3Store(
             s.endpoint_url,
             bucket,
-            region=s.region,
+            region=self._region,
             profile=s.profile,
             addressing_style=s.addressing_style,
             verify_tls=s.verify_tls,

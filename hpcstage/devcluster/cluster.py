@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,17 +437,21 @@ class DevCluster:
         """Stop the S3 server (tests of an unreachable store); start_s3() brings it back."""
         proc.stop_pid(self.info.pids["s3"])
 
-    def start_s3(self) -> None:
-        """Start the S3 server again, on the same port with the same credentials."""
+    def start_s3(self, extra_keys: Sequence[tuple[str, str]] = ()) -> None:
+        """Start the S3 server again, on the same port with the same credentials, and
+        ``extra_keys`` (access, secret) besides (tests of credentials that rotate)."""
         info = self.info
         port = int(info.s3_endpoint.rsplit(":", 1)[1])
         pids: dict[str, int] = {}
-        self._start_s3(pids, (info.s3_access_key, info.s3_secret_key, port))
+        self._start_s3(pids, (info.s3_access_key, info.s3_secret_key, port), extra_keys)
         info.pids["s3"] = pids["s3"]
         self._save(info)
 
     def _start_s3(
-        self, pids: dict[str, int], reuse: tuple[str, str, int] | None = None
+        self,
+        pids: dict[str, int],
+        reuse: tuple[str, str, int] | None = None,
+        extra_keys: Sequence[tuple[str, str]] = (),
     ) -> tuple[str, str, str]:
         rclone = find_rclone()
         access, secret = "hpcdev" + secrets.token_hex(4), secrets.token_urlsafe(24)
@@ -455,7 +460,8 @@ class DevCluster:
             access, secret, port = reuse
         log = self.base / "log" / "s3.log"
         # The secret goes through the environment, never argv (visible to every user in ps).
-        env = self._env(RCLONE_AUTH_KEY=f'"{access},{secret}"')  # a CSV list of pairs
+        pairs = [(access, secret), *extra_keys]
+        env = self._env(RCLONE_AUTH_KEY=",".join(f'"{a},{s}"' for a, s in pairs))  # CSV
         argv = [
             rclone,
             "serve",

@@ -104,6 +104,7 @@ class Agent:
     lean_get: bool = True
     direct_writes: bool = True
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
+    _retired: list[S3Store] = field(default_factory=list)  # clients of superseded credentials
 
     # ------------------------------------------------------------------ calls
 
@@ -341,13 +342,28 @@ class Agent:
         return found
 
     async def _close_stores(self) -> None:
-        for store in self._stores.values():
+        for store in [*self._stores.values(), *self._retired]:
             await store.close()
         self._stores.clear()
+        self._retired.clear()
+
+    async def credentials(self, params: dict[str, Any], _progress: ProgressFn) -> dict[str, Any]:
+        """New S3 credentials from the daemon, which refreshes temporary ones before they
+        expire. New transfers get clients signing with them; transfers under way keep their
+        clients (the old keys stay valid a while yet), closed when the next keys arrive."""
+        if self.store is None:
+            raise HpcstageError("agent has no store settings (no hello from the daemon)")
+        self.store.credentials = {k: str(v) for k, v in dict(params["credentials"]).items()}
+        for store in self._retired:
+            await store.close()
+        self._retired = [s for s in self._stores.values() if isinstance(s, S3Store)]
+        self._stores = {k: s for k, s in self._stores.items() if not isinstance(s, S3Store)}
+        return {"retired": len(self._retired)}
 
     def handlers(self) -> dict[str, Handler]:
         return {
             "hello": self.hello,
+            "credentials": self.credentials,
             "stage": self.stage,
             "release": self.release,
             "stage_out": self.stage_out,

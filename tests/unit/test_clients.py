@@ -75,3 +75,23 @@ def test_recent_use_keeps_a_client() -> None:
     asyncio.run(run())
     assert made == ["a", "b", "c", "d"]
     assert closed == ["b", "c"]
+
+
+def test_renew_closes_idle_clients_now_and_leased_ones_when_their_lease_ends() -> None:
+    # New store credentials: no client made with the old ones is handed out again.
+    made: list[str] = []
+    closed: list[str] = []
+    clients = cache(3, made, closed)
+
+    async def run() -> None:
+        async with clients.lease("idle"):
+            pass
+        async with clients.lease("busy") as busy:
+            await clients.renew()
+            assert closed == ["idle"]  # the one in use is not closed under its user
+            async with clients.lease("busy") as fresh:
+                assert fresh is not busy  # made anew, with the new credentials
+        assert closed == ["idle", "busy"] and len(clients) == 1
+
+    asyncio.run(run())
+    assert made == ["idle", "busy", "busy"]

@@ -87,7 +87,11 @@ def test_minimal_file_gets_documented_defaults() -> None:
     assert s.site.state_dir == Path("/var/lib/hpcstage")
     assert s.site.state_url == "sqlite:////var/lib/hpcstage/state.db"
     assert s.site.log_level == "info"
-    assert (s.store.region, s.store.profile, s.store.ca_bundle) == ("us-east-1", None, None)
+    assert (s.store.region, s.store.profile, s.store.ca_bundle) == (
+        "",
+        None,
+        None,
+    )  # "": from the AWS environment
     assert (s.store.addressing_style, s.store.verify_tls, s.store.max_connections) == (
         "path",
         True,
