@@ -47,6 +47,30 @@ class TrashEntry:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class BinJob:
+    """A job that held the Slurm id of a recycle-bin entry (ids are given again)."""
+
+    user: str
+    account: str
+    ended_at: float | None
+
+
+def owner_of(day: str, jobs: Sequence[BinJob]) -> BinJob | None:
+    """Whose entry of ``day`` it is, among the jobs that held its id: the one that ended that
+    day (an entry is filed under the day its job ended); else, if no job ended that day and
+    they were all one user's, that user's latest; else nobody's (an id given to two users'
+    jobs ending the same day: admins decide)."""
+    that_day = [j for j in jobs if j.ended_at is not None and _day(j.ended_at) == day]
+    if that_day:
+        return that_day[-1] if len({j.user for j in that_day}) == 1 else None
+    return jobs[-1] if jobs and len({j.user for j in jobs}) == 1 else None
+
+
+def _day(when: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(when))
+
+
 def parse_trash_key(prefix: str, trash: str) -> tuple[str, str, str]:
     """(day, job, original key) of a key in the recycle bin; HpcstageError if it is not one."""
     if not trash.startswith(prefix):

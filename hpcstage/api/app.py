@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from hpcstage import __version__, auth, policy, trash
@@ -261,39 +261,45 @@ def create_app(daemon: Daemon) -> FastAPI:
             )
         except (ValueError, HpcstageError) as exc:
             raise HTTPException(400, str(exc)) from exc
-        yours = set() if me.admin else own_jobs({e.job for e in page.entries}, me)
-        shown = [e.as_dict() for e in page.entries if me.admin or e.job in yours]
+        owners = {} if me.admin else bin_owners({(e.job, e.day) for e in page.entries})
+        shown = [
+            e.as_dict()
+            for e in page.entries
+            if me.admin or _user(owners.get((e.job, e.day))) == me.user
+        ]
         return {"entries": shown, "next": page.next}
 
-    def own_jobs(job_keys: set[str], me: auth.Identity) -> set[str]:
-        """Those of ``job_keys`` (Slurm job ids, as in recycle-bin keys) that are ``me``'s jobs,
-        in one query (a reused id is the job's that holds it now, as for a restore)."""
-        ids = {int(k) for k in job_keys if k.isascii() and k.isdigit() and len(k) <= JOB_ID_DIGITS}
+    def bin_owners(entries: set[tuple[str, str]]) -> dict[tuple[str, str], trash.BinJob]:
+        """The job behind each (Slurm job id, day) of recycle-bin entries, in one query. Ids
+        are given again, so every job that held the id is a candidate (trash.owner_of)."""
+        ids = {
+            int(j) for j, _ in entries if j.isascii() and j.isdigit() and len(j) <= JOB_ID_DIGITS
+        }
         if not ids:
-            return set()
-        query = select(Job.slurm_job_id, Job.user).where(Job.slurm_job_id.in_(ids))
+            return {}
+        query = select(
+            Job.slurm_job_id, Job.former_slurm_job_id, Job.user, Job.account, Job.ended_at
+        ).where(or_(Job.slurm_job_id.in_(ids), Job.former_slurm_job_id.in_(ids)))
+        held: dict[str, list[trash.BinJob]] = {}
         with db().begin() as session:
-            rows = session.execute(query.order_by(Job.id)).all()
-        first: dict[int | None, str] = {}
-        for job_id, user in rows:
-            first.setdefault(job_id, user)
-        return {str(job_id) for job_id, user in first.items() if user == me.user}
+            for now, before, user, account, ended in session.execute(query.order_by(Job.id)):
+                held.setdefault(str(now or before), []).append(
+                    trash.BinJob(user, account or "", ended)
+                )
+        found = {(j, d): trash.owner_of(d, held.get(j, [])) for j, d in entries}
+        return {entry: job for entry, job in found.items() if job is not None}
 
-    def may_touch(job_key: str, me: auth.Identity) -> bool:
-        """True when the job that put an entry in the recycle bin was ``me``'s."""
-        return job_key in own_jobs({job_key}, me)
-
-    def may_not_write(job_key: str, me: auth.Identity, url: str) -> str:
-        """Why ``me`` may not write ``url`` now ("": may), by today's policy: a restore writes
-        the key again, and the rules may have changed since the job's stage-out was admitted.
-        Admins run the site and may restore anything."""
+    def may_not_restore(job_key: str, day: str, me: auth.Identity, url: str) -> str:
+        """Why ``me`` may not restore an entry to ``url`` ("": may): it must be from ``me``'s
+        job, and today's policy must let ``me`` write there (a restore writes the key again,
+        and the rules may have changed since). Admins run the site and may restore anything."""
         if me.admin:
             return ""
-        with db().begin() as session:
-            job = session.scalar(select(Job).where(Job.slurm_job_id == int(job_key)))
-            account = job.account if job is not None else ""
-        decision = policy.check(daemon.settings.policy, me.user, account, "write", url)
-        return "" if decision.allowed else decision.rule
+        job = bin_owners({(job_key, day)}).get((job_key, day))
+        if job is None or job.user != me.user:
+            return "that recycle-bin entry belongs to another user's job"
+        decision = policy.check(daemon.settings.policy, me.user, job.account, "write", url)
+        return "" if decision.allowed else f"restore refused: {decision.rule}"
 
     @app.post("/api/v1/trash/restore")
     async def trash_restore(body: RestoreIn, me: auth.Identity = Depends(caller)) -> dict[str, str]:
@@ -301,12 +307,10 @@ def create_app(daemon: Daemon) -> FastAPI:
         prefix = daemon.settings.stage_out.trash_prefix
         try:
             bucket, key = parse_s3_url(body.url)
-            _day, job_key, original = trash.parse_trash_key(prefix, key)
-            if not me.admin and not may_touch(job_key, me):
-                raise HTTPException(403, "that recycle-bin entry belongs to another user's job")
-            refused = may_not_write(job_key, me, f"s3://{bucket}/{original}")
+            day, job_key, original = trash.parse_trash_key(prefix, key)
+            refused = may_not_restore(job_key, day, me, f"s3://{bucket}/{original}")
             if refused:
-                raise HTTPException(403, f"restore refused: {refused}")
+                raise HTTPException(403, refused)
             async with daemon.store(bucket) as store:
                 done = await trash.restore(store, prefix, key)
         except (ValueError, HpcstageError) as exc:
@@ -400,6 +404,10 @@ def create_app(daemon: Daemon) -> FastAPI:
         return HTMLResponse(render_dashboard(docs, __version__, me.user))
 
     return app
+
+
+def _user(job: trash.BinJob | None) -> str | None:
+    return job.user if job is not None else None
 
 
 def _socket(path: object) -> str | None:
