@@ -97,7 +97,7 @@ def test_staging_another_accounts_prefix_is_refused_and_audited(stager: Stager) 
     out = stager.output("bob", job)
     assert "RAN" not in out
     assert f"no policy rule grants user bob (account bio) read access to {src}" in out, out
-    refusals = [a for a in audit_lines(stager) if a["event"] == "refused" and a["job"] == job]
+    refusals = [a for a in audit_lines(stager) if a["event"] == "refused" and a.get("job") == job]
     assert refusals
     assert refusals[0]["user"] == "bob"
     assert src in str(refusals[0]["reason"])
