@@ -16,7 +16,7 @@ import os
 import pwd
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,8 +88,10 @@ class Run:
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> NodeCache:
-    return NodeCache(tmp_path / "cache")
+def cache(tmp_path: Path) -> Iterator[NodeCache]:
+    made = NodeCache(tmp_path / "cache")
+    yield made
+    made.close()  # its index's SQLite connection (Python 3.13 warns of one left open)
 
 
 @pytest.fixture

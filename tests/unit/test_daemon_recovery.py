@@ -6,6 +6,7 @@ A real Daemon on a real SQLite state database; the failing action is a real asyn
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,13 @@ NODE = "n1"
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Daemon:
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
     text = (Path(__file__).resolve().parents[2] / "examples" / "site.toml").read_text()
     text = text.replace('state_dir = "/var/lib/hpcstage"', f'state_dir = "{tmp_path}"')
     found = Daemon(parse_config(text))
     found.db = open_db(f"sqlite:///{tmp_path}/state.db")
-    return found
+    yield found
+    found.db.kw["bind"].dispose()  # Python 3.13 warns of sqlite connections left open
 
 
 def _stage_out_staging(daemon: Daemon) -> tuple[int, int]:

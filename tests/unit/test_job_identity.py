@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
 
@@ -102,8 +103,10 @@ def test_scontrol_reports_restarts() -> None:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> sessionmaker[Session]:
-    return open_db(f"sqlite:///{tmp_path / 'state.db'}")
+def db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    made = open_db(f"sqlite:///{tmp_path / 'state.db'}")
+    yield made
+    made.kw["bind"].dispose()  # Python 3.13 warns of sqlite connections left open
 
 
 async def with_directives(job: JobInfo) -> Directives:

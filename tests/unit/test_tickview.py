@@ -142,12 +142,15 @@ def test_the_column_read_gives_the_planner_what_the_orm_read_gave(
 ) -> None:
     db = open_db(f"sqlite:///{tmp_path / 'state.db'}")
     rng = random.Random(seed)  # noqa: S311 - reproducible test data
-    with db.begin() as session:
-        random_state(rng, session)
-    with db.begin() as session:
-        expected = by_id(reference_views(session))
-    with db.begin() as session:
-        got = by_id(tickview.read_views(session))
+    try:
+        with db.begin() as session:
+            random_state(rng, session)
+        with db.begin() as session:
+            expected = by_id(reference_views(session))
+        with db.begin() as session:
+            got = by_id(tickview.read_views(session))
+    finally:
+        db.kw["bind"].dispose()  # Python 3.13 warns of sqlite connections left open
     assert got.keys() == expected.keys()
     for job_id, view in got.items():
         want = expected[job_id]
