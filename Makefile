@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 check: lint types unit
 
 lint:
-	$(VENV)/bin/ruff check hpcstage tests benchmarks scripts/*.py
-	$(VENV)/bin/ruff format --check hpcstage tests benchmarks
+	$(VENV)/bin/ruff check hpcstage devcluster tests benchmarks scripts/*.py
+	$(VENV)/bin/ruff format --check hpcstage devcluster tests benchmarks
 
 types:
 	$(VENV)/bin/mypy

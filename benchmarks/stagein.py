@@ -56,20 +56,15 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from devcluster import users  # noqa: E402
+from devcluster.cluster import DevCluster  # noqa: E402
+from devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config  # noqa: E402
 from hpcstage import __version__ as HPCSTAGE_VERSION  # noqa: E402
-from hpcstage import checksums  # noqa: E402
 from hpcstage.cache.layout import OBJECTS, object_path  # noqa: E402
-from hpcstage.client import ApiError, Client  # noqa: E402
-from hpcstage.config import load_config  # noqa: E402
-from hpcstage.devcluster import users  # noqa: E402
-from hpcstage.devcluster.cluster import DevCluster  # noqa: E402
-from hpcstage.devcluster.site import (  # noqa: E402
-    hpcstage_bin,
-    start_daemon,
-    stop_daemon,
-    write_site_config,
-)
-from hpcstage.store import S3Store  # noqa: E402
+from hpcstage.cli.client import ApiError, Client  # noqa: E402
+from hpcstage.config.settings import load_config  # noqa: E402
+from hpcstage.store import checksums  # noqa: E402
+from hpcstage.store.s3 import S3Store  # noqa: E402
 
 MIB = 2**20
 MB = 10**6

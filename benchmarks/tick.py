@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The overlap check of one daemon tick: the pairwise comparison before hpcstage.overlap, and
+"""The overlap check of one daemon tick: the pairwise comparison before hpcstage.core.overlap, and
 the index, on J running jobs with I stage-ins and O unfinished stage-outs each.
 
 Each tick the daemon asks, for every unreleased job, whether one of its stage-ins overlaps an
@@ -35,7 +35,7 @@ import platform
 import tempfile
 import time
 
-from hpcstage.overlap import OutputIndex, overlaps, waits_for
+from hpcstage.core.overlap import OutputIndex, overlaps, waits_for
 
 
 def old_waits_for(inputs: list[str], me: str, outputs: list[tuple[str, str]]) -> str:
@@ -115,9 +115,9 @@ def time_views(jobs: int, inputs: int, outputs: int) -> float:
     """Seconds ``Daemon._views`` takes over ``jobs`` running jobs in a SQLite state."""
     from sqlalchemy import insert
 
-    from hpcstage.config import parse_config
-    from hpcstage.daemon import Daemon
+    from hpcstage.config.settings import parse_config
     from hpcstage.db import Job, Request, Staging, open_db
+    from hpcstage.service.daemon import Daemon
 
     where = tempfile.mkdtemp(prefix="hpcstage-tick-")
     db = open_db(f"sqlite:///{where}/state.db")

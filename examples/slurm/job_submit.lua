@@ -21,7 +21,7 @@ Strict mode (STRICT below): a job with directives also gets the burst-buffer spe
 STRICT_BB_SPEC, so that burst_buffer/lua with examples/slurm/burst_buffer.lua holds it
 pending until its inputs are staged. Requires BurstBufferType=burst_buffer/lua.
 
-Format written (read by hpcstage.directives.decode_admin_comment):
+Format written (read by hpcstage.core.directives.decode_admin_comment):
   hpcstage:v1:in=<pct-encoded value>;out=<pct-encoded value>;...;end
 A word on a #HPCSTAGE line that is no staging option (a typo such as --stage_in=...) is
 passed on as bad=<pct-encoded word>, so that the job fails with it instead of running

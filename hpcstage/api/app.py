@@ -14,16 +14,18 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from hpcstage import __version__, auth, policy, trash
+from hpcstage import __version__, auth
 from hpcstage.api import session
 from hpcstage.api.dashboard import render_dashboard, render_login_needed
+from hpcstage.api.status import job_document, job_summary
+from hpcstage.core import policy
 from hpcstage.db import Job, Staging
 from hpcstage.errors import ConfigError, DirectiveError, HpcstageError, LimitError
-from hpcstage.status import job_document, job_summary
-from hpcstage.store import parse_s3_url
+from hpcstage.staging import trash
+from hpcstage.store.s3 import parse_s3_url
 
 if TYPE_CHECKING:
-    from hpcstage.daemon import Daemon
+    from hpcstage.service.daemon import Daemon
 
 UNKNOWN_JOB_WAIT = 2.5  # poll intervals to wait for a job the daemon has not seen yet
 MAX_WAIT = 20.0  # seconds a long-polling request may wait (the CLI's HTTP timeout is 30)
@@ -165,7 +167,7 @@ def create_app(daemon: Daemon) -> FastAPI:
             with db().begin() as session:
                 found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
                 # A job that asks runs: an ended row with its id may be an older job Slurm
-                # gave the id before (see hpcstage.watch), not yet replaced by the daemon.
+                # gave the id before (see hpcstage.watch.fold), not yet replaced by the daemon.
                 if (
                     found is not None
                     and found.replaced_at is None

@@ -5,14 +5,7 @@
 
 from hpcstage.cache.evict import Entry, choose_evictions
 from hpcstage.cache.layout import CacheError
-from hpcstage.cache.store import (
-    CacheStats,
-    Fetch,
-    NodeCache,
-    PendingObject,
-    ReconcileReport,
-    Usage,
-)
+from hpcstage.cache.node import CacheStats, Fetch, NodeCache, PendingObject, ReconcileReport, Usage
 from hpcstage.cache.views import check_dest, key_dest
 
 __all__ = [

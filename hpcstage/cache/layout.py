@@ -7,7 +7,7 @@
     CACHE/jobs/<job_id>/...                  a job's view ($HPCSTAGE_DIR): hardlinks to objects
     CACHE/released/<job_id>.<random>/...     what a released view's job made undeletable (0700)
     CACHE/uploads/<job_id>/<hash>.json       multipart uploads a job's stage-out opened and has
-                                             not ended (hpcstage.recycle.UploadJournal)
+                                             not ended (hpcstage.store.recycle.UploadJournal)
 
 Every name under ``objects/`` is derived from a cache_id (64 hex digits), never from an S3 key or
 a user path, so nothing a user controls can steer where the agent writes.

@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
+from hpcstage.cli.client import Client, client_for
 from hpcstage.cli.common import config_option, load_client
-from hpcstage.client import Client, client_for
-from hpcstage.slurm.hostlist import expand_hostlist
-from hpcstage.units import format_size
+from hpcstage.core.units import format_size
+from hpcstage.watch.slurm.hostlist import expand_hostlist
 
 
 def _client(config_path: Path | None) -> Client:

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from hpcstage.client import ClientSettings, load_client_settings
+from hpcstage.cli.client import ClientSettings, load_client_settings
 from hpcstage.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hpcstage.config import Settings
+    from hpcstage.config.settings import Settings
 
 ENV_VAR = "HPCSTAGE_CONFIG"
 
@@ -36,11 +36,11 @@ def load_settings(path: Path | None) -> Settings:
     message that says how to give one."""
     # Imported here: the schema (pydantic) costs about 0.2 s, which the commands that only
     # talk to the daemon do not pay (see load_client).
-    from hpcstage.config import load_config
+    from hpcstage.config.settings import load_config
 
     return load_config(_given(path))
 
 
 def load_client(path: Path | None) -> ClientSettings:
-    """The values a command that talks to the daemon needs (hpcstage.client)."""
+    """The values a command that talks to the daemon needs (hpcstage.cli.client)."""
     return load_client_settings(_given(path))

@@ -10,9 +10,9 @@ from typing import NoReturn
 
 import click
 
-from hpcstage.config import Settings, parse_config, render_toml, settings_as_dict
+from hpcstage.config.settings import Settings, parse_config, render_toml, settings_as_dict
 from hpcstage.errors import ConfigError
-from hpcstage.service_unit import render_unit
+from hpcstage.service.unit import render_unit
 
 ENV_VAR = "HPCSTAGE_CONFIG"
 
@@ -123,7 +123,7 @@ def systemd_unit(
     path = Path(os.path.abspath(_choose(file, config_path)))
     if not path.exists():
         click.echo(f"hpcstage: warning: {path} does not exist (yet)", err=True)
-    from hpcstage.transfer.transport import own_command  # asyncssh: only this command
+    from hpcstage.staging.pool import own_command  # asyncssh: only this command
 
     command = executable or Path(own_command())
     docs = command.parent.parent / "share" / "doc" / "hpcstage" / "install.md"

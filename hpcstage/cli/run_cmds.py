@@ -18,7 +18,7 @@ import uvicorn
 from hpcstage.auth import user_name
 from hpcstage.cli.common import config_option, load_settings
 from hpcstage.errors import ConfigError
-from hpcstage.service_unit import EX_CONFIG
+from hpcstage.service.unit import EX_CONFIG
 
 
 @click.command()
@@ -42,7 +42,7 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
       hpcstage daemon --config /etc/hpcstage/site.toml
     """
     from hpcstage.api import create_app
-    from hpcstage.daemon import Daemon
+    from hpcstage.service.daemon import Daemon
 
     try:
         settings = load_settings(config_path)
@@ -116,7 +116,7 @@ class _QuietServer(uvicorn.Server):
 )
 def agent(node: str, cache_dir: Path) -> None:
     """Internal: the node agent, started by the daemon over SSH; speaks JSON lines on stdio."""
-    from hpcstage.transfer.agent import run_agent
+    from hpcstage.agent.main import run_agent
 
     raise_open_files_limit()  # connections and in-flight temp files add up
     run_agent(node, cache_dir)

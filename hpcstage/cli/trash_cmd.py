@@ -10,9 +10,9 @@ from urllib.parse import urlencode
 
 import click
 
+from hpcstage.cli.client import Client, client_for
 from hpcstage.cli.common import config_option, load_client
-from hpcstage.client import Client, client_for
-from hpcstage.units import format_size
+from hpcstage.core.units import format_size
 
 
 def _client(config_path: Path | None) -> Client:

@@ -28,9 +28,9 @@ import botocore.session
 import pytest
 from aiobotocore.session import get_session
 
-from hpcstage.devcluster.proc import free_port, port_open
+from devcluster.proc import free_port, port_open
 from hpcstage.retry import RetryPolicy
-from hpcstage.store import MIB, FsStore, ObjectStore, S3Store
+from hpcstage.store.s3 import MIB, FsStore, ObjectStore, S3Store
 
 BUCKET = "contract"
 SMALL_POLICY = RetryPolicy(retries=2, base=0.01, cap=0.05)

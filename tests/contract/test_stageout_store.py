@@ -4,7 +4,7 @@ Nothing at a key is overwritten without a copy of that version in the recycle bi
 retry finds the key rewritten by someone else, not when someone writes between the copy and
 the PUT, not when two stage-outs write one key; and a retried stage-out of a big (multipart)
 output finds it in place instead of filing it in the bin. The uploader runs as on a node
-(hpcstage.transfer.uploader.Uploader, a real node cache), without Slurm: a failure at a chosen
+(hpcstage.agent.uploader.Uploader, a real node cache), without Slurm: a failure at a chosen
 step comes from a store with one method overridden, so each race is deterministic.
 """
 
@@ -25,11 +25,11 @@ import botocore.exceptions as bce
 import pytest
 from hostile_s3 import HostileS3, Mode  # tests/: on sys.path, above the contract package
 
-from hpcstage import trash
+from hpcstage.agent.uploader import Uploader
 from hpcstage.cache import NodeCache
 from hpcstage.errors import ObjectChangedError, TransientStoreError
-from hpcstage.store import MIB, Precondition, S3Store, translate_s3_error
-from hpcstage.transfer.uploader import Uploader
+from hpcstage.staging import trash
+from hpcstage.store.s3 import MIB, Precondition, S3Store, translate_s3_error
 
 from .conftest import BUCKET, SMALL_POLICY, S3Server, make_s3_store, open_uploads
 

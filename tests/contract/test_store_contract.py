@@ -21,8 +21,7 @@ import botocore.exceptions as bce
 import pytest
 from botocore.parsers import ResponseParserError
 
-from hpcstage import checksums
-from hpcstage import store as store_module
+from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import (
     CredentialError,
     ObjectChangedError,
@@ -30,9 +29,10 @@ from hpcstage.errors import (
     StoreError,
     TransientStoreError,
 )
-from hpcstage.identity import ObjectRef
 from hpcstage.retry import RetryPolicy
-from hpcstage.store import (
+from hpcstage.store import checksums
+from hpcstage.store import s3 as store_module
+from hpcstage.store.s3 import (
     LEAN_MAX,
     MIB,
     DownloadResult,
@@ -158,7 +158,7 @@ async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -
         assert h.calls["UploadPart"] == 3
         assert h.calls["CompleteMultipartUpload"] == 1
         assert h.calls["PutObject"] == 0
-        # The parts came through the lean ranged GET (hpcstage.s3get.RangeGet), not the SDK.
+        # The parts came through the lean ranged GET (hpcstage.store.fastget.RangeGet), not the SDK.
         assert isinstance(h.store, S3Store) and h.store.ranged_stats is not None
         assert (h.store.ranged_stats.served, h.store.ranged_stats.fell_back) == (3, 0)
         assert h.calls["GetObject"] == 0
@@ -356,7 +356,7 @@ async def _none() -> list[str]:
     return []
 
 
-# --- the lean GET of small objects (hpcstage.s3get) against the real server ------------------
+# --- the lean GET of small objects (hpcstage.store.fastget) against the real server ---
 
 AWKWARD_NAMES = ["plain.txt", "sp ace/ü-ß.pdb", "a+b=c&d;e,f", "pct%20x/~tilde", "q?x#y", "..dots"]
 
@@ -580,7 +580,7 @@ async def test_wrong_credentials_are_never_retried(s3_server: S3Server) -> None:
 
 
 async def test_server_down_is_transient_after_retries(s3_server: S3Server) -> None:
-    from hpcstage.devcluster.proc import free_port
+    from devcluster.proc import free_port
 
     retries: list[int] = []
     store = make_s3_store(

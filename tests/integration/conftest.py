@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster.cluster import DevCluster
 
 from .staging import drop_stale_databases, private_cluster
 
@@ -23,7 +23,7 @@ def cluster() -> Iterator[DevCluster]:
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     """A PostgreSQL URL that may create databases: the machine's, or a private server."""
-    from hpcstage.devcluster import pg
+    from devcluster import pg
 
     base = Path(tempfile.mkdtemp(prefix="hpcstage-pg-", dir="/tmp"))
     base.chmod(0o755)

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from hpcstage.client import ApiError, Client, client_for
-from hpcstage.config import load_config
-from hpcstage.devcluster import proc
-from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config
+from devcluster import proc
+from devcluster.cluster import DevCluster
+from devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config
+from hpcstage.cli.client import ApiError, Client, client_for
+from hpcstage.config.settings import load_config
 
 
 @dataclass

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.devcluster import render
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster import render
+from devcluster.cluster import DevCluster
 
 from .staging import (
     Stager,

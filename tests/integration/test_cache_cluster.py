@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from hpcstage.devcluster import proc
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster import proc
+from devcluster.cluster import DevCluster
 
 from .staging import (
     CHECKSUM_JOB,

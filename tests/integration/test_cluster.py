@@ -13,8 +13,8 @@ import asyncssh
 import pytest
 from aiobotocore.session import get_session
 
-from hpcstage.devcluster import proc
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster import proc
+from devcluster.cluster import DevCluster
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from hpcstage.devcluster import users
-from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import daemon_dir
+from devcluster import users
+from devcluster.cluster import DevCluster
+from devcluster.site import daemon_dir
 
 from .staging import Stager, make_dataset, running_stager, small_files, wait_until
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, running_stager
 

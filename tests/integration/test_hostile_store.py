@@ -20,7 +20,7 @@ nothing lost
     missing: no good object is ever fetched twice.
 
 The tests marked ``needs_agent_fix`` describe behaviour that needs one change in
-``hpcstage/transfer/agent.py`` (``_view_path`` must call ``hpcstage.cache.key_dest``): they are
+``hpcstage/agent/main.py`` (``_view_path`` must call ``hpcstage.cache.key_dest``): they are
 strict xfails, so they start failing, as a reminder to drop the marker, once it is in.
 """
 
@@ -44,6 +44,7 @@ from hostile_s3 import (  # tests/: on sys.path, above the integration package
     Mode,
 )
 
+from hpcstage.agent.main import Agent
 from hpcstage.cache import CacheError, NodeCache, key_dest
 from hpcstage.errors import (
     HpcstageError,
@@ -51,7 +52,6 @@ from hpcstage.errors import (
     StoreError,
     TransientStoreError,
 )
-from hpcstage.transfer.agent import Agent
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

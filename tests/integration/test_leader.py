@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from hpcstage.leader import PgAdvisoryLock, StateUnavailable
+from hpcstage.service.leader import PgAdvisoryLock, StateUnavailable
 
 from .staging import TEST_DATABASE, drop_stale_databases, scratch_database
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, running_stager, small_files
 from .test_stageout import s3_objects, wait_stage_out, writer_job

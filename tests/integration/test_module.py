@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.devcluster.users import ensure_all
+from devcluster.users import ensure_all
 
 pytestmark = pytest.mark.integration
 

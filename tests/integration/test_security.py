@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from devcluster import proc, users
+from devcluster.cluster import DevCluster
 from hpcstage import auth
-from hpcstage.client import ApiError, client_for
-from hpcstage.config import load_config
-from hpcstage.devcluster import proc, users
-from hpcstage.devcluster.cluster import DevCluster
+from hpcstage.cli.client import ApiError, client_for
+from hpcstage.config.settings import load_config
 
 from .staging import Stager, make_dataset, running_stager, small_files
 

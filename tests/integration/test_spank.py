@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, parse_sums, private_cluster, running_stager, small_files
 

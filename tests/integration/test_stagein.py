@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.devcluster import proc
-from hpcstage.devcluster.cluster import DevCluster
-from hpcstage.devcluster.site import start_daemon, stop_daemon
+from devcluster import proc
+from devcluster.cluster import DevCluster
+from devcluster.site import start_daemon, stop_daemon
 
 from .staging import (
     CHECKSUM_JOB,

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from hpcstage.devcluster import proc
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster import proc
+from devcluster.cluster import DevCluster
 
 from .staging import Stager, fetched_on, parse_sums, running_stager, wait_until
 
@@ -165,7 +165,7 @@ def test_store_down_for_30s_stage_out_completes_by_itself(stager: Stager) -> Non
     )
     stager.dev.stop_s3()
     try:
-        from hpcstage.devcluster import proc
+        from devcluster import proc
 
         proc.run(["scontrol", "release", str(job)], env=stager.dev.client_env())
         assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
@@ -311,7 +311,7 @@ def test_a_retry_bins_the_version_written_since_and_aborts_no_one_elses_upload(
     # The state a first attempt leaves when it copied O to the bin and then failed, after
     # which someone else wrote N to the key and started a multipart upload there: the retry
     # must put N in the bin too (not take the copy of O for it) and leave that upload alone.
-    from hpcstage.devcluster import proc
+    from devcluster import proc
 
     prefix = f"race-{uuid.uuid4().hex[:8]}/"
     key = f"{prefix}table.csv"

@@ -14,9 +14,9 @@ from typing import Any
 import asyncssh
 import pytest
 
-from hpcstage.devcluster.cluster import DevCluster
+from devcluster.cluster import DevCluster
 from hpcstage.errors import TransportError
-from hpcstage.transfer.transport import SshTarget, open_ssh
+from hpcstage.staging.pool import SshTarget, open_ssh
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from devcluster.cluster import DevCluster
 from hpcstage.cache.layout import object_path
-from hpcstage.devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, running_stager, small_files
 

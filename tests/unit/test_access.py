@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.transfer.agent import AccessError, grant_access
+from hpcstage.agent.main import AccessError, grant_access
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 OTHER = "nobody" if ME != "nobody" else "root"

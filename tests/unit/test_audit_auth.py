@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.audit import AuditLog
 from hpcstage.auth import AuthError, _verdict, decode_now
+from hpcstage.service.audit import AuditLog
 
 
 def test_audit_lines_are_json_objects_appended(tmp_path: Path) -> None:

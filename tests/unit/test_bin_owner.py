@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hpcstage.trash import BinJob, owner_of
+from hpcstage.staging.trash import BinJob, owner_of
 
 
 def ended(day: str) -> float:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from hpcstage.api.status import staging_document
 from hpcstage.db import Job, Request, Staging, changes, open_db
 from hpcstage.db.changes import Changes
-from hpcstage.status import staging_document
-from hpcstage.watch import log_event
+from hpcstage.watch.fold import log_event
 
 
 @pytest.fixture

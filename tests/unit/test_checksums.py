@@ -11,10 +11,10 @@ import zlib
 
 import pytest
 
-from hpcstage import checksums
-from hpcstage.cache.store import GROUP_COMMIT_MAX
-from hpcstage.checksums import StoreChecksum, from_response
-from hpcstage.store import LEAN_MAX
+from hpcstage.cache.node import GROUP_COMMIT_MAX
+from hpcstage.store import checksums
+from hpcstage.store.checksums import StoreChecksum, from_response
+from hpcstage.store.s3 import LEAN_MAX
 
 
 def b64(raw: bytes) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hpcstage.clients import ClientCache
+from hpcstage.store.clients import ClientCache
 
 
 class FakeClient:

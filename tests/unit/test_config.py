@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from hpcstage import cli as cli_module
-from hpcstage.config import (
+from hpcstage.config.settings import (
     SLURM_END_STATES,
     Loc,
     Settings,

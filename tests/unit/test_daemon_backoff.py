@@ -2,8 +2,8 @@
 
 import pytest
 
-from hpcstage.daemon import MAX_TRANSPORT_ATTEMPTS, NODE_BACKOFF_MAX, reconnect_delay
-from hpcstage.overlap import overlaps
+from hpcstage.core.overlap import overlaps
+from hpcstage.service.daemon import MAX_TRANSPORT_ATTEMPTS, NODE_BACKOFF_MAX, reconnect_delay
 
 
 def test_reconnect_delay_doubles_then_caps() -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.config import parse_config
-from hpcstage.daemon import MAX_INTERNAL_ERROR_ATTEMPTS, Daemon
+from hpcstage.config.settings import parse_config
 from hpcstage.db import open_db
 from hpcstage.db.models import Event, Job, Request, Staging, Upload
+from hpcstage.service.daemon import MAX_INTERNAL_ERROR_ATTEMPTS, Daemon
 
 NODE = "n1"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from hpcstage.config import parse_config
-from hpcstage.daemon import STORE_CLIENTS, Daemon
+from hpcstage.config.settings import parse_config
+from hpcstage.service.daemon import STORE_CLIENTS, Daemon
 
 
 def test_the_daemon_keeps_few_store_clients_whatever_buckets_users_name(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcstage.devcluster.users import unreachable_dirs
+from devcluster.users import unreachable_dirs
 
 
 def below(base: Path, found: list[Path]) -> list[Path]:

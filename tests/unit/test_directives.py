@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hpcstage.directives import (
+from hpcstage.core.directives import (
     MAX_DIRECTIVES,
     NO_VAL,
     JobContext,

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hpcstage.directives import (
+from hpcstage.core.directives import (
     MAX_KEY_BYTES,
     MAX_NAME_BYTES,
     JobContext,

@@ -2,7 +2,7 @@
 view, and which key a job's output gets, checked for their OUTCOME on generated keys.
 
 S3 keys are any UTF-8 up to 1024 bytes. A stage-in of ``s3://b/PREFIX`` into DEST puts the
-object at KEY at ``DEST/<KEY after PREFIX>`` (``hpcstage.transfer.agent._view_path``, which
+object at KEY at ``DEST/<KEY after PREFIX>`` (``hpcstage.agent.main._view_path``, which
 calls ``hpcstage.cache.key_dest``). For every key under a prefix, that either
 
 - gives a relative path inside the view, exactly ``DEST/REL`` (nothing folded: so two keys
@@ -13,7 +13,7 @@ calls ``hpcstage.cache.key_dest``). For every key under a prefix, that either
   message, exactly when the key has an empty, '.' or '..' component, a leading '/', a control
   character or a name over 255 bytes.
 
-``hpcstage.stageout.key_for`` is the way back: a file at REL under a stage-out SRC gets the key
+``hpcstage.core.stageout.key_for`` is the way back: a file at REL under a stage-out SRC gets the key
 ``PREFIX + REL``, and a stage-in of that prefix puts it at ``DEST/REL`` again.
 
 Settings: derandomize=True, so that CI runs the same examples every time.
@@ -32,12 +32,12 @@ from pathlib import Path, PurePosixPath
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from hpcstage.agent.main import _view_path
 from hpcstage.cache import CacheError
 from hpcstage.cache.views import link_into
-from hpcstage.directives import MAX_KEY_BYTES, MAX_NAME_BYTES, SourceKind, parse_value
-from hpcstage.identity import ObjectRef
-from hpcstage.stageout import key_for
-from hpcstage.transfer.agent import _view_path
+from hpcstage.core.directives import MAX_KEY_BYTES, MAX_NAME_BYTES, SourceKind, parse_value
+from hpcstage.core.identity import ObjectRef
+from hpcstage.core.stageout import key_for
 
 FUZZ = settings(
     deadline=None,

@@ -29,10 +29,10 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from hpcstage.agent.jobdir import JobDir, Owners
 from hpcstage.cli.user_cmds import _job_text, _jobs_table
-from hpcstage.directives import MAX_NAME_BYTES
-from hpcstage.stageout import Output, Refused, Skipped
-from hpcstage.transfer.jobdir import JobDir, Owners
+from hpcstage.core.directives import MAX_NAME_BYTES
+from hpcstage.core.stageout import Output, Refused, Skipped
 
 FUZZ = settings(
     deadline=None,
@@ -144,7 +144,7 @@ hostile_text = st.lists(st.sampled_from(HOSTILE_PIECES), max_size=6).map("".join
 
 
 def job_doc(text: list[str]) -> dict[str, Any]:
-    """A status document (hpcstage.status.job_document's shape) with ``text`` in every field
+    """A status document (hpcstage.api.status.job_document's shape) with ``text`` in every field
     a job can influence."""
     (name, path, key, error, target, message) = text
     files = [

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from hpcstage.config import parse_config
-from hpcstage.directives import (
+from hpcstage.config.settings import parse_config
+from hpcstage.core.directives import (
     MAX_ADMIN_COMMENT_CHARS,
     MAX_DIRECTIVES,
     MAX_VALUE_CHARS,

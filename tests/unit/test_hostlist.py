@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hpcstage.errors import SlurmError
-from hpcstage.slurm.hostlist import MAX_HOSTS, compress_hostlist, expand_hostlist
+from hpcstage.watch.slurm.hostlist import MAX_HOSTS, compress_hostlist, expand_hostlist
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""hpcstage.store._InOrderHash: a multipart download's MD5/SHA, read back in file order while
+"""hpcstage.store.s3._InOrderHash: a multipart download's MD5/SHA, read back in file order while
 the parts land out of order, following the part being hashed as its bytes land.
 
 Real files and real hashes; the "download" is this test writing the parts' bytes and
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage import store
 from hpcstage.errors import TransientStoreError
-from hpcstage.store import _InOrderHash, _Part, _parts
+from hpcstage.store import s3 as store
+from hpcstage.store.s3 import _InOrderHash, _Part, _parts
 
 PART = 64 * 1024
 DATA = hashlib.sha256(b"seed").digest() * (3 * PART // 32 + 100)  # 3 parts and a bit

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from hpcstage.core.plan import JobView, MarkReleased, Release, plan
 from hpcstage.db import Job, open_db
-from hpcstage.plan import JobView, MarkReleased, Release, plan
-from hpcstage.slurm.model import JobInfo, QueueSnapshot
-from hpcstage.slurm.parse import parse_scontrol_show_job, parse_squeue_json
-from hpcstage.watch import Directives, same_job, sync
+from hpcstage.watch.fold import Directives, same_job, sync
+from hpcstage.watch.slurm.model import JobInfo, QueueSnapshot
+from hpcstage.watch.slurm.parse import parse_scontrol_show_job, parse_squeue_json
 
 OLD_SUBMIT = 1_700_000_000.0
 NEW_SUBMIT = 1_790_000_000.0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.directives import (
+from hpcstage.core.directives import (
     ParsedDirectives,
     decode_admin_comment,
     parse_args,

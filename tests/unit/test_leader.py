@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage import leader
-from hpcstage.config import parse_config
-from hpcstage.daemon import Daemon
-from hpcstage.leader import FileLock, PgAdvisoryLock, StateUnavailable, state_lock
+from hpcstage.config.settings import parse_config
+from hpcstage.service import leader
+from hpcstage.service.daemon import Daemon
+from hpcstage.service.leader import FileLock, PgAdvisoryLock, StateUnavailable, state_lock
 
 
 def test_the_lock_of_a_state_database_follows_its_url(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_a_standby_takes_over_when_the_lock_frees_after_its_grace(
     daemon: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     lock = FakeLock([False, False, True], grace=0.05)
-    caplog.set_level(logging.INFO, "hpcstage.daemon")
+    caplog.set_level(logging.INFO, "hpcstage.service.daemon")
     assert asyncio.run(daemon._elect(lock))
     assert lock.attempts == 3
     said = caplog.text

@@ -1,4 +1,4 @@
-"""hpcstage.libc: pwrite_all lands every byte at its offset, in slices, short writes or not;
+"""hpcstage.store.libc: pwrite_all lands every byte at its offset, in slices, short writes or not;
 PartSink writes around the page cache where it can and through it where it cannot."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage import libc
+from hpcstage.store import libc
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
@@ -205,7 +205,7 @@ def test_preallocate_beyond_what_may_be_stored_is_an_error_before_any_byte(
     # A file size limit (RLIMIT_FSIZE) refuses it as a full disk or quota would: at once.
     script = f"""
 import errno, os, resource, signal
-from hpcstage import libc
+from hpcstage.store import libc
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 fd = os.open({str(tmp_path / "f")!r}, os.O_RDWR | os.O_CREAT, 0o600)

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from hpcstage import limits
-from hpcstage.config import LimitSettings, parse_config
+from hpcstage.agent.main import _limited
+from hpcstage.config.settings import LimitSettings, parse_config
+from hpcstage.core import limits
+from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import HpcstageError, LimitError
-from hpcstage.identity import ObjectRef
-from hpcstage.transfer.agent import _limited
 
 MINIMAL = '[site]\nname = "t"\n[store]\nendpoint_url = "https://s3.example.org"\n'
 

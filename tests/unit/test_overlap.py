@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcstage.overlap import OutputIndex, overlaps, waits_for
+from hpcstage.core.overlap import OutputIndex, overlaps, waits_for
 
 # Few characters, '/' and its neighbours in code-point order ('.' < '/' < '0') among them, so
 # that random locations share prefixes and hit every boundary the sorted index depends on.

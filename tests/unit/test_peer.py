@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from hpcstage.agent import peer
 from hpcstage.cache import NodeCache
-from hpcstage.identity import ObjectRef
-from hpcstage.transfer import peer
+from hpcstage.core.identity import ObjectRef
 
 STORE = "https://s3.example"
 

@@ -1,4 +1,4 @@
-"""Whether a job's user may read a shared-filesystem path (hpcstage.permissions): the
+"""Whether a job's user may read a shared-filesystem path (hpcstage.agent.permissions): the
 kernel's rules for mode bits and POSIX access ACLs, on real files with real ACLs (setfacl),
 checked for uids that are not ours. Tests run as root, who may read anything, so the
 checked people are made-up uids."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.permissions import (
+from hpcstage.agent.permissions import (
     GROUP_OBJ,
     MASK,
     OTHER,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpcstage.plan import JobView, MarkReleased, Release, Stage, node_state, plan
+from hpcstage.core.plan import JobView, MarkReleased, Release, Stage, node_state, plan
 
 NOW = 1_000_000.0
 GRACE = 60.0

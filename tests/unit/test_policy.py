@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hpcstage.config import PolicyRule, PolicySettings
-from hpcstage.policy import check, covers
+from hpcstage.config.settings import PolicyRule, PolicySettings
+from hpcstage.core.policy import check, covers
 
 RULES = PolicySettings(
     default="deny",

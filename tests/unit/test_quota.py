@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hpcstage.config import QuotaSettings
-from hpcstage.quota import budget
+from hpcstage.config.settings import QuotaSettings
+from hpcstage.core.quota import budget
 
 KIB = 1024
 

@@ -12,7 +12,7 @@ from botocore.credentials import Credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcstage.s3get import EMPTY_SHA256, Endpoint, SigV4, parse_head
+from hpcstage.store.fastget import EMPTY_SHA256, Endpoint, SigV4, parse_head
 
 
 def test_signature_matches_the_aws_documentation_example() -> None:

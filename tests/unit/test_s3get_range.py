@@ -1,4 +1,4 @@
-"""The lean ranged GET (hpcstage.s3get.RangeGet) against a scripted HTTP peer on loopback.
+"""The lean ranged GET (hpcstage.store.fastget.RangeGet) against a scripted HTTP peer on loopback.
 
 Each test scripts what the "server" answers to one ranged GET, then checks what ``fetch``
 did: the bytes at the right offset and True for a clean answer; False (the SDK's turn), the
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage import checksums, s3get
-from hpcstage.libc import PartSink, open_direct
-from hpcstage.s3get import PROGRESS_EVERY, Endpoint, RangeAbort, RangeGet, SigV4
+from hpcstage.store import checksums
+from hpcstage.store import fastget as s3get
+from hpcstage.store.fastget import PROGRESS_EVERY, Endpoint, RangeAbort, RangeGet, SigV4
+from hpcstage.store.libc import PartSink, open_direct
 
 SIZE = 3 * 1024 * 1024 + 17  # the listed object: more than two receive buffers, odd length
 ETAG = "0123456789abcdef0123456789abcdef"

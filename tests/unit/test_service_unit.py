@@ -1,4 +1,4 @@
-"""The daemon's systemd unit (hpcstage.service_unit, `hpcstage config systemd-unit`) and the
+"""The daemon's systemd unit (hpcstage.service.unit, `hpcstage config systemd-unit`) and the
 exit statuses it relies on. Checked by systemd's own parser where systemd-analyze exists."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from hpcstage import cli as cli_module
-from hpcstage.service_unit import EX_CONFIG, exec_argument, render_unit
+from hpcstage.service.unit import EX_CONFIG, exec_argument, render_unit
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ANALYZE = shutil.which("systemd-analyze")
@@ -181,7 +181,7 @@ def test_the_daemon_creates_its_state_dir_or_says_how(tmp_path: Path) -> None:
 def test_agents_run_the_daemons_own_command_unless_one_is_configured(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from hpcstage.transfer.transport import agent_command, own_command
+    from hpcstage.staging.pool import agent_command, own_command
 
     # Run as /sw/.../bin/hpcstage (a module's prefix, or systemd's ExecStart=): that path.
     monkeypatch.setattr(sys, "argv", ["/sw/hpcstage/0.1.0/bin/hpcstage", "daemon"])

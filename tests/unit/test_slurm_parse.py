@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpcstage.errors import SlurmError
-from hpcstage.slurm.backend import CliBackend
-from hpcstage.slurm.model import JobInfo, NodeInfo, StartEstimate
-from hpcstage.slurm.parse import (
+from hpcstage.watch.slurm.backend import CliBackend
+from hpcstage.watch.slurm.model import JobInfo, NodeInfo, StartEstimate
+from hpcstage.watch.slurm.parse import (
     detect_schema,
     merge_planned,
     normalize_job_state,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from hpcstage.stageout import (
+from hpcstage.core.stageout import (
     key_for,
     name_problem,
     same_object,
@@ -18,7 +18,7 @@ from hpcstage.stageout import (
     trash_key,
     version_tag,
 )
-from hpcstage.trash import parse_trash_key
+from hpcstage.staging.trash import parse_trash_key
 
 EVERY = frozenset({"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY"})
 

@@ -1,4 +1,4 @@
-"""The planner's view of the unreleased jobs, read as plain columns (hpcstage/tickview.py),
+"""The planner's view of the unreleased jobs, read as plain columns (hpcstage/watch/tickview.py),
 against the view built from ORM objects as the daemon did before (4f7f2a1's Daemon._views,
 copied below as the reference), on random states in a real SQLite database."""
 
@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hpcstage import plan as planner
-from hpcstage import tickview
+from hpcstage.core import plan as planner
+from hpcstage.core.overlap import overlaps
 from hpcstage.db import Job, Request, Staging, open_db
-from hpcstage.overlap import overlaps
-from hpcstage.watch import split_nodes
+from hpcstage.watch import tickview
+from hpcstage.watch.fold import split_nodes
 
 STATES = ["queued", "running", "ready", "failed", "released", "skipped"]
 NODES = ["n1", "n2", "n3", "-"]

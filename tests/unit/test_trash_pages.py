@@ -9,9 +9,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 
-from hpcstage import trash
+from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import HpcstageError
-from hpcstage.identity import ObjectRef
+from hpcstage.staging import trash
 
 PREFIX = ".hpcstage-trash/"
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hpcstage.units import format_duration, format_size, parse_duration, parse_size
+from hpcstage.core.units import format_duration, format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

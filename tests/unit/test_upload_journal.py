@@ -1,11 +1,11 @@
-"""The node-local journal of a stage-out's open multipart uploads (hpcstage.recycle)."""
+"""The node-local journal of a stage-out's open multipart uploads (hpcstage.store.recycle)."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
 
-from hpcstage.recycle import UploadJournal
+from hpcstage.store.recycle import UploadJournal
 
 
 def test_a_journal_lists_what_is_open_per_bucket_and_forgets_what_ended(tmp_path: Path) -> None:

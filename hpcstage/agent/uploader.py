@@ -1,0 +1,311 @@
+"""The agent's side of stage-out: walk, compare, recycle, upload, verify, cache. See stageout.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from hpcstage.agent.jobdir import JobDir, Owners, digests, same_file
+from hpcstage.cache import CacheError, PendingObject
+from hpcstage.core import limits
+from hpcstage.core.identity import ObjectRef
+from hpcstage.core.stageout import Output, Refused, Skipped, same_object, trash_key
+from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
+from hpcstage.protocol.framing import ProgressFn
+from hpcstage.store.recycle import UploadJournal, abort_own, replace
+from hpcstage.store.s3 import Described, S3Store
+
+if TYPE_CHECKING:
+    from hpcstage.agent.main import Agent
+
+log = logging.getLogger("hpcstage.agent")
+
+REPORT_EVERY = 0.5
+FAILURES_NAMED = 3  # failed files a stage-out's error names (status lists them all)
+
+
+@dataclass
+class _Report:
+    """Per-file outcomes not yet sent to the daemon, and running totals."""
+
+    request_id: int
+    files: list[dict[str, Any]] = field(default_factory=list)
+    files_done: int = 0
+    bytes_done: int = 0
+    files_total: int = 0
+    bytes_total: int = 0
+    uploaded: int = 0
+    failures: list[str] = field(default_factory=list)  # the first few, for the error message
+
+    def add(self, outcome: dict[str, Any]) -> None:
+        self.files.append(outcome)
+        if outcome["state"] == "failed" and len(self.failures) < FAILURES_NAMED:
+            self.failures.append(f"{outcome['path']}: {outcome['error']}")
+        if outcome["state"] in ("uploaded", "present"):
+            self.files_done += 1
+            self.bytes_done += int(outcome["size"])
+        self.uploaded += outcome["state"] == "uploaded"
+
+    def flush(self) -> dict[str, Any]:
+        files, self.files = self.files, []
+        return {
+            "request_id": self.request_id,
+            "files": files,
+            "files_done": self.files_done,
+            "bytes_done": self.bytes_done,
+            "files_total": self.files_total,
+            "bytes_total": self.bytes_total,
+            "fetched": self.uploaded,
+        }
+
+
+@dataclass
+class Uploader:
+    """Stage-out of one job on this node."""
+
+    agent: Agent
+    job: str
+    user: str  # the job's user: whose files its outputs may be (transfer/jobdir.py)
+    ended_at: float
+    trash_prefix: str
+    cache_outputs: bool
+    progress: ProgressFn
+
+    async def run(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Upload one directive's files; raise on a transient failure (the daemon retries)."""
+        try:
+            jobdir = await asyncio.to_thread(
+                JobDir, self.agent.cache.jobs / self.job, Owners.of(self.user)
+            )
+        except FileNotFoundError:
+            jobdir = None  # the whole job directory is gone (the node's cache was wiped)
+        try:
+            return await self._run(jobdir, item)
+        finally:
+            if jobdir is not None:
+                jobdir.close()
+
+    async def _run(self, jobdir: JobDir | None, item: dict[str, Any]) -> dict[str, Any]:
+        report = _Report(int(item["request_id"]))
+        try:
+            found = await asyncio.to_thread(_walk, jobdir, item)
+        except HpcstageError as exc:
+            absent = "does not exist" in str(exc)
+            if not absent or not (item.get("optional") or not item.get("job_completed", True)):
+                raise
+            # Optional, or the job failed before writing it: nothing to keep, nothing lost.
+            found = [Skipped(item["src"], f"absent: {exc}")]
+        outputs = [o for o in found if isinstance(o, Output)]
+        for other in (s for s in found if not isinstance(s, Output)):
+            state = "skipped" if isinstance(other, Skipped) else "failed"
+            report.add(_outcome(other.rel, state, other.reason))
+        report.files_total = len(outputs) + sum(isinstance(r, Refused) for r in found)
+        report.bytes_total = sum(o.size for o in outputs)
+        store = self.agent.s3_store(item["dest_bucket"])
+        journal = UploadJournal(self.agent.cache.root / "uploads" / self.job, store.bucket)
+        # What an earlier attempt of this stage-out left open; another job's uploads to the
+        # same keys are not ours to abort.
+        await abort_own(store, journal)
+        if jobdir is not None:  # (else there are no outputs)
+            await store.conditional_writes(f"{self.trash_prefix}.probe-{secrets.token_hex(8)}")
+            await self._upload_all(store, jobdir, outputs, report, journal)
+        journal.tidy()
+        self.progress(report.flush())
+        failed = report.files_total - report.files_done
+        if failed:
+            raise HpcstageError(
+                f"{failed} of {report.files_total} outputs could not be uploaded: "
+                + "; ".join(report.failures[:FAILURES_NAMED])
+                + ("; ..." if failed > FAILURES_NAMED else "")
+            )
+        return {
+            "request_id": report.request_id,
+            "files_done": report.files_done,
+            "bytes_done": report.bytes_done,
+            "uploaded": report.uploaded,
+        }
+
+    async def _upload_all(
+        self,
+        store: S3Store,
+        jobdir: JobDir,
+        outputs: list[Output],
+        report: _Report,
+        journal: UploadJournal,
+    ) -> None:
+        sem = asyncio.Semaphore(self.agent.concurrency)
+        reporter = asyncio.create_task(self._report_loop(report))
+
+        async def one(output: Output) -> None:
+            async with sem:
+                report.add(await self._one(store, jobdir, output, journal))
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for output in outputs:
+                    group.create_task(one(output))
+        except* TransientStoreError as eg:
+            raise eg.exceptions[0] from None
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+
+    async def _report_loop(self, report: _Report) -> None:
+        while True:
+            await asyncio.sleep(REPORT_EVERY)
+            self.progress(report.flush())
+
+    async def _one(
+        self, store: S3Store, jobdir: JobDir, output: Output, journal: UploadJournal
+    ) -> dict[str, Any]:
+        outcome: dict[str, Any] = {
+            "path": output.rel,
+            "key": output.key,
+            "size": output.size,
+            "trash_key": "",
+            "error": "",
+        }
+        try:
+            fd, opened = await asyncio.to_thread(jobdir.open, output.rel)
+        except (HpcstageError, OSError) as exc:
+            outcome.update(state="failed", error=str(exc))
+            return outcome
+        try:
+            await self._send(store, _Source(fd, opened), output, outcome, journal)
+        except (TransientStoreError, CredentialError):
+            raise  # the whole stage-out is retried later (credentials: reported as failed)
+        except (StoreError, HpcstageError, OSError) as exc:
+            outcome.update(state="failed", error=str(exc))
+        finally:
+            os.close(fd)
+        return outcome
+
+    async def _send(
+        self,
+        store: S3Store,
+        source: _Source,
+        output: Output,
+        outcome: dict[str, Any],
+        journal: UploadJournal,
+    ) -> None:
+        """Compare, recycle, upload and cache the output open as ``source``: every byte read
+        for it comes from that one fd, the one its checks were made on (jobdir.py)."""
+        source.check_unchanged(output.size)
+        md5, sha = await asyncio.to_thread(digests, source.fd)
+        existing = await store.describe(output.key)
+        if existing is not None and _holds(existing, output, md5, sha):
+            outcome["state"] = "present"  # arrived in an earlier run: exactly once
+            await self._cache(store, source, existing.ref, sha)
+            return
+        # Whatever the key holds goes to the bin first, each version under its own name,
+        # and is only written over while it is still there (hpcstage.store.recycle).
+        placed = await replace(
+            store,
+            output.key,
+            existing,
+            lambda v: trash_key(self.trash_prefix, self.ended_at, self.job, v.key, v.etag),
+            lambda only_if: store.upload_fd(
+                source.fd, output.key, only_if=only_if, journal=journal, sha256=sha
+            ),
+            lambda now: _holds(now, output, md5, sha),
+        )
+        ref, outcome["trash_key"] = placed.ref, placed.trash_key
+        _verify(ref, output)
+        source.check_unchanged(output.size)  # what was sent is what was hashed
+        outcome["state"] = "uploaded"
+        await self._cache(store, source, ref, sha)
+
+    async def _cache(self, store: S3Store, source: _Source, ref: ObjectRef, sha: str) -> None:
+        """Keep the verified output as an ordinary (unleased) cache entry for later jobs."""
+        if not self.cache_outputs:
+            return
+
+        async def copy_in(pending: PendingObject) -> str:
+            return await asyncio.to_thread(_copy_verified, source, pending.fd, sha)
+
+        try:
+            await self.agent.cache.ensure(ref, copy_in)
+        except HpcstageError as exc:  # the upload stands; caching is only an optimisation
+            log.warning("output %s uploaded but not cached: %s", store.url(ref.key), exc)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """An output open for stage-out, and its fstat when it was opened and checked."""
+
+    fd: int
+    opened: os.stat_result
+
+    def check_unchanged(self, listed_size: int) -> None:
+        """HpcstageError if the file was written to since it was listed and opened."""
+        now = os.fstat(self.fd)
+        if now.st_size != listed_size or not same_file(self.opened, now):
+            raise HpcstageError(
+                "it changed while it was being staged out (written to after the job ended)"
+            )
+
+
+def _walk(jobdir: JobDir | None, item: dict[str, Any]) -> list[Output | Skipped | Refused]:
+    if jobdir is None:
+        raise HpcstageError(
+            f"stage-out source {item['src']} does not exist: the job directory is gone"
+        )
+    # The job's limits on files and bytes, checked as the walk goes (before any upload).
+    bound = limits.OutputLimit(
+        item.get("max_files"), item.get("max_bytes"), str(item.get("limit_reason", ""))
+    )
+    walked = jobdir.walk(PurePosixPath(item["src"]), item["dest_key"])
+    return list(bound.bounded(walked, _entry_size))
+
+
+def _entry_size(entry: Output | Skipped | Refused) -> int:
+    return entry.size if isinstance(entry, Output) else 0
+
+
+def _outcome(rel: str, state: str, error: str) -> dict[str, Any]:
+    """A per-file report for something that is not uploaded."""
+    return {"path": rel, "key": "", "size": 0, "state": state, "error": error, "trash_key": ""}
+
+
+def _holds(stored: Described, output: Output, md5: str, sha: str) -> bool:
+    """True when the object at the output's key already is the file (see same_object)."""
+    ref = stored.ref
+    return same_object(
+        ref.etag,
+        ref.size,
+        md5,
+        output.size,
+        etag_is_md5=stored.etag_is_md5,
+        stored_sha256=stored.sha256,
+        sha256_hex=sha,
+    )
+
+
+def _verify(ref: ObjectRef, output: Output) -> None:
+    # The content was checked by the store (Content-MD5 of every request, and the MD5 ETag of
+    # a single PUT where it is one, see S3Store.upload); the size is checked here.
+    if ref.size != output.size:
+        raise TransientStoreError(
+            f"{output.key}: store holds {ref.size} bytes after upload, expected {output.size}"
+        )
+
+
+def _copy_verified(source: _Source, dest: int, sha: str) -> str:
+    """Copy the output into the cache's pending file; its SHA-256, which must be ``sha``
+    (the digest of the bytes that were uploaded and verified): else CacheError."""
+    digest, offset = hashlib.sha256(), 0
+    while chunk := os.pread(source.fd, 1 << 20, offset):
+        os.pwrite(dest, chunk, offset)
+        digest.update(chunk)
+        offset += len(chunk)
+    if digest.hexdigest() != sha or not same_file(source.opened, os.fstat(source.fd)):
+        raise CacheError("the file changed after it was uploaded: not cached")
+    return sha

@@ -1,0 +1,3 @@
+"""What the daemon and its node agents say to each other: the framing of a JSON-lines call and
+one typed message per call, shared by both sides.
+"""

@@ -1,0 +1,233 @@
+"""The watcher: fold one Slurm queue snapshot into the daemon's job table.
+
+Pure helpers decide what changed; ``sync`` applies it inside one database transaction.
+A job that leaves ``squeue`` without our seeing its end state (the daemon was down longer
+than MinJobAge) is recorded as ended, so its leases still expire.
+
+A Slurm job id names one job at a time only: Slurm gives it again when its counter wraps or its
+state is reset. A job is its id and its submit time (``same_job``); a newer job with a known id
+ends the older one's row at once (no lease grace: nothing can requeue it) and is admitted once
+the older one's job directories are released, since they are named by the id on the nodes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hpcstage.db import Event, Job, Request
+from hpcstage.watch.slurm.model import FINISHED_STATES, JobInfo, QueueSnapshot
+
+# Slurm's final states, plus the two flags it shows instead of one for requeued/federated jobs.
+ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
+# How far slurmctld's clock (submit times) and the daemon's (first_seen) may disagree.
+CLOCK_SLACK = 600.0
+# One Slurm job, even where ids are reused: its id and its submit time.
+JobKey = tuple[int, float | None]
+
+
+@dataclass(frozen=True)
+class Directives:
+    """What the daemon learned about one job's directives."""
+
+    source: str  # admin_comment | batch_script | none
+    stage_in: list[dict[str, object]]  # {src, dest, line, text, source: {...}}
+    stage_out: list[dict[str, object]]
+    error: str = ""
+
+    @property
+    def any(self) -> bool:
+        return bool(self.stage_in or self.stage_out or self.error)
+
+
+DirectivesFn = Callable[[JobInfo], Awaitable[Directives]]
+
+
+def is_ended(info: JobInfo) -> bool:
+    """True when Slurm reports the job finished (any end state)."""
+    return info.state in ENDED_STATES
+
+
+def job_key(info: JobInfo) -> JobKey:
+    """What tells ``info`` from another job Slurm gave the same id."""
+    return (info.job_id, info.submit_time)
+
+
+def same_job(row: Job, info: JobInfo) -> bool:
+    """True if ``row`` records the Slurm job ``info`` (whose id it has), False if ``info`` is
+    a newer job that Slurm gave the same id.
+
+    A job never changes owner (where both names are known). Slurm gives a requeued job a new
+    submit time and counts the restart, so only a new submit time without a restart names
+    another job. A row from a release that kept no submit time compares with when the daemon
+    first saw it: a job submitted later than that (beyond ``CLOCK_SLACK``) cannot be its job.
+    """
+    if row.user and info.user and row.user != info.user[:64]:
+        return False
+    if info.submit_time is None or info.restarts > 0:
+        return True
+    if row.submitted_at is None:
+        return info.submit_time <= row.first_seen + CLOCK_SLACK
+    return abs(info.submit_time - row.submitted_at) < 1.0
+
+
+async def sync(
+    session: Session,
+    snapshot: QueueSnapshot,
+    directives_for: DirectivesFn,
+    ignored: set[JobKey],
+) -> list[int]:
+    """Record new jobs with directives, update known ones, mark vanished or replaced ones
+    ended.
+
+    ``ignored`` caches jobs without directives so their scripts are read only once.
+    Returns the ids (our ``jobs.id``) of jobs that changed state.
+    """
+    known = {
+        job.slurm_job_id: job
+        for job in session.scalars(select(Job).where(Job.kind == "job", Job.ended_at.is_(None)))
+    }
+    changed = []
+    seen = set()
+    for info in snapshot.jobs:
+        seen.add(info.job_id)
+        job = known.get(info.job_id)
+        if job is not None and not same_job(job, info):
+            _replaced(session, job, snapshot.taken_at)
+            changed.append(job.id)
+            job = None
+        if job is None and job_key(info) not in ignored and not is_ended(info):
+            job = await _admit(session, info, directives_for, ignored, snapshot.taken_at)
+        if job is not None and _update(job, info, snapshot.taken_at):
+            changed.append(job.id)
+    for slurm_id, job in known.items():
+        if slurm_id not in seen:
+            _vanished(session, job, snapshot.taken_at)
+            changed.append(job.id)
+    return changed
+
+
+async def _admit(
+    session: Session,
+    info: JobInfo,
+    directives_for: DirectivesFn,
+    ignored: set[JobKey],
+    now: float,
+) -> Job | None:
+    old = session.scalar(select(Job).where(Job.slurm_job_id == info.job_id))
+    if old is not None:
+        if same_job(old, info):
+            return None  # ended earlier and already handled
+        _replaced(session, old, now)
+        if old.released_at is None:
+            return None  # its job directories on the nodes still have this id as their name
+    found = await directives_for(info)
+    if not found.any:
+        ignored.add(job_key(info))
+        return None
+    if old is not None:  # released: the id is the new job's now (what the API looks up)
+        old.former_slurm_job_id, old.slurm_job_id = old.slurm_job_id, None
+        session.flush()
+    # Column limits: slurmctld accepts longer names than PostgreSQL would store.
+    job = Job(
+        kind="job",
+        slurm_job_id=info.job_id,
+        name=info.name[:256],
+        user=info.user[:64],
+        account=info.account[:64],
+        partition=info.partition[:64],
+        state=info.state,
+        directive_source=found.source,
+        error=found.error,
+        first_seen=now,
+        submitted_at=info.submit_time,
+    )
+    job.requests = [_request("in", i, d) for i, d in enumerate(found.stage_in)]
+    job.requests += [_request("out", i, d) for i, d in enumerate(found.stage_out)]
+    if found.stage_out and not found.stage_in and not found.error:
+        # Nothing to stage in, but the job needs its directory to write outputs into.
+        job.requests.append(
+            Request(
+                direction="dir", position=0, src="", dest=".", text="(job directory for stage-out)"
+            )
+        )
+    session.add(job)
+    session.flush()
+    msg = f"directives from {found.source}: {len(found.stage_in)} stage-in, "
+    msg += f"{len(found.stage_out)} stage-out"
+    log_event(
+        session,
+        job.id,
+        "",
+        msg + (f"; refused: {found.error}" if found.error else ""),
+        "error" if found.error else "info",
+    )
+    return job
+
+
+def _request(direction: str, position: int, d: dict[str, object]) -> Request:
+    return Request(
+        direction=direction,
+        position=position,
+        src=str(d["src"]),
+        dest=str(d["dest"]),
+        line=int(str(d.get("line", 0))),
+        text=str(d.get("text", "")),
+        when=str(d.get("when", "always")),
+        optional=bool(d.get("optional", False)),
+    )
+
+
+def _update(job: Job, info: JobInfo, now: float) -> bool:
+    before = (job.state, job.nodes, job.planned_nodes)
+    job.state, job.priority = info.state[:32], info.priority
+    job.state_reason = info.state_reason[:128]
+    job.expected_start = info.start_time if info.state == "PENDING" else job.expected_start
+    job.planned_nodes = ",".join(info.planned_nodes)
+    if info.nodes:
+        job.nodes = ",".join(info.nodes)
+    if info.batch_host:
+        job.batch_host = info.batch_host
+    if info.state != "PENDING" and job.started_at is None and info.start_time:
+        job.started_at = info.start_time
+    if is_ended(info):
+        job.ended_at = info.end_time or now
+    # A requeue gives the job a new submit time: the next comparison is with that one.
+    job.submitted_at = info.submit_time or job.submitted_at
+    return (job.state, job.nodes, job.planned_nodes) != before
+
+
+def _vanished(session: Session, job: Job, now: float) -> None:
+    job.ended_at = now
+    if job.state not in ENDED_STATES:
+        job.state = "GONE"
+    log_event(session, job.id, "", "job left the Slurm queue; treating it as ended", "warning")
+
+
+def _replaced(session: Session, job: Job, now: float) -> None:
+    """Slurm gave ``job``'s id to a newer job: ``job`` is gone for good (once recorded)."""
+    if job.replaced_at is not None:
+        return
+    job.replaced_at = now
+    if job.ended_at is None:
+        _vanished(session, job, now)
+    message = f"Slurm job id {job.slurm_job_id} now names a newer job: this one is over"
+    if job.released_at is None:
+        message += "; its job directories are released without the lease grace"
+    log_event(session, job.id, "", message, "warning")
+
+
+def log_event(
+    session: Session, job_id: int | None, node: str, message: str, level: str = "info"
+) -> None:
+    """Append one event to the log shown by ``hpcstage status``."""
+    session.add(Event(ts=time.time(), job_id=job_id, node=node, level=level, message=message))
+
+
+def split_nodes(text: str) -> tuple[str, ...]:
+    """Comma-separated node names as stored in the database."""
+    return tuple(n for n in text.split(",") if n)

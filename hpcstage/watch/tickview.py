@@ -1,0 +1,169 @@
+"""The planner's view of every unreleased job, read as plain columns in four queries.
+
+A tick used to load each job's requests and each request's stagings as ORM objects: two
+objects per directive, a few seconds of the event loop at 50 jobs of 1,000 directives and
+minutes at 1,000 (docs/benchmarks.md), during which the API answered nobody. The planner
+needs far less: per job and node, which staging states occur; per job, how many stage-outs
+there are and which states their stagings are in; the stage-in sources and the stage-out
+destinations (for the overlap index). Those come as rows and tuples here, grouped in SQL
+where a count or a set is all that is needed; the assembly is pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from hpcstage.core import overlap
+from hpcstage.core import plan as planner
+from hpcstage.db import Job, Request, Staging
+from hpcstage.watch.fold import split_nodes
+
+UNFINISHED = ("pending", "queued", "running")  # stage-out states other jobs wait for
+
+
+@dataclass(frozen=True)
+class _JobRow:
+    """The columns of one job the planner needs, in the order of ``_JOB_COLUMNS``."""
+
+    id: int
+    kind: str
+    slurm_job_id: int | None
+    state: str
+    priority: int
+    expected_start: float | None
+    planned_nodes: str
+    nodes: str
+    ended_at: float | None
+    started_at: float | None
+    error: str
+    batch_host: str
+    former_slurm_job_id: int | None
+    replaced_at: float | None
+
+
+_JOB_COLUMNS = (
+    Job.id,
+    Job.kind,
+    Job.slurm_job_id,
+    Job.state,
+    Job.priority,
+    Job.expected_start,
+    Job.planned_nodes,
+    Job.nodes,
+    Job.ended_at,
+    Job.started_at,
+    Job.error,
+    Job.batch_host,
+    Job.former_slurm_job_id,
+    Job.replaced_at,
+)
+
+
+@dataclass
+class _Directives:
+    """What one job's requests and stagings add up to."""
+
+    node_states: dict[str, set[str]] = field(default_factory=dict)  # stage-in side
+    out_states: set[str] = field(default_factory=set)
+    out_stagings: int = 0
+    outputs: list[str] = field(default_factory=list)  # stage-out destinations
+    inputs: list[str] = field(default_factory=list)  # stage-in sources, in position order
+
+
+def job_key(j: _JobRow) -> str:
+    """How agents, the recycle bin and other jobs name a job (as daemon._job_key): its Slurm
+    id, also after a newer job took that over (Job.slurm_id)."""
+    if j.kind != "job":
+        return f"warmup-{j.id}"
+    return str(j.slurm_job_id if j.slurm_job_id is not None else j.former_slurm_job_id)
+
+
+def out_state(outputs: int, stagings: int, states: Iterable[str]) -> str:
+    """Stage-out as one word: none | pending | queued | running | failed | done, from the
+    number of stage-out directives, of their stagings, and the states those are in."""
+    if not outputs:
+        return "none"
+    if stagings < outputs:
+        return "pending"
+    found = set(states)
+    return next((s for s in ("running", "queued", "failed") if s in found), "done")
+
+
+def read_views(session: Session) -> list[planner.JobView]:
+    """Every unreleased job as the planner sees it."""
+    query = select(*_JOB_COLUMNS).where(Job.released_at.is_(None))
+    jobs = [_JobRow(*cast(tuple[Any, ...], row)) for row in session.execute(query)]
+    found = _directives(session)
+    keys = {j.id: job_key(j) for j in jobs}
+    index = overlap.OutputIndex(
+        (dest, keys[j.id])
+        for j in jobs
+        if (j.started_at is not None or j.ended_at is not None)
+        and _out(found.get(j.id)) in UNFINISHED
+        for dest in found[j.id].outputs
+    )
+    return [_view(j, found.get(j.id) or _Directives(), keys[j.id], index) for j in jobs]
+
+
+def _out(d: _Directives | None) -> str:
+    return "none" if d is None else out_state(len(d.outputs), d.out_stagings, d.out_states)
+
+
+def _view(j: _JobRow, d: _Directives, key: str, index: overlap.OutputIndex) -> planner.JobView:
+    nodes = split_nodes(j.nodes)
+    return planner.JobView(
+        id=j.id,
+        kind=j.kind,
+        state=j.state,
+        priority=j.priority,
+        expected_start=j.expected_start,
+        planned_nodes=split_nodes(j.planned_nodes),
+        nodes=nodes,
+        ended_at=j.ended_at,
+        released=False,
+        error=j.error,
+        node_states={n: planner.node_state(s) for n, s in d.node_states.items()},
+        out_state=_out(d),
+        out_node=j.batch_host or next(iter(nodes), ""),
+        waits_for=overlap.waits_for(dict.fromkeys(d.inputs), key, index),
+        inputs=next((src for src in d.inputs if src), ""),
+        replaced=j.replaced_at is not None,
+    )
+
+
+def _directives(session: Session) -> dict[int, _Directives]:
+    """Per unreleased job: its staging states (grouped), sources and destinations."""
+    found: dict[int, _Directives] = {}
+    unreleased = Job.released_at.is_(None)
+    states = (
+        select(Request.job_id, Request.direction, Staging.node, Staging.state, func.count())
+        .join(Staging, Staging.request_id == Request.id)
+        .join(Job, Job.id == Request.job_id)
+        .where(unreleased)
+        .group_by(Request.job_id, Request.direction, Staging.node, Staging.state)
+    )
+    for job_id, direction, node, state, count in session.execute(states):
+        d = found.setdefault(job_id, _Directives())
+        if direction == "out":
+            d.out_states.add(state)
+            d.out_stagings += count
+        else:
+            d.node_states.setdefault(node, set()).add(state)
+    locations = (
+        select(Request.job_id, Request.direction, Request.src, Request.dest)
+        .join(Job, Job.id == Request.job_id)
+        .where(unreleased, Request.direction.in_(("in", "out")))
+        .order_by(Request.job_id, Request.position, Request.id)
+    )
+    for job_id, direction, src, dest in session.execute(locations):
+        d = found.setdefault(job_id, _Directives())
+        if direction == "in":
+            d.inputs.append(src)
+        else:
+            d.outputs.append(dest)
+    return found
