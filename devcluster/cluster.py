@@ -244,7 +244,7 @@ class DevCluster:
         users.ensure_all()
         # The service account and the scientists run hpcstage from this venv and checkout;
         # a clone under /root (0700) would be out of their reach.
-        checkout = Path(__file__).resolve().parents[2]
+        checkout = Path(__file__).resolve().parents[1]
         opened = users.grant_traverse([Path(sys.prefix), checkout])
         if opened:
             shown = ", ".join(map(str, opened))
@@ -297,7 +297,7 @@ class DevCluster:
 
     def _install_job_submit(self) -> None:
         # The bridge that copies #HPCSTAGE directives into admin_comment (see the file).
-        lua = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "job_submit.lua"
+        lua = Path(__file__).resolve().parents[1] / "examples" / "slurm" / "job_submit.lua"
         if not lua.exists():
             raise ClusterError(f"{lua} is missing: the dev cluster runs from a source checkout")
         target = self.base / "etc" / "job_submit.lua"
@@ -308,7 +308,7 @@ class DevCluster:
 
     def _install_spank(self) -> None:
         """Build spank_plugin/ into BASE/spank and write BASE/etc/plugstack.conf for it."""
-        src = Path(__file__).resolve().parents[2] / "spank_plugin"
+        src = Path(__file__).resolve().parents[1] / "spank_plugin"
         build = self.base / "spank"
         out = proc.run(["make", "-s", "-C", str(src), f"BUILD={build}"], check=False)
         if out.returncode != 0:
@@ -326,7 +326,7 @@ class DevCluster:
         The Lua scripts are the examples with their site settings filled in for this
         cluster; the daemon's config is expected at BASE/etc/hpcstage.toml.
         """
-        examples = Path(__file__).resolve().parents[2] / "examples" / "slurm"
+        examples = Path(__file__).resolve().parents[1] / "examples" / "slurm"
         etc = self.base / "etc"
         settings = {
             'local HPCSTAGE = "/opt/hpcstage/bin/hpcstage"': (

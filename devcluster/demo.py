@@ -26,7 +26,7 @@ from devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_
 from hpcstage.cli.client import ApiError, Client, client_for
 from hpcstage.errors import ClusterError, HpcstageError
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "jobs"
 LIGANDS = 400  # 4 KiB each: the small-file shape of the docking campaign
 RECEPTOR_BYTES = 8 * 1024 * 1024
 
