@@ -62,7 +62,7 @@ from devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_
 from hpcstage import __version__ as HPCSTAGE_VERSION  # noqa: E402
 from hpcstage.cache.layout import OBJECTS, object_path  # noqa: E402
 from hpcstage.cli.client import ApiError, Client  # noqa: E402
-from hpcstage.config.settings import load_config  # noqa: E402
+from hpcstage.config.load import load_config  # noqa: E402
 from hpcstage.store import checksums  # noqa: E402
 from hpcstage.store.s3 import S3Store  # noqa: E402
 

@@ -115,7 +115,7 @@ def time_views(jobs: int, inputs: int, outputs: int) -> float:
     """Seconds ``Daemon._views`` takes over ``jobs`` running jobs in a SQLite state."""
     from sqlalchemy import insert
 
-    from hpcstage.config.settings import parse_config
+    from hpcstage.config.load import parse_config
     from hpcstage.db import Job, Request, Staging, open_db
     from hpcstage.service.daemon import Daemon
 

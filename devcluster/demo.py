@@ -305,7 +305,7 @@ def run(base: Path, keep: bool, timeout: float) -> int:
 
 
 def _wait_api(config: Path, dev: DevCluster) -> Client:
-    from hpcstage.config.settings import load_config
+    from hpcstage.config.load import load_config
 
     client = client_for(load_config(config), timeout=5)
     deadline = time.monotonic() + 60

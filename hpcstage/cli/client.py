@@ -26,7 +26,7 @@ from hpcstage.config import rules
 from hpcstage.errors import ConfigError, HpcstageError
 
 if TYPE_CHECKING:
-    from hpcstage.config.settings import Settings
+    from hpcstage.config.schema import Settings
 
 
 class ApiError(HpcstageError):

@@ -11,7 +11,7 @@ from hpcstage.cli.client import ClientSettings, load_client_settings
 from hpcstage.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hpcstage.config.settings import Settings
+    from hpcstage.config.schema import Settings
 
 ENV_VAR = "HPCSTAGE_CONFIG"
 
@@ -36,7 +36,7 @@ def load_settings(path: Path | None) -> Settings:
     message that says how to give one."""
     # Imported here: the schema (pydantic) costs about 0.2 s, which the commands that only
     # talk to the daemon do not pay (see load_client).
-    from hpcstage.config.settings import load_config
+    from hpcstage.config.load import load_config
 
     return load_config(_given(path))
 

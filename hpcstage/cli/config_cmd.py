@@ -10,7 +10,8 @@ from typing import NoReturn
 
 import click
 
-from hpcstage.config.settings import Settings, parse_config, render_toml, settings_as_dict
+from hpcstage.config.load import parse_config, render_toml, settings_as_dict
+from hpcstage.config.schema import Settings
 from hpcstage.errors import ConfigError
 from hpcstage.service.unit import render_unit
 

@@ -1,6 +1,6 @@
 """Checks of single configuration values, in plain Python (no pydantic).
 
-Shared by the full schema in :mod:`hpcstage.config.settings`, which the daemon and agents load,
+Shared by the full schema in :mod:`hpcstage.config.schema`, which the daemon and agents load,
 and by the light reading in :mod:`hpcstage.cli.client`, which the commands users run (``hpcstage
 env`` in every job, ``status``, ``warmup``) use to find the daemon without paying for the schema.
 Each check returns the value or raises ValueError with a message that reads well after "key: ".

@@ -17,7 +17,7 @@ from hpcstage.core.units import format_size
 from hpcstage.errors import LimitError
 
 if TYPE_CHECKING:  # the node agent imports this module, and not pydantic with it
-    from hpcstage.config.settings import LimitSettings
+    from hpcstage.config.schema import LimitSettings
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Literal
 
-from hpcstage.config.settings import PolicyRule, PolicySettings
+from hpcstage.config.schema import PolicyRule, PolicySettings
 
 Access = Literal["read", "write"]
 

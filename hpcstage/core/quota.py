@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hpcstage.config.settings import QuotaSettings
+from hpcstage.config.schema import QuotaSettings
 from hpcstage.core.units import format_size
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.agent import peer
-from hpcstage.config.settings import Settings
+from hpcstage.config.schema import Settings
 from hpcstage.core import directives as dirs
 from hpcstage.core import limits, policy, quota, stageout
 from hpcstage.core import plan as planner

@@ -21,7 +21,7 @@ from devcluster import proc
 from devcluster.cluster import DevCluster
 from devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config
 from hpcstage.cli.client import ApiError, Client, client_for
-from hpcstage.config.settings import load_config
+from hpcstage.config.load import load_config
 
 
 @dataclass

@@ -24,7 +24,7 @@ from devcluster import proc, users
 from devcluster.cluster import DevCluster
 from hpcstage import auth
 from hpcstage.cli.client import ApiError, client_for
-from hpcstage.config.settings import load_config
+from hpcstage.config.load import load_config
 
 from .staging import Stager, make_dataset, running_stager, small_files
 

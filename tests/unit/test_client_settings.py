@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpcstage.cli.client import ApiAccess, ClientSettings, api_url, client_for, load_client_settings
-from hpcstage.config.settings import load_config
+from hpcstage.config.load import load_config
 from hpcstage.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +109,8 @@ def test_the_commands_a_job_runs_do_not_load_the_daemons_modules() -> None:
         "from hpcstage.cli import cli\n"
         "for name in ('env', 'status', 'warmup'):\n"
         "    assert cli.get_command(None, name) is not None, name\n"
-        "heavy = ('pydantic', 'fastapi', 'sqlalchemy', 'botocore', 'hpcstage.config.settings')\n"
+        "heavy = ('pydantic', 'fastapi', 'sqlalchemy', 'botocore',\n"
+        "         'hpcstage.config.schema', 'hpcstage.config.load')\n"
         "print(' '.join(m for m in heavy if m in sys.modules))\n"
     )
     done = subprocess.run(

@@ -12,19 +12,18 @@ import pytest
 from click.testing import CliRunner
 
 from hpcstage import cli as cli_module
-from hpcstage.config.settings import (
-    SLURM_END_STATES,
-    Loc,
-    Settings,
+from hpcstage.config.fields import SLURM_END_STATES
+from hpcstage.config.load import (
     check_config,
-    dotted,
     load_config,
-    locate_keys,
     parse_config,
     render_toml,
     settings_as_dict,
 )
+from hpcstage.config.schema import Settings
+from hpcstage.config.tomlfile import Loc, dotted, locate_keys
 from hpcstage.errors import ConfigError
+from hpcstage.retry import RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "site.toml"
@@ -126,6 +125,10 @@ def test_minimal_file_gets_documented_defaults() -> None:
         256 * MIB,
     )
     assert (s.transfer.retries, s.transfer.backoff_base, s.transfer.backoff_max) == (6, 0.5, 30.0)
+    # One source of truth: the site's retry defaults are the retry policy's own.
+    default = RetryPolicy()
+    retry = (s.transfer.retries, s.transfer.backoff_base, s.transfer.backoff_max)
+    assert retry == (default.retries, default.base, default.cap)
     assert s.stage_out.on_states == [
         "COMPLETED",
         "FAILED",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.config.settings import parse_config
+from hpcstage.config.load import parse_config
 from hpcstage.db import open_db
 from hpcstage.db.models import Event, Job, Request, Staging, Upload
 from hpcstage.service.daemon import MAX_INTERNAL_ERROR_ATTEMPTS, Daemon

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from hpcstage.config.settings import parse_config
+from hpcstage.config.load import parse_config
 from hpcstage.service.daemon import STORE_CLIENTS, Daemon
 
 

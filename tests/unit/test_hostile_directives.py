@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from hpcstage.config.settings import parse_config
+from hpcstage.config.load import parse_config
 from hpcstage.core.directives import (
     MAX_ADMIN_COMMENT_CHARS,
     MAX_DIRECTIVES,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.config.settings import parse_config
+from hpcstage.config.load import parse_config
 from hpcstage.service import leader
 from hpcstage.service.daemon import Daemon
 from hpcstage.service.leader import FileLock, PgAdvisoryLock, StateUnavailable, state_lock

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from hpcstage.agent.main import _limited
-from hpcstage.config.settings import LimitSettings, parse_config
+from hpcstage.config.load import parse_config
+from hpcstage.config.schema import LimitSettings
 from hpcstage.core import limits
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import HpcstageError, LimitError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpcstage.config.settings import PolicyRule, PolicySettings
+from hpcstage.config.schema import PolicyRule, PolicySettings
 from hpcstage.core.policy import check, covers
 
 RULES = PolicySettings(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpcstage.config.settings import QuotaSettings
+from hpcstage.config.schema import QuotaSettings
 from hpcstage.core.quota import budget
 
 KIB = 1024
