@@ -1,0 +1,347 @@
+"""The HTTP API against a fake staging service: URLs, status codes, JSON and auth.
+
+No daemon, no cluster: the app is driven as ASGI with an in-memory-like SQLite state database
+and a fake of what the API may ask of the daemon (hpcstage.api.service.StagingService).
+MUNGE is replaced by a table of credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
+
+from hpcstage import auth
+from hpcstage.api import create_app
+from hpcstage.config.load import parse_config
+from hpcstage.config.schema import Settings
+from hpcstage.db import Job, open_db
+from hpcstage.db.changes import Changes
+from hpcstage.errors import DirectiveError, HpcstageError, LimitError
+
+USERS = {0: "root", 1000: "alice", 1001: "bob"}
+CREDENTIALS = {"root-cred": 0, "alice-cred": 1000, "bob-cred": 1001}
+
+
+def munge(user: str) -> dict[str, str]:
+    return {"authorization": f"{auth.SCHEME} {user}-cred"}
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def _call(
+    app: FastAPI, method: str, target: str, headers: dict[str, str], body: Any
+) -> Reply:
+    path, _, query = target.partition("?")
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    data = b""
+    if body is not None:
+        data = json.dumps(body).encode()
+        raw.append((b"content-type", b"application/json"))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": raw,
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+    pending = [{"type": "http.request", "body": data, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop()
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = sent[0]
+    headers_out = {k.decode(): v.decode() for k, v in start["headers"]}
+    return Reply(start["status"], headers_out, b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def call(
+    app: FastAPI,
+    method: str,
+    target: str,
+    headers: dict[str, str] | None = None,
+    body: Any = None,
+) -> Reply:
+    return asyncio.run(_call(app, method, target, headers or {}, body))
+
+
+@dataclass
+class FakeAudit:
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+
+@dataclass
+class FakeService:
+    """What the API may ask of the daemon, answered from a table."""
+
+    settings: Settings
+    db: sessionmaker[Session] | None
+    changes: Changes = field(default_factory=Changes)
+    audit: FakeAudit = field(default_factory=FakeAudit)
+    last_tick: float = 1234.5
+    last_error: str = ""
+    nodes: list[str] = field(default_factory=lambda: ["n1", "n2"])
+    woken: list[bool] = field(default_factory=list)
+    warmup_error: Exception | None = None
+    evicted: list[str] = field(default_factory=list)
+
+    def live_progress(self) -> dict[int, dict[str, int]]:
+        return {}
+
+    def wake(self, fresh: bool = False) -> None:
+        self.woken.append(fresh)
+
+    async def unknown_nodes(self, nodes: Iterable[str]) -> list[str]:
+        return [n for n in nodes if n not in self.nodes]
+
+    def known_nodes(self) -> list[str]:
+        return sorted(self.nodes)
+
+    def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
+        if self.warmup_error is not None:
+            raise self.warmup_error
+        assert self.db is not None
+        with self.db.begin() as session:
+            job = Job(kind="warmup", user=user, name=src, nodes=",".join(nodes))
+            session.add(job)
+            session.flush()
+            return job.id
+
+    async def cache_usage(self, node: str) -> dict[str, Any]:
+        if node == "n2":
+            raise HpcstageError("agent down")
+        return {"bytes": 7, "capacity": self.settings.cache.max_bytes}
+
+    async def evict_node(self, node: str) -> int:
+        self.evicted.append(node)
+        return 3
+
+    def stage_out_buckets(self) -> list[str]:
+        return []
+
+    def store(self, bucket: str) -> Any:
+        raise AssertionError("no store in these tests")
+
+
+def site(tmp_path: Path, api: str = 'auth = "munge"') -> Settings:
+    text = f"""
+[site]
+name = "t"
+state_dir = "{tmp_path}"
+[store]
+endpoint_url = "http://127.0.0.1:9000"
+[slurm]
+poll_interval = "100ms"
+[api]
+admins = ["root"]
+{api}
+"""
+    return parse_config(text)
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterable[FakeService]:
+    async def decode(credential: str, socket: str | None = None) -> tuple[int, int]:
+        if credential not in CREDENTIALS:
+            raise auth.AuthError("invalid credential")
+        return CREDENTIALS[credential], 100
+
+    monkeypatch.setattr(auth, "decode", decode)
+    monkeypatch.setattr(auth, "user_name", USERS.__getitem__)
+    db = open_db(f"sqlite:///{tmp_path / 'state.db'}")
+    with db.begin() as session:
+        session.add(Job(slurm_job_id=41, user="alice", name="a", first_seen=1.0))
+        session.add(Job(slurm_job_id=42, user="bob", name="b", first_seen=1.0))
+        session.add(Job(slurm_job_id=43, user="alice", name="old", released_at=5.0))
+    yield FakeService(site(tmp_path), db)
+    db.kw["bind"].dispose()
+
+
+@pytest.fixture
+def app(service: FakeService) -> FastAPI:
+    return create_app(service)
+
+
+def test_health_needs_no_credential(app: FastAPI) -> None:
+    reply = call(app, "GET", "/api/v1/health")
+    assert reply.status == 200
+    assert reply.json()["last_tick"] == 1234.5
+    assert reply.json()["last_error"] == ""
+
+
+def test_requests_without_a_valid_credential_are_refused_and_audited(
+    app: FastAPI, service: FakeService
+) -> None:
+    assert call(app, "GET", "/api/v1/jobs").status == 401
+    bad = call(app, "GET", "/api/v1/jobs", {"authorization": "MUNGE nope"})
+    assert (bad.status, bad.json()) == (401, {"detail": "invalid credential"})
+    assert [e for e, _ in service.audit.events] == ["auth-refused", "auth-refused"]
+
+
+def test_users_see_their_unfinished_jobs_admins_everyones(app: FastAPI) -> None:
+    mine = call(app, "GET", "/api/v1/jobs", munge("alice")).json()
+    assert [j["job_id"] for j in mine] == [41]
+    everything = call(app, "GET", "/api/v1/jobs?all=true", munge("alice")).json()
+    assert [j["job_id"] for j in everything] == [41, 43]
+    assert [j["job_id"] for j in call(app, "GET", "/api/v1/jobs", munge("root")).json()] == [41, 42]
+
+
+def test_one_job_is_its_owners_and_admins(app: FastAPI) -> None:
+    reply = call(app, "GET", "/api/v1/jobs/41", munge("alice"))
+    assert reply.status == 200
+    assert (reply.json()["job_id"], reply.json()["changes"]) == (41, 0)
+    assert call(app, "GET", "/api/v1/jobs/42", munge("alice")).status == 403
+    assert call(app, "GET", "/api/v1/jobs/42", munge("root")).status == 200
+    missing = call(app, "GET", "/api/v1/jobs/99", munge("root"))
+    assert (missing.status, missing.json()["detail"]) == (404, "job 99 is not known to hpcstage")
+    assert call(app, "GET", "/api/v1/jobs/41?wait=99", munge("alice")).status == 422
+
+
+def test_only_admins_ask_for_another_uid(app: FastAPI, service: FakeService) -> None:
+    as_alice = {**munge("root"), auth.FOR_UID_HEADER: "1000"}
+    assert [j["job_id"] for j in call(app, "GET", "/api/v1/jobs", as_alice).json()] == [41]
+    as_bob = {**munge("alice"), auth.FOR_UID_HEADER: "1001"}
+    assert call(app, "GET", "/api/v1/jobs", as_bob).status == 403
+    assert service.audit.events[-1] == (
+        "auth-refused",
+        {"user": "alice", "reason": "for-uid from a non-admin"},
+    )
+
+
+def test_ensure_wakes_the_daemon_and_answers_a_known_job(
+    app: FastAPI, service: FakeService
+) -> None:
+    reply = call(app, "POST", "/api/v1/jobs/41/ensure", munge("alice"))
+    assert (reply.status, reply.json()["job_id"]) == (200, 41)
+    assert service.woken == [True]
+    assert call(app, "POST", "/api/v1/jobs/42/ensure", munge("alice")).status == 403
+    unknown = call(app, "POST", "/api/v1/jobs/77/ensure", munge("alice"))
+    assert unknown.status == 404
+    assert "no staging directives" in unknown.json()["detail"]
+
+
+def test_warmups_are_created_refused_and_followed(app: FastAPI, service: FakeService) -> None:
+    body = {"src": "s3://b/k", "nodes": ["n1"]}
+    created = call(app, "POST", "/api/v1/warmups", munge("alice"), body)
+    assert created.status == 201
+    warm_id = created.json()["id"]
+    status = call(app, "GET", f"/api/v1/warmups/{warm_id}", munge("alice"))
+    assert (status.status, status.json()["kind"]) == (200, "warmup")
+    assert call(app, "GET", f"/api/v1/warmups/{warm_id}", munge("bob")).status == 403
+    assert call(app, "GET", "/api/v1/warmups/1", munge("alice")).status == 404  # a job's id
+    unknown = call(app, "POST", "/api/v1/warmups", munge("alice"), {**body, "nodes": ["zz"]})
+    assert unknown.status == 400
+    assert "Slurm has no node zz (its nodes: n1, n2)" in unknown.json()["detail"]
+    assert call(app, "POST", "/api/v1/warmups", munge("alice"), {**body, "nodes": []}).status == 422
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (DirectiveError("bad src"), 400),
+        (PermissionError("refused"), 403),
+        (LimitError("too many"), 429),
+    ],
+)
+def test_warmup_refusals_have_their_status(
+    app: FastAPI, service: FakeService, error: Exception, status: int
+) -> None:
+    service.warmup_error = error
+    reply = call(
+        app, "POST", "/api/v1/warmups", munge("alice"), {"src": "s3://b/k", "nodes": ["n1"]}
+    )
+    assert (reply.status, reply.json()["detail"]) == (status, str(error))
+    if status == 429:
+        assert reply.headers["retry-after"] == "60"
+
+
+def test_nodes_their_caches_and_eviction(app: FastAPI, service: FakeService) -> None:
+    assert call(app, "GET", "/api/v1/nodes", munge("alice")).json() == ["n1", "n2"]
+    cache = call(app, "GET", "/api/v1/nodes/n1/cache", munge("alice"))
+    assert (cache.status, cache.json()["bytes"]) == (200, 7)
+    assert call(app, "GET", "/api/v1/nodes/nx/cache", munge("alice")).status == 404
+    down = call(app, "GET", "/api/v1/nodes/n2/cache", munge("alice"))
+    assert (down.status, down.json()["detail"]) == (502, "cannot reach the agent on n2: agent down")
+    assert call(app, "POST", "/api/v1/nodes/n1/evict", munge("alice")).status == 403
+    evict = call(app, "POST", "/api/v1/nodes/n1/evict", munge("root"))
+    assert (evict.status, evict.json(), service.evicted) == (200, {"evicted": 3}, ["n1"])
+
+
+def test_trash_listing_and_a_bad_restore(app: FastAPI) -> None:
+    listing = call(app, "GET", "/api/v1/trash", munge("alice"))
+    assert (listing.status, listing.json()) == (200, {"entries": [], "next": ""})
+    assert call(app, "GET", "/api/v1/trash?limit=0", munge("alice")).status == 422
+    bad = call(app, "POST", "/api/v1/trash/restore", munge("alice"), {"url": "s3://b/not-trash"})
+    assert bad.status == 400
+
+
+def test_metrics_for_admins_and_the_scrape_token(tmp_path: Path, service: FakeService) -> None:
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    service.settings = site(tmp_path, f'metrics_token_file = "{token}"')
+    app = create_app(service)
+    scraped = call(app, "GET", "/metrics", {"authorization": "Bearer 0123456789abcdef0123"})
+    assert scraped.status == 200
+    assert scraped.headers["content-type"].startswith("text/plain")
+    assert "hpcstage_last_tick_seconds 1234.5\n" in scraped.body.decode()
+    assert 'hpcstage_jobs{state="PENDING"} 2' in scraped.body.decode()
+    assert call(app, "GET", "/metrics", {"authorization": "Bearer wrong"}).status == 401
+    assert call(app, "GET", "/metrics", munge("alice")).status == 403
+    assert call(app, "GET", "/metrics", munge("root")).status == 200
+    assert call(app, "GET", "/metrics").status == 401
+
+
+def test_dashboard_login_once_then_a_session_cookie(app: FastAPI) -> None:
+    assert call(app, "GET", "/").status == 401
+    token = call(app, "POST", "/api/v1/dashboard/login", munge("alice")).json()["token"]
+    login = call(app, "GET", f"/login?token={token}")
+    assert (login.status, login.headers["location"]) == (303, "/")
+    cookie = login.headers["set-cookie"].split(";")[0]
+    assert "HttpOnly" in login.headers["set-cookie"]
+    assert call(app, "GET", f"/login?token={token}").status == 401  # once only
+    page = call(app, "GET", "/", {"cookie": cookie})
+    assert page.status == 200
+    assert "as seen by alice" in page.body.decode()
+    assert ">b<" not in page.body.decode()  # bob's job
+
+
+def test_without_auth_everyone_is_an_anonymous_admin(tmp_path: Path, service: FakeService) -> None:
+    service.settings = site(tmp_path, 'auth = "none"')
+    app = create_app(service)
+    assert [j["job_id"] for j in call(app, "GET", "/api/v1/jobs").json()] == [41, 42]
+    assert call(app, "POST", "/api/v1/dashboard/login").json() == {"token": ""}
+    assert call(app, "GET", "/").status == 200
+    assert call(app, "GET", "/metrics").status == 200
