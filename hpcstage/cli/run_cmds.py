@@ -59,7 +59,7 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
     api = None
     if not no_api:
         config = uvicorn.Config(
-            create_app(d),
+            create_app(d),  # mypy checks here that Daemon is an api.service.StagingService
             host=settings.api.host,
             port=settings.api.port,
             log_level="warning",

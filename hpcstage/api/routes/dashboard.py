@@ -1,0 +1,77 @@
+"""The dashboard: a page at / for people, opened with a one-time login token the CLI asks
+for (``hpcstage dashboard``) and then a session cookie (see :mod:`hpcstage.api.session`)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from sqlalchemy import select
+
+from hpcstage import __version__, auth
+from hpcstage.api import session
+from hpcstage.api.dashboard import render_dashboard, render_login_needed
+from hpcstage.api.deps import ApiState, Caller, Database, identity, state
+from hpcstage.api.status import job_summary
+from hpcstage.db import Job
+
+JOBS_SHOWN = 200  # the newest ones
+
+router = APIRouter()
+
+
+@router.post("/api/v1/dashboard/login")
+async def dashboard_login(me: Caller, shared: ApiState = Depends(state)) -> dict[str, str]:
+    """A one-minute, single-use token that opens the dashboard as you (GET /login?token=)."""
+    if me.uid < 0:  # api.auth = "none": the page needs no login
+        return {"token": ""}
+    shared.service.audit.record("dashboard-login", user=me.user)
+    return {"token": session.issue(shared.session_key, "login", me.uid, time.time())}
+
+
+@router.get("/login")
+async def login(shared: ApiState = Depends(state), token: str = "") -> Response:
+    """Trade a login token for a session cookie, then show the dashboard."""
+    now = time.time()
+    try:
+        claims = session.verify(shared.session_key, token, "login", now)
+        shared.logins.spend(claims, now)
+    except auth.AuthError as exc:
+        shared.service.audit.record("auth-refused", reason=f"dashboard: {exc}")
+        return HTMLResponse(render_login_needed(str(exc)), status_code=401)
+    reply = RedirectResponse("/", status_code=303)
+    reply.set_cookie(
+        session.COOKIE,
+        session.issue(shared.session_key, "session", claims.uid, now),
+        max_age=session.SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=shared.service.settings.api.url.startswith("https:"),
+    )
+    return reply
+
+
+def viewer(shared: ApiState, cookie: str | None) -> auth.Identity:
+    """Who the dashboard is for: the session cookie's user; AuthError without one."""
+    if shared.service.settings.api.auth == "none":
+        return auth.Identity(user="anonymous", uid=-1, admin=True)
+    if not cookie:
+        raise auth.AuthError("the dashboard needs a login")
+    uid = session.verify(shared.session_key, cookie, "session", time.time()).uid
+    return identity(shared.service, uid)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def dashboard(request: Request, db: Database, shared: ApiState = Depends(state)) -> Response:
+    """A page for people: their jobs (admins: all) and staging, refreshed every few seconds."""
+    try:
+        me = viewer(shared, request.cookies.get(session.COOKIE))
+    except auth.AuthError as exc:
+        return HTMLResponse(render_login_needed(str(exc)), status_code=401)
+    with db.begin() as db_session:
+        query = select(Job).order_by(Job.id.desc()).limit(JOBS_SHOWN)
+        if not me.admin:
+            query = query.where(Job.user == me.user)
+        docs = [job_summary(j) for j in db_session.scalars(query)]
+    return HTMLResponse(render_dashboard(docs, __version__, me.user))

@@ -1,0 +1,73 @@
+"""/api/v1/warmups: staging a source onto nodes ahead of any job, and following it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from hpcstage.api.deps import Caller, Database, Service, owned
+from hpcstage.api.follow import SINCE, WAIT, followed
+from hpcstage.api.service import StagingService
+from hpcstage.db import Job
+from hpcstage.errors import DirectiveError, LimitError
+
+NODES_SHOWN = 20  # of Slurm's nodes, in the message about an unknown one
+
+router = APIRouter(prefix="/api/v1/warmups")
+
+
+class WarmupIn(BaseModel):
+    """Body of POST /api/v1/warmups."""
+
+    src: str = Field(description="s3://bucket/key, s3://bucket/prefix/ or /shared/path")
+    nodes: list[str] = Field(min_length=1, description="node names, expanded")
+
+
+@router.post("", status_code=201)
+async def warmup(body: WarmupIn, daemon: Service, me: Caller) -> dict[str, Any]:
+    """Stage SRC onto NODES ahead of any job; poll GET /api/v1/warmups/{id}."""
+    await _known_nodes_only(daemon, body)
+    try:
+        warm_id = daemon.create_warmup(body.src, body.nodes, me.user, me.admin)
+    except DirectiveError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    except PermissionError as exc:
+        raise HTTPException(403, str(exc)) from exc
+    except LimitError as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": "60"}) from exc
+    return {"id": warm_id}
+
+
+async def _known_nodes_only(daemon: StagingService, body: WarmupIn) -> None:
+    """400 naming the nodes of ``body`` Slurm does not know, and some it does."""
+    unknown = await daemon.unknown_nodes(body.nodes)
+    if not unknown:
+        return
+    known = daemon.known_nodes()
+    more = f" and {len(known) - NODES_SHOWN} more" if len(known) > NODES_SHOWN else ""
+    shown = ", ".join(known[:NODES_SHOWN]) + more
+    raise HTTPException(
+        400,
+        f"warmup of {body.src}: Slurm has no node {', '.join(unknown[:NODES_SHOWN])}"
+        f" (its nodes: {shown})",
+    )
+
+
+@router.get("/{warm_id}")
+async def warmup_status(
+    warm_id: int,
+    daemon: Service,
+    db: Database,
+    me: Caller,
+    since: int | None = SINCE,
+    wait: float = WAIT,
+) -> dict[str, Any]:
+    """Progress of one warmup per node (``since``/``wait``: as for a job)."""
+    with db.begin() as session:
+        found = session.get(Job, warm_id)
+        if found is not None and found.kind != "warmup":
+            found = None
+        owned(found, me, f"warmup {warm_id}")
+    return await followed(daemon, db, warm_id, since, wait)
