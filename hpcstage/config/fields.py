@@ -76,6 +76,8 @@ PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 
 
 def size_range(low: int, high: int | None = None, why: str = "") -> AfterValidator:
+    """Check a size is within ``[low, high]``; ``why`` ends the message."""
+
     def check(value: int) -> int:
         if value < low:
             raise ValueError(f"must be at least {format_size(low)}{why}, got {format_size(value)}")
@@ -101,6 +103,7 @@ OptionalStr = Annotated[str | None, BeforeValidator(_optional_str)]
 
 
 def unique_non_empty(values: list[str]) -> list[str]:
+    """Check a list names something, and nothing twice."""
     if not values:
         raise ValueError("must not be empty")
     duplicates = sorted({v for v in values if values.count(v) > 1})
@@ -181,6 +184,7 @@ def _poll_interval(value: float) -> float:
 
 
 SiteName = Annotated[str, AfterValidator(_site_name)]
+"""Letters, digits, '.', '_' or '-'."""
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 """An http:// or https:// URL with a host and no credentials."""
 Command = Annotated[str, AfterValidator(_command)]
