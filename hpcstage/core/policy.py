@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from hpcstage.config.schema import PolicyRule, PolicySettings
+if TYPE_CHECKING:  # core reads the settings' attributes; pydantic stays out of it
+    from hpcstage.config.schema import PolicyRule, PolicySettings
+
 
 Access = Literal["read", "write"]
 

@@ -8,9 +8,12 @@ Leased data of other jobs counts against its account and is never evicted to mak
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hpcstage.config.schema import QuotaSettings
 from hpcstage.core.units import format_size
+
+if TYPE_CHECKING:  # core reads the settings' attributes; pydantic stays out of it
+    from hpcstage.config.schema import QuotaSettings
 
 
 @dataclass(frozen=True)
