@@ -122,8 +122,8 @@ class Daemon:
         return Parts(
             nodes=nodes,
             executor=Executor(self.settings, db, nodes, self._wake.set),
-            admission=Admission(self.settings, backend, self.audit),
-            warmups=Warmups(self.settings, db, self.audit, self.wake),
+            admission=Admission(self.settings, backend, self.audit.record),
+            warmups=Warmups(self.settings, db, self.audit.record, self.wake),
             caches=caches,
             timers=Timers(db, nodes, caches, self.bins, self.access, creds),
         )

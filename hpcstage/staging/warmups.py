@@ -19,7 +19,6 @@ from hpcstage.core import directives as dirs
 from hpcstage.core import limits, policy
 from hpcstage.db import Job, Request
 from hpcstage.errors import LimitError
-from hpcstage.service.audit import AuditLog
 from hpcstage.watch.fold import log_event
 
 
@@ -29,7 +28,7 @@ class Warmups:
 
     settings: Settings
     db: sessionmaker[Session]
-    audit: AuditLog
+    audit: Callable[..., None]  # AuditLog.record: (event, **fields); service/ owns the log
     wake: Callable[[], None]
 
     def create(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
@@ -42,13 +41,13 @@ class Warmups:
         stage_in = dirs.parse_value("stage-in", src)
         decision = policy.check(self.settings.policy, user, "", "read", stage_in.src.url)
         if not (admin or decision.allowed):
-            self.audit.record("refused", user=user, warmup=src, reason=decision.rule)
+            self.audit("refused", user=user, warmup=src, reason=decision.rule)
             raise PermissionError(f"warmup of {src} refused: {decision.rule}")
         refusal = "" if admin else self._refusal(user)
         if refusal:
-            self.audit.record("refused", user=user, warmup=src, reason=refusal)
+            self.audit("refused", user=user, warmup=src, reason=refusal)
             raise LimitError(f"warmup of {src} refused: {refusal}")
-        self.audit.record("warmup", user=user, src=stage_in.src.url, nodes=nodes)
+        self.audit("warmup", user=user, src=stage_in.src.url, nodes=nodes)
         with self.db.begin() as session:
             job = Job(
                 kind="warmup",

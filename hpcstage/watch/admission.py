@@ -7,6 +7,7 @@ or reaching where the policy does not let its user) refuses the whole job, with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hpcstage.config.settings import Settings
@@ -14,7 +15,6 @@ from hpcstage.core import directives as dirs
 from hpcstage.core import policy
 from hpcstage.core.rules import describe
 from hpcstage.errors import DirectiveError
-from hpcstage.service.audit import AuditLog
 from hpcstage.watch.fold import Directives
 from hpcstage.watch.slurm.backend import SlurmBackend
 from hpcstage.watch.slurm.model import JobInfo
@@ -26,7 +26,7 @@ class Admission:
 
     settings: Settings
     backend: SlurmBackend
-    audit: AuditLog
+    audit: Callable[..., None]  # AuditLog.record: (event, **fields); service/ owns the log
 
     async def directives(self, info: JobInfo) -> Directives:
         """Find a job's directives where the site configured us to look, and authorize them."""
@@ -64,12 +64,12 @@ class Admission:
     def _audit_admission(self, found: Directives, info: JobInfo) -> None:
         who = {"job": info.job_id, "user": info.user, "account": info.account}
         if found.error:
-            self.audit.record("refused", **who, reason=found.error, source=found.source)
+            self.audit("refused", **who, reason=found.error, source=found.source)
             return
         for d in found.stage_in:
-            self.audit.record("stage-in", **who, src=d["src"], dest=d["dest"])
+            self.audit("stage-in", **who, src=d["src"], dest=d["dest"])
         for d in found.stage_out:
-            self.audit.record("stage-out", **who, src=d["src"], dest=d["dest"])
+            self.audit("stage-out", **who, src=d["src"], dest=d["dest"])
 
     async def _parsed(self, source: str, info: JobInfo) -> dirs.ParsedDirectives | None:
         if source == "admin_comment":
