@@ -4,7 +4,7 @@ the index, on J running jobs with I stage-ins and O unfinished stage-outs each.
 
 Each tick the daemon asks, for every unreleased job, whether one of its stage-ins overlaps an
 unfinished output of another job. This script builds that state as plain strings (what
-``Daemon._views`` hands the check after reading the database; the database read itself is
+``Daemon.tick`` hands the check after reading the database; the database read itself is
 not measured) and times:
 
 - ``new``: building ``overlap.OutputIndex`` from all J*O outputs and answering every job, in
@@ -20,7 +20,7 @@ prefix job j-1 writes, so every job but the first waits; the pairwise loop stops
 hit, after scanning on average half of the outputs).
 
 ``--views N`` also writes N such jobs (one staging per request) into a scratch SQLite state
-database and times ``Daemon._views``, the whole per-tick read the planner needs, of which the
+database and times ``tickview.read_views``, the whole per-tick read the planner needs, of which the
 overlap check is one part.
 
     .venv/bin/python benchmarks/tick.py                       # 1,000 x 500 x 500
@@ -112,12 +112,12 @@ def old_tick_pairs(jobs: int, inputs: int, outputs: int, layout: str) -> int:
 
 
 def time_views(jobs: int, inputs: int, outputs: int) -> float:
-    """Seconds ``Daemon._views`` takes over ``jobs`` running jobs in a SQLite state."""
+    """Seconds ``tickview.read_views`` (the read of each tick) takes over ``jobs`` running
+    jobs in a SQLite state."""
     from sqlalchemy import insert
 
-    from hpcstage.config.load import parse_config
     from hpcstage.db import Job, Request, Staging, open_db
-    from hpcstage.service.daemon import Daemon
+    from hpcstage.watch import tickview
 
     where = tempfile.mkdtemp(prefix="hpcstage-tick-")
     db = open_db(f"sqlite:///{where}/state.db")
@@ -149,11 +149,9 @@ def time_views(jobs: int, inputs: int, outputs: int) -> float:
             insert(Staging),
             [{"request_id": r["id"], "node": "n1", "state": "queued"} for r in requests],
         )
-    text = f'[site]\nname = "b"\nstate_dir = "{where}"\n[store]\nendpoint_url = "http://x"\n'
-    daemon = Daemon(parse_config(text), db=db)
     t0 = time.perf_counter()
     with db.begin() as session:
-        list(daemon._views(session))
+        list(tickview.read_views(session))
     return time.perf_counter() - t0
 
 
@@ -198,7 +196,7 @@ def main() -> None:
     if args.views:
         seconds = time_views(args.views, args.inputs, args.outputs)
         print(
-            f"Daemon._views over {args.views} jobs x {args.inputs} x {args.outputs}"
+            f"tickview.read_views over {args.views} jobs x {args.inputs} x {args.outputs}"
             f" in SQLite: {human(seconds)}"
         )
 

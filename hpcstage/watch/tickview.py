@@ -76,7 +76,7 @@ class _Directives:
 
 
 def job_key(j: _JobRow) -> str:
-    """How agents, the recycle bin and other jobs name a job (as daemon._job_key): its Slurm
+    """How agents, the recycle bin and other jobs name a job (as staging.records.key_of): its Slurm
     id, also after a newer job took that over (Job.slurm_id)."""
     if j.kind != "job":
         return f"warmup-{j.id}"

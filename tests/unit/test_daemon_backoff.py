@@ -3,7 +3,8 @@
 import pytest
 
 from hpcstage.core.overlap import overlaps
-from hpcstage.service.daemon import MAX_TRANSPORT_ATTEMPTS, NODE_BACKOFF_MAX, reconnect_delay
+from hpcstage.core.rules import NODE_BACKOFF_MAX, reconnect_delay
+from hpcstage.staging.stagein import MAX_TRANSPORT_ATTEMPTS
 
 
 def test_reconnect_delay_doubles_then_caps() -> None:

@@ -6,7 +6,8 @@ import asyncio
 from pathlib import Path
 
 from hpcstage.config.load import parse_config
-from hpcstage.service.daemon import STORE_CLIENTS, Daemon
+from hpcstage.service.daemon import Daemon
+from hpcstage.staging.bins import STORE_CLIENTS
 
 
 def test_the_daemon_keeps_few_store_clients_whatever_buckets_users_name(tmp_path: Path) -> None:
@@ -20,8 +21,8 @@ def test_the_daemon_keeps_few_store_clients_whatever_buckets_users_name(tmp_path
         for i in range(50):  # `hpcstage trash ls BUCKET` with a new name each time
             async with daemon.store(f"bucket-{i}") as store:
                 assert store.bucket == f"bucket-{i}"
-            assert len(daemon._stores) <= STORE_CLIENTS
+            assert len(daemon.bins.stores) <= STORE_CLIENTS
         await daemon.shutdown()
-        assert len(daemon._stores) == 0
+        assert len(daemon.bins.stores) == 0
 
     asyncio.run(run())

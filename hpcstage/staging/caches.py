@@ -1,0 +1,57 @@
+"""The nodes' caches as the daemon sees them: what one holds, and eviction by policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from hpcstage.config.schema import Settings
+from hpcstage.errors import TransportError
+from hpcstage.protocol.framing import AgentError
+from hpcstage.staging.nodes import NodeAgents
+
+log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+
+
+@dataclass
+class NodeCaches:
+    """Asks node agents about their caches and has them evict by the site's policy."""
+
+    settings: Settings
+    nodes: NodeAgents
+
+    async def usage(self, node: str) -> dict[str, Any]:
+        """What the node's cache holds (bytes, objects, leased) and its job directories."""
+        rpc = await self.nodes.agent(node)
+        reply = await asyncio.wait_for(rpc.call("usage", {}), 30)
+        reply["capacity"] = self.settings.cache.max_bytes
+        return reply
+
+    async def evict_node(self, node: str) -> int:
+        """Apply the eviction policy on ``node`` now (opening its agent session if needed);
+        the number of objects evicted. Leased objects stay."""
+        c = self.settings.cache
+        params = {
+            "max_bytes": c.max_bytes,
+            "high": c.high_watermark,
+            "low": c.low_watermark,
+            "ttl": c.ttl,
+            "max_objects": c.max_objects,
+        }
+        reply = await (await self.nodes.agent(node)).call("evict", params)
+        return int(reply.get("evicted", 0))
+
+    async def evict_all(self) -> dict[str, dict[str, int]]:
+        """Apply the eviction policy on every node with an open agent session, all at once."""
+
+        async def one(node: str) -> tuple[str, int | None]:
+            try:
+                return node, await self.evict_node(node)
+            except (AgentError, TransportError) as exc:
+                log.warning("eviction on %s failed: %s", node, exc)
+                return node, None
+
+        done = await asyncio.gather(*(one(node) for node in self.nodes.open_nodes()))
+        return {node: {"evicted": count} for node, count in done if count is not None}

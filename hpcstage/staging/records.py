@@ -1,0 +1,154 @@
+"""What staging attempts write to the state database: progress, per-file outcomes, endings.
+
+``StagingRecords`` holds the progress agents report between ticks (and the per-file outcomes
+of stage-outs) and writes them, with the staging's new state, when an attempt ends. The
+helpers below it find or create the rows an attempt works on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from hpcstage.core import plan as planner
+from hpcstage.core import stageout
+from hpcstage.core.rules import Progress, columns
+from hpcstage.db import Job, Request, Staging, Upload
+from hpcstage.watch.fold import log_event
+
+log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+
+MAX_INTERNAL_ERROR_ATTEMPTS = 5  # an unexpected error (a bug) ends a staging at this attempt
+
+
+@dataclass
+class StagingRecords:
+    """The progress of running stagings, kept in memory between ticks and written to ``db``."""
+
+    db: sessionmaker[Session]
+    progress: dict[int, Progress] = field(default_factory=dict)
+    # staging id -> path -> the agent's last report on that file (stage-out)
+    files: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def finish(self, staging_id: int, progress: Progress) -> None:
+        """The staging is done: ready, with its final counters."""
+        with self.db.begin() as session:
+            st = session.get_one(Staging, staging_id)
+            apply(st, progress)
+            self.save_files(session, st)
+            st.state, st.finished_at, st.attempts = "ready", time.time(), 0
+            r = st.request
+            what = f"{st.files_done} files, {st.bytes_done} bytes"
+            if r.direction == "out":
+                msg = f"stage-out verified: {r.src} -> {r.dest} ({what}, {st.fetched_files} sent)"
+            else:
+                msg = f"ready: {r.src} -> {r.dest} ({what}, {st.fetched_files} fetched)"
+            log_event(session, r.job_id, st.node, msg)
+        self.progress.pop(staging_id, None)
+
+    def fail(self, staging_id: int, action: planner.Stage | planner.StageOut, message: str) -> None:
+        """The staging failed for good; the others running for the job on the node stop."""
+        with self.db.begin() as session:
+            st = session.get_one(Staging, staging_id)
+            apply(st, self.progress.pop(staging_id, Progress()))
+            self.save_files(session, st)
+            st.state, st.error, st.finished_at = "failed", message, time.time()
+            # The other requests of this job on this node will not run now: say why.
+            for other in job_stagings(session, action.job_id, action.node):
+                if other.state == "running":
+                    other.state, other.error = "failed", "not staged: another input failed"
+            log_event(session, action.job_id, action.node, f"failed: {message}", "error")
+
+    def staged(self, staging_id: int) -> tuple[int, int]:
+        """(bytes, files) a finished staging moved."""
+        with self.db.begin() as session:
+            st = session.get_one(Staging, staging_id)
+            return st.bytes_done, st.files_done
+
+    def save_files(self, session: Session, st: Staging) -> None:
+        """Record per-file outcomes reported by the agent (insert or update by path)."""
+        files = self.files.pop(st.id, {})
+        if not files:
+            return
+        known = {u.path: u for u in st.uploads}
+        for path, f in ((stageout.shown(p), f) for p, f in files.items()):
+            row = known.get(path) or Upload(staging_id=st.id, path=path)
+            row.key, row.size, row.state = stageout.shown(f["key"]), int(f["size"]), f["state"]
+            row.trash_key, row.error = stageout.shown(f["trash_key"]), stageout.shown(f["error"])
+            row.updated_at = time.time()
+            if path not in known:
+                session.add(row)
+
+    def recover(self, job_id: int, node: str, message: str) -> None:
+        """An action on ``node`` for the job ended by an unexpected error: its running
+        stagings are queued again, or failed once they have had enough attempts."""
+        message = stageout.shown(message)  # an error may quote a file name that is not UTF-8
+        with self.db.begin() as session:
+            outcome = "will retry"
+            for st in job_stagings(session, job_id, node):
+                if st.state == "running":
+                    # A bug that strikes every attempt must not keep a staging running forever.
+                    give_up = st.attempts >= MAX_INTERNAL_ERROR_ATTEMPTS
+                    st.state = "failed" if give_up else "queued"
+                    if give_up:
+                        outcome = f"gave up after {st.attempts} attempts"
+                    st.error = f"{outcome}: {message}" if give_up else message
+                    self.progress.pop(st.id, None)
+                    self.files.pop(st.id, None)
+            log_event(session, job_id, node, f"{outcome}: {message}", "error")
+
+    def live(self) -> dict[int, dict[str, int]]:
+        """Per running staging id, the counters its agent reported since the last flush."""
+        return {staging_id: columns(p) for staging_id, p in self.progress.items()}
+
+    def flush(self, requeue: bool = False) -> None:
+        """Write the latest counters; ``requeue``: running stagings go back to queued."""
+        if not self.progress:
+            return
+        with self.db.begin() as session:
+            for staging_id, progress in self.progress.items():
+                st = session.get(Staging, staging_id)
+                if st is not None:
+                    apply(st, progress)
+                    if requeue and st.state == "running":
+                        st.state = "queued"
+
+
+def requeue_running(db: sessionmaker[Session]) -> None:
+    """At start-up: transfers that were running when the daemon stopped are queued again."""
+    with db.begin() as session:
+        session.execute(update(Staging).where(Staging.state == "running").values(state="queued"))
+
+
+def key_of(job: Job) -> str:
+    """How agents name a job: its Slurm id, or ``warmup-<id>``."""
+    return str(job.slurm_id) if job.kind == "job" else f"warmup-{job.id}"
+
+
+def staging_row(session: Session, request: Request, node: str) -> Staging:
+    """The staging of ``request`` on ``node``, created queued if there is none yet."""
+    found = session.scalar(
+        select(Staging).where(Staging.request_id == request.id, Staging.node == node)
+    )
+    if found is None:
+        found = Staging(request_id=request.id, node=node, state="queued")
+        session.add(found)
+        session.flush()
+    return found
+
+
+def job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:
+    """Every staging of the job on ``node``."""
+    query = select(Staging).join(Request).where(Request.job_id == job_id, Staging.node == node)
+    return list(session.scalars(query))
+
+
+def apply(st: Staging, progress: Progress) -> None:
+    """Set the staging's counters from ``progress``."""
+    for name, value in columns(progress).items():
+        setattr(st, name, value)

@@ -1,0 +1,217 @@
+"""Stage-in: have a node's agent fetch a job's inputs (or a warmup's) into its cache and view.
+
+One attempt stages the job's inputs on one node in directive order, within the job's quota and
+object budget; small objects another node's cache holds are copied from it first (peer copy).
+A store that is down or a node that cannot be reached requeues what is left; any other refusal
+by the agent fails the staging with the agent's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from hpcstage.agent import peer
+from hpcstage.config.schema import Settings
+from hpcstage.core import limits, quota
+from hpcstage.core import plan as planner
+from hpcstage.core.rules import Progress, StagingItem, remaining, source_params, take
+from hpcstage.core.units import format_size
+from hpcstage.db import Job, Request, Staging
+from hpcstage.errors import TransportError
+from hpcstage.protocol.framing import AgentError, RpcClient
+from hpcstage.staging.nodes import NodePool
+from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
+from hpcstage.watch.fold import log_event
+
+log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+
+MAX_TRANSPORT_ATTEMPTS = 5
+# Peer copies at once: their bytes cross the daemon host, which must not become the
+# bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
+PEER_COPIES = 2
+
+
+@dataclass
+class StageIn:
+    """Runs stage-in attempts, one job on one node each."""
+
+    settings: Settings
+    db: sessionmaker[Session]
+    nodes: NodePool
+    records: StagingRecords
+    _peer_copies: int = 0  # running now (at most PEER_COPIES)
+
+    async def run(self, action: planner.Stage) -> None:
+        """One attempt: every input of the job on ``action.node``."""
+        with self.db.begin() as session:
+            job = session.get_one(Job, action.job_id)
+            requests = [r for r in job.requests if r.direction in ("in", "dir")]
+            # The agent's "stage" parameters but the items; a warmup only fills the cache.
+            call = {"job": key_of(job), "user": job.user, "view": job.kind != "warmup"}
+            log_event(session, job.id, action.node, f"staging: {action.reason}")
+            stagings = [staging_row(session, r, action.node) for r in requests]
+            for st in stagings:
+                st.state, st.started_at, st.error = "running", time.time(), ""
+                st.peer_files = 0  # counted per attempt, like fetched_files
+                st.attempts += 1
+            plan = [
+                StagingItem(st.id, r.id, r.src, r.dest, r.text, r.line)
+                for st, r in zip(stagings, requests, strict=True)
+            ]
+        current = plan[0] if plan else None
+        try:
+            rpc = await self.nodes.agent(action.node)
+            spent = objects = 0
+            for current in plan:
+                staging_id, request_id = current.staging_id, current.request_id
+                src, dest = current.src, current.dest
+                limit = self._budget(action.job_id, action.node, spent)
+                if src:
+                    await self._peer_fill(rpc, action, staging_id, src, limit)
+                left = limits.stage_in_budget(self.settings.limits, objects)
+                await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
+                done_bytes, done_files = self.records.staged(staging_id)
+                spent, objects = spent + done_bytes, objects + done_files
+        except AgentError as exc:
+            assert current is not None
+            if exc.transient:  # the store was down or throttling: try again later
+                self._requeue(action, remaining(plan, current), str(exc))
+            else:
+                self.records.fail(current.staging_id, action, f"{current.where()}{exc}")
+        except TransportError as exc:
+            self.nodes.node_failed(action.node)
+            self._requeue(action, remaining(plan, current), str(exc))
+
+    async def _peer_fill(
+        self,
+        rpc: RpcClient,
+        action: planner.Stage,
+        staging_id: int,
+        src: str,
+        limit: quota.Budget,
+    ) -> None:
+        """Copy the small objects of ``src`` another node's cache holds (transfer/peer.py),
+        counted in the staging's ``peer_files``.
+
+        Never fails the staging: whatever is not copied, the stage fetches from the store.
+        """
+        if not self.settings.transfer.peer_copy or self._peer_copies >= PEER_COPIES:
+            return
+        source = source_params(src)
+        if source["kind"] not in ("s3-prefix", "s3-key"):
+            return
+        for other in self._peers_holding(src, action.node):
+            self._peer_copies += 1
+            try:
+                copied = await peer.copy_from_peer(
+                    rpc, await self.nodes.agent(other), source, limit.max_bytes
+                )
+            except (AgentError, TransportError, LookupError, TypeError, ValueError) as exc:
+                log.warning("peer copy of %s from %s to %s: %s", src, other, action.node, exc)
+                continue
+            finally:
+                self._peer_copies -= 1
+            if copied.objects or copied.refused:
+                message = (
+                    f"copied {copied.objects} objects ({format_size(copied.bytes)}) of {src}"
+                    f" from {other}'s cache"
+                )
+                if copied.refused:
+                    message += f"; {copied.refused} failed verification (fetched from the store)"
+                with self.db.begin() as session:
+                    session.get_one(Staging, staging_id).peer_files += copied.objects
+                    log_event(session, action.job_id, action.node, message)
+            return
+
+    def _peers_holding(self, src: str, node: str) -> list[str]:
+        """Other nodes whose staging of ``src`` finished (their caches likely hold it).
+
+        None when ``node`` itself staged ``src`` before: its cache likely holds it already,
+        and asking a peer page by page what it lacks would cost more than the stage's own
+        listing finding the few objects evicted since.
+        """
+        with self.db.begin() as session:
+            found = set(
+                session.scalars(
+                    select(Staging.node)
+                    .join(Request, Staging.request_id == Request.id)
+                    .where(
+                        Request.src == src,
+                        Request.direction == "in",
+                        Staging.state.in_(("ready", "released")),
+                    )
+                    .distinct()
+                ).all()
+            )
+        if node in found:
+            return []
+        known = set(self.nodes.known_nodes()) | set(self.settings.cache.cluster_nodes)
+        return [n for n in sorted(found) if n in known and not self.nodes.backing_off(n)]
+
+    async def _stage_one(
+        self,
+        rpc: RpcClient,
+        staging_id: int,
+        call: dict[str, Any],
+        request_id: int,
+        src: str,
+        dest: str,
+        limit: quota.Budget,
+        objects: limits.ObjectBudget,
+    ) -> None:
+        progress = self.records.progress.setdefault(staging_id, Progress())
+
+        def on_progress(data: dict[str, Any]) -> None:
+            take(progress, data)
+
+        items = []
+        if src:  # a "dir" request (stage-out only job) just needs the job directory
+            items.append(
+                {
+                    "request_id": request_id,
+                    "source": source_params(src),
+                    "dest": dest,
+                    "max_bytes": limit.max_bytes,
+                    "quota_reason": limit.reason,
+                    "max_objects": objects.max_objects,
+                    "objects_reason": objects.reason,
+                }
+            )
+        result = await rpc.call("stage", {**call, "items": items}, on_progress)
+        for got in result.get("items", []):
+            on_progress(got)
+        self.records.finish(staging_id, progress)
+
+    def _budget(self, job_id: int, node: str, spent: int) -> quota.Budget:
+        """How many more bytes the job may stage on ``node`` (quotas; leases of others count)."""
+        with self.db.begin() as session:
+            account = session.get_one(Job, job_id).account
+            used = session.scalar(
+                select(func.coalesce(func.sum(Staging.bytes_done), 0))
+                .join(Request)
+                .join(Job)
+                .where(
+                    Job.account == account,
+                    Job.id != job_id,
+                    Staging.node == node,
+                    Request.direction == "in",
+                    Staging.state.in_(("ready", "running")),
+                )
+            )
+        return quota.budget(self.settings.quotas, account, node, spent, int(used or 0))
+
+    def _requeue(self, action: planner.Stage, staging_ids: list[int], message: str) -> None:
+        with self.db.begin() as session:
+            for staging_id in staging_ids:
+                st = session.get_one(Staging, staging_id)
+                apply(st, self.records.progress.pop(staging_id, Progress()))
+                give_up = st.attempts >= MAX_TRANSPORT_ATTEMPTS
+                st.state = "failed" if give_up else "queued"
+                st.error = f"node {action.node} unreachable: {message}"
+            log_event(session, action.job_id, action.node, f"will retry: {message}", "warning")

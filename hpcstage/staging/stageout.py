@@ -1,0 +1,136 @@
+"""Stage-out: have the batch host's agent upload a job's outputs, one directive at a time.
+
+Directives whose ``when`` does not match how the job ended are skipped; the others run in
+order within the job's output limits. A store that is down or a node that cannot be reached
+requeues what is left (up to ``MAX_STAGE_OUT_ATTEMPTS``: outputs are worth waiting for); a
+directive the agent refuses fails and the ones after it are tried again later.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from hpcstage.config.schema import Settings
+from hpcstage.core import limits, stageout
+from hpcstage.core import plan as planner
+from hpcstage.core.rules import OutputFlags, Progress, StagingItem, remaining, take
+from hpcstage.db import Job, Staging
+from hpcstage.errors import TransportError
+from hpcstage.protocol.framing import AgentError, RpcClient
+from hpcstage.staging.nodes import NodePool
+from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
+from hpcstage.store.s3 import parse_s3_url
+from hpcstage.watch.fold import log_event
+
+MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
+
+
+@dataclass
+class StageOut:
+    """Runs stage-out attempts, one job on its batch host each."""
+
+    settings: Settings
+    db: sessionmaker[Session]
+    nodes: NodePool
+    records: StagingRecords
+
+    async def run(self, action: planner.StageOut) -> None:
+        """One attempt: every stage-out directive of the job that should run."""
+        with self.db.begin() as session:
+            job = session.get_one(Job, action.job_id)
+            job_key, ended_at, items = key_of(job), job.ended_at or time.time(), []
+            user, job_completed = job.user, job.state == "COMPLETED"
+            optional: dict[int, bool] = {}
+            on_states = frozenset(self.settings.stage_out.on_states)
+            for r in (r for r in job.requests if r.direction == "out"):
+                st = staging_row(session, r, action.node or "-")
+                run, why = stageout.should_run(r.when, job.state, on_states)
+                if not action.node:
+                    run, why = False, "the job never ran on a node: no outputs"
+                if not run:
+                    st.state, st.error, st.finished_at = "skipped", why, time.time()
+                    continue
+                st.state, st.started_at, st.error = "running", time.time(), ""
+                st.attempts += 1
+                items.append(StagingItem(st.id, r.id, r.src, r.dest, r.text, r.line))
+                optional[st.id] = r.optional
+            log_event(session, job.id, action.node, f"stage-out of {len(items)} directive(s)")
+        current = items[0] if items else None
+        try:
+            rpc = await self.nodes.agent(action.node) if items else None
+            files = size = 0
+            for current in items:
+                assert rpc is not None
+                bound = limits.stage_out_limit(self.settings.limits, files, size)
+                flags = OutputFlags(user, optional[current.staging_id], job_completed, bound)
+                await self._out_one(rpc, current, job_key, ended_at, flags)
+                done_bytes, done_files = self.records.staged(current.staging_id)
+                files, size = files + done_files, size + done_bytes
+        except AgentError as exc:
+            assert current is not None
+            if exc.transient:
+                self._requeue_out(action, remaining(items, current), str(exc))
+            else:
+                self.records.fail(current.staging_id, action, f"{current.where()}{exc}")
+                self._requeue_out(action, remaining(items, current)[1:], "after another failed")
+        except TransportError as exc:
+            assert current is not None
+            self.nodes.node_failed(action.node)
+            self._requeue_out(action, remaining(items, current), str(exc))
+
+    async def _out_one(
+        self,
+        rpc: RpcClient,
+        item: StagingItem,
+        job_key: str,
+        ended_at: float,
+        flags: OutputFlags,
+    ) -> None:
+        staging_id, request_id, src, dest = item.staging_id, item.request_id, item.src, item.dest
+        bucket, key = parse_s3_url(dest)
+        progress = self.records.progress.setdefault(staging_id, Progress())
+        files = self.records.files.setdefault(staging_id, {})
+
+        def on_progress(data: dict[str, Any]) -> None:
+            take(progress, data)
+            for f in data.get("files", []):
+                files[f["path"]] = f
+
+        params = {
+            "job": job_key,
+            "user": flags.user,
+            "ended_at": ended_at,
+            "trash_prefix": self.settings.stage_out.trash_prefix,
+            "items": [
+                {
+                    "request_id": request_id,
+                    "src": src,
+                    "dest_bucket": bucket,
+                    "dest_key": key,
+                    "optional": flags.optional,
+                    "job_completed": flags.job_completed,
+                    "max_files": flags.limit.max_files,
+                    "max_bytes": flags.limit.max_bytes,
+                    "limit_reason": flags.limit.reason,
+                }
+            ],
+        }
+        await rpc.call("stage_out", params, on_progress)
+        self.records.finish(staging_id, progress)
+
+    def _requeue_out(self, action: planner.StageOut, staging_ids: list[int], message: str) -> None:
+        if not staging_ids:
+            return
+        with self.db.begin() as session:
+            for staging_id in staging_ids:
+                st = session.get_one(Staging, staging_id)
+                apply(st, self.records.progress.pop(staging_id, Progress()))
+                self.records.save_files(session, st)
+                give_up = st.attempts >= MAX_STAGE_OUT_ATTEMPTS
+                st.state = "failed" if give_up else "queued"
+                st.error = f"will retry: {message}" if not give_up else message
+            log_event(session, action.job_id, action.node, f"stage-out retry: {message}", "warning")

@@ -1,0 +1,381 @@
+"""The executor's actions without a cluster: an in-memory SQLite state and fake node agents.
+
+Each test writes a job into the state, has the executor run one planned action against a fake
+agent pool (canned replies, or TransportError/AgentError), and reads back what the action left
+in the database: staging states, progress columns, per-file outcomes, errors and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from hpcstage.config.load import parse_config
+from hpcstage.config.schema import Settings
+from hpcstage.core import plan as planner
+from hpcstage.db import open_db
+from hpcstage.db.models import Event, Job, Request, Staging, Upload
+from hpcstage.errors import TransportError
+from hpcstage.protocol.framing import AgentError, RpcClient
+from hpcstage.staging.executor import Executor
+from hpcstage.staging.records import MAX_INTERNAL_ERROR_ATTEMPTS
+from hpcstage.staging.stagein import MAX_TRANSPORT_ATTEMPTS
+
+NODE = "n1"
+
+
+@dataclass
+class Reply:
+    """What a fake agent answers to one call: progress reports first, then the result."""
+
+    result: dict[str, Any] = field(default_factory=dict)
+    progress: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FakeAgent:
+    """An agent session answering each call with the next scripted reply (or raising it)."""
+
+    def __init__(self, *script: Reply | BaseException | asyncio.Event) -> None:
+        self.script = list(script)
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def call(
+        self,
+        op: str,
+        params: dict[str, Any],
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        self.calls.append((op, params))
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        if isinstance(step, asyncio.Event):  # a call that runs until cancelled
+            if on_progress is not None:
+                on_progress({"files_done": 1, "bytes_done": 10, "files_total": 4})
+            await step.wait()
+            return {}
+        for report in step.progress:
+            assert on_progress is not None
+            on_progress(report)
+        return step.result
+
+
+class FakeNodes:
+    """The node sessions' interface (``staging.nodes.NodePool``) over fake agents."""
+
+    def __init__(self, **agents: FakeAgent) -> None:
+        self.agents = agents
+        self.unreachable: set[str] = set()
+        self.failed: list[str] = []
+
+    async def agent(self, node: str) -> RpcClient:
+        if node in self.unreachable:
+            raise TransportError(f"cannot reach {node}")
+        return cast(RpcClient, self.agents[node])
+
+    def node_failed(self, node: str) -> None:
+        self.failed.append(node)
+
+    def backing_off(self, node: str) -> bool:
+        return node in self.failed
+
+    def known_nodes(self) -> list[str]:
+        return sorted(self.agents)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return parse_config(
+        '[site]\nname = "t"\nstate_dir = "/nonexistent"\n'
+        '[store]\nendpoint_url = "http://127.0.0.1:9"\n'
+    )
+
+
+@pytest.fixture
+def db() -> Iterator[sessionmaker[Session]]:
+    found = open_db("sqlite://")  # in memory: one connection per thread, and one thread here
+    yield found
+    found.kw["bind"].dispose()
+
+
+def _job(db: sessionmaker[Session], *requests: Request, state: str = "RUNNING") -> int:
+    with db.begin() as session:
+        job = Job(slurm_job_id=7, user="bob", account="lab", state=state, batch_host=NODE)
+        job.requests.extend(requests)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def _in(n: int) -> Request:
+    src = f"s3://data/set{n}/"
+    return Request(
+        direction="in", position=n, src=src, dest=f"set{n}", line=n, text=f"--stage-in={src}"
+    )
+
+
+def _out(n: int, **more: Any) -> Request:
+    dest = f"s3://results/run{n}/"
+    text = f"--stage-out=out{n}:{dest}"
+    return Request(direction="out", position=n, src=f"out{n}", dest=dest, text=text, **more)
+
+
+def _run(executor: Executor, action: planner.Action) -> None:
+    """Start ``action`` and wait until its task has ended (done callback included)."""
+
+    async def go() -> None:
+        executor.act(action)
+        while executor.tasks:
+            await asyncio.gather(*executor.tasks.values(), return_exceptions=True)
+            await asyncio.sleep(0)
+
+    asyncio.run(go())
+
+
+def _stagings(db: sessionmaker[Session]) -> list[Staging]:
+    with db.begin() as session:
+        return list(session.query(Staging).order_by(Staging.id))
+
+
+def _events(db: sessionmaker[Session]) -> list[str]:
+    with db.begin() as session:
+        return [e.message for e in session.query(Event).order_by(Event.id)]
+
+
+def _stage(job_id: int) -> planner.Stage:
+    return planner.Stage((0, 0.0, 0), job_id, NODE, "test")
+
+
+# ---------------------------------------------------------------------------- stage-in
+
+
+def test_a_stage_in_that_succeeds_leaves_its_stagings_ready_with_their_counters(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), _in(2))
+    done = {"files_done": 3, "bytes_done": 300, "files_total": 3, "bytes_total": 300}
+    agent = FakeAgent(
+        Reply({"items": [{**done, "fetched": 2}]}, progress=[{"files_done": 1, "bytes_done": 9}]),
+        Reply({"items": [{"files_done": 1, "bytes_done": 5, "fetched": 1}]}),
+    )
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, _stage(job_id))
+    first, second = _stagings(db)
+    assert (first.state, first.files_done, first.bytes_done, first.fetched_files) == (
+        "ready",
+        3,
+        300,
+        2,
+    )
+    assert (first.files_total, first.bytes_total, first.attempts) == (3, 300, 0)
+    assert (second.state, second.bytes_done, second.files_total) == ("ready", 5, None)
+    assert [op for op, _ in agent.calls] == ["stage", "stage"]
+    params = agent.calls[0][1]
+    assert (params["job"], params["user"], params["view"]) == ("7", "bob", True)
+    assert params["items"][0]["source"]["bucket"] == "data"
+    assert "ready: s3://data/set1/ -> set1 (3 files, 300 bytes, 2 fetched)" in _events(db)
+    assert executor.live_progress() == {}
+
+
+def test_a_stage_in_whose_node_cannot_be_reached_is_requeued_and_the_node_backs_off(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1))
+    nodes = FakeNodes(n1=FakeAgent())
+    nodes.unreachable.add(NODE)
+    executor = Executor(settings, db, nodes)
+    _run(executor, _stage(job_id))
+    (st,) = _stagings(db)
+    assert (st.state, st.attempts) == ("queued", 1)
+    assert st.error == f"node {NODE} unreachable: cannot reach {NODE}"
+    assert nodes.failed == [NODE]
+    _run(executor, _stage(job_id))  # backing off: no new attempt
+    assert _stagings(db)[0].attempts == 1
+
+
+def test_a_stage_in_that_the_store_throttles_is_requeued_with_what_it_did(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), _in(2))
+    agent = FakeAgent(Reply({"items": [{"files_done": 1, "bytes_done": 1}]}))
+    agent.script.append(AgentError("SlowDown", transient=True))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, _stage(job_id))
+    first, second = _stagings(db)
+    assert first.state == "ready"
+    assert (second.state, second.error) == ("queued", f"node {NODE} unreachable: SlowDown")
+    assert _events(db)[-1] == "will retry: SlowDown"
+
+
+def test_a_stage_in_fails_after_its_last_transport_attempt(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1))
+    for _ in range(MAX_TRANSPORT_ATTEMPTS):
+        nodes = FakeNodes(n1=FakeAgent(TransportError("session closed")))
+        _run(Executor(settings, db, nodes), _stage(job_id))
+    (st,) = _stagings(db)
+    assert (st.state, st.attempts) == ("failed", MAX_TRANSPORT_ATTEMPTS)
+
+
+def test_a_stage_in_the_agent_refuses_fails_with_its_message_and_stops_the_others(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), _in(2))
+    agent = FakeAgent(AgentError("no such bucket"))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, _stage(job_id))
+    first, second = _stagings(db)
+    assert (first.state, first.error) == (
+        "failed",
+        "line 1: --stage-in=s3://data/set1/: no such bucket",
+    )
+    assert (second.state, second.error) == ("failed", "not staged: another input failed")
+    assert _events(db)[-1] == f"failed: {first.error}"
+
+
+# ---------------------------------------------------------------------------- stage-out
+
+
+def test_a_stage_out_that_succeeds_records_every_file(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _out(1, optional=True), state="COMPLETED")
+    uploaded = {"path": "out1/a", "key": "run1/a", "size": 4, "state": "done"}
+    uploaded |= {"trash_key": "", "error": ""}
+    report = {"files_done": 1, "bytes_done": 4, "fetched": 1, "files": [uploaded]}
+    agent = FakeAgent(Reply({}, progress=[report]))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, planner.StageOut(job_id, NODE, "ended"))
+    (st,) = _stagings(db)
+    assert (st.state, st.files_done, st.bytes_done, st.fetched_files) == ("ready", 1, 4, 1)
+    ((op, params),) = agent.calls
+    item = params["items"][0]
+    assert (op, params["job"], params["user"]) == ("stage_out", "7", "bob")
+    assert (item["dest_bucket"], item["dest_key"], item["src"]) == ("results", "run1/", "out1")
+    assert (item["optional"], item["job_completed"]) == (True, True)
+    with db.begin() as session:
+        row = session.query(Upload).one()
+        assert (row.path, row.key, row.size, row.state) == ("out1/a", "run1/a", 4, "done")
+
+
+def test_a_stage_out_the_agent_refuses_fails_and_the_next_directive_waits(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _out(1), _out(2), state="FAILED")
+    agent = FakeAgent(AgentError("out1: no such file"))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, planner.StageOut(job_id, NODE, "ended"))
+    first, second = _stagings(db)
+    assert first.state == "failed"
+    assert first.error == "--stage-out=out1:s3://results/run1/: out1: no such file"
+    assert (second.state, second.error) == ("queued", "will retry: after another failed")
+    assert agent.calls[0][1]["items"][0]["job_completed"] is False
+
+
+def test_a_stage_out_whose_store_is_down_is_requeued(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _out(1), state="COMPLETED")
+    agent = FakeAgent(AgentError("store unavailable", transient=True))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, planner.StageOut(job_id, NODE, "ended"))
+    (st,) = _stagings(db)
+    assert (st.state, st.error, st.attempts) == ("queued", "will retry: store unavailable", 1)
+
+
+def test_a_stage_out_of_a_job_that_never_ran_is_skipped(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _out(1), state="CANCELLED")
+    executor = Executor(settings, db, FakeNodes())
+    _run(executor, planner.StageOut(job_id, "", "ended"))
+    (st,) = _stagings(db)
+    assert (st.state, st.error) == ("skipped", "the job never ran on a node: no outputs")
+
+
+# ---------------------------------------------------------------------------- release
+
+
+def test_a_release_ends_the_views_but_keeps_failures_and_outputs_on_record(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), _in(2), _out(3), state="COMPLETED")
+    with db.begin() as session:
+        for request, state in zip(
+            session.query(Request), ("ready", "failed", "ready"), strict=True
+        ):
+            request.stagings.append(Staging(node=NODE, state=state))
+    agent = FakeAgent(Reply({"leftover": "7-1"}))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, planner.Release(job_id, NODE, "job ended"))
+    assert [st.state for st in _stagings(db)] == ["released", "failed", "ready"]
+    assert agent.calls == [("release", {"job": "7"})]
+    assert _events(db)[-1] == "view released: job ended (left for an admin: released/7-1)"
+    _run(executor, planner.MarkReleased(job_id))
+    with db.begin() as session:
+        assert session.get_one(Job, job_id).released_at is not None
+
+
+def test_a_release_that_fails_changes_nothing(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), state="COMPLETED")
+    with db.begin() as session:
+        request = session.query(Request).one()
+        request.stagings.append(Staging(node=NODE, state="ready"))
+    executor = Executor(settings, db, FakeNodes(n1=FakeAgent(AgentError("busy"))))
+    _run(executor, planner.Release(job_id, NODE, "job ended"))
+    assert [st.state for st in _stagings(db)] == ["ready"]
+
+
+# ---------------------------------------------------------------------------- recovery
+
+
+def test_at_start_up_transfers_left_running_are_queued_again(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    _job(db, _in(1), _in(2), _in(3))
+    with db.begin() as session:
+        for request, state in zip(
+            session.query(Request), ("running", "ready", "failed"), strict=True
+        ):
+            request.stagings.append(Staging(node=NODE, state=state, attempts=1))
+    Executor(settings, db, FakeNodes()).recover()
+    assert [st.state for st in _stagings(db)] == ["queued", "ready", "failed"]
+
+
+def test_a_drained_transfer_is_left_queued_with_its_progress(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    """What the daemon's shutdown does: cancel the tasks, write progress, requeue."""
+    job_id = _job(db, _in(1))
+    executor = Executor(settings, db, FakeNodes(n1=FakeAgent(asyncio.Event())))
+
+    async def go() -> None:
+        executor.act(_stage(job_id))
+        while not executor.live_progress():
+            await asyncio.sleep(0)
+        await executor.cancel()
+        executor.flush_progress(requeue=True)
+
+    asyncio.run(go())
+    (st,) = _stagings(db)
+    assert (st.state, st.files_done, st.bytes_done, st.files_total) == ("queued", 1, 10, 4)
+
+
+def test_an_action_that_raises_is_retried_then_given_up(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1))
+    for _ in range(MAX_INTERNAL_ERROR_ATTEMPTS):
+        agent = FakeAgent(Reply({"items": "not a list of items"}))  # a bug's TypeError
+        _run(Executor(settings, db, FakeNodes(n1=agent)), _stage(job_id))
+    (st,) = _stagings(db)
+    assert (st.state, st.attempts) == ("failed", MAX_INTERNAL_ERROR_ATTEMPTS)
+    assert st.error.startswith(f"gave up after {MAX_INTERNAL_ERROR_ATTEMPTS} attempts: internal")
