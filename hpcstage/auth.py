@@ -14,7 +14,7 @@ import pwd
 import subprocess
 from dataclasses import dataclass
 
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import AuthError
 
 SCHEME = "MUNGE"
 # An admin's request on behalf of this uid (burst_buffer.lua's `scontrol show bbstat`).
@@ -26,10 +26,6 @@ _MUNGE_ERRORS = {
     17: "replayed credential",
     18: "unauthorized credential",
 }
-
-
-class AuthError(HpcstageError):
-    """The credential is missing, invalid, expired or replayed."""
 
 
 @dataclass(frozen=True)

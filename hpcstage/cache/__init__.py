@@ -4,12 +4,10 @@
 """
 
 from hpcstage.cache.evict import Entry, choose_evictions
-from hpcstage.cache.layout import CacheError
 from hpcstage.cache.node import CacheStats, Fetch, NodeCache, PendingObject, ReconcileReport, Usage
 from hpcstage.cache.views import check_dest, key_dest
 
 __all__ = [
-    "CacheError",
     "CacheStats",
     "Entry",
     "Fetch",

@@ -47,7 +47,6 @@ from hpcstage.cache.layout import (
     OBJECTS,
     RELEASED,
     TEMP_MARK,
-    CacheError,
     check_job_id,
     fsync_dir,
     is_temp_name,
@@ -56,6 +55,7 @@ from hpcstage.cache.layout import (
 )
 from hpcstage.cache.views import ViewLinker, check_dest, remove_tree
 from hpcstage.core.identity import ObjectRef
+from hpcstage.errors import CacheError
 from hpcstage.store.libc import libc_function
 
 log = logging.getLogger(__name__)

@@ -23,18 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from hpcstage import auth
 from hpcstage.config import rules
-from hpcstage.errors import ConfigError, HpcstageError
+from hpcstage.errors import ApiError, ConfigError
 
 if TYPE_CHECKING:
     from hpcstage.config.schema import Settings
-
-
-class ApiError(HpcstageError):
-    """The daemon answered with an error, or could not be reached."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Client:

@@ -33,15 +33,17 @@ from hpcstage.core.units import format_size
 from hpcstage.db import Job, Request, Staging, Upload, open_db
 from hpcstage.db.changes import Changes
 from hpcstage.errors import (
+    AgentError,
     CredentialError,
     DirectiveError,
     HpcstageError,
     LimitError,
     SlurmError,
+    StateUnavailable,
     StoreError,
     TransportError,
 )
-from hpcstage.protocol.framing import AgentError, RpcClient
+from hpcstage.protocol.framing import RpcClient
 from hpcstage.service import leader
 from hpcstage.service.audit import AuditLog
 from hpcstage.staging import trash
@@ -205,7 +207,7 @@ class Daemon:
             try:
                 if await asyncio.to_thread(lock.try_acquire):
                     return await self._take_over(lock, after_another=said)
-            except leader.StateUnavailable as exc:
+            except StateUnavailable as exc:
                 if first:
                     raise
                 log.warning("standing by: %s; trying again", exc)

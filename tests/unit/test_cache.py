@@ -13,7 +13,6 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from hpcstage.cache import (
-    CacheError,
     Entry,
     NodeCache,
     PendingObject,
@@ -24,6 +23,7 @@ from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.node import ReadSmall
 from hpcstage.cache.views import hardlinks_protected, remove_tree
 from hpcstage.core.identity import ObjectRef
+from hpcstage.errors import CacheError
 
 
 class Clock:
