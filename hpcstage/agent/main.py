@@ -23,8 +23,8 @@ from typing import Any
 from hpcstage.agent import peer
 from hpcstage.agent.permissions import Person, Reader
 from hpcstage.cache import NodeCache, PendingObject, key_dest
+from hpcstage.cache.commit import GROUP_COMMIT_MAX
 from hpcstage.cache.layout import lock_cache
-from hpcstage.cache.node import GROUP_COMMIT_MAX
 from hpcstage.cache.views import hardlinks_protected
 from hpcstage.core import limits
 from hpcstage.core.directives import quoted

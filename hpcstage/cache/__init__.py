@@ -3,8 +3,10 @@
 ``NodeCache`` is the effectful shell (files, SQLite); ``choose_evictions`` is the pure policy.
 """
 
+from hpcstage.cache.commit import PendingObject
 from hpcstage.cache.evict import Entry, choose_evictions
-from hpcstage.cache.node import CacheStats, Fetch, NodeCache, PendingObject, ReconcileReport, Usage
+from hpcstage.cache.node import CacheStats, Fetch, NodeCache, Usage
+from hpcstage.cache.reconcile import ReconcileReport
 from hpcstage.cache.views import check_dest, key_dest
 
 __all__ = [
