@@ -61,8 +61,9 @@ from devcluster.cluster import DevCluster  # noqa: E402
 from devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config  # noqa: E402
 from hpcstage import __version__ as HPCSTAGE_VERSION  # noqa: E402
 from hpcstage.cache.layout import OBJECTS, object_path  # noqa: E402
-from hpcstage.cli.client import ApiError, Client  # noqa: E402
+from hpcstage.cli.client import Client  # noqa: E402
 from hpcstage.config.load import load_config  # noqa: E402
+from hpcstage.errors import ApiError  # noqa: E402
 from hpcstage.store import checksums  # noqa: E402
 from hpcstage.store.s3 import S3Store  # noqa: E402
 

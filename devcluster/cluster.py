@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from devcluster import proc, render, users
-from hpcstage.errors import ClusterError
+from devcluster.errors import ClusterError
 from hpcstage.watch.slurm.model import FINISHED_STATES
 
 DEFAULT_NODES = ("n1", "n2", "n3")

@@ -22,9 +22,10 @@ from aiobotocore.session import get_session
 
 from devcluster import proc
 from devcluster.cluster import DevCluster
+from devcluster.errors import ClusterError
 from devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config
-from hpcstage.cli.client import ApiError, Client, client_for
-from hpcstage.errors import ClusterError, HpcstageError
+from hpcstage.cli.client import Client, client_for
+from hpcstage.errors import ApiError, HpcstageError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "jobs"
 LIGANDS = 400  # 4 KiB each: the small-file shape of the docking campaign

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from devcluster import proc
-from hpcstage.errors import ClusterError
+from devcluster.errors import ClusterError
 
 MACHINE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

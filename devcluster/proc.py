@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from hpcstage.errors import ClusterError
+from devcluster.errors import ClusterError
 
 # Every process the dev cluster starts carries this variable, so `down` can find stragglers
 # (slurmstepd, job steps) that were started on our behalf and only those.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from devcluster import proc, users
 from devcluster.cluster import DevCluster
-from hpcstage.errors import ClusterError
+from devcluster.errors import ClusterError
 
 
 def hpcstage_bin() -> str:

@@ -6,8 +6,9 @@ __all__ = ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # Looked up on first use: importlib.metadata costs about 40 ms, paid by every command
-    # (`hpcstage env` runs in every job) while only --version, the API and benchmarks ask.
+    # Looked up on first use: importing importlib.metadata would add to the start-up of every
+    # command (`hpcstage env` runs in every job; start-up times: docs/benchmarks.md) while
+    # only --version, the API and benchmarks ask.
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 

@@ -14,7 +14,7 @@ import pwd
 import subprocess
 from dataclasses import dataclass
 
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import AuthError
 
 SCHEME = "MUNGE"
 # An admin's request on behalf of this uid (burst_buffer.lua's `scontrol show bbstat`).
@@ -26,10 +26,6 @@ _MUNGE_ERRORS = {
     17: "replayed credential",
     18: "unauthorized credential",
 }
-
-
-class AuthError(HpcstageError):
-    """The credential is missing, invalid, expired or replayed."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,9 @@ def encode(socket: str | None = None) -> str:
 
 async def decode(credential: str, socket: str | None = None) -> tuple[int, int]:
     """(uid, gid) of a credential; AuthError with munged's reason when it is not valid."""
-    import asyncio  # here: the CLI only encodes, and asyncio costs it ~25 ms to import
+    # Imported here: the CLI only encodes, and need not pay for importing asyncio at start-up
+    # (command start-up times: docs/benchmarks.md).
+    import asyncio
 
     return await asyncio.to_thread(decode_now, credential, socket)
 

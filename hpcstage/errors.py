@@ -3,18 +3,31 @@
     HpcstageError                 every error we raise on purpose; carries a user-facing message
     ├── ConfigError               the site TOML is unreadable or invalid (lists every problem)
     ├── DirectiveError            a --stage-in/--stage-out directive is malformed (names the line)
+    ├── LimitError                a job or user asked for more than a site limit allows
+    │   └── QuotaError            an input is larger than the job's remaining quota (agent)
     ├── SlurmError                a Slurm command failed or printed something we cannot parse
-    ├── ClusterError              the local development cluster could not be set up or reached
+    ├── StateUnavailable          the state database (or the lock file's directory) is unreachable
+    ├── AuthError                 a MUNGE credential is missing, invalid, expired or replayed
+    ├── ApiError                  the daemon answered with an error or could not be reached (CLI)
     ├── StoreError                the object store refused or failed a request
     │   ├── ObjectMissingError    no such object, bucket or file (never retried)
     │   ├── ObjectChangedError    replaced since it was listed (list again, later)
     │   ├── TransientStoreError   worth retrying (5xx, SlowDown, connection reset, timeouts)
     │   └── CredentialError       never retried (expired/invalid credentials, access denied)
     ├── TransportError            a node agent could not be reached or died
-    └── LimitError                a job or user asked for more than a site limit allows
+    ├── AgentError                the agent ran a call and reports that it failed (maybe transient)
+    ├── CacheError                the node cache refused or failed an operation
+    ├── PermissionRefused         the job's user may not read a path they asked to stage (agent)
+    ├── AccessError               the job's user cannot be given access to its directory (agent)
+    └── UnsafeFileError           a job's output cannot be read safely now (agent, stage-out)
 
 Vendor exceptions are translated at the boundary with ``raise ... from`` so the
 cause is kept for logs while users see one clear line.
+
+Only the standard library may be imported here: ``hpcstage env`` imports this module and must
+stay light. Exceptions used only for control flow inside one module (e.g. the fast GET's
+fallback signal) stay private to that module; the development cluster's error lives in
+``devcluster/``.
 """
 
 from __future__ import annotations
@@ -36,12 +49,32 @@ class DirectiveError(HpcstageError):
     """A staging directive is malformed or refused."""
 
 
+class LimitError(HpcstageError):
+    """A job or user asked for more than a site limit ([limits]) allows; names the limit."""
+
+
+class QuotaError(LimitError):
+    """An input is larger than the job's remaining quota."""
+
+
 class SlurmError(HpcstageError):
     """A Slurm command failed or its output could not be understood."""
 
 
-class ClusterError(HpcstageError):
-    """The local development cluster could not be started, stopped or reached."""
+class StateUnavailable(HpcstageError):
+    """The state database (or the lock file's directory) cannot be reached."""
+
+
+class AuthError(HpcstageError):
+    """The credential is missing, invalid, expired or replayed."""
+
+
+class ApiError(HpcstageError):
+    """The daemon answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StoreError(HpcstageError):
@@ -68,5 +101,28 @@ class TransportError(HpcstageError):
     """A node agent could not be reached, or its session died."""
 
 
-class LimitError(HpcstageError):
-    """A job or user asked for more than a site limit ([limits]) allows; names the limit."""
+class AgentError(HpcstageError):
+    """The agent ran the call and reports that it failed (message is for users).
+
+    ``transient`` is True when a retry later may succeed (the store was down or throttling).
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class CacheError(HpcstageError):
+    """The node cache refused or failed an operation (bad size, unsafe path, vanished object)."""
+
+
+class PermissionRefused(HpcstageError):
+    """The job's user may not read a path they asked to stage."""
+
+
+class AccessError(HpcstageError):
+    """The job's user cannot be given access to its directory (no ACL support)."""
+
+
+class UnsafeFileError(HpcstageError):
+    """A listed output cannot be read safely now (replaced, special, someone else's)."""

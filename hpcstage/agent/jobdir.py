@@ -32,17 +32,13 @@ from hpcstage.core.stageout import (
     name_problem,
     shown,
 )
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import HpcstageError, UnsafeFileError
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 # Directories below SRC the walk enters; each level holds one fd while the walk is under it.
 MAX_DEPTH = 256
 _CHUNK = 1 << 20
-
-
-class UnsafeFileError(HpcstageError):
-    """A listed output cannot be read safely now (replaced, special, someone else's)."""
 
 
 @dataclass(frozen=True)

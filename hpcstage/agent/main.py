@@ -22,9 +22,9 @@ from typing import Any
 
 from hpcstage.agent import peer
 from hpcstage.agent.permissions import Person, Reader
-from hpcstage.cache import CacheError, NodeCache, PendingObject, key_dest
+from hpcstage.cache import NodeCache, PendingObject, key_dest
+from hpcstage.cache.commit import GROUP_COMMIT_MAX
 from hpcstage.cache.layout import lock_cache
-from hpcstage.cache.node import GROUP_COMMIT_MAX
 from hpcstage.cache.views import hardlinks_protected
 from hpcstage.core import limits
 from hpcstage.core.directives import quoted
@@ -32,9 +32,12 @@ from hpcstage.core.identity import ObjectRef
 from hpcstage.core.stageout import shown
 from hpcstage.core.units import format_size
 from hpcstage.errors import (
+    AccessError,
+    CacheError,
     CredentialError,
     HpcstageError,
     ObjectChangedError,
+    QuotaError,
     TransientStoreError,
 )
 from hpcstage.protocol.framing import MAX_LINE, Handler, ProgressFn, decode, encode
@@ -400,10 +403,6 @@ async def _readable(
         yield ref
 
 
-class QuotaError(HpcstageError):
-    """An input is larger than the job's remaining quota."""
-
-
 async def _limited(
     refs: AsyncIterator[ObjectRef], item: dict[str, Any]
 ) -> AsyncIterator[ObjectRef]:
@@ -496,10 +495,6 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class AccessError(HpcstageError):
-    """The job's user cannot be given access to its directory (no ACL support)."""
 
 
 def grant_access(view: Path, user: str) -> bool:

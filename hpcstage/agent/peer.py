@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from hpcstage.cache.node import GROUP_COMMIT_MAX
+from hpcstage.cache.commit import GROUP_COMMIT_MAX
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import HpcstageError
 

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import PermissionRefused
 
 READ, WRITE, SEARCH = 4, 2, 1
 
@@ -29,10 +29,6 @@ USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x
 _HEADER = struct.Struct("<I")
 _ENTRY = struct.Struct("<HHI")
 _XATTR = "system.posix_acl_access"
-
-
-class PermissionRefused(HpcstageError):
-    """The job's user may not read a path they asked to stage."""
 
 
 @dataclass(frozen=True)

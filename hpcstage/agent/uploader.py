@@ -13,11 +13,17 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from hpcstage.agent.jobdir import JobDir, Owners, digests, same_file
-from hpcstage.cache import CacheError, PendingObject
+from hpcstage.cache import PendingObject
 from hpcstage.core import limits
 from hpcstage.core.identity import ObjectRef
 from hpcstage.core.stageout import Output, Refused, Skipped, same_object, trash_key
-from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
+from hpcstage.errors import (
+    CacheError,
+    CredentialError,
+    HpcstageError,
+    StoreError,
+    TransientStoreError,
+)
 from hpcstage.protocol.framing import ProgressFn
 from hpcstage.store.recycle import UploadJournal, abort_own, replace
 from hpcstage.store.s3 import Described, S3Store

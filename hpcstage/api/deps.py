@@ -17,6 +17,7 @@ from hpcstage import auth
 from hpcstage.api import session
 from hpcstage.api.service import StagingService
 from hpcstage.db import Job
+from hpcstage.errors import AuthError
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ async def authenticated(daemon: StagingService, authorization: str) -> auth.Iden
     socket = str(api.munge_socket) if api.munge_socket else None
     try:
         uid, _gid = await auth.decode(credential.strip(), socket)
-    except auth.AuthError as exc:
+    except AuthError as exc:
         daemon.audit.record("auth-refused", reason=str(exc))
         raise HTTPException(401, str(exc)) from exc
     return identity(daemon, uid)

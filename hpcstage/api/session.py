@@ -20,7 +20,7 @@ import json
 import secrets
 from dataclasses import dataclass
 
-from hpcstage.auth import AuthError
+from hpcstage.errors import AuthError
 
 LOGIN_SECONDS = 60
 SESSION_SECONDS = 8 * 3600

@@ -3,13 +3,13 @@
 ``NodeCache`` is the effectful shell (files, SQLite); ``choose_evictions`` is the pure policy.
 """
 
+from hpcstage.cache.commit import PendingObject
 from hpcstage.cache.evict import Entry, choose_evictions
-from hpcstage.cache.layout import CacheError
-from hpcstage.cache.node import CacheStats, Fetch, NodeCache, PendingObject, ReconcileReport, Usage
+from hpcstage.cache.node import CacheStats, Fetch, NodeCache, Usage
+from hpcstage.cache.reconcile import ReconcileReport
 from hpcstage.cache.views import check_dest, key_dest
 
 __all__ = [
-    "CacheError",
     "CacheStats",
     "Entry",
     "Fetch",

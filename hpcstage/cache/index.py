@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from hpcstage.cache.layout import CacheError
+from hpcstage.errors import CacheError
 
 SCHEMA_VERSION = 1
 PAGE = 1000  # rows per page when walking the whole index

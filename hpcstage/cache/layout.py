@@ -23,7 +23,7 @@ import stat
 import time
 from pathlib import Path
 
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import CacheError
 
 OBJECTS = "objects"
 JOBS = "jobs"
@@ -41,10 +41,6 @@ _CACHE_ID = re.compile(r"[0-9a-f]{64}")
 # Slurm job ids: "123", array tasks "123_4", het jobs "123+1"; nothing that could name a path.
 _JOB_ID = re.compile(r"[0-9A-Za-z_+-][0-9A-Za-z_.+-]{0,63}")
 TEMP_MARK = ".tmp-"
-
-
-class CacheError(HpcstageError):
-    """The node cache refused or failed an operation (bad size, unsafe path, vanished object)."""
 
 
 def check_cache_id(cache_id: str) -> str:

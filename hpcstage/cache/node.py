@@ -1,14 +1,13 @@
 """The node cache: immutable objects keyed by source identity, job views, leases and eviction.
 
 One directory per node, owned by the agent's service account (layout in ``cache/layout.py``).
-Objects are written crash-safely: a download goes to ``<cache_id>.tmp-<random>`` in the same
-directory, is fsynced, made read-only and renamed into place, the directory is fsynced, and only
-then is the index row written. Small objects (up to ``GROUP_COMMIT_MAX``) are committed in
-groups: each is written straight to its final place from memory (``ensure_small``) or renamed
-there from its temp file, then one syncfs(2) of the cache's filesystem and one index
-transaction cover the whole group, which is what makes millions of 4 KiB files affordable.
-Either way a crash leaves a temp file or a file without a row, both removed by ``reconcile()``
-at agent start and never returned by a lookup; no row ever names partial bytes.
+``NodeCache`` is the one door to it and wires its parts: objects are written crash-safely, one
+at a time or in group commits, by ``cache/commit.py`` (no row ever names partial bytes); groups
+are gathered from the event loop by ``cache/batch.py``; ``reconcile()`` (``cache/reconcile.py``)
+removes at agent start what a crash left (a temp file, a file without a row), which no lookup
+ever returns; the index is ``cache/index.py``, views ``cache/views.py``, the eviction policy
+``cache/evict.py``. Here: lookups, single-flight fetches, what peers may read, job views and
+their leases, usage and eviction.
 
 Leases are hardlinks: an object is leased while any job view links it (``st_nlink > 1``), and
 eviction never removes a leased object. ``link()`` and ``evict()`` take the object's lock (one
@@ -22,13 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
+import dataclasses
 import functools
 import logging
 import os
-import re
 import secrets
-import sqlite3
 import stat
 import threading
 import time
@@ -36,59 +33,36 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any
 
+from hpcstage.cache.batch import Batcher
+from hpcstage.cache.commit import (
+    GROUP_COMMIT_MAX,
+    Committer,
+    GroupItem,
+    PendingObject,
+    SmallObject,
+)
 from hpcstage.cache.evict import Entry, EvictionPass
 from hpcstage.cache.index import Index, Row
 from hpcstage.cache.layout import (
     INDEX,
     JOBS,
-    OBJECT_MODE,
     OBJECTS,
     RELEASED,
-    TEMP_MARK,
-    CacheError,
     check_job_id,
-    fsync_dir,
-    is_temp_name,
     make_dir,
     object_path,
 )
+from hpcstage.cache.reconcile import ReconcileReport, sweep_objects
 from hpcstage.cache.views import ViewLinker, check_dest, remove_tree
 from hpcstage.core.identity import ObjectRef
-from hpcstage.store.libc import libc_function
+from hpcstage.errors import CacheError
 
 log = logging.getLogger(__name__)
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_FANOUT = re.compile(r"[0-9a-f]{2}")
-_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_CREATE_FINAL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# Partial bytes are private until committed; the committed object becomes OBJECT_MODE (0444).
-_TEMP_MODE = 0o600
-GROUP_COMMIT_MAX = 1 << 20  # objects up to this size are committed in groups (one flush)
-GROUP_MAX = 512  # objects per group at most
 _STRIPES = 64
 BATCH_PARALLEL = 2  # group commits (and, separately, link groups) running at once
-_In = TypeVar("_In")
-_Out = TypeVar("_Out")
-
-
-@dataclass
-class PendingObject:
-    """An in-flight download: write the bytes to ``fd``, then ``commit`` or ``abort`` it."""
-
-    ref: ObjectRef
-    fd: int
-    path: Path  # the temp file
-    final: Path  # where commit() renames it
-    closed: bool = False
-
-    def close(self) -> None:
-        """Close ``fd`` once; later calls do nothing."""
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
 
 
 @dataclass
@@ -106,18 +80,6 @@ class CacheStats:
 
 
 @dataclass(frozen=True)
-class ReconcileReport:
-    """What ``reconcile()`` cleaned up, and what it kept."""
-
-    temps_removed: int
-    rows_dropped: int
-    orphans_removed: int
-    objects: int
-    bytes: int
-    leftovers: int = 0  # released views still holding what their job made undeletable
-
-
-@dataclass(frozen=True)
 class Usage:
     """Bytes and objects in the cache, and how much of it job views hold leased."""
 
@@ -129,24 +91,6 @@ class Usage:
 
 Fetch = Callable[[PendingObject], Awaitable[str]]
 ReadSmall = Callable[[], Awaitable[tuple[bytes, str]]]
-
-
-@dataclass(frozen=True)
-class SmallObject:
-    """A small object's verified bytes in memory and their sha256, ready to be committed."""
-
-    ref: ObjectRef
-    body: bytes
-    sha256_hex: str
-
-
-GroupItem = SmallObject | tuple[PendingObject, str]
-
-
-def item_ref(item: GroupItem) -> ObjectRef:
-    """The object a group-commit item is about."""
-    return item.ref if isinstance(item, SmallObject) else item[0].ref
-
 
 ROOT_MODE = 0o711
 # Sticky like every directory the agent makes in a view (see cache/views.py).
@@ -172,6 +116,7 @@ class NodeCache:
         self.stats = CacheStats()
         self._clock = clock
         self._index = Index(self.root / INDEX)  # private (0600), its WAL and shm files too
+        self._committer = Committer(self.objects, self._index, clock)
         self._lock = threading.RLock()
         # A lease check in eviction and a link of the same object exclude each other; objects
         # are spread over stripes so links of different objects do not wait for each other.
@@ -183,10 +128,10 @@ class NodeCache:
         self._threads = concurrent.futures.ThreadPoolExecutor(
             max_workers=2 * BATCH_PARALLEL, thread_name_prefix="node-cache"
         )
-        self._group: _Batcher[GroupItem, Path] = _Batcher(
+        self._group: Batcher[GroupItem, Path] = Batcher(
             self.commit_group, self._threads, BATCH_PARALLEL
         )
-        self._linker: _Batcher[tuple[str, PurePosixPath | str, Path], Path] = _Batcher(
+        self._linker: Batcher[tuple[str, PurePosixPath | str, Path], Path] = Batcher(
             self.link_many, self._threads, BATCH_PARALLEL
         )
 
@@ -225,17 +170,7 @@ class NodeCache:
 
     def begin(self, ref: ObjectRef) -> PendingObject:
         """Create a private temp file next to ``ref``'s final place, for a download to fill."""
-        final = object_path(self.objects, ref.cache_id)
-        temp = final.with_name(f"{final.name}{TEMP_MARK}{secrets.token_hex(8)}")
-        try:
-            try:
-                fd = os.open(temp, _CREATE, _TEMP_MODE)
-            except FileNotFoundError:  # the first object of its fan-out directory
-                make_dir(final.parent)
-                fd = os.open(temp, _CREATE, _TEMP_MODE)
-        except OSError as exc:
-            raise CacheError(f"cannot start object {ref.cache_id}: {exc}") from exc
-        return PendingObject(ref, fd, temp, final)
+        return self._committer.begin(ref)
 
     def commit(self, pending: PendingObject, sha256_hex: str) -> Path:
         """Make ``pending`` a complete, read-only, indexed object and return its path.
@@ -243,126 +178,16 @@ class NodeCache:
         Raises CacheError (after aborting) if the size differs from ``ref.size``, the checksum
         is not 64 hex digits, or the disk fails.
         """
-        try:
-            self._seal(pending, sha256_hex)
-            os.rename(pending.path, pending.final)
-            fsync_dir(pending.final.parent)
-        except BaseException as exc:
-            self.abort(pending)
-            if isinstance(exc, OSError):
-                raise CacheError(f"cannot commit object {pending.ref.cache_id}: {exc}") from exc
-            raise
-        self._index.put(self._new_row(pending.ref, sha256_hex))
-        return pending.final
+        return self._committer.commit(pending, sha256_hex)
 
     def commit_group(self, items: list[GroupItem]) -> list[Path | BaseException]:
-        """``commit()`` for many small objects with one flush and one index transaction.
-
-        Each item is either a finished download (checked, made read-only and renamed into
-        place) or a ``SmallObject`` in memory (written straight to its final place, read-only).
-        Then the cache's filesystem is synced once (syncfs(2); where that is missing, every
-        file and directory is fsynced) and only then are the rows written, in one transaction.
-        A crash before the rows leaves complete or partial files without a row, which
-        ``reconcile()`` deletes and no lookup ever returns. Returns, per item, its object path
-        or the exception that aborted it.
-        """
-        results: list[Path | BaseException] = []
-        placed: list[tuple[int, ObjectRef, str, Path]] = []  # (index in results, ref, ...)
-        group_sync = _syncfs_available()
-        for item in items:
-            try:
-                if isinstance(item, SmallObject):
-                    final = self._write_final(item, flush=not group_sync)
-                    ref, digest = item.ref, item.sha256_hex
-                else:
-                    pending, digest = item
-                    ref, final = pending.ref, pending.final
-                    self._seal_and_place(pending, digest, flush=not group_sync)
-            except BaseException as exc:
-                if isinstance(exc, OSError):
-                    exc = CacheError(f"cannot commit object {item_ref(item).cache_id}: {exc}")
-                results.append(exc)
-                continue
-            placed.append((len(results), ref, digest, final))
-            results.append(final)
-        if not placed:
-            return results
-        try:
-            if group_sync:
-                _syncfs(self.objects)
-            else:
-                for parent in {final.parent for *_, final in placed}:
-                    fsync_dir(parent)
-            self._index.put_many([self._new_row(ref, digest) for _, ref, digest, _ in placed])
-        except (OSError, sqlite3.Error) as exc:
-            failed = CacheError(f"cannot commit {len(placed)} objects: {exc}")
-            for index, _, _, final in placed:
-                final.unlink(missing_ok=True)
-                results[index] = failed
-        return results
-
-    def _seal_and_place(self, pending: PendingObject, digest: str, flush: bool) -> None:
-        try:
-            self._seal(pending, digest, flush=flush)
-            os.rename(pending.path, pending.final)
-        except BaseException:
-            self.abort(pending)
-            raise
-
-    def _write_final(self, obj: SmallObject, flush: bool) -> Path:
-        """Write ``obj`` to its final place, read-only; it counts only once indexed."""
-        ref = obj.ref
-        _check_complete(ref, len(obj.body), obj.sha256_hex)
-        final = object_path(self.objects, ref.cache_id)
-        fd = -1
-        for _ in range(3):
-            try:
-                fd = os.open(final, _CREATE_FINAL, OBJECT_MODE)
-                break
-            except FileNotFoundError:  # the first object of its fan-out directory
-                make_dir(final.parent)
-            except FileExistsError:
-                # No row names it (lookup missed and fetches are single-flight): a leftover of
-                # a crash or of an object removed from the index. Never served: replace it.
-                final.unlink()
-        if fd < 0:
-            raise CacheError(f"cannot create object {ref.cache_id}")
-        try:
-            view = memoryview(obj.body)
-            while view:
-                view = view[os.write(fd, view) :]
-            if flush:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            final.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        return final
+        """``commit()`` for many small objects with one flush and one index transaction; per
+        item its object path or the exception that aborted it (see ``cache/commit.py``)."""
+        return self._committer.commit_group(items)
 
     def abort(self, pending: PendingObject) -> None:
         """Drop an in-flight download: close and delete its temp file (idempotent)."""
-        try:
-            pending.close()
-        finally:
-            pending.path.unlink(missing_ok=True)
-
-    def _seal(self, pending: PendingObject, sha256_hex: str, flush: bool = True) -> None:
-        """Check a finished download, flush it to disk (unless ``flush`` is False: the caller
-        syncs the whole group) and make it read-only."""
-        if pending.closed:
-            raise CacheError(f"object {pending.ref.cache_id} was already committed or aborted")
-        _check_complete(pending.ref, os.fstat(pending.fd).st_size, sha256_hex)
-        if flush:
-            os.fsync(pending.fd)
-        os.fchmod(pending.fd, OBJECT_MODE)
-        pending.close()
-
-    def _new_row(self, ref: ObjectRef, sha256_hex: str) -> Row:
-        now = self._clock()
-        return Row(
-            ref.cache_id, ref.store, ref.bucket, ref.key, ref.etag, ref.size, sha256_hex, now, now
-        )
+        self._committer.abort(pending)
 
     # -- singleflight ----------------------------------------------------------------------
 
@@ -574,68 +399,16 @@ class NodeCache:
         """Make disk and index agree after a crash; run at agent start, before any fetch.
 
         Deletes every temp file, drops rows whose file is missing or has the wrong size, and
-        deletes object files without a row (their bytes cannot be verified). Tries once more to
-        remove what released jobs left undeletable (see ``release``). Checksums are not
-        re-read: that would cost a full read of the cache at every start. Works one fan-out
-        directory at a time, so memory stays small with millions of objects.
+        deletes object files without a row (their bytes cannot be verified; see
+        ``cache/reconcile.py``). Tries once more to remove what released jobs left undeletable
+        (see ``release``).
         """
-        totals = [0, 0, 0, 0, 0]  # temps, dropped rows, orphans, objects, bytes
         with self._lock:
-            with os.scandir(self.objects) as top:
-                names = [(e.name, e.is_dir(follow_symlinks=False), e.path) for e in top]
-            for name, is_dir, path in names:
-                if not is_dir:
-                    totals[0 if is_temp_name(name) else 2] += 1
-                    Path(path).unlink(missing_ok=True)
-                elif not _FANOUT.fullmatch(name):
-                    totals[2] += self._clear_foreign_dir(Path(path))
-            for n in range(256):
-                self._reconcile_fanout(f"{n:02x}", totals)
+            report = sweep_objects(self.objects, self._index)
             left = [
                 name for name in self.leftovers() if not self._clear_leftover(self.released / name)
             ]
-        temps, dropped, orphans, objects, size = totals
-        return ReconcileReport(temps, dropped, orphans, objects, size, leftovers=len(left))
-
-    def _reconcile_fanout(self, prefix: str, totals: list[int]) -> None:
-        upper = f"{int(prefix, 16) + 1:02x}" if prefix != "ff" else "g"
-        sizes = self._index.id_range(prefix, upper)
-        kept: set[str] = set()
-        try:
-            with os.scandir(self.objects / prefix) as inner:
-                entries = [e for e in inner if not e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            entries = []
-        for entry in entries:
-            if is_temp_name(entry.name):
-                totals[0] += 1
-            elif self._is_indexed_file(entry, sizes):
-                kept.add(entry.name)
-                totals[3] += 1
-                totals[4] += sizes[entry.name]
-                continue
-            else:
-                totals[2] += 1
-            Path(entry.path).unlink(missing_ok=True)
-        for cache_id in sizes.keys() - kept:
-            self._index.delete(cache_id)
-            totals[1] += 1
-
-    def _clear_foreign_dir(self, path: Path) -> int:
-        """Files in a directory of ``objects/`` that no cache_id maps to: remove them."""
-        removed = 0
-        with os.scandir(path) as inner:
-            for entry in list(inner):
-                if not entry.is_dir(follow_symlinks=False):
-                    Path(entry.path).unlink(missing_ok=True)
-                    removed += 1
-        return removed
-
-    def _is_indexed_file(self, entry: os.DirEntry[str], sizes: dict[str, int]) -> bool:
-        """True if ``entry`` is a regular file at its cache_id's place with the indexed size."""
-        if entry.name not in sizes or Path(entry.path) != object_path(self.objects, entry.name):
-            return False
-        return entry.is_file(follow_symlinks=False) and entry.stat().st_size == sizes[entry.name]
+        return dataclasses.replace(report, leftovers=len(left))
 
     def usage(self) -> Usage:
         """Indexed bytes and objects, and the part of them leased by job views.
@@ -713,100 +486,6 @@ class NodeCache:
             self._index.delete(row.cache_id)
             path.unlink(missing_ok=True)
         return True
-
-
-class _Batcher(Generic[_In, _Out]):
-    """Runs items submitted on the event loop through ``run`` in worker threads, in groups.
-
-    While a group is in a thread the next one accumulates, so the group size follows the rate
-    by itself: one item when idle, hundreds under load, and one thread hop per group instead
-    of one per item. Up to ``parallel`` groups run at once (the kernel's file work for one
-    group does not wait for another's flush). ``run`` returns, per item, its result or its
-    exception.
-    """
-
-    def __init__(
-        self,
-        run: Callable[[list[_In]], list[_Out | BaseException]],
-        executor: concurrent.futures.Executor,
-        parallel: int,
-    ) -> None:
-        self._run_group = run
-        self._executor = executor
-        self._parallel = parallel
-        self._waiting: list[tuple[_In, asyncio.Future[_Out]]] = []
-        # Runners counted when created and uncounted in their own last step, never in a done
-        # callback: that runs later, and an item submitted in between would wait forever.
-        self._active = 0
-        self._tasks: set[asyncio.Task[None]] = set()  # strong references only
-
-    async def submit(self, item: _In) -> _Out:
-        future: asyncio.Future[_Out] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
-        if self._active < self._parallel:
-            self._active += 1
-            runner = asyncio.create_task(self._run(), name="cache-batch")
-            self._tasks.add(runner)
-            runner.add_done_callback(self._tasks.discard)
-        return await future
-
-    async def _run(self) -> None:
-        try:
-            await self._drain()
-        finally:
-            self._active -= 1  # no await between the empty check and here
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            group, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]
-            try:
-                # Shielded: a cancelled waiter must not stop a group half-way (a group
-                # commit would leave written files unindexed until the next reconcile).
-                results = await asyncio.shield(
-                    loop.run_in_executor(
-                        self._executor, self._run_group, [item for item, _ in group]
-                    )
-                )
-            except BaseException as exc:  # only a bug or shutdown: run reports per item
-                results = [exc] * len(group)
-            for (_, future), result in zip(group, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-
-
-def _syncfs_available() -> bool:
-    return _SYNCFS is not None
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the filesystem holding ``path`` (syncfs(2)); OSError on a reported write error."""
-    assert _SYNCFS is not None
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _SYNCFS(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-_SYNCFS = libc_function("syncfs", ctypes.c_int)
-
-
-def _check_complete(ref: ObjectRef, size: int, sha256_hex: str) -> None:
-    """CacheError unless ``size`` bytes are what ``ref`` lists and the digest looks like one.
-
-    Objects up to GROUP_COMMIT_MAX must come with their SHA-256 (peer copy checks it); bigger
-    ones may come without ("": downloads do not hash them twice, see hpcstage.store.s3)."""
-    if not _SHA256.fullmatch(sha256_hex) and (sha256_hex or ref.size <= GROUP_COMMIT_MAX):
-        raise CacheError(f"not a sha256 hex digest: {sha256_hex!r}")
-    if size != ref.size:
-        raise CacheError(f"object {ref.key!r} has {size} bytes, expected {ref.size}")
 
 
 def _link_count(path: Path) -> int | None:

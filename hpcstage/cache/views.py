@@ -26,7 +26,7 @@ from contextlib import suppress
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from hpcstage.cache.layout import CacheError
+from hpcstage.errors import CacheError
 
 # Readable to the job (ACLs narrow it to the job's user), sticky: see the module docstring.
 VIEW_DIR_MODE = 0o1755

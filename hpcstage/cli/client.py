@@ -4,9 +4,9 @@ The commands that talk to the daemon (``hpcstage env``, ``status``, ``warmup``, 
 ``trash``) read only what they need from the site configuration with
 :func:`load_client_settings`: where the API listens, how it authenticates, munged's socket and
 the node cache directory, checked by the same rules as the full schema
-(:mod:`hpcstage.config.rules`). Importing that schema (pydantic) would cost every job's
-``hpcstage env`` about 0.2 s; the daemon checks the whole file when it starts, and
-``hpcstage config check FILE`` lists every problem in it.
+(:mod:`hpcstage.config.rules`). Importing that schema (pydantic) would slow the start of every
+job's ``hpcstage env`` (start-up times: docs/benchmarks.md); the daemon checks the whole file
+when it starts, and ``hpcstage config check FILE`` lists every problem in it.
 """
 
 from __future__ import annotations
@@ -23,18 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from hpcstage import auth
 from hpcstage.config import rules
-from hpcstage.errors import ConfigError, HpcstageError
+from hpcstage.errors import ApiError, ConfigError
 
 if TYPE_CHECKING:
     from hpcstage.config.schema import Settings
-
-
-class ApiError(HpcstageError):
-    """The daemon answered with an error, or could not be reached."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Client:

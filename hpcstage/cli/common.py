@@ -34,8 +34,9 @@ def _given(path: Path | None) -> Path:
 def load_settings(path: Path | None) -> Settings:
     """Load and check the whole site config (the daemon's and agents' view) or fail with a
     message that says how to give one."""
-    # Imported here: the schema (pydantic) costs about 0.2 s, which the commands that only
-    # talk to the daemon do not pay (see load_client).
+    # Imported here: the schema (pydantic) is a large part of a command's start-up (see
+    # docs/benchmarks.md), which the commands that only talk to the daemon do not pay (see
+    # load_client).
     from hpcstage.config.load import load_config
 
     return load_config(_given(path))

@@ -13,11 +13,11 @@ from typing import Any
 
 import click
 
-from hpcstage.cli.client import ApiError, Client, ClientSettings, client_for
+from hpcstage.cli.client import Client, ClientSettings, client_for
 from hpcstage.cli.common import config_option, load_client
 from hpcstage.core.nodes import cache_dir_for
 from hpcstage.core.units import format_size
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import ApiError, HpcstageError
 from hpcstage.watch.slurm.hostlist import expand_hostlist
 
 ENSURE_EVERY = 5.0  # seconds between nudges to the daemon while waiting

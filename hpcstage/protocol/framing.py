@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpcstage.errors import HpcstageError, TransportError
+from hpcstage.errors import AgentError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +27,6 @@ MAX_LINE = 16 * 1024 * 1024  # a single message; progress and results are far sm
 CLOSE_WAIT = 5.0  # seconds a failed send waits for the reader to say why the session ended
 
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-class AgentError(HpcstageError):
-    """The agent ran the call and reports that it failed (message is for users).
-
-    ``transient`` is True when a retry later may succeed (the store was down or throttling).
-    """
-
-    def __init__(self, message: str, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -30,7 +30,7 @@ from hpcstage.config.schema import Settings
 from hpcstage.core import plan as planner
 from hpcstage.db import open_db
 from hpcstage.db.changes import Changes
-from hpcstage.errors import SlurmError, StoreError, TransportError
+from hpcstage.errors import SlurmError, StateUnavailable, StoreError, TransportError
 from hpcstage.service import leader
 from hpcstage.service.audit import AuditLog
 from hpcstage.service.timers import Timers
@@ -172,7 +172,7 @@ class Daemon:
             try:
                 if await asyncio.to_thread(lock.try_acquire):
                     return await self._take_over(lock, after_another=said)
-            except leader.StateUnavailable as exc:
+            except StateUnavailable as exc:
                 if first:
                     raise
                 log.warning("standing by: %s; trying again", exc)

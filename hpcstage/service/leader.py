@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Engine, create_engine, make_url, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from hpcstage.errors import ConfigError, HpcstageError
+from hpcstage.errors import ConfigError, StateUnavailable
 
 STANDBY_RETRY = 2.0  # seconds between a standby daemon's attempts to take the lock
 CHECK_EVERY = 5.0  # seconds between an active daemon's checks that it still holds it
@@ -43,10 +43,6 @@ PG_TCP_TIMEOUT = 15  # seconds of unacknowledged data before a PostgreSQL connec
 # call on a dead connection timing out) and stop. Without it both could act for a moment
 # after a database restart, which drops every session, the active daemon's lock included.
 TAKEOVER_GRACE = CHECK_EVERY + PG_TCP_TIMEOUT + 5.0
-
-
-class StateUnavailable(HpcstageError):
-    """The state database (or the lock file's directory) cannot be reached."""
 
 
 # The advisory lock's key: one per database, the same for every hpcstage daemon.

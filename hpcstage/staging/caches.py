@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpcstage.config.schema import Settings
-from hpcstage.errors import TransportError
-from hpcstage.protocol.framing import AgentError
+from hpcstage.errors import AgentError, TransportError
 from hpcstage.staging.nodes import NodeAgents
 
 log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split

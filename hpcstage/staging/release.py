@@ -10,8 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.core import plan as planner
 from hpcstage.db import Job
-from hpcstage.errors import TransportError
-from hpcstage.protocol.framing import AgentError
+from hpcstage.errors import AgentError, TransportError
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import job_stagings, key_of
 from hpcstage.watch.fold import log_event

@@ -23,8 +23,8 @@ from hpcstage.core import plan as planner
 from hpcstage.core.rules import Progress, StagingItem, remaining, source_params, take
 from hpcstage.core.units import format_size
 from hpcstage.db import Job, Request, Staging
-from hpcstage.errors import TransportError
-from hpcstage.protocol.framing import AgentError, RpcClient
+from hpcstage.errors import AgentError, TransportError
+from hpcstage.protocol.framing import RpcClient
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
 from hpcstage.watch.fold import log_event

@@ -19,8 +19,8 @@ from hpcstage.core import limits, stageout
 from hpcstage.core import plan as planner
 from hpcstage.core.rules import OutputFlags, Progress, StagingItem, remaining, take
 from hpcstage.db import Job, Staging
-from hpcstage.errors import TransportError
-from hpcstage.protocol.framing import AgentError, RpcClient
+from hpcstage.errors import AgentError, TransportError
+from hpcstage.protocol.framing import RpcClient
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
 from hpcstage.store.s3 import parse_s3_url

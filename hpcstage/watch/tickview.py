@@ -1,8 +1,9 @@
 """The planner's view of every unreleased job, read as plain columns in four queries.
 
 A tick used to load each job's requests and each request's stagings as ORM objects: two
-objects per directive, a few seconds of the event loop at 50 jobs of 1,000 directives and
-minutes at 1,000 (docs/benchmarks.md), during which the API answered nobody. The planner
+objects per directive, which held the event loop for long stretches once jobs had thousands
+of directives (timings in docs/benchmarks.md, "The overlap check of one tick"), and meanwhile
+the API answered nobody. The planner
 needs far less: per job and node, which staging states occur; per job, how many stage-outs
 there are and which states their stagings are in; the stage-in sources and the stage-out
 destinations (for the overlap index). Those come as rows and tuples here, grouped in SQL

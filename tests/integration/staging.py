@@ -20,8 +20,9 @@ import pytest
 from devcluster import proc
 from devcluster.cluster import DevCluster
 from devcluster.site import hpcstage_bin, start_daemon, stop_daemon, write_site_config
-from hpcstage.cli.client import ApiError, Client, client_for
+from hpcstage.cli.client import Client, client_for
 from hpcstage.config.load import load_config
+from hpcstage.errors import ApiError
 
 
 @dataclass

@@ -45,8 +45,9 @@ from hostile_s3 import (  # tests/: on sys.path, above the integration package
 )
 
 from hpcstage.agent.main import Agent
-from hpcstage.cache import CacheError, NodeCache, key_dest
+from hpcstage.cache import NodeCache, key_dest
 from hpcstage.errors import (
+    CacheError,
     HpcstageError,
     ObjectChangedError,
     StoreError,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from hpcstage.service.leader import PgAdvisoryLock, StateUnavailable
+from hpcstage.errors import StateUnavailable
+from hpcstage.service.leader import PgAdvisoryLock
 
 from .staging import TEST_DATABASE, drop_stale_databases, scratch_database
 

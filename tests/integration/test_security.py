@@ -23,8 +23,9 @@ import pytest
 from devcluster import proc, users
 from devcluster.cluster import DevCluster
 from hpcstage import auth
-from hpcstage.cli.client import ApiError, client_for
+from hpcstage.cli.client import client_for
 from hpcstage.config.load import load_config
+from hpcstage.errors import ApiError
 
 from .staging import Stager, make_dataset, running_stager, small_files
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.agent.main import AccessError, grant_access
+from hpcstage.agent.main import grant_access
+from hpcstage.errors import AccessError
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 OTHER = "nobody" if ME != "nobody" else "root"

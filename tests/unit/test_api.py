@@ -24,7 +24,7 @@ from hpcstage.config.load import parse_config
 from hpcstage.config.schema import Settings
 from hpcstage.db import Job, open_db
 from hpcstage.db.changes import Changes
-from hpcstage.errors import DirectiveError, HpcstageError, LimitError
+from hpcstage.errors import AuthError, DirectiveError, HpcstageError, LimitError
 
 USERS = {0: "root", 1000: "alice", 1001: "bob"}
 CREDENTIALS = {"root-cred": 0, "alice-cred": 1000, "bob-cred": 1001}
@@ -176,7 +176,7 @@ admins = ["root"]
 def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterable[FakeService]:
     async def decode(credential: str, socket: str | None = None) -> tuple[int, int]:
         if credential not in CREDENTIALS:
-            raise auth.AuthError("invalid credential")
+            raise AuthError("invalid credential")
         return CREDENTIALS[credential], 100
 
     monkeypatch.setattr(auth, "decode", decode)

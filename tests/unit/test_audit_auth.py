@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.auth import AuthError, _verdict, decode_now
+from hpcstage.auth import _verdict, decode_now
+from hpcstage.errors import AuthError
 from hpcstage.service.audit import AuditLog
 
 

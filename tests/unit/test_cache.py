@@ -13,7 +13,6 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from hpcstage.cache import (
-    CacheError,
     Entry,
     NodeCache,
     PendingObject,
@@ -24,6 +23,7 @@ from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.node import ReadSmall
 from hpcstage.cache.views import hardlinks_protected, remove_tree
 from hpcstage.core.identity import ObjectRef
+from hpcstage.errors import CacheError
 
 
 class Clock:
@@ -613,7 +613,7 @@ def test_commit_group_commits_all_with_one_index_transaction(
     cache: NodeCache, monkeypatch: pytest.MonkeyPatch, syncfs: bool
 ) -> None:
     if not syncfs:
-        monkeypatch.setattr("hpcstage.cache.node._SYNCFS", None)
+        monkeypatch.setattr("hpcstage.cache.commit._SYNCFS", None)
     transactions: list[int] = []
     put_many = cache._index.put_many
     monkeypatch.setattr(
@@ -749,7 +749,7 @@ def test_ensure_small_read_failure_writes_nothing(cache: NodeCache) -> None:
 
 
 def test_commit_group_takes_downloads_and_memory_objects_together(cache: NodeCache) -> None:
-    from hpcstage.cache.node import SmallObject
+    from hpcstage.cache.commit import SmallObject
 
     downloaded = started(cache, "file", b"from a download")
     in_memory = SmallObject(
@@ -784,14 +784,14 @@ def test_batcher_takes_items_submitted_right_after_its_runners_finished(parallel
     # callback, which runs after the next submit).
     from concurrent.futures import ThreadPoolExecutor
 
-    from hpcstage.cache.node import _Batcher
+    from hpcstage.cache.batch import Batcher
 
     def double(items: list[int]) -> list[int | BaseException]:
         return [2 * n for n in items]
 
     async def one_after_another() -> list[int]:
         with ThreadPoolExecutor(2) as pool:
-            batcher: _Batcher[int, int] = _Batcher(double, pool, parallel)
+            batcher: Batcher[int, int] = Batcher(double, pool, parallel)
             got = []
             for n in range(50):
                 got.append(await batcher.submit(n))  # awaited directly: the tightest timing

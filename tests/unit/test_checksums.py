@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from hpcstage.cache.node import GROUP_COMMIT_MAX
+from hpcstage.cache.commit import GROUP_COMMIT_MAX
 from hpcstage.store import checksums
 from hpcstage.store.checksums import StoreChecksum, from_response
 from hpcstage.store.s3 import LEAN_MAX

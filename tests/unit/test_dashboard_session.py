@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpcstage.api import session
-from hpcstage.auth import AuthError
+from hpcstage.errors import AuthError
 
 KEY = b"k" * 32
 NOW = 1_800_000_000.0

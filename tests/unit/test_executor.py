@@ -20,8 +20,8 @@ from hpcstage.config.schema import Settings
 from hpcstage.core import plan as planner
 from hpcstage.db import open_db
 from hpcstage.db.models import Event, Job, Request, Staging, Upload
-from hpcstage.errors import TransportError
-from hpcstage.protocol.framing import AgentError, RpcClient
+from hpcstage.errors import AgentError, TransportError
+from hpcstage.protocol.framing import RpcClient
 from hpcstage.staging.executor import Executor
 from hpcstage.staging.records import MAX_INTERNAL_ERROR_ATTEMPTS
 from hpcstage.staging.stagein import MAX_TRANSPORT_ATTEMPTS

@@ -33,11 +33,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hpcstage.agent.main import _view_path
-from hpcstage.cache import CacheError
 from hpcstage.cache.views import link_into
 from hpcstage.core.directives import MAX_KEY_BYTES, MAX_NAME_BYTES, SourceKind, parse_value
 from hpcstage.core.identity import ObjectRef
 from hpcstage.core.stageout import key_for
+from hpcstage.errors import CacheError
 
 FUZZ = settings(
     deadline=None,

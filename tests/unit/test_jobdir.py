@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcstage.agent.jobdir import JobDir, Owners, UnsafeFileError, digests
+from hpcstage.agent.jobdir import JobDir, Owners, digests
 from hpcstage.core.stageout import Output, Refused, Skipped, file_problem, name_problem
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import HpcstageError, UnsafeFileError
 
 ME = os.geteuid()
 OTHER_UID = 4242

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from hpcstage.config.load import parse_config
+from hpcstage.errors import StateUnavailable
 from hpcstage.service import leader
 from hpcstage.service.daemon import Daemon
-from hpcstage.service.leader import FileLock, PgAdvisoryLock, StateUnavailable, state_lock
+from hpcstage.service.leader import FileLock, PgAdvisoryLock, state_lock
 
 
 def test_the_lock_of_a_state_database_follows_its_url(tmp_path: Path) -> None:

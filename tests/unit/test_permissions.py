@@ -22,12 +22,12 @@ from hpcstage.agent.permissions import (
     USER,
     USER_OBJ,
     Entry,
-    PermissionRefused,
     Person,
     Reader,
     allowed,
     parse_acl,
 )
+from hpcstage.errors import PermissionRefused
 
 OWNER, ALICE, BOB = 41001, 41002, 41003
 PROJECT = 42000

@@ -15,6 +15,7 @@ from hpcstage.api.dashboard import render_dashboard, render_login_needed
 from hpcstage.api.deps import ApiState, Caller, Database, identity, state
 from hpcstage.api.status import job_summary
 from hpcstage.db import Job
+from hpcstage.errors import AuthError
 
 JOBS_SHOWN = 200  # the newest ones
 
@@ -37,7 +38,7 @@ async def login(shared: ApiState = Depends(state), token: str = "") -> Response:
     try:
         claims = session.verify(shared.session_key, token, "login", now)
         shared.logins.spend(claims, now)
-    except auth.AuthError as exc:
+    except AuthError as exc:
         shared.service.audit.record("auth-refused", reason=f"dashboard: {exc}")
         return HTMLResponse(render_login_needed(str(exc)), status_code=401)
     reply = RedirectResponse("/", status_code=303)
@@ -57,7 +58,7 @@ def viewer(shared: ApiState, cookie: str | None) -> auth.Identity:
     if shared.service.settings.api.auth == "none":
         return auth.Identity(user="anonymous", uid=-1, admin=True)
     if not cookie:
-        raise auth.AuthError("the dashboard needs a login")
+        raise AuthError("the dashboard needs a login")
     uid = session.verify(shared.session_key, cookie, "session", time.time()).uid
     return identity(shared.service, uid)
 
@@ -67,7 +68,7 @@ async def dashboard(request: Request, db: Database, shared: ApiState = Depends(s
     """A page for people: their jobs (admins: all) and staging, refreshed every few seconds."""
     try:
         me = viewer(shared, request.cookies.get(session.COOKIE))
-    except auth.AuthError as exc:
+    except AuthError as exc:
         return HTMLResponse(render_login_needed(str(exc)), status_code=401)
     with db.begin() as db_session:
         query = select(Job).order_by(Job.id.desc()).limit(JOBS_SHOWN)

@@ -1,216 +1,47 @@
-"""Staging directives: ``--stage-in`` / ``--stage-out`` from batch scripts and option values.
-
-Grammar (each option may be repeated; a job has at most 1000 directives)::
-
-    --stage-in=SRC[:DEST]
-        SRC    s3://BUCKET/KEY        one object
-               s3://BUCKET/PREFIX/    every object under PREFIX (s3://BUCKET/ = whole bucket)
-               /ABSOLUTE/PATH         a file or directory on a shared filesystem
-        DEST   a path relative to $HPCSTAGE_DIR; default: SRC's last component. DIR/ means
-               "into DIR" as with cp: an object or a path without a final '/' lands as
-               DIR/NAME, a prefix or a path written with a final '/' as DIR
-    --stage-out=SRC:DEST[:FLAGS]
-        SRC    a path relative to $HPCSTAGE_DIR (file or directory), or "." for all of it
-        DEST   s3://BUCKET/PREFIX/    SRC goes under PREFIX (a directory's contents, a file by name)
-               s3://BUCKET/KEY        SRC must be a file
-               sbatch's filename patterns %j %u %x %A %a %% are expanded (expand_stage_out)
-        FLAGS  comma list: on=always|success|failure (default always), optional (SRC may be
-               missing)
-
-Separators: SRC and DEST are split at the first ':' after any ``s3://``, DEST and FLAGS at the
-next ':'.  So S3 keys and stage-in SRC paths cannot contain ':', a stage-in DEST can.
-
-Where directives are read from:
-
-- A batch script: ``#SBATCH`` (and its deprecated twin ``#SLURM``) and ``#HPCSTAGE`` lines of
-  the leading comment block, exactly as
-  sbatch scans it (it stops at the first line whose first non-blank character is not '#'), and
-  split into words as sbatch does (quotes group, backslash escapes, an unquoted '#' ends the
-  line).  ``#SBATCH`` lines may carry other options, which are ignored; ``#HPCSTAGE`` lines may
-  carry only ours.  ``--stage-in=V`` and ``--stage-in V`` are both accepted.
-- Option values (SPANK, ``hpcstage warmup``): ``parse_value``; lists of options: ``parse_args``.
-- Slurm's ``admin_comment``, written by a job_submit.lua from the SPANK job environment::
-
-      hpcstage:v1:in=<value>;out=<value>;...;end
-
-  Each value is percent-encoded (UTF-8) except ``A-Z a-z 0-9 - . _ ~ / : = , @ +``, so the block
-  has no spaces or ';' of its own and other text may surround it (separated by whitespace).  The
-  final ``end`` tells a complete block from a truncated one.  In Lua 5.1::
-
-      s:gsub("[^%w%-%._~/:=,@+]", function(c) return string.format("%%%02X", c:byte()) end)
-
-Every refusal names its line (``line 0`` is a value given outside a script).  Nothing parsed here
-can name a path outside $HPCSTAGE_DIR: '..', '.', empty components and absolute DESTs are refused.
+"""Parsing directives: scripts (``#SBATCH``/``#HPCSTAGE`` lines split as sbatch does), option
+lists, one option value (SRC, DEST and FLAGS, refusing anything that could leave
+$HPCSTAGE_DIR), and sbatch's filename patterns in a stage-out DEST. The grammar is drawn in the
+package docstring (``hpcstage/core/directives/__init__.py``).
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Literal, overload
-from urllib.parse import quote, unquote
 
+from hpcstage.core.directives.model import (
+    MAX_DIRECTIVES,
+    MAX_KEY_BYTES,
+    MAX_NAME_BYTES,
+    MAX_VALUE_CHARS,
+    NO_VAL,
+    OPTIONS,
+    Directive,
+    DirectiveProblem,
+    JobContext,
+    Kind,
+    ParsedDirectives,
+    Source,
+    SourceKind,
+    StageIn,
+    StageOut,
+    When,
+    quoted,
+    shown,
+)
 from hpcstage.errors import DirectiveError
 
-MAX_DIRECTIVES = 1000
-MAX_VALUE_CHARS = 4096
-MAX_KEY_BYTES = 1024  # S3's limit on object keys
-MAX_NAME_BYTES = 255  # NAME_MAX: one path component on the node's filesystem
-# admin_comment has no limit of its own in slurmctld, but accounting stores it in a TEXT column
-# (64 KiB in MySQL); stay well inside.
-MAX_ADMIN_COMMENT_CHARS = 32768
-NO_VAL = 4294967294  # what sbatch prints for %a outside a job array
-
-Kind = Literal["stage-in", "stage-out"]
 # sbatch still reads the deprecated #SLURM like #SBATCH (with a warning), so a SPANK option
 # there reaches the plugin: read it too, or the two paths would disagree.
 _MAGIC_WORDS = ("#SBATCH", "#SLURM", "#HPCSTAGE")
-_OPTIONS: dict[str, Kind] = {"--stage-in": "stage-in", "--stage-out": "stage-out"}
 _C_SPACE = " \t\n\v\f\r"  # C's isspace(), which sbatch uses to split words
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _PATTERN = re.compile(r"%([0-9]*)(.?)", re.DOTALL)
-_ADMIN_MARK = re.compile(r"(?:^|(?<=\s))hpcstage:v([0-9]+):(\S*)")
-_ADMIN_SAFE = "/:=,@+"  # quote() also keeps A-Z a-z 0-9 - . _ ~
-# bad=<word>: a word of a #HPCSTAGE line that is no staging option, or a whole line with an
-# open quote (job_submit.lua passes it on, so that the job is refused with it instead of
-# running without that input).
-_ADMIN_ITEM = re.compile(r"(in|out|bad)=((?:[A-Za-z0-9\-._~/:=,@+]|%[0-9A-Fa-f]{2})*)")
-_ADMIN_KINDS: dict[str, Kind] = {"in": "stage-in", "out": "stage-out"}
-
-
-class SourceKind(StrEnum):
-    """What a source or destination names."""
-
-    S3_OBJECT = "s3-object"
-    S3_PREFIX = "s3-prefix"
-    PATH = "path"
-
-
-class When(StrEnum):
-    """When a stage-out runs, by the job's outcome."""
-
-    ALWAYS = "always"
-    SUCCESS = "success"
-    FAILURE = "failure"
-
-
-@dataclass(frozen=True)
-class Source:
-    """An S3 object, an S3 prefix (key ends with '/', '' = whole bucket) or a shared path."""
-
-    kind: SourceKind
-    bucket: str = ""
-    key: str = ""
-    path: str = ""  # absolute, for kind PATH
-
-    @property
-    def url(self) -> str:
-        """The source as written in a directive: ``s3://bucket/key`` or the path."""
-        return self.path if self.kind is SourceKind.PATH else f"s3://{self.bucket}/{self.key}"
-
-
-@dataclass(frozen=True)
-class StageIn:
-    """Copy ``src`` to ``$HPCSTAGE_DIR/dest`` before the job runs."""
-
-    src: Source
-    dest: PurePosixPath
-    line: int
-    text: str
-
-
-@dataclass(frozen=True)
-class StageOut:
-    """Copy ``$HPCSTAGE_DIR/src`` to ``dest`` after the job, if ``when`` matches its outcome."""
-
-    src: PurePosixPath
-    dest: Source  # may hold unexpanded %-patterns: see expand_stage_out
-    when: When
-    optional: bool
-    line: int
-    text: str
-
-    @property
-    def dest_url(self) -> str:
-        """The destination as written, patterns unexpanded."""
-        return self.dest.url
-
-
-Directive = StageIn | StageOut
 _WHEN_VALUES = frozenset(when.value for when in When)
-
-
-SHOWN_CHARS = 200  # of a directive's text in a message
-SHOWN_PROBLEMS = 5
-
-
-def shown(text: str, limit: int = SHOWN_CHARS) -> str:
-    """Text for a message: control characters escaped, cut to ``limit`` characters."""
-    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return safe if len(safe) <= limit else f"{safe[:limit]}... ({len(text)} characters)"
-
-
-QUOTED_CHARS = 60  # of one piece of a value quoted inside a message
-
-
-def quoted(text: str, limit: int = QUOTED_CHARS) -> str:
-    """``repr`` of a piece of a value for a message, cut: a 4 KiB value (the most a directive
-    may hold) must not make a 4 KiB message; the reason follows it, so it stays readable."""
-    text_repr = repr(text)  # escapes every non-printable character
-    return text_repr if len(text_repr) <= limit else f"{text_repr[: limit - 4]}...'"
-
-
-def summarize(problems: list[str]) -> str:
-    """The first few problems, then how many more: 10,000 bad lines make one short message."""
-    head = "; ".join(problems[:SHOWN_PROBLEMS])
-    rest = len(problems) - SHOWN_PROBLEMS
-    return head + (f"; and {rest} more" if rest > 0 else "")
-
-
-@dataclass(frozen=True)
-class DirectiveProblem:
-    """One refused directive: where it was and why."""
-
-    line: int
-    text: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"line {self.line}: {self.message}: {shown(self.text)}"
-
-
-@dataclass(frozen=True)
-class ParsedDirectives:
-    """Everything found in one script or option list.
-
-    ``errors`` lists every refused directive; a job with any error must not be staged.
-    ``warnings`` lists directives sbatch would not read (after the first command).
-    """
-
-    stage_in: tuple[StageIn, ...] = ()
-    stage_out: tuple[StageOut, ...] = ()
-    errors: tuple[DirectiveProblem, ...] = ()
-    warnings: tuple[DirectiveProblem, ...] = ()
-
-    def raise_if_errors(self) -> None:
-        """Raise one DirectiveError listing every problem, if there is any."""
-        if self.errors:
-            raise DirectiveError(summarize([str(problem) for problem in self.errors]))
-
-
-@dataclass(frozen=True)
-class JobContext:
-    """The job facts sbatch's filename patterns refer to."""
-
-    job_id: int
-    user: str
-    name: str
-    array_job_id: int | None = None
-    array_task_id: int | None = None
 
 
 # --- public entry points ------------------------------------------------------------------
@@ -245,8 +76,8 @@ def parse_args(args: Iterable[str]) -> ParsedDirectives:
     found = _Collector()
     for arg in args:
         name, equals, value = arg.partition("=")
-        if name in _OPTIONS and equals:
-            found.add(_OPTIONS[name], value, 0, arg)
+        if name in OPTIONS and equals:
+            found.add(OPTIONS[name], value, 0, arg)
         else:
             found.problem(0, arg, "expected --stage-in=VALUE or --stage-out=VALUE")
     return found.result()
@@ -266,7 +97,7 @@ def parse_value(kind: Kind, value: str, line: int = 0) -> Directive:
 
 def parse_source(text: str) -> Source:
     """Parse a stage-in SRC on its own (``s3://...`` or an absolute path)."""
-    _check_text(text)
+    check_text(text)
     scheme, rest = _split_scheme(text)
     if scheme is None:
         return _path_source(text)
@@ -292,7 +123,7 @@ def expand_stage_out(stage_out: StageOut, context: JobContext) -> StageOut:
     """
     key = expand_patterns(stage_out.dest.key, context)
     try:
-        _check_text(key)
+        check_text(key)
         dest = _s3_source(f"{stage_out.dest.bucket}/{key}", "DEST")
         if dest.kind is not stage_out.dest.kind:
             raise DirectiveError(f"expanded DEST {quoted(dest.url)} changes from object to prefix")
@@ -300,44 +131,6 @@ def expand_stage_out(stage_out: StageOut, context: JobContext) -> StageOut:
         problem = DirectiveProblem(stage_out.line, stage_out.text, str(err))
         raise DirectiveError(str(problem)) from err
     return replace(stage_out, dest=dest)
-
-
-def encode_admin_comment(directives: Sequence[str]) -> str:
-    """Encode ``--stage-in=V``/``--stage-out=V`` strings as an admin_comment block."""
-    items = []
-    for directive in directives:
-        name, equals, value = directive.partition("=")
-        if name not in _OPTIONS or not equals:
-            raise DirectiveError(f"not a staging directive: {quoted(directive)}")
-        _check_text(value)  # refused later anyway; and quote() cannot encode lone surrogates
-        items.append(f"{name.removeprefix('--stage-')}={quote(value, safe=_ADMIN_SAFE)}")
-    comment = "hpcstage:v1:" + "".join(f"{item};" for item in items) + "end"
-    if len(comment) > MAX_ADMIN_COMMENT_CHARS:
-        raise DirectiveError(
-            f"directives need {len(comment)} characters of admin_comment, "
-            f"more than {MAX_ADMIN_COMMENT_CHARS}"
-        )
-    return comment
-
-
-def decode_admin_comment(text: str) -> list[str] | None:
-    """Directive strings from an admin_comment, or None if it holds no hpcstage block.
-
-    A block that is ours but unreadable (newer version, truncated, bad escape, two blocks)
-    raises DirectiveError: a job must not run as if it had no directives.
-    """
-    blocks = list(_ADMIN_MARK.finditer(text))
-    if not blocks:
-        return None
-    if len(blocks) > 1:
-        raise DirectiveError("admin_comment holds more than one hpcstage block")
-    version, body = blocks[0].groups()
-    if version != "1":
-        raise DirectiveError(f"admin_comment uses hpcstage format v{version}; this reads v1")
-    *items, last = body.split(";")
-    if last != "end":
-        raise DirectiveError("admin_comment hpcstage block is truncated (no final 'end')")
-    return [_decode_item(item) for item in items]
 
 
 # --- scripts: finding and splitting directive lines ---------------------------------------
@@ -389,16 +182,16 @@ def _options(words: list[str], strict: bool) -> list[tuple[Kind, str]]:
     index = 0
     while index < len(words):
         name, equals, value = words[index].partition("=")
-        if name in _OPTIONS and not equals:
+        if name in OPTIONS and not equals:
             if index + 1 >= len(words):
                 raise DirectiveError(f"{name} needs a value on the same line")
             index, value = index + 1, words[index + 1]
-        elif name not in _OPTIONS:
+        elif name not in OPTIONS:
             if strict:
                 raise DirectiveError(f"unknown #HPCSTAGE option {quoted(words[index])}")
             index += 1
             continue
-        found.append((_OPTIONS[name], value))
+        found.append((OPTIONS[name], value))
         index += 1
     return found
 
@@ -455,7 +248,7 @@ class _Collector:
 
 
 def _parse_directive(kind: Kind, value: str, line: int, text: str) -> Directive:
-    _check_text(value)
+    check_text(value)
     if not value:
         raise DirectiveError(f"--{kind} needs a value")
     if kind == "stage-in":
@@ -590,7 +383,7 @@ def _check_components(path: str, what: str) -> None:
             raise DirectiveError(f"{what} {quoted(path)} has {which} component")
 
 
-def _check_text(value: str) -> None:
+def check_text(value: str) -> None:
     if len(value) > MAX_VALUE_CHARS:
         raise DirectiveError(f"value is longer than {MAX_VALUE_CHARS} characters")
     # Cc: NUL and other control characters; Cs: lone surrogates from undecodable bytes.
@@ -617,7 +410,7 @@ def _check_bucket(bucket: str) -> None:
         raise DirectiveError(f"{quoted(bucket)} is not a valid S3 bucket name")
 
 
-# --- patterns and admin_comment ---------------------------------------------------------------
+# --- patterns --------------------------------------------------------------------------------
 
 _PROBE = JobContext(job_id=1, user="user", name="name")
 
@@ -640,18 +433,3 @@ def _pattern_value(match: re.Match[str], context: JobContext) -> str:
         return context.user if letter == "u" else context.name
     which = shown(f"%{width_text}{letter}", 20) if letter else "a trailing '%'"
     raise DirectiveError(f"unsupported pattern {which} (known: %j %u %x %A %a %%)")
-
-
-def _decode_item(item: str) -> str:
-    match = _ADMIN_ITEM.fullmatch(item)
-    if match is None:
-        raise DirectiveError(f"admin_comment hpcstage item {item[:60]!r} is malformed")
-    try:
-        value = unquote(match.group(2), errors="strict")
-    except UnicodeDecodeError as err:
-        raise DirectiveError("admin_comment hpcstage item is not UTF-8") from err
-    if match.group(1) == "bad":
-        # parse_args refuses it by name. Never as a directive: job_submit.lua before issue 15
-        # passed a whole line with an open quote this way, and it may start --stage-in=.
-        return f"#HPCSTAGE {value}" if value.partition("=")[0] in _OPTIONS else value
-    return f"--{_ADMIN_KINDS[match.group(1)]}={value}"

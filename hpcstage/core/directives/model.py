@@ -1,0 +1,152 @@
+"""The directive model: what a ``--stage-in``/``--stage-out`` names, the limits on it, and how
+problems with it are shown. Plain frozen dataclasses; the grammar is in ``parse.py`` and the
+package docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Literal
+
+from hpcstage.errors import DirectiveError
+
+MAX_DIRECTIVES = 1000
+MAX_VALUE_CHARS = 4096
+MAX_KEY_BYTES = 1024  # S3's limit on object keys
+MAX_NAME_BYTES = 255  # NAME_MAX: one path component on the node's filesystem
+NO_VAL = 4294967294  # what sbatch prints for %a outside a job array
+
+Kind = Literal["stage-in", "stage-out"]
+OPTIONS: dict[str, Kind] = {"--stage-in": "stage-in", "--stage-out": "stage-out"}
+
+
+class SourceKind(StrEnum):
+    """What a source or destination names."""
+
+    S3_OBJECT = "s3-object"
+    S3_PREFIX = "s3-prefix"
+    PATH = "path"
+
+
+class When(StrEnum):
+    """When a stage-out runs, by the job's outcome."""
+
+    ALWAYS = "always"
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+@dataclass(frozen=True)
+class Source:
+    """An S3 object, an S3 prefix (key ends with '/', '' = whole bucket) or a shared path."""
+
+    kind: SourceKind
+    bucket: str = ""
+    key: str = ""
+    path: str = ""  # absolute, for kind PATH
+
+    @property
+    def url(self) -> str:
+        """The source as written in a directive: ``s3://bucket/key`` or the path."""
+        return self.path if self.kind is SourceKind.PATH else f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class StageIn:
+    """Copy ``src`` to ``$HPCSTAGE_DIR/dest`` before the job runs."""
+
+    src: Source
+    dest: PurePosixPath
+    line: int
+    text: str
+
+
+@dataclass(frozen=True)
+class StageOut:
+    """Copy ``$HPCSTAGE_DIR/src`` to ``dest`` after the job, if ``when`` matches its outcome."""
+
+    src: PurePosixPath
+    dest: Source  # may hold unexpanded %-patterns: see expand_stage_out
+    when: When
+    optional: bool
+    line: int
+    text: str
+
+    @property
+    def dest_url(self) -> str:
+        """The destination as written, patterns unexpanded."""
+        return self.dest.url
+
+
+Directive = StageIn | StageOut
+
+
+SHOWN_CHARS = 200  # of a directive's text in a message
+SHOWN_PROBLEMS = 5
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Text for a message: control characters escaped, cut to ``limit`` characters."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return safe if len(safe) <= limit else f"{safe[:limit]}... ({len(text)} characters)"
+
+
+QUOTED_CHARS = 60  # of one piece of a value quoted inside a message
+
+
+def quoted(text: str, limit: int = QUOTED_CHARS) -> str:
+    """``repr`` of a piece of a value for a message, cut: a 4 KiB value (the most a directive
+    may hold) must not make a 4 KiB message; the reason follows it, so it stays readable."""
+    text_repr = repr(text)  # escapes every non-printable character
+    return text_repr if len(text_repr) <= limit else f"{text_repr[: limit - 4]}...'"
+
+
+def summarize(problems: list[str]) -> str:
+    """The first few problems, then how many more: 10,000 bad lines make one short message."""
+    head = "; ".join(problems[:SHOWN_PROBLEMS])
+    rest = len(problems) - SHOWN_PROBLEMS
+    return head + (f"; and {rest} more" if rest > 0 else "")
+
+
+@dataclass(frozen=True)
+class DirectiveProblem:
+    """One refused directive: where it was and why."""
+
+    line: int
+    text: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}: {shown(self.text)}"
+
+
+@dataclass(frozen=True)
+class ParsedDirectives:
+    """Everything found in one script or option list.
+
+    ``errors`` lists every refused directive; a job with any error must not be staged.
+    ``warnings`` lists directives sbatch would not read (after the first command).
+    """
+
+    stage_in: tuple[StageIn, ...] = ()
+    stage_out: tuple[StageOut, ...] = ()
+    errors: tuple[DirectiveProblem, ...] = ()
+    warnings: tuple[DirectiveProblem, ...] = ()
+
+    def raise_if_errors(self) -> None:
+        """Raise one DirectiveError listing every problem, if there is any."""
+        if self.errors:
+            raise DirectiveError(summarize([str(problem) for problem in self.errors]))
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """The job facts sbatch's filename patterns refer to."""
+
+    job_id: int
+    user: str
+    name: str
+    array_job_id: int | None = None
+    array_task_id: int | None = None
