@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -23,7 +24,6 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from hpcstage.agent import peer
 from hpcstage.config.settings import Settings
 from hpcstage.core import directives as dirs
 from hpcstage.core import limits, policy, quota, stageout
@@ -42,9 +42,26 @@ from hpcstage.errors import (
     TransportError,
 )
 from hpcstage.protocol.framing import AgentError, RpcClient
+from hpcstage.protocol.messages import (
+    AgentStoreSettings,
+    CredentialsRequest,
+    EvictRequest,
+    FileOutcome,
+    HelloRequest,
+    ReleaseRequest,
+    SourceSpec,
+    StageItem,
+    StageOutItem,
+    StageOutProgress,
+    StageOutRequest,
+    StageProgress,
+    StageRequest,
+    TransferSettings,
+)
 from hpcstage.service import leader
 from hpcstage.service.audit import AuditLog
-from hpcstage.staging import trash
+from hpcstage.staging import peer, trash
+from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.pool import (
     AgentPool,
     AgentSession,
@@ -110,7 +127,7 @@ class Daemon:
     _agent_command: str = ""  # set with _pool: nodes.agent_command, or our own hpcstage's
     _tasks: dict[tuple[int, str], asyncio.Task[None]] = field(default_factory=dict)
     _progress: dict[int, Progress] = field(default_factory=dict)
-    _files: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    _files: dict[int, dict[str, FileOutcome]] = field(default_factory=dict)
     _ignored: set[JobKey] = field(default_factory=set)
     _node_addr: dict[str, str] = field(default_factory=dict)
     # node -> (consecutive transport failures, time before which it is not tried again)
@@ -307,7 +324,8 @@ class Daemon:
         for node in self._pool.open_nodes():
             try:
                 rpc = await self._pool.get(node)
-                await asyncio.wait_for(rpc.call("credentials", {"credentials": fresh}), 30)
+                renewed = CredentialsRequest(dict(fresh))
+                await asyncio.wait_for(AgentClient(rpc, node).credentials(renewed), 30)
                 told += 1
             except (HpcstageError, TimeoutError) as exc:  # it gets them in its next hello
                 log.warning("agent on %s: new S3 credentials not handed over: %s", node, exc)
@@ -427,7 +445,7 @@ class Daemon:
             job = session.get_one(Job, action.job_id)
             requests = [r for r in job.requests if r.direction in ("in", "dir")]
             # The agent's "stage" parameters but the items; a warmup only fills the cache.
-            call = {"job": _job_key(job), "user": job.user, "view": job.kind != "warmup"}
+            call = StageRequest(_job_key(job), job.user, view=job.kind != "warmup", items=[])
             log_event(session, job.id, action.node, f"staging: {action.reason}")
             stagings = [_staging(session, r, action.node) for r in requests]
             for st in stagings:
@@ -469,7 +487,7 @@ class Daemon:
         src: str,
         limit: quota.Budget,
     ) -> None:
-        """Copy the small objects of ``src`` another node's cache holds (transfer/peer.py),
+        """Copy the small objects of ``src`` another node's cache holds (staging/peer.py),
         counted in the staging's ``peer_files``.
 
         Never fails the staging: whatever is not copied, the stage fetches from the store.
@@ -477,13 +495,16 @@ class Daemon:
         if not self.settings.transfer.peer_copy or self._peer_copies >= PEER_COPIES:
             return
         source = source_params(src)
-        if source["kind"] not in ("s3-prefix", "s3-key"):
+        if not peer.copyable(source):
             return
         for other in self._peers_holding(src, action.node):
             self._peer_copies += 1
             try:
                 copied = await peer.copy_from_peer(
-                    rpc, await self._agent(other), source, limit.max_bytes
+                    AgentClient(rpc, action.node),
+                    AgentClient(await self._agent(other), other),
+                    source,
+                    limit.max_bytes,
                 )
             except (AgentError, TransportError, LookupError, TypeError, ValueError) as exc:
                 log.warning("peer copy of %s from %s to %s: %s", src, other, action.node, exc)
@@ -533,7 +554,7 @@ class Daemon:
         self,
         rpc: RpcClient,
         staging_id: int,
-        call: dict[str, Any],
+        call: StageRequest,
         request_id: int,
         src: str,
         dest: str,
@@ -542,24 +563,25 @@ class Daemon:
     ) -> None:
         progress = self._progress.setdefault(staging_id, Progress())
 
-        def on_progress(data: dict[str, Any]) -> None:
+        def on_progress(data: StageProgress | StageOutProgress) -> None:
             _take(progress, data)
 
         items = []
         if src:  # a "dir" request (stage-out only job) just needs the job directory
             items.append(
-                {
-                    "request_id": request_id,
-                    "source": source_params(src),
-                    "dest": dest,
-                    "max_bytes": limit.max_bytes,
-                    "quota_reason": limit.reason,
-                    "max_objects": objects.max_objects,
-                    "objects_reason": objects.reason,
-                }
+                StageItem(
+                    request_id=request_id,
+                    source=source_params(src),
+                    dest=dest,
+                    max_bytes=limit.max_bytes,
+                    quota_reason=limit.reason,
+                    max_objects=objects.max_objects,
+                    objects_reason=objects.reason,
+                )
             )
-        result = await rpc.call("stage", {**call, "items": items}, on_progress)
-        for got in result.get("items", []):
+        request = dataclasses.replace(call, items=items)
+        result = await AgentClient(rpc, rpc.name).stage(request, on_progress)
+        for got in result.items:
             on_progress(got)
         self._finish(staging_id, progress)
 
@@ -689,31 +711,31 @@ class Daemon:
         progress = self._progress.setdefault(staging_id, Progress())
         files = self._files.setdefault(staging_id, {})
 
-        def on_progress(data: dict[str, Any]) -> None:
+        def on_progress(data: StageOutProgress) -> None:
             _take(progress, data)
-            for f in data.get("files", []):
-                files[f["path"]] = f
+            for f in data.files:
+                files[f.path] = f
 
-        params = {
-            "job": job_key,
-            "user": flags["user"],
-            "ended_at": ended_at,
-            "trash_prefix": self.settings.stage_out.trash_prefix,
-            "items": [
-                {
-                    "request_id": request_id,
-                    "src": src,
-                    "dest_bucket": bucket,
-                    "dest_key": key,
-                    "optional": flags["optional"],
-                    "job_completed": flags["job_completed"],
-                    "max_files": flags["limit"].max_files,
-                    "max_bytes": flags["limit"].max_bytes,
-                    "limit_reason": flags["limit"].reason,
-                }
+        params = StageOutRequest(
+            job=job_key,
+            user=flags["user"],
+            ended_at=ended_at,
+            trash_prefix=self.settings.stage_out.trash_prefix,
+            items=[
+                StageOutItem(
+                    request_id=request_id,
+                    src=src,
+                    dest_bucket=bucket,
+                    dest_key=key,
+                    optional=flags["optional"],
+                    job_completed=flags["job_completed"],
+                    max_files=flags["limit"].max_files,
+                    max_bytes=flags["limit"].max_bytes,
+                    limit_reason=flags["limit"].reason,
+                )
             ],
-        }
-        await rpc.call("stage_out", params, on_progress)
+        )
+        await AgentClient(rpc, rpc.name).stage_out(params, on_progress)
         self._finish(staging_id, progress)
 
     def _requeue_out(self, action: planner.StageOut, staging_ids: list[int], message: str) -> None:
@@ -738,8 +760,8 @@ class Daemon:
         known = {u.path: u for u in st.uploads}
         for path, f in ((stageout.shown(p), f) for p, f in files.items()):
             row = known.get(path) or Upload(staging_id=st.id, path=path)
-            row.key, row.size, row.state = stageout.shown(f["key"]), int(f["size"]), f["state"]
-            row.trash_key, row.error = stageout.shown(f["trash_key"]), stageout.shown(f["error"])
+            row.key, row.size, row.state = stageout.shown(f.key), f.size, f.state
+            row.trash_key, row.error = stageout.shown(f.trash_key), stageout.shown(f.error)
             row.updated_at = time.time()
             if path not in known:
                 session.add(row)
@@ -750,12 +772,12 @@ class Daemon:
             job_key = _job_key(session.get_one(Job, action.job_id))
         try:
             rpc = await self._agent(action.node)
-            done = await rpc.call("release", {"job": job_key})
+            done = await AgentClient(rpc, action.node).release(ReleaseRequest(job_key))
         except (AgentError, TransportError) as exc:
             log.warning("release of %s on %s failed: %s", job_key, action.node, exc)
             return
         # The job made part of its directory undeletable: released all the same, lease ended.
-        left = f" (left for an admin: released/{done['leftover']})" if done.get("leftover") else ""
+        left = f" (left for an admin: released/{done.leftover})" if done.leftover else ""
         with self.db.begin() as session:
             for st in _job_stagings(session, action.job_id, action.node):
                 # A failure stays on record (status, `hpcstage env`) after its view is gone.
@@ -877,29 +899,29 @@ class Daemon:
 
     async def _hello(self, node: str, rpc: RpcClient) -> None:
         s, t = self.settings.store, self.settings.transfer
-        store = {
-            "endpoint_url": s.endpoint_url,
-            "region": self._region,
-            "addressing_style": s.addressing_style,
-            "verify_tls": s.verify_tls,
-            "ca_bundle": str(s.ca_bundle or ""),
-            "max_connections": s.max_connections,
-            "connect_timeout": s.connect_timeout,
-            "read_timeout": s.read_timeout,
-            "credentials": self._credentials,
-        }
-        transfer = {
-            "concurrency": t.concurrency,
-            "part_size": t.part_size,
-            "multipart_threshold": t.multipart_threshold,
-            "retries": t.retries,
-            "backoff_base": t.backoff_base,
-            "backoff_max": t.backoff_max,
-            "lean_get": t.lean_get,
-            "direct_writes": t.direct_writes,
-        }
-        reply = await rpc.call("hello", {"store": store, "transfer": transfer})
-        log.info("agent on %s ready: %s", node, reply.get("reconcile"))
+        store = AgentStoreSettings(
+            endpoint_url=s.endpoint_url,
+            region=self._region,
+            addressing_style=s.addressing_style,
+            verify_tls=s.verify_tls,
+            ca_bundle=str(s.ca_bundle or ""),
+            max_connections=s.max_connections,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            credentials=self._credentials,
+        )
+        transfer = TransferSettings(
+            concurrency=t.concurrency,
+            part_size=t.part_size,
+            multipart_threshold=t.multipart_threshold,
+            retries=t.retries,
+            backoff_base=t.backoff_base,
+            backoff_max=t.backoff_max,
+            lean_get=t.lean_get,
+            direct_writes=t.direct_writes,
+        )
+        reply = await AgentClient(rpc, node).hello(HelloRequest(store, transfer))
+        log.info("agent on %s ready: %s", node, reply.reconcile)
 
     async def _refresh_nodes(self) -> None:
         assert self.backend is not None
@@ -915,9 +937,8 @@ class Daemon:
     async def cache_usage(self, node: str) -> dict[str, Any]:
         """What the node's cache holds (bytes, objects, leased) and its job directories."""
         rpc = await self._agent(node)
-        reply = await asyncio.wait_for(rpc.call("usage", {}), 30)
-        reply["capacity"] = self.settings.cache.max_bytes
-        return reply
+        reply = await asyncio.wait_for(AgentClient(rpc, node).usage(), 30)
+        return {**dataclasses.asdict(reply), "capacity": self.settings.cache.max_bytes}
 
     def known_nodes(self) -> list[str]:
         """Nodes Slurm reported at the last refresh."""
@@ -940,15 +961,15 @@ class Daemon:
         """Apply the eviction policy on ``node`` now (opening its agent session if needed);
         the number of objects evicted. Leased objects stay."""
         c = self.settings.cache
-        params = {
-            "max_bytes": c.max_bytes,
-            "high": c.high_watermark,
-            "low": c.low_watermark,
-            "ttl": c.ttl,
-            "max_objects": c.max_objects,
-        }
-        reply = await (await self._agent(node)).call("evict", params)
-        return int(reply.get("evicted", 0))
+        policy = EvictRequest(
+            max_bytes=c.max_bytes,
+            high=c.high_watermark,
+            low=c.low_watermark,
+            ttl=c.ttl,
+            max_objects=c.max_objects,
+        )
+        reply = await AgentClient(await self._agent(node), node).evict(policy)
+        return reply.evicted
 
     async def evict_all(self) -> dict[str, dict[str, int]]:
         """Apply the eviction policy on every node with an open agent session, all at once."""
@@ -1109,10 +1130,10 @@ def describe(problem: dirs.DirectiveProblem) -> str:
     return f"{where}{dirs.shown(problem.text)}: {problem.message}"
 
 
-def source_params(src: str) -> dict[str, Any]:
+def source_params(src: str) -> SourceSpec:
     """A stored source URL as the agent's ``source`` parameter."""
     source = dirs.parse_source(src)
-    return {"kind": source.kind, "bucket": source.bucket, "key": source.key, "path": source.path}
+    return SourceSpec(kind=source.kind, bucket=source.bucket, key=source.key, path=source.path)
 
 
 def _from(
@@ -1129,12 +1150,12 @@ def _where(item: tuple[int, int, str, str, str, int]) -> str:
     return (f"line {item[5]}: " if item[5] else "") + f"{item[4]}: "
 
 
-def _take(progress: Progress, data: dict[str, Any]) -> None:
-    progress.files_done = int(data.get("files_done", 0))
-    progress.bytes_done = int(data.get("bytes_done", 0))
-    progress.files_total = data.get("files_total")
-    progress.bytes_total = data.get("bytes_total")
-    progress.fetched = int(data.get("fetched", 0))
+def _take(progress: Progress, data: StageProgress | StageOutProgress) -> None:
+    progress.files_done = data.files_done
+    progress.bytes_done = data.bytes_done
+    progress.files_total = data.files_total
+    progress.bytes_total = data.bytes_total
+    progress.fetched = data.fetched
 
 
 def _job_key(job: Job) -> str:

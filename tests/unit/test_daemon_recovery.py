@@ -14,6 +14,7 @@ import pytest
 from hpcstage.config.settings import parse_config
 from hpcstage.db import open_db
 from hpcstage.db.models import Event, Job, Request, Staging, Upload
+from hpcstage.protocol.messages import FileOutcome
 from hpcstage.service.daemon import MAX_INTERNAL_ERROR_ATTEMPTS, Daemon
 
 NODE = "n1"
@@ -101,13 +102,14 @@ def test_per_file_outcomes_with_names_that_are_not_utf8_are_stored_escaped(
     _, staging_id = _stage_out_staging(daemon)
     name = "out/bad\udcff.txt"  # as an older agent would report it
     daemon._files[staging_id] = {
-        name: {
-            "key": "x/bad\udcff.txt",
-            "size": 3,
-            "state": "failed",
-            "error": f"{name}: no",
-            "trash_key": "",
-        },
+        name: FileOutcome(
+            path=name,
+            key="x/bad\udcff.txt",
+            size=3,
+            state="failed",
+            error=f"{name}: no",
+            trash_key="",
+        ),
     }
     assert daemon.db is not None
     with daemon.db.begin() as session:
