@@ -277,7 +277,7 @@ class PingReply:
 # -- peer copy (see hpcstage.staging.peer) ----------------------------------------------------
 
 # What peers copy: S3 objects only (a shared path is as near to every node as a peer's cache).
-PEER_KINDS: Final = frozenset({SourceKind.S3_PREFIX})
+PEER_KINDS: Final = frozenset({SourceKind.S3_OBJECT, SourceKind.S3_PREFIX})
 
 
 @dataclass(frozen=True)
