@@ -563,7 +563,7 @@ class Daemon:
     ) -> None:
         progress = self._progress.setdefault(staging_id, Progress())
 
-        def on_progress(data: StageProgress | StageOutProgress) -> None:
+        def on_progress(data: StageProgress) -> None:
             _take(progress, data)
 
         items = []
