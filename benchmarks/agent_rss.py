@@ -14,6 +14,8 @@ Slurm or root needed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import getpass
 import json
 import shutil
 import subprocess
@@ -24,6 +26,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from stagein import make_million  # the same 1,000-per-directory layout as its --million
+
+from hpcstage.agent.context import DEFAULT_TRANSFER
+from hpcstage.core.directives import SourceKind
+from hpcstage.protocol.messages import (
+    AgentStoreSettings,
+    HelloRequest,
+    SourceSpec,
+    StageItem,
+    StageRequest,
+)
+from hpcstage.protocol.wire import to_wire
 
 
 def status_mib(pid: int) -> tuple[int, int]:
@@ -69,11 +82,12 @@ def main() -> int:
         )
         assert agent.stdin is not None
         assert agent.stdout is not None
-        hello = {
-            "store": {"endpoint_url": "http://127.0.0.1:9"},  # unused: the source is a path
-            "transfer": {"concurrency": args.concurrency},
-        }
-        call(agent.stdin, agent.stdout, 1, "hello", hello)
+        # The store is unused: the source is a path.
+        store = AgentStoreSettings(
+            "http://127.0.0.1:9", "us-east-1", "path", True, "", 128, 10, 60, None
+        )
+        transfer = dataclasses.replace(DEFAULT_TRANSFER, concurrency=args.concurrency)
+        call(agent.stdin, agent.stdout, 1, "hello", to_wire(HelloRequest(store, transfer)))
         samples: list[tuple[float, int, int]] = []
         done = threading.Event()
         t0 = time.perf_counter()
@@ -84,12 +98,11 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        item = {
-            "request_id": 1,
-            "source": {"kind": "path", "path": str(src), "bucket": "", "key": ""},
-            "dest": "data",
-        }
-        result = call(agent.stdin, agent.stdout, 2, "stage", {"job": "bench", "items": [item]})
+        source = SourceSpec(SourceKind.PATH, bucket="", key="", path=str(src))
+        item = StageItem(1, source, "data", None, "", None, "")
+        # Staged for this user (a path source is read as the job's user would read it).
+        stage = StageRequest("bench", getpass.getuser(), view=True, items=[item])
+        result = call(agent.stdin, agent.stdout, 2, "stage", to_wire(stage))
         seconds = time.perf_counter() - t0
         rss, hwm = status_mib(agent.pid)
         done.set()

@@ -16,6 +16,7 @@
     │   └── CredentialError       never retried (expired/invalid credentials, access denied)
     ├── TransportError            a node agent could not be reached or died
     ├── AgentError                the agent ran a call and reports that it failed (maybe transient)
+    │   └── ProtocolError         a message does not have the shape its type declares
     ├── CacheError                the node cache refused or failed an operation
     ├── PermissionRefused         the job's user may not read a path they asked to stage (agent)
     ├── AccessError               the job's user cannot be given access to its directory (agent)
@@ -110,6 +111,11 @@ class AgentError(HpcstageError):
     def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class ProtocolError(AgentError):
+    """A message does not have the shape its type declares (never transient: a retry sends
+    the same message again)."""
 
 
 class CacheError(HpcstageError):

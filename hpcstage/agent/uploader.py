@@ -1,4 +1,8 @@
-"""The agent's side of stage-out: walk, compare, recycle, upload, verify, cache. See stageout.py."""
+"""The agent's ``stage_out`` call: walk, compare, recycle, upload, verify, cache.
+
+The rules (what is an output, when an object already is the file, recycle-bin names) are
+``hpcstage.core.stageout``'s; a verified output is also kept in the node cache for later jobs.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
 
+from hpcstage.agent.access import revoke_access
+from hpcstage.agent.context import NodeContext
 from hpcstage.agent.jobdir import JobDir, Owners, digests, same_file
 from hpcstage.cache import PendingObject
 from hpcstage.core import limits
@@ -24,17 +30,35 @@ from hpcstage.errors import (
     StoreError,
     TransientStoreError,
 )
-from hpcstage.protocol.framing import ProgressFn
+from hpcstage.protocol.messages import (
+    FileOutcome,
+    StageOutItem,
+    StageOutProgress,
+    StageOutReply,
+    StageOutRequest,
+    StageOutResult,
+)
 from hpcstage.store.recycle import UploadJournal, abort_own, replace
 from hpcstage.store.s3 import Described, S3Store
-
-if TYPE_CHECKING:
-    from hpcstage.agent.main import Agent
 
 log = logging.getLogger("hpcstage.agent")
 
 REPORT_EVERY = 0.5
 FAILURES_NAMED = 3  # failed files a stage-out's error names (status lists them all)
+
+Report = Callable[[StageOutProgress], None]
+
+
+async def stage_out(ctx: NodeContext, request: StageOutRequest, progress: Report) -> StageOutReply:
+    """Upload a finished job's outputs, one directive after the other; report every file."""
+    # The job is over: its user loses access to the directory before we read it. A process
+    # already holding a directory in it as its cwd keeps access there, so the reads do not
+    # rely on this: they never follow a symlink and check each file on its fd (jobdir.py).
+    await asyncio.to_thread(revoke_access, ctx.cache.jobs / request.job, request.user)
+    uploader = Uploader(
+        ctx, request.job, request.user, request.ended_at, request.trash_prefix, progress
+    )
+    return StageOutReply(items=[await uploader.run(item) for item in request.items])
 
 
 @dataclass
@@ -42,7 +66,7 @@ class _Report:
     """Per-file outcomes not yet sent to the daemon, and running totals."""
 
     request_id: int
-    files: list[dict[str, Any]] = field(default_factory=list)
+    files: list[FileOutcome] = field(default_factory=list)
     files_done: int = 0
     bytes_done: int = 0
     files_total: int = 0
@@ -50,45 +74,44 @@ class _Report:
     uploaded: int = 0
     failures: list[str] = field(default_factory=list)  # the first few, for the error message
 
-    def add(self, outcome: dict[str, Any]) -> None:
+    def add(self, outcome: FileOutcome) -> None:
         self.files.append(outcome)
-        if outcome["state"] == "failed" and len(self.failures) < FAILURES_NAMED:
-            self.failures.append(f"{outcome['path']}: {outcome['error']}")
-        if outcome["state"] in ("uploaded", "present"):
+        if outcome.state == "failed" and len(self.failures) < FAILURES_NAMED:
+            self.failures.append(f"{outcome.path}: {outcome.error}")
+        if outcome.state in ("uploaded", "present"):
             self.files_done += 1
-            self.bytes_done += int(outcome["size"])
-        self.uploaded += outcome["state"] == "uploaded"
+            self.bytes_done += outcome.size
+        self.uploaded += outcome.state == "uploaded"
 
-    def flush(self) -> dict[str, Any]:
+    def flush(self) -> StageOutProgress:
         files, self.files = self.files, []
-        return {
-            "request_id": self.request_id,
-            "files": files,
-            "files_done": self.files_done,
-            "bytes_done": self.bytes_done,
-            "files_total": self.files_total,
-            "bytes_total": self.bytes_total,
-            "fetched": self.uploaded,
-        }
+        return StageOutProgress(
+            request_id=self.request_id,
+            files=files,
+            files_done=self.files_done,
+            bytes_done=self.bytes_done,
+            files_total=self.files_total,
+            bytes_total=self.bytes_total,
+            fetched=self.uploaded,
+        )
 
 
 @dataclass
 class Uploader:
     """Stage-out of one job on this node."""
 
-    agent: Agent
+    ctx: NodeContext
     job: str
-    user: str  # the job's user: whose files its outputs may be (transfer/jobdir.py)
+    user: str  # the job's user: whose files its outputs may be (agent/jobdir.py)
     ended_at: float
     trash_prefix: str
-    cache_outputs: bool
-    progress: ProgressFn
+    progress: Report
 
-    async def run(self, item: dict[str, Any]) -> dict[str, Any]:
+    async def run(self, item: StageOutItem) -> StageOutResult:
         """Upload one directive's files; raise on a transient failure (the daemon retries)."""
         try:
             jobdir = await asyncio.to_thread(
-                JobDir, self.agent.cache.jobs / self.job, Owners.of(self.user)
+                JobDir, self.ctx.cache.jobs / self.job, Owners.of(self.user)
             )
         except FileNotFoundError:
             jobdir = None  # the whole job directory is gone (the node's cache was wiped)
@@ -98,24 +121,24 @@ class Uploader:
             if jobdir is not None:
                 jobdir.close()
 
-    async def _run(self, jobdir: JobDir | None, item: dict[str, Any]) -> dict[str, Any]:
-        report = _Report(int(item["request_id"]))
+    async def _run(self, jobdir: JobDir | None, item: StageOutItem) -> StageOutResult:
+        report = _Report(item.request_id)
         try:
             found = await asyncio.to_thread(_walk, jobdir, item)
         except HpcstageError as exc:
             absent = "does not exist" in str(exc)
-            if not absent or not (item.get("optional") or not item.get("job_completed", True)):
+            if not absent or not (item.optional or not item.job_completed):
                 raise
             # Optional, or the job failed before writing it: nothing to keep, nothing lost.
-            found = [Skipped(item["src"], f"absent: {exc}")]
+            found = [Skipped(item.src, f"absent: {exc}")]
         outputs = [o for o in found if isinstance(o, Output)]
         for other in (s for s in found if not isinstance(s, Output)):
             state = "skipped" if isinstance(other, Skipped) else "failed"
             report.add(_outcome(other.rel, state, other.reason))
         report.files_total = len(outputs) + sum(isinstance(r, Refused) for r in found)
         report.bytes_total = sum(o.size for o in outputs)
-        store = self.agent.s3_store(item["dest_bucket"])
-        journal = UploadJournal(self.agent.cache.root / "uploads" / self.job, store.bucket)
+        store = self.ctx.stores.s3(item.dest_bucket)
+        journal = UploadJournal(self.ctx.cache.root / "uploads" / self.job, store.bucket)
         # What an earlier attempt of this stage-out left open; another job's uploads to the
         # same keys are not ours to abort.
         await abort_own(store, journal)
@@ -131,12 +154,12 @@ class Uploader:
                 + "; ".join(report.failures[:FAILURES_NAMED])
                 + ("; ..." if failed > FAILURES_NAMED else "")
             )
-        return {
-            "request_id": report.request_id,
-            "files_done": report.files_done,
-            "bytes_done": report.bytes_done,
-            "uploaded": report.uploaded,
-        }
+        return StageOutResult(
+            request_id=report.request_id,
+            files_done=report.files_done,
+            bytes_done=report.bytes_done,
+            uploaded=report.uploaded,
+        )
 
     async def _upload_all(
         self,
@@ -146,7 +169,7 @@ class Uploader:
         report: _Report,
         journal: UploadJournal,
     ) -> None:
-        sem = asyncio.Semaphore(self.agent.concurrency)
+        sem = asyncio.Semaphore(self.ctx.concurrency)
         reporter = asyncio.create_task(self._report_loop(report))
 
         async def one(output: Output) -> None:
@@ -171,46 +194,35 @@ class Uploader:
 
     async def _one(
         self, store: S3Store, jobdir: JobDir, output: Output, journal: UploadJournal
-    ) -> dict[str, Any]:
-        outcome: dict[str, Any] = {
-            "path": output.rel,
-            "key": output.key,
-            "size": output.size,
-            "trash_key": "",
-            "error": "",
-        }
+    ) -> FileOutcome:
         try:
             fd, opened = await asyncio.to_thread(jobdir.open, output.rel)
         except (HpcstageError, OSError) as exc:
-            outcome.update(state="failed", error=str(exc))
-            return outcome
+            return _outcome_of(output, "failed", error=str(exc))
         try:
-            await self._send(store, _Source(fd, opened), output, outcome, journal)
+            return await self._send(store, _Source(fd, opened), output, journal)
         except (TransientStoreError, CredentialError):
             raise  # the whole stage-out is retried later (credentials: reported as failed)
         except (StoreError, HpcstageError, OSError) as exc:
-            outcome.update(state="failed", error=str(exc))
+            return _outcome_of(output, "failed", error=str(exc))
         finally:
             os.close(fd)
-        return outcome
 
     async def _send(
         self,
         store: S3Store,
         source: _Source,
         output: Output,
-        outcome: dict[str, Any],
         journal: UploadJournal,
-    ) -> None:
+    ) -> FileOutcome:
         """Compare, recycle, upload and cache the output open as ``source``: every byte read
         for it comes from that one fd, the one its checks were made on (jobdir.py)."""
         source.check_unchanged(output.size)
         md5, sha = await asyncio.to_thread(digests, source.fd)
         existing = await store.describe(output.key)
         if existing is not None and _holds(existing, output, md5, sha):
-            outcome["state"] = "present"  # arrived in an earlier run: exactly once
             await self._cache(store, source, existing.ref, sha)
-            return
+            return _outcome_of(output, "present")  # arrived in an earlier run: exactly once
         # Whatever the key holds goes to the bin first, each version under its own name,
         # and is only written over while it is still there (hpcstage.store.recycle).
         placed = await replace(
@@ -223,22 +235,22 @@ class Uploader:
             ),
             lambda now: _holds(now, output, md5, sha),
         )
-        ref, outcome["trash_key"] = placed.ref, placed.trash_key
-        _verify(ref, output)
-        source.check_unchanged(output.size)  # what was sent is what was hashed
-        outcome["state"] = "uploaded"
-        await self._cache(store, source, ref, sha)
+        _verify(placed.ref, output)
+        try:
+            source.check_unchanged(output.size)  # what was sent is what was hashed
+            await self._cache(store, source, placed.ref, sha)
+        except (HpcstageError, OSError) as exc:  # the report keeps where the old object went
+            return _outcome_of(output, "failed", str(exc), trash_key=placed.trash_key)
+        return _outcome_of(output, "uploaded", trash_key=placed.trash_key)
 
     async def _cache(self, store: S3Store, source: _Source, ref: ObjectRef, sha: str) -> None:
         """Keep the verified output as an ordinary (unleased) cache entry for later jobs."""
-        if not self.cache_outputs:
-            return
 
         async def copy_in(pending: PendingObject) -> str:
             return await asyncio.to_thread(_copy_verified, source, pending.fd, sha)
 
         try:
-            await self.agent.cache.ensure(ref, copy_in)
+            await self.ctx.cache.ensure(ref, copy_in)
         except HpcstageError as exc:  # the upload stands; caching is only an optimisation
             log.warning("output %s uploaded but not cached: %s", store.url(ref.key), exc)
 
@@ -259,16 +271,14 @@ class _Source:
             )
 
 
-def _walk(jobdir: JobDir | None, item: dict[str, Any]) -> list[Output | Skipped | Refused]:
+def _walk(jobdir: JobDir | None, item: StageOutItem) -> list[Output | Skipped | Refused]:
     if jobdir is None:
         raise HpcstageError(
-            f"stage-out source {item['src']} does not exist: the job directory is gone"
+            f"stage-out source {item.src} does not exist: the job directory is gone"
         )
     # The job's limits on files and bytes, checked as the walk goes (before any upload).
-    bound = limits.OutputLimit(
-        item.get("max_files"), item.get("max_bytes"), str(item.get("limit_reason", ""))
-    )
-    walked = jobdir.walk(PurePosixPath(item["src"]), item["dest_key"])
+    bound = limits.OutputLimit(item.max_files, item.max_bytes, item.limit_reason)
+    walked = jobdir.walk(PurePosixPath(item.src), item.dest_key)
     return list(bound.bounded(walked, _entry_size))
 
 
@@ -276,9 +286,14 @@ def _entry_size(entry: Output | Skipped | Refused) -> int:
     return entry.size if isinstance(entry, Output) else 0
 
 
-def _outcome(rel: str, state: str, error: str) -> dict[str, Any]:
+def _outcome(rel: str, state: str, error: str) -> FileOutcome:
     """A per-file report for something that is not uploaded."""
-    return {"path": rel, "key": "", "size": 0, "state": state, "error": error, "trash_key": ""}
+    return FileOutcome(path=rel, key="", size=0, state=state, error=error, trash_key="")
+
+
+def _outcome_of(output: Output, state: str, error: str = "", trash_key: str = "") -> FileOutcome:
+    """The per-file report of an output."""
+    return FileOutcome(output.rel, output.key, output.size, state, error, trash_key)
 
 
 def _holds(stored: Described, output: Output, md5: str, sha: str) -> bool:

@@ -7,9 +7,9 @@ database columns, and how refused directives and stored sources are rendered.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from hpcstage.core import directives as dirs
 from hpcstage.core.limits import OutputLimit
@@ -71,13 +71,29 @@ class Progress:
     fetched: int = 0
 
 
-def take(progress: Progress, data: Mapping[str, Any]) -> None:
+class Counts(Protocol):
+    """What an agent's progress report (``hpcstage.protocol.messages.StageProgress`` or
+    ``StageOutProgress``) tells of one staging."""
+
+    @property
+    def files_done(self) -> int: ...
+    @property
+    def bytes_done(self) -> int: ...
+    @property
+    def files_total(self) -> int | None: ...
+    @property
+    def bytes_total(self) -> int | None: ...
+    @property
+    def fetched(self) -> int: ...
+
+
+def take(progress: Progress, data: Counts) -> None:
     """Set ``progress`` from one progress report (or final item) of an agent."""
-    progress.files_done = int(data.get("files_done", 0))
-    progress.bytes_done = int(data.get("bytes_done", 0))
-    progress.files_total = data.get("files_total")
-    progress.bytes_total = data.get("bytes_total")
-    progress.fetched = int(data.get("fetched", 0))
+    progress.files_done = data.files_done
+    progress.bytes_done = data.bytes_done
+    progress.files_total = data.files_total
+    progress.bytes_total = data.bytes_total
+    progress.fetched = data.fetched
 
 
 def columns(progress: Progress) -> dict[str, int]:
@@ -98,9 +114,3 @@ def describe(problem: dirs.DirectiveProblem) -> str:
     """A refused directive for users: its line when known, its text, and why."""
     where = f"line {problem.line}: " if problem.line else ""
     return f"{where}{dirs.shown(problem.text)}: {problem.message}"
-
-
-def source_params(src: str) -> dict[str, Any]:
-    """A stored source URL as the agent's ``source`` parameter."""
-    source = dirs.parse_source(src)
-    return {"kind": source.kind, "bucket": source.bucket, "key": source.key, "path": source.path}

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.errors import CredentialError, HpcstageError
+from hpcstage.protocol.messages import CredentialsRequest
 from hpcstage.staging.access import StoreAccess
+from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.bins import RecycleBins
 from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.nodes import NodeAgents
@@ -61,7 +63,8 @@ class Timers:
         for node in self.nodes.open_nodes():
             try:
                 rpc = await self.nodes.pool.get(node)
-                await asyncio.wait_for(rpc.call("credentials", {"credentials": fresh}), 30)
+                renewed = CredentialsRequest(dict(fresh))
+                await asyncio.wait_for(AgentClient(rpc, node).credentials(renewed), 30)
                 told += 1
             except (HpcstageError, TimeoutError) as exc:  # it gets them in its next hello
                 log.warning("agent on %s: new S3 credentials not handed over: %s", node, exc)

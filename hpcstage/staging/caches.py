@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from hpcstage.config.schema import Settings
 from hpcstage.errors import AgentError, TransportError
+from hpcstage.protocol.messages import EvictRequest
+from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodeAgents
 
 log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
@@ -24,23 +27,22 @@ class NodeCaches:
     async def usage(self, node: str) -> dict[str, Any]:
         """What the node's cache holds (bytes, objects, leased) and its job directories."""
         rpc = await self.nodes.agent(node)
-        reply = await asyncio.wait_for(rpc.call("usage", {}), 30)
-        reply["capacity"] = self.settings.cache.max_bytes
-        return reply
+        reply = await asyncio.wait_for(AgentClient(rpc, node).usage(), 30)
+        return {**dataclasses.asdict(reply), "capacity": self.settings.cache.max_bytes}
 
     async def evict_node(self, node: str) -> int:
         """Apply the eviction policy on ``node`` now (opening its agent session if needed);
         the number of objects evicted. Leased objects stay."""
         c = self.settings.cache
-        params = {
-            "max_bytes": c.max_bytes,
-            "high": c.high_watermark,
-            "low": c.low_watermark,
-            "ttl": c.ttl,
-            "max_objects": c.max_objects,
-        }
-        reply = await (await self.nodes.agent(node)).call("evict", params)
-        return int(reply.get("evicted", 0))
+        policy = EvictRequest(
+            max_bytes=c.max_bytes,
+            high=c.high_watermark,
+            low=c.low_watermark,
+            ttl=c.ttl,
+            max_objects=c.max_objects,
+        )
+        reply = await AgentClient(await self.nodes.agent(node), node).evict(policy)
+        return reply.evicted
 
     async def evict_all(self) -> dict[str, dict[str, int]]:
         """Apply the eviction policy on every node with an open agent session, all at once."""

@@ -18,7 +18,9 @@ from hpcstage.core.nodes import cache_dir_for, expand_node_template
 from hpcstage.core.rules import reconnect_delay
 from hpcstage.errors import SlurmError
 from hpcstage.protocol.framing import RpcClient
+from hpcstage.protocol.messages import AgentStoreSettings, HelloRequest, TransferSettings
 from hpcstage.staging.access import StoreAccess
+from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.pool import (
     AgentPool,
     AgentSession,
@@ -114,29 +116,29 @@ class NodeAgents:
 
     async def _hello(self, node: str, rpc: RpcClient) -> None:
         s, t = self.settings.store, self.settings.transfer
-        store = {
-            "endpoint_url": s.endpoint_url,
-            "region": self.access.region,
-            "addressing_style": s.addressing_style,
-            "verify_tls": s.verify_tls,
-            "ca_bundle": str(s.ca_bundle or ""),
-            "max_connections": s.max_connections,
-            "connect_timeout": s.connect_timeout,
-            "read_timeout": s.read_timeout,
-            "credentials": self.access.credentials,
-        }
-        transfer = {
-            "concurrency": t.concurrency,
-            "part_size": t.part_size,
-            "multipart_threshold": t.multipart_threshold,
-            "retries": t.retries,
-            "backoff_base": t.backoff_base,
-            "backoff_max": t.backoff_max,
-            "lean_get": t.lean_get,
-            "direct_writes": t.direct_writes,
-        }
-        reply = await rpc.call("hello", {"store": store, "transfer": transfer})
-        log.info("agent on %s ready: %s", node, reply.get("reconcile"))
+        store = AgentStoreSettings(
+            endpoint_url=s.endpoint_url,
+            region=self.access.region,
+            addressing_style=s.addressing_style,
+            verify_tls=s.verify_tls,
+            ca_bundle=str(s.ca_bundle or ""),
+            max_connections=s.max_connections,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            credentials=self.access.credentials,
+        )
+        transfer = TransferSettings(
+            concurrency=t.concurrency,
+            part_size=t.part_size,
+            multipart_threshold=t.multipart_threshold,
+            retries=t.retries,
+            backoff_base=t.backoff_base,
+            backoff_max=t.backoff_max,
+            lean_get=t.lean_get,
+            direct_writes=t.direct_writes,
+        )
+        reply = await AgentClient(rpc, node).hello(HelloRequest(store, transfer))
+        log.info("agent on %s ready: %s", node, reply.reconcile)
 
     async def refresh_nodes(self) -> None:
         """Ask Slurm for its nodes and their addresses (kept as they were if it cannot say)."""

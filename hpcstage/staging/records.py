@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,6 +18,7 @@ from hpcstage.core import plan as planner
 from hpcstage.core import stageout
 from hpcstage.core.rules import Progress, columns
 from hpcstage.db import Job, Request, Staging, Upload
+from hpcstage.protocol.messages import FileOutcome
 from hpcstage.watch.fold import log_event
 
 log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
@@ -33,7 +33,7 @@ class StagingRecords:
     db: sessionmaker[Session]
     progress: dict[int, Progress] = field(default_factory=dict)
     # staging id -> path -> the agent's last report on that file (stage-out)
-    files: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    files: dict[int, dict[str, FileOutcome]] = field(default_factory=dict)
 
     def finish(self, staging_id: int, progress: Progress) -> None:
         """The staging is done: ready, with its final counters."""
@@ -78,8 +78,8 @@ class StagingRecords:
         known = {u.path: u for u in st.uploads}
         for path, f in ((stageout.shown(p), f) for p, f in files.items()):
             row = known.get(path) or Upload(staging_id=st.id, path=path)
-            row.key, row.size, row.state = stageout.shown(f["key"]), int(f["size"]), f["state"]
-            row.trash_key, row.error = stageout.shown(f["trash_key"]), stageout.shown(f["error"])
+            row.key, row.size, row.state = stageout.shown(f.key), f.size, f.state
+            row.trash_key, row.error = stageout.shown(f.trash_key), stageout.shown(f.error)
             row.updated_at = time.time()
             if path not in known:
                 session.add(row)

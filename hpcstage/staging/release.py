@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from hpcstage.core import plan as planner
 from hpcstage.db import Job
 from hpcstage.errors import AgentError, TransportError
+from hpcstage.protocol.messages import ReleaseRequest
+from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import job_stagings, key_of
 from hpcstage.watch.fold import log_event
@@ -31,12 +33,12 @@ class Releaser:
             job_key = key_of(session.get_one(Job, action.job_id))
         try:
             rpc = await self.nodes.agent(action.node)
-            done = await rpc.call("release", {"job": job_key})
+            done = await AgentClient(rpc, action.node).release(ReleaseRequest(job_key))
         except (AgentError, TransportError) as exc:
             log.warning("release of %s on %s failed: %s", job_key, action.node, exc)
             return
         # The job made part of its directory undeletable: released all the same, lease ended.
-        left = f" (left for an admin: released/{done['leftover']})" if done.get("leftover") else ""
+        left = f" (left for an admin: released/{done.leftover})" if done.leftover else ""
         with self.db.begin() as session:
             for st in job_stagings(session, action.job_id, action.node):
                 # A failure stays on record (status, `hpcstage env`) after its view is gone.

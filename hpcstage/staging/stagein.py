@@ -8,23 +8,25 @@ by the agent fails the staging with the agent's message.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from hpcstage.agent import peer
 from hpcstage.config.schema import Settings
 from hpcstage.core import limits, quota
 from hpcstage.core import plan as planner
-from hpcstage.core.rules import Progress, StagingItem, remaining, source_params, take
+from hpcstage.core.rules import Progress, StagingItem, remaining, take
 from hpcstage.core.units import format_size
 from hpcstage.db import Job, Request, Staging
 from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.framing import RpcClient
+from hpcstage.protocol.messages import SourceSpec, StageItem, StageProgress, StageRequest
+from hpcstage.staging import peer
+from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
 from hpcstage.watch.fold import log_event
@@ -53,7 +55,7 @@ class StageIn:
             job = session.get_one(Job, action.job_id)
             requests = [r for r in job.requests if r.direction in ("in", "dir")]
             # The agent's "stage" parameters but the items; a warmup only fills the cache.
-            call = {"job": key_of(job), "user": job.user, "view": job.kind != "warmup"}
+            call = StageRequest(key_of(job), job.user, view=job.kind != "warmup", items=[])
             log_event(session, job.id, action.node, f"staging: {action.reason}")
             stagings = [staging_row(session, r, action.node) for r in requests]
             for st in stagings:
@@ -96,21 +98,24 @@ class StageIn:
         src: str,
         limit: quota.Budget,
     ) -> None:
-        """Copy the small objects of ``src`` another node's cache holds (transfer/peer.py),
+        """Copy the small objects of ``src`` another node's cache holds (staging/peer.py),
         counted in the staging's ``peer_files``.
 
         Never fails the staging: whatever is not copied, the stage fetches from the store.
         """
         if not self.settings.transfer.peer_copy or self._peer_copies >= PEER_COPIES:
             return
-        source = source_params(src)
-        if source["kind"] not in ("s3-prefix", "s3-key"):
+        source = SourceSpec.of(src)
+        if not peer.copyable(source):
             return
         for other in self._peers_holding(src, action.node):
             self._peer_copies += 1
             try:
                 copied = await peer.copy_from_peer(
-                    rpc, await self.nodes.agent(other), source, limit.max_bytes
+                    AgentClient(rpc, action.node),
+                    AgentClient(await self.nodes.agent(other), other),
+                    source,
+                    limit.max_bytes,
                 )
             except (AgentError, TransportError, LookupError, TypeError, ValueError) as exc:
                 log.warning("peer copy of %s from %s to %s: %s", src, other, action.node, exc)
@@ -158,7 +163,7 @@ class StageIn:
         self,
         rpc: RpcClient,
         staging_id: int,
-        call: dict[str, Any],
+        call: StageRequest,
         request_id: int,
         src: str,
         dest: str,
@@ -167,24 +172,25 @@ class StageIn:
     ) -> None:
         progress = self.records.progress.setdefault(staging_id, Progress())
 
-        def on_progress(data: dict[str, Any]) -> None:
+        def on_progress(data: StageProgress) -> None:
             take(progress, data)
 
         items = []
         if src:  # a "dir" request (stage-out only job) just needs the job directory
             items.append(
-                {
-                    "request_id": request_id,
-                    "source": source_params(src),
-                    "dest": dest,
-                    "max_bytes": limit.max_bytes,
-                    "quota_reason": limit.reason,
-                    "max_objects": objects.max_objects,
-                    "objects_reason": objects.reason,
-                }
+                StageItem(
+                    request_id=request_id,
+                    source=SourceSpec.of(src),
+                    dest=dest,
+                    max_bytes=limit.max_bytes,
+                    quota_reason=limit.reason,
+                    max_objects=objects.max_objects,
+                    objects_reason=objects.reason,
+                )
             )
-        result = await rpc.call("stage", {**call, "items": items}, on_progress)
-        for got in result.get("items", []):
+        request = dataclasses.replace(call, items=items)
+        result = await AgentClient(rpc, rpc.name).stage(request, on_progress)
+        for got in result.items:
             on_progress(got)
         self.records.finish(staging_id, progress)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +20,8 @@ from hpcstage.core.rules import OutputFlags, Progress, StagingItem, remaining, t
 from hpcstage.db import Job, Staging
 from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.framing import RpcClient
+from hpcstage.protocol.messages import StageOutItem, StageOutProgress, StageOutRequest
+from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
 from hpcstage.store.s3 import parse_s3_url
@@ -95,31 +96,31 @@ class StageOut:
         progress = self.records.progress.setdefault(staging_id, Progress())
         files = self.records.files.setdefault(staging_id, {})
 
-        def on_progress(data: dict[str, Any]) -> None:
+        def on_progress(data: StageOutProgress) -> None:
             take(progress, data)
-            for f in data.get("files", []):
-                files[f["path"]] = f
+            for f in data.files:
+                files[f.path] = f
 
-        params = {
-            "job": job_key,
-            "user": flags.user,
-            "ended_at": ended_at,
-            "trash_prefix": self.settings.stage_out.trash_prefix,
-            "items": [
-                {
-                    "request_id": request_id,
-                    "src": src,
-                    "dest_bucket": bucket,
-                    "dest_key": key,
-                    "optional": flags.optional,
-                    "job_completed": flags.job_completed,
-                    "max_files": flags.limit.max_files,
-                    "max_bytes": flags.limit.max_bytes,
-                    "limit_reason": flags.limit.reason,
-                }
+        params = StageOutRequest(
+            job=job_key,
+            user=flags.user,
+            ended_at=ended_at,
+            trash_prefix=self.settings.stage_out.trash_prefix,
+            items=[
+                StageOutItem(
+                    request_id=request_id,
+                    src=src,
+                    dest_bucket=bucket,
+                    dest_key=key,
+                    optional=flags.optional,
+                    job_completed=flags.job_completed,
+                    max_files=flags.limit.max_files,
+                    max_bytes=flags.limit.max_bytes,
+                    limit_reason=flags.limit.reason,
+                )
             ],
-        }
-        await rpc.call("stage_out", params, on_progress)
+        )
+        await AgentClient(rpc, rpc.name).stage_out(params, on_progress)
         self.records.finish(staging_id, progress)
 
     def _requeue_out(self, action: planner.StageOut, staging_ids: list[int], message: str) -> None:

@@ -28,6 +28,7 @@ from hostile_s3 import HostileS3, Mode  # tests/: on sys.path, above the contrac
 from hpcstage.agent.uploader import Uploader
 from hpcstage.cache import NodeCache
 from hpcstage.errors import ObjectChangedError, TransientStoreError
+from hpcstage.protocol.messages import FileOutcome, StageOutItem, StageOutResult
 from hpcstage.staging import trash
 from hpcstage.store.s3 import MIB, Precondition, S3Store, translate_s3_error
 
@@ -41,13 +42,17 @@ ENDED = 1_780_000_000.0  # a fixed job end: the recycle-bin day folder is known
 
 @dataclass
 class Node:
-    """What the uploader uses of its agent: a node cache, a store, a concurrency."""
+    """What the uploader uses of its node context: a node cache, a store, a concurrency."""
 
     cache: NodeCache
     store: S3Store
     concurrency: int = 4
 
-    def s3_store(self, bucket: str) -> S3Store:
+    @property
+    def stores(self) -> Node:
+        return self
+
+    def s3(self, bucket: str) -> S3Store:
         assert bucket == BUCKET
         return self.store
 
@@ -59,7 +64,7 @@ class Run:
     node: Node
     job: str
     prefix: str
-    files: list[dict[str, Any]] = field(default_factory=list)
+    files: list[FileOutcome] = field(default_factory=list)
     stores: list[S3Store] = field(default_factory=list)  # closed after the test
 
     def write(self, name: str, data: bytes) -> None:
@@ -67,20 +72,29 @@ class Run:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
-    async def stage_out(self, store: S3Store | None = None) -> dict[str, Any]:
+    async def stage_out(self, store: S3Store | None = None) -> StageOutResult:
         if store is not None:
             self.stores.append(store)
             self.node.store = store
         uploader = Uploader(
-            self.node,  # type: ignore[arg-type]  # the parts of an Agent it uses
+            self.node,  # type: ignore[arg-type]  # the parts of a NodeContext it uses
             self.job,
             pwd.getpwuid(os.getuid()).pw_name,  # the files' owner: the job's user
             ENDED,
             TRASH,
-            False,
-            lambda report: self.files.extend(report["files"]),
+            lambda report: self.files.extend(report.files),
         )
-        item = {"request_id": 1, "src": "out", "dest_key": self.prefix, "dest_bucket": BUCKET}
+        item = StageOutItem(
+            request_id=1,
+            src="out",
+            dest_bucket=BUCKET,
+            dest_key=self.prefix,
+            optional=False,
+            job_completed=True,
+            max_files=None,
+            max_bytes=None,
+            limit_reason="",
+        )
         # A task of its own, as the agent gives each request: Python 3.11's TaskGroup leaves
         # its caller's cancel count raised after a child failed, which anyio takes for a
         # cancellation of the test.
@@ -206,7 +220,7 @@ async def test_a_writer_between_the_bin_copy_and_the_put_is_kept_too(
     await run.stage_out(racing)
     assert await read(other, key) == b"mine\n"
     assert await bin_of(other, run.job) == [b"N\n", b"O\n"]
-    assert run.files[-1]["trash_key"].endswith(f"/{key}")
+    assert run.files[-1].trash_key.endswith(f"/{key}")
 
 
 async def test_a_stage_out_aborts_no_other_writers_multipart_upload(
@@ -302,8 +316,8 @@ async def test_a_retried_stage_out_of_a_multipart_output_finds_it_in_place(
     run.write("big.bin", data)
     first = await run.stage_out()
     second = await run.stage_out()
-    assert (first["uploaded"], second["uploaded"]) == (1, 0)
-    assert [f["state"] for f in run.files] == ["uploaded", "present"]
+    assert (first.uploaded, second.uploaded) == (1, 0)
+    assert [f.state for f in run.files] == ["uploaded", "present"]
     assert await bin_of(other, run.job) == []
     assert await read(other, run.prefix + "big.bin") == data
 

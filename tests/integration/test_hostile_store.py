@@ -1,7 +1,7 @@
 """A hostile S3 server against the real agent path (issue 6, item 6).
 
 Each case stages ``s3://b/p/`` (a few good objects and one hostile thing) through
-``Agent.hello`` + ``Agent.stage`` into a real ``NodeCache``, served by ``tests/hostile_s3.py`` on
+``calls.hello`` + ``stagein.stage`` into a real ``NodeCache``, served by ``tests/hostile_s3.py`` on
 loopback, and checks three things:
 
 clear error
@@ -20,7 +20,7 @@ nothing lost
     missing: no good object is ever fetched twice.
 
 The tests marked ``needs_agent_fix`` describe behaviour that needs one change in
-``hpcstage/agent/main.py`` (``_view_path`` must call ``hpcstage.cache.key_dest``): they are
+``hpcstage/agent/stagein.py`` (``_view_path`` must call ``hpcstage.cache.key_dest``): they are
 strict xfails, so they start failing, as a reminder to drop the marker, once it is in.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -44,8 +45,10 @@ from hostile_s3 import (  # tests/: on sys.path, above the integration package
     Mode,
 )
 
-from hpcstage.agent.main import Agent
+from hpcstage.agent import calls, stagein
+from hpcstage.agent.context import DEFAULT_TRANSFER, NodeContext
 from hpcstage.cache import NodeCache, key_dest
+from hpcstage.core.directives import SourceKind
 from hpcstage.errors import (
     CacheError,
     HpcstageError,
@@ -53,6 +56,14 @@ from hpcstage.errors import (
     StoreError,
     TransientStoreError,
 )
+from hpcstage.protocol.messages import (
+    AgentStoreSettings,
+    HelloRequest,
+    SourceSpec,
+    StageItem,
+    StageRequest,
+)
+from hpcstage.protocol.wire import to_wire
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -83,32 +94,36 @@ class Node:
 
     root: Path
     endpoint: str
-    agent: Agent | None = None
+    agent: NodeContext | None = None
 
     async def start(self) -> dict[str, Any]:
-        self.agent = Agent(node="n1", cache=NodeCache(self.root))
-        params = {
-            "store": {
-                "endpoint_url": self.endpoint,
-                "connect_timeout": 1.0,
-                "read_timeout": 0.5,  # a stalled body is given up quickly
-                "credentials": {"access_key": "x", "secret_key": "y", "token": ""},
-            },
-            "transfer": {
-                "retries": 1,
-                "backoff_base": 0.01,
-                "backoff_max": 0.05,
-                "concurrency": 4,
-            },
-        }
-        return await self.agent.hello(params, lambda _: None)
+        self.agent = NodeContext(node="n1", cache=NodeCache(self.root))
+        store = AgentStoreSettings(
+            endpoint_url=self.endpoint,
+            region="us-east-1",
+            addressing_style="path",
+            verify_tls=True,
+            ca_bundle="",
+            max_connections=128,
+            connect_timeout=1.0,
+            read_timeout=0.5,  # a stalled body is given up quickly
+            credentials={"access_key": "x", "secret_key": "y", "token": ""},
+        )
+        transfer = dataclasses.replace(
+            DEFAULT_TRANSFER, retries=1, backoff_base=0.01, backoff_max=0.05, concurrency=4
+        )
+        reply = await calls.hello(self.agent, HelloRequest(store, transfer))
+        return dict(to_wire(reply))
 
-    async def stage(self, key: str = "p/", kind: str = "s3-prefix") -> dict[str, Any]:
+    async def stage(
+        self, key: str = "p/", kind: SourceKind = SourceKind.S3_PREFIX, job: str = ""
+    ) -> dict[str, Any]:
+        """The reply as the daemon gets it; ``job``: a warmup's (no view)."""
         assert self.agent is not None
-        source = {"kind": kind, "bucket": B, "key": key, "path": ""}
-        item = {"request_id": 1, "source": source, "dest": "data"}
-        params = {"job": JOB, "user": "", "items": [item]}
-        return await self.agent.stage(params, lambda _: None)
+        source = SourceSpec(kind=kind, bucket=B, key=key, path="")
+        item = StageItem(1, source, "data", None, "", None, "")
+        request = StageRequest(job or JOB, "", view=not job, items=[item])
+        return dict(to_wire(await stagein.stage(self.agent, request, lambda _: None)))
 
     async def settle(self) -> None:
         """Wait for downloads that outlive a failed request (singleflight shields them)."""
@@ -120,7 +135,7 @@ class Node:
     async def stop(self) -> None:
         if self.agent is not None:
             await self.settle()
-            await self.agent._close_stores()
+            await self.agent.stores.close()
             self.agent.cache.close()
             self.agent = None
 
@@ -268,13 +283,13 @@ async def test_hostile_object_fails_the_request_cleanly(
 async def test_hostile_single_object_leaves_no_file_at_its_dest(node: Node, s3: HostileS3) -> None:
     bad = s3.put(B, BAD, BAD_DATA, Mode.TRUNCATE)
     with pytest.raises(TransientStoreError) as info:
-        await node.stage(BAD, kind="s3-object")
+        await node.stage(BAD, kind=SourceKind.S3_OBJECT)
     check_message(info.value, rf"get {URL}: truncated")
     await node.settle()
     assert check_clean(node, s3) == {}
     assert await check_restart_is_clean(node) == set()
     bad.mode = Mode.OK
-    result = (await node.stage(BAD, kind="s3-object"))["items"][0]
+    result = (await node.stage(BAD, kind=SourceKind.S3_OBJECT))["items"][0]
     assert (result["files_done"], result["fetched"]) == (1, 1)
     assert check_clean(node, s3) == {"data": BAD}
 
@@ -286,7 +301,7 @@ async def test_a_longer_body_never_reaches_the_disk(
     """The store stops at the listed size: a server sending 8 MiB for 1400 bytes fills no disk."""
     s3.put(B, BAD, BAD_DATA, mode)
     assert node.agent is not None
-    store = node.agent.s3_store(B)  # the agent's own client for the bucket
+    store = node.agent.stores.s3(B)  # the agent's own client for the bucket
     [ref] = [ref async for ref in store.list("p/")]  # as listed: 1400 bytes
     target = tmp_path / "target"
     fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -438,7 +453,7 @@ def test_key_dest_accepts_ordinary_keys() -> None:
 
 async def test_store_messages_escape_control_characters(node: Node, s3: HostileS3) -> None:
     assert node.agent is not None
-    store = node.agent.s3_store(B)
+    store = node.agent.stores.s3(B)
     with pytest.raises(StoreError) as info:
         await store.head("p/\x1b[2J\nfake: line")
     check_message(info.value, re.escape(r"head s3://b/p/\x1b[2J\x0afake: line: no such object"))
@@ -446,15 +461,7 @@ async def test_store_messages_escape_control_characters(node: Node, s3: HostileS
 
 async def test_a_warmup_stage_fills_the_cache_and_builds_no_view(s3: HostileS3, node: Node) -> None:
     put_good(s3)
-    assert node.agent is not None
-    source = {"kind": "s3-prefix", "bucket": B, "key": "p/", "path": ""}
-    params = {
-        "job": "warm-1",
-        "user": "",
-        "view": False,
-        "items": [{"request_id": 1, "source": source, "dest": "data"}],
-    }
-    result = await node.agent.stage(params, lambda _: None)
+    result = await node.stage(job="warm-1")
     assert result["view"] == "" and result["items"][0]["files_done"] == len(GOOD)
     assert not (node.root / "jobs" / "warm-1").exists()
     assert sorted(key for key, _, _ in indexed(node.root).values()) == sorted(GOOD)

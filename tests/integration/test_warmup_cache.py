@@ -192,3 +192,24 @@ def test_a_node_copies_what_another_nodes_cache_holds_and_checks_every_object(
     events = json.dumps(doc["events"])
     assert "copied 29 objects" in events and "from n1's cache" in events
     assert "1 failed verification" in events
+
+
+def test_a_single_object_input_is_copied_from_a_peer_too(stager: Stager) -> None:
+    """An ``s3://bucket/key`` input (no trailing slash) goes from peer to peer like a prefix
+    (issue 16: the daemon and the agent tested for a kind "s3-key" the parser never makes,
+    so a single object always came from the store)."""
+    prefix, sums = make_dataset(stager.dev, small_files(1, size=1024))
+    (rel,) = sums
+    src = prefix + rel
+    stager.cli("alice", "warmup", src, "--nodes", "n1", "--json")
+    assert set(_cached(stager, "n1", prefix)) == {rel}
+    before = _stats(stager, "n2")
+
+    doc = json.loads(stager.cli("alice", "warmup", src, "--nodes", "n2", "--json").stdout)
+
+    after = _stats(stager, "n2")
+    assert after["peer_objects"] - before["peer_objects"] == 1
+    assert after["fetched_objects"] - before["fetched_objects"] == 0
+    st = doc["requests"][0]["nodes"]["n2"]
+    assert (st["peer_files"], st["fetched_files"]) == (1, 0), st
+    assert "copied 1 objects" in json.dumps(doc["events"])

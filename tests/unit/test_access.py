@@ -1,6 +1,6 @@
-"""Job directories are opened to the job's user with POSIX ACLs (agent.grant_access), or the
-staging fails: the directory is private to the service account, so a job started without the
-ACL could not read its inputs."""
+"""Job directories are opened to the job's user with POSIX ACLs (agent/access.py:
+grant_access), or the staging fails: the directory is private to the service account, so a job
+started without the ACL could not read its inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.agent.main import grant_access
+from hpcstage.agent.access import grant_access
 from hpcstage.errors import AccessError
 
 ME = pwd.getpwuid(os.getuid()).pw_name

@@ -16,6 +16,7 @@ from hpcstage.config.load import parse_config
 from hpcstage.db import open_db
 from hpcstage.db.models import Event, Job, Request, Staging, Upload
 from hpcstage.protocol.framing import RpcClient
+from hpcstage.protocol.messages import FileOutcome
 from hpcstage.staging.executor import Executor
 from hpcstage.staging.records import MAX_INTERNAL_ERROR_ATTEMPTS
 
@@ -115,13 +116,14 @@ def test_per_file_outcomes_with_names_that_are_not_utf8_are_stored_escaped(
     _, staging_id = _stage_out_staging(executor)
     name = "out/bad\udcff.txt"  # as an older agent would report it
     executor.records.files[staging_id] = {
-        name: {
-            "key": "x/bad\udcff.txt",
-            "size": 3,
-            "state": "failed",
-            "error": f"{name}: no",
-            "trash_key": "",
-        },
+        name: FileOutcome(
+            path=name,
+            key="x/bad\udcff.txt",
+            size=3,
+            state="failed",
+            error=f"{name}: no",
+            trash_key="",
+        ),
     }
     with executor.records.db.begin() as session:
         executor.records.save_files(session, session.get_one(Staging, staging_id))

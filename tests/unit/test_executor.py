@@ -22,6 +22,16 @@ from hpcstage.db import open_db
 from hpcstage.db.models import Event, Job, Request, Staging, Upload
 from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.framing import RpcClient
+from hpcstage.protocol.messages import (
+    FileOutcome,
+    ReleaseReply,
+    StageOutProgress,
+    StageOutReply,
+    StageOutResult,
+    StageProgress,
+    StageReply,
+)
+from hpcstage.protocol.wire import to_wire
 from hpcstage.staging.executor import Executor
 from hpcstage.staging.records import MAX_INTERNAL_ERROR_ATTEMPTS
 from hpcstage.staging.stagein import MAX_TRANSPORT_ATTEMPTS
@@ -33,12 +43,16 @@ NODE = "n1"
 class Reply:
     """What a fake agent answers to one call: progress reports first, then the result."""
 
-    result: dict[str, Any] = field(default_factory=dict)
-    progress: list[dict[str, Any]] = field(default_factory=list)
+    result: Any  # a reply message of hpcstage.protocol.messages
+    progress: list[Any] = field(default_factory=list)  # its progress messages
 
 
 class FakeAgent:
-    """An agent session answering each call with the next scripted reply (or raising it)."""
+    """An agent session answering each call with the next scripted reply (or raising it),
+    sent as the real session would: the messages' JSON values, which the daemon's side
+    decodes strictly."""
+
+    name = NODE
 
     def __init__(self, *script: Reply | BaseException | asyncio.Event) -> None:
         self.script = list(script)
@@ -56,13 +70,14 @@ class FakeAgent:
             raise step
         if isinstance(step, asyncio.Event):  # a call that runs until cancelled
             if on_progress is not None:
-                on_progress({"files_done": 1, "bytes_done": 10, "files_total": 4})
+                on_progress(to_wire(StageProgress(1, 1, 10, 4, None, 0)))
             await step.wait()
-            return {}
+            raise AssertionError("a call waiting for its cancellation returned")
         for report in step.progress:
             assert on_progress is not None
-            on_progress(report)
-        return step.result
+            on_progress(to_wire(report))
+        reply: dict[str, Any] = to_wire(step.result)
+        return reply
 
 
 class FakeNodes:
@@ -158,10 +173,12 @@ def test_a_stage_in_that_succeeds_leaves_its_stagings_ready_with_their_counters(
     settings: Settings, db: sessionmaker[Session]
 ) -> None:
     job_id = _job(db, _in(1), _in(2))
-    done = {"files_done": 3, "bytes_done": 300, "files_total": 3, "bytes_total": 300}
     agent = FakeAgent(
-        Reply({"items": [{**done, "fetched": 2}]}, progress=[{"files_done": 1, "bytes_done": 9}]),
-        Reply({"items": [{"files_done": 1, "bytes_done": 5, "fetched": 1}]}),
+        Reply(
+            StageReply("", False, [StageProgress(1, 3, 300, 3, 300, 2)]),
+            progress=[StageProgress(1, 1, 9, None, None, 0)],
+        ),
+        Reply(StageReply("", False, [StageProgress(2, 1, 5, None, None, 1)])),
     )
     executor = Executor(settings, db, FakeNodes(n1=agent))
     _run(executor, _stage(job_id))
@@ -202,7 +219,7 @@ def test_a_stage_in_that_the_store_throttles_is_requeued_with_what_it_did(
     settings: Settings, db: sessionmaker[Session]
 ) -> None:
     job_id = _job(db, _in(1), _in(2))
-    agent = FakeAgent(Reply({"items": [{"files_done": 1, "bytes_done": 1}]}))
+    agent = FakeAgent(Reply(StageReply("", False, [StageProgress(1, 1, 1, None, None, 0)])))
     agent.script.append(AgentError("SlowDown", transient=True))
     executor = Executor(settings, db, FakeNodes(n1=agent))
     _run(executor, _stage(job_id))
@@ -246,10 +263,9 @@ def test_a_stage_out_that_succeeds_records_every_file(
     settings: Settings, db: sessionmaker[Session]
 ) -> None:
     job_id = _job(db, _out(1, optional=True), state="COMPLETED")
-    uploaded = {"path": "out1/a", "key": "run1/a", "size": 4, "state": "done"}
-    uploaded |= {"trash_key": "", "error": ""}
-    report = {"files_done": 1, "bytes_done": 4, "fetched": 1, "files": [uploaded]}
-    agent = FakeAgent(Reply({}, progress=[report]))
+    uploaded = FileOutcome("out1/a", "run1/a", 4, "done", error="", trash_key="")
+    report = StageOutProgress(1, [uploaded], 1, 4, files_total=1, bytes_total=4, fetched=1)
+    agent = FakeAgent(Reply(StageOutReply([StageOutResult(1, 1, 4, 1)]), progress=[report]))
     executor = Executor(settings, db, FakeNodes(n1=agent))
     _run(executor, planner.StageOut(job_id, NODE, "ended"))
     (st,) = _stagings(db)
@@ -311,7 +327,7 @@ def test_a_release_ends_the_views_but_keeps_failures_and_outputs_on_record(
             session.query(Request), ("ready", "failed", "ready"), strict=True
         ):
             request.stagings.append(Staging(node=NODE, state=state))
-    agent = FakeAgent(Reply({"leftover": "7-1"}))
+    agent = FakeAgent(Reply(ReleaseReply("7", "7-1")))
     executor = Executor(settings, db, FakeNodes(n1=agent))
     _run(executor, planner.Release(job_id, NODE, "job ended"))
     assert [st.state for st in _stagings(db)] == ["released", "failed", "ready"]
@@ -374,7 +390,7 @@ def test_an_action_that_raises_is_retried_then_given_up(
 ) -> None:
     job_id = _job(db, _in(1))
     for _ in range(MAX_INTERNAL_ERROR_ATTEMPTS):
-        agent = FakeAgent(Reply({"items": "not a list of items"}))  # a bug's TypeError
+        agent = FakeAgent(TypeError("a bug on the daemon's side"))
         _run(Executor(settings, db, FakeNodes(n1=agent)), _stage(job_id))
     (st,) = _stagings(db)
     assert (st.state, st.attempts) == ("failed", MAX_INTERNAL_ERROR_ATTEMPTS)

@@ -2,7 +2,7 @@
 view, and which key a job's output gets, checked for their OUTCOME on generated keys.
 
 S3 keys are any UTF-8 up to 1024 bytes. A stage-in of ``s3://b/PREFIX`` into DEST puts the
-object at KEY at ``DEST/<KEY after PREFIX>`` (``hpcstage.agent.main._view_path``, which
+object at KEY at ``DEST/<KEY after PREFIX>`` (``hpcstage.agent.stagein._view_path``, which
 calls ``hpcstage.cache.key_dest``). For every key under a prefix, that either
 
 - gives a relative path inside the view, exactly ``DEST/REL`` (nothing folded: so two keys
@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hpcstage.agent.main import _view_path
+from hpcstage.agent.stagein import _view_path
 from hpcstage.cache.views import link_into
 from hpcstage.core.directives import MAX_KEY_BYTES, MAX_NAME_BYTES, SourceKind, parse_value
 from hpcstage.core.identity import ObjectRef

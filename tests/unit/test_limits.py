@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from hpcstage.agent.main import _limited
+from hpcstage.agent.stagein import _limited
 from hpcstage.config.load import parse_config
 from hpcstage.config.schema import LimitSettings
 from hpcstage.core import limits
+from hpcstage.core.directives import SourceKind
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import HpcstageError, LimitError
+from hpcstage.protocol.messages import SourceSpec, StageItem
 
 MINIMAL = '[site]\nname = "t"\n[store]\nendpoint_url = "https://s3.example.org"\n'
 
@@ -54,7 +56,19 @@ def refs(n: int, size: int = 0) -> AsyncIterator[ObjectRef]:
     return gen()
 
 
-def drain(n: int, item: dict[str, object]) -> int:
+def item_of(budget: limits.ObjectBudget | None = None) -> StageItem:
+    return StageItem(
+        request_id=1,
+        source=SourceSpec(SourceKind.S3_PREFIX, "b", "p/", ""),
+        dest="p",
+        max_bytes=None,
+        quota_reason="",
+        max_objects=None if budget is None else budget.max_objects,
+        objects_reason="" if budget is None else budget.reason,
+    )
+
+
+def drain(n: int, item: StageItem) -> int:
     async def run() -> int:
         return len([r async for r in _limited(refs(n), item)])
 
@@ -63,7 +77,7 @@ def drain(n: int, item: dict[str, object]) -> int:
 
 def test_a_prefix_over_the_object_limit_fails_naming_the_limit_and_the_count() -> None:
     budget = limits.stage_in_budget(LimitSettings(stage_in_objects=100), 40)
-    item = {"max_objects": budget.max_objects, "objects_reason": budget.reason}
+    item = item_of(budget)
     assert drain(60, item) == 60  # exactly what is left: fine
     with pytest.raises(LimitError) as caught:
         drain(10**6, item)  # zero-byte objects: no byte quota would stop them
@@ -73,7 +87,7 @@ def test_a_prefix_over_the_object_limit_fails_naming_the_limit_and_the_count() -
 
 
 def test_an_agent_not_told_a_limit_lists_everything() -> None:
-    assert drain(5000, {}) == 5000
+    assert drain(5000, item_of()) == 5000
 
 
 def test_warmups_are_refused_over_either_limit_and_admins_never() -> None:

@@ -1,9 +1,13 @@
-"""Peer copy's pure parts: what a cache offers a peer, how a node checks what a peer sent."""
+"""Peer copy: what a cache offers a peer, how a node checks what a peer sent, and a copy
+between two real node caches through the agent's message handling (no cluster)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +16,22 @@ from typing import Any
 import pytest
 
 from hpcstage.agent import peer
+from hpcstage.agent.context import NodeContext
+from hpcstage.agent.server import routes
 from hpcstage.cache import NodeCache
 from hpcstage.core.identity import ObjectRef
+from hpcstage.errors import ProtocolError
+from hpcstage.protocol.framing import ProgressFn
+from hpcstage.protocol.messages import (
+    AgentStoreSettings,
+    PeerObject,
+    PeerPutRequest,
+    PeerSent,
+    SourceSpec,
+)
+from hpcstage.protocol.wire import from_wire, to_wire
+from hpcstage.staging import peer as peer_copy
+from hpcstage.staging.agents import AgentClient
 
 STORE = "https://s3.example"
 
@@ -89,22 +107,21 @@ def test_read_object_gives_indexed_bytes_only(cache: NodeCache) -> None:
     assert cache.held([ref.cache_id, "1" * 64]) == {ref.cache_id}
 
 
-def entry(key: str, data: bytes, etag: str = "", **over: Any) -> list[Any]:
-    ref = ObjectRef(STORE, "b", key, etag or md5(data), len(data))
-    fields = {
-        "cache_id": ref.cache_id,
-        "key": key,
-        "etag": ref.etag,
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "body": base64.b64encode(data).decode(),
-    }
-    fields.update(over)
-    return list(fields.values())
+def entry(key: str, body: bytes, etag: str = "", **over: Any) -> PeerSent:
+    ref = ObjectRef(STORE, "b", key, etag or md5(body), len(body))
+    sent = PeerSent(
+        cache_id=ref.cache_id,
+        key=key,
+        etag=ref.etag,
+        size=len(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+        data=base64.b64encode(body).decode(),
+    )
+    return dataclasses.replace(sent, **over)
 
 
-def check(e: Any, prefix: str = "p/", exact: bool = False) -> ObjectRef | None:
-    got = peer._checked(e, STORE, "b", prefix, exact)
+def check(e: PeerSent, prefix: str = "p/", exact: bool = False) -> ObjectRef | None:
+    got = peer._checked(e, peer._Scope(STORE, "b", prefix, exact))
     return None if got is None else got[0]
 
 
@@ -124,32 +141,109 @@ def test_a_good_copy_is_taken() -> None:
         entry("p/a", b"data", size=5),  # size other than the bytes
         entry("p/a", b"data", sha256=hashlib.sha256(b"other").hexdigest()),
         entry("p/a", b"data", sha256="not-a-digest"),
-        entry("p/a", b"data", body=base64.b64encode(b"dat!").decode()),  # bytes changed
-        entry("p/a", b"data", body="not base64!"),
+        entry("p/a", b"data", data=base64.b64encode(b"dat!").decode()),  # bytes changed
+        entry("p/a", b"data", data="not base64!"),
         entry("p/a", b"data", etag=md5(b"other")),  # MD5 ETag the bytes do not have
-        [*entry("p/a", b"data")[:2], "", *entry("p/a", b"data")[3:]],  # no ETag
-        entry("p/a", b"data")[:5],  # malformed entry
-        "not a list",
+        dataclasses.replace(entry("p/a", b"data"), etag=""),  # no ETag
         entry("p/big", b"z" * (peer.PEER_MAX + 1)),  # bigger than peers copy
     ],
 )
-def test_anything_else_is_refused(bad: Any) -> None:
+def test_anything_else_is_refused(bad: PeerSent) -> None:
     assert check(bad) is None
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        "not an object",
+        {k: v for k, v in to_wire(entry("p/a", b"data")).items() if k != "data"},
+        {**to_wire(entry("p/a", b"data")), "size": "4"},
+        {**to_wire(entry("p/a", b"data")), "extra": 1},
+    ],
+)
+def test_a_malformed_object_is_refused_before_any_check(malformed: Any) -> None:
+    source = to_wire(SourceSpec.of("s3://data/p/"))
+    with pytest.raises(ProtocolError):
+        from_wire(PeerPutRequest, {"source": source, "objects": [malformed]})
 
 
 def test_an_exact_key_source_takes_that_key_only() -> None:
     assert check(entry("p.bak", b"x"), prefix="p", exact=True) is None
 
 
+def row(size: int) -> PeerObject:
+    return PeerObject("id", "k", "e", size, "s")
+
+
 def test_batches_hold_at_most_batch_bytes_unless_one_object_is_bigger() -> None:
-    third = peer.BATCH_BYTES // 6
-    rows = [["id", "k", "e", n * third, "s"] for n in (3, 3, 3, 10, 1)]
-    sizes = [[r[3] for r in b] for b in peer._batches(rows)]
+    third = peer_copy.BATCH_BYTES // 6
+    rows = [row(n * third) for n in (3, 3, 3, 10, 1)]
+    sizes = [[r.size for r in b] for b in peer_copy._batches(rows)]
     # In order; a batch closes before it would pass the limit; a bigger object goes alone.
     assert sizes == [[3 * third, 3 * third], [3 * third], [10 * third], [third]]
 
 
 def test_within_stops_at_the_budget() -> None:
-    rows = [["id", "k", "e", size, "s"] for size in (4, 4, 4)]
-    assert len(peer._within(rows, 9)) == 2
-    assert peer._within(rows, 3) == []
+    rows = [row(4) for _ in range(3)]
+    assert len(peer_copy._within(rows, 9)) == 2
+    assert peer_copy._within(rows, 3) == []
+
+
+# -- a copy between two node caches, through the agent's routing and strict decoding ----------
+
+
+@dataclasses.dataclass
+class Loopback:
+    """An agent session without the process: JSON both ways, the agent's own routing."""
+
+    ctx: NodeContext
+
+    async def call(
+        self, op: str, params: dict[str, Any], on_progress: ProgressFn | None = None
+    ) -> dict[str, Any]:
+        handler = routes(self.ctx)[op]
+        reply = await handler(json.loads(json.dumps(params)), on_progress or (lambda _: None))
+        decoded: dict[str, Any] = json.loads(json.dumps(reply))
+        return decoded
+
+
+def node(tmp_path: Path, name: str) -> NodeContext:
+    ctx = NodeContext(name, NodeCache(tmp_path / name, clock=Clock()))
+    ctx.stores.settings = AgentStoreSettings(
+        STORE, "us-east-1", "path", True, "", 4, 1.0, 1.0, {"access_key": "a", "secret_key": "s"}
+    )
+    return ctx
+
+
+@pytest.mark.parametrize("src", ["s3://data/p/one.dat", "s3://data/p/"])
+def test_a_single_object_source_is_copied_from_a_peer_like_a_prefix(
+    tmp_path: Path, src: str
+) -> None:
+    """Issue 16: the daemon and the agent tested for a source kind "s3-key" that the directive
+    parser never makes ("s3-object"), so a single-object input never came from a peer."""
+    source = SourceSpec.of(src)
+    assert peer_copy.copyable(source)
+    a, b = node(tmp_path, "a"), node(tmp_path, "b")
+    put(a.cache, "p/one.dat", b"one", bucket="data")
+    put(a.cache, "p/other.dat", b"other", bucket="data")
+
+    async def copy() -> peer_copy.PeerCopy:
+        try:
+            return await peer_copy.copy_from_peer(
+                AgentClient(Loopback(b), "b"), AgentClient(Loopback(a), "a"), source
+            )
+        finally:
+            await a.stores.close()
+            await b.stores.close()
+
+    copied = asyncio.run(copy())
+    wanted = 1 if src.endswith(".dat") else 2
+    assert (copied.objects, copied.refused) == (wanted, 0)
+    assert b.cache.stats.peer_objects == wanted
+    assert b.cache.lookup(ObjectRef(STORE, "data", "p/one.dat", md5(b"one"), 3)) is not None
+    a.cache.close()
+    b.cache.close()
+
+
+def test_peer_copy_refuses_a_shared_path() -> None:
+    assert not peer_copy.copyable(SourceSpec.of("/shared/data/"))

@@ -1,0 +1,77 @@
+"""The agent's small calls: hello, credentials, release, usage, evict, ping.
+
+The transfers are elsewhere: ``stagein.py`` (stage), ``uploader.py`` (stage_out),
+``peer.py`` (peer_*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from hpcstage.agent.context import NodeContext
+from hpcstage.protocol.messages import (
+    CredentialsReply,
+    CredentialsRequest,
+    Empty,
+    EvictReply,
+    EvictRequest,
+    HelloReply,
+    HelloRequest,
+    PingReply,
+    ReleaseReply,
+    ReleaseRequest,
+    UsageReply,
+)
+
+
+async def hello(ctx: NodeContext, request: HelloRequest) -> HelloReply:
+    """Take store settings and limits; report what the cache holds after reconcile."""
+    await ctx.stores.configure(request.store, request.transfer)
+    report = await asyncio.to_thread(ctx.cache.reconcile)
+    usage = await asyncio.to_thread(ctx.cache.usage)
+    return HelloReply(ctx.node, ctx.pid, plain(report), plain(usage))
+
+
+async def credentials(ctx: NodeContext, request: CredentialsRequest) -> CredentialsReply:
+    """New S3 credentials from the daemon, which refreshes temporary ones before they expire."""
+    return CredentialsReply(retired=await ctx.stores.renew_credentials(request.credentials))
+
+
+async def release(ctx: NodeContext, request: ReleaseRequest) -> ReleaseReply:
+    """Drop a job's view (its lease); the objects stay cached until evicted. ``leftover``
+    names what the job made undeletable, set aside under the cache's ``released/``."""
+    leftover = await asyncio.to_thread(ctx.cache.release, request.job)
+    return ReleaseReply(released=request.job, leftover=leftover)
+
+
+async def usage(ctx: NodeContext, _request: Empty) -> UsageReply:
+    """Bytes and objects in the cache, leased and total, and fetch counters."""
+    return UsageReply(
+        usage=plain(await asyncio.to_thread(ctx.cache.usage)),
+        stats=plain(ctx.cache.stats),
+        views=ctx.cache.views(),
+        leftovers=ctx.cache.leftovers(),
+    )
+
+
+async def evict(ctx: NodeContext, request: EvictRequest) -> EvictReply:
+    """Evict by policy (TTL, then LRU down to the low watermark); leased objects stay."""
+    passing = ctx.cache.evict_iter(
+        request.max_bytes, request.high, request.low, request.ttl, time.time(), request.max_objects
+    )
+    # Counted as it goes: a pass over 10^6 expired objects holds no list of their ids.
+    return EvictReply(evicted=await asyncio.to_thread(lambda: sum(1 for _ in passing)))
+
+
+async def ping(ctx: NodeContext, _request: Empty) -> PingReply:
+    """Who answers, and when (a liveness check)."""
+    return PingReply(node=ctx.node, time=time.time())
+
+
+def plain(obj: Any) -> dict[str, Any]:
+    """A cache report (a dataclass or a plain object) as a JSON-able dict."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+    return dict(vars(obj))

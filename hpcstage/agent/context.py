@@ -1,0 +1,122 @@
+"""What the agent's call handlers share: the node cache and the store clients.
+
+Handlers take a ``NodeContext``, not the server that dispatches to them, so that no module of
+the agent needs the one that routes calls (no import circle).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcstage.cache import NodeCache
+from hpcstage.errors import HpcstageError
+from hpcstage.protocol.messages import AgentStoreSettings, TransferSettings
+from hpcstage.retry import RetryPolicy
+from hpcstage.store.s3 import FsStore, ObjectStore, S3Store
+
+# Until the daemon's hello says otherwise (its [transfer] defaults).
+DEFAULT_TRANSFER = TransferSettings(
+    concurrency=64,
+    part_size=64 * 1024 * 1024,
+    multipart_threshold=256 * 1024 * 1024,
+    retries=6,
+    backoff_base=0.5,
+    backoff_max=30,
+    lean_get=True,
+    direct_writes=True,
+)
+
+
+@dataclass
+class Stores:
+    """The agent's store clients, made from the settings of the daemon's last hello."""
+
+    settings: AgentStoreSettings | None = None
+    transfer: TransferSettings = DEFAULT_TRANSFER
+    _open: dict[str, ObjectStore] = field(default_factory=dict)
+    _retired: list[S3Store] = field(default_factory=list)  # clients of superseded credentials
+
+    @property
+    def retry(self) -> RetryPolicy:
+        t = self.transfer
+        return RetryPolicy(retries=t.retries, base=t.backoff_base, cap=t.backoff_max)
+
+    async def configure(self, settings: AgentStoreSettings, transfer: TransferSettings) -> None:
+        """Take new settings: every client is closed, new ones are made on demand."""
+        self.settings, self.transfer = settings, transfer
+        await self.close()
+
+    def files(self, root: str) -> FsStore:
+        """The store of a shared file system directory."""
+        found = self._open.setdefault(f"file:{root}", FsStore(Path(root), retry=self.retry))
+        assert isinstance(found, FsStore)
+        return found
+
+    def s3(self, bucket: str) -> S3Store:
+        """The (shared, pooled) client for one bucket of the site's store."""
+        if bucket not in self._open:
+            self._open[bucket] = self._new_s3(bucket)
+        found = self._open[bucket]
+        assert isinstance(found, S3Store)
+        return found
+
+    def _new_s3(self, bucket: str) -> S3Store:
+        s, t = self._settings(), self.transfer
+        return S3Store(
+            s.endpoint_url,
+            bucket,
+            region=s.region,
+            profile=None,
+            addressing_style=s.addressing_style,
+            verify_tls=s.verify_tls,
+            ca_bundle=s.ca_bundle or None,
+            max_connections=max(s.max_connections, t.concurrency),
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            part_size=t.part_size,
+            multipart_threshold=t.multipart_threshold,
+            retry=self.retry,
+            credentials=s.credentials,
+            lean_get=t.lean_get,
+            direct_writes=t.direct_writes,
+        )
+
+    async def renew_credentials(self, credentials: dict[str, str]) -> int:
+        """Sign new transfers with ``credentials``; transfers under way keep their clients
+        (the old keys stay valid a while yet), closed when the next keys arrive. The number
+        of clients set aside."""
+        self._settings().credentials = dict(credentials)
+        for store in self._retired:
+            await store.close()
+        self._retired = [s for s in self._open.values() if isinstance(s, S3Store)]
+        self._open = {k: s for k, s in self._open.items() if not isinstance(s, S3Store)}
+        return len(self._retired)
+
+    async def close(self) -> None:
+        """Close every client."""
+        for store in [*self._open.values(), *self._retired]:
+            await store.close()
+        self._open.clear()
+        self._retired.clear()
+
+    def _settings(self) -> AgentStoreSettings:
+        if self.settings is None:
+            raise HpcstageError("agent has no store settings (no hello from the daemon)")
+        return self.settings
+
+
+@dataclass
+class NodeContext:
+    """One node's cache and the stores it fetches from and uploads to."""
+
+    node: str
+    cache: NodeCache
+    stores: Stores = field(default_factory=Stores)
+    pid: int = field(default_factory=os.getpid)
+
+    @property
+    def concurrency(self) -> int:
+        """Transfers at once, as the daemon's hello set it."""
+        return self.stores.transfer.concurrency

@@ -1,0 +1,390 @@
+"""One typed message per call between the daemon and a node agent, shared by both sides.
+
+Each ``Rpc`` names a call, its request and its reply; ``hpcstage.staging.agents.AgentClient``
+builds requests and reads replies on the daemon's side, ``hpcstage.agent.server`` decodes
+requests before any handler runs. Encoding and strict decoding: ``hpcstage.protocol.wire``.
+
+Request fields have no defaults on purpose: the daemon must set every field the agent reads
+(mypy checks the constructor call), so a field the agent reads and the daemon never sends
+cannot exist. Reply and progress fields the agent always sends have none either.
+
+Adding a call: a request and a reply type here, an ``Rpc`` in ``CALLS``, a method on
+``AgentClient``, a handler in the agent's routing table (``hpcstage.agent.server``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from hpcstage.core.directives import SourceKind, parse_source
+
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+
+
+@dataclass(frozen=True)
+class Rpc(Generic[Req, Rep]):
+    """A call's name on the wire and the types of its request and reply."""
+
+    op: str
+    request: type[Req]
+    reply: type[Rep]
+
+
+# -- shared parts -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A stage-in source as the agent reads it (see ``hpcstage.core.directives.Source``)."""
+
+    kind: SourceKind
+    bucket: str
+    key: str
+    path: str  # absolute, for kind PATH; "" otherwise
+
+    def url(self) -> str:
+        """For messages: the path, or the s3:// URL."""
+        return self.path or f"s3://{self.bucket}/{self.key}"
+
+    @classmethod
+    def of(cls, src: str) -> SourceSpec:
+        """A stored source URL (a request's ``src``) as the agent reads it."""
+        source = parse_source(src)
+        return cls(kind=source.kind, bucket=source.bucket, key=source.key, path=source.path)
+
+
+@dataclass(frozen=True)
+class Empty:
+    """The request of a call that takes no parameters."""
+
+
+# -- hello, credentials -----------------------------------------------------------------------
+
+
+@dataclass
+class AgentStoreSettings:
+    """How the agent reaches the object store (the daemon's ``[store]``, as the node needs it).
+
+    Not frozen: new ``credentials`` replace the old ones in place (``credentials`` call).
+    """
+
+    endpoint_url: str
+    region: str
+    addressing_style: str
+    verify_tls: bool
+    ca_bundle: str  # "" for the system's
+    max_connections: int
+    connect_timeout: float
+    read_timeout: float
+    credentials: dict[str, str] | None  # None: the agent's own (botocore's usual sources)
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """The daemon's ``[transfer]`` limits the agent applies to its downloads."""
+
+    concurrency: int
+    part_size: int
+    multipart_threshold: int
+    retries: int
+    backoff_base: float
+    backoff_max: float
+    lean_get: bool
+    direct_writes: bool
+
+
+@dataclass(frozen=True)
+class HelloRequest:
+    store: AgentStoreSettings
+    transfer: TransferSettings
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    """Who answered, and what reconcile found in the cache. ``reconcile`` and ``usage`` are
+    the node cache's own reports (``hpcstage.cache``), logged and shown as they are."""
+
+    node: str
+    pid: int
+    reconcile: dict[str, Any]
+    usage: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CredentialsRequest:
+    credentials: dict[str, str]
+
+
+@dataclass(frozen=True)
+class CredentialsReply:
+    retired: int  # S3 clients set aside (closed when the next credentials arrive)
+
+
+# -- stage (stage-in and warmup) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageItem:
+    """One input: where from, where in the view, and the budget it must fit."""
+
+    request_id: int
+    source: SourceSpec
+    dest: str  # relative to the job's view
+    max_bytes: int | None  # None: no quota
+    quota_reason: str
+    max_objects: int | None  # None: no limit
+    objects_reason: str
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """Fetch ``items`` into the cache; with ``view`` link them into the job's view (a warmup
+    has none)."""
+
+    job: str
+    user: str
+    view: bool
+    items: list[StageItem]
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """Counters of one input, sent while it is staged and as its result."""
+
+    request_id: int
+    files_done: int
+    bytes_done: int
+    files_total: int | None  # None until the listing is complete
+    bytes_total: int | None
+    fetched: int  # objects this input fetched from the store
+
+
+@dataclass(frozen=True)
+class StageReply:
+    view: str  # the job's view directory ("" without a view)
+    acl: bool  # an ACL entry was added for the job's user
+    items: list[StageProgress]
+
+
+# -- stage_out --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageOutItem:
+    """One ``--stage-out`` directive of a finished job."""
+
+    request_id: int
+    src: str  # relative to the job's directory
+    dest_bucket: str
+    dest_key: str
+    optional: bool
+    job_completed: bool  # False: a missing source is no failure (the job ended early)
+    max_files: int | None
+    max_bytes: int | None
+    limit_reason: str
+
+
+@dataclass(frozen=True)
+class StageOutRequest:
+    job: str
+    user: str
+    ended_at: float
+    trash_prefix: str
+    items: list[StageOutItem]
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What became of one output file: ``state`` is uploaded, present, skipped or failed."""
+
+    path: str
+    key: str
+    size: int
+    state: str
+    error: str
+    trash_key: str  # where the object it replaced went ("" if none)
+
+
+@dataclass(frozen=True)
+class StageOutProgress:
+    """Counters of one directive and the files decided since the last report."""
+
+    request_id: int
+    files: list[FileOutcome]
+    files_done: int
+    bytes_done: int
+    files_total: int
+    bytes_total: int
+    fetched: int  # files uploaded
+
+
+@dataclass(frozen=True)
+class StageOutResult:
+    request_id: int
+    files_done: int
+    bytes_done: int
+    uploaded: int
+
+
+@dataclass(frozen=True)
+class StageOutReply:
+    items: list[StageOutResult]
+
+
+# -- release, usage, evict, ping --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    job: str
+
+
+@dataclass(frozen=True)
+class ReleaseReply:
+    released: str
+    leftover: str  # what the job made undeletable, under the cache's released/ ("" if none)
+
+
+@dataclass(frozen=True)
+class UsageReply:
+    """The node cache's own usage and counters (``hpcstage.cache``), shown by the API as
+    they are, and its job views."""
+
+    usage: dict[str, Any]
+    stats: dict[str, Any]
+    views: list[str]
+    leftovers: list[str]
+
+
+@dataclass(frozen=True)
+class EvictRequest:
+    """The eviction policy (``[cache]``): TTL, then LRU from ``high`` down to ``low``."""
+
+    max_bytes: int
+    high: float
+    low: float
+    ttl: float
+    max_objects: int  # 0: bytes only
+
+
+@dataclass(frozen=True)
+class EvictReply:
+    evicted: int
+
+
+@dataclass(frozen=True)
+class PingReply:
+    node: str
+    time: float
+
+
+# -- peer copy (see hpcstage.staging.peer) ----------------------------------------------------
+
+# What peers copy: S3 objects only (a shared path is as near to every node as a peer's cache).
+PEER_KINDS: Final = frozenset({SourceKind.S3_OBJECT, SourceKind.S3_PREFIX})
+
+
+@dataclass(frozen=True)
+class PeerObject:
+    """One object a cache holds, as indexed there."""
+
+    cache_id: str
+    key: str
+    etag: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PeerListRequest:
+    source: SourceSpec
+    after: str  # the key to list after ("" from the start)
+    limit: int
+
+
+@dataclass(frozen=True)
+class PeerListReply:
+    objects: list[PeerObject]
+    next: str  # "" when this was the last page
+
+
+@dataclass(frozen=True)
+class PeerIds:
+    """Cache ids: the request of ``peer_want`` and ``peer_read``."""
+
+    ids: list[str]
+
+
+@dataclass(frozen=True)
+class PeerWantReply:
+    want: list[str]
+
+
+@dataclass(frozen=True)
+class PeerBody:
+    cache_id: str
+    data: str  # base64
+
+
+@dataclass(frozen=True)
+class PeerReadReply:
+    objects: list[PeerBody]
+
+
+@dataclass(frozen=True)
+class PeerSent:
+    """An object sent to a cache: what the peer indexed, and its bytes (base64). Nothing in
+    it is trusted: the receiving agent checks it all (``hpcstage.agent.peer``)."""
+
+    cache_id: str
+    key: str
+    etag: str
+    size: int
+    sha256: str
+    data: str
+
+
+@dataclass(frozen=True)
+class PeerPutRequest:
+    source: SourceSpec
+    objects: list[PeerSent]
+
+
+@dataclass(frozen=True)
+class PeerPutReply:
+    objects: int
+    bytes: int
+    refused: int
+
+
+# -- the calls --------------------------------------------------------------------------------
+
+HELLO: Final = Rpc("hello", HelloRequest, HelloReply)
+CREDENTIALS: Final = Rpc("credentials", CredentialsRequest, CredentialsReply)
+STAGE: Final = Rpc("stage", StageRequest, StageReply)
+STAGE_OUT: Final = Rpc("stage_out", StageOutRequest, StageOutReply)
+RELEASE: Final = Rpc("release", ReleaseRequest, ReleaseReply)
+USAGE: Final = Rpc("usage", Empty, UsageReply)
+EVICT: Final = Rpc("evict", EvictRequest, EvictReply)
+PING: Final = Rpc("ping", Empty, PingReply)
+PEER_LIST: Final = Rpc("peer_list", PeerListRequest, PeerListReply)
+PEER_WANT: Final = Rpc("peer_want", PeerIds, PeerWantReply)
+PEER_READ: Final = Rpc("peer_read", PeerIds, PeerReadReply)
+PEER_PUT: Final = Rpc("peer_put", PeerPutRequest, PeerPutReply)
+
+CALLS: Final[tuple[Rpc[Any, Any], ...]] = (
+    HELLO,
+    CREDENTIALS,
+    STAGE,
+    STAGE_OUT,
+    RELEASE,
+    USAGE,
+    EVICT,
+    PING,
+    PEER_LIST,
+    PEER_WANT,
+    PEER_READ,
+    PEER_PUT,
+)
