@@ -80,7 +80,8 @@ from hpcstage.errors import (
 from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy, with_retries
 from hpcstage.store import checksums
 from hpcstage.store.checksums import StoreChecksum
-from hpcstage.store.fastget import Endpoint, LeanGet, LeanStats, RangeAbort, RangeGet, SigV4
+from hpcstage.store.lean import LeanGet
+from hpcstage.store.lean_client import Endpoint, LeanStats
 from hpcstage.store.libc import (
     DIRECT_ALIGN,
     DIRECT_UNSUPPORTED,
@@ -90,6 +91,8 @@ from hpcstage.store.libc import (
     pwrite_all,
     start_writeback,
 )
+from hpcstage.store.ranged import RangeAbort, RangeGet
+from hpcstage.store.sigv4 import SigV4
 
 if TYPE_CHECKING:
     from aiobotocore.response import StreamingBody
@@ -113,7 +116,7 @@ S3_MAX_COPY: Final = 5 * GIB  # CopyObject's limit; larger objects are copied in
 _STREAM_CHUNK: Final = 1 * MIB  # bytes buffered per connection before one pwrite
 _FILE_CHUNK: Final = 8 * MIB  # pread/pwrite size for local and shared-filesystem copies
 _PLAIN_MD5: Final = re.compile(r"[0-9a-fA-F]{32}")
-LEAN_MAX: Final = 1 * MIB  # objects up to this size try the lean GET first (hpcstage.store.fastget)
+LEAN_MAX: Final = 1 * MIB  # objects up to this size try the lean GET first (hpcstage.store.lean)
 READ_BACK_PARTS: Final = 4  # parts of one object in flight when it is hashed in order
 _INLINE_WRITE: Final = 64 * 1024  # bodies up to this size are written on the event loop
 _PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy")
@@ -1284,7 +1287,7 @@ class S3Store:
 
     async def lean_bytes(self, ref: ObjectRef) -> tuple[bytes, str, str] | None:
         """A small object's bytes, SHA-256 and MD5 ("" unless the ETag is one) through the lean
-        GET (hpcstage.store.fastget), or None when it does not apply or falls back: then the SDK
+        GET (hpcstage.store.lean), or None when it does not apply or falls back: then the SDK
         path must fetch it."""
         lean = self._lean
         if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold:

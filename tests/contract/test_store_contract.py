@@ -158,7 +158,7 @@ async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -
         assert h.calls["UploadPart"] == 3
         assert h.calls["CompleteMultipartUpload"] == 1
         assert h.calls["PutObject"] == 0
-        # The parts came through the lean ranged GET (hpcstage.store.fastget.RangeGet), not the SDK.
+        # The parts came through the lean ranged GET (hpcstage.store.ranged.RangeGet), not the SDK.
         assert isinstance(h.store, S3Store) and h.store.ranged_stats is not None
         assert (h.store.ranged_stats.served, h.store.ranged_stats.fell_back) == (3, 0)
         assert h.calls["GetObject"] == 0
@@ -356,7 +356,7 @@ async def _none() -> list[str]:
     return []
 
 
-# --- the lean GET of small objects (hpcstage.store.fastget) against the real server ---
+# --- the lean GET of small objects (hpcstage.store.lean) against the real server ---
 
 AWKWARD_NAMES = ["plain.txt", "sp ace/ü-ß.pdb", "a+b=c&d;e,f", "pct%20x/~tilde", "q?x#y", "..dots"]
 

@@ -12,7 +12,8 @@ from botocore.credentials import Credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcstage.store.fastget import EMPTY_SHA256, Endpoint, SigV4, parse_head
+from hpcstage.store.lean_client import Endpoint, parse_head
+from hpcstage.store.sigv4 import EMPTY_SHA256, SigV4
 
 
 def test_signature_matches_the_aws_documentation_example() -> None:
