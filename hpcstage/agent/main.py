@@ -39,7 +39,9 @@ from hpcstage.errors import (
 )
 from hpcstage.protocol.framing import MAX_LINE, Handler, ProgressFn, decode, encode
 from hpcstage.retry import RetryPolicy
-from hpcstage.store.s3 import FsStore, ObjectStore, S3Store, download_bytes
+from hpcstage.store.fs import FsStore
+from hpcstage.store.protocol import ObjectStore
+from hpcstage.store.s3 import S3Store, download_bytes
 
 log = logging.getLogger("hpcstage.agent")
 

@@ -19,8 +19,9 @@ from hpcstage.core.identity import ObjectRef
 from hpcstage.core.stageout import Output, Refused, Skipped, same_object, trash_key
 from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
 from hpcstage.protocol.framing import ProgressFn
+from hpcstage.store.protocol import Described
 from hpcstage.store.recycle import UploadJournal, abort_own, replace
-from hpcstage.store.s3 import Described, S3Store
+from hpcstage.store.s3 import S3Store
 
 if TYPE_CHECKING:
     from hpcstage.agent.main import Agent

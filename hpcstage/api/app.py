@@ -22,7 +22,7 @@ from hpcstage.core import policy
 from hpcstage.db import Job, Staging
 from hpcstage.errors import ConfigError, DirectiveError, HpcstageError, LimitError
 from hpcstage.staging import trash
-from hpcstage.store.s3 import parse_s3_url
+from hpcstage.store.protocol import parse_s3_url
 
 if TYPE_CHECKING:
     from hpcstage.service.daemon import Daemon

@@ -56,7 +56,9 @@ from hpcstage.staging.pool import (
     open_ssh,
 )
 from hpcstage.store.clients import ClientCache
-from hpcstage.store.s3 import CredentialSource, S3Store, parse_s3_url
+from hpcstage.store.credentials import CredentialSource
+from hpcstage.store.protocol import parse_s3_url
+from hpcstage.store.s3 import S3Store
 from hpcstage.watch import tickview
 from hpcstage.watch.fold import Directives, JobKey, log_event, sync
 from hpcstage.watch.slurm.backend import CliBackend, SlurmBackend

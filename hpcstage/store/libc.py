@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # type only: importing checksums loads awscrt
 # at a time.
 WRITE_SLICE: Final = 256 * 1024
 
+# Bytes per pread/pwrite/sendfile call of local and shared-filesystem copies and read-backs.
+FILE_CHUNK: Final = 8 * 2**20
+
 
 def libc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
     """The C library's ``name`` taking ``argtypes`` and returning an int (errno kept for

@@ -30,7 +30,9 @@ from aiobotocore.session import get_session
 
 from devcluster.proc import free_port, port_open
 from hpcstage.retry import RetryPolicy
-from hpcstage.store.s3 import MIB, FsStore, ObjectStore, S3Store
+from hpcstage.store.fs import FsStore
+from hpcstage.store.protocol import MIB, ObjectStore
+from hpcstage.store.s3 import S3Store
 
 BUCKET = "contract"
 SMALL_POLICY = RetryPolicy(retries=2, base=0.01, cap=0.05)

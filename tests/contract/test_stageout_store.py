@@ -29,7 +29,9 @@ from hpcstage.agent.uploader import Uploader
 from hpcstage.cache import NodeCache
 from hpcstage.errors import ObjectChangedError, TransientStoreError
 from hpcstage.staging import trash
-from hpcstage.store.s3 import MIB, Precondition, S3Store, translate_s3_error
+from hpcstage.store.protocol import MIB, Precondition
+from hpcstage.store.s3 import S3Store
+from hpcstage.store.s3_errors import translate_s3_error
 
 from .conftest import BUCKET, SMALL_POLICY, S3Server, make_s3_store, open_uploads
 

@@ -32,20 +32,12 @@ from hpcstage.errors import (
 from hpcstage.retry import RetryPolicy
 from hpcstage.store import checksums
 from hpcstage.store import s3 as store_module
-from hpcstage.store.s3 import (
-    LEAN_MAX,
-    MIB,
-    DownloadResult,
-    FsStore,
-    ObjectStore,
-    S3Store,
-    _check_md5,
-    download_bytes,
-    parse_s3_url,
-    resolve_credentials,
-    translate_fs_error,
-    translate_s3_error,
-)
+from hpcstage.store.credentials import resolve_credentials
+from hpcstage.store.fs import FsStore, translate_fs_error
+from hpcstage.store.protocol import LEAN_MAX, MIB, DownloadResult, ObjectStore, parse_s3_url
+from hpcstage.store.s3 import S3Store, download_bytes
+from hpcstage.store.s3_errors import translate_s3_error
+from hpcstage.store.verify import check_md5
 
 from .conftest import BUCKET, SMALL_POLICY, Harness, S3Server, make_s3_store
 
@@ -613,11 +605,11 @@ async def test_truncated_object_is_transient(s3: S3Store, scratch: Path) -> None
 
 def test_checksum_mismatch_is_transient_and_multipart_etags_are_skipped() -> None:
     md5 = hashlib.md5(b"data", usedforsecurity=False).hexdigest()
-    _check_md5("s3://b/k", md5, md5)
-    _check_md5("s3://b/k", md5.upper(), md5)
-    _check_md5("s3://b/k", "0" * 32 + "-3", md5)  # multipart ETag: not an MD5 of the bytes
+    check_md5("s3://b/k", md5, md5)
+    check_md5("s3://b/k", md5.upper(), md5)
+    check_md5("s3://b/k", "0" * 32 + "-3", md5)  # multipart ETag: not an MD5 of the bytes
     with pytest.raises(TransientStoreError, match="checksum mismatch"):
-        _check_md5("s3://b/k", "0" * 32, md5)
+        check_md5("s3://b/k", "0" * 32, md5)
 
 
 def client_error(code: str, status: int, message: str = "server says") -> bce.ClientError:
