@@ -73,17 +73,20 @@ class Checks:
     def hashers(self) -> list[Any]:
         return [h for h in (self.md5, self.store, self.sha256) if h is not None]
 
-    def by_parts(self, parts: Sequence[Part]) -> bool:
-        """Check a multipart download part by part as its bytes arrive, in any order (True),
-        if what must be computed allows it: nothing, or a CRC the store keeps. An MD5 (of a
-        single-PUT ETag) or a SHA must see the bytes in order: the parts are read back."""
+    @property
+    def in_order(self) -> bool:
+        """Whether what must be computed has to see the bytes in file order: an MD5 (of a
+        single-PUT ETag), a SHA, or a store checksum that cannot be combined from parts.
+        Else (nothing to compute, or a CRC the store keeps) a multipart download is checked
+        part by part as its bytes arrive, in any order."""
         if self.md5 is not None or self.sha256 is not None:
-            return False
+            return True
+        return self.stored is not None and not checksums.combinable(self.stored.algorithm)
+
+    def check_by_parts(self, parts: Sequence[Part]) -> None:
+        """Check the store's checksum (if any) part by part (``part``); not when ``in_order``."""
         if self.stored is not None:
-            if not checksums.combinable(self.stored.algorithm):
-                return False
             self.parts = checksums.PartChecksums(self.stored.algorithm, [p.length for p in parts])
-        return True
 
     def part(self, part: Part) -> checksums.Checksummer | None:
         """A fresh checksum of ``part``'s bytes (None: none to compute), for each attempt."""

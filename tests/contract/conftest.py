@@ -238,7 +238,7 @@ async def _s3_harness(server: S3Server) -> Harness:
     store = make_s3_store(server)
     base = f"t-{uuid.uuid4().hex[:10]}/"
     harness = Harness("s3", store, base, lambda: pending_multipart_uploads(server, base))
-    client = await store._client()  # the test reaches in only to count requests
+    client = await store._bucket.client()  # the test reaches in only to count requests
     client.meta.events.register("before-call.s3", _count_calls(store, harness))
     return harness
 

@@ -122,7 +122,7 @@ async def put(store: S3Store, key: str, data: bytes, tmp: Path) -> None:
 
 
 async def read(store: S3Store, key: str) -> bytes:
-    client = await store._client()
+    client = await store._bucket.client()
     answer = await client.get_object(Bucket=BUCKET, Key=key)
     async with answer["Body"] as body:
         data: bytes = await body.read()
@@ -215,7 +215,7 @@ async def test_a_stage_out_aborts_no_other_writers_multipart_upload(
     run: Run, any_s3_server: S3Server, tmp_path: Path
 ) -> None:
     key = run.prefix + "big.bin"
-    client = await run.node.store._client()
+    client = await run.node.store._bucket.client()
     theirs = await client.create_multipart_upload(Bucket=BUCKET, Key=key)  # another job's
     run.write("big.bin", b"x" * 1000)
     await run.stage_out()
@@ -288,7 +288,7 @@ async def test_a_retry_aborts_the_uploads_its_crashed_attempt_left_and_only_thos
     await fails_transiently(run.stage_out(crashing))
     left = await open_uploads(any_s3_server, run.prefix)
     assert [k for k, _ in left] == [key]
-    client = await crashing._client()
+    client = await crashing._bucket.client()
     theirs = await client.create_multipart_upload(Bucket=BUCKET, Key=key)
     await run.stage_out(make_s3_store(any_s3_server))
     assert await open_uploads(any_s3_server, run.prefix) == [(key, theirs["UploadId"])]
@@ -315,7 +315,7 @@ async def test_objects_under_sse_kms_are_not_judged_by_their_etag(
 ) -> None:
     # Under SSE-KMS (and SSE-C) an ETag looks like an MD5 and is not one; both servers echo
     # the encryption header, so the store says the ETag cannot be compared.
-    client = await any_s3._client()
+    client = await any_s3._bucket.client()
     key = f"kms-{uuid.uuid4().hex[:8]}"
     await client.put_object(Bucket=BUCKET, Key=key, Body=b"secret", ServerSideEncryption="aws:kms")
     await client.put_object(Bucket=BUCKET, Key=key + "-plain", Body=b"open")

@@ -30,8 +30,7 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.retry import RetryPolicy
-from hpcstage.store import checksums
-from hpcstage.store import s3 as store_module
+from hpcstage.store import checksums, s3_download
 from hpcstage.store.credentials import resolve_credentials
 from hpcstage.store.fs import FsStore, translate_fs_error
 from hpcstage.store.protocol import LEAN_MAX, MIB, DownloadResult, ObjectStore, parse_s3_url
@@ -197,7 +196,7 @@ async def test_large_objects_through_the_sdk_are_ranged_gets(
 
     async with make_s3_store(s3_server, lean_get=False) as store:
         h = Harness("s3", store, f"sdk-{uuid.uuid4().hex[:8]}/", _none)
-        (await store._client()).meta.events.register("before-call.s3", on_call)
+        (await store._bucket.client()).meta.events.register("before-call.s3", on_call)
         data = payload(LARGE, seed=5)
         ref = await put(h, scratch, "big", data)
         assert (await fetch(store, ref, scratch))[1] == data
@@ -313,7 +312,7 @@ async def test_s3_list_reads_pages_lazily(s3_server: S3Server, scratch: Path) ->
     try:
         for n in range(5):
             await put(harness, scratch, f"k{n}", b"x")
-        client = await store._client()
+        client = await store._bucket.client()
         pages: list[str] = []
         client.meta.events.register(
             "before-call.s3.ListObjectsV2", lambda **kw: pages.append("page")
@@ -407,7 +406,7 @@ async def test_parts_of_a_single_put_object_are_checked_against_its_md5_etag(
 ) -> None:
     data = payload(LARGE, seed=7)
     key = f"single-put-{uuid.uuid4().hex[:8]}"
-    client = await s3._client()  # a PUT of 12 MiB in one request: a plain-MD5 ETag
+    client = await s3._bucket.client()  # a PUT of 12 MiB in one request: a plain-MD5 ETag
     await client.put_object(Bucket=BUCKET, Key=key, Body=data)
     ref = await s3.head(key)
     assert "-" not in ref.etag
@@ -427,7 +426,7 @@ MIDDLE = 3 * MIB  # above LEAN_MAX, below the suite's threshold: one whole GET t
 async def put_with_checksum(s3: S3Store, key: str, data: bytes, algorithm: str, value: str) -> None:
     """PUT in one request carrying a full-object checksum, as AWS SDKs send one by default
     (rclone serve s3 keeps what it is given without checking it, and returns it on HEAD)."""
-    client = await s3._client()
+    client = await s3._bucket.client()
     await client.put_object(
         Bucket=BUCKET, Key=key, Body=data, **{checksums.field(algorithm): value}
     )
@@ -469,7 +468,7 @@ async def test_a_crc_is_combined_from_parts_on_every_path(
         def refuse(fd: int) -> int:
             raise OSError(errno.EINVAL, "Invalid argument")
 
-        monkeypatch.setattr(store_module, "open_direct", refuse)
+        monkeypatch.setattr(s3_download, "open_direct", refuse)
     async with make_s3_store(s3_server, **options) as store:
         await put_with_checksum(store, key, data, "crc32c", checksums.compute("crc32c", data))
         ref = await store.head(key)
@@ -532,7 +531,7 @@ async def test_ranged_get_falls_back_and_the_sdk_reports(
     async def after_the_head(ref: ObjectRef) -> tuple[None, bool]:
         return None, True  # as if the object changed between the HEAD and the ranged GETs
 
-    monkeypatch.setattr(s3, "_head_checks", after_the_head)
+    monkeypatch.setattr(s3._downloader, "_head_checks", after_the_head)
     with pytest.raises(ObjectChangedError, match="changed"):
         await fetch(s3, old, scratch)
     stats = s3.ranged_stats
