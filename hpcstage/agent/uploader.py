@@ -19,7 +19,7 @@ from hpcstage.core.identity import ObjectRef
 from hpcstage.core.stageout import Output, Refused, Skipped, same_object, trash_key
 from hpcstage.errors import CredentialError, HpcstageError, StoreError, TransientStoreError
 from hpcstage.protocol.framing import ProgressFn
-from hpcstage.store.protocol import Described
+from hpcstage.store.protocol import Described, UploadOptions
 from hpcstage.store.recycle import UploadJournal, abort_own, replace
 from hpcstage.store.s3 import S3Store
 
@@ -214,7 +214,7 @@ class Uploader:
             existing,
             lambda v: trash_key(self.trash_prefix, self.ended_at, self.job, v.key, v.etag),
             lambda only_if: store.upload_fd(
-                source.fd, output.key, only_if=only_if, journal=journal, sha256=sha
+                source.fd, output.key, options=UploadOptions(only_if, journal, sha)
             ),
             lambda now: _holds(now, output, md5, sha),
         )

@@ -105,6 +105,17 @@ class UploadLog(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class UploadOptions:
+    """How an S3 upload writes beyond its bytes (see ``S3Store.upload``): only while the key
+    holds what the caller saw (``only_if``), told to a journal (``journal``), with the file's
+    SHA-256 recorded in the object's metadata (``sha256``, "": none)."""
+
+    only_if: Precondition | None = None
+    journal: UploadLog | None = None
+    sha256: str = ""
+
+
 class ObjectStore(Protocol):
     """A handful of async methods every store implements (see the module docstring)."""
 

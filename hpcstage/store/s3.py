@@ -38,7 +38,7 @@ from hpcstage.store.protocol import (
     ObjectStore,
     Precondition,
     Progress,
-    UploadLog,
+    UploadOptions,
 )
 from hpcstage.store.s3_bucket import ADDRESSING_STYLES, BucketSettings, S3Bucket, unquoted_etag
 from hpcstage.store.s3_download import S3Downloader, WriteStats
@@ -96,6 +96,14 @@ async def _refused(
     except StoreError:  # 501 NotImplemented, 400 for a header it does not know, ...
         return False
     return False
+
+
+PLAIN_UPLOAD: Final = UploadOptions()  # unconditional, unjournaled, no SHA-256 recorded
+
+
+def _metadata(options: UploadOptions) -> dict[str, str]:
+    """The object's user metadata: the file's SHA-256, when the caller gave it."""
+    return {SHA256_METADATA: options.sha256} if options.sha256 else {}
 
 
 class S3Store:
@@ -311,29 +319,25 @@ class S3Store:
         key: str,
         *,
         progress: Progress | None = None,
-        only_if: Precondition | None = None,
-        journal: UploadLog | None = None,
-        sha256: str = "",
+        options: UploadOptions = PLAIN_UPLOAD,
     ) -> ObjectRef:
         """PUT ``path`` as ``key`` (multipart for big files; aborted on any failure).
 
-        ``sha256`` (the file's, if the caller computed it) is kept in the object's metadata
-        (``SHA256_METADATA``): where the ETag is no MD5 (multipart, SSE-KMS, SSE-C) it is what
-        tells a later stage-out that the object already holds the file.
+        ``options.sha256`` (the file's, if the caller computed it) is kept in the object's
+        metadata (``SHA256_METADATA``): where the ETag is no MD5 (multipart, SSE-KMS, SSE-C) it
+        is what tells a later stage-out that the object already holds the file.
 
-        ``only_if``: write only if ``key`` still holds what the caller saw, else raise
+        ``options.only_if``: write only if ``key`` still holds what the caller saw, else raise
         ObjectChangedError and write nothing. Where the store honours conditional writes (see
         ``conditional_writes``) the PUT (or CompleteMultipartUpload) carries If-Match or
         If-None-Match: * and the store decides atomically. Elsewhere, and for every multipart
         upload (some servers ignore the condition on Complete), the key is HEADed again right
         before the write: that leaves a race of one round trip, not of the whole upload.
-        ``journal`` hears of every multipart upload opened and ended.
+        ``options.journal`` hears of every multipart upload opened and ended.
         """
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return await self.upload_fd(
-                fd, key, progress=progress, only_if=only_if, journal=journal, sha256=sha256
-            )
+            return await self.upload_fd(fd, key, progress=progress, options=options)
         finally:
             os.close(fd)
 
@@ -343,19 +347,16 @@ class S3Store:
         key: str,
         *,
         progress: Progress | None = None,
-        only_if: Precondition | None = None,
-        journal: UploadLog | None = None,
-        sha256: str = "",
+        options: UploadOptions = PLAIN_UPLOAD,
     ) -> ObjectRef:
         """``upload`` of the file open as ``fd``: the bytes of that file, whatever its path
         names by now (stage-out checks a file on its fd, then uploads from it)."""
         size = os.fstat(fd).st_size
         tracker = PartProgress(progress)
-        meta = {SHA256_METADATA: sha256} if sha256 else {}
         if size < self._threshold:
-            etag = await self._put_whole(fd, key, size, tracker, only_if, meta)
+            etag = await self._put_whole(fd, key, size, tracker, options)
             return self._bucket.ref(key, etag, size)
-        await self._put_parts(fd, key, size, tracker, only_if, journal, meta)
+        await self._put_parts(fd, key, size, tracker, options)
         # Servers disagree on a multipart object's ETag (S3: md5-of-parts "-N"; some: the
         # whole MD5) between Complete and HEAD; the identity must be what listings will show.
         ref = await self.head(key)
@@ -369,9 +370,9 @@ class S3Store:
         key: str,
         size: int,
         tracker: PartProgress,
-        only_if: Precondition | None,
-        meta: dict[str, str],
+        options: UploadOptions,
     ) -> str:
+        only_if, meta = options.only_if, _metadata(options)
         async with self._budget.reserve(size):
             data, md5 = await asyncio.to_thread(read_with_md5, fd, 0, size)
             if only_if is not None and not self._conditional:
@@ -428,9 +429,7 @@ class S3Store:
         key: str,
         size: int,
         tracker: PartProgress,
-        only_if: Precondition | None,
-        journal: UploadLog | None,
-        meta: dict[str, str],
+        options: UploadOptions,
     ) -> None:
         async def send(upload_id: str, part: Part) -> str:
             # Streamed from the file, never held whole: a part of a 100 TiB file is 10 GiB.
@@ -441,7 +440,7 @@ class S3Store:
             tracker.update(part.number, part.length)
             return etag
 
-        await self._multipart(key, split_parts(size, self._part_size), send, only_if, journal, meta)
+        await self._multipart(key, split_parts(size, self._part_size), send, options)
 
     async def _put_part_once(
         self, key: str, upload_id: str, part: Part, fd: int, md5: bytes
@@ -460,9 +459,7 @@ class S3Store:
             ),
         )
         etag = str(answer.get("ETag", ""))
-        if etag_is_md5(
-            unquoted_etag(etag), answer
-        ):  # under SSE-KMS/SSE-C the Content-MD5 is the check
+        if etag_is_md5(unquoted_etag(etag), answer):  # else (SSE) the Content-MD5 is the check
             check_md5(self.url(key), unquoted_etag(etag), md5.hex())
         return etag
 
@@ -471,21 +468,20 @@ class S3Store:
         key: str,
         parts: Sequence[Part],
         send: Callable[[str, Part], Awaitable[str]],
-        only_if: Precondition | None = None,
-        journal: UploadLog | None = None,
-        meta: dict[str, str] | None = None,
+        options: UploadOptions = PLAIN_UPLOAD,
     ) -> None:
         """Create a multipart upload, ``send`` every part in parallel, complete it.
 
         On any failure, cancellation included, the upload is aborted: an abandoned multipart
         upload keeps its parts (and their cost) in the bucket invisibly and forever.
-        ``journal`` is told of the upload before its first part and after its end, so that
-        the uploads of a writer killed mid-way are aborted by it, not by another writer.
+        ``options.journal`` is told of the upload before its first part and after its end, so
+        that the uploads of a writer killed mid-way are aborted by it, not by another writer.
         """
+        only_if, journal, meta = options.only_if, options.journal, _metadata(options)
         created = await self._bucket.call(
             "create multipart",
             key,
-            lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta or {}),
+            lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta),
         )
         upload_id = created["UploadId"]
         if journal is not None:

@@ -29,7 +29,7 @@ from hpcstage.agent.uploader import Uploader
 from hpcstage.cache import NodeCache
 from hpcstage.errors import ObjectChangedError, TransientStoreError
 from hpcstage.staging import trash
-from hpcstage.store.protocol import MIB, Precondition
+from hpcstage.store.protocol import MIB, Precondition, UploadOptions
 from hpcstage.store.s3 import S3Store
 from hpcstage.store.s3_errors import translate_s3_error
 
@@ -376,12 +376,15 @@ async def test_a_write_on_a_stale_condition_is_refused_on_both_servers(
     source = tmp_path / "mine"
     source.write_bytes(_payload(size))
     with pytest.raises(ObjectChangedError):
-        await any_s3.upload(source, key, only_if=Precondition(seen.etag))
+        await any_s3.upload(source, key, options=UploadOptions(only_if=Precondition(seen.etag)))
+    expected_none = UploadOptions(only_if=Precondition())  # expected no object
     with pytest.raises(ObjectChangedError):
-        await any_s3.upload(source, key, only_if=Precondition())  # expected no object
+        await any_s3.upload(source, key, options=expected_none)
     assert await read(other, key) == b"written since"
     assert await open_uploads(any_s3_server, key) == []
-    fresh = await any_s3.upload(source, key, only_if=Precondition((await any_s3.head(key)).etag))
+    fresh = await any_s3.upload(
+        source, key, options=UploadOptions(only_if=Precondition((await any_s3.head(key)).etag))
+    )
     assert fresh.size == size
 
 
@@ -410,7 +413,9 @@ async def test_a_store_without_conditional_complete_falls_back_to_the_head(
         source.write_bytes(_payload(6 * MIB))
         for name in ("a", "b"):
             ref = await store.upload(
-                source, f"nc-{uuid.uuid4().hex[:8]}/{name}", only_if=Precondition()
+                source,
+                f"nc-{uuid.uuid4().hex[:8]}/{name}",
+                options=UploadOptions(only_if=Precondition()),
             )
             assert ref.size == 6 * MIB
         assert store.refused == 1  # asked once, then remembered
