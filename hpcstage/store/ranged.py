@@ -53,15 +53,15 @@ def _shutdown(sock: socket.socket) -> None:
 class RangeGet(LeanClient):
     """One part of a big object into a file, with blocking sockets in the caller's thread.
 
-    Why it exists: streaming a 512 MiB object through aiohttp costs about as much CPU as
-    hashing it (asyncio buffers, bytes copies, a thread hop per MiB); here the kernel copies
-    each MiB once into the part's page-aligned buffer (``recv_into``) and the part's
-    ``PartSink`` checksums it and writes it at its offset (straight to disk with O_DIRECT
-    when it can). Same contract as LeanGet: only a clean answer with exactly the asked range
-    of the listed size and ETag is taken; anything else makes ``fetch`` return False (the
-    bytes already written at the part's range are then overwritten by the SDK's retry of the
-    part, with a fresh checksum). Thread-safe: the idle connection pool and the counters are
-    behind a lock.
+    Why it exists: streaming a big object through aiohttp costs much CPU for every byte
+    (asyncio buffers, bytes copies, a thread hop per MiB; docs/benchmarks.md, "What changed
+    since the first run", item 7); here the kernel copies each MiB once into the part's
+    page-aligned buffer (``recv_into``) and the part's ``PartSink`` checksums it and writes
+    it at its offset (straight to disk with O_DIRECT when it can). Same contract as LeanGet:
+    only a clean answer with exactly the asked range of the listed size and ETag is taken;
+    anything else makes ``fetch`` return False (the bytes already written at the part's range
+    are then overwritten by the SDK's retry of the part, with a fresh checksum). Thread-safe:
+    the idle connection pool and the counters are behind a lock.
     """
 
     _idle: list[socket.socket]
