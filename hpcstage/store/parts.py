@@ -24,6 +24,8 @@ READ_BACK_PARTS: Final = 4  # parts of one object in flight when it is hashed in
 
 @dataclass(frozen=True)
 class Part:
+    """One part of an object: its S3 part number, first byte and length."""
+
     number: int  # 1-based, as S3 numbers parts
     offset: int
     length: int
@@ -54,6 +56,7 @@ class PartProgress:
         self._done: dict[int, int] = {}
 
     def update(self, part: int, done: int) -> None:
+        """Part ``part``'s current attempt has ``done`` bytes; report what is new."""
         if self._landed is not None:
             self._landed(part, done)
         previous = self._done.get(part, 0)
@@ -63,6 +66,7 @@ class PartProgress:
                 self._callback(done - previous)
 
     def restart(self, part: int) -> None:
+        """Part ``part`` is fetched again from its first byte."""
         if self._restart is not None:
             self._restart(part)
 

@@ -1,6 +1,13 @@
 """The S3 store: one bucket through aiobotocore, behind the object-store contract
 (hpcstage.store.protocol), with the lean GETs (hpcstage.store.lean, hpcstage.store.ranged) in
-front of the SDK where they apply."""
+front of the SDK where they apply.
+
+A little over 600 lines, on purpose: the writes left here (single PUT, multipart upload,
+conditional writes and their probe, server-side copy) share the multipart steps and the
+conditional-write state, and the stage-out contract tests override single steps of them in
+subclasses (a failed Complete, an abort that never happens). Requests (s3_bucket.py) and
+downloads (s3_download.py) are modules of their own.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Final, Self, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Final, Self, cast
 
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import (
@@ -24,12 +31,7 @@ from hpcstage.errors import (
 from hpcstage.retry import DEFAULT_RETRY, OnRetry, RetryPolicy
 from hpcstage.store.checksums import StoreChecksum
 from hpcstage.store.lean_client import LeanStats
-from hpcstage.store.parts import (
-    Part,
-    PartProgress,
-    run_bounded,
-    split_parts,
-)
+from hpcstage.store.parts import Part, PartProgress, run_bounded, split_parts
 from hpcstage.store.protocol import (
     GIB,
     MIB,
@@ -42,9 +44,7 @@ from hpcstage.store.protocol import (
 )
 from hpcstage.store.s3_bucket import ADDRESSING_STYLES, BucketSettings, S3Bucket, unquoted_etag
 from hpcstage.store.s3_download import S3Downloader, WriteStats
-from hpcstage.store.s3_errors import (
-    error_code,
-)
+from hpcstage.store.s3_errors import error_code
 from hpcstage.store.upload_bodies import FileRange, MemoryBudget, md5_of_range, read_with_md5
 from hpcstage.store.verify import check_md5, etag_is_md5
 
@@ -53,14 +53,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 S3_MIN_PART: Final = 5 * MIB  # S3 refuses smaller parts (except the last)
-
 S3_MAX_COPY: Final = 5 * GIB  # CopyObject's limit; larger objects are copied in parts
-
 SHA256_METADATA: Final = "hpcstage-sha256"  # x-amz-meta-hpcstage-sha256, set on upload
-
 _NO_ETAG: Final = Precondition("0" * 32)  # an ETag no object has: If-Match must fail
 
 

@@ -38,6 +38,7 @@ def finish_temp(fd: int, tmp: Path, dest: Path) -> None:
 
 
 def abandon_temp(fd: int, tmp: Path) -> None:
+    """Close and remove a temp file after a failed write (errors ignored: it is litter)."""
     with contextlib.suppress(OSError):
         os.close(fd)
     with contextlib.suppress(OSError):
@@ -45,6 +46,7 @@ def abandon_temp(fd: int, tmp: Path) -> None:
 
 
 def copy_file(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` in the kernel, through a temp file renamed into place."""
     fd, tmp = open_temp(dest)
     try:
         source = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -65,5 +67,6 @@ def _sendfile_all(src: int, dst: int) -> None:
 
 
 def unlink_if_there(path: Path) -> None:
+    """Remove ``path``; a missing one is fine."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

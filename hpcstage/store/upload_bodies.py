@@ -32,6 +32,7 @@ class MemoryBudget:
 
     @contextlib.asynccontextmanager
     async def reserve(self, size: int) -> AsyncIterator[None]:
+        """Hold ``size`` bytes of the budget for the ``async with`` block."""
         while self._used and self._used + size > self._limit:
             self._freed.clear()
             await self._freed.wait()

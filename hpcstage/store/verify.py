@@ -31,6 +31,7 @@ def etag_is_md5(etag: str, answer: Mapping[str, Any]) -> bool:
 
 
 def new_md5() -> Any:
+    """A fresh MD5 (of bytes to compare with an ETag or send as Content-MD5)."""
     # MD5 only checks S3's ETag, it protects nothing, hence usedforsecurity=False (FIPS hosts).
     return hashlib.md5(usedforsecurity=False)
 
@@ -71,6 +72,7 @@ class Checks:
         )
 
     def hashers(self) -> list[Any]:
+        """The running checksums that must see every byte (each has ``update``)."""
         return [h for h in (self.md5, self.store, self.sha256) if h is not None]
 
     @property
