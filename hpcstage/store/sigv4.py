@@ -1,6 +1,6 @@
 """AWS Signature Version 4, as the lean GETs sign their requests (botocore signs the rest).
 
-Checked against botocore's signer and AWS's published example in tests/unit/test_s3get.py.
+Checked against botocore's signer and AWS's published example in tests/unit/test_lean_client.py.
 """
 
 from __future__ import annotations

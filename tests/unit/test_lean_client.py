@@ -1,4 +1,4 @@
-"""The lean S3 GET's pure parts: SigV4 signing, endpoints and request paths, response heads."""
+"""The lean GETs' pure parts: SigV4 signing, endpoints and request paths, response heads."""
 
 from __future__ import annotations
 
