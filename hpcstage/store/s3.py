@@ -43,7 +43,7 @@ from hpcstage.store.protocol import (
     UploadOptions,
 )
 from hpcstage.store.s3_bucket import ADDRESSING_STYLES, BucketSettings, S3Bucket, unquoted_etag
-from hpcstage.store.s3_download import S3Downloader, WriteStats
+from hpcstage.store.s3_download import LeanBody, S3Downloader, WriteStats
 from hpcstage.store.s3_errors import error_code
 from hpcstage.store.upload_bodies import FileRange, MemoryBudget, md5_of_range, read_with_md5
 from hpcstage.store.verify import check_md5, etag_is_md5
@@ -68,7 +68,7 @@ async def download_bytes(store: ObjectStore, ref: ObjectRef) -> tuple[bytes, str
     if isinstance(store, S3Store):
         lean = await store.lean_bytes(ref)
         if lean is not None:
-            return lean[0], lean[1]
+            return lean.body, lean.sha256_hex
     fd = os.memfd_create("hpcstage-object", os.MFD_CLOEXEC)
     try:
         result = await store.download(ref, fd)
@@ -293,10 +293,9 @@ class S3Store:
         """
         return await self._downloader.download(ref, dest_fd, progress=progress)
 
-    async def lean_bytes(self, ref: ObjectRef) -> tuple[bytes, str, str] | None:
-        """A small object's bytes, SHA-256 and MD5 ("" unless the ETag is one) through the lean
-        GET (hpcstage.store.lean), or None when it does not apply or falls back: then the SDK
-        path must fetch it."""
+    async def lean_bytes(self, ref: ObjectRef) -> LeanBody | None:
+        """A small object's bytes and checksums through the lean GET (hpcstage.store.lean), or
+        None when it does not apply or falls back: then the SDK path must fetch it."""
         return await self._downloader.lean_bytes(ref)
 
     async def stored_checksum(self, ref: ObjectRef) -> StoreChecksum | None:

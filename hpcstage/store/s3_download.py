@@ -85,6 +85,23 @@ class WriteStats:
 
 
 @dataclass(frozen=True)
+class LeanBody:
+    """A small object fetched by the lean GET, checked against its ETag where that is an MD5."""
+
+    body: bytes
+    sha256_hex: str
+    md5_hex: str  # "" unless the ETag is a plain MD5
+
+
+@dataclass(frozen=True)
+class LeanClients:
+    """The lean GET clients of one bucket: whole small objects, and parts of big ones."""
+
+    whole: LeanGet
+    ranged: RangeGet
+
+
+@dataclass(frozen=True)
 class _PartsPlan:
     """How the parts of one multipart download are fetched."""
 
@@ -93,7 +110,7 @@ class _PartsPlan:
     direct: bool  # parts the lean ranged GET fetches may be written with O_DIRECT
 
 
-def make_lean(settings: BucketSettings) -> tuple[LeanGet, RangeGet] | None:
+def make_lean(settings: BucketSettings) -> LeanClients | None:
     """The lean GET clients for the bucket of ``settings`` (whole small objects, parts of big
     ones), or None where the SDK must do every request.
 
@@ -134,7 +151,7 @@ def make_lean(settings: BucketSettings) -> tuple[LeanGet, RangeGet] | None:
         "read_timeout": settings.read_timeout,
         "max_idle": settings.max_connections,
     }
-    return LeanGet(endpoint, signer, **options), RangeGet(endpoint, signer, **options)
+    return LeanClients(LeanGet(endpoint, signer, **options), RangeGet(endpoint, signer, **options))
 
 
 async def _write_body(fd: int, body: bytes) -> None:
@@ -173,8 +190,8 @@ class S3Downloader:
         self._range_threads: ThreadPoolExecutor | None = None
         self.write_stats = WriteStats()
         lean = make_lean(settings) if lean_get else None
-        self._lean: LeanGet | None = lean[0] if lean is not None else None
-        self._ranged: RangeGet | None = lean[1] if lean is not None else None
+        self._lean: LeanGet | None = lean.whole if lean is not None else None
+        self._ranged: RangeGet | None = lean.ranged if lean is not None else None
 
     @property
     def lean_stats(self) -> LeanStats | None:
@@ -226,10 +243,9 @@ class S3Downloader:
         lean = await self.lean_bytes(ref)
         if lean is None:
             return None
-        body, sha256_hex, md5_hex = lean
-        await _write_body(fd, body)
-        PartProgress(progress).update(0, len(body))
-        return DownloadResult(sha256_hex, len(body), "md5" if md5_hex else "")
+        await _write_body(fd, lean.body)
+        PartProgress(progress).update(0, len(lean.body))
+        return DownloadResult(lean.sha256_hex, len(lean.body), "md5" if lean.md5_hex else "")
 
     async def _download_whole(
         self, ref: ObjectRef, fd: int, progress: Progress | None, stored: StoreChecksum | None
@@ -369,10 +385,9 @@ class S3Downloader:
                 f"{ref} does not belong to {self._bucket.store_id} bucket {self._bucket.name}"
             )
 
-    async def lean_bytes(self, ref: ObjectRef) -> tuple[bytes, str, str] | None:
-        """A small object's bytes, SHA-256 and MD5 ("" unless the ETag is one) through the lean
-        GET (hpcstage.store.lean), or None when it does not apply or falls back: then the SDK
-        path must fetch it."""
+    async def lean_bytes(self, ref: ObjectRef) -> LeanBody | None:
+        """A small object's bytes and checksums through the lean GET (hpcstage.store.lean), or
+        None when it does not apply or falls back: then the SDK path must fetch it."""
         lean = self._lean
         if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold:
             return None
@@ -387,7 +402,7 @@ class S3Downloader:
             md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
             if md5_contradicts(ref.etag, md5):
                 return None  # the SDK path fetches again, verifies and retries or reports
-        return body, hashlib.sha256(body).hexdigest(), md5
+        return LeanBody(body, hashlib.sha256(body).hexdigest(), md5)
 
     async def _get_whole(
         self, ref: ObjectRef, fd: int, tracker: PartProgress, stored: StoreChecksum | None
