@@ -5,8 +5,8 @@ The contract (:class:`ObjectStore`)
     ``list`` streams the objects under a key prefix page by page (S3 string-prefix semantics:
     ``"a/"`` never lists ``"ab/x"``); ``head`` describes one object; ``download`` writes an object
     into an open file descriptor at offsets and says how its bytes were checked (and, for small
-    objects, their SHA-256); ``upload``, ``copy``,
-    ``delete`` and ``close`` do what they say. ``delete`` of a missing key is not an error.
+    objects, their SHA-256); ``upload``, ``copy``, ``delete`` and ``close`` do what they say.
+    ``delete`` of a missing key is not an error.
 
 Errors
     Every failure on the store's side is a :class:`~hpcstage.errors.StoreError` (see errors.py),
@@ -25,10 +25,10 @@ Verification
     (single-part uploads), the MD5 of the bytes. A multipart ETag without a store checksum
     allows no content check, nor does the ETag of an object encrypted with SSE-KMS or SSE-C,
     which looks like an MD5 and is none (known by the answer's encryption headers, see
-    ``etag_is_md5``). Objects up to ``LEAN_MAX`` also get a SHA-256, which the node
-    cache records and peer copy verifies; bigger ones do not (it would cost a second pass
-    over every byte for a record nothing reads). Uploads send Content-MD5 for every request,
-    so the server rejects corrupted bodies.
+    ``hpcstage.store.verify.etag_is_md5``). Objects up to ``LEAN_MAX`` also get a SHA-256,
+    which the node cache records and peer copy verifies; bigger ones do not (it would cost a
+    second pass over every byte for a record nothing reads). Uploads send Content-MD5 for
+    every request, so the server rejects corrupted bodies.
 """
 
 from __future__ import annotations
