@@ -337,7 +337,7 @@ async def upload(
         async def put_with_crc(path: Path) -> None:
             body = path.read_bytes()
             crc = checksums.compute("crc64nvme", body)
-            client = await store._client()
+            client = await store._bucket.client()
             for attempt in range(3):
                 try:
                     await client.put_object(

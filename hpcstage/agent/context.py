@@ -14,7 +14,9 @@ from hpcstage.cache import NodeCache
 from hpcstage.errors import HpcstageError
 from hpcstage.protocol.messages import AgentStoreSettings, TransferSettings
 from hpcstage.retry import RetryPolicy
-from hpcstage.store.s3 import FsStore, ObjectStore, S3Store
+from hpcstage.store.fs import FsStore
+from hpcstage.store.protocol import ObjectStore
+from hpcstage.store.s3 import S3Store
 
 # Until the daemon's hello says otherwise (its [transfer] defaults).
 DEFAULT_TRANSFER = TransferSettings(

@@ -31,7 +31,8 @@ from hpcstage.protocol.messages import (
     StageReply,
     StageRequest,
 )
-from hpcstage.store.s3 import ObjectStore, download_bytes
+from hpcstage.store.protocol import ObjectStore
+from hpcstage.store.s3 import download_bytes
 
 PROGRESS_EVERY = 0.5  # seconds between progress messages per call
 # Objects in flight per input beyond the `concurrency` downloads: PIPELINE per download slot,

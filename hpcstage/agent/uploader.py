@@ -38,8 +38,9 @@ from hpcstage.protocol.messages import (
     StageOutRequest,
     StageOutResult,
 )
+from hpcstage.store.protocol import Described, UploadOptions
 from hpcstage.store.recycle import UploadJournal, abort_own, replace
-from hpcstage.store.s3 import Described, S3Store
+from hpcstage.store.s3 import S3Store
 
 log = logging.getLogger("hpcstage.agent")
 
@@ -231,7 +232,7 @@ class Uploader:
             existing,
             lambda v: trash_key(self.trash_prefix, self.ended_at, self.job, v.key, v.etag),
             lambda only_if: store.upload_fd(
-                source.fd, output.key, only_if=only_if, journal=journal, sha256=sha
+                source.fd, output.key, options=UploadOptions(only_if, journal, sha)
             ),
             lambda now: _holds(now, output, md5, sha),
         )

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS objects (
     key         TEXT NOT NULL,
     etag        TEXT NOT NULL,
     size        INTEGER NOT NULL,
-    sha256      TEXT NOT NULL,  -- "" for objects above 1 MiB (see hpcstage.store.s3)
+    sha256      TEXT NOT NULL,  -- "" for objects above 1 MiB (see hpcstage.store.protocol)
     created     REAL NOT NULL,
     last_access REAL NOT NULL
 )

@@ -40,7 +40,8 @@ from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.executor import Executor
 from hpcstage.staging.nodes import NodeAgents
 from hpcstage.staging.warmups import Warmups
-from hpcstage.store.s3 import CredentialSource, S3Store
+from hpcstage.store.credentials import CredentialSource
+from hpcstage.store.s3 import S3Store
 from hpcstage.watch import tickview
 from hpcstage.watch.admission import Admission
 from hpcstage.watch.fold import JobKey, sync

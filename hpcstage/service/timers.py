@@ -20,7 +20,7 @@ from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.bins import RecycleBins
 from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.nodes import NodeAgents
-from hpcstage.store.s3 import CredentialSource
+from hpcstage.store.credentials import CredentialSource
 
 log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
 

@@ -18,7 +18,8 @@ from hpcstage.db import Request
 from hpcstage.staging import trash
 from hpcstage.staging.access import StoreAccess
 from hpcstage.store.clients import ClientCache
-from hpcstage.store.s3 import S3Store, parse_s3_url
+from hpcstage.store.protocol import parse_s3_url
+from hpcstage.store.s3 import S3Store
 
 STORE_CLIENTS = 8
 

@@ -24,7 +24,7 @@ from hpcstage.protocol.messages import StageOutItem, StageOutProgress, StageOutR
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
-from hpcstage.store.s3 import parse_s3_url
+from hpcstage.store.protocol import parse_s3_url
 from hpcstage.watch.fold import log_event
 
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end

@@ -25,7 +25,8 @@ from hpcstage.core.identity import ObjectRef
 from hpcstage.core.stageout import VERSION_MARK, same_object, trash_key
 from hpcstage.errors import HpcstageError
 from hpcstage.store import recycle
-from hpcstage.store.s3 import Described, Precondition, S3Store
+from hpcstage.store.protocol import Described, Precondition
+from hpcstage.store.s3 import S3Store
 
 DAY = 86400.0
 PAGE = 1000  # keys one listing request examines at most (one ListObjectsV2 page)

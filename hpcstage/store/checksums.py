@@ -3,9 +3,10 @@
 S3 can keep a checksum of the whole object besides its ETag: CRC64NVME (which AWS S3 computes
 for every object written since 2025), CRC32C, CRC32, SHA-1 or SHA-256. ``HeadObject`` with
 ``ChecksumMode=ENABLED`` returns it (``ChecksumCRC64NVME`` ..., ``ChecksumType``). hpcstage
-verifies a big download against it when the store has one: a CRC costs about 0.1 s of CPU per
-GiB where an MD5, the only other content check a plain ETag allows, costs about 1.5 s and
-runs on one core per object. A *composite* checksum (a multipart upload's checksum of part
+verifies a big download against it when the store has one: a CRC costs a small fraction of
+the CPU of an MD5, the only other content check a plain ETag allows, which also runs on one
+core per object (MD5 is sequential; figures in docs/benchmarks.md, "What changed since the
+first run", item 8). A *composite* checksum (a multipart upload's checksum of part
 checksums, shown as ``"...-N"``) says nothing about the whole bytes and is ignored, like a
 multipart ETag.
 

@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any, Final, cast
 if TYPE_CHECKING:  # type only: importing checksums loads awscrt
     from hpcstage.store.checksums import Checksummer
 
-# Bytes per pwrite(2) when a big buffer goes into the page cache. Measured on a 2-core VM
-# (benchmarks/stagein.py's machine, Linux 6.18, ext4): 16 threads writing 1 GiB into two
-# files took 2.84 s (median of 5) in 1 MiB writes and 1.92 s in 256 KiB writes, 64 KiB
-# writes were slower again; the kernel's copy into freshly allocated page-cache memory
-# (copy_folio_from_iter_atomic) was 30% of all CPU with 1 MiB writes. s5cmd writes 32 KiB
-# at a time.
+# Bytes per pwrite(2) when a big buffer goes into the page cache. Bigger writes get bigger
+# folios, and the kernel's copy into freshly allocated page-cache memory
+# (copy_folio_from_iter_atomic) then dominated the CPU of a big download; much smaller writes
+# were slower again. A measured choice: see docs/benchmarks.md, "What changed since the first
+# run", item 10. s5cmd writes 32 KiB at a time.
 WRITE_SLICE: Final = 256 * 1024
+
+# Bytes per pread/pwrite/sendfile call of local and shared-filesystem copies and read-backs.
+FILE_CHUNK: Final = 8 * 2**20
 
 
 def libc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
@@ -53,7 +55,7 @@ def preallocate(fd: int, size: int) -> None:
 
     A big download then fails at once when the disk (or a quota) has no room for it, rather
     than after fetching most of it, and its parts are written into allocated blocks (with
-    O_DIRECT on ext4: 0.75 s instead of 1.0 s for 2 x 512 MiB here, and less CPU). Raises
+    O_DIRECT on ext4 that is faster and costs less CPU: docs/benchmarks.md, item 14). Raises
     OSError only for no room (ENOSPC, EDQUOT, EFBIG); a file system without fallocate
     (EOPNOTSUPP) or any other refusal leaves the file as it was (never zero-filled by hand,
     as posix_fallocate would).
@@ -118,8 +120,9 @@ class PartSink:
     ``direct_fd`` (the same file opened O_DIRECT, see ``open_direct``; -1: none) for every
     aligned run of them; ``checksum`` (optional) sees every byte as it passes.
 
-    Written straight to disk, a big download costs half the CPU: no copy into freshly
-    allocated page-cache memory, no reading back to checksum it, little left for the fsync.
+    Written straight to disk, a big download costs much less CPU (docs/benchmarks.md, item
+    12): no copy into freshly allocated page-cache memory, no reading back to checksum it,
+    little left for the fsync.
     A direct write the file system refuses (EINVAL: an alignment it wants and we do not give)
     goes through ``fd`` instead, and so does the rest of the part (``direct_refused`` says
     why). Not thread-safe: one sink per part and thread.

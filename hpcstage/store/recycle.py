@@ -35,7 +35,8 @@ from typing import Final
 
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import ObjectChangedError, ObjectMissingError, TransientStoreError
-from hpcstage.store.s3 import Described, Precondition, S3Store
+from hpcstage.store.protocol import Described, Precondition
+from hpcstage.store.s3 import S3Store
 
 log = logging.getLogger(__name__)
 

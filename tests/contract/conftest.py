@@ -30,7 +30,9 @@ from aiobotocore.session import get_session
 
 from devcluster.proc import free_port, port_open
 from hpcstage.retry import RetryPolicy
-from hpcstage.store.s3 import MIB, FsStore, ObjectStore, S3Store
+from hpcstage.store.fs import FsStore
+from hpcstage.store.protocol import MIB, ObjectStore
+from hpcstage.store.s3 import S3Store
 
 BUCKET = "contract"
 SMALL_POLICY = RetryPolicy(retries=2, base=0.01, cap=0.05)
@@ -236,7 +238,7 @@ async def _s3_harness(server: S3Server) -> Harness:
     store = make_s3_store(server)
     base = f"t-{uuid.uuid4().hex[:10]}/"
     harness = Harness("s3", store, base, lambda: pending_multipart_uploads(server, base))
-    client = await store._client()  # the test reaches in only to count requests
+    client = await store._bucket.client()  # the test reaches in only to count requests
     client.meta.events.register("before-call.s3", _count_calls(store, harness))
     return harness
 

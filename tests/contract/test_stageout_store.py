@@ -30,7 +30,9 @@ from hpcstage.cache import NodeCache
 from hpcstage.errors import ObjectChangedError, TransientStoreError
 from hpcstage.protocol.messages import FileOutcome, StageOutItem, StageOutResult
 from hpcstage.staging import trash
-from hpcstage.store.s3 import MIB, Precondition, S3Store, translate_s3_error
+from hpcstage.store.protocol import MIB, Precondition, UploadOptions
+from hpcstage.store.s3 import S3Store
+from hpcstage.store.s3_errors import translate_s3_error
 
 from .conftest import BUCKET, SMALL_POLICY, S3Server, make_s3_store, open_uploads
 
@@ -134,7 +136,7 @@ async def put(store: S3Store, key: str, data: bytes, tmp: Path) -> None:
 
 
 async def read(store: S3Store, key: str) -> bytes:
-    client = await store._client()
+    client = await store._bucket.client()
     answer = await client.get_object(Bucket=BUCKET, Key=key)
     async with answer["Body"] as body:
         data: bytes = await body.read()
@@ -227,7 +229,7 @@ async def test_a_stage_out_aborts_no_other_writers_multipart_upload(
     run: Run, any_s3_server: S3Server, tmp_path: Path
 ) -> None:
     key = run.prefix + "big.bin"
-    client = await run.node.store._client()
+    client = await run.node.store._bucket.client()
     theirs = await client.create_multipart_upload(Bucket=BUCKET, Key=key)  # another job's
     run.write("big.bin", b"x" * 1000)
     await run.stage_out()
@@ -300,7 +302,7 @@ async def test_a_retry_aborts_the_uploads_its_crashed_attempt_left_and_only_thos
     await fails_transiently(run.stage_out(crashing))
     left = await open_uploads(any_s3_server, run.prefix)
     assert [k for k, _ in left] == [key]
-    client = await crashing._client()
+    client = await crashing._bucket.client()
     theirs = await client.create_multipart_upload(Bucket=BUCKET, Key=key)
     await run.stage_out(make_s3_store(any_s3_server))
     assert await open_uploads(any_s3_server, run.prefix) == [(key, theirs["UploadId"])]
@@ -327,7 +329,7 @@ async def test_objects_under_sse_kms_are_not_judged_by_their_etag(
 ) -> None:
     # Under SSE-KMS (and SSE-C) an ETag looks like an MD5 and is not one; both servers echo
     # the encryption header, so the store says the ETag cannot be compared.
-    client = await any_s3._client()
+    client = await any_s3._bucket.client()
     key = f"kms-{uuid.uuid4().hex[:8]}"
     await client.put_object(Bucket=BUCKET, Key=key, Body=b"secret", ServerSideEncryption="aws:kms")
     await client.put_object(Bucket=BUCKET, Key=key + "-plain", Body=b"open")
@@ -388,12 +390,15 @@ async def test_a_write_on_a_stale_condition_is_refused_on_both_servers(
     source = tmp_path / "mine"
     source.write_bytes(_payload(size))
     with pytest.raises(ObjectChangedError):
-        await any_s3.upload(source, key, only_if=Precondition(seen.etag))
+        await any_s3.upload(source, key, options=UploadOptions(only_if=Precondition(seen.etag)))
+    expected_none = UploadOptions(only_if=Precondition())  # expected no object
     with pytest.raises(ObjectChangedError):
-        await any_s3.upload(source, key, only_if=Precondition())  # expected no object
+        await any_s3.upload(source, key, options=expected_none)
     assert await read(other, key) == b"written since"
     assert await open_uploads(any_s3_server, key) == []
-    fresh = await any_s3.upload(source, key, only_if=Precondition((await any_s3.head(key)).etag))
+    fresh = await any_s3.upload(
+        source, key, options=UploadOptions(only_if=Precondition((await any_s3.head(key)).etag))
+    )
     assert fresh.size == size
 
 
@@ -422,7 +427,9 @@ async def test_a_store_without_conditional_complete_falls_back_to_the_head(
         source.write_bytes(_payload(6 * MIB))
         for name in ("a", "b"):
             ref = await store.upload(
-                source, f"nc-{uuid.uuid4().hex[:8]}/{name}", only_if=Precondition()
+                source,
+                f"nc-{uuid.uuid4().hex[:8]}/{name}",
+                options=UploadOptions(only_if=Precondition()),
             )
             assert ref.size == 6 * MIB
         assert store.refused == 1  # asked once, then remembered

@@ -30,22 +30,13 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.retry import RetryPolicy
-from hpcstage.store import checksums
-from hpcstage.store import s3 as store_module
-from hpcstage.store.s3 import (
-    LEAN_MAX,
-    MIB,
-    DownloadResult,
-    FsStore,
-    ObjectStore,
-    S3Store,
-    _check_md5,
-    download_bytes,
-    parse_s3_url,
-    resolve_credentials,
-    translate_fs_error,
-    translate_s3_error,
-)
+from hpcstage.store import checksums, s3_download
+from hpcstage.store.credentials import resolve_credentials
+from hpcstage.store.fs import FsStore, translate_fs_error
+from hpcstage.store.protocol import LEAN_MAX, MIB, DownloadResult, ObjectStore, parse_s3_url
+from hpcstage.store.s3 import S3Store, download_bytes
+from hpcstage.store.s3_errors import translate_s3_error
+from hpcstage.store.verify import check_md5
 
 from .conftest import BUCKET, SMALL_POLICY, Harness, S3Server, make_s3_store
 
@@ -158,7 +149,7 @@ async def test_large_objects_move_in_parallel_parts(h: Harness, scratch: Path) -
         assert h.calls["UploadPart"] == 3
         assert h.calls["CompleteMultipartUpload"] == 1
         assert h.calls["PutObject"] == 0
-        # The parts came through the lean ranged GET (hpcstage.store.fastget.RangeGet), not the SDK.
+        # The parts came through the lean ranged GET (hpcstage.store.ranged.RangeGet), not the SDK.
         assert isinstance(h.store, S3Store) and h.store.ranged_stats is not None
         assert (h.store.ranged_stats.served, h.store.ranged_stats.fell_back) == (3, 0)
         assert h.calls["GetObject"] == 0
@@ -205,7 +196,7 @@ async def test_large_objects_through_the_sdk_are_ranged_gets(
 
     async with make_s3_store(s3_server, lean_get=False) as store:
         h = Harness("s3", store, f"sdk-{uuid.uuid4().hex[:8]}/", _none)
-        (await store._client()).meta.events.register("before-call.s3", on_call)
+        (await store._bucket.client()).meta.events.register("before-call.s3", on_call)
         data = payload(LARGE, seed=5)
         ref = await put(h, scratch, "big", data)
         assert (await fetch(store, ref, scratch))[1] == data
@@ -321,7 +312,7 @@ async def test_s3_list_reads_pages_lazily(s3_server: S3Server, scratch: Path) ->
     try:
         for n in range(5):
             await put(harness, scratch, f"k{n}", b"x")
-        client = await store._client()
+        client = await store._bucket.client()
         pages: list[str] = []
         client.meta.events.register(
             "before-call.s3.ListObjectsV2", lambda **kw: pages.append("page")
@@ -356,7 +347,7 @@ async def _none() -> list[str]:
     return []
 
 
-# --- the lean GET of small objects (hpcstage.store.fastget) against the real server ---
+# --- the lean GET of small objects (hpcstage.store.lean) against the real server ---
 
 AWKWARD_NAMES = ["plain.txt", "sp ace/ü-ß.pdb", "a+b=c&d;e,f", "pct%20x/~tilde", "q?x#y", "..dots"]
 
@@ -415,7 +406,7 @@ async def test_parts_of_a_single_put_object_are_checked_against_its_md5_etag(
 ) -> None:
     data = payload(LARGE, seed=7)
     key = f"single-put-{uuid.uuid4().hex[:8]}"
-    client = await s3._client()  # a PUT of 12 MiB in one request: a plain-MD5 ETag
+    client = await s3._bucket.client()  # a PUT of 12 MiB in one request: a plain-MD5 ETag
     await client.put_object(Bucket=BUCKET, Key=key, Body=data)
     ref = await s3.head(key)
     assert "-" not in ref.etag
@@ -435,7 +426,7 @@ MIDDLE = 3 * MIB  # above LEAN_MAX, below the suite's threshold: one whole GET t
 async def put_with_checksum(s3: S3Store, key: str, data: bytes, algorithm: str, value: str) -> None:
     """PUT in one request carrying a full-object checksum, as AWS SDKs send one by default
     (rclone serve s3 keeps what it is given without checking it, and returns it on HEAD)."""
-    client = await s3._client()
+    client = await s3._bucket.client()
     await client.put_object(
         Bucket=BUCKET, Key=key, Body=data, **{checksums.field(algorithm): value}
     )
@@ -477,7 +468,7 @@ async def test_a_crc_is_combined_from_parts_on_every_path(
         def refuse(fd: int) -> int:
             raise OSError(errno.EINVAL, "Invalid argument")
 
-        monkeypatch.setattr(store_module, "open_direct", refuse)
+        monkeypatch.setattr(s3_download, "open_direct", refuse)
     async with make_s3_store(s3_server, **options) as store:
         await put_with_checksum(store, key, data, "crc32c", checksums.compute("crc32c", data))
         ref = await store.head(key)
@@ -540,7 +531,7 @@ async def test_ranged_get_falls_back_and_the_sdk_reports(
     async def after_the_head(ref: ObjectRef) -> tuple[None, bool]:
         return None, True  # as if the object changed between the HEAD and the ranged GETs
 
-    monkeypatch.setattr(s3, "_head_checks", after_the_head)
+    monkeypatch.setattr(s3._downloader, "_head_checks", after_the_head)
     with pytest.raises(ObjectChangedError, match="changed"):
         await fetch(s3, old, scratch)
     stats = s3.ranged_stats
@@ -613,11 +604,11 @@ async def test_truncated_object_is_transient(s3: S3Store, scratch: Path) -> None
 
 def test_checksum_mismatch_is_transient_and_multipart_etags_are_skipped() -> None:
     md5 = hashlib.md5(b"data", usedforsecurity=False).hexdigest()
-    _check_md5("s3://b/k", md5, md5)
-    _check_md5("s3://b/k", md5.upper(), md5)
-    _check_md5("s3://b/k", "0" * 32 + "-3", md5)  # multipart ETag: not an MD5 of the bytes
+    check_md5("s3://b/k", md5, md5)
+    check_md5("s3://b/k", md5.upper(), md5)
+    check_md5("s3://b/k", "0" * 32 + "-3", md5)  # multipart ETag: not an MD5 of the bytes
     with pytest.raises(TransientStoreError, match="checksum mismatch"):
-        _check_md5("s3://b/k", "0" * 32, md5)
+        check_md5("s3://b/k", "0" * 32, md5)
 
 
 def client_error(code: str, status: int, message: str = "server says") -> bce.ClientError:

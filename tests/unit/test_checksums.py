@@ -14,7 +14,7 @@ import pytest
 from hpcstage.cache.commit import GROUP_COMMIT_MAX
 from hpcstage.store import checksums
 from hpcstage.store.checksums import StoreChecksum, from_response
-from hpcstage.store.s3 import LEAN_MAX
+from hpcstage.store.protocol import LEAN_MAX
 
 
 def b64(raw: bytes) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpcstage.errors import CredentialError
-from hpcstage.store.s3 import CredentialSource
+from hpcstage.store.credentials import CredentialSource
 
 SCRIPT = """import datetime, json, pathlib, sys
 key = pathlib.Path(sys.argv[1]).read_text().split()

@@ -1,4 +1,4 @@
-"""hpcstage.store.s3._InOrderHash: a multipart download's MD5/SHA, read back in file order while
+"""hpcstage.store.parts.InOrderHash: a multipart download's MD5/SHA, read back in file order while
 the parts land out of order, following the part being hashed as its bytes land.
 
 Real files and real hashes; the "download" is this test writing the parts' bytes and
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from hpcstage.errors import TransientStoreError
-from hpcstage.store import s3 as store
-from hpcstage.store.s3 import _InOrderHash, _Part, _parts
+from hpcstage.store import parts as parts_module
+from hpcstage.store.parts import InOrderHash, Part, split_parts
 
 PART = 64 * 1024
 DATA = hashlib.sha256(b"seed").digest() * (3 * PART // 32 + 100)  # 3 parts and a bit
-PARTS = _parts(len(DATA), PART)
+PARTS = split_parts(len(DATA), PART)
 DATA_MD5 = hashlib.md5(DATA, usedforsecurity=False).hexdigest()
 URL = "s3://b/k"
 
@@ -35,11 +35,11 @@ def fd(tmp_path: Path) -> Iterator[int]:
         os.close(handle)
 
 
-def write(fd: int, part: _Part, upto: int, data: bytes = DATA) -> None:
+def write(fd: int, part: Part, upto: int, data: bytes = DATA) -> None:
     os.pwrite(fd, data[part.offset : part.offset + upto], part.offset)
 
 
-async def land_all(fd: int, hasher: _InOrderHash, parts: Iterable[_Part] = PARTS) -> None:
+async def land_all(fd: int, hasher: InOrderHash, parts: Iterable[Part] = PARTS) -> None:
     """Write every part whole, report it, and wait for the hashing to finish."""
     for part in parts:
         write(fd, part, part.length)
@@ -57,7 +57,7 @@ def test_parts_landing_out_of_order_are_hashed_in_order(fd: int) -> None:
 
     async def main() -> str:
         md5 = hashlib.md5(usedforsecurity=False)
-        hasher = _InOrderHash(fd, PARTS, [md5])
+        hasher = InOrderHash(fd, PARTS, [md5])
         await land_all(fd, hasher, reversed(PARTS))
         return md5.hexdigest()
 
@@ -68,17 +68,17 @@ def test_the_part_being_hashed_is_followed_as_its_bytes_land(
     fd: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads: list[tuple[int, int]] = []
-    real = store._InOrderHash._hash
+    real = parts_module.InOrderHash._hash
 
-    def recording(self: _InOrderHash, hasher: object, offset: int, length: int) -> None:
+    def recording(self: InOrderHash, hasher: object, offset: int, length: int) -> None:
         reads.append((offset, length))
         real(self, hasher, offset, length)
 
-    monkeypatch.setattr(store._InOrderHash, "_hash", recording)
+    monkeypatch.setattr(parts_module.InOrderHash, "_hash", recording)
 
     async def main() -> tuple[str, list[tuple[int, int]]]:
         md5 = hashlib.md5(usedforsecurity=False)
-        hasher = _InOrderHash(fd, PARTS, [md5])
+        hasher = InOrderHash(fd, PARTS, [md5])
         first = PARTS[0]
         write(fd, first, 1000)
         hasher.landed(1, 1000)  # the first 1000 bytes of the first part: hashed already
@@ -96,7 +96,7 @@ def test_the_part_being_hashed_is_followed_as_its_bytes_land(
 
 def test_a_part_fetched_again_after_being_hashed_fails_the_object(fd: int) -> None:
     async def main() -> None:
-        hasher = _InOrderHash(fd, PARTS, [hashlib.md5(usedforsecurity=False)])
+        hasher = InOrderHash(fd, PARTS, [hashlib.md5(usedforsecurity=False)])
         write(fd, PARTS[0], 1000)
         hasher.landed(1, 1000)
         await settle()
@@ -110,7 +110,7 @@ def test_a_part_fetched_again_after_being_hashed_fails_the_object(fd: int) -> No
 def test_a_part_fetched_again_before_it_was_reached_is_fine(fd: int) -> None:
     async def main() -> str:
         md5 = hashlib.md5(usedforsecurity=False)
-        hasher = _InOrderHash(fd, PARTS, [md5])
+        hasher = InOrderHash(fd, PARTS, [md5])
         # Part 3's first attempt wrote garbage and broke off; the retry writes it again.
         third = PARTS[2]
         write(fd, third, 5000, data=bytes(len(DATA)))
@@ -126,10 +126,12 @@ def test_without_hashers_only_whole_parts_start_their_writeback(
     fd: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started: list[tuple[int, int]] = []
-    monkeypatch.setattr(store, "start_writeback", lambda _fd, off, n: started.append((off, n)))
+    monkeypatch.setattr(
+        parts_module, "start_writeback", lambda _fd, off, n: started.append((off, n))
+    )
 
     async def main() -> None:
-        hasher = _InOrderHash(fd, PARTS, [])
+        hasher = InOrderHash(fd, PARTS, [])
         hasher.landed(1, 1000)  # a progress report: nothing to do yet
         await settle()
         assert started == []

@@ -11,7 +11,7 @@ from hpcstage.api.bin_access import may_not_restore, visible
 from hpcstage.api.deps import Caller, Database, Service
 from hpcstage.errors import HpcstageError
 from hpcstage.staging import trash
-from hpcstage.store.s3 import parse_s3_url
+from hpcstage.store.protocol import parse_s3_url
 
 router = APIRouter(prefix="/api/v1/trash")
 

@@ -1,4 +1,4 @@
-"""The lean ranged GET (hpcstage.store.fastget.RangeGet) against a scripted HTTP peer on loopback.
+"""The lean ranged GET (hpcstage.store.ranged.RangeGet) against a scripted HTTP peer on loopback.
 
 Each test scripts what the "server" answers to one ranged GET, then checks what ``fetch``
 did: the bytes at the right offset and True for a clean answer; False (the SDK's turn), the
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.store import checksums
-from hpcstage.store import fastget as s3get
-from hpcstage.store.fastget import PROGRESS_EVERY, Endpoint, RangeAbort, RangeGet, SigV4
+from hpcstage.store import checksums, ranged
+from hpcstage.store.lean_client import Endpoint
 from hpcstage.store.libc import PartSink, open_direct
+from hpcstage.store.ranged import PROGRESS_EVERY, RangeAbort, RangeGet
+from hpcstage.store.sigv4 import SigV4
 
 SIZE = 3 * 1024 * 1024 + 17  # the listed object: more than two receive buffers, odd length
 ETAG = "0123456789abcdef0123456789abcdef"
@@ -181,9 +182,9 @@ def test_what_is_written_starts_on_its_way_to_disk_range_by_range(
     target: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fd, _ = target
-    monkeypatch.setattr(s3get, "PROGRESS_EVERY", 1024 * 1024)  # a report per buffer
+    monkeypatch.setattr(ranged, "PROGRESS_EVERY", 1024 * 1024)  # a report per buffer
     started: list[tuple[int, int]] = []
-    monkeypatch.setattr(s3get, "start_writeback", lambda _fd, off, n: started.append((off, n)))
+    monkeypatch.setattr(ranged, "start_writeback", lambda _fd, off, n: started.append((off, n)))
     span = (1024 * 1024 + 5, 2 * 1024 * 1024 + 3)
     ok, _, _, progress = run([clean], fd, span)
     assert ok and progress == [1024 * 1024, 2 * 1024 * 1024, span[1]]

@@ -1,4 +1,4 @@
-"""The lean S3 GET's pure parts: SigV4 signing, endpoints and request paths, response heads."""
+"""The lean GETs' pure parts: SigV4 signing, endpoints and request paths, response heads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from botocore.credentials import Credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcstage.store.fastget import EMPTY_SHA256, Endpoint, SigV4, parse_head
+from hpcstage.store.lean_client import Endpoint, parse_head
+from hpcstage.store.sigv4 import EMPTY_SHA256, SigV4
 
 
 def test_signature_matches_the_aws_documentation_example() -> None:
