@@ -2,9 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: check lint types unit test spank clean
+.PHONY: check lint types imports unit test spank clean
 
-check: lint types unit
+check: lint types imports unit
 
 lint:
 	$(VENV)/bin/ruff check hpcstage devcluster tests benchmarks scripts/*.py
@@ -12,6 +12,9 @@ lint:
 
 types:
 	$(VENV)/bin/mypy
+
+imports:
+	$(VENV)/bin/lint-imports --no-cache
 
 unit:
 	$(PY) -m pytest -q tests/unit

@@ -12,20 +12,20 @@ from pathlib import Path
 
 from hpcstage.cache import NodeCache
 from hpcstage.errors import HpcstageError
-from hpcstage.protocol.messages import AgentStoreSettings, TransferSettings
-from hpcstage.retry import RetryPolicy
+from hpcstage.protocol.messages import AgentStoreSettings, AgentTransferSettings
+from hpcstage.retry import DEFAULT_RETRY, RetryPolicy
 from hpcstage.store.fs import FsStore
 from hpcstage.store.protocol import ObjectStore
 from hpcstage.store.s3 import S3Store
 
 # Until the daemon's hello says otherwise (its [transfer] defaults).
-DEFAULT_TRANSFER = TransferSettings(
+DEFAULT_TRANSFER = AgentTransferSettings(
     concurrency=64,
     part_size=64 * 1024 * 1024,
     multipart_threshold=256 * 1024 * 1024,
-    retries=6,
-    backoff_base=0.5,
-    backoff_max=30,
+    retries=DEFAULT_RETRY.retries,  # the site's [transfer] defaults are these too
+    backoff_base=DEFAULT_RETRY.base,
+    backoff_max=DEFAULT_RETRY.cap,
     lean_get=True,
     direct_writes=True,
 )
@@ -36,7 +36,7 @@ class Stores:
     """The agent's store clients, made from the settings of the daemon's last hello."""
 
     settings: AgentStoreSettings | None = None
-    transfer: TransferSettings = DEFAULT_TRANSFER
+    transfer: AgentTransferSettings = DEFAULT_TRANSFER
     _open: dict[str, ObjectStore] = field(default_factory=dict)
     _retired: list[S3Store] = field(default_factory=list)  # clients of superseded credentials
 
@@ -45,7 +45,9 @@ class Stores:
         t = self.transfer
         return RetryPolicy(retries=t.retries, base=t.backoff_base, cap=t.backoff_max)
 
-    async def configure(self, settings: AgentStoreSettings, transfer: TransferSettings) -> None:
+    async def configure(
+        self, settings: AgentStoreSettings, transfer: AgentTransferSettings
+    ) -> None:
         """Take new settings: every client is closed, new ones are made on demand."""
         self.settings, self.transfer = settings, transfer
         await self.close()

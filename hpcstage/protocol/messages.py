@@ -82,7 +82,7 @@ class AgentStoreSettings:
 
 
 @dataclass(frozen=True)
-class TransferSettings:
+class AgentTransferSettings:
     """The daemon's ``[transfer]`` limits the agent applies to its downloads."""
 
     concurrency: int
@@ -98,7 +98,7 @@ class TransferSettings:
 @dataclass(frozen=True)
 class HelloRequest:
     store: AgentStoreSettings
-    transfer: TransferSettings
+    transfer: AgentTransferSettings
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from hpcstage.core.nodes import cache_dir_for, expand_node_template
 from hpcstage.core.rules import reconnect_delay
 from hpcstage.errors import SlurmError
 from hpcstage.protocol.framing import RpcClient
-from hpcstage.protocol.messages import AgentStoreSettings, HelloRequest, TransferSettings
+from hpcstage.protocol.messages import AgentStoreSettings, AgentTransferSettings, HelloRequest
 from hpcstage.staging.access import StoreAccess
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.pool import (
@@ -127,7 +127,7 @@ class NodeAgents:
             read_timeout=s.read_timeout,
             credentials=self.access.credentials,
         )
-        transfer = TransferSettings(
+        transfer = AgentTransferSettings(
             concurrency=t.concurrency,
             part_size=t.part_size,
             multipart_threshold=t.multipart_threshold,
