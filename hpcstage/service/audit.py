@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("hpcstage.service.audit")
+log = logging.getLogger("hpcstage.audit")
 
 
 class AuditLog:

@@ -47,7 +47,7 @@ from hpcstage.watch.admission import Admission
 from hpcstage.watch.fold import JobKey, sync
 from hpcstage.watch.slurm.backend import CliBackend, SlurmBackend
 
-log = logging.getLogger("hpcstage.service.daemon")
+log = logging.getLogger("hpcstage.daemon")  # the name sites filter on (the module moved)
 
 SNAPSHOT_REUSE = 2.0  # seconds an early tick may plan on the last queue snapshot
 

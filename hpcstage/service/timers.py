@@ -22,7 +22,7 @@ from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.nodes import NodeAgents
 from hpcstage.store.credentials import CredentialSource
 
-log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
 TRASH_EXPIRY_EVERY = 3600.0  # seconds between recycle-bin sweeps
 EVICT_EVERY = 30.0  # seconds between eviction passes on the nodes' caches

@@ -14,7 +14,7 @@ from hpcstage.protocol.messages import EvictRequest
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodeAgents
 
-log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
 
 @dataclass

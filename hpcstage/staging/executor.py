@@ -24,7 +24,7 @@ from hpcstage.staging.release import Releaser
 from hpcstage.staging.stagein import StageIn
 from hpcstage.staging.stageout import StageOut
 
-log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
 TaskKey = tuple[int, str]  # (job id, node)
 

@@ -33,7 +33,7 @@ from hpcstage.staging.pool import (
 )
 from hpcstage.watch.slurm.backend import SlurmBackend
 
-log = logging.getLogger("hpcstage.service.daemon")
+log = logging.getLogger("hpcstage.daemon")  # the name sites filter on (the module moved)
 
 
 class NodePool(Protocol):

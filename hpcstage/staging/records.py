@@ -21,7 +21,7 @@ from hpcstage.db import Job, Request, Staging, Upload
 from hpcstage.protocol.messages import FileOutcome
 from hpcstage.watch.fold import log_event
 
-log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
 MAX_INTERNAL_ERROR_ATTEMPTS = 5  # an unexpected error (a bug) ends a staging at this attempt
 

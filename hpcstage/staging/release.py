@@ -17,7 +17,7 @@ from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import job_stagings, key_of
 from hpcstage.watch.fold import log_event
 
-log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
 
 @dataclass

@@ -31,7 +31,7 @@ from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
 from hpcstage.watch.fold import log_event
 
-log = logging.getLogger("hpcstage.service.daemon")  # the daemon's log, as before the split
+log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
 MAX_TRANSPORT_ATTEMPTS = 5
 # Peer copies at once: their bytes cross the daemon host, which must not become the

@@ -94,7 +94,7 @@ def test_a_standby_takes_over_when_the_lock_frees_after_its_grace(
     daemon: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     lock = FakeLock([False, False, True], grace=0.05)
-    caplog.set_level(logging.INFO, "hpcstage.service.daemon")
+    caplog.set_level(logging.INFO, "hpcstage.daemon")
     assert asyncio.run(daemon._elect(lock))
     assert lock.attempts == 3
     said = caplog.text
