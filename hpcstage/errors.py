@@ -18,6 +18,7 @@
     ├── AgentError                the agent ran a call and reports that it failed (maybe transient)
     │   └── ProtocolError         a message does not have the shape its type declares
     ├── CacheError                the node cache refused or failed an operation
+    ├── PackError                 a packed dataset is malformed, missing or cannot be written
     ├── PermissionRefused         the job's user may not read a path they asked to stage (agent)
     ├── AccessError               the job's user cannot be given access to its directory (agent)
     └── UnsafeFileError           a job's output cannot be read safely now (agent, stage-out)
@@ -120,6 +121,11 @@ class ProtocolError(AgentError):
 
 class CacheError(HpcstageError):
     """The node cache refused or failed an operation (bad size, unsafe path, vanished object)."""
+
+
+class PackError(HpcstageError):
+    """A packed dataset (docs/packed-datasets.md) is malformed, corrupt, missing a version, or
+    cannot be written; the message names the dataset and the part."""
 
 
 class PermissionRefused(HpcstageError):

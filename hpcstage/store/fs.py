@@ -196,6 +196,27 @@ class FsStore:
             "read", ref.key, lambda: self._copy_out(ref, real, dest_fd, tracker)
         )
 
+    async def read_range(self, ref: ObjectRef, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of the file ``ref`` (see S3Store.read_range)."""
+        if length <= 0 or start < 0 or start + length > ref.size:
+            raise ValueError(f"range {start}+{length} outside {ref.key} ({ref.size} B)")
+        real = await asyncio.to_thread(self._checked, ref.key)
+
+        def read() -> bytes:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                stat = os.fstat(fd)
+                if (str(stat.st_mtime_ns), stat.st_size) != (ref.etag, ref.size):
+                    raise ObjectChangedError(f"read {ref.key}: the file changed since listed")
+                return os.pread(fd, length, start)
+            finally:
+                os.close(fd)
+
+        data = await self._retried("read", ref.key, lambda: self._fs("read", ref.key, read))
+        if len(data) != length:
+            raise TransientStoreError(f"read {ref.key}: truncated at {start + len(data)}")
+        return data
+
     async def _copy_out(
         self, ref: ObjectRef, real: Path, dest_fd: int, tracker: PartProgress
     ) -> DownloadResult:

@@ -137,6 +137,11 @@ class ObjectStore(Protocol):
         """Write ``ref``'s bytes into ``dest_fd`` (opened O_RDWR: big objects are read back)."""
         ...
 
+    async def read_range(self, ref: ObjectRef, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of ``ref`` in memory; ObjectChangedError when the
+        object is no longer ``ref``. Content is the caller's to check."""
+        ...
+
     async def upload(self, path: Path, key: str, *, progress: Progress | None = None) -> ObjectRef:
         """Store the file at ``path`` under ``key``; return the new object's identity."""
         ...

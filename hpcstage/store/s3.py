@@ -293,6 +293,32 @@ class S3Store:
         """
         return await self._downloader.download(ref, dest_fd, progress=progress)
 
+    async def read_range(self, ref: ObjectRef, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of ``ref`` in memory, with one ranged GET (retried);
+        ObjectChangedError when the object is no longer ``ref``. For reads of part of an object
+        (a packed dataset's manifest and members): the caller checks the content."""
+        if length <= 0 or start < 0 or start + length > ref.size:
+            raise ValueError(f"range {start}+{length} outside {self.url(ref.key)} ({ref.size} B)")
+
+        async def once() -> bytes:
+            answer = await self._bucket.request(
+                "get",
+                ref.key,
+                lambda c: c.get_object(
+                    Bucket=self.bucket, Key=ref.key, Range=f"bytes={start}-{start + length - 1}"
+                ),
+            )
+            async with answer["Body"] as body:
+                self._bucket.check_same(ref, answer.get("ETag"))
+                data = bytes(await body.read())
+            if len(data) != length:
+                raise TransientStoreError(
+                    f"get {self.url(ref.key)}: asked for {length} bytes at {start}, got {len(data)}"
+                )
+            return data
+
+        return await self._bucket.retried("get", ref.key, once)
+
     async def lean_bytes(self, ref: ObjectRef) -> LeanBody | None:
         """A small object's bytes and checksums through the lean GET (hpcstage.store.lean), or
         None when it does not apply or falls back: then the SDK path must fetch it."""
