@@ -86,8 +86,12 @@ def _check_version(version: int) -> None:
 
 
 def is_dataset_key(key: str) -> bool:
-    """True when an S3 key (or path) names a packed dataset or something inside one."""
-    return any(part.endswith(SUFFIX) for part in key.split("/")[:-1]) or key.endswith(SUFFIX)
+    """True when an S3 key names a packed dataset or something inside one: a component
+    ending in ``.hpack``, or ``.hpack@N`` (a pinned version)."""
+    return any(
+        name.endswith(SUFFIX) and len(name) > len(SUFFIX)
+        for name in (part.partition("@")[0] for part in key.split("/"))
+    )
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class Warmups:
         (admins may warm anything, as often as they like: they run the site).
         """
         stage_in = dirs.parse_value("stage-in", src)
-        decision = policy.check(self.settings.policy, user, "", "read", stage_in.src.url)
+        decision = policy.check(self.settings.policy, user, "", "read", stage_in.src.policy_url)
         if not (admin or decision.allowed):
             self.audit("refused", user=user, warmup=src, reason=decision.rule)
             raise PermissionError(f"warmup of {src} refused: {decision.rule}")

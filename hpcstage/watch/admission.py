@@ -49,7 +49,7 @@ class Admission:
     def _authorized(self, found: Directives, info: JobInfo) -> Directives:
         """Refuse the job if any directive reaches where its user/account may not."""
         wanted: list[tuple[policy.Access, str, str]] = [
-            ("read", str(d["src"]), str(d["text"])) for d in found.stage_in
+            ("read", dirs.policy_url(str(d["src"])), str(d["text"])) for d in found.stage_in
         ]
         wanted += [("write", str(d["dest"]), str(d["text"])) for d in found.stage_out]
         refusals = []

@@ -417,3 +417,51 @@ def test_parse_script_never_raises_or_escapes(script: str) -> None:
     for problem in parsed.errors:
         assert problem.line >= 1
         assert problem.message
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "dest", "policy_url"),
+    [
+        ("s3://data-bucket/lib/ligands.hpack/", "lib/ligands.hpack/", "ligands", ""),
+        ("s3://data-bucket/lib/ligands.hpack", "lib/ligands.hpack/", "ligands", ""),
+        (
+            "s3://data-bucket/lib/ligands.hpack@3/set1/",
+            "lib/ligands.hpack@3/set1/",
+            "set1",
+            "set1/",
+        ),
+        (
+            "s3://data-bucket/lib/ligands.hpack@3/set1/:in/",
+            "lib/ligands.hpack@3/set1/",
+            "in",
+            "set1/",
+        ),
+        ("s3://data-bucket/lib/ligands.hpack/a/b:x", "lib/ligands.hpack/a/b/", "x", "a/b/"),
+    ],
+)
+def test_a_packed_dataset_is_recognised_with_its_version_and_subtree(
+    value: str, key: str, dest: str, policy_url: str
+) -> None:
+    stage_in = parse_value("stage-in", value)
+    assert isinstance(stage_in, StageIn)
+    assert (stage_in.src.kind, stage_in.src.key, str(stage_in.dest)) == (
+        SourceKind.S3_PACKED,
+        key,
+        dest,
+    )
+    # The policy judges the dataset (and subtree), never the version: a grant on the dataset
+    # covers every version of it.
+    assert stage_in.src.policy_url == f"s3://data-bucket/lib/ligands.hpack/{policy_url}"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("s3://data-bucket/lib/l.hpack@x/", "a pinned version is @ and a number"),
+        ("s3://data-bucket/lib/l.hpack@0/", "a version is a number from 1"),
+        ("s3://data-bucket/lib/l.hpack/../etc/", "'..'"),
+    ],
+)
+def test_bad_packed_sources_are_refused_by_name(value: str, message: str) -> None:
+    with pytest.raises(DirectiveError, match=re.escape(message)):
+        parse_value("stage-in", value)

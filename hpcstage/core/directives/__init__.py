@@ -6,6 +6,9 @@ Grammar (each option may be repeated; a job has at most 1000 directives)::
         SRC    s3://BUCKET/KEY        one object
                s3://BUCKET/PREFIX/    every object under PREFIX (s3://BUCKET/ = whole bucket)
                /ABSOLUTE/PATH         a file or directory on a shared filesystem
+               s3://BUCKET/P/NAME.hpack[@N]/[SUBTREE/]   a packed dataset (newest version, or
+                                      version N), whole or one directory of it
+                                      (docs/packed-datasets.md)
         DEST   a path relative to $HPCSTAGE_DIR; default: SRC's last component. DIR/ means
                "into DIR" as with cp: an object or a path without a final '/' lands as
                DIR/NAME, a prefix or a path written with a final '/' as DIR
@@ -76,6 +79,7 @@ from hpcstage.core.directives.parse import (
     parse_script,
     parse_source,
     parse_value,
+    policy_url,
 )
 
 __all__ = [
@@ -106,6 +110,7 @@ __all__ = [
     "parse_script",
     "parse_source",
     "parse_value",
+    "policy_url",
     "quoted",
     "shown",
     "summarize",

@@ -10,6 +10,7 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Literal
 
+from hpcstage.core.packed import DatasetRef
 from hpcstage.errors import DirectiveError
 
 MAX_DIRECTIVES = 1000
@@ -27,6 +28,7 @@ class SourceKind(StrEnum):
 
     S3_OBJECT = "s3-object"
     S3_PREFIX = "s3-prefix"
+    S3_PACKED = "s3-packed"  # a packed dataset, or a subtree of one (docs/packed-datasets.md)
     PATH = "path"
 
 
@@ -51,6 +53,16 @@ class Source:
     def url(self) -> str:
         """The source as written in a directive: ``s3://bucket/key`` or the path."""
         return self.path if self.kind is SourceKind.PATH else f"s3://{self.bucket}/{self.key}"
+
+    @property
+    def policy_url(self) -> str:
+        """The location the site policy judges: ``url``, but for a packed dataset its prefix
+        and subtree without the version (``s3://b/lib/x.hpack/set1/`` for ``x.hpack@3/set1/``),
+        so a grant on the dataset or on a directory inside it covers every version of it."""
+        if self.kind is not SourceKind.S3_PACKED:
+            return self.url
+        ref = DatasetRef.parse(self.key)
+        return f"s3://{self.bucket}/{ref.prefix}{ref.subtree}"
 
 
 @dataclass(frozen=True)

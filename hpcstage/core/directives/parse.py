@@ -33,7 +33,8 @@ from hpcstage.core.directives.model import (
     quoted,
     shown,
 )
-from hpcstage.errors import DirectiveError
+from hpcstage.core.packed import SUFFIX, DatasetRef, is_dataset_key
+from hpcstage.errors import DirectiveError, PackError
 
 # sbatch still reads the deprecated #SLURM like #SBATCH (with a warning), so a SPANK option
 # there reaches the plugin: read it too, or the two paths would disagree.
@@ -105,7 +106,23 @@ def parse_source(text: str) -> Source:
         raise DirectiveError(
             f"unsupported scheme {shown(scheme, 30)}:// (use s3:// or an absolute path)"
         )
-    return _s3_source(rest, "SRC")
+    source = _s3_source(rest, "SRC")
+    return _packed_source(source) if is_dataset_key(source.key) else source
+
+
+def policy_url(src: str) -> str:
+    """The location the policy judges for a stored stage-in SRC (see Source.policy_url)."""
+    return parse_source(src).policy_url
+
+
+def _packed_source(source: Source) -> Source:
+    """A source naming a packed dataset (a key component ending ``.hpack``), its key
+    normalised to ``PREFIX.hpack[@N]/[SUBTREE/]``."""
+    try:
+        ref = DatasetRef.parse(source.key if source.key.endswith("/") else source.key + "/")
+    except PackError as err:
+        raise DirectiveError(str(err)) from None
+    return Source(SourceKind.S3_PACKED, source.bucket, ref.key())
 
 
 def expand_patterns(text: str, context: JobContext) -> str:
@@ -349,7 +366,12 @@ def _path_source(text: str) -> Source:
 
 
 def _default_dest(src: Source) -> PurePosixPath:
-    """SRC's last component (a prefix's last directory; the bucket for a whole bucket)."""
+    """SRC's last component (a prefix's last directory; the bucket for a whole bucket; a packed
+    dataset's subtree's last directory, or the dataset's name without ``.hpack``)."""
+    if src.kind is SourceKind.S3_PACKED:
+        ref = DatasetRef.parse(src.key)
+        top = ref.subtree.removesuffix("/") or ref.prefix.removesuffix("/").removesuffix(SUFFIX)
+        return _dest_path(top.rsplit("/", 1)[-1])
     name = (src.path or src.key.removesuffix("/") or src.bucket).rsplit("/", 1)[-1]
     return _dest_path(name)
 
