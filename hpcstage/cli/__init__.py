@@ -22,6 +22,8 @@ _COMMANDS = {
     "trash": "hpcstage.cli.trash_cmd",
     "cache": "hpcstage.cli.cache_cmd",
     "config": "hpcstage.cli.config_cmd",
+    "ls": "hpcstage.cli.packed_cmds",
+    "cat": "hpcstage.cli.packed_cmds",
 }
 
 

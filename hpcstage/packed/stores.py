@@ -1,0 +1,80 @@
+"""Opening the store a packed dataset lives on as the person running the command: the site's
+S3 endpoint (``[store]`` of the site configuration, or ``AWS_ENDPOINT_URL``) with that person's
+own credentials (the AWS chain: environment, ~/.aws, a profile), or a shared filesystem path.
+
+Used by ``hpcstage pack``/``ls``/``cat`` and the fsspec filesystem, which run on login nodes and
+in notebooks, never with the daemon's credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcstage.errors import ConfigError, PackError
+from hpcstage.store.fs import FsStore
+from hpcstage.store.protocol import ObjectStore, parse_s3_url
+from hpcstage.store.s3 import S3Store
+
+CONFIG_ENV = "HPCSTAGE_CONFIG"
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    """How to reach the S3 store: the endpoint and the signing details, never credentials."""
+
+    endpoint_url: str | None = None  # None: AWS's own endpoint
+    region: str = ""
+    profile: str | None = None
+    addressing_style: str = "path"
+    verify_tls: bool = True
+    ca_bundle: str | None = None
+
+    @classmethod
+    def from_site(cls, config: Path | None = None, **overrides: Any) -> StoreAccess:
+        """The site configuration's ``[store]`` (``config``, else $HPCSTAGE_CONFIG, else none),
+        then ``AWS_ENDPOINT_URL``, then ``overrides`` (None values ignored)."""
+        found: dict[str, Any] = {}
+        path = config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+        if path is not None:
+            found = _store_table(path)
+        if "endpoint_url" not in found and os.environ.get("AWS_ENDPOINT_URL"):
+            found["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+        found.update({k: v for k, v in overrides.items() if v is not None})
+        known = {k: found[k] for k in cls.__dataclass_fields__ if k in found}
+        return cls(**known)
+
+    def open(self, url: str) -> tuple[ObjectStore, str]:
+        """The store holding ``url`` (``s3://bucket/key`` or an absolute path) and the key."""
+        if url.startswith("s3://"):
+            try:
+                bucket, key = parse_s3_url(url)
+            except ValueError as exc:
+                raise PackError(str(exc)) from None
+            store = S3Store(
+                self.endpoint_url,
+                bucket,
+                region=self.region or os.environ.get("AWS_REGION", "") or "us-east-1",
+                profile=self.profile,
+                addressing_style=self.addressing_style,
+                verify_tls=self.verify_tls,
+                ca_bundle=self.ca_bundle,
+            )
+            return store, key
+        if url.startswith("/"):
+            return FsStore(Path("/")), url
+        raise PackError(f"{url!r}: expected s3://BUCKET/KEY or an absolute path")
+
+
+def _store_table(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a valid TOML file ({exc})") from None
+    table = data.get("store", {})
+    return dict(table) if isinstance(table, dict) else {}
