@@ -2,6 +2,8 @@
 
 The rules (what is an output, when an object already is the file, recycle-bin names) are
 ``hpcstage.core.stageout``'s; a verified output is also kept in the node cache for later jobs.
+A ``pack`` directive's outputs, walked the same way, become one new version of a packed
+dataset instead (``agent/packout.py``).
 """
 
 from __future__ import annotations
