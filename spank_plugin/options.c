@@ -91,7 +91,7 @@ static struct spank_option stage_in_option = {
 static struct spank_option stage_out_option = {
 	"stage-out", "SRC:DEST[:FLAGS]",
 	"Copy $HPCSTAGE_DIR/SRC to DEST (s3://BUCKET/PREFIX/) after the job; FLAGS: "
-	"on=always|success|failure, optional (hpcstage; repeatable).",
+	"on=always|success|failure, optional, pack (hpcstage; repeatable).",
 	1, 1, on_stage_out
 };
 

@@ -102,7 +102,7 @@ const char *hs_check_stage_in(const char *value)
 static const char *check_flags(const char *flags)
 {
 	static const char *const known[] = {
-		"on=always", "on=success", "on=failure", "optional", NULL
+		"on=always", "on=success", "on=failure", "optional", "pack", NULL
 	};
 	const char *p = flags;
 
@@ -112,7 +112,7 @@ static const char *check_flags(const char *flags)
 		for (const char *const *k = known; *k; k++)
 			ok |= (strlen(*k) == n && strncmp(p, *k, n) == 0);
 		if (!ok)
-			return "unknown stage-out flag (known: on=always|success|failure, optional)";
+			return "unknown stage-out flag (known: on=always|success|failure, optional, pack)";
 		if (p[n] == '\0')
 			return NULL;
 		p += n + 1;

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Self
 
+from hpcstage.core.packed import sort_key
 from hpcstage.core.stageout import (
     Output,
     Refused,
@@ -120,7 +121,9 @@ class JobDir:
         self, dir_fd: int, rel: str, in_src: str, dest_key: str, depth: int = 0
     ) -> Iterator[Output | Skipped | Refused]:
         with os.scandir(dir_fd) as found:
-            entries = sorted((e.name, e.stat(follow_symlinks=False)) for e in found)
+            listed = [(e.name, e.stat(follow_symlinks=False)) for e in found]
+        # In whole-path order (``a.txt`` before ``a/x``), which a packed stage-out needs.
+        entries = sorted(listed, key=lambda e: sort_key(e[0], stat.S_ISDIR(e[1].st_mode)))
         for name, st in entries:
             path, rel_in_src = _join(rel, name), _join(in_src, name)
             if not stat.S_ISDIR(st.st_mode):

@@ -2,6 +2,8 @@
 
 The rules (what is an output, when an object already is the file, recycle-bin names) are
 ``hpcstage.core.stageout``'s; a verified output is also kept in the node cache for later jobs.
+A ``pack`` directive's outputs, walked the same way, become one new version of a packed
+dataset instead (``agent/packout.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import PurePosixPath
 from hpcstage.agent.access import revoke_access
 from hpcstage.agent.context import NodeContext
 from hpcstage.agent.jobdir import JobDir, Owners, digests, same_file
+from hpcstage.agent.packout import PackTarget, pack_out
 from hpcstage.cache import PendingObject
 from hpcstage.core import limits
 from hpcstage.core.identity import ObjectRef
@@ -143,9 +146,13 @@ class Uploader:
         # What an earlier attempt of this stage-out left open; another job's uploads to the
         # same keys are not ours to abort.
         await abort_own(store, journal)
+        written = ""
         if jobdir is not None:  # (else there are no outputs)
             await store.conditional_writes(f"{self.trash_prefix}.probe-{secrets.token_hex(8)}")
-            await self._upload_all(store, jobdir, outputs, report, journal)
+            if item.pack:
+                written = await self._pack(store, jobdir, item, outputs, report, journal)
+            else:
+                await self._upload_all(store, jobdir, outputs, report, journal)
         journal.tidy()
         self.progress(report.flush())
         failed = report.files_total - report.files_done
@@ -160,7 +167,36 @@ class Uploader:
             files_done=report.files_done,
             bytes_done=report.bytes_done,
             uploaded=report.uploaded,
+            written=written,
         )
+
+    async def _pack(
+        self,
+        store: S3Store,
+        jobdir: JobDir,
+        item: StageOutItem,
+        outputs: list[Output],
+        report: _Report,
+        journal: UploadJournal,
+    ) -> str:
+        """Write the outputs as a new version of the packed dataset ``item.dest_key``
+        (agent/packout.py); the version's URL ("": nothing to pack, no version written)."""
+        if not outputs:  # an optional SRC that is absent, or empty: no empty version
+            return ""
+        uploads = self.ctx.cache.root / "uploads"
+        for directory in (uploads, uploads / self.job):  # keys are nobody else's business
+            directory.mkdir(mode=0o700, exist_ok=True)
+        target = PackTarget(
+            store,
+            item.dest_key,
+            item.writer,
+            self.ended_at,
+            uploads / self.job / f"pack-{item.request_id}",
+            journal,
+            source=f"stage-out of job {self.job}: {item.src}",
+        )
+        info = await pack_out(target, jobdir, outputs, report.add)
+        return target.url(info.version)
 
     async def _upload_all(
         self,

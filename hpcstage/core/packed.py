@@ -326,6 +326,9 @@ class VersionInfo:
     parent: int | None = None
     source: str = ""  # what was packed, for people reading the record
     format: str = FORMAT
+    # Who wrote it, when a packed stage-out did ("job 123@1700000000 out 0"): how a retried
+    # stage-out finds the version it made already. Not in the record when empty.
+    writer: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def segment(self, name: str) -> SegmentInfo:
@@ -350,6 +353,8 @@ class VersionInfo:
             "source": self.source,
             "segments": [s.to_json() for s in self.segments],
         }
+        if self.writer:
+            doc["writer"] = self.writer
         return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -371,6 +376,7 @@ class VersionInfo:
                 segments=segments,
                 parent=None if doc.get("parent") is None else _int(doc["parent"]),
                 source=str(doc.get("source", "")),
+                writer=str(doc.get("writer", "")),
             )
         except PackError:
             raise

@@ -57,6 +57,15 @@ class OutputFlags:
     optional: bool  # the directive's ``optional`` flag: a missing source is no error
     job_completed: bool  # the job ended COMPLETED
     limit: OutputLimit  # files and bytes this directive may still send
+    pack: bool = False  # the directive's ``pack`` flag: SRC becomes a packed dataset version
+    writer: str = ""  # who writes it, recorded in the version (see packed_writer)
+
+
+def packed_writer(job_key: str, submitted: float, position: int) -> str:
+    """How a packed stage-out names its writer in the version it makes: the job (its id and
+    submit time: Slurm may give the id to a later job, and a requeued job runs again with a
+    new submit time) and the directive (its place among the job's stage-outs)."""
+    return f"job {job_key}@{int(submitted)} out {position}"
 
 
 @dataclass

@@ -86,6 +86,7 @@ class Request(Base):
     text: Mapped[str] = mapped_column(Text, default="")
     when: Mapped[str] = mapped_column(String(16), default="always")  # stage-out: on=...
     optional: Mapped[bool] = mapped_column(Boolean, default=False)  # stage-out: SRC may be absent
+    pack: Mapped[bool] = mapped_column(Boolean, default=False)  # stage-out: as a packed dataset
 
     job: Mapped[Job] = relationship(back_populates="requests")
     stagings: Mapped[list[Staging]] = relationship(

@@ -46,6 +46,7 @@ class VersionWriter:
     source: str = ""
     row_group: int = DEFAULT_ROW_GROUP
     new_segments: dict[str, SegmentInfo] = field(default_factory=dict)
+    writer: str = ""  # recorded in the version (VersionInfo.writer)
 
     async def upload_segment(self, finished: Finished) -> SegmentInfo:
         """Upload a finished segment file as ``segments/<name>``; its record entry."""
@@ -99,6 +100,7 @@ class VersionWriter:
             segments=tuple(sorted(used.values(), key=lambda s: s.name)),
             parent=self.parent.version if self.parent is not None else None,
             source=self.source,
+            writer=self.writer,
         )
         await self._write_record(info)
         return info

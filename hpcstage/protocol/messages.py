@@ -184,6 +184,10 @@ class StageOutItem:
     max_files: int | None
     max_bytes: int | None
     limit_reason: str
+    pack: bool  # write SRC as a new version of the packed dataset dest_key (.hpack/)
+    # Who writes (job, submit time, directive): recorded in a packed version, so a retried
+    # stage-out finds the version it already made instead of making another ("": not packed).
+    writer: str
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,7 @@ class StageOutResult:
     files_done: int
     bytes_done: int
     uploaded: int
+    written: str = ""  # a packed stage-out: the version it wrote, s3://.../NAME.hpack@N/
 
 
 @dataclass(frozen=True)

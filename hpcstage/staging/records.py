@@ -35,8 +35,9 @@ class StagingRecords:
     # staging id -> path -> the agent's last report on that file (stage-out)
     files: dict[int, dict[str, FileOutcome]] = field(default_factory=dict)
 
-    def finish(self, staging_id: int, progress: Progress) -> None:
-        """The staging is done: ready, with its final counters."""
+    def finish(self, staging_id: int, progress: Progress, written: str = "") -> None:
+        """The staging is done: ready, with its final counters (``written``: the packed
+        dataset version a packed stage-out made, named in the event)."""
         with self.db.begin() as session:
             st = session.get_one(Staging, staging_id)
             apply(st, progress)
@@ -46,6 +47,7 @@ class StagingRecords:
             what = f"{st.files_done} files, {st.bytes_done} bytes"
             if r.direction == "out":
                 msg = f"stage-out verified: {r.src} -> {r.dest} ({what}, {st.fetched_files} sent)"
+                msg += f"; packed as {written}" if written else ""
             else:
                 msg = f"ready: {r.src} -> {r.dest} ({what}, {st.fetched_files} fetched)"
             log_event(session, r.job_id, st.node, msg)

@@ -16,7 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from hpcstage.config.schema import Settings
 from hpcstage.core import limits, stageout
 from hpcstage.core import plan as planner
-from hpcstage.core.rules import OutputFlags, Progress, StagingItem, remaining, take
+from hpcstage.core.rules import (
+    OutputFlags,
+    Progress,
+    StagingItem,
+    packed_writer,
+    remaining,
+    take,
+)
 from hpcstage.db import Job, Staging
 from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.framing import RpcClient
@@ -45,7 +52,9 @@ class StageOut:
             job = session.get_one(Job, action.job_id)
             job_key, ended_at, items = key_of(job), job.ended_at or time.time(), []
             user, job_completed = job.user, job.state == "COMPLETED"
-            optional: dict[int, bool] = {}
+            # Per staging id: (optional, pack, writer), the directive's flags for the agent.
+            flags_of: dict[int, tuple[bool, bool, str]] = {}
+            submitted = job.submitted_at or job.first_seen
             on_states = frozenset(self.settings.stage_out.on_states)
             for r in (r for r in job.requests if r.direction == "out"):
                 st = staging_row(session, r, action.node or "-")
@@ -58,7 +67,8 @@ class StageOut:
                 st.state, st.started_at, st.error = "running", time.time(), ""
                 st.attempts += 1
                 items.append(StagingItem(st.id, r.id, r.src, r.dest, r.text, r.line))
-                optional[st.id] = r.optional
+                writer = packed_writer(job_key, submitted, r.position) if r.pack else ""
+                flags_of[st.id] = (r.optional, r.pack, writer)
             log_event(session, job.id, action.node, f"stage-out of {len(items)} directive(s)")
         current = items[0] if items else None
         try:
@@ -67,7 +77,8 @@ class StageOut:
             for current in items:
                 assert rpc is not None
                 bound = limits.stage_out_limit(self.settings.limits, files, size)
-                flags = OutputFlags(user, optional[current.staging_id], job_completed, bound)
+                optional, pack, writer = flags_of[current.staging_id]
+                flags = OutputFlags(user, optional, job_completed, bound, pack, writer)
                 await self._out_one(rpc, current, job_key, ended_at, flags)
                 done_bytes, done_files = self.records.staged(current.staging_id)
                 files, size = files + done_files, size + done_bytes
@@ -117,11 +128,14 @@ class StageOut:
                     max_files=flags.limit.max_files,
                     max_bytes=flags.limit.max_bytes,
                     limit_reason=flags.limit.reason,
+                    pack=flags.pack,
+                    writer=flags.writer,
                 )
             ],
         )
-        await AgentClient(rpc, rpc.name).stage_out(params, on_progress)
-        self.records.finish(staging_id, progress)
+        reply = await AgentClient(rpc, rpc.name).stage_out(params, on_progress)
+        written = next((r.written for r in reply.items if r.request_id == request_id), "")
+        self.records.finish(staging_id, progress, written)
 
     def _requeue_out(self, action: planner.StageOut, staging_ids: list[int], message: str) -> None:
         if not staging_ids:

@@ -108,6 +108,7 @@ def to_directives(source: str, parsed: dirs.ParsedDirectives, info: JobInfo) -> 
             "text": d.text,
             "when": d.when.value,
             "optional": d.optional,
+            "pack": d.pack,
         }
         for d in outs
     ]

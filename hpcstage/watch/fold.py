@@ -179,6 +179,7 @@ def _request(direction: str, position: int, d: dict[str, object]) -> Request:
         text=str(d.get("text", "")),
         when=str(d.get("when", "always")),
         optional=bool(d.get("optional", False)),
+        pack=bool(d.get("pack", False)),
     )
 
 

@@ -53,11 +53,13 @@ static void test_stage_out(void)
 {
 	static const char *const good[] = {
 		"out:s3://results/%j/", ".:s3://results/run/", "a/b.txt:s3://r/k.txt",
-		"out:s3://results/%u/:on=success", "out:s3://r/p/:on=failure,optional", NULL
+		"out:s3://results/%u/:on=success", "out:s3://r/p/:on=failure,optional",
+		"out:s3://r/p/run-%j.hpack/:pack", "out:s3://r/d.hpack/:on=success,pack", NULL
 	};
 	static const char *const bad[] = {
 		"out", "/abs:s3://r/p/", "../x:s3://r/p/", "out:/local/path", "out:s3://r",
 		"out:s3://r/../p/", "out:s3://r/p/:on=never", "out:s3://r/p/:", "out:s3://r/p/:x,",
+		"out:s3://r/d.hpack/:pack=yes",
 		"", NULL
 	};
 

@@ -96,6 +96,8 @@ class Run:
             max_files=None,
             max_bytes=None,
             limit_reason="",
+            pack=False,
+            writer="",
         )
         # A task of its own, as the agent gives each request: Python 3.11's TaskGroup leaves
         # its caller's cancel count raised after a child failed, which anyio takes for a

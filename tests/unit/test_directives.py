@@ -170,6 +170,61 @@ def test_bad_stage_out(value: str, message: str) -> None:
         parse_value("stage-out", value, line=12)
 
 
+@pytest.mark.parametrize(
+    ("value", "key", "when", "optional"),
+    [
+        ("out:s3://bucket/out/run-%j.hpack/:pack", "out/run-%j.hpack/", ALWAYS, False),
+        ("out:s3://bucket/run.hpack:pack", "run.hpack/", ALWAYS, False),  # the '/' is implied
+        ("out:s3://bucket/r.hpack/:on=success,pack,optional", "r.hpack/", SUCCESS, True),
+        (".:s3://bucket/a/b/%u.hpack/:pack", "a/b/%u.hpack/", ALWAYS, False),
+    ],
+)
+def test_packed_stage_out(value: str, key: str, when: When, optional: bool) -> None:
+    parsed = parse_value("stage-out", value, line=4)
+    assert parsed.pack
+    assert (parsed.dest, parsed.when, parsed.optional) == (
+        Source(PREFIX, "bucket", key),
+        when,
+        optional,
+    )
+    assert not parse_value("stage-out", "out:s3://bucket/o/").pack
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        # No loose objects into a dataset by mistake: the flag is needed.
+        ("out:s3://bucket/run.hpack/", "add the flag ':pack'"),
+        ("out:s3://bucket/run.hpack/sub/", "add the flag ':pack'"),
+        ("out:s3://bucket/run.hpack@2/x", "add the flag ':pack'"),
+        ("out:s3://bucket/ds.hpack/f.txt:on=success", "add the flag ':pack'"),
+        # With it, DEST is the dataset itself, unpinned.
+        ("out:s3://bucket/run.hpack@3/:pack", "cannot pin @3"),
+        ("out:s3://bucket/run.hpack/sub/:pack", "the dataset itself"),
+        ("out:s3://bucket/run.hpack/f.txt:pack", "the dataset itself"),
+        ("out:s3://bucket/out/:pack", "names a packed dataset"),
+        ("out:s3://bucket/run.tar:pack", "names a packed dataset"),
+        ("out:s3://bucket/run.hpack/:pack=yes", "unknown stage-out flag 'pack=yes'"),
+        ("out:s3://bucket/run.hpack/:pack,pack", "given twice"),
+        ("out:s3://bucket/run.hpack@x/:pack", "a pinned version is @ and a number"),
+    ],
+)
+def test_bad_packed_stage_out(value: str, message: str) -> None:
+    with pytest.raises(DirectiveError, match=r"^line 9: .*" + re.escape(message)):
+        parse_value("stage-out", value, line=9)
+
+
+def test_expanded_job_name_cannot_move_a_stage_out_into_or_out_of_a_dataset() -> None:
+    loose = parse_value("stage-out", "r:s3://results/%x/", line=5)
+    with pytest.raises(DirectiveError, match=r"^line 5: .*add the flag ':pack'"):
+        expand_stage_out(loose, JobContext(1, "alice", "evil.hpack"))
+    packed = parse_value("stage-out", "r:s3://results/%x.hpack/:pack", line=6)
+    expanded = expand_stage_out(packed, JobContext(7, "alice", "run"))
+    assert (expanded.dest.key, expanded.pack) == ("run.hpack/", True)
+    with pytest.raises(DirectiveError, match=r"^line 6: .*the dataset itself"):
+        expand_stage_out(packed, JobContext(1, "alice", "a.hpack/b"))
+
+
 # --- scripts ------------------------------------------------------------------------------
 
 SCRIPT = """#!/bin/bash

@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, MetaData, Table, create_engine, inspect
 
-from hpcstage.db import MIGRATIONS, Job, Staging, open_db
+from hpcstage.db import MIGRATIONS, Job, Request, Staging, open_db
 
 
 def _upgrade(url: str, revision: str) -> None:
@@ -143,3 +143,59 @@ def test_a_database_of_revision_0003_upgrades_and_its_jobs_keep_their_ids(tmp_pa
         columns = {c["name"] for c in inspect(conn).get_columns("jobs")}
     engine.dispose()
     assert not columns & {"submitted_at", "replaced_at", "former_slurm_job_id"}
+
+
+def test_a_database_of_revision_0004_upgrades_and_its_stage_outs_do_not_pack(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    _upgrade(url, "0004")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        assert "pack" not in {c["name"] for c in inspect(conn).get_columns("requests")}
+        _insert(
+            conn,
+            "jobs",
+            id=1,
+            kind="job",
+            slurm_job_id=8,
+            name="j",
+            user="alice",
+            account="",
+            partition="",
+            state="COMPLETED",
+            state_reason="",
+            priority=0,
+            planned_nodes="",
+            nodes="n1",
+            batch_host="n1",
+            directive_source="admin_comment",
+            error="",
+            first_seen=100.0,
+        )
+        _insert(
+            conn,
+            "requests",
+            id=1,
+            job_id=1,
+            direction="out",
+            position=0,
+            src="out",
+            dest="s3://b/o/",
+            line=1,
+            text="--stage-out=out:s3://b/o/",
+            when="always",
+            optional=False,
+        )
+    engine.dispose()
+
+    factory = open_db(url)
+    try:
+        with factory.begin() as session:
+            request = session.get_one(Request, 1)
+            assert (request.dest, request.pack) == ("s3://b/o/", False)
+            request.pack = True
+        with factory.begin() as session:
+            assert session.get_one(Request, 1).pack is True
+    finally:
+        factory.kw["bind"].dispose()

@@ -16,9 +16,13 @@ Grammar (each option may be repeated; a job has at most 1000 directives)::
         SRC    a path relative to $HPCSTAGE_DIR (file or directory), or "." for all of it
         DEST   s3://BUCKET/PREFIX/    SRC goes under PREFIX (a directory's contents, a file by name)
                s3://BUCKET/KEY        SRC must be a file
+               s3://BUCKET/P/NAME.hpack/   with the flag pack: SRC is written as a new
+                                      version of this packed dataset (no @N: the version is
+                                      chosen at stage-out); a DEST naming a dataset or
+                                      something inside one without pack is refused
                sbatch's filename patterns %j %u %x %A %a %% are expanded (expand_stage_out)
         FLAGS  comma list: on=always|success|failure (default always), optional (SRC may be
-               missing)
+               missing), pack (docs/packed-datasets.md, "Packed stage-out")
 
 Separators: SRC and DEST are split at the first ':' after any ``s3://``, DEST and FLAGS at the
 next ':'.  So S3 keys and stage-in SRC paths cannot contain ':', a stage-in DEST can.

@@ -85,6 +85,7 @@ class StageOut:
     optional: bool
     line: int
     text: str
+    pack: bool = False  # write SRC as a new version of the packed dataset DEST
 
     @property
     def dest_url(self) -> str:

@@ -144,6 +144,9 @@ def expand_stage_out(stage_out: StageOut, context: JobContext) -> StageOut:
         dest = _s3_source(f"{stage_out.dest.bucket}/{key}", "DEST")
         if dest.kind is not stage_out.dest.kind:
             raise DirectiveError(f"expanded DEST {quoted(dest.url)} changes from object to prefix")
+        # A job name may hold '.hpack': it must not turn a loose stage-out into one inside a
+        # dataset, nor move a packed one's dataset.
+        check_packed_dest(dest, stage_out.pack)
     except DirectiveError as err:
         problem = DirectiveProblem(stage_out.line, stage_out.text, str(err))
         raise DirectiveError(str(problem)) from err
@@ -271,8 +274,8 @@ def _parse_directive(kind: Kind, value: str, line: int, text: str) -> Directive:
     if kind == "stage-in":
         src, dest = _parse_stage_in(value)
         return StageIn(src, dest, line, text)
-    src_path, dest_source, when, optional = _parse_stage_out(value)
-    return StageOut(src_path, dest_source, when, optional, line, text)
+    src_path, dest_source, flags = _parse_stage_out(value)
+    return StageOut(src_path, dest_source, flags.when, flags.optional, line, text, flags.pack)
 
 
 def _parse_stage_in(value: str) -> tuple[Source, PurePosixPath]:
@@ -294,7 +297,7 @@ def _parse_stage_in(value: str) -> tuple[Source, PurePosixPath]:
     return src, _dest_path(dest_text) if colon else _default_dest(src)
 
 
-def _parse_stage_out(value: str) -> tuple[PurePosixPath, Source, When, bool]:
+def _parse_stage_out(value: str) -> tuple[PurePosixPath, Source, _Flags]:
     src_text, colon, rest = value.partition(":")
     if not colon:
         raise DirectiveError("stage-out needs SRC:DEST")
@@ -306,15 +309,27 @@ def _parse_stage_out(value: str) -> tuple[PurePosixPath, Source, When, bool]:
         raise DirectiveError(
             f"unsupported scheme {shown(scheme, 30)}:// (stage-out writes to s3://)"
         )
-    dest_text, colon, flags = after.partition(":")
+    dest_text, colon, flag_text = after.partition(":")
+    flags = _parse_flags(flag_text) if colon else _Flags()
+    if flags.pack and dest_text.endswith(SUFFIX):
+        dest_text += "/"  # the dataset itself: a prefix, written with or without the '/'
     dest = _s3_source(dest_text, "DEST")
     expand_patterns(dest.key, _PROBE)  # refuse unknown patterns now, not after the job
-    when, optional = _parse_flags(flags) if colon else (When.ALWAYS, False)
-    return src, dest, when, optional
+    check_packed_dest(dest, flags.pack)
+    return src, dest, flags
 
 
-def _parse_flags(text: str) -> tuple[When, bool]:
-    when, optional, seen = When.ALWAYS, False, set()
+@dataclass(frozen=True)
+class _Flags:
+    """A stage-out's FLAGS."""
+
+    when: When = When.ALWAYS
+    optional: bool = False
+    pack: bool = False
+
+
+def _parse_flags(text: str) -> _Flags:
+    when, optional, pack, seen = When.ALWAYS, False, False, set()
     for flag in text.split(","):
         name, equals, value = flag.partition("=")
         if name in seen:
@@ -324,12 +339,46 @@ def _parse_flags(text: str) -> tuple[When, bool]:
             when = When(value)
         elif name == "optional" and not equals:
             optional = True
+        elif name == "pack" and not equals:
+            pack = True
         else:
             raise DirectiveError(
                 f"unknown stage-out flag {quoted(flag)} "
-                "(known: on=always|success|failure, optional)"
+                "(known: on=always|success|failure, optional, pack)"
             )
-    return when, optional
+    return _Flags(when, optional, pack)
+
+
+def check_packed_dest(dest: Source, pack: bool) -> None:
+    """A ``pack`` stage-out's DEST is a packed dataset itself (``.../NAME.hpack/``, no @N, no
+    subtree); any other DEST naming a dataset or something inside one is refused, so that no
+    one writes loose objects into a dataset by mistake."""
+    if not is_dataset_key(dest.key):
+        if pack:
+            raise DirectiveError(
+                f"a packed stage-out DEST names a packed dataset, s3://BUCKET/PATH/NAME{SUFFIX}/"
+                f" (not {quoted(dest.url)})"
+            )
+        return
+    if not pack:
+        raise DirectiveError(
+            f"DEST {quoted(dest.url)} is inside a packed dataset ({SUFFIX}): add the flag"
+            " ':pack' to write the outputs as a new version of it"
+        )
+    try:
+        ref = DatasetRef.parse(dest.key)
+    except PackError as err:
+        raise DirectiveError(str(err)) from None
+    if ref.version is not None:
+        raise DirectiveError(
+            f"a packed stage-out writes a new version: DEST {quoted(dest.url)} cannot pin"
+            f" @{ref.version}"
+        )
+    if ref.subtree or dest.kind is not SourceKind.S3_PREFIX:
+        raise DirectiveError(
+            f"a packed stage-out DEST is the dataset itself, ending in '{SUFFIX}/' (not"
+            f" {quoted(dest.url)})"
+        )
 
 
 # --- sources and paths ------------------------------------------------------------------------
