@@ -19,6 +19,7 @@ import pytest
 
 from hpcstage.agent import packed
 from hpcstage.agent.context import NodeContext
+from hpcstage.agent.jobdir import JobDir, Owners
 from hpcstage.agent.stagein import Counters
 from hpcstage.cache import NodeCache
 from hpcstage.cache.index import Index, TreeRow
@@ -26,6 +27,7 @@ from hpcstage.cache.trees import DIR_MODE, FILE_MODE, tree_id
 from hpcstage.core.directives import SourceKind
 from hpcstage.core.identity import ObjectRef
 from hpcstage.core.packed import DatasetRef, Span, segment_name
+from hpcstage.core.stageout import Output, Skipped
 from hpcstage.errors import HpcstageError, PackError, QuotaError
 from hpcstage.packed.dataset import PackedDataset
 from hpcstage.packed.manifest import Member
@@ -278,3 +280,34 @@ def test_an_index_of_schema_1_opens_and_gains_the_tree_tables(tmp_path: Path) ->
         assert index.trees() == []
     finally:
         index.close()
+
+
+def test_stage_out_skips_an_attached_tree_instead_of_failing(
+    tmp_path: Path, ctx: NodeContext
+) -> None:
+    store = _write_dataset(tmp_path, _files(30), per_segment=10)
+    row, _ = _build(ctx, store, _item(store))
+    view = ctx.cache.view_dir("j")
+    ctx.cache.trees.attach(row.tree_id, view, PurePosixPath("in/data"), "j", "")
+    (view / "result.txt").write_text("out")
+    me = os.geteuid()
+    with JobDir(view, Owners(me, me)) as jobdir:
+        everything = list(jobdir.walk(PurePosixPath("."), "p/"))
+        named = list(jobdir.walk(PurePosixPath("in/data"), "p/"))
+    assert [e for e in everything if isinstance(e, Output)] == [
+        Output("result.txt", "p/result.txt", 3)
+    ]
+    skipped = [e for e in everything if not isinstance(e, Output)]
+    assert [type(e) for e in skipped] == [Skipped] and skipped[0].rel == "in/data"
+    assert [type(e) for e in named] == [Skipped]
+
+
+def test_packed_sources_are_pinned_once_and_never_copied_from_peers() -> None:
+    from hpcstage.staging.peer import copyable
+    from hpcstage.staging.pin import needs_pin
+
+    assert needs_pin("s3://bkt/lib/x.hpack/set1/")
+    assert not needs_pin("s3://bkt/lib/x.hpack@3/set1/")
+    assert not needs_pin("s3://bkt/lib/plain/") and not needs_pin("")
+    assert not copyable(SourceSpec.of("s3://bkt/lib/x.hpack@3/"))
+    assert copyable(SourceSpec.of("s3://bkt/lib/plain/"))
