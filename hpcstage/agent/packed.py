@@ -92,9 +92,11 @@ def write_span(build: TreeBuild, span: Span, data: bytes, members: list[Member],
         at = m.offset - span.start
         if zlib.crc32(view[at : at + m.size]) != m.crc32:
             return m.path
-    for m in members:
-        at = m.offset - span.start
-        build.write(m.path[strip:], view[at : at + m.size], m.mtime_ns)
+    with build.writer() as writer:
+        for m in members:
+            at = m.offset - span.start
+            writer.write(m.path[strip:], view[at : at + m.size], m.mtime_ns)
+    build.count(len(members), sum(m.size for m in members))
     return ""
 
 

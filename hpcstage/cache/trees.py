@@ -46,6 +46,7 @@ TREE_MODE = 0o700
 FILE_MODE = 0o444
 DIR_MODE = 0o555
 _BUILD_DIR_MODE = 0o700  # while the build writes into it
+WRITER_DIR_FDS = 64  # directory fds one writer keeps open at most
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -67,10 +68,12 @@ def boot_id() -> str:
 
 
 class TreeBuild:
-    """Files written into a new tree's temp directory (one instance per build; thread-safe).
+    """A new tree's temp directory, filled by ``writer()``s (one per batch of files, any
+    number of threads at once), then sealed read-only by ``seal()``.
 
-    The per-file path is lean: open with the parent's directory fd, write, set the mtime on
-    the fd, close. Directory fds are cached by their path below the root.
+    Directories are made on demand and remembered by path (one string each), but their fds
+    are held only by a writer, for its batch: a tree of 10^5 directories never holds 10^5
+    fds. Nothing else can reach the temp directory (0700, no ACL) while it is built.
     """
 
     def __init__(self, temp: Path) -> None:
@@ -79,15 +82,58 @@ class TreeBuild:
         self.root.mkdir(mode=_BUILD_DIR_MODE)
         self.files = 0
         self.bytes = 0
-        self._dirs: dict[str, int] = {"": os.open(self.root, _OPEN_DIR)}
         self._made: list[str] = []
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+
+    def writer(self) -> TreeWriter:
+        """A writer for one batch of files (close it, or use it as a context manager)."""
+        return TreeWriter(self)
+
+    def count(self, files: int, size: int) -> None:
+        """Add a finished batch to the tree's counts."""
+        with self._lock:
+            self.files += files
+            self.bytes += size
+
+    def made(self, rel: str) -> None:
+        with self._lock:
+            self._made.append(rel)
+
+    @property
+    def dirs(self) -> int:
+        return len(self._made)
+
+    def seal(self) -> None:
+        """Make every directory read-only, deepest first (so each parent is still writable
+        when its child is changed; chmod by path below the root's fd: no symlink exists in a
+        tree the agent alone has written)."""
+        root = os.open(self.root, _OPEN_DIR)
+        try:
+            for rel in sorted(self._made, key=lambda r: -r.count("/")):
+                os.chmod(rel, DIR_MODE, dir_fd=root)
+            os.fchmod(root, DIR_MODE)
+        finally:
+            os.close(root)
+
+    def close(self) -> None:
+        """Nothing to release (writers close their own fds); kept for symmetry with abort."""
+
+
+class TreeWriter:
+    """Writes files into a ``TreeBuild`` with a lean per-file path: open relative to the
+    parent's directory fd, write, set the mtime on the fd, close; no fsync."""
+
+    def __init__(self, build: TreeBuild) -> None:
+        self.build = build
+        self._dirs: dict[str, int] = {"": os.open(build.root, _OPEN_DIR)}
 
     def write(self, path: str, data: bytes | memoryview, mtime_ns: int) -> None:
-        """Create the file ``path`` (checked by the caller, relative) holding ``data``."""
+        """Create the file ``path`` (relative, checked by the caller) holding ``data``."""
         parent, _, name = path.rpartition("/")
         dir_fd = self._dirs.get(parent)
         if dir_fd is None:
+            if len(self._dirs) > WRITER_DIR_FDS:
+                self._forget()  # paths come sorted: the directories behind are done with
             dir_fd = self._dir(parent)
         try:
             fd = os.open(name, _OPEN_NEW, FILE_MODE, dir_fd=dir_fd)
@@ -101,47 +147,41 @@ class TreeBuild:
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)
-        with self._lock:
-            self.files += 1
-            self.bytes += len(data)
 
     def _dir(self, rel: str) -> int:
         """The fd of directory ``rel`` below the root, made (and its parents) if missing."""
-        with self._lock:
-            found = self._dirs.get(rel)
-            if found is not None:
-                return found
-            parent, _, name = rel.rpartition("/")
-            parent_fd = self._dirs.get(parent)
-            if parent_fd is None:
-                parent_fd = self._dir(parent)
-            try:
-                os.mkdir(name, _BUILD_DIR_MODE, dir_fd=parent_fd)
-                self._made.append(rel)
-            except FileExistsError:
-                pass
-            try:
-                fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd)
-            except OSError as exc:  # a file where the selection wants a directory
-                raise CacheError(f"{rel!r} is both a file and a directory") from exc
-            self._dirs[rel] = fd
-            return fd
+        found = self._dirs.get(rel)
+        if found is not None:
+            return found
+        parent, _, name = rel.rpartition("/")
+        parent_fd = self._dir(parent)
+        try:
+            os.mkdir(name, _BUILD_DIR_MODE, dir_fd=parent_fd)
+            self.build.made(rel)
+        except FileExistsError:
+            pass  # made by an earlier batch, or by another writer just now
+        try:
+            fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd)
+        except OSError as exc:  # a file where the selection wants a directory
+            raise CacheError(f"{rel!r} is both a file and a directory") from exc
+        self._dirs[rel] = fd
+        return fd
 
-    @property
-    def dirs(self) -> int:
-        return len(self._made)
-
-    def seal(self) -> None:
-        """Make every directory read-only (deepest first) and close the fds."""
-        for rel in sorted(self._made, key=lambda r: -r.count("/")):
-            os.chmod(self._dirs[rel], DIR_MODE)
-        os.chmod(self._dirs[""], DIR_MODE)
+    def _forget(self) -> None:
+        root = self._dirs.pop("")
         self.close()
+        self._dirs[""] = root
 
     def close(self) -> None:
         dirs, self._dirs = self._dirs, {}
         for fd in dirs.values():
             os.close(fd)
+
+    def __enter__(self) -> TreeWriter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)

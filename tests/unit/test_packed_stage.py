@@ -253,7 +253,8 @@ def test_reconcile_drops_temp_trees_and_unsynced_trees_of_another_boot(
     store = _write_dataset(tmp_path, _files(300), per_segment=100)
     kept, _ = _build(ctx, store, _item(store, "set0/"))
     lost, _ = _build(ctx, store, _item(store, "set1/"))
-    ctx.cache.trees.begin("0" * 32).write("x", b"half", 0)  # an agent killed mid-build
+    with ctx.cache.trees.begin("0" * 32).writer() as half:  # an agent killed mid-build
+        half.write("x", b"half", 0)
     index = ctx.cache._index
     index.put_tree(TreeRow(**{**lost.__dict__, "durable": 0, "boot_id": "another boot"}))
     report = ctx.cache.reconcile()
@@ -311,3 +312,20 @@ def test_packed_sources_are_pinned_once_and_never_copied_from_peers() -> None:
     assert not needs_pin("s3://bkt/lib/plain/") and not needs_pin("")
     assert not copyable(SourceSpec.of("s3://bkt/lib/x.hpack@3/"))
     assert copyable(SourceSpec.of("s3://bkt/lib/plain/"))
+
+
+def test_a_tree_of_many_directories_holds_few_fds(tmp_path: Path, ctx: NodeContext) -> None:
+    import resource
+
+    files = {f"d{i:04d}/e/f.dat": os.urandom(16) for i in range(1500)}  # 3,000 directories
+    store = _write_dataset(tmp_path, files, per_segment=500)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        row, _ = _build(ctx, store, _item(store))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (row.files, row.dirs) == (1500, 3000)
+    root = ctx.cache.trees.root(row.tree_id)
+    assert stat.S_IMODE((root / "d0007/e").stat().st_mode) == DIR_MODE
+    assert (root / "d0007/e/f.dat").read_bytes() == files["d0007/e/f.dat"]
