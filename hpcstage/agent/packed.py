@@ -81,10 +81,13 @@ def by_segment(members: list[Member]) -> dict[str, list[Member]]:
     return out
 
 
-def write_span(build: TreeBuild, span: Span, data: bytes, members: list[Member], strip: int) -> str:
+def write_span(
+    build: TreeBuild, span: Span, data: bytes, members: list[Member], strip: int, batch: str = ""
+) -> str:
     """Verify every member's CRC-32 in ``data`` (the bytes of ``span``), then write them all,
-    each at its path less the first ``strip`` characters (the subtree); "" when done, else the
-    path of the first member that failed (nothing written then)."""
+    each at its path less the first ``strip`` characters (the subtree), and journal ``batch``
+    as done (when given); "" when done, else the path of the first member that failed
+    (nothing written then)."""
     view = memoryview(data)
     if len(view) != span.size:
         return members[0].path
@@ -97,6 +100,8 @@ def write_span(build: TreeBuild, span: Span, data: bytes, members: list[Member],
             at = m.offset - span.start
             writer.write(m.path[strip:], view[at : at + m.size], m.mtime_ns)
     build.count(len(members), sum(m.size for m in members))
+    if batch:
+        build.finished(batch)
     return ""
 
 
@@ -170,6 +175,9 @@ class _Build:
                     await self._write(Span(0, 0), b"", empty)
                 full = [m for m in members if m.size]
                 for span, part in plan_reads(full):
+                    if f"{name} {span.start} {span.end}" in self.build.done:
+                        self._resumed(part)  # written before the agent was killed
+                        continue
                     await gets.acquire()  # memory: at most GETS spans in flight
                     self._raise_failed()
                     task = asyncio.create_task(self._span(name, span, part))
@@ -177,6 +185,12 @@ class _Build:
                     self.tasks.append(task)
                 self.tasks = [t for t in self.tasks if not t.done() or t.exception()]
         await asyncio.gather(*self.tasks)
+
+    def _resumed(self, members: list[Member]) -> None:
+        size = sum(m.size for m in members)
+        self.build.count(len(members), size)
+        self.counters.files_done += len(members)
+        self.counters.bytes_done += size
 
     def _raise_failed(self) -> None:
         for task in self.tasks:
@@ -190,7 +204,7 @@ class _Build:
         for attempt in range(2):  # a span that fails its CRC is fetched once more
             data = await self.dataset.store.read_range(ref, span.start, span.size)
             self.counters.fetched += 1
-            bad = await self._write(span, data, members)
+            bad = await self._write(span, data, members, f"{name} {span.start} {span.end}")
             if not bad:
                 return
             if attempt:
@@ -200,11 +214,11 @@ class _Build:
                     " the dataset or restore the segment"
                 )
 
-    async def _write(self, span: Span, data: bytes, members: list[Member]) -> str:
+    async def _write(self, span: Span, data: bytes, members: list[Member], batch: str = "") -> str:
         loop = asyncio.get_running_loop()
         strip = len(self.ref.subtree)
         bad = await loop.run_in_executor(
-            _WRITERS, write_span, self.build, span, data, members, strip
+            _WRITERS, write_span, self.build, span, data, members, strip, batch
         )
         if not bad:
             self.counters.files_done += len(members)

@@ -15,11 +15,14 @@ and one lease row. The index holds one row per tree and one per lease, never one
 Durability: no fsync per file. A tree is readable as soon as its files are written and
 verified; one ``syncfs`` afterwards marks it durable. At agent start a tree not marked durable
 is kept if it was built in this boot (the page cache still holds its bytes: a sync now makes
-it durable) and discarded otherwise (a power cut may have lost part of it).
+it durable) and discarded otherwise (a power cut may have lost part of it). A temp tree keeps a
+journal (boot id, then the batches written); one left by an agent killed in this boot is
+resumed by the next build of the same tree, one from another boot is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -28,6 +31,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -47,6 +51,8 @@ FILE_MODE = 0o444
 DIR_MODE = 0o555
 _BUILD_DIR_MODE = 0o700  # while the build writes into it
 WRITER_DIR_FDS = 64  # directory fds one writer keeps open at most
+JOURNAL = "journal"  # in a temp tree: its boot id, then one line per batch written
+RESUME_MAX_AGE = 3600.0  # seconds a killed build's temp tree waits to be resumed
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -76,14 +82,32 @@ class TreeBuild:
     fds. Nothing else can reach the temp directory (0700, no ACL) while it is built.
     """
 
-    def __init__(self, temp: Path) -> None:
+    def __init__(self, temp: Path, done: set[str] | None = None) -> None:
+        """A new build in the empty directory ``temp``, or (``done``: the batches its journal
+        lists) one resumed in the same boot after its agent was killed."""
         self.temp = temp
         self.root = temp / ROOT
-        self.root.mkdir(mode=_BUILD_DIR_MODE)
         self.files = 0
         self.bytes = 0
+        self.resumed = done is not None
+        self.done = done or set()
         self._made: list[str] = []
         self._lock = threading.Lock()
+        if done is None:
+            self.root.mkdir(mode=_BUILD_DIR_MODE)
+            (temp / JOURNAL).write_text(boot_id() + "\n")
+        else:
+            self._made = [
+                str(Path(top, d).relative_to(self.root))
+                for top, dirs, _ in os.walk(self.root)
+                for d in dirs
+            ]
+        self._journal = os.open(temp / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def finished(self, batch: str) -> None:
+        """Record that every file of ``batch`` (a name the caller chooses) is written: a build
+        resumed in this boot skips it. No fsync: after a reboot the journal is not trusted."""
+        os.write(self._journal, (batch + "\n").encode())
 
     def writer(self) -> TreeWriter:
         """A writer for one batch of files (close it, or use it as a context manager)."""
@@ -114,9 +138,14 @@ class TreeBuild:
             os.fchmod(root, DIR_MODE)
         finally:
             os.close(root)
+        self.close()
+        (self.temp / JOURNAL).unlink()
 
     def close(self) -> None:
-        """Nothing to release (writers close their own fds); kept for symmetry with abort."""
+        """Close the journal (writers close their own fds)."""
+        if self._journal >= 0:
+            os.close(self._journal)
+            self._journal = -1
 
 
 class TreeWriter:
@@ -135,6 +164,9 @@ class TreeWriter:
             if len(self._dirs) > WRITER_DIR_FDS:
                 self._forget()  # paths come sorted: the directories behind are done with
             dir_fd = self._dir(parent)
+        if self.build.resumed:  # a batch cut short by the kill may have written it (0444)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
         try:
             fd = os.open(name, _OPEN_NEW, FILE_MODE, dir_fd=dir_fd)
         except FileExistsError:
@@ -221,8 +253,15 @@ class PackedTrees:
         return row
 
     def begin(self, tid: str) -> TreeBuild:
-        """A new, private temp directory to build tree ``tid`` in."""
-        temp = self.dir / f"{_checked(tid)}{TEMP_MARK}{secrets.token_hex(4)}"
+        """A private temp directory to build tree ``tid`` in: the one a killed agent left in
+        this boot, resumed, or a new one."""
+        mark = f"{_checked(tid)}{TEMP_MARK}"
+        for name in sorted(n for n in os.listdir(self.dir) if n.startswith(mark)):
+            done = _resumable(self.dir / name)
+            if done is not None:
+                return TreeBuild(self.dir / name, done)
+            _remove(self.dir / name)
+        temp = self.dir / f"{mark}{secrets.token_hex(4)}"
         temp.mkdir(mode=TREE_MODE)
         return TreeBuild(temp)
 
@@ -313,6 +352,8 @@ class PackedTrees:
         with os.scandir(self.dir) as found:
             names = [e.name for e in found]
         for name in names:
+            if TEMP_MARK in name and _resumable(self.dir / name) is not None:
+                continue  # killed mid-build in this boot: the next stage resumes it
             if TEMP_MARK in name or name not in rows:
                 _remove(self.dir / name)
                 removed += 1
@@ -328,6 +369,21 @@ class PackedTrees:
             elif not row.durable:
                 self.sync(tid)
         return removed
+
+
+def _resumable(temp: Path) -> set[str] | None:
+    """The batches a temp tree's journal lists, if it was written in this boot and recently;
+    None if it cannot be resumed (another boot: a power cut may have lost files it lists)."""
+    try:
+        text = (temp / JOURNAL).read_text()
+        age = time.time() - (temp / JOURNAL).stat().st_mtime
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = text.splitlines()
+    me = boot_id()
+    if not lines or not me or lines[0] != me or age > RESUME_MAX_AGE:
+        return None
+    return set(lines[1:])
 
 
 def _checked(tid: str) -> str:

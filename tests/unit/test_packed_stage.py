@@ -253,8 +253,9 @@ def test_reconcile_drops_temp_trees_and_unsynced_trees_of_another_boot(
     store = _write_dataset(tmp_path, _files(300), per_segment=100)
     kept, _ = _build(ctx, store, _item(store, "set0/"))
     lost, _ = _build(ctx, store, _item(store, "set1/"))
-    with ctx.cache.trees.begin("0" * 32).writer() as half:  # an agent killed mid-build
-        half.write("x", b"half", 0)
+    half = ctx.cache.trees.begin("0" * 32)  # an agent killed mid-build, in another boot
+    (half.temp / "journal").write_text("another boot\n")
+    half.close()
     index = ctx.cache._index
     index.put_tree(TreeRow(**{**lost.__dict__, "durable": 0, "boot_id": "another boot"}))
     report = ctx.cache.reconcile()
@@ -329,3 +330,46 @@ def test_a_tree_of_many_directories_holds_few_fds(tmp_path: Path, ctx: NodeConte
     root = ctx.cache.trees.root(row.tree_id)
     assert stat.S_IMODE((root / "d0007/e").stat().st_mode) == DIR_MODE
     assert (root / "d0007/e/f.dat").read_bytes() == files["d0007/e/f.dat"]
+
+
+@dataclass
+class Failing:
+    """A filesystem store whose ``fail_at``-th segment read fails, late (the agent dies)."""
+
+    inner: FsStore
+    fail_at: int
+    reads: int = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def read_range(self, ref: ObjectRef, start: int, length: int) -> bytes:
+        if "/segments/" in ref.key:
+            self.reads += 1
+            if self.reads == self.fail_at:
+                await asyncio.sleep(0.5)  # the earlier spans are written meanwhile
+                raise OSError("connection reset")
+        return await self.inner.read_range(ref, start, length)
+
+
+def test_a_build_cut_short_resumes_in_the_same_boot_skipping_written_spans(
+    tmp_path: Path, ctx: NodeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _files(600)
+    store = _write_dataset(tmp_path, files, per_segment=100)  # six segments, a span each
+    trees = ctx.cache.trees
+    monkeypatch.setattr(trees, "abort", lambda build: build.close())  # killed: no clean-up
+    with pytest.raises(OSError, match="connection reset"):
+        _build(ctx, Failing(store, fail_at=6), _item(store))
+    monkeypatch.undo()
+    (temp,) = [n for n in os.listdir(trees.dir) if ".tmp-" in n]
+    done = (trees.dir / temp / "journal").read_text().splitlines()[1:]
+    assert len(done) == 5
+    assert ctx.cache.reconcile().trees_removed == 0  # kept for the next stage to resume
+    row, counters = _build(ctx, store, _item(store))
+    assert counters.fetched == 1  # only the span not written before
+    assert (row.files, counters.files_done) == (600, 600)
+    root = trees.root(row.tree_id)
+    got = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.dat")}
+    assert got == files
+    assert not (trees.path(row.tree_id) / "journal").exists()
