@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -242,3 +243,20 @@ def _output(stager: Stager, job: int) -> str:
         return stager.output("alice", job)
     except FileNotFoundError:
         return ""
+
+
+def test_a_warmup_materialises_the_tree_that_a_job_then_attaches(stager: Stager) -> None:
+    dev = stager.dev
+    files = _files(900, 512)
+    src, _ = _pack(dev, files, per_segment=300)
+    done = stager.cli("alice", "warmup", src + "set2/", "--nodes", "n2", "--json")
+    assert json.loads(done.stdout)["staging"]["n2"] in ("ready", "released"), done.stdout
+    row = json.loads(stager.cli("alice", "cache", "ls", "n2", "--json").stdout)
+    assert row["usage"]["trees"] >= 1 and row["usage"]["leased_trees"] == 0, row["usage"]
+    assert "packed trees:" in stager.cli("alice", "cache", "ls", "n2").stdout
+    job = stager.submit(
+        "alice", JOB.format(src=src + "set2/", dest="set2", sleep=0), "--nodelist=n2"
+    )
+    assert dev.wait_job(job, timeout=180) == "COMPLETED", stager.output("alice", job)
+    assert parse_sums(stager.output("alice", job)) == _sums(files, "set2/")
+    assert fetched_on(stager.doc(job), "n2") == 0  # the warmup's tree, attached
