@@ -28,7 +28,7 @@ from hpcstage.core import limits
 from hpcstage.core.identity import ObjectRef
 from hpcstage.core.packed import RANGE_GAP, DatasetRef, Span, VersionInfo
 from hpcstage.core.units import format_size
-from hpcstage.errors import PackError, QuotaError
+from hpcstage.errors import HpcstageError, PackError, QuotaError, TransientStoreError
 from hpcstage.packed.dataset import PackedDataset
 from hpcstage.packed.manifest import Member
 from hpcstage.protocol.messages import StageItem
@@ -153,11 +153,14 @@ class _Build:
                 self.info.version,
                 self.ref.subtree,
             )
-        except BaseException:
+        except BaseException as exc:
             for task in self.tasks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
-            await asyncio.to_thread(trees.abort, self.build)
+            if _resumable(exc):  # the retry resumes it (its journal says what is written)
+                self.build.close()
+            else:
+                await asyncio.to_thread(trees.abort, self.build)
             raise
         # Readable now; durable once the file system is flushed, off the stage's path.
         syncing = asyncio.create_task(asyncio.to_thread(trees.sync, self.tid))
@@ -234,9 +237,14 @@ async def stage_packed(
     ref = DatasetRef.parse(item.source.key)
     store = ctx.stores.s3(item.source.bucket)
     dataset = PackedDataset(store, ref.prefix)
-    info = await dataset.record(ref.version)
-    tid = tree_id(dataset.url(), info.version, ref.subtree)
-    row = await asyncio.to_thread(ctx.cache.trees.lookup, tid)
+    row = None
+    if ref.version is not None:  # pinned (by the daemon): a cached tree needs no request
+        tid = tree_id(dataset.url(), ref.version, ref.subtree)
+        row = await asyncio.to_thread(ctx.cache.trees.lookup, tid)
+    if row is None:
+        info = await dataset.record(ref.version)
+        tid = tree_id(dataset.url(), info.version, ref.subtree)
+        row = await asyncio.to_thread(ctx.cache.trees.lookup, tid)
     if row is None:
         build = _Build(ctx, dataset, info, ref, tid, counters, Counts(item))
         row = await _singleflight(ctx, tid, build.run)
@@ -279,8 +287,22 @@ async def _singleflight(
 
         task = asyncio.create_task(run(), name=f"packed-{tid[:12]}")
         _building[key] = task
-        task.add_done_callback(lambda t: _building.pop(key, None) and None)
+
+        def done(finished: asyncio.Task[TreeRow]) -> None:
+            _building.pop(key, None)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: every waiter may have given up
+
+        task.add_done_callback(done)
     return await asyncio.shield(task)
+
+
+def _resumable(exc: BaseException) -> bool:
+    """True when a build that failed with ``exc`` is worth resuming (the store or the
+    network failed, or the agent is stopping), False when its bytes or its budget are wrong."""
+    if isinstance(exc, TransientStoreError | asyncio.CancelledError):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, HpcstageError)
 
 
 _syncing: set[asyncio.Task[None]] = set()  # background syncfs calls (kept referenced)
