@@ -338,4 +338,4 @@ class TreeRow:
 
     @property
     def inodes(self) -> int:
-        return self.files + self.dirs + 1  # its files, its directories and its root
+        return self.files + self.dirs + 2  # its files and directories, its root and top

@@ -37,6 +37,7 @@ from hpcstage.protocol.messages import SourceSpec, StageItem
 from hpcstage.store.fs import FsStore
 
 MTIME = 1_600_000_000 * 10**9
+ROW_GROUP = 4096  # rows per manifest row group: a few per dataset in these tests
 
 
 def _files(n: int, size: int = 64, dirs: int = 3) -> dict[str, bytes]:
@@ -51,7 +52,7 @@ def _write_dataset(tmp: Path, files: dict[str, bytes], per_segment: int = 1000) 
     prefix = f"{tmp}/store/lib.hpack/"
 
     async def write() -> None:
-        writer = VersionWriter(store, prefix, 1, tmp / "work", row_group=4096)
+        writer = VersionWriter(store, prefix, 1, tmp / "work", row_group=ROW_GROUP)
         members: list[Member] = []
         names = sorted(files)
         for seq, start in enumerate(range(0, len(names), per_segment)):
@@ -238,7 +239,7 @@ def test_eviction_counts_trees_bytes_and_inodes_and_spares_leased_ones(
     rows = [_build(ctx, store, _item(store, f"set{i}/"))[0] for i in range(3)]
     usage = ctx.cache.usage()
     assert (usage.trees, usage.tree_bytes) == (3, 300 * 64)
-    assert usage.tree_inodes == sum(r.files + r.dirs + 1 for r in rows)
+    assert usage.tree_inodes == sum(r.files + r.dirs + 2 for r in rows)
     ctx.cache.trees.attach(rows[0].tree_id, ctx.cache.view_dir("j"), PurePosixPath("d"), "j", "")
     # Inodes over the mark: every unleased tree goes, the leased one stays.
     evicted = ctx.cache.evict(10**12, 0.5, 0.1, 10**9, max_objects=200)
