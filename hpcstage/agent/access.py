@@ -64,3 +64,39 @@ def _self_user() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+def grant_read(tree: Path, user: str) -> None:
+    """Let ``user`` read a packed tree (one ACL entry on its top directory; no root needed).
+    AccessError when it cannot be done (the job could not read its input)."""
+    if not user or user == _self_user():
+        return
+    done = _setfacl("-m", f"u:{user}:r-x", tree)
+    if done:
+        raise AccessError(f"cannot give {user} read access to the packed tree {tree}: {done}")
+
+
+def revoke_read(tree: Path, user: str) -> None:
+    """Remove ``user``'s entry from a packed tree (best effort: logged)."""
+    if not user or user == _self_user() or not tree.exists():
+        return
+    problem = _setfacl("-x", f"u:{user}", tree)
+    if problem:
+        log.warning("cannot revoke ACLs on %s: %s", tree, problem)
+
+
+def _setfacl(action: str, spec: str, path: Path) -> str:
+    """Run setfacl; "" on success, else what went wrong."""
+    try:
+        done = subprocess.run(
+            ["setfacl", action, spec, str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if done.returncode == 0:
+        return ""
+    return done.stderr.strip() or f"setfacl exited {done.returncode}"

@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import Any
 
+from hpcstage.agent import packed
 from hpcstage.agent.context import NodeContext
 from hpcstage.protocol.messages import (
     CredentialsReply,
@@ -43,6 +44,7 @@ async def release(ctx: NodeContext, request: ReleaseRequest) -> ReleaseReply:
     """Drop a job's view (its lease); the objects stay cached until evicted. ``leftover``
     names what the job made undeletable, set aside under the cache's ``released/``."""
     leftover = await asyncio.to_thread(ctx.cache.release, request.job)
+    await packed.release(ctx, request.job)  # its packed trees' leases and ACL entries
     return ReleaseReply(released=request.job, leftover=leftover)
 
 

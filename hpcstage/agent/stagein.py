@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from hpcstage.agent import packed
 from hpcstage.agent.access import grant_access
 from hpcstage.agent.context import NodeContext
 from hpcstage.agent.permissions import Person, Reader
@@ -102,6 +103,16 @@ class _Stager:
 
     async def _item(self, item: StageItem) -> StageProgress:
         counters = Counters()
+        if item.source.kind is SourceKind.S3_PACKED:
+            # Materialised once per node, attached in O(1) (agent/packed.py).
+            reporter = asyncio.create_task(_report(self.progress, counters, item.request_id))
+            try:
+                await packed.stage_packed(self.ctx, item, self.job, self.user, counters)
+            finally:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+            return counters.progress(item.request_id)
         dest = PurePosixPath(item.dest)
         store, prefix, is_prefix = self._open_store(item.source)
         refs = _limited(_refs(store, prefix, is_prefix, counters), item)

@@ -9,7 +9,8 @@ Two passes, in order:
    running eviction again after every single fetch. With ``max_objects`` the number of
    entries has the same two marks (each entry is a file, hence an inode: 10^7 zero-byte
    objects never reach a byte mark but exhaust the file system); whichever count is over its
-   high mark is brought down to its low mark.
+   high mark is brought down to its low mark. A packed tree is one entry whose count is its
+   inodes (files and directories).
 
 Leased entries (linked into a job's view) are never chosen, even if that leaves the cache above
 its high watermark: a job's inputs matter more than the fill level.
@@ -33,6 +34,7 @@ class Entry:
     size: int
     last_access: float
     leased: bool
+    inodes: int = 1  # a packed tree counts its files and directories
 
 
 class EvictionPass:
@@ -79,7 +81,7 @@ class EvictionPass:
         if self.done or entry.leased:
             return False
         if entry.last_access < self.cutoff:
-            self._take(entry.size)
+            self._take(entry.size, entry.inodes)
             return True
         if self._over is None:
             self._over = (self.total > self._high, self.count > self._high_count)
@@ -89,16 +91,16 @@ class EvictionPass:
         ):
             self.done = True  # fresh entries come in LRU order: nothing later qualifies
             return False
-        self._take(entry.size)
+        self._take(entry.size, entry.inodes)
         return True
 
     def forget(self, size: int) -> None:
         """An indexed entry vanished (its file was gone): it no longer counts."""
         self._take(size)
 
-    def _take(self, size: int) -> None:
+    def _take(self, size: int, inodes: int = 1) -> None:
         self.total -= size
-        self.count -= 1
+        self.count -= inodes
 
 
 def choose_evictions(
@@ -117,8 +119,9 @@ def choose_evictions(
     disables the TTL pass); ``now`` is a Unix time.
     """
     total = sum(e.size for e in entries)
+    count = sum(e.inodes for e in entries)
     policy = EvictionPass(
-        total, capacity, high, low, ttl, now, count=len(entries), max_objects=max_objects
+        total, capacity, high, low, ttl, now, count=count, max_objects=max_objects
     )
     chosen = []
     for entry in sorted(entries, key=_lru_key):

@@ -1,7 +1,10 @@
-"""The node cache's index: one SQLite row per complete object (stdlib sqlite3, WAL mode).
+"""The node cache's index: one SQLite row per complete object (stdlib sqlite3, WAL mode), one
+per materialised packed tree and one per job's lease on a tree (never one per file of a tree).
 
-A row is written only after its object was renamed into place, so a row always names complete
-bytes; the reverse (a file without a row) is cleaned up by ``NodeCache.reconcile``.
+A row is written only after its object (or tree) was renamed into place, so a row always names
+complete bytes; the reverse (a file without a row) is cleaned up by ``NodeCache.reconcile``.
+Schema 2 added the ``trees`` and ``tree_leases`` tables; an index of schema 1 gains them when
+opened.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from hpcstage.errors import CacheError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PAGE = 1000  # rows per page when walking the whole index
 # The keys of every user's cached objects are nobody else's business, in the database and in
 # the WAL and shared-memory files next to it (SQLite gives those the database file's mode).
@@ -37,6 +40,37 @@ CREATE TABLE IF NOT EXISTS objects (
     last_access REAL NOT NULL
 )
 """
+# A packed dataset's selection materialised once per node (cache/trees.py): counts, not files.
+_TREES = """
+CREATE TABLE IF NOT EXISTS trees (
+    tree_id     TEXT PRIMARY KEY,
+    dataset     TEXT NOT NULL,     -- the dataset's URL (its prefix, ending in .hpack/)
+    version     INTEGER NOT NULL,
+    subtree     TEXT NOT NULL,
+    files       INTEGER NOT NULL,
+    dirs        INTEGER NOT NULL,
+    bytes       INTEGER NOT NULL,
+    durable     INTEGER NOT NULL,  -- 1 once a syncfs after the build returned
+    boot_id     TEXT NOT NULL,     -- the boot it was built in (not durable: lost on power cut)
+    created     REAL NOT NULL,
+    last_used   REAL NOT NULL
+)
+"""
+_TREE_LEASES = """
+CREATE TABLE IF NOT EXISTS tree_leases (
+    tree_id     TEXT NOT NULL,
+    job         TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    PRIMARY KEY (tree_id, job)
+)
+"""
+_TREE_COLUMNS = (
+    "tree_id, dataset, version, subtree, files, dirs, bytes, durable, boot_id, created, last_used"
+)
+_TREE_SELECT = f"SELECT {_TREE_COLUMNS} FROM trees"  # noqa: S608 - constant column names
+_TREE_INSERT = (
+    f"INSERT OR REPLACE INTO trees ({_TREE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+)
 _SELECT = (
     "SELECT cache_id, store, bucket, key, etag, size, sha256, created, last_access FROM objects"
 )
@@ -104,7 +138,9 @@ class Index:
     def _setup(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise CacheError(f"cache index has schema {version}; this hpcstage knows 1")
+            raise CacheError(
+                f"cache index has schema {version}; this hpcstage knows {SCHEMA_VERSION}"
+            )
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode may lose the last rows on power loss but never corrupts; a lost row
         # only leaves an unindexed file that reconcile deletes and a later job fetches again.
@@ -120,6 +156,8 @@ class Index:
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS objects_source ON objects (store, bucket, key, created)"
         )
+        self._db.execute(_TREES)
+        self._db.execute(_TREE_LEASES)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -215,3 +253,89 @@ class Index:
         """Forget ``cache_id`` (no error if absent)."""
         with self._lock:
             self._db.execute("DELETE FROM objects WHERE cache_id = ?", (cache_id,))
+
+    # -- packed trees (cache/trees.py) -----------------------------------------------------
+
+    def tree(self, tree_id: str) -> TreeRow | None:
+        """The row of tree ``tree_id``, or None."""
+        with self._lock:
+            found = self._db.execute(_TREE_SELECT + " WHERE tree_id = ?", (tree_id,)).fetchone()
+        return TreeRow(*found) if found else None
+
+    def trees(self) -> list[TreeRow]:
+        """Every tree, least recently used first (a row per dataset selection: few)."""
+        with self._lock:
+            found = self._db.execute(_TREE_SELECT + " ORDER BY last_used, tree_id").fetchall()
+        return [TreeRow(*values) for values in found]
+
+    def put_tree(self, row: TreeRow) -> None:
+        """Insert or replace a tree's row."""
+        with self._lock:
+            self._db.execute(
+                _TREE_INSERT,
+                astuple(row),
+            )
+
+    def tree_durable(self, tree_id: str) -> None:
+        """Record that the tree's files reached the disk."""
+        with self._lock:
+            self._db.execute("UPDATE trees SET durable = 1 WHERE tree_id = ?", (tree_id,))
+
+    def touch_tree(self, tree_id: str, when: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE trees SET last_used = ? WHERE tree_id = ?", (when, tree_id))
+
+    def delete_tree(self, tree_id: str) -> None:
+        """Forget a tree and its leases."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM tree_leases WHERE tree_id = ?", (tree_id,))
+            self._db.execute("DELETE FROM trees WHERE tree_id = ?", (tree_id,))
+            self._db.execute("COMMIT")
+
+    def lease_tree(self, tree_id: str, job: str, user: str) -> None:
+        """Record that ``job`` (run by ``user``) uses the tree."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO tree_leases (tree_id, job, user) VALUES (?, ?, ?)",
+                (tree_id, job, user),
+            )
+
+    def tree_leases(self, tree_id: str | None = None) -> list[tuple[str, str, str]]:
+        """(tree_id, job, user) of every lease, or of one tree's."""
+        query = "SELECT tree_id, job, user FROM tree_leases"
+        args: tuple[str, ...] = ()
+        if tree_id is not None:
+            query, args = query + " WHERE tree_id = ?", (tree_id,)
+        with self._lock:
+            return [(t, j, u) for t, j, u in self._db.execute(query, args).fetchall()]
+
+    def drop_job_leases(self, job: str) -> list[tuple[str, str, str]]:
+        """End every tree lease of ``job``; the (tree_id, job, user) that were ended."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT tree_id, job, user FROM tree_leases WHERE job = ?", (job,)
+            ).fetchall()
+            self._db.execute("DELETE FROM tree_leases WHERE job = ?", (job,))
+        return [(t, j, u) for t, j, u in found]
+
+
+@dataclass(frozen=True)
+class TreeRow:
+    """One materialised selection of a packed dataset version (see cache/trees.py)."""
+
+    tree_id: str
+    dataset: str
+    version: int
+    subtree: str
+    files: int
+    dirs: int
+    bytes: int
+    durable: int
+    boot_id: str
+    created: float
+    last_used: float
+
+    @property
+    def inodes(self) -> int:
+        return self.files + self.dirs + 2  # its files and directories, its root and top

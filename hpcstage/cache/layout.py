@@ -8,9 +8,14 @@
     CACHE/released/<job_id>.<random>/...     what a released view's job made undeletable (0700)
     CACHE/uploads/<job_id>/<hash>.json       multipart uploads a job's stage-out opened and has
                                              not ended (hpcstage.store.recycle.UploadJournal)
+    CACHE/packed/<tree_id>/root/...          a packed dataset's selection, materialised once per
+                                             node (files 0444, dirs 0555; cache/trees.py)
+    CACHE/packed/<tree_id>.tmp-<random>/     a tree being built, deleted at reconcile
 
-Every name under ``objects/`` is derived from a cache_id (64 hex digits), never from an S3 key or
-a user path, so nothing a user controls can steer where the agent writes.
+Every name under ``objects/`` is derived from a cache_id (64 hex digits), and every name directly
+under ``packed/`` from a tree id (32 hex digits), never from an S3 key or a user path, so nothing
+a user controls can steer where the agent writes. (Inside a tree, files are named by a
+manifest's paths, each checked by ``core.packed.check_member_path``.)
 """
 
 from __future__ import annotations

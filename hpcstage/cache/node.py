@@ -44,7 +44,7 @@ from hpcstage.cache.commit import (
     SmallObject,
 )
 from hpcstage.cache.evict import Entry, EvictionPass
-from hpcstage.cache.index import Index, Row
+from hpcstage.cache.index import Index, Row, TreeRow
 from hpcstage.cache.layout import (
     INDEX,
     JOBS,
@@ -55,6 +55,7 @@ from hpcstage.cache.layout import (
     object_path,
 )
 from hpcstage.cache.reconcile import ReconcileReport, sweep_objects
+from hpcstage.cache.trees import PackedTrees
 from hpcstage.cache.views import ViewLinker, check_dest, remove_tree
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import CacheError
@@ -87,6 +88,11 @@ class Usage:
     objects: int
     leased_bytes: int
     leased_objects: int
+    # Packed trees (cache/trees.py), counted in bytes and leased_bytes above as well.
+    trees: int = 0
+    tree_bytes: int = 0
+    tree_inodes: int = 0
+    leased_trees: int = 0
 
 
 Fetch = Callable[[PendingObject], Awaitable[str]]
@@ -117,6 +123,7 @@ class NodeCache:
         self._clock = clock
         self._index = Index(self.root / INDEX)  # private (0600), its WAL and shm files too
         self._committer = Committer(self.objects, self._index, clock)
+        self.trees = PackedTrees(self.root, self._index, clock)
         self._lock = threading.RLock()
         # A lease check in eviction and a link of the same object exclude each other; objects
         # are spread over stripes so links of different objects do not wait for each other.
@@ -405,10 +412,11 @@ class NodeCache:
         """
         with self._lock:
             report = sweep_objects(self.objects, self._index)
+            trees = self.trees.reconcile()
             left = [
                 name for name in self.leftovers() if not self._clear_leftover(self.released / name)
             ]
-        return dataclasses.replace(report, leftovers=len(left))
+        return dataclasses.replace(report, leftovers=len(left), trees_removed=trees)
 
     def usage(self) -> Usage:
         """Indexed bytes and objects, and the part of them leased by job views.
@@ -424,7 +432,19 @@ class NodeCache:
                 count, total = count + 1, total + row.size
                 if nlink > 1:
                     leased_objects, leased_bytes = leased_objects + 1, leased_bytes + row.size
-        return Usage(total, count, leased_bytes, leased_objects)
+        trees, leased = self.trees.rows(), self.trees.leased()
+        tree_bytes = sum(t.bytes for t in trees)
+        leased_trees = [t for t in trees if t.tree_id in leased]
+        return Usage(
+            total + tree_bytes,
+            count,
+            leased_bytes + sum(t.bytes for t in leased_trees),
+            leased_objects,
+            trees=len(trees),
+            tree_bytes=tree_bytes,
+            tree_inodes=sum(t.inodes for t in trees),
+            leased_trees=len(leased_trees),
+        )
 
     def evict(
         self,
@@ -461,17 +481,39 @@ class NodeCache:
         """
         when = self._clock() if now is None else now
         count, total, oldest = self._index.summary()
+        # Trees count with their bytes and inodes, and go in one LRU order with objects.
+        trees, leased = self.trees.rows(), self.trees.leased()
+        total += sum(t.bytes for t in trees)
+        count += sum(t.inodes for t in trees)
+        if trees:
+            first = trees[0].last_used
+            oldest = first if oldest is None else min(oldest, first)
         policy = EvictionPass(
             total, max_bytes, high, low, ttl, when, count=count, max_objects=max_objects
         )
         if count == 0 or not policy.needed(oldest):
             return
+        waiting = iter(trees)
+        tree = next(waiting, None)
         for page in self._index.lru():
             for row in page:
+                while tree is not None and (tree.last_used, "") < (row.last_access, row.cache_id):
+                    yield from self._evict_tree(policy, tree, tree.tree_id in leased)
+                    tree = None if policy.done else next(waiting, None)
+                if policy.done:
+                    return
                 if self._evict_one(policy, row):
                     yield row.cache_id
                 if policy.done:
                     return
+        while tree is not None and not policy.done:
+            yield from self._evict_tree(policy, tree, tree.tree_id in leased)
+            tree = next(waiting, None)
+
+    def _evict_tree(self, policy: EvictionPass, tree: TreeRow, leased: bool) -> Iterator[str]:
+        entry = Entry(f"tree:{tree.tree_id}", tree.bytes, tree.last_used, leased, tree.inodes)
+        if policy.offer(entry) and self.trees.evict(tree.tree_id):
+            yield entry.cache_id
 
     def _evict_one(self, policy: EvictionPass, row: Row) -> bool:
         path = object_path(self.objects, row.cache_id)

@@ -29,6 +29,7 @@ class ReconcileReport:
     objects: int
     bytes: int
     leftovers: int = 0  # released views still holding what their job made undeletable
+    trees_removed: int = 0  # packed trees half built, unindexed or lost (cache/trees.py)
 
 
 @dataclass

@@ -116,7 +116,7 @@ class ViewLinker:
         try:
             parent = self._dirs.get((view, parents))
             if parent is None:
-                parent = _open_parents(view, parents)
+                parent = open_parents(view, parents)
                 self._dirs[(view, parents)] = parent
             _link_replace(obj, parent, dest.name)
         except (OSError, ValueError, CacheError) as exc:  # ValueError: a NUL byte in a name
@@ -140,7 +140,7 @@ class ViewLinker:
         self.close()
 
 
-def _open_parents(view: Path, parts: Sequence[str]) -> int:
+def open_parents(view: Path, parts: Sequence[str]) -> int:
     """Open (creating) the directory ``view/parts...`` without following any symlink."""
     fd = os.open(view, _OPEN_DIR)
     try:

@@ -58,8 +58,8 @@ def usage(config_path: Path | None, nodes: str | None, as_json: bool) -> None:
 @click.argument("node")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls(config_path: Path | None, node: str, as_json: bool) -> None:
-    """NODE's cache: usage, fetch counters since its agent started, job directories, and
-    what released jobs left undeletable (for an admin to remove)."""
+    """NODE's cache: usage, fetch counters since its agent started, packed trees, job
+    directories, and what released jobs left undeletable (for an admin to remove)."""
     row = _client(config_path).get(f"/api/v1/nodes/{node}/cache")
     if as_json:
         click.echo(json.dumps(row, indent=2))
@@ -74,6 +74,11 @@ def ls(config_path: Path | None, node: str, as_json: bool) -> None:
         f"({format_size(s['fetched_bytes'])}), {s['peer_objects']} copied from other nodes' "
         f"caches ({format_size(s['peer_bytes'])}), {s['hits']} cache hits"
     )
+    if u.get("trees"):
+        click.echo(
+            f"  packed trees: {u['trees']} ({format_size(u['tree_bytes'])},"
+            f" {u['tree_inodes']} inodes), {u['leased_trees']} attached to jobs"
+        )
     views = row["views"]
     click.echo(f"  job directories: {', '.join(views) if views else 'none'}")
     left = row.get("leftovers", [])

@@ -158,7 +158,7 @@ class StageProgress:
     bytes_done: int
     files_total: int | None  # None until the listing is complete
     bytes_total: int | None
-    fetched: int  # objects this input fetched from the store
+    fetched: int  # objects this input fetched from the store (packed: ranged GETs)
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ class Daemon:
         caches = NodeCaches(self.settings, nodes)
         return Parts(
             nodes=nodes,
-            executor=Executor(self.settings, db, nodes, self._wake.set),
+            executor=Executor(self.settings, db, nodes, self._wake.set, self.bins.store),
             admission=Admission(self.settings, backend, self.audit.record),
             warmups=Warmups(self.settings, db, self.audit.record, self.wake),
             caches=caches,

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hpcstage.config.schema import Settings
 from hpcstage.core import plan as planner
 from hpcstage.staging.nodes import NodePool
+from hpcstage.staging.pin import OpenStore
 from hpcstage.staging.records import StagingRecords, requeue_running
 from hpcstage.staging.release import Releaser
 from hpcstage.staging.stagein import StageIn
@@ -38,10 +39,11 @@ class Executor:
         db: sessionmaker[Session],
         nodes: NodePool,
         wake: Callable[[], None] = lambda: None,
+        stores: OpenStore | None = None,
     ) -> None:
         self.nodes = nodes
         self.records = StagingRecords(db)
-        self.stage_in = StageIn(settings, db, nodes, self.records)
+        self.stage_in = StageIn(settings, db, nodes, self.records, stores)
         self.stage_out = StageOut(settings, db, nodes, self.records)
         self.releaser = Releaser(db, nodes)
         self.tasks: dict[TaskKey, asyncio.Task[None]] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +28,7 @@ from hpcstage.protocol.messages import SourceSpec, StageItem, StageProgress, Sta
 from hpcstage.staging import peer
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodePool
+from hpcstage.staging.pin import OpenStore, Pinner
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
 from hpcstage.watch.fold import log_event
 
@@ -47,7 +48,12 @@ class StageIn:
     db: sessionmaker[Session]
     nodes: NodePool
     records: StagingRecords
+    stores: OpenStore | None = None  # the daemon's store clients (pins packed versions)
     _peer_copies: int = 0  # running now (at most PEER_COPIES)
+    _pinner: Pinner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._pinner = Pinner(self.db, self.stores)
 
     async def run(self, action: planner.Stage) -> None:
         """One attempt: every input of the job on ``action.node``."""
@@ -72,7 +78,9 @@ class StageIn:
             spent = objects = 0
             for current in plan:
                 staging_id, request_id = current.staging_id, current.request_id
-                src, dest = current.src, current.dest
+                # A packed dataset's version is settled once, for every node (staging/pin.py).
+                src = await self._pinner.pinned(request_id, current.src)
+                dest = current.dest
                 limit = self._budget(action.job_id, action.node, spent)
                 if src:
                     await self._peer_fill(rpc, action, staging_id, src, limit)
