@@ -137,6 +137,9 @@ class _Build:
     counts: Counts
     segments: dict[str, ObjectRef] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Spans being written by the writer threads: a cancelled task does not stop its thread,
+    # so a failed build waits for these before it removes (or keeps) the temp tree.
+    writes: set[asyncio.Future[str]] = field(default_factory=set)
     build: TreeBuild = field(init=False)
 
     async def run(self) -> TreeRow:
@@ -157,6 +160,7 @@ class _Build:
             for task in self.tasks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
+            await asyncio.gather(*self.writes, return_exceptions=True)
             if _resumable(exc):  # the retry resumes it (its journal says what is written)
                 self.build.close()
             else:
@@ -220,9 +224,12 @@ class _Build:
     async def _write(self, span: Span, data: bytes, members: list[Member], batch: str = "") -> str:
         loop = asyncio.get_running_loop()
         strip = len(self.ref.subtree)
-        bad = await loop.run_in_executor(
+        write = loop.run_in_executor(
             _WRITERS, write_span, self.build, span, data, members, strip, batch
         )
+        self.writes.add(write)
+        write.add_done_callback(self.writes.discard)
+        bad = await asyncio.shield(write)
         if not bad:
             self.counters.files_done += len(members)
             self.counters.bytes_done += sum(m.size for m in members)
