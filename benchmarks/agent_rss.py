@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from stagein import make_million  # the same 1,000-per-directory layout as its --million
 
-from hpcstage.agent.context import DEFAULT_TRANSFER
+from hpcstage.agent.context import DEFAULT_CACHE, DEFAULT_TRANSFER
 from hpcstage.core.directives import SourceKind
 from hpcstage.protocol.messages import (
     AgentStoreSettings,
@@ -87,7 +87,13 @@ def main() -> int:
             "http://127.0.0.1:9", "us-east-1", "path", True, "", 128, 10, 60, None
         )
         transfer = dataclasses.replace(DEFAULT_TRANSFER, concurrency=args.concurrency)
-        call(agent.stdin, agent.stdout, 1, "hello", to_wire(HelloRequest(store, transfer)))
+        call(
+            agent.stdin,
+            agent.stdout,
+            1,
+            "hello",
+            to_wire(HelloRequest(store, transfer, DEFAULT_CACHE)),
+        )
         samples: list[tuple[float, int, int]] = []
         done = threading.Event()
         t0 = time.perf_counter()

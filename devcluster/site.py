@@ -32,6 +32,7 @@ def write_site_config(
     name: str = "hpcstage.toml",
     policy: str = 'default = "allow"',
     extra: str = "",
+    durable_before_read: bool = False,
 ) -> Path:
     """A site TOML for this cluster: S3, SSH to the nodes, admin_comment directives."""
     info = dev.info
@@ -65,6 +66,7 @@ ssh_known_hosts = "{info.known_hosts}"
 [cache]
 max_bytes = "20GiB"
 lease_grace = "{lease_grace}"
+durable_before_read = {str(durable_before_read).lower()}
 
 [transfer]
 concurrency = {concurrency}

@@ -7,6 +7,7 @@ The transfers are elsewhere: ``stagein.py`` (stage), ``uploader.py`` (stage_out)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -29,7 +30,13 @@ from hpcstage.protocol.messages import (
 
 async def hello(ctx: NodeContext, request: HelloRequest) -> HelloReply:
     """Take store settings and limits; report what the cache holds after reconcile."""
-    await ctx.stores.configure(request.store, request.transfer)
+    transfer = request.transfer
+    ctx.cache.durable_before_read = request.cache.durable_before_read
+    if not request.cache.durable_before_read:
+        # O_DIRECT would make the job wait for the disk, the wait that objects readable from
+        # the page cache before they are durable take off its path.
+        transfer = dataclasses.replace(transfer, direct_writes=False)
+    await ctx.stores.configure(request.store, transfer)
     report = await asyncio.to_thread(ctx.cache.reconcile)
     usage = await asyncio.to_thread(ctx.cache.usage)
     return HelloReply(ctx.node, ctx.pid, plain(report), plain(usage))

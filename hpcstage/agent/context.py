@@ -12,7 +12,11 @@ from pathlib import Path
 
 from hpcstage.cache import NodeCache
 from hpcstage.errors import HpcstageError
-from hpcstage.protocol.messages import AgentStoreSettings, AgentTransferSettings
+from hpcstage.protocol.messages import (
+    AgentCacheSettings,
+    AgentStoreSettings,
+    AgentTransferSettings,
+)
 from hpcstage.retry import DEFAULT_RETRY, RetryPolicy
 from hpcstage.store.fs import FsStore
 from hpcstage.store.protocol import ObjectStore
@@ -29,6 +33,7 @@ DEFAULT_TRANSFER = AgentTransferSettings(
     lean_get=True,
     direct_writes=True,
 )
+DEFAULT_CACHE = AgentCacheSettings(durable_before_read=False)  # the site's [cache] default
 
 
 @dataclass

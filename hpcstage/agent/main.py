@@ -40,4 +40,7 @@ def run_agent(node: str, cache_dir: Path) -> None:
             "fs.protected_hardlinks is 0: a job can hardlink its inputs outside its directory"
             " and keep them from eviction; set it to 1 (sysctl, the usual default)"
         )
-    asyncio.run(serve(NodeContext(node=node, cache=NodeCache(cache_dir))))
+    # Closing the cache at exit flushes what is still unsynced and marks it durable, so a
+    # clean reboot after it does not discard those objects (see cache/durable.py).
+    with NodeCache(cache_dir) as cache:
+        asyncio.run(serve(NodeContext(node=node, cache=cache)))

@@ -2,12 +2,15 @@
 
 A download goes to ``<cache_id>.tmp-<random>`` next to its final place (``begin``); ``commit``
 checks its size (and SHA-256 where given), fsyncs it, makes it read-only, renames it into place,
-fsyncs the directory and only then writes the index row. Small objects (up to
-``GROUP_COMMIT_MAX``) are committed in groups (``commit_group``): each is written straight to its
-final place from memory or renamed there from its temp file, then one syncfs(2) of the cache's
-filesystem and one index transaction cover the whole group, which is what makes millions of
-small files affordable. A crash leaves a temp file or a file without a row, both removed by the
-cache's reconcile and never returned by a lookup; no row ever names partial bytes.
+fsyncs the directory and only then writes the index row. Given ``unsynced`` (the boot id, see
+``cache/durable.py``), ``commit`` skips both flushes: the object is readable at once from the
+page cache and its row says it is not on disk yet, for the flusher to make it durable later.
+Small objects (up to ``GROUP_COMMIT_MAX``) are committed in groups (``commit_group``): each is
+written straight to its final place from memory or renamed there from its temp file, then one
+syncfs(2) of the cache's filesystem and one index transaction cover the whole group, which is
+what makes millions of small files affordable. A crash leaves a temp file or a file without a
+row, both removed by the cache's reconcile and never returned by a lookup; no row ever names
+partial bytes.
 """
 
 from __future__ import annotations
@@ -91,22 +94,25 @@ class Committer:
             raise CacheError(f"cannot start object {ref.cache_id}: {exc}") from exc
         return PendingObject(ref, fd, temp, final)
 
-    def commit(self, pending: PendingObject, sha256_hex: str) -> Path:
+    def commit(self, pending: PendingObject, sha256_hex: str, unsynced: str = "") -> Path:
         """Make ``pending`` a complete, read-only, indexed object and return its path.
 
-        Raises CacheError (after aborting) if the size differs from ``ref.size``, the checksum
-        is not 64 hex digits, or the disk fails.
+        ``unsynced`` "": flushed before the row is written; else the boot id to record in the
+        row, whose bytes are left in the page cache. Raises CacheError (after aborting) if the
+        size differs from ``ref.size``, the checksum is not 64 hex digits, or the disk fails.
         """
+        flush = not unsynced
         try:
-            self._seal(pending, sha256_hex)
+            self._seal(pending, sha256_hex, flush=flush)
             os.rename(pending.path, pending.final)
-            fsync_dir(pending.final.parent)
+            if flush:
+                fsync_dir(pending.final.parent)
         except BaseException as exc:
             self.abort(pending)
             if isinstance(exc, OSError):
                 raise CacheError(f"cannot commit object {pending.ref.cache_id}: {exc}") from exc
             raise
-        self._index.put(self._new_row(pending.ref, sha256_hex))
+        self._index.put(self._new_row(pending.ref, sha256_hex, unsynced))
         return pending.final
 
     def commit_group(self, items: list[GroupItem]) -> list[Path | BaseException]:
@@ -122,7 +128,7 @@ class Committer:
         """
         results: list[Path | BaseException] = []
         placed: list[tuple[int, ObjectRef, str, Path]] = []  # (index in results, ref, ...)
-        group_sync = _syncfs_available()
+        group_sync = syncfs_available()
         for item in items:
             try:
                 if isinstance(item, SmallObject):
@@ -143,7 +149,7 @@ class Committer:
             return results
         try:
             if group_sync:
-                _syncfs(self.objects)
+                syncfs(self.objects)
             else:
                 for parent in {final.parent for *_, final in placed}:
                     fsync_dir(parent)
@@ -212,18 +218,20 @@ class Committer:
         os.fchmod(pending.fd, OBJECT_MODE)
         pending.close()
 
-    def _new_row(self, ref: ObjectRef, sha256_hex: str) -> Row:
+    def _new_row(self, ref: ObjectRef, sha256_hex: str, unsynced: str = "") -> Row:
         now = self._clock()
+        r = ref
         return Row(
-            ref.cache_id, ref.store, ref.bucket, ref.key, ref.etag, ref.size, sha256_hex, now, now
+            r.cache_id, r.store, r.bucket, r.key, r.etag, r.size, sha256_hex, now, now, unsynced
         )
 
 
-def _syncfs_available() -> bool:
+def syncfs_available() -> bool:
+    """True where syncfs(2) exists (Linux)."""
     return _SYNCFS is not None
 
 
-def _syncfs(path: Path) -> None:
+def syncfs(path: Path) -> None:
     """Flush the filesystem holding ``path`` (syncfs(2)); OSError on a reported write error."""
     assert _SYNCFS is not None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -1,10 +1,14 @@
 """The node cache's index: one SQLite row per complete object (stdlib sqlite3, WAL mode), one
 per materialised packed tree and one per job's lease on a tree (never one per file of a tree).
 
-A row is written only after its object (or tree) was renamed into place, so a row always names
-complete bytes; the reverse (a file without a row) is cleaned up by ``NodeCache.reconcile``.
-Schema 2 added the ``trees`` and ``tree_leases`` tables; an index of schema 1 gains them when
-opened.
+A row is written only after its object (or tree) was verified and renamed into place, so a
+row always names complete bytes; the reverse (a file without a row) is cleaned up by
+``NodeCache.reconcile``. An object row's ``unsynced`` says whether its bytes are on disk yet:
+large objects become readable from the page cache and are flushed afterwards (see
+``cache/durable.py``); a tree row's ``durable`` says the same of a tree (``cache/trees.py``).
+
+Schema 2 added ``unsynced`` and the ``trees`` and ``tree_leases`` tables; an index of schema 1
+gains them when opened (every old row was flushed before it was written, so it is durable: "").
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ CREATE TABLE IF NOT EXISTS objects (
     size        INTEGER NOT NULL,
     sha256      TEXT NOT NULL,  -- "" for objects above 1 MiB (see hpcstage.store.protocol)
     created     REAL NOT NULL,
-    last_access REAL NOT NULL
+    last_access REAL NOT NULL,
+    unsynced    TEXT NOT NULL DEFAULT ''  -- see Row.unsynced
 )
 """
 # A packed dataset's selection materialised once per node (cache/trees.py): counts, not files.
@@ -71,14 +76,10 @@ _TREE_SELECT = f"SELECT {_TREE_COLUMNS} FROM trees"  # noqa: S608 - constant col
 _TREE_INSERT = (
     f"INSERT OR REPLACE INTO trees ({_TREE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
 )
-_SELECT = (
-    "SELECT cache_id, store, bucket, key, etag, size, sha256, created, last_access FROM objects"
-)
-_INSERT = (
-    "INSERT OR REPLACE INTO objects"
-    " (cache_id, store, bucket, key, etag, size, sha256, created, last_access)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_ADD_UNSYNCED = "ALTER TABLE objects ADD COLUMN unsynced TEXT NOT NULL DEFAULT ''"
+_COLUMNS = "cache_id, store, bucket, key, etag, size, sha256, created, last_access, unsynced"
+_SELECT = f"SELECT {_COLUMNS} FROM objects"  # noqa: S608 (constants only)
+_INSERT = f"INSERT OR REPLACE INTO objects ({_COLUMNS}) VALUES ({', '.join('?' * 10)})"  # noqa: S608
 
 
 def make_private(path: Path) -> None:
@@ -108,7 +109,9 @@ def _chmod_open(path: Path, flags: int) -> None:
 @dataclass(frozen=True)
 class Row:
     """One indexed object: its source identity, verified size, SHA-256 ("" for objects above
-    GROUP_COMMIT_MAX: downloads do not hash big objects twice) and its times."""
+    GROUP_COMMIT_MAX: downloads do not hash big objects twice), its times, and whether its
+    bytes are on disk yet: ``unsynced`` is the boot id of the kernel whose page cache held
+    them when they were verified and not yet flushed, "" once they are durable."""
 
     cache_id: str
     store: str
@@ -119,6 +122,7 @@ class Row:
     sha256: str
     created: float
     last_access: float
+    unsynced: str = ""
 
 
 class Index:
@@ -148,6 +152,9 @@ class Index:
         # `hpcstage cache ls` may read while the agent writes.
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute(_SCHEMA)
+        columns = {info[1] for info in self._db.execute("PRAGMA table_info(objects)")}
+        if "unsynced" not in columns:  # schema 1: every row was flushed before it was written
+            self._db.execute(_ADD_UNSYNCED)
         # Eviction walks objects oldest access first, a page at a time (no full sort per page).
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS objects_lru ON objects (last_access, cache_id)"
@@ -158,6 +165,10 @@ class Index:
         )
         self._db.execute(_TREES)
         self._db.execute(_TREE_LEASES)
+        # Reconcile looks at the rows not yet durable: few, usually none.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS objects_unsynced ON objects (unsynced) WHERE unsynced != ''"
+        )
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -241,6 +252,26 @@ class Index:
         """Insert or replace the row for ``row.cache_id``."""
         with self._lock:
             self._db.execute(_INSERT, astuple(row))
+
+    def unsynced(self) -> list[Row]:
+        """Every row whose bytes were not yet known to be on disk."""
+        with self._lock:
+            found = self._db.execute(_SELECT + " WHERE unsynced != ''").fetchall()
+        return [Row(*values) for values in found]
+
+    def mark_durable(self, rows: list[tuple[str, float]]) -> None:
+        """Mark these (cache_id, created) rows durable in one transaction. ``created`` keeps a
+        row that replaced the flushed one meanwhile (evicted and fetched again) unsynced."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "UPDATE objects SET unsynced = '' WHERE cache_id = ? AND created = ?", rows
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def touch(self, cache_id: str, when: float) -> None:
         """Record an access, for LRU eviction."""

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import stat
 import time
 from pathlib import Path
@@ -46,6 +47,22 @@ _CACHE_ID = re.compile(r"[0-9a-f]{64}")
 # Slurm job ids: "123", array tasks "123_4", het jobs "123+1"; nothing that could name a path.
 _JOB_ID = re.compile(r"[0-9A-Za-z_+-][0-9A-Za-z_.+-]{0,63}")
 TEMP_MARK = ".tmp-"
+
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_PROCESS_BOOT = f"process-{secrets.token_hex(8)}"
+
+
+def boot_id() -> str:
+    """This kernel's boot id: what tells whether bytes not yet flushed (objects, packed trees)
+    can still be in the page cache. Where it cannot be read, a token new to this process, so
+    that whatever is not durable counts as left by another boot (checked again, never
+    trusted)."""
+    try:
+        found = BOOT_ID.read_text().strip()
+    except OSError:
+        found = ""
+    return found or _PROCESS_BOOT
 
 
 def check_cache_id(cache_id: str) -> str:

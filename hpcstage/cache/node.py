@@ -3,11 +3,13 @@
 One directory per node, owned by the agent's service account (layout in ``cache/layout.py``).
 ``NodeCache`` is the one door to it and wires its parts: objects are written crash-safely, one
 at a time or in group commits, by ``cache/commit.py`` (no row ever names partial bytes); groups
-are gathered from the event loop by ``cache/batch.py``; ``reconcile()`` (``cache/reconcile.py``)
-removes at agent start what a crash left (a temp file, a file without a row), which no lookup
-ever returns; the index is ``cache/index.py``, views ``cache/views.py``, the eviction policy
-``cache/evict.py``. Here: lookups, single-flight fetches, what peers may read, job views and
-their leases, usage and eviction.
+are gathered from the event loop by ``cache/batch.py``; large objects are readable once
+verified and made durable in the background (``cache/durable.py``, unless
+``durable_before_read``); ``reconcile()`` (``cache/reconcile.py``, ``cache/durable.py``)
+removes at agent start what a crash left (a temp file, a file without a row, unsynced bytes it
+cannot vouch for), which no lookup ever returns; the index is ``cache/index.py``, views
+``cache/views.py``, the eviction policy ``cache/evict.py``. Here: lookups, single-flight
+fetches, what peers may read, job views and their leases, usage and eviction.
 
 Leases are hardlinks: an object is leased while any job view links it (``st_nlink > 1``), and
 eviction never removes a leased object. ``link()`` and ``evict()`` take the object's lock (one
@@ -43,6 +45,7 @@ from hpcstage.cache.commit import (
     PendingObject,
     SmallObject,
 )
+from hpcstage.cache.durable import Flusher, recheck_unsynced
 from hpcstage.cache.evict import Entry, EvictionPass
 from hpcstage.cache.index import Index, Row, TreeRow
 from hpcstage.cache.layout import (
@@ -50,6 +53,7 @@ from hpcstage.cache.layout import (
     JOBS,
     OBJECTS,
     RELEASED,
+    boot_id,
     check_job_id,
     make_dir,
     object_path,
@@ -106,8 +110,22 @@ VIEW_MODE = 0o1700
 class NodeCache:
     """A node-local cache directory: objects, their index, and per-job views."""
 
-    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
-        """Open (creating if needed) the cache at ``root``; ``clock`` gives Unix times."""
+    def __init__(
+        self,
+        root: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        durable_before_read: bool = False,
+        boot: str = "",
+    ) -> None:
+        """Open (creating if needed) the cache at ``root``; ``clock`` gives Unix times.
+
+        ``durable_before_read``: flush every object before it is indexed (the agent takes the
+        site's ``cache.durable_before_read`` from the daemon's hello); by default large objects
+        are readable once verified and flushed in the background. ``boot``: this kernel's boot
+        id, read from /proc when "" (tests give another to play a reboot).
+        """
+        self.durable_before_read = durable_before_read
         self.root = Path(root)
         self.objects = self.root / OBJECTS
         self.jobs = self.root / JOBS
@@ -124,6 +142,8 @@ class NodeCache:
         self._index = Index(self.root / INDEX)  # private (0600), its WAL and shm files too
         self._committer = Committer(self.objects, self._index, clock)
         self.trees = PackedTrees(self.root, self._index, clock)
+        self._boot = boot or boot_id()
+        self._flusher = Flusher(self.objects, self._index, self._drop_object)
         self._lock = threading.RLock()
         # A lease check in eviction and a link of the same object exclude each other; objects
         # are spread over stripes so links of different objects do not wait for each other.
@@ -143,8 +163,9 @@ class NodeCache:
         )
 
     def close(self) -> None:
-        """Close the index; the cache is unusable afterwards."""
+        """Flush what is still unsynced, close the index; the cache is unusable afterwards."""
         self._threads.shutdown(wait=True, cancel_futures=True)
+        self._flusher.close()
         self._index.close()
 
     def __enter__(self) -> NodeCache:
@@ -182,10 +203,26 @@ class NodeCache:
     def commit(self, pending: PendingObject, sha256_hex: str) -> Path:
         """Make ``pending`` a complete, read-only, indexed object and return its path.
 
+        An object above ``GROUP_COMMIT_MAX`` is readable at once, from the page cache, and
+        flushed in the background, unless ``durable_before_read`` (see ``cache/durable.py``).
         Raises CacheError (after aborting) if the size differs from ``ref.size``, the checksum
         is not 64 hex digits, or the disk fails.
         """
-        return self._committer.commit(pending, sha256_hex)
+        if self.durable_before_read or pending.ref.size <= GROUP_COMMIT_MAX:
+            return self._committer.commit(pending, sha256_hex)
+        path = self._committer.commit(pending, sha256_hex, unsynced=self._boot)
+        self._flusher.add(pending.ref.cache_id)
+        return path
+
+    def wait_durable(self, timeout: float | None = None) -> bool:
+        """Wait until every object committed so far is on disk; False if ``timeout`` passed."""
+        return self._flusher.wait(timeout)
+
+    def _drop_object(self, cache_id: str) -> None:
+        """Forget an object and delete its file (its flush failed), under its lock."""
+        with self._stripe(cache_id):
+            self._index.delete(cache_id)
+            object_path(self.objects, cache_id).unlink(missing_ok=True)
 
     def commit_group(self, items: list[GroupItem]) -> list[Path | BaseException]:
         """``commit()`` for many small objects with one flush and one index transaction; per
@@ -243,7 +280,7 @@ class NodeCache:
             # Many small objects: one flush and one index transaction for a whole group.
             path = await self._group.submit((pending, digest))
         else:
-            # fsync of a multi-GB object can take seconds: keep it off the event loop. commit()
+            # A rename and a row (an fsync too if durable_before_read): off the event loop. commit()
             # aborts by itself on failure, so a cancelled await here leaves nothing half-done.
             path = await asyncio.to_thread(self.commit, pending, digest)
         self.stats.fetched_objects += 1
@@ -405,18 +442,28 @@ class NodeCache:
     def reconcile(self) -> ReconcileReport:
         """Make disk and index agree after a crash; run at agent start, before any fetch.
 
-        Deletes every temp file, drops rows whose file is missing or has the wrong size, and
-        deletes object files without a row (their bytes cannot be verified; see
-        ``cache/reconcile.py``). Tries once more to remove what released jobs left undeletable
-        (see ``release``).
+        First settles the objects a crash left readable but not yet durable: flushed if this
+        kernel still holds them, re-verified against their SHA-256 or else discarded if it
+        restarted (see ``recheck_unsynced`` in ``cache/durable.py``). Then deletes every temp
+        file, drops rows whose file is missing or has the wrong size, and deletes object files
+        without a row (their bytes cannot be verified; see ``cache/reconcile.py``). Tries once
+        more to remove what released jobs left undeletable (see ``release``).
         """
         with self._lock:
+            recheck = recheck_unsynced(self.objects, self._index, self._boot)
             report = sweep_objects(self.objects, self._index)
             trees = self.trees.reconcile()
             left = [
                 name for name in self.leftovers() if not self._clear_leftover(self.released / name)
             ]
-        return dataclasses.replace(report, leftovers=len(left), trees_removed=trees)
+        return dataclasses.replace(
+            report,
+            leftovers=len(left),
+            trees_removed=trees,
+            unsynced_flushed=len(recheck.flushed),
+            unsynced_verified=len(recheck.verified),
+            unsynced_dropped=len(recheck.dropped),
+        )
 
     def usage(self) -> Usage:
         """Indexed bytes and objects, and the part of them leased by job views.

@@ -1,5 +1,8 @@
 """Making the node cache's files and its index agree after a crash (run at agent start).
 
+(Objects indexed but not yet flushed are settled before this sweep, by
+``cache/durable.py``'s ``recheck_unsynced``.)
+
 Every temp file goes (an interrupted download); every row whose file is missing or has the wrong
 size goes; every object file without a row goes, since its bytes cannot be verified. Checksums
 are not re-read: that would cost a full read of the cache at every start. The walk is one
@@ -30,6 +33,10 @@ class ReconcileReport:
     bytes: int
     leftovers: int = 0  # released views still holding what their job made undeletable
     trees_removed: int = 0  # packed trees half built, unindexed or lost (cache/trees.py)
+    # Objects a crash left readable but not durable (see cache/durable.py: recheck_unsynced):
+    unsynced_flushed: int = 0  # same boot: flushed and kept
+    unsynced_verified: int = 0  # another boot: hashed again, matched, kept
+    unsynced_dropped: int = 0  # another boot: not vouched for, row and file removed
 
 
 @dataclass

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from hpcstage.cache.index import Index, TreeRow
-from hpcstage.cache.layout import TEMP_MARK, make_dir
+from hpcstage.cache.layout import TEMP_MARK, boot_id, make_dir
 from hpcstage.cache.views import open_parents
 from hpcstage.errors import CacheError
 
@@ -55,7 +55,6 @@ JOURNAL = "journal"  # in a temp tree: its boot id, then one line per batch writ
 RESUME_MAX_AGE = 3600.0  # seconds a killed build's temp tree waits to be resumed
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 def tree_id(dataset_url: str, version: int, subtree: str) -> str:
@@ -63,14 +62,6 @@ def tree_id(dataset_url: str, version: int, subtree: str) -> str:
     the version and the subtree, so nothing a user writes becomes a path."""
     text = f"{dataset_url}\0{version}\0{subtree}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def boot_id() -> str:
-    """This boot's id ("" where the kernel does not say)."""
-    try:
-        return BOOT_ID.read_text().strip()
-    except OSError:
-        return ""
 
 
 class TreeBuild:

@@ -199,6 +199,10 @@ class CacheSettings(_Section):
     """Unused objects older than this are evicted even below the watermarks."""
     lease_grace: Duration = 15 * MINUTE
     """A job's lease on its data lasts this long after the job ends."""
+    durable_before_read: bool = False
+    """Flush every object to disk before a job may read it; false: objects above 1 MiB are
+    readable once verified and flushed in the background (a crash re-verifies or discards
+    what was not flushed yet)."""
     cluster_nodes: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]] = []
     """The cache cluster: nodes that hold the inputs of pending jobs Slurm has not planned
     nodes for yet (reached like compute nodes: same transport, address and cache_dir)."""
@@ -236,7 +240,8 @@ class TransferSettings(_Section):
     """Copy small objects another node's cache holds instead of fetching them from the store."""
     direct_writes: bool = True
     """Write the parts of big objects not checked by an MD5 or SHA (which are read back)
-    straight to disk (O_DIRECT) where the cache's file system allows it."""
+    straight to disk (O_DIRECT) where the cache's file system allows it; only with
+    cache.durable_before_read (else the job would wait for the disk)."""
 
     @field_validator("multipart_threshold")
     @classmethod

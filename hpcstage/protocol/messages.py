@@ -96,9 +96,17 @@ class AgentTransferSettings:
 
 
 @dataclass(frozen=True)
+class AgentCacheSettings:
+    """The daemon's ``[cache]`` settings the agent applies to its node cache."""
+
+    durable_before_read: bool
+
+
+@dataclass(frozen=True)
 class HelloRequest:
     store: AgentStoreSettings
     transfer: AgentTransferSettings
+    cache: AgentCacheSettings
 
 
 @dataclass(frozen=True)

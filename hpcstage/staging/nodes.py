@@ -18,7 +18,12 @@ from hpcstage.core.nodes import cache_dir_for, expand_node_template
 from hpcstage.core.rules import reconnect_delay
 from hpcstage.errors import SlurmError
 from hpcstage.protocol.framing import RpcClient
-from hpcstage.protocol.messages import AgentStoreSettings, AgentTransferSettings, HelloRequest
+from hpcstage.protocol.messages import (
+    AgentCacheSettings,
+    AgentStoreSettings,
+    AgentTransferSettings,
+    HelloRequest,
+)
 from hpcstage.staging.access import StoreAccess
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.pool import (
@@ -137,7 +142,8 @@ class NodeAgents:
             lean_get=t.lean_get,
             direct_writes=t.direct_writes,
         )
-        reply = await AgentClient(rpc, node).hello(HelloRequest(store, transfer))
+        cache = AgentCacheSettings(durable_before_read=self.settings.cache.durable_before_read)
+        reply = await AgentClient(rpc, node).hello(HelloRequest(store, transfer, cache))
         log.info("agent on %s ready: %s", node, reply.reconcile)
 
     async def refresh_nodes(self) -> None:

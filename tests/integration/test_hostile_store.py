@@ -46,7 +46,7 @@ from hostile_s3 import (  # tests/: on sys.path, above the integration package
 )
 
 from hpcstage.agent import calls, stagein
-from hpcstage.agent.context import DEFAULT_TRANSFER, NodeContext
+from hpcstage.agent.context import DEFAULT_CACHE, DEFAULT_TRANSFER, NodeContext
 from hpcstage.cache import NodeCache, key_dest
 from hpcstage.core.directives import SourceKind
 from hpcstage.errors import (
@@ -112,7 +112,7 @@ class Node:
         transfer = dataclasses.replace(
             DEFAULT_TRANSFER, retries=1, backoff_base=0.01, backoff_max=0.05, concurrency=4
         )
-        reply = await calls.hello(self.agent, HelloRequest(store, transfer))
+        reply = await calls.hello(self.agent, HelloRequest(store, transfer, DEFAULT_CACHE))
         return dict(to_wire(reply))
 
     async def stage(

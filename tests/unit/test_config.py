@@ -165,6 +165,13 @@ def test_sizes_and_durations_accept_numbers_and_strings() -> None:
     assert (s.cache.max_bytes, s.cache.ttl, s.transfer.backoff_base) == (1000, 3600.0, 0.25)
 
 
+def test_durable_before_read_is_off_unless_a_site_asks_for_it() -> None:
+    assert parse_config(MINIMAL).cache.durable_before_read is False
+    on = parse_config(MINIMAL + "\n[cache]\ndurable_before_read = true\n")
+    assert on.cache.durable_before_read is True
+    assert problems_of(MINIMAL + "\n[cache]\ndurable_before_read = 2\n")
+
+
 def test_state_url_default_follows_state_dir_and_postgres_is_kept() -> None:
     s = parse_config(MINIMAL.replace('name = "demo"', 'name = "demo"\nstate_dir = "/srv/hs"'))
     assert s.site.state_url == "sqlite:////srv/hs/state.db"
