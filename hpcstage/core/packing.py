@@ -28,7 +28,7 @@ from hpcstage.core.packed import (
 from hpcstage.errors import PackError
 
 DEFAULT_SLICE_FILES = 250_000  # rows of the listing per slice: the unit of a Slurm array task
-SEGMENT_MAX_FILES = 65_536  # a segment's rows are held in memory while it is built
+SEGMENT_MAX_FILES = 32_768  # a segment's rows are held in memory while it is built
 MIN_SEGMENT_SIZE = 64 * 2**10
 PLAN = "plan.json"
 LISTING = "listing.parquet"

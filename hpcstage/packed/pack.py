@@ -190,21 +190,26 @@ class Packer:
             async for batch in job.work.listing_rows(rows):
                 for member in (m for m in batch if not m.segment):
                     seq, started = cutter.place(member.path, member.size)
-                    if started and group:
-                        await self._start_segment(tasks, job, name, group)
-                        group = []
-                    name = segment_name(job.plan.version, job.slice_no, seq)
-                    group.append(member)
-            if group:
-                await self._start_segment(tasks, job, name, group)
+                    if started:
+                        self._start(tasks, job, name, group)
+                        name, group = segment_name(job.plan.version, job.slice_no, seq), []
+                        if name not in job.done:
+                            # Held from the segment's first row until it is uploaded: at
+                            # most ``jobs`` segments' rows are in memory at once.
+                            await job.building.acquire()
+                    if name in job.done:
+                        self._count([member], segments=0)
+                    else:
+                        group.append(member)
+            self._start(tasks, job, name, group)
 
-    async def _start_segment(
-        self, tasks: asyncio.TaskGroup, job: _Slice, name: str, group: list[Member]
-    ) -> None:
-        if name in job.done:
-            self._count(group, skipped=True)
+    def _start(self, tasks: asyncio.TaskGroup, job: _Slice, name: str, group: list[Member]) -> None:
+        """Build and upload the segment ``name`` of ``group`` (nothing: a done one)."""
+        if not name:
             return
-        await job.building.acquire()
+        if name in job.done:
+            self.stats.segments_skipped += 1
+            return
 
         async def build() -> None:
             try:
@@ -228,13 +233,10 @@ class Packer:
         finally:
             finished.path.unlink(missing_ok=True)
         await job.work.put_part(info, members)
-        self._count(group, skipped=False)
+        self._count(group, segments=1)
 
-    def _count(self, group: list[Member], skipped: bool) -> None:
-        if skipped:
-            self.stats.segments_skipped += 1
-        else:
-            self.stats.segments += 1
+    def _count(self, group: list[Member], segments: int) -> None:
+        self.stats.segments += segments
         self.stats.files += len(group)
         self.stats.bytes += sum(m.size for m in group)
         self.on_progress(self.stats)
