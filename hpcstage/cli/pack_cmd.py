@@ -207,6 +207,7 @@ def _summary(info: VersionInfo, plan: PackPlan, stats: PackStats, seconds: float
     return {
         "event": "done",
         "version": info.version,
+        "up_to_date": info.version != plan.version,  # --update found nothing changed
         "parent": info.parent,
         "files": info.files,
         "bytes": info.size,
@@ -401,6 +402,9 @@ def _done(report: _Report, doc: dict[str, Any], verified: int | None) -> None:
         doc["verified_bytes"] = verified
     if report.as_json:
         report.emit(doc)
+        return
+    if doc["up_to_date"]:
+        click.echo(f"version {doc['version']} is up to date: nothing changed, nothing written")
         return
     kept = f", {doc['kept_files']} kept" if doc["kept_files"] else ""
     click.echo(
