@@ -315,7 +315,10 @@ def pack(src: str, dest: str, **opts: Any) -> None:
       hpcstage pack s3://raw/run42/ s3://lib/run42.hpack/ --slurm --tasks 16 \\
           --partition transfer --wait
     """
-    asyncio.run(_pack(src, dest, opts))
+    try:
+        asyncio.run(_pack(src, dest, opts))
+    except KeyboardInterrupt:
+        raise PackError("interrupted: run the same command again to resume") from None
 
 
 async def _pack(src: str, dest: str, opts: dict[str, Any]) -> None:

@@ -248,6 +248,11 @@ class Packer:
         parent = None
         if plan.parent is not None:
             parent = await PackedDataset(self.store, self.prefix).record(plan.parent)
+        if await work.plan() != plan:
+            raise PackError(
+                f"{work.url()}: another pack of this dataset planned version {plan.version}"
+                " again meanwhile; run one pack at a time (it resumes)"
+            )
         writer = self._writer(work, plan, parent)
         self.stats.phase = "merging"
         self.on_progress(self.stats)

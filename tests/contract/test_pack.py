@@ -222,3 +222,21 @@ async def test_a_pack_killed_midway_resumes(
     assert await _read_all(store, prefix) == files
     info = await PackedDataset(store, prefix).record()
     assert {s.name for s in info.segments} == set(after)
+
+
+async def test_a_pack_whose_plan_was_replaced_does_not_commit(
+    store: S3Store, tmp_path: Path
+) -> None:
+    _tree(tmp_path / "src", {"f": b"one"})
+    prefix = f"p-{uuid.uuid4().hex[:8]}/lib{SUFFIX}/"
+    (tmp_path / "s").mkdir()
+    first = Packer(store, prefix, DirSource(tmp_path / "src"), tmp_path / "s", _settings())
+    work, plan, _ = await first.plan()
+    await first.pack_slices(work, plan, 0, 1)
+    _tree(tmp_path / "src", {"g": b"two"})
+    restart = _settings(restart=True)
+    (tmp_path / "s2").mkdir()
+    await Packer(store, prefix, DirSource(tmp_path / "src"), tmp_path / "s2", restart).plan()
+    with pytest.raises(PackError, match="planned version 1 again"):
+        await first.merge(work, plan)
+    assert await PackedDataset(store, prefix).versions() == []
