@@ -228,12 +228,13 @@ class Packer:
         except BaseException:
             seg.abort()
             raise
+        group.clear()  # the listed rows: ``members`` replaces them
         try:
             info = await job.writer.upload_segment(finished)
         finally:
             finished.path.unlink(missing_ok=True)
         await job.work.put_part(info, members)
-        self._count(group, segments=1)
+        self._count(members, segments=1)
 
     def _count(self, group: list[Member], segments: int) -> None:
         self.stats.segments += segments

@@ -35,6 +35,7 @@ from hpcstage.errors import ObjectMissingError, PackError
 from hpcstage.packed.manifest import COLUMNS, ManifestWriter, Member, RangeFile, members_of
 from hpcstage.store.protocol import ObjectStore
 
+_ROWS_AT_A_TIME = 4096
 SEGMENT_META = "hpcstage.segment"  # a part manifest's footer key: the segment's record entry
 
 
@@ -166,7 +167,10 @@ def _row_batches(source: str | RangeFile, rows: range, where: str) -> Iterator[l
         lo, hi = max(rows.start, start), min(rows.stop, start + count)
         if lo < hi:
             table = parquet.read_row_group(i).slice(lo - start, hi - lo)
-            yield members_of(table)
+            # Rows become Python objects a few thousand at a time: a row group's worth for
+            # each slice being packed would be most of a pack's memory.
+            for at in range(0, table.num_rows, _ROWS_AT_A_TIME):
+                yield members_of(table.slice(at, _ROWS_AT_A_TIME))
         start += count
         if start >= rows.stop:
             return
