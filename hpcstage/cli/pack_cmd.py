@@ -114,6 +114,18 @@ def _source(access: _Access, src: str, spool: Path, fetchers: int) -> Source:
     return DirSource(path)
 
 
+def _check_apart(src: str, dest: str) -> None:
+    """Refuse a DEST inside SRC: a later pack would pack the dataset into itself."""
+    if src.startswith("s3://") != dest.startswith("s3://"):
+        return
+    if src.startswith("s3://"):
+        inside = (dest.rstrip("/") + "/").startswith(src.rstrip("/") + "/") or src == "s3://"
+    else:
+        inside = Path(dest).absolute().is_relative_to(Path(src).absolute())
+    if inside:
+        raise PackError(f"{dest} lies inside {src}: put the packed dataset somewhere else")
+
+
 def _spool(given: Path | None, dest: str, what: str) -> Path:
     if given is None:
         tag = hashlib.sha256(dest.encode()).hexdigest()[:12]
@@ -322,6 +334,7 @@ def pack(src: str, dest: str, **opts: Any) -> None:
 
 
 async def _pack(src: str, dest: str, opts: dict[str, Any]) -> None:
+    _check_apart(src, dest)
     access = _Access(opts["config_path"], opts["endpoint_url"], opts["fetchers"])
     store, prefix = _dest(access, dest)
     spool = _spool(opts["spool"], dest, "plan")

@@ -27,8 +27,19 @@ def test_a_missing_source_is_named(tmp_path: Path) -> None:
     assert "no such directory" in str(error)
 
 
+def test_dest_inside_src_is_refused(tmp_path: Path) -> None:
+    for src, dest in [
+        (str(tmp_path), str(tmp_path / "sub" / "lib.hpack")),
+        ("s3://bucket/data/", "s3://bucket/data/lib.hpack/"),
+        ("s3://bucket", "s3://bucket/lib.hpack/"),
+    ]:
+        error = _run(src, dest)
+        assert isinstance(error, PackError), (src, dest)
+        assert "lies inside" in str(error)
+
+
 def test_a_bad_segment_size_is_refused(tmp_path: Path) -> None:
-    error = _run(str(tmp_path), str(tmp_path / "lib.hpack"), "--segment-size", "1K")
+    error = _run(str(tmp_path / "src"), str(tmp_path / "lib.hpack"), "--segment-size", "1K")
     assert isinstance(error, PackError)
     assert "at least" in str(error)
 
