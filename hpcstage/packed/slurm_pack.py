@@ -99,4 +99,7 @@ def wait(job: int, poll: float = 2.0) -> None:
             break
         time.sleep(poll)
     if state and state != _ENDED_OK:
-        raise PackError(f"the pack's merge job {job} ended {state}: see its log")
+        raise PackError(
+            f"the pack's merge job {job} ended {state} (cancelled: a slice task failed); see"
+            " the jobs' logs, then run the same command again: finished segments are kept"
+        )
