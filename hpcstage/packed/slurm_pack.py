@@ -99,7 +99,12 @@ def wait(job: int, poll: float = 2.0) -> None:
             break
         time.sleep(poll)
     if state and state != _ENDED_OK:
+        why = (
+            " (its dependency failed: a slice task did not complete)"
+            if state == "CANCELLED"
+            else ""
+        )
         raise PackError(
-            f"the pack's merge job {job} ended {state} (cancelled: a slice task failed); see"
-            " the jobs' logs, then run the same command again: finished segments are kept"
+            f"the pack's merge job {job} ended {state}{why}; see the jobs' logs, then run the"
+            " same command again: finished segments are kept"
         )
