@@ -22,6 +22,8 @@ _COMMANDS = {
     "trash": "hpcstage.cli.trash_cmd",
     "cache": "hpcstage.cli.cache_cmd",
     "config": "hpcstage.cli.config_cmd",
+    "pack": "hpcstage.cli.pack_cmd",
+    "pack-step": "hpcstage.cli.pack_cmd",
     "ls": "hpcstage.cli.packed_cmds",
     "cat": "hpcstage.cli.packed_cmds",
 }
@@ -35,7 +37,7 @@ class _LazyGroup(click.Group):
         module = _COMMANDS.get(cmd_name)
         if module is None:
             return None
-        command = getattr(importlib.import_module(module), cmd_name)
+        command = getattr(importlib.import_module(module), cmd_name.replace("-", "_"))
         assert isinstance(command, click.Command)
         return command
 

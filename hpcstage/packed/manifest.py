@@ -43,7 +43,7 @@ SCHEMA = pa.schema(
 COLUMNS = tuple(SCHEMA.names)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a pack holds ~10^5 of them at a time
 class Member:
     """One file of a packed dataset, as its manifest row describes it."""
 
@@ -71,14 +71,22 @@ def members_of(batch: pa.RecordBatch | pa.Table) -> list[Member]:
 class ManifestWriter:
     """Writes manifest rows to a local Parquet file, checking they arrive sorted and unique."""
 
-    def __init__(self, path: Path, row_group: int = DEFAULT_ROW_GROUP) -> None:
+    def __init__(
+        self,
+        path: Path,
+        row_group: int = DEFAULT_ROW_GROUP,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        """``metadata``: key-value pairs added to the file's footer (a pack's part manifest
+        records its segment's size and SHA-256 there)."""
         self.path = path
         self.row_group = row_group
         self.rows = 0
         self.last = ""
         self._pending: list[Member] = []
+        self._schema = SCHEMA.with_metadata({**SCHEMA.metadata, **(metadata or {})})
         self._writer = pq.ParquetWriter(
-            str(path), SCHEMA, compression="zstd", write_statistics=["path"]
+            str(path), self._schema, compression="zstd", write_statistics=["path"]
         )
 
     def add(self, member: Member) -> None:
@@ -105,7 +113,7 @@ class ManifestWriter:
         columns = [[getattr(m, name) for m in rows] for name in COLUMNS]
         table = pa.Table.from_arrays(
             [pa.array(col, type=SCHEMA.field(i).type) for i, col in enumerate(columns)],
-            schema=SCHEMA,
+            schema=self._schema,
         )
         self._writer.write_table(table, row_group_size=self.row_group)
 
