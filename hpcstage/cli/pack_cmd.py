@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import time
-import tomllib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +26,14 @@ from hpcstage.core.packing import (
     check_segment_size,
     parse_size,
 )
-from hpcstage.errors import ConfigError, PackError
+from hpcstage.errors import PackError
 from hpcstage.packed.pack import Packer, PackSettings, PackStats
 from hpcstage.packed.sources import DirSource, S3Source, Source
+from hpcstage.packed.stores import StoreAccess
 from hpcstage.packed.work import private_spool
 from hpcstage.store.fs import FsStore
 from hpcstage.store.protocol import ObjectStore, parse_s3_url
 from hpcstage.store.s3 import S3Store
-
-_STORE_KEYS = ("endpoint_url", "region", "profile", "addressing_style", "verify_tls", "ca_bundle")
 
 
 @dataclass(frozen=True)
@@ -47,30 +45,9 @@ class _Access:
     endpoint_url: str | None
     fetchers: int
 
-    def store_settings(self) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        if self.config is not None:
-            try:
-                table = tomllib.loads(self.config.read_text()).get("store", {})
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"{self.config}: cannot read its [store] ({exc})") from exc
-            found = {k: v for k, v in table.items() if k in _STORE_KEYS and v not in ("", None)}
-        endpoint = self.endpoint_url or found.get("endpoint_url")
-        found["endpoint_url"] = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-        return found
-
     def s3(self, bucket: str) -> S3Store:
-        s = self.store_settings()
-        return S3Store(
-            s.pop("endpoint_url"),
-            bucket,
-            region=s.get("region") or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            profile=s.get("profile"),
-            addressing_style=s.get("addressing_style", "path"),
-            verify_tls=bool(s.get("verify_tls", True)),
-            ca_bundle=s.get("ca_bundle"),
-            max_connections=max(16, self.fetchers * 2),
-        )
+        access = StoreAccess.from_site(self.config, endpoint_url=self.endpoint_url)
+        return access.s3(bucket, max_connections=max(16, self.fetchers * 2))
 
     def options(self) -> tuple[str, ...]:
         """The same access, as options of a Slurm step."""

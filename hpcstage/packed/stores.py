@@ -44,8 +44,23 @@ class StoreAccess:
         if "endpoint_url" not in found and os.environ.get("AWS_ENDPOINT_URL"):
             found["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
         found.update({k: v for k, v in overrides.items() if v is not None})
-        known = {k: found[k] for k in cls.__dataclass_fields__ if k in found}
+        # "" in the file means "the default" for these keys (as the daemon reads them).
+        known = {k: found[k] for k in cls.__dataclass_fields__ if found.get(k) not in (None, "")}
         return cls(**known)
+
+    def s3(self, bucket: str, max_connections: int = 16) -> S3Store:
+        """A client of ``bucket`` signing with the caller's own credentials."""
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return S3Store(
+            self.endpoint_url,
+            bucket,
+            region=region or "us-east-1",
+            profile=self.profile,
+            addressing_style=self.addressing_style,
+            verify_tls=self.verify_tls,
+            ca_bundle=self.ca_bundle,
+            max_connections=max_connections,
+        )
 
     def open(self, url: str) -> tuple[ObjectStore, str]:
         """The store holding ``url`` (``s3://bucket/key`` or an absolute path) and the key."""
@@ -54,16 +69,7 @@ class StoreAccess:
                 bucket, key = parse_s3_url(url)
             except ValueError as exc:
                 raise PackError(str(exc)) from None
-            store = S3Store(
-                self.endpoint_url,
-                bucket,
-                region=self.region or os.environ.get("AWS_REGION", "") or "us-east-1",
-                profile=self.profile,
-                addressing_style=self.addressing_style,
-                verify_tls=self.verify_tls,
-                ca_bundle=self.ca_bundle,
-            )
-            return store, key
+            return self.s3(bucket), key
         if url.startswith("/"):
             return FsStore(Path("/")), url
         raise PackError(f"{url!r}: expected s3://BUCKET/KEY or an absolute path")
