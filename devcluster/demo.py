@@ -28,7 +28,9 @@ from hpcstage.cli.client import Client, client_for
 from hpcstage.errors import ApiError, HpcstageError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "jobs"
-LIGANDS = 400  # 4 KiB each: the small-file shape of the docking campaign
+LIGANDS = 2000  # 4 KiB each: the small-file shape of the docking campaign
+# The same ligands, packed (docs/packed-datasets.md):
+PACKED = "s3://datasets/docking/ligands.hpack/"
 RECEPTOR_BYTES = 8 * 1024 * 1024
 
 
@@ -76,6 +78,26 @@ def _receptor() -> bytes:
     return block * (RECEPTOR_BYTES // len(block))
 
 
+def pack_library(dev: DevCluster) -> str:
+    """``hpcstage pack`` of the ligands, as a scientist runs it on a login node: their own
+    S3 credentials, no daemon. A one-line account of the version written."""
+    info = dev.info
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": info.s3_access_key,
+        "AWS_SECRET_ACCESS_KEY": info.s3_secret_key,
+        "AWS_ENDPOINT_URL": info.s3_endpoint,
+    }
+    env.pop("HPCSTAGE_CONFIG", None)
+    argv = [hpcstage_bin(), "pack", "s3://datasets/docking/ligands/", PACKED, "--json"]
+    done = proc.run(argv, env=env)
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    return (
+        f"version {last['version']}: {last['files']} files in {last['segments']} segment(s),"
+        f" {last['files_per_s']:,.0f} files/s; jobs stage it with --stage-in={PACKED}"
+    )
+
+
 def submit_examples(dev: DevCluster, env: dict[str, str]) -> dict[str, int]:
     """Busy jobs on every node first, then the example jobs that need staging."""
     wd = {u: dev.workdir(u) for u in ("alice", "bob")}
@@ -112,11 +134,11 @@ def watch(dev: DevCluster, client: Client, jobs: dict[str, int], timeout: float)
     while time.monotonic() < deadline:
         pending = 0
         for name, job_id in jobs.items():
-            line = _line(dev, client, name, job_id)
+            line, done = _line(dev, client, name, job_id)
             if seen.get(job_id) != line:
                 seen[job_id] = line
                 say(f"  {time.strftime('%H:%M:%S')}  {line}")
-            if not _ended(line):
+            if not done:
                 pending += 1
         if pending == 0:
             return
@@ -124,7 +146,9 @@ def watch(dev: DevCluster, client: Client, jobs: dict[str, int], timeout: float)
     raise ClusterError(f"jobs did not finish within {timeout:.0f}s")
 
 
-def _line(dev: DevCluster, client: Client, name: str, job_id: int) -> str:
+def _line(dev: DevCluster, client: Client, name: str, job_id: int) -> tuple[str, bool]:
+    """The job's line, and whether both Slurm and the daemon are done with it (the daemon
+    sees a job end a poll after Slurm does, and then writes its outputs back)."""
     fields = dev.job_state(job_id)
     state = fields.get("JobState", "?")
     where = fields.get("NodeList", "") if state != "PENDING" else ""
@@ -132,24 +156,23 @@ def _line(dev: DevCluster, client: Client, name: str, job_id: int) -> str:
     text = f"{job_id:>4} {name:<18} {state:<10}"
     text += f" on {where}" if where and where != "(null)" else ""
     text += f" planned {planned}" if state == "PENDING" and planned not in ("", "(null)") else ""
+    slurm_done = state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
     try:
         doc = client.get(f"/api/v1/jobs/{job_id}")
     except ApiError:
-        return text
+        return text, slurm_done
     if doc["error"]:
-        return text + f"  refused: {doc['error']}"
+        return text + f"  refused: {doc['error']}", slurm_done
+    done = slurm_done and doc["state"] not in ("PENDING", "RUNNING")
+    done = done and doc["stage_out"] not in ("pending", "running")
     staging = ", ".join(f"{n} {s}" for n, s in sorted(doc["staging"].items()))
     errors = [st["error"] for r in doc["requests"] for st in r["nodes"].values() if st["error"]]
-    return (
+    line = (
         text
         + (f"  staging: {staging}" if staging else "")
         + (f"  error: {errors[0]}" if errors else "")
     )
-
-
-def _ended(line: str) -> bool:
-    ended = any(s in line for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
-    return ended and "stage-out running" not in line and "stage-out pending" not in line
+    return line, done
 
 
 def summary(dev: DevCluster, client: Client, jobs: dict[str, int]) -> list[dict[str, Any]]:
@@ -181,6 +204,8 @@ def summary(dev: DevCluster, client: Client, jobs: dict[str, int]) -> list[dict[
                 "stage_out": doc["stage_out"],
                 "outputs": _outputs(doc),
                 "fetched": _inputs_sum(doc, node, "fetched_files"),
+                "files": _inputs_sum(doc, node, "files_done"),
+                "files_per_s": _files_per_s(doc, node),
                 "from_peers": _inputs_sum(doc, node, "peer_files"),
             }
         )
@@ -194,6 +219,21 @@ def _inputs_sum(doc: dict[str, Any], node: str, counter: str) -> int:
         for r in doc["requests"]
         if r["direction"] == "in"
     )
+
+
+def _files_per_s(doc: dict[str, Any], node: str) -> float | None:
+    """Input files made visible on ``node`` per second of its staging (None: not staged)."""
+    spans = [
+        (st["started_at"], st["finished_at"], int(st.get("files_done", 0)))
+        for r in doc["requests"]
+        if r["direction"] == "in"
+        for n, st in r["nodes"].items()
+        if n == node and st.get("started_at") and st.get("finished_at")
+    ]
+    if not spans:
+        return None
+    took = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    return float(sum(files for _, _, files in spans) / max(took, 1e-3))
 
 
 def _outputs(doc: dict[str, Any]) -> list[str]:
@@ -221,7 +261,7 @@ def _first_error(doc: dict[str, Any]) -> str:
 def print_summary(rows: list[dict[str, Any]]) -> None:
     say(
         f"{'job':>4}  {'name':<18} {'user':<6} {'state':<10} {'node':<5} "
-        f"{'inputs ready before start':<26} {'waited for data':<16} "
+        f"{'inputs ready before start':<26} {'waited for data':<16} {'input files/s':<14}"
         "objects from S3 / from other nodes' caches"
     )
     for r in rows:
@@ -229,9 +269,10 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         if r["ready_s_before_start"] is not None and r["ready_before_start"]:
             ready += f" ({r['ready_s_before_start']:.0f}s ahead)"
         waited = f"{r['waited_for_data_s']}s" if r["waited_for_data_s"] else "-"
+        rate = f"{r['files_per_s']:,.0f}" if r["files_per_s"] else "-"
         say(
             f"{r['job']:>4}  {r['name']:<18} {r['user']:<6} {r['state']:<10} {r['node']:<5} "
-            f"{ready:<26} {waited:<16} {r['fetched']} / {r['from_peers']}"
+            f"{ready:<26} {waited:<16} {rate:<14}{r['fetched']} / {r['from_peers']}"
         )
         if r["error"]:
             say(f"      error shown to the user: {r['error']}")
@@ -269,6 +310,8 @@ def run(base: Path, keep: bool, timeout: float) -> int:
             f" + {RECEPTOR_BYTES // 2**20} MiB receptor)"
         )
         asyncio.run(upload_dataset(dev))
+        step(f"Packing the ligand library: hpcstage pack s3://datasets/docking/ligands/ {PACKED}")
+        say("  " + pack_library(dev))
         step("Site configuration, checked")
         config = write_site_config(dev)
         say("  " + proc.run([hpcstage_bin(), "config", "check", str(config)]).stdout.strip())
