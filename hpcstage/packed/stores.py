@@ -16,7 +16,7 @@ from typing import Any
 
 from hpcstage.errors import ConfigError, PackError
 from hpcstage.store.fs import FsStore
-from hpcstage.store.protocol import ObjectStore, parse_s3_url
+from hpcstage.store.protocol import MIB, ObjectStore, parse_s3_url
 from hpcstage.store.s3 import S3Store
 
 CONFIG_ENV = "HPCSTAGE_CONFIG"
@@ -60,6 +60,12 @@ class StoreAccess:
             verify_tls=self.verify_tls,
             ca_bundle=self.ca_bundle,
             max_connections=max_connections,
+            # A pack uploads segments of up to 256 MiB, several at once, on a login node: in
+            # parts streamed from the file, never whole in memory (S3Store reads an object
+            # below the multipart threshold into memory to send its Content-MD5).
+            part_size=8 * MIB,
+            multipart_threshold=16 * MIB,
+            upload_memory=64 * MIB,
         )
 
     def open(self, url: str) -> tuple[ObjectStore, str]:
