@@ -42,6 +42,9 @@ class Stores:
 
     settings: AgentStoreSettings | None = None
     transfer: AgentTransferSettings = DEFAULT_TRANSFER
+    # Start writing downloads to disk as they land (sync_file_range): a head start for the
+    # flush that comes before readers only when the cache is durable before read.
+    writeback_hints: bool = False
     _open: dict[str, ObjectStore] = field(default_factory=dict)
     _retired: list[S3Store] = field(default_factory=list)  # clients of superseded credentials
 
@@ -90,6 +93,7 @@ class Stores:
             credentials=s.credentials,
             lean_get=t.lean_get,
             direct_writes=t.direct_writes,
+            writeback_hints=self.writeback_hints,
         )
 
     async def renew_credentials(self, credentials: dict[str, str]) -> int:

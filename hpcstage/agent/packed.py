@@ -33,7 +33,7 @@ from hpcstage.packed.dataset import PackedDataset
 from hpcstage.packed.manifest import Member
 from hpcstage.protocol.messages import StageItem
 
-MAX_GET = 16 * 2**20  # bytes per ranged GET: memory holds GETS of them at most
+MAX_GET = 8 * 2**20  # bytes per ranged GET: memory holds GETS of them at most (and a copy)
 GETS = 4  # ranged GETs in flight per tree being built
 # Files are written by two threads: the per-file syscalls release the GIL, more threads only
 # contend for it (docs/benchmarks.md measures the materialisation).

@@ -128,10 +128,19 @@ class PartSink:
     why). Not thread-safe: one sink per part and thread.
     """
 
-    def __init__(self, fd: int, direct_fd: int = -1, checksum: Checksummer | None = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        direct_fd: int = -1,
+        checksum: Checksummer | None = None,
+        writeback: bool = True,
+    ) -> None:
         self.fd = fd
         self.direct_fd = direct_fd
         self.checksum = checksum
+        # Start writing what lands through the page cache to disk at once (start_writeback):
+        # only worth it when the object is flushed before anyone may read it.
+        self.writeback = writeback
         self.direct_bytes = 0  # written with O_DIRECT
         self.direct_refused: OSError | None = None
 

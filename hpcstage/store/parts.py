@@ -116,8 +116,11 @@ class InOrderHash:
     TransientStoreError, and the object is fetched again whole.
     """
 
-    def __init__(self, fd: int, parts: Sequence[Part], hashers: Sequence[Any]) -> None:
+    def __init__(
+        self, fd: int, parts: Sequence[Part], hashers: Sequence[Any], writeback: bool = True
+    ) -> None:
         self._fd = fd
+        self._writeback = writeback  # start writeback of each part once hashed (see PartSink)
         self._parts = parts
         self._hashers = hashers
         self._landed: dict[int, int] = {}  # part number -> bytes its attempt has written
@@ -130,8 +133,8 @@ class InOrderHash:
 
     def landed(self, number: int, done: int) -> None:
         """Part ``number``'s current attempt has written its first ``done`` bytes."""
-        if not self._hashers and done < self._parts[number - 1].length:
-            return  # only writeback to start: by whole parts
+        if not self._hashers and (not self._writeback or done < self._parts[number - 1].length):
+            return  # only writeback to start (if any): by whole parts
         self._landed[number] = done
         self._wake.set()
         if self._task is None:
@@ -160,10 +163,10 @@ class InOrderHash:
                 self._reading = True
                 # One thread per checksum (hashlib and awscrt release the GIL), each reading
                 # the page cache itself.
-                await asyncio.gather(
-                    *(asyncio.to_thread(self._hash, h, start, length) for h in self._hashers),
-                    asyncio.to_thread(start_writeback, self._fd, start, length),
-                )
+                work = [asyncio.to_thread(self._hash, h, start, length) for h in self._hashers]
+                if self._writeback:
+                    work.append(asyncio.to_thread(start_writeback, self._fd, start, length))
+                await asyncio.gather(*work)
                 self._hashed = upto
 
     def _hash(self, hasher: Any, offset: int, length: int) -> None:
@@ -177,6 +180,8 @@ class InOrderHash:
 
     async def finish(self, url: str) -> None:
         """Return once every part has landed and been hashed (``url`` names the object)."""
+        if not self._hashers and not self._writeback:
+            return  # nothing to do in part order: the parts were all written when this is called
         if self._task is None:  # no parts (cannot happen for multipart sizes): hash nothing
             self._task = asyncio.create_task(self._run())
         await self._task

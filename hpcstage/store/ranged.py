@@ -246,6 +246,7 @@ def _read_body(
         if done - reported >= PROGRESS_EVERY or done == length:
             # What went into the page cache since the last report starts on its way to disk
             # now, so the fsync before the object is indexed finds little left to write.
-            start_writeback(sink.fd, offset + reported, done - reported)
+            if sink.writeback:
+                start_writeback(sink.fd, offset + reported, done - reported)
             on_bytes(done)  # each report wakes the event loop: not for every buffer
             reported = done

@@ -135,6 +135,7 @@ class S3Store:
         list_page_size: int = 1000,
         lean_get: bool = True,
         direct_writes: bool = True,
+        writeback_hints: bool = True,
     ) -> None:
         if part_size < S3_MIN_PART or max_connections < 1:
             raise ValueError("part_size must be at least 5 MiB and max_connections at least 1")
@@ -163,6 +164,7 @@ class S3Store:
             threshold=multipart_threshold,
             lean_get=lean_get,
             direct_writes=direct_writes,
+            writeback_hints=writeback_hints,
         )
         self._part_size = part_size
         self._threshold = multipart_threshold

@@ -180,8 +180,10 @@ class S3Downloader:
         threshold: int,
         lean_get: bool,
         direct_writes: bool,
+        writeback_hints: bool = True,
     ) -> None:
         self._bucket = bucket
+        self._writeback = writeback_hints
         self._part_size = part_size
         self._threshold = threshold
         self._max_connections = settings.max_connections
@@ -306,7 +308,7 @@ class S3Downloader:
         plan: _PartsPlan,
     ) -> None:
         """Fetch every part into ``fd`` by ``plan``, in blocks reserved first."""
-        hasher = InOrderHash(fd, parts, plan.read_back)
+        hasher = InOrderHash(fd, parts, plan.read_back, self._writeback)
         tracker = PartProgress(progress, hasher.landed, hasher.restart)
         await asyncio.to_thread(preallocate, fd, ref.size)  # no room: fail before any GET
         direct_fd = self._open_direct(fd, parts) if plan.direct else -1
@@ -434,7 +436,7 @@ class S3Downloader:
         fd, direct_fd = fds
 
         async def one(part: Part) -> None:
-            sink = PartSink(fd, direct_fd, checks.part(part))
+            sink = PartSink(fd, direct_fd, checks.part(part), self._writeback)
             if not await self._lean_range(ref, sink, part, tracker):
                 await self._bucket.retried(
                     "get", ref.key, lambda: self._get_range(ref, fd, part, tracker, checks)

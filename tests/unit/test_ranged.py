@@ -197,6 +197,18 @@ def test_what_is_written_starts_on_its_way_to_disk_range_by_range(
     ]
 
 
+def test_a_sink_without_writeback_starts_none(
+    target: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd, _ = target
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(ranged, "start_writeback", lambda _fd, off, n: started.append((off, n)))
+    span = (0, 2 * 1024 * 1024)
+    ok, _, _, _ = run([clean], fd, span, sink=PartSink(fd, writeback=False))
+    assert ok
+    assert started == []
+
+
 def test_a_direct_sink_gets_the_aligned_bytes_and_the_checksum_sees_every_byte(
     target: tuple[int, Path],
 ) -> None:
