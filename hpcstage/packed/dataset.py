@@ -9,7 +9,6 @@ loop, so a selection costs the footer plus the row groups it needs.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -90,15 +89,7 @@ class PackedDataset:
         """The members under ``subtree`` of version ``info``, in path order, a row group at a
         time (memory holds one row group, whatever the dataset's size)."""
         ref = await self.manifest_ref(info)
-        loop = asyncio.get_running_loop()
-
-        def fetch(start: int, length: int) -> bytes:
-            future = asyncio.run_coroutine_threadsafe(
-                self.store.read_range(ref, start, length), loop
-            )
-            return future.result()
-
-        source = RangeFile(ref.size, fetch)
+        source = range_file(self.store, ref, asyncio.get_running_loop())
         reader = await asyncio.to_thread(ManifestReader, source, self.store.url(ref.key))
         batches: Iterator[list[Member]] = reader.select(subtree)
         try:
@@ -126,12 +117,16 @@ class PackedDataset:
             if not member.size:
                 out[member.path] = b""
                 continue
-            span, data = next(
-                (s, d) for s, d in by_span if s.start <= member.offset < s.end or not member.size
-            )
+            span, data = next((s, d) for s, d in by_span if s.start <= member.offset < s.end)
             out[member.path] = bytes(member_bytes(span, data, member))
         return [out[m.path] for m in members]
 
 
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def range_file(store: ObjectStore, ref: ObjectRef, loop: asyncio.AbstractEventLoop) -> RangeFile:
+    """A RangeFile over the object ``ref`` whose ranged GETs run on ``loop``: for pyarrow,
+    reading in a worker thread while the loop serves the requests."""
+
+    def fetch(start: int, length: int) -> bytes:
+        return asyncio.run_coroutine_threadsafe(store.read_range(ref, start, length), loop).result()
+
+    return RangeFile(ref.size, fetch)

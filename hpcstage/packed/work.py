@@ -32,6 +32,7 @@ from hpcstage.core.packing import (
     work_prefix,
 )
 from hpcstage.errors import ObjectMissingError, PackError
+from hpcstage.packed.dataset import range_file
 from hpcstage.packed.manifest import COLUMNS, ManifestWriter, Member, RangeFile, members_of
 from hpcstage.store.protocol import ObjectStore
 
@@ -121,15 +122,7 @@ class PackWork:
             source: str | RangeFile = str(self.local_listing)
         else:
             ref = await self.store.head(self.base + LISTING)
-            loop = asyncio.get_running_loop()
-
-            def fetch(start: int, length: int) -> bytes:
-                future = asyncio.run_coroutine_threadsafe(
-                    self.store.read_range(ref, start, length), loop
-                )
-                return future.result()
-
-            source = RangeFile(ref.size, fetch)
+            source = range_file(self.store, ref, asyncio.get_running_loop())
         batches = await asyncio.to_thread(_row_batches, source, rows, self.url(LISTING))
         while (batch := await asyncio.to_thread(next, batches, None)) is not None:
             yield batch

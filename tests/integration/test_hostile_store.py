@@ -73,7 +73,8 @@ GOOD = {f"p/good{i}": hashlib.sha256(bytes([i])).digest() * (40 + i) for i in ra
 BAD = "p/bad"
 BAD_DATA = b"hostile-bytes " * 100  # 1400 bytes: a plain-MD5 ETag, one GET
 # released/: views of released jobs whose jobs left something undeletable (cache/layout.py)
-LAYOUT = {"objects", "jobs", "released", "index.db", "index.db-wal", "index.db-shm"}
+# What a cache holds at its top (cache/layout.py; packed/: packed datasets' trees, cache/trees.py).
+LAYOUT = {"objects", "jobs", "released", "packed", "index.db", "index.db-wal", "index.db-shm"}
 VENDOR_NAMES = re.compile(r"botocore|aiohttp|ClientPayloadError|Traceback|KeyError|ValueError")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
