@@ -151,8 +151,9 @@ def cat(
 ) -> None:
     """Write files of a packed dataset to standard output, checked against their CRC-32.
 
-    Each URL is s3://BUCKET/.../NAME.hpack[@N]/PATH. One ranged GET per file (files next to
-    each other in a segment are not fetched twice).
+    Each URL is s3://BUCKET/.../NAME.hpack[@N]/PATH. A file costs the version record, the
+    manifest's footer and the one row group that holds its path, then one ranged GET of its
+    bytes; nothing is written for a file whose bytes fail their check.
 
     \b
     Example:

@@ -75,7 +75,8 @@ def test_inputs_are_staged_onto_the_planned_node_before_the_job_starts(stager: S
     assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
     out = stager.output("alice", job)
     assert parse_sums(out) == sums, out
-    doc = stager.doc(job)
+    # The daemon sees the job run a poll after Slurm does (on a loaded machine, after it ended).
+    doc = stager.wait_doc(job, "seen running by the daemon", lambda d: bool(d["nodes"]))
     node = doc["nodes"][0]
     assert f"node={node}" in out
     # The daemon's records: every input was ready on that node before Slurm started the job.
