@@ -252,7 +252,9 @@ def test_a_warmup_materialises_the_tree_that_a_job_then_attaches(stager: Stager)
     done = stager.cli("alice", "warmup", src + "set2/", "--nodes", "n2", "--json")
     assert json.loads(done.stdout)["staging"]["n2"] in ("ready", "released"), done.stdout
     row = json.loads(stager.cli("alice", "cache", "ls", "n2", "--json").stdout)
-    assert row["usage"]["trees"] >= 1 and row["usage"]["leased_trees"] == 0, row["usage"]
+    # The warmup's tree is held by no job (an earlier test's job on n2 may still hold its own
+    # tree until its release: a fresh clone's run saw trees 2, leased 1).
+    assert row["usage"]["trees"] > row["usage"]["leased_trees"], row["usage"]
     assert "packed trees:" in stager.cli("alice", "cache", "ls", "n2").stdout
     job = stager.submit(
         "alice", JOB.format(src=src + "set2/", dest="set2", sleep=0), "--nodelist=n2"
