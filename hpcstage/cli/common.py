@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +11,8 @@ from hpcstage.cli.client import ClientSettings, load_client_settings
 from hpcstage.errors import ConfigError
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from hpcstage.config.schema import Settings
 
 ENV_VAR = "HPCSTAGE_CONFIG"
@@ -45,3 +47,26 @@ def load_settings(path: Path | None) -> Settings:
 def load_client(path: Path | None) -> ClientSettings:
     """The values a command that talks to the daemon needs (hpcstage.cli.client)."""
     return load_client_settings(_given(path))
+
+
+def bytes_bar(**options: Any) -> Progress:
+    """A rich progress bar of bytes (description, bar, bytes done, rate, time left), as
+    ``warmup`` and ``pack`` draw it. rich is imported here: its import is slow, and the commands
+    that print JSON never pay for it."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, **options)

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from hpcstage.cli.common import ENV_VAR
+from hpcstage.cli.common import ENV_VAR, bytes_bar
 from hpcstage.core.packed import SUFFIX, VersionInfo
 from hpcstage.core.packing import (
     DEFAULT_SLICE_FILES,
@@ -142,23 +142,7 @@ class _Report:
                 self._bar.stop()
 
     def _start_bar(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=_stderr_console(),
-        )
+        self._bar = bytes_bar(console=_stderr_console())
         self._bar.start()
         self._task = self._bar.add_task("listing", total=None)
 

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from hpcstage.cli.client import Client, ClientSettings, client_for
-from hpcstage.cli.common import config_option, load_client
+from hpcstage.cli.common import bytes_bar, config_option, load_client
 from hpcstage.core.nodes import cache_dir_for
 from hpcstage.core.units import format_size
 from hpcstage.errors import ApiError, HpcstageError
@@ -381,23 +381,7 @@ def _follow(client: Client, warm_id: int, nodes: list[str], show_bar: bool) -> A
         while not _settled(doc, nodes):
             doc = _next(client, path, doc, QUIET_WAIT)
         return doc
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as bar:
+    with bytes_bar(transient=False) as bar:
         tasks = {n: bar.add_task(f"warm {n}", total=None) for n in nodes}
         while True:
             for node in nodes:
