@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from hpcstage import __version__
 from hpcstage.api import session
 from hpcstage.api.deps import ApiState
-from hpcstage.api.routes import dashboard, jobs, metrics, nodes, trash, warmups
+from hpcstage.api.routes import dashboard, jobs, metrics, nodes, packs, trash, warmups
 from hpcstage.api.service import StagingService
 from hpcstage.errors import ConfigError
 
@@ -18,6 +18,7 @@ ROUTERS = (
     metrics.router,
     jobs.router,
     warmups.router,
+    packs.router,
     nodes.router,
     trash.router,
     dashboard.router,

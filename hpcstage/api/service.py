@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
+from hpcstage.core.packing import PackRequest
 from hpcstage.store.s3 import S3Store
 
 
@@ -77,6 +78,13 @@ class StagingService(Protocol):
 
     def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
         """Record a warmup; its id. DirectiveError, PermissionError or LimitError if refused."""
+
+    def create_pack(self, request: PackRequest, user: str, admin: bool = False) -> int:
+        """Record a daemon pack; its id. DirectiveError, PermissionError or LimitError if
+        refused."""
+
+    def pack_document(self, session: Session, row: Any) -> dict[str, Any]:
+        """A daemon pack's status document, with live progress and the change count."""
 
     async def cache_usage(self, node: str) -> dict[str, Any]:
         """What ``node``'s cache holds (asks its agent)."""

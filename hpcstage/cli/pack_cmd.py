@@ -259,6 +259,13 @@ def _with_access(fn: Callable[..., Any]) -> Callable[..., Any]:
 )
 @click.option("--sbatch-arg", "sbatch_args", multiple=True, help="--slurm: more sbatch options.")
 @click.option("--wait", is_flag=True, help="--slurm: wait for the merge job to end.")
+@click.option(
+    "--daemon",
+    "via_daemon",
+    is_flag=True,
+    help="Have the site daemon pack an S3 prefix the policy lets you read, with the site's"
+    " credentials, into a dataset on S3 you may write.",
+)
 @_with_access
 def pack(src: str, dest: str, **opts: Any) -> None:
     """Pack SRC (a directory, or s3://bucket/prefix/) into a new version of the packed dataset
@@ -281,13 +288,25 @@ def pack(src: str, dest: str, **opts: Any) -> None:
     version is the same, byte for byte, as one process would make. Job ids are printed;
     --wait waits for the merge.
 
+    With --daemon, the site daemon packs SRC (s3://bucket/prefix/) into DEST (s3://...)
+    on its own host, with the site's credentials, if the site policy lets you read SRC and
+    write DEST: for data you may stage but hold no S3 keys for. Progress and the summary
+    are shown as for a pack run here; Ctrl-C stops following, not the pack. A stopped
+    daemon resumes it when it starts again.
+
     \b
     Examples:
       hpcstage pack /scratch/alice/ligands s3://lib/ligands.hpack/
       hpcstage pack --update /scratch/alice/ligands s3://lib/ligands.hpack/ --json
       hpcstage pack s3://raw/run42/ s3://lib/run42.hpack/ --slurm --tasks 16 \\
           --partition transfer --wait
+      hpcstage pack --daemon s3://datasets/ligands/ s3://lib/ligands.hpack/
     """
+    if opts["via_daemon"]:
+        from hpcstage.cli.daemon_pack import pack_on_daemon
+
+        pack_on_daemon(src, dest, opts)
+        return
     try:
         asyncio.run(_pack(src, dest, opts))
     except KeyboardInterrupt:

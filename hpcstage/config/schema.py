@@ -383,6 +383,10 @@ class LimitSettings(_Section):
     """Unfinished warmups one user may have at once (admins: no limit)."""
     warmups_per_minute: int = Field(default=30, ge=0)
     """Warmups one user may request in any minute (admins: no limit)."""
+    packs_in_flight: int = Field(default=2, ge=0)
+    """Unfinished daemon packs (``hpcstage pack --daemon``) one user may have (admins: no limit)."""
+    packs_running: int = Field(default=2, ge=1)
+    """Daemon packs running at once on the daemon's host; more wait, queued."""
 
 
 class Settings(_Section):

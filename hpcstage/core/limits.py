@@ -67,6 +67,18 @@ def warmup_refusal(limits: LimitSettings, in_flight: int, last_minute: int) -> s
     return ""
 
 
+def pack_refusal(limits: LimitSettings, in_flight: int) -> str:
+    """Why a user with ``in_flight`` unfinished daemon packs may not ask for another ('' when
+    they may)."""
+    most = limits.packs_in_flight
+    if most and in_flight >= most:
+        return (
+            f"you have {in_flight} packs in progress and limits.packs_in_flight is {most}:"
+            " wait for one to finish"
+        )
+    return ""
+
+
 @dataclass(frozen=True)
 class OutputLimit:
     """At most ``max_files`` files and ``max_bytes`` bytes for one stage-out (None: no

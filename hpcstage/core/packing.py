@@ -18,14 +18,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from hpcstage.core.directives import SourceKind, parse_source
 from hpcstage.core.packed import (
     MAX_VERSION,
+    SUFFIX,
     WORK,
     padded,
     segment_name,
     tar_header,
 )
-from hpcstage.errors import PackError
+from hpcstage.errors import DirectiveError, PackError
 
 DEFAULT_SLICE_FILES = 250_000  # rows of the listing per slice: the unit of a Slurm array task
 SEGMENT_MAX_FILES = 32_768  # a segment's rows are held in memory while it is built
@@ -234,3 +236,84 @@ def sbatch_args(
     if partition:
         args.append(f"--partition={partition}")
     return [*args, *extra]
+
+
+# -- a pack the daemon runs -------------------------------------------------------------------
+
+DAEMON_MAX_SEGMENT = 4 * 2**30  # a daemon pack builds each segment in its spool on the daemon host
+
+
+@dataclass(frozen=True)
+class PackRequest:
+    """``hpcstage pack --daemon SRC DEST``: what a user asks the daemon to pack (POST body)."""
+
+    src: str  # s3://bucket/prefix/
+    dest: str  # s3://bucket/.../NAME.hpack/
+    update: bool = False
+    segment_size: str = "256M"
+    verify: bool = False
+
+    def check(self) -> None:
+        """DirectiveError unless SRC is an S3 prefix and DEST an S3 packed dataset (whole,
+        no version, no subtree), apart from each other, with a sane segment size."""
+        src = parse_source(self.src)
+        if src.kind is not SourceKind.S3_PREFIX or src.url != self.src:
+            raise DirectiveError(f"SRC {self.src!r}: expected an S3 prefix, s3://bucket/prefix/")
+        dest = parse_source(self.dest)
+        whole = f"s3://{dest.bucket}/{dest.key}"
+        if dest.kind is not SourceKind.S3_PACKED or "@" in dest.key or dest.url != self.dest:
+            raise DirectiveError(f"DEST {self.dest!r}: expected s3://bucket/.../NAME{SUFFIX}/")
+        if not whole.endswith(SUFFIX + "/"):
+            raise DirectiveError(f"DEST {self.dest!r}: name the dataset, not a directory in it")
+        if self.dest.startswith(self.src) or self.src.startswith(self.dest):
+            raise DirectiveError(f"DEST {self.dest} and SRC {self.src} must not hold each other")
+        try:
+            size = check_segment_size(parse_size(self.segment_size))
+        except PackError as exc:
+            raise DirectiveError(f"segment size: {exc}") from None
+        if size > DAEMON_MAX_SEGMENT:
+            raise DirectiveError(
+                f"segment size {self.segment_size}: at most {DAEMON_MAX_SEGMENT // 2**30} GiB"
+                " for a pack the daemon runs"
+            )
+
+    def options(self) -> dict[str, Any]:
+        return {"update": self.update, "segment_size": self.segment_size, "verify": self.verify}
+
+
+@dataclass(frozen=True)
+class PackUpdate:
+    """One JSON line of ``hpcstage pack --json``: progress, or the final summary."""
+
+    event: str  # progress | done | submitted | merged
+    progress: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+
+
+PROGRESS_FIELDS = frozenset(
+    {
+        "files_total",
+        "bytes_total",
+        "files",
+        "bytes",
+        "segments",
+        "segments_skipped",
+        "phase",
+        "listed",
+    }
+)
+
+
+def parse_pack_line(line: bytes | str) -> PackUpdate | None:
+    """Decode one line of ``hpcstage pack --json``; None when it is not one of its messages."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
+        return None
+    if doc["event"] == "progress":
+        fields = {k: v for k, v in doc.items() if k in PROGRESS_FIELDS}
+        return PackUpdate("progress", progress=fields)
+    body = {k: v for k, v in doc.items() if k != "event"}
+    return PackUpdate(doc["event"], summary=body)

@@ -95,6 +95,12 @@ class Changes:
             self.bump(jobs)
 
 
+def pack_key(pack_id: int) -> int:
+    """The key a daemon pack's changes are counted and waited on under: packs share the
+    counter with jobs, under negative keys, so that pack 7 and job 7 never wake each other."""
+    return -pack_id
+
+
 def _note_jobs(session: Session, _context: object) -> None:
     # after_flush: ids are assigned, and new/dirty still list what this flush wrote.
     jobs: set[int] = session.info.setdefault(_TOUCHED, set())

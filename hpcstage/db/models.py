@@ -157,3 +157,24 @@ class Event(Base):
     node: Mapped[str] = mapped_column(String(128), default="")
     level: Mapped[str] = mapped_column(String(8), default="info")
     message: Mapped[str] = mapped_column(Text)
+
+
+class Pack(Base):
+    """``hpcstage pack --daemon``: a packing the daemon runs for a user with the site's
+    credentials (S3 prefix to packed dataset), after the policy let the user read the source
+    and write the destination."""
+
+    __tablename__ = "packs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    src: Mapped[str] = mapped_column(Text)
+    dest: Mapped[str] = mapped_column(Text, index=True)
+    options: Mapped[str] = mapped_column(Text, default="{}")  # JSON: update, segment_size, ...
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # running, done, failed
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float, default=0.0)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    summary: Mapped[str] = mapped_column(Text, default="")  # JSON: the pack's "done" line

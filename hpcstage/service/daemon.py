@@ -28,8 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
 from hpcstage.core import plan as planner
+from hpcstage.core.packing import PackRequest
 from hpcstage.db import open_db
-from hpcstage.db.changes import Changes
+from hpcstage.db.changes import Changes, pack_key
 from hpcstage.errors import SlurmError, StateUnavailable, StoreError, TransportError
 from hpcstage.service import leader
 from hpcstage.service.audit import AuditLog
@@ -39,6 +40,7 @@ from hpcstage.staging.bins import RecycleBins, stage_out_buckets
 from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.executor import Executor
 from hpcstage.staging.nodes import NodeAgents
+from hpcstage.staging.packs import Packs
 from hpcstage.staging.warmups import Warmups
 from hpcstage.store.credentials import CredentialSource
 from hpcstage.store.s3 import S3Store
@@ -60,6 +62,7 @@ class Parts:
     executor: Executor
     admission: Admission
     warmups: Warmups
+    packs: Packs
     caches: NodeCaches
     timers: Timers
 
@@ -113,6 +116,8 @@ class Daemon:
         self._parts = self._wire(self.db, self.backend, creds)
         log.info("agents start with: %s", self._parts.nodes.agent_command)
         self._parts.executor.recover()
+        self._parts.packs.recover()
+        self._parts.packs.start_due()  # packs a stopped daemon left: they resume
         await self._parts.nodes.refresh_nodes()
 
     def _wire(
@@ -125,6 +130,7 @@ class Daemon:
             executor=Executor(self.settings, db, nodes, self._wake.set, self.bins.store),
             admission=Admission(self.settings, backend, self.audit.record),
             warmups=Warmups(self.settings, db, self.audit.record, self.wake),
+            packs=Packs(self.settings, db, self.audit.record, self._pack_changed),
             caches=caches,
             timers=Timers(db, nodes, caches, self.bins, self.access, creds),
         )
@@ -257,6 +263,7 @@ class Daemon:
     async def shutdown(self) -> None:
         """Cancel transfers (they stay queued in the database) and close agent sessions."""
         if self._parts is not None:
+            await self._parts.packs.close()
             await self._parts.executor.cancel()
             if self.exit_code != 3:  # with the lock lost, the state is the next daemon's
                 self._parts.executor.flush_progress(requeue=True)
@@ -337,3 +344,16 @@ class Daemon:
     def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
         """Record a warmup of ``src`` on ``nodes``; the next tick starts it (see Warmups)."""
         return self.parts.warmups.create(src, nodes, user, admin)
+
+    def create_pack(self, request: PackRequest, user: str, admin: bool = False) -> int:
+        """Record a pack the daemon runs for ``user``; it starts when a slot is free (Packs)."""
+        return self.parts.packs.create(request, user, admin)
+
+    def pack_document(self, session: Session, row: Any) -> dict[str, Any]:
+        """A daemon pack's status, with live progress while it runs."""
+        doc = self.parts.packs.document(session, row)
+        doc["changes"] = self.changes.count
+        return doc
+
+    def _pack_changed(self, pack_id: int) -> None:
+        self.changes.bump({pack_key(pack_id)})

@@ -199,3 +199,16 @@ def test_a_database_of_revision_0004_upgrades_and_its_stage_outs_do_not_pack(
             assert session.get_one(Request, 1).pack is True
     finally:
         factory.kw["bind"].dispose()
+
+
+def test_the_migrations_make_exactly_the_tables_the_models_declare(tmp_path: Path) -> None:
+    # A model column or table without its migration (or the other way round) works in tests
+    # that create tables from the models, and breaks every site's upgrade.
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from hpcstage.db import Base, open_db
+
+    factory = open_db(f"sqlite:///{tmp_path}/state.db")
+    with factory.kw["bind"].connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
