@@ -107,11 +107,15 @@ class AgentError(HpcstageError):
     """The agent ran the call and reports that it failed (message is for users).
 
     ``transient`` is True when a retry later may succeed (the store was down or throttling).
+    ``node_only`` is True when the failure is the node's own (its disk full or failing, its
+    cache or its quota), so another node may well succeed; False when the data itself is at
+    fault (missing, refused, corrupt, over a job's limit) and every node would fail alike.
     """
 
-    def __init__(self, message: str, transient: bool = False) -> None:
+    def __init__(self, message: str, transient: bool = False, node_only: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.node_only = node_only
 
 
 class ProtocolError(AgentError):

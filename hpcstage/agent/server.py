@@ -17,7 +17,15 @@ from typing import Any, Generic, TypeVar, cast
 from hpcstage.agent import calls, peer, stagein, uploader
 from hpcstage.agent.context import NodeContext
 from hpcstage.core.stageout import shown
-from hpcstage.errors import CredentialError, HpcstageError, ObjectChangedError, TransientStoreError
+from hpcstage.errors import (
+    AccessError,
+    CacheError,
+    CredentialError,
+    HpcstageError,
+    ObjectChangedError,
+    QuotaError,
+    TransientStoreError,
+)
 from hpcstage.protocol import messages as m
 from hpcstage.protocol.framing import MAX_LINE, Handler, ProgressFn, decode, encode
 from hpcstage.protocol.wire import from_wire, to_wire
@@ -122,11 +130,20 @@ async def _handle(
         send({"event": "result", "data": await handler(message.get("params", {}), progress)})
     except (HpcstageError, OSError) as exc:
         transient = isinstance(exc, TransientStoreError | ObjectChangedError)
-        send({"event": "error", "message": _user_message(exc), "transient": transient})
+        reply = {"event": "error", "message": _user_message(exc), "transient": transient}
+        send({**reply, "node_only": isinstance(exc, NODE_ONLY)})
     except Exception as exc:  # never let one bad call kill the agent's other work
         log.exception("call %s failed", message.get("op"))
-        send({"event": "error", "message": shown(f"internal error: {type(exc).__name__}: {exc}")})
+        text = shown(f"internal error: {type(exc).__name__}: {exc}")
+        send({"event": "error", "message": text, "node_only": True})
     await writer.drain()
+
+
+# Failures of the node itself (its filesystem, its cache, its room under the quotas): another
+# node may succeed, so the daemon drops this node from a pending job's targets instead of
+# failing the job. Everything else (missing or refused objects, corrupt datasets, a job's own
+# limits) would fail on every node alike.
+NODE_ONLY = (OSError, CacheError, QuotaError, AccessError)
 
 
 def _user_message(exc: BaseException) -> str:

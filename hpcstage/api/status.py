@@ -110,9 +110,12 @@ def node_readiness(job: Job) -> dict[str, str]:
     result = {}
     for node, states in per_node.items():
         state = planner.node_state(states)
-        result[node] = {"ready": READY, "failed": FAILED, "released": "released"}.get(
-            state, WAITING
-        )
+        result[node] = {
+            "ready": READY,
+            "failed": FAILED,
+            "released": "released",
+            "dropped": "dropped",
+        }.get(state, WAITING)
     return result
 
 

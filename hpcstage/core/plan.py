@@ -5,7 +5,10 @@ carries out. Nothing here touches Slurm, agents or the database, so every rule i
 
 Rules, in order of precedence:
 1. A job whose directives were refused, or one of whose inputs failed on some node, gets
-   nothing more staged (its ``hpcstage env`` fails with that error).
+   nothing more staged (its ``hpcstage env`` fails with that error). A failure of the node
+   itself (unreachable for good, its disk or cache failing, its quota full) before the job
+   runs there only drops that node (``dropped``): it is not staged again while the job is
+   pending, and gets one fresh attempt if Slurm starts the job on it anyway.
 2. A running job is staged on the nodes it actually got, at once (Slurm's plan is advisory).
 3. A pending job is staged on the nodes the backfill scheduler plans for it; when the plan
    moves, the old nodes' views are released (their objects stay cached, unleased). A
@@ -32,7 +35,8 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-# Staging states, per (request, node): queued -> running -> ready | failed; then released.
+# Staging states, per (request, node): queued -> running -> ready | failed | dropped (the
+# node failed, not the data: see rule 1); then released.
 IN_FLIGHT = "running"
 DONE_STATES = frozenset({"ready", "failed"})
 RUNNING_JOB_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"})
@@ -107,7 +111,7 @@ Action = Stage | Release | StageOut | MarkReleased
 def node_state(request_states: Iterable[str]) -> str:
     """One state for a node from its requests' states: failed > running > queued > ready."""
     states = set(request_states)
-    for state in ("failed", "running", "queued", "released"):
+    for state in ("failed", "running", "dropped", "queued", "released"):
         if state in states:
             return state
     return "ready" if states else "absent"
@@ -167,10 +171,12 @@ def _stage(job: JobView, cache_nodes: Sequence[str] = ()) -> list[Stage]:
         reason = "warmup"
     elif not running and not job.planned_nodes:
         reason = "no nodes planned yet: held on the cache cluster"
+    # A dropped node is tried again only once the job runs there (then its failure is final).
+    again = ("absent", "queued", "released", *(("dropped",) if running else ()))
     return [
         Stage(key, job.id, node, reason)
         for node in targets(job, cache_nodes)
-        if job.node_states.get(node, "absent") in ("absent", "queued", "released")
+        if job.node_states.get(node, "absent") in again
     ]
 
 
@@ -188,7 +194,7 @@ def _retarget(job: JobView, cache_nodes: Sequence[str] = ()) -> list[Action]:
             else "Slurm's plan moved the job elsewhere",
         )
         for node, state in job.node_states.items()
-        if node not in keep and state == "ready"
+        if node not in keep and state in ("ready", "dropped")
     ]
 
 

@@ -123,7 +123,8 @@ class RpcClient:
             call.future.set_result(message.get("data", {}))
         elif event == "error":
             text = str(message.get("message", "agent error"))
-            call.future.set_exception(AgentError(text, bool(message.get("transient"))))
+            transient, node_only = bool(message.get("transient")), bool(message.get("node_only"))
+            call.future.set_exception(AgentError(text, transient, node_only))
 
     def _fail_all(self, reason: str) -> None:
         self.close_reason = reason

@@ -53,18 +53,40 @@ class StagingRecords:
             log_event(session, r.job_id, st.node, msg)
         self.progress.pop(staging_id, None)
 
-    def fail(self, staging_id: int, action: planner.Stage | planner.StageOut, message: str) -> None:
-        """The staging failed for good; the others running for the job on the node stop."""
+    def fail(
+        self,
+        staging_id: int,
+        action: planner.Stage | planner.StageOut,
+        message: str,
+        node_only: bool = False,
+    ) -> None:
+        """The staging failed for good; the others running for the job on the node stop.
+
+        ``node_only``: the node is at fault, not the data (its disk, cache or quota). A job
+        that does not run on that node yet then only loses the node (``dropped``): the plan
+        moves on, and Slurm may start the job elsewhere. Where the job runs, and for a
+        warmup (whose nodes the user named), the failure is the job's.
+        """
         with self.db.begin() as session:
             st = session.get_one(Staging, staging_id)
+            job = st.request.job
+            dropped = node_only and droppable(job, action.node)
+            state = "dropped" if dropped else "failed"
             apply(st, self.progress.pop(staging_id, Progress()))
             self.save_files(session, st)
-            st.state, st.error, st.finished_at = "failed", message, time.time()
+            st.state, st.error, st.finished_at = state, message, time.time()
             # The other requests of this job on this node will not run now: say why.
             for other in job_stagings(session, action.job_id, action.node):
                 if other.state == "running":
-                    other.state, other.error = "failed", "not staged: another input failed"
-            log_event(session, action.job_id, action.node, f"failed: {message}", "error")
+                    other.state, other.error = state, "not staged: another input failed"
+            if dropped:
+                text = (
+                    f"{action.node} dropped from the job's nodes: {message} (the job can"
+                    " still start elsewhere; it is staged again if Slurm starts it here)"
+                )
+                log_event(session, action.job_id, action.node, text, "warning")
+            else:
+                log_event(session, action.job_id, action.node, f"failed: {message}", "error")
 
     def staged(self, staging_id: int) -> tuple[int, int]:
         """(bytes, files) a finished staging moved."""
@@ -142,6 +164,15 @@ def staging_row(session: Session, request: Request, node: str) -> Staging:
         session.add(found)
         session.flush()
     return found
+
+
+def droppable(job: Job, node: str) -> bool:
+    """Whether a node-only failure on ``node`` may just drop the node from ``job``'s targets:
+    a batch job that does not run there (yet)."""
+    if job.kind != "job":
+        return False
+    running_here = job.state in planner.RUNNING_JOB_STATES and node in job.nodes.split(",")
+    return not running_here
 
 
 def job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:

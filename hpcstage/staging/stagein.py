@@ -29,7 +29,7 @@ from hpcstage.staging import peer
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.pin import OpenStore, Pinner
-from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
+from hpcstage.staging.records import StagingRecords, apply, droppable, key_of, staging_row
 from hpcstage.watch.fold import log_event
 
 log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
@@ -93,7 +93,10 @@ class StageIn:
             if exc.transient:  # the store was down or throttling: try again later
                 self._requeue(action, remaining(plan, current), str(exc))
             else:
-                self.records.fail(current.staging_id, action, f"{current.where()}{exc}")
+                message = f"{current.where()}{exc}"
+                if exc.node_only:
+                    message = f"on {action.node}: {message}"
+                self.records.fail(current.staging_id, action, message, exc.node_only)
         except TransportError as exc:
             self.nodes.node_failed(action.node)
             self._requeue(action, remaining(plan, current), str(exc))
@@ -222,10 +225,23 @@ class StageIn:
 
     def _requeue(self, action: planner.Stage, staging_ids: list[int], message: str) -> None:
         with self.db.begin() as session:
+            # A node out of reach for good is the node's failure: a job not running there
+            # only loses the node (records.droppable), the plan moves on.
+            job = session.get_one(Job, action.job_id)
+            final = "dropped" if droppable(job, action.node) else "failed"
+            gave_up = False
             for staging_id in staging_ids:
                 st = session.get_one(Staging, staging_id)
                 apply(st, self.records.progress.pop(staging_id, Progress()))
                 give_up = st.attempts >= MAX_TRANSPORT_ATTEMPTS
-                st.state = "failed" if give_up else "queued"
+                gave_up = gave_up or give_up
+                st.state = final if give_up else "queued"
                 st.error = f"node {action.node} unreachable: {message}"
-            log_event(session, action.job_id, action.node, f"will retry: {message}", "warning")
+            if not gave_up:
+                log_event(session, job.id, action.node, f"will retry: {message}", "warning")
+            elif final == "dropped":
+                text = f"{action.node} dropped from the job's nodes: unreachable: {message}"
+                log_event(session, job.id, action.node, text, "warning")
+            else:
+                text = f"failed: node {action.node} unreachable: {message}"
+                log_event(session, job.id, action.node, text, "error")

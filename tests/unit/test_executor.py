@@ -118,9 +118,13 @@ def db() -> Iterator[sessionmaker[Session]]:
     found.kw["bind"].dispose()
 
 
-def _job(db: sessionmaker[Session], *requests: Request, state: str = "RUNNING") -> int:
+def _job(
+    db: sessionmaker[Session], *requests: Request, state: str = "RUNNING", nodes: str = NODE
+) -> int:
     with db.begin() as session:
         job = Job(slurm_job_id=7, user="bob", account="lab", state=state, batch_host=NODE)
+        job.nodes = nodes if state == "RUNNING" else ""
+        job.planned_nodes = "" if state == "RUNNING" else nodes
         job.requests.extend(requests)
         session.add(job)
         session.flush()
@@ -254,6 +258,48 @@ def test_a_stage_in_the_agent_refuses_fails_with_its_message_and_stops_the_other
     )
     assert (second.state, second.error) == ("failed", "not staged: another input failed")
     assert _events(db)[-1] == f"failed: {first.error}"
+
+
+def test_a_node_failure_before_the_job_runs_there_drops_the_node_not_the_job(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), _in(2), state="PENDING")
+    agent = FakeAgent(AgentError("No space left on device", node_only=True))
+    _run(Executor(settings, db, FakeNodes(n1=agent)), _stage(job_id))
+    first, second = _stagings(db)
+    assert (first.state, second.state) == ("dropped", "dropped")
+    assert first.error == "on n1: line 1: --stage-in=s3://data/set1/: No space left on device"
+    assert _events(db)[-1].startswith("n1 dropped from the job's nodes: on n1: ")
+
+
+def test_a_node_failure_where_the_job_runs_fails_the_job_naming_the_node(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), state="RUNNING", nodes=NODE)
+    agent = FakeAgent(AgentError("No space left on device", node_only=True))
+    _run(Executor(settings, db, FakeNodes(n1=agent)), _stage(job_id))
+    (st,) = _stagings(db)
+    assert st.state == "failed"
+    assert st.error.startswith("on n1: ")
+
+
+def test_a_data_failure_fails_a_pending_job_too(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), state="PENDING")
+    _run(Executor(settings, db, FakeNodes(n1=FakeAgent(AgentError("no such key")))), _stage(job_id))
+    assert _stagings(db)[0].state == "failed"
+
+
+def test_a_node_out_of_reach_for_good_is_dropped_from_a_pending_job(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), state="PENDING")
+    for _ in range(MAX_TRANSPORT_ATTEMPTS):
+        nodes = FakeNodes(n1=FakeAgent(TransportError("session closed")))
+        _run(Executor(settings, db, nodes), _stage(job_id))
+    (st,) = _stagings(db)
+    assert (st.state, st.attempts) == ("dropped", MAX_TRANSPORT_ATTEMPTS)
 
 
 # ---------------------------------------------------------------------------- stage-out

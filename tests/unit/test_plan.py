@@ -57,6 +57,24 @@ def test_refused_or_failed_jobs_get_nothing_more() -> None:
     assert stages(plan([refused, failed], NOW, GRACE, {})) == []
 
 
+def test_a_dropped_node_is_not_staged_again_while_the_others_are() -> None:
+    view = job(planned_nodes=("n1", "n2", "n3"), node_states={"n2": "dropped"})
+    assert stages(plan([view], NOW, GRACE, {})) == [(1, "n1"), (1, "n3")]
+
+
+def test_a_dropped_node_gets_one_more_attempt_once_the_job_runs_there() -> None:
+    view = job(state="RUNNING", nodes=("n2",), node_states={"n2": "dropped", "n1": "ready"})
+    actions = plan([view], NOW, GRACE, {})
+    assert stages(actions) == [(1, "n2")]
+    assert releases(actions) == [(1, "n1")]  # the plan moved: its view goes
+
+
+def test_when_the_plan_leaves_a_dropped_node_its_partial_view_is_released() -> None:
+    view = job(planned_nodes=("n3",), node_states={"n2": "dropped"})
+    actions = plan([view], NOW, GRACE, {})
+    assert (stages(actions), releases(actions)) == ([(1, "n3")], [(1, "n2")])
+
+
 def test_running_jobs_first_then_earliest_start_then_priority() -> None:
     jobs = [
         job(id=1, planned_nodes=("n1",), expected_start=NOW + 300, priority=10),
@@ -112,6 +130,8 @@ def test_node_state_aggregation() -> None:
     assert node_state(["ready", "running"]) == "running"
     assert node_state(["queued", "ready"]) == "queued"
     assert node_state(["ready", "failed", "running"]) == "failed"
+    assert node_state(["ready", "dropped"]) == "dropped"
+    assert node_state(["dropped", "running"]) == "running"
     assert node_state([]) == "absent"
 
 
