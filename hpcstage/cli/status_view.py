@@ -224,6 +224,8 @@ def jobs_table(
     """The listing: a header (unless ``header`` is False) and one line per job, with each
     node's readiness under it when ``verbose``; ``parsable``: values joined by ``|``."""
     pieces = parse_format(spec)
+    if not jobs:  # a person is told; a script (-h, --parsable) reads no line, as from squeue
+        return "no jobs with staging directives" if header and not parsable else ""
     jobs = [printable(job) for job in jobs]
     lines = []
     if header:
@@ -232,8 +234,6 @@ def jobs_table(
         lines.append(_line(pieces, {c: c.field.value(job) for c in _columns(pieces)}, parsable))
         if verbose:
             lines.extend(node_lines(job))
-    if not jobs and not parsable:
-        lines.append("no jobs with staging directives")
     return "\n".join(lines)
 
 
