@@ -68,11 +68,38 @@ def parse_users(text: str) -> list[str]:
     return users
 
 
+def parse_job_id(text: str) -> list[int]:
+    """JOBID as squeue takes it: ``[A]`` for a job, ``[A, a]`` for task a of array A (A_a)."""
+    match = re.fullmatch(r"([0-9]{1,18})(?:_([0-9]{1,9}))?", text.strip())
+    if match is None:
+        raise ValueError(f"expected a job id (1234) or an array task (1234_5), got {text!r}")
+    return [int(g) for g in match.groups() if g is not None]
+
+
+def array_task(jobs: Iterable[Doc], array: int, task: int) -> int | None:
+    """The job id of task ``task`` of array ``array``, if it is among ``jobs``."""
+    for job in jobs:
+        if job.get("array_job_id") == array and job.get("array_task_id") == task:
+            return int(job["job_id"])
+    return None
+
+
 def jobs_query(show_all: bool, users: Iterable[str], states: Iterable[str]) -> str:
     """The API path of a listing: the daemon filters, so only the jobs shown cross the wire."""
     params = [("all", "true" if show_all else "false")]
     params += [("user", u) for u in users] + [("state", s) for s in states]
     return "/api/v1/jobs?" + urllib.parse.urlencode(params)
+
+
+def kept(jobs: list[Doc], users: Iterable[str], states: Iterable[str]) -> list[Doc]:
+    """The jobs a listing asked for, again: a daemon older than ``jobs_query``'s filters
+    ignores them and answers every job."""
+    users, states = set(users), set(states)
+    return [
+        job
+        for job in jobs
+        if (not users or job["user"] in users) and (not states or job["state"] in states)
+    ]
 
 
 # --------------------------------------------------------------------------- fields

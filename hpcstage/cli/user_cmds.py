@@ -235,7 +235,7 @@ default: -o "{view.DEFAULT_FORMAT}"
 # -h is squeue's --noheader here, as users type it; help is --help alone.
 @click.command(epilog=STATUS_EPILOG, context_settings={"help_option_names": ["--help"]})
 @config_option
-@click.argument("job_id", type=int, required=False)
+@click.argument("job_id", metavar="[JOBID]", required=False, callback=_parsed(view.parse_job_id))
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON document.")
 @click.option("--all", "show_all", is_flag=True, help="Include jobs whose staging is over.")
 @click.option("--me", is_flag=True, help="Only your own jobs (the --for-uid user's, if given).")
@@ -274,7 +274,7 @@ default: -o "{view.DEFAULT_FORMAT}"
 )
 def status(
     config_path: Path | None,
-    job_id: int | None,
+    job_id: list[int] | None,
     as_json: bool,
     show_all: bool,
     me: bool,
@@ -286,7 +286,8 @@ def status(
     verbose: bool,
     for_uid: int | None,
 ) -> None:
-    """Show staging of one job (JOBID) or list the jobs the daemon tracks, as squeue does.
+    """Show staging of one job (JOBID, or A_a: task a of array A) or list the jobs the daemon
+    tracks, as squeue does.
 
     The list has a line per job: its id (A_a for an array task), name, user, account, Slurm
     state, how many of its nodes hold every input (READY 2/3) and its nodes as a hostlist
@@ -303,7 +304,7 @@ def status(
         _one_job(client, job_id, as_json)
         return
     who = [_user_name(for_uid)] if me else (users or [])
-    jobs = client.get(view.jobs_query(show_all, who, states or []))
+    jobs = view.kept(client.get(view.jobs_query(show_all, who, states or [])), who, states or [])
     if as_json:
         click.echo(json.dumps(jobs, indent=2))
         return
@@ -314,7 +315,7 @@ def status(
         click.echo(table)
 
 
-def _check_status_options(job_id: int | None, as_json: bool, given: list[str]) -> None:
+def _check_status_options(job_id: list[int] | None, as_json: bool, given: list[str]) -> None:
     """One job's page and JSON have no columns to choose; --me and -u name the same thing."""
     if job_id is not None and given:
         raise click.UsageError(f"{', '.join(given)}: for listings; JOBID shows one job whole")
@@ -324,7 +325,14 @@ def _check_status_options(job_id: int | None, as_json: bool, given: list[str]) -
         raise click.UsageError("--me and -u: give one of them")
 
 
-def _one_job(client: Client, job_id: int, as_json: bool) -> None:
+def _one_job(client: Client, ident: list[int], as_json: bool) -> None:
+    """JOBID, or an array task as squeue names it (A_a): that task's own job id is asked for."""
+    job_id = ident[0]
+    if len(ident) == 2:
+        found = view.array_task(client.get(view.jobs_query(True, [], [])), *ident)
+        if found is None:
+            raise HpcstageError(f"array task {ident[0]}_{ident[1]} is not known to hpcstage")
+        job_id = found
     try:
         doc = client.get(f"/api/v1/jobs/{job_id}")
     except ApiError as exc:

@@ -99,3 +99,8 @@ def test_a_three_node_job_and_a_20_task_array_in_squeues_idiom(stager: Stager) -
         f"{array}_{task}" for task in range(20)
     ), listing
     assert all(line.split()[2:5] == ["bob", "bio", "COMPLETED"] for line in listing[1:]), listing
+    # One task whole, named as squeue names it (its lines hold paths: no width to keep).
+    task = stager.cli("bob", "status", f"{array}_3").stdout.splitlines()
+    assert task[0].startswith(f"job {array}_3 (") and "user bob account bio: COMPLETED" in task[0]
+    doc = json.loads(stager.cli("bob", "status", f"{array}_3", "--json").stdout)
+    assert (doc["array_job_id"], doc["array_task_id"]) == (array, 3), doc

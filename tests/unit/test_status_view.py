@@ -10,10 +10,13 @@ from click.testing import CliRunner
 
 from hpcstage.cli.status_view import (
     DEFAULT_FORMAT,
+    array_task,
     job_text,
     jobs_query,
     jobs_table,
+    kept,
     parse_format,
+    parse_job_id,
     parse_states,
     parse_users,
     staging_summary,
@@ -219,6 +222,26 @@ def test_the_daemon_is_asked_for_the_filtered_jobs_only() -> None:
     assert jobs_query(True, ["alice", "b&b"], ["RUNNING", "PENDING"]) == (
         "/api/v1/jobs?all=true&user=alice&user=b%26b&state=RUNNING&state=PENDING"
     )
+
+
+def test_jobid_is_a_job_or_an_array_task_as_squeue_names_them() -> None:
+    assert parse_job_id("4242") == [4242]
+    assert parse_job_id("5000_3") == [5000, 3]
+    for bad in ("5000_[1-3]", "-1", "x", "5000_", "1" * 19):
+        with pytest.raises(ValueError, match="expected a job id"):
+            parse_job_id(bad)
+    tasks = array_tasks(5)
+    assert array_task(tasks, 5000, 3) == 5003
+    assert array_task(tasks, 5000, 7) is None
+    assert array_task(tasks, 4999, 3) is None
+
+
+def test_a_daemon_that_ignores_the_filters_is_filtered_after_it() -> None:
+    jobs = [summary(job_id=1), summary(job_id=2, user="bob", state="PENDING")]
+    assert [j["job_id"] for j in kept(jobs, ["bob"], [])] == [2]
+    assert [j["job_id"] for j in kept(jobs, [], ["RUNNING"])] == [1]
+    assert [j["job_id"] for j in kept(jobs, ["alice"], ["PENDING"])] == []
+    assert kept(jobs, [], []) == jobs
 
 
 @pytest.mark.parametrize(
