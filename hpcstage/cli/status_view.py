@@ -171,7 +171,7 @@ class Field:
 FIELDS: dict[str, Field] = {
     "i": Field("JOBID", job_ident),
     "A": Field("JOBID", lambda j: str(j["job_id"]) if j["kind"] == "job" else job_ident(j)),
-    "F": Field("ARRAY_JOB_ID", lambda j: str(j.get("array_job_id") or j["job_id"])),
+    "F": Field("ARRAY_JOB_ID", lambda j: str(j.get("array_job_id") or FIELDS["A"].value(j))),
     "K": Field("ARRAY_TASK_ID", _array_task),
     "j": Field("NAME", lambda j: j["name"]),
     "u": Field("USER", lambda j: j["user"]),

@@ -114,7 +114,9 @@ def test_a_pending_arrays_record_shows_its_remaining_tasks_as_squeue_does() -> N
     plain = jobs_table([summary()], "%i %F %K %A", header=False)
     assert plain == "4242 4242 N/A 4242"
     warmup = summary(kind="warmup", id=7, job_id=None, state="WARMUP")
-    assert jobs_table([warmup], "%i %A %t", header=False) == "warmup-7 warmup-7 WARMUP"
+    assert jobs_table([warmup], "%i %A %F %K %t", header=False) == (
+        "warmup-7 warmup-7 warmup-7 N/A WARMUP"
+    )
 
 
 @pytest.mark.parametrize(
