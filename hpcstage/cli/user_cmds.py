@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shlex
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import click
 
+from hpcstage.cli import status_view as view
 from hpcstage.cli.client import Client, ClientSettings, client_for
 from hpcstage.cli.common import bytes_bar, config_option, load_client
 from hpcstage.core.nodes import cache_dir_for
@@ -200,11 +202,70 @@ def _progress_line(doc: dict[str, Any], node: str) -> str:
 # ---------------------------------------------------------------------------- status
 
 
-@click.command()
+def _parsed(parse: Callable[[str], list[Any]]) -> Callable[..., list[Any] | None]:
+    """A click callback: ``parse`` the option's text, its ValueError a usage error."""
+
+    def callback(ctx: click.Context, param: click.Parameter, text: str | None) -> list[Any] | None:
+        try:
+            return None if text is None else parse(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+
+    return callback
+
+
+def _checked_format(ctx: click.Context, param: click.Parameter, spec: str | None) -> str | None:
+    """-o: refused before the daemon is asked if it names a field there is not."""
+    if spec is not None:
+        _parsed(view.parse_format)(ctx, param, spec)
+    return spec
+
+
+STATUS_EPILOG = f"""\b
+FORMAT (-o), as squeue's: %[.][SIZE]FIELD; SIZE pads and cuts, '.' right-justifies.
+  %i JOBID (A_a for array tasks)  %A job id   %F array job id  %K array task id
+  %j name  %u user  %a account  %P partition  %T state  %t state code  %r reason
+  %D node count  %N nodelist  %R nodelist (and why staging failed)  %% a '%'
+  %{{staging}} READY n/N: target nodes holding every input   %{{stage_out}} stage-out
+\b
+default: -o "{view.DEFAULT_FORMAT}"
+"""
+
+
+# -h is squeue's --noheader here, as users type it; help is --help alone.
+@click.command(epilog=STATUS_EPILOG, context_settings={"help_option_names": ["--help"]})
 @config_option
-@click.argument("job_id", type=int, required=False)
+@click.argument("job_id", metavar="[JOBID]", required=False, callback=_parsed(view.parse_job_id))
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON document.")
 @click.option("--all", "show_all", is_flag=True, help="Include jobs whose staging is over.")
+@click.option("--me", is_flag=True, help="Only your own jobs (the --for-uid user's, if given).")
+@click.option(
+    "-u",
+    "--user",
+    "users",
+    metavar="USER[,USER]",
+    callback=_parsed(view.parse_users),
+    help="Only these users' jobs (users see only their own anyway).",
+)
+@click.option(
+    "-t",
+    "--states",
+    "states",
+    metavar="STATE[,STATE]",
+    callback=_parsed(view.parse_states),
+    help="Only jobs in these Slurm states, long or short (PD,R,CG,CD,...; all).",
+)
+@click.option(
+    "-o",
+    "--format",
+    "spec",
+    metavar="FORMAT",
+    callback=_checked_format,
+    help="Columns, as squeue -o (below).",
+)
+@click.option("-h", "--noheader", is_flag=True, help="No header line.")
+@click.option("--parsable", is_flag=True, help="Fields joined by '|', not padded.")
+@click.option("-v", "--verbose", is_flag=True, help="Each job's nodes on lines under it.")
 @click.option(
     "--for-uid",
     type=click.IntRange(min=0),
@@ -212,123 +273,82 @@ def _progress_line(doc: dict[str, Any], node: str) -> str:
     help="Admins: answer as user UID would be answered (burst_buffer.lua's bbstat uses it).",
 )
 def status(
-    config_path: Path | None, job_id: int | None, as_json: bool, show_all: bool, for_uid: int | None
+    config_path: Path | None,
+    job_id: list[int] | None,
+    as_json: bool,
+    show_all: bool,
+    me: bool,
+    users: list[str] | None,
+    states: list[str] | None,
+    spec: str | None,
+    noheader: bool,
+    parsable: bool,
+    verbose: bool,
+    for_uid: int | None,
 ) -> None:
-    """Show staging of one job (JOBID) or of every job the daemon tracks.
+    """Show staging of one job (JOBID, or A_a: task a of array A) or list the jobs the daemon
+    tracks, as squeue does.
 
-    For one job: each input with files and bytes done/total per node, its state and error,
-    then the daemon's recent events for the job. Users see their own jobs only.
+    The list has a line per job: its id (A_a for an array task), name, user, account, Slurm
+    state, how many of its nodes hold every input (READY 2/3) and its nodes as a hostlist
+    (n[1-3]); -v adds a line per node. For one job: each input with files and bytes
+    done/total per node, its state and error, then the daemon's recent events for the job.
+    Users see their own jobs only.
     """
+    listing = {"--me": me, "-u": users, "-t": states, "-o": spec, "-h": noheader}
+    listing |= {"--parsable": parsable, "-v": verbose and job_id is None}
+    _check_status_options(job_id, as_json, [name for name, given in listing.items() if given])
     client, _ = _client(config_path)
     client.for_uid = for_uid
-    if job_id is None:
-        jobs = client.get(f"/api/v1/jobs?all={'true' if show_all else 'false'}")
-        click.echo(json.dumps(jobs, indent=2) if as_json else _jobs_table(jobs))
+    if job_id is not None:
+        _one_job(client, job_id, as_json)
         return
+    who = [_user_name(for_uid)] if me else (users or [])
+    jobs = view.kept(client.get(view.jobs_query(show_all, who, states or [])), who, states or [])
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2))
+        return
+    table = view.jobs_table(
+        jobs, spec or view.DEFAULT_FORMAT, header=not noheader, parsable=parsable, verbose=verbose
+    )
+    if table:
+        click.echo(table)
+
+
+def _check_status_options(job_id: list[int] | None, as_json: bool, given: list[str]) -> None:
+    """One job's page and JSON have no columns to choose; --me and -u name the same thing."""
+    if job_id is not None and given:
+        raise click.UsageError(f"{', '.join(given)}: for listings; JOBID shows one job whole")
+    if as_json and set(given) - {"--me", "-u", "-t"}:
+        raise click.UsageError(f"{', '.join(given)}: not with --json, which prints every field")
+    if {"--me", "-u"} <= set(given):
+        raise click.UsageError("--me and -u: give one of them")
+
+
+def _one_job(client: Client, ident: list[int], as_json: bool) -> None:
+    """JOBID, or an array task as squeue names it (A_a): that task's own job id is asked for."""
+    job_id = ident[0]
+    if len(ident) == 2:
+        found = view.array_task(client.get(view.jobs_query(True, [], [])), *ident)
+        if found is None:
+            raise HpcstageError(f"array task {ident[0]}_{ident[1]} is not known to hpcstage")
+        job_id = found
     try:
         doc = client.get(f"/api/v1/jobs/{job_id}")
     except ApiError as exc:
         if exc.status == 404:
             raise HpcstageError(str(exc)) from exc
         raise
-    click.echo(json.dumps(doc, indent=2) if as_json else _job_text(doc))
+    click.echo(json.dumps(doc, indent=2) if as_json else view.job_text(doc))
 
 
-def _printable(value: Any) -> Any:
-    """The API's answer with every non-printable character of its text escaped (``\\x1b``,
-    ``\\n``): a job names itself and its files, and an admin reads ``hpcstage status`` on a
-    terminal, which acts on escape sequences, and where a name must not forge a line."""
-    if isinstance(value, str):
-        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
-    if isinstance(value, list):
-        return [_printable(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _printable(item) for key, item in value.items()}
-    return value
-
-
-def _jobs_table(jobs: list[dict[str, Any]]) -> str:
-    jobs = _printable(jobs)
-    if not jobs:
-        return "no jobs with staging directives"
-    head = f"{'JOBID':>10}  {'USER':<10} {'STATE':<11} {'NODES':<14} {'STAGE-OUT':<9} STAGING"
-    lines = [head]
-    for j in jobs:
-        ident = str(j["job_id"]) if j["kind"] == "job" else f"warmup-{j['id']}"
-        nodes = ",".join(j["nodes"] or j["planned_nodes"]) or "-"
-        staging = " ".join(f"{n}:{s}" for n, s in sorted(j["staging"].items())) or "-"
-        if j["failure"]:
-            staging += "  FAILED: " + j["failure"]
-        out = j.get("stage_out", "none")  # absent from a daemon older than the column
-        out = "-" if out == "none" else out
-        lines.append(
-            f"{ident:>10}  {j['user']:<10} {j['state']:<11} {nodes:<14} {out:<9} {staging}"
-        )
-    return "\n".join(lines)
-
-
-def _job_text(doc: dict[str, Any]) -> str:
-    doc = _printable(doc)
-    out = [
-        f"job {doc['job_id'] or 'warmup-' + str(doc['id'])} ({doc['name']}) user {doc['user']}"
-        f" account {doc['account'] or '-'}: {doc['state']} {doc['reason'] or ''}".rstrip(),
-        f"  planned nodes: {','.join(doc['planned_nodes']) or '-'}   "
-        f"nodes: {','.join(doc['nodes']) or '-'}   directives from: {doc['directive_source']}",
-    ]
-    if doc["error"]:
-        out.append(f"  REFUSED: {doc['error']}")
-    for req in doc["requests"]:
-        out.extend(_request_lines(req))
-    if doc.get("stage_out", "none") != "none":
-        out.append(f"  stage-out: {doc['stage_out']}")
-    if doc.get("events"):
-        out.append("  events:")
-        for e in doc["events"]:
-            when = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
-            out.append(f"    {when} {e['node'] or '-':<6} {e['level']:<7} {e['message']}")
-    return "\n".join(out)
-
-
-def _request_lines(req: dict[str, Any]) -> list[str]:
-    line = f"line {req['line']}: " if req["line"] else ""
-    if req["direction"] == "dir":
-        head = "  job directory"
-    elif req["direction"] == "in":
-        head = f"  stage-in {req['src']} -> $HPCSTAGE_DIR/{req['dest']}   ({line}{req['text']})"
-    else:
-        head = f"  stage-out $HPCSTAGE_DIR/{req['src']} -> {req['dest']}   ({line}{req['text']})"
-    lines = [head]
-    for node, st in sorted(req["nodes"].items()):
-        error = f"  ERROR: {st['error']}" if st["error"] else ""
-        lines.append(f"    {node:<8} {st['state']:<9} {_counts(st)}{error}")
-        lines.extend(_file_lines(st.get("files", [])))
-    return lines
-
-
-def _file_lines(files: list[dict[str, Any]], limit: int = 20) -> list[str]:
-    """Stage-out files worth a line: skipped, failed, or an old object sent to the trash."""
-    notable = [f for f in files if f["state"] in ("skipped", "failed") or f["trash_key"]]
-    lines = []
-    for f in notable[:limit]:
-        if f["trash_key"]:
-            lines.append(
-                f"      {f['path']}: replaced {f['key']}; old object kept as {f['trash_key']}"
-            )
-        else:
-            lines.append(f"      {f['path']}: {f['state']}: {f['error']}")
-    if len(notable) > limit:
-        lines.append(f"      ... {len(notable) - limit} more (see --json)")
-    return lines
-
-
-def _counts(st: dict[str, Any]) -> str:
-    total = st["files_total"] if st["files_total"] is not None else "?"
-    size_total = format_size(st["bytes_total"]) if st["bytes_total"] is not None else "?"
-    peers = f"  from peers {st['peer_files']}" if st.get("peer_files") else ""
-    return (
-        f"{st['files_done']}/{total} files  {format_size(st['bytes_done'])}/{size_total}"
-        f"  fetched {st['fetched_files']}{peers}"
-    )
+def _user_name(uid: int | None) -> str:
+    """--me: the name of this process's user, or of the uid an admin answers for."""
+    uid = os.getuid() if uid is None else uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise HpcstageError(f"--me: uid {uid} has no user name on this host") from None
 
 
 # ---------------------------------------------------------------------------- warmup

@@ -55,6 +55,12 @@ class Job(Base):
     replaced_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # The id, once the newer job took ``slurm_job_id`` over (after this one's release).
     former_slurm_job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # A task of a job array: the array's id and this task's (``A_a`` in squeue), or the
+    # tasks a pending array's record still holds ("4-19"). None/"" outside arrays and in rows
+    # of older releases.
+    array_job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    array_task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    array_tasks: Mapped[str] = mapped_column(String(256), default="")
 
     requests: Mapped[list[Request]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Request.position"

@@ -199,6 +199,9 @@ def _update(job: Job, info: JobInfo, now: float) -> bool:
         job.ended_at = info.end_time or now
     # A requeue gives the job a new submit time: the next comparison is with that one.
     job.submitted_at = info.submit_time or job.submitted_at
+    # A pending array's record becomes its last task when that one starts.
+    job.array_job_id, job.array_task_id = info.array_job_id, info.array_task_id
+    job.array_tasks = info.array_tasks[:256]
     return (job.state, job.nodes, job.planned_nodes) != before
 
 

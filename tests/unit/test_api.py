@@ -219,6 +219,25 @@ def test_users_see_their_unfinished_jobs_admins_everyones(app: FastAPI) -> None:
     assert [j["job_id"] for j in call(app, "GET", "/api/v1/jobs", munge("root")).json()] == [41, 42]
 
 
+def test_listings_filter_by_user_and_state_in_the_daemon(app: FastAPI) -> None:
+    """`hpcstage status -u/--me/-t`: the daemon answers only the jobs asked for."""
+
+    def ids(query: str, who: str = "root") -> list[int]:
+        reply = call(app, "GET", f"/api/v1/jobs?{query}", munge(who))
+        assert reply.status == 200, reply
+        return [j["job_id"] for j in reply.json()]
+
+    assert ids("user=bob") == [42]
+    assert ids("user=alice&user=bob&all=true") == [41, 42, 43]
+    assert ids("user=bob", who="alice") == []  # a user's own jobs still, whatever they ask
+    assert ids("state=pending&state=RUNNING") == [41, 42]
+    assert ids("state=RUNNING") == []
+    assert ids("user=alice&state=PENDING&all=true") == [41, 43]
+    many = "&".join(f"user=u{i}" for i in range(101))
+    assert call(app, "GET", f"/api/v1/jobs?{many}", munge("root")).status == 422
+    assert call(app, "GET", f"/api/v1/jobs?user={'x' * 65}", munge("root")).status == 422
+
+
 def test_one_job_is_its_owners_and_admins(app: FastAPI) -> None:
     reply = call(app, "GET", "/api/v1/jobs/41", munge("alice"))
     assert reply.status == 200

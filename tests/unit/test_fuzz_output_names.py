@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hpcstage.agent.jobdir import JobDir, Owners
-from hpcstage.cli.user_cmds import _job_text, _jobs_table
+from hpcstage.cli.status_view import job_text as _job_text
+from hpcstage.cli.status_view import jobs_table as _jobs_table
 from hpcstage.core.directives import MAX_NAME_BYTES
 from hpcstage.core.stageout import Output, Refused, Skipped
 

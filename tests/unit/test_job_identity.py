@@ -203,3 +203,22 @@ def test_a_replaced_job_is_released_without_its_lease_grace() -> None:
     actions = plan([view], 1001.0, 900.0, {})
     assert [(type(a), a.node) for a in actions if isinstance(a, Release)] == [(Release, "n1")]
     assert not [a for a in actions if isinstance(a, MarkReleased)]
+
+
+def test_array_ids_are_recorded_and_follow_the_pending_record_into_its_last_task(
+    db: sessionmaker[Session],
+) -> None:
+    """`hpcstage status` shows 40_3 and 40_[4-19]: the rows hold what squeue said."""
+    task = info(job_id=43, array_job_id=40, array_task_id=3, state="RUNNING")
+    pending = info(job_id=40, array_job_id=40, array_tasks="4-19")
+    tick(db, task, pending)
+    shown = {j.slurm_job_id: (j.array_job_id, j.array_task_id, j.array_tasks) for j in _jobs(db)}
+    assert shown == {43: (40, 3, ""), 40: (40, None, "4-19")}
+    tick(db, task, dataclasses.replace(pending, array_task_id=19, array_tasks=""))
+    (last,) = rows_for(db, 40)
+    assert (last.array_job_id, last.array_task_id, last.array_tasks) == (40, 19, "")
+
+
+def _jobs(db: sessionmaker[Session]) -> list[Job]:
+    with db.begin() as session:
+        return list(session.scalars(select(Job)))

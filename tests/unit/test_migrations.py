@@ -212,3 +212,54 @@ def test_the_migrations_make_exactly_the_tables_the_models_declare(tmp_path: Pat
     factory = open_db(f"sqlite:///{tmp_path}/state.db")
     with factory.kw["bind"].connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_a_database_of_revision_0005_upgrades_and_its_jobs_are_no_array_tasks(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    _upgrade(url, "0005")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        assert "array_job_id" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+        _insert(
+            conn,
+            "jobs",
+            id=1,
+            kind="job",
+            slurm_job_id=9,
+            name="j",
+            user="alice",
+            account="chem",
+            partition="",
+            state="RUNNING",
+            state_reason="",
+            priority=0,
+            planned_nodes="",
+            nodes="n1",
+            batch_host="n1",
+            directive_source="admin_comment",
+            error="",
+            first_seen=100.0,
+        )
+    engine.dispose()
+
+    factory = open_db(url)
+    try:
+        with factory.begin() as session:
+            job = session.get_one(Job, 1)
+            assert (job.array_job_id, job.array_task_id, job.array_tasks) == (None, None, "")
+            job.array_job_id, job.array_task_id = 8, 1
+        with factory.begin() as session:
+            assert session.get_one(Job, 1).array_task_id == 1
+    finally:
+        factory.kw["bind"].dispose()
+    engine = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+        columns = {c["name"] for c in inspect(conn).get_columns("jobs")}
+    engine.dispose()
+    assert not columns & {"array_job_id", "array_task_id", "array_tasks"}

@@ -289,6 +289,25 @@ def test_array_tasks_and_hostlists() -> None:
     assert (job.array_job_id, job.array_task_id, job.nodes) == (40, 7, ("gpu01", "gpu02"))
 
 
+def test_a_pending_arrays_record_keeps_its_remaining_tasks() -> None:
+    """What `hpcstage status` shows as 40_[4-19%2], as squeue does."""
+    unset = {"set": False, "infinite": False, "number": 0}
+    job = _edit_2411_job(
+        array_job_id={"set": True, "infinite": False, "number": 40},
+        array_task_id=unset,
+        array_task_string="4-19%2",
+    )
+    assert (job.array_job_id, job.array_task_id, job.array_tasks) == (40, None, "4-19%2")
+    job = _edit_2205_job(array_job_id=40, array_task_id=None, array_task_string="[4-19]")
+    assert (job.array_job_id, job.array_task_id, job.array_tasks) == (40, None, "4-19")
+    assert _edit_2411_job().array_tasks == ""
+    text = "JobId=40 ArrayJobId=40 ArrayTaskId=4-19 JobName=a UserId=bob(1002) JobState=PENDING"
+    (job,) = parse_scontrol_show_job(text)
+    assert (job.array_job_id, job.array_task_id, job.array_tasks) == (40, None, "4-19")
+    (task,) = parse_scontrol_show_job(text.replace("ArrayTaskId=4-19", "ArrayTaskId=3"))
+    assert (task.array_task_id, task.array_tasks) == (3, "")
+
+
 # --- scontrol text ------------------------------------------------------------------------
 
 

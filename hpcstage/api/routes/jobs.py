@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,20 +16,45 @@ from hpcstage.api.status import job_summary
 from hpcstage.db import Job
 
 UNKNOWN_JOB_WAIT = 2.5  # poll intervals to wait for a job the daemon has not seen yet
+MAX_FILTER = 100  # users or states one listing may name: an IN list, not a query of any size
 
 router = APIRouter(prefix="/api/v1/jobs")
 
 
 @router.get("")
-async def jobs(db: Database, me: Caller, all: bool = False) -> list[dict[str, Any]]:
-    """Your jobs with directives (admins: everyone's); unfinished ones unless ?all=true."""
+async def jobs(
+    db: Database,
+    me: Caller,
+    all: bool = False,
+    user: Annotated[list[str] | None, Query()] = None,
+    state: Annotated[list[str] | None, Query()] = None,
+) -> list[dict[str, Any]]:
+    """Your jobs with directives (admins: everyone's); unfinished ones unless ?all=true.
+
+    ``user`` and ``state`` (each repeatable) keep the jobs of these users, in these Slurm
+    states (``squeue -o %T``'s words; a warmup's state is WARMUP): ``hpcstage status -u -t``.
+    """
+    _check_filter("user", user or [], 64)
+    _check_filter("state", state or [], 32)
     with db.begin() as session:
         query = select(Job).order_by(Job.id)
         if not all:
             query = query.where(Job.released_at.is_(None))
         if not me.admin:
             query = query.where(Job.user == me.user)
+        if user:
+            query = query.where(Job.user.in_(user))
+        if state:
+            query = query.where(Job.state.in_([s.upper() for s in state]))
         return [job_summary(j) for j in session.scalars(query)]
+
+
+def _check_filter(name: str, values: list[str], longest: int) -> None:
+    """422 for a filter no job could match: longer than the column, or an IN list of any size."""
+    if len(values) > MAX_FILTER:
+        raise HTTPException(422, f"at most {MAX_FILTER} values of {name}")
+    if any(len(value) > longest for value in values):
+        raise HTTPException(422, f"a {name} is at most {longest} characters")
 
 
 @router.get("/{job_id}")

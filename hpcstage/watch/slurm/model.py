@@ -72,6 +72,8 @@ class JobInfo:
     exit_code: int | None  # return code, 128+signal if killed; None until the job finished
     state_flags: tuple[str, ...] = ()
     restarts: int = 0  # times Slurm requeued it (each gives it a new submit time)
+    # An array's record of its tasks not yet started, as Slurm writes them ("4-19%2"); "" else.
+    array_tasks: str = ""
 
     @property
     def pending(self) -> bool:

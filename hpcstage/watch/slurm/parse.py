@@ -124,6 +124,7 @@ def _job_from_json(item: object) -> JobInfo:
         exit_code=_json_exit_code(record, state),
         state_flags=flags,
         restarts=record.integer("restart_cnt") or 0,
+        array_tasks=record.text("array_task_string").strip("[]"),
     )
 
 
@@ -277,7 +278,13 @@ def _job_from_fields(fields: dict[str, str], tz: tzinfo | None) -> JobInfo:
         exit_code=_text_exit_code(fields.get("ExitCode", ""), state, where),
         state_flags=flags,
         restarts=_optional_int(fields.get("Restarts")) or 0,
+        array_tasks=_array_tasks(fields.get("ArrayTaskId")),
     )
+
+
+def _array_tasks(text: str | None) -> str:
+    """The tasks an array's record still holds (``4-9``), or "" for one task or no array."""
+    return "" if text is None or _optional_int(text) is not None else text.strip("[]")
 
 
 def _node_from_fields(fields: dict[str, str]) -> NodeInfo:
