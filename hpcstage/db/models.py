@@ -93,6 +93,9 @@ class Request(Base):
     when: Mapped[str] = mapped_column(String(16), default="always")  # stage-out: on=...
     optional: Mapped[bool] = mapped_column(Boolean, default=False)  # stage-out: SRC may be absent
     pack: Mapped[bool] = mapped_column(Boolean, default=False)  # stage-out: as a packed dataset
+    # stage-out: DEST as written, when it holds %-patterns (``dest`` is it expanded). A job
+    # array's pending record learns its task id (%a) only when it becomes a task.
+    dest_template: Mapped[str] = mapped_column(Text, default="")
 
     job: Mapped[Job] = relationship(back_populates="requests")
     stagings: Mapped[list[Staging]] = relationship(

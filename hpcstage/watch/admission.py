@@ -104,12 +104,13 @@ def to_directives(source: str, parsed: dirs.ParsedDirectives, info: JobInfo) -> 
         {
             "src": str(d.src),
             "dest": d.dest_url,
+            "template": written.dest_url if "%" in written.dest_url else "",
             "line": d.line,
             "text": d.text,
             "when": d.when.value,
             "optional": d.optional,
             "pack": d.pack,
         }
-        for d in outs
+        for d, written in zip(outs, parsed.stage_out, strict=True)
     ]
     return Directives(source, stage_in, stage_out)

@@ -12,6 +12,7 @@ the older one's job directories are released, since they are named by the id on 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,8 +20,12 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from hpcstage.core import directives as dirs
 from hpcstage.db import Event, Job, Request
+from hpcstage.errors import DirectiveError
 from hpcstage.watch.slurm.model import FINISHED_STATES, JobInfo, QueueSnapshot
+
+log = logging.getLogger("hpcstage.daemon")
 
 # Slurm's final states, plus the two flags it shows instead of one for requeued/federated jobs.
 ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
@@ -180,6 +185,7 @@ def _request(direction: str, position: int, d: dict[str, object]) -> Request:
         when=str(d.get("when", "always")),
         optional=bool(d.get("optional", False)),
         pack=bool(d.get("pack", False)),
+        dest_template=str(d.get("template", "")),
     )
 
 
@@ -200,9 +206,34 @@ def _update(job: Job, info: JobInfo, now: float) -> bool:
     # A requeue gives the job a new submit time: the next comparison is with that one.
     job.submitted_at = info.submit_time or job.submitted_at
     # A pending array's record becomes its last task when that one starts.
+    became_task = job.array_task_id != info.array_task_id and info.array_task_id is not None
     job.array_job_id, job.array_task_id = info.array_job_id, info.array_task_id
     job.array_tasks = info.array_tasks[:256]
+    if became_task:
+        _expand_outputs_again(job)
     return (job.state, job.nodes, job.planned_nodes) != before
+
+
+def _expand_outputs_again(job: Job) -> None:
+    """Expand the job's stage-out destinations again, now that its array task id is known.
+
+    Admission saw the array's pending record, whose task id is none yet (%a gave sbatch's
+    4294967294). Only outputs not yet staged out are touched.
+    """
+    context = dirs.JobContext(
+        job_id=job.slurm_job_id or 0,
+        user=job.user,
+        name=job.name,
+        array_job_id=job.array_job_id,
+        array_task_id=job.array_task_id,
+    )
+    for request in job.requests:
+        if request.direction != "out" or not request.dest_template or request.stagings:
+            continue
+        try:
+            request.dest = dirs.expand_dest_template(request.dest_template, request.pack, context)
+        except DirectiveError as exc:  # it expanded at admission: a bug if it does not now
+            log.error("job %s: %s: cannot expand again: %s", job.slurm_job_id, request.text, exc)
 
 
 def _vanished(session: Session, job: Job, now: float) -> None:

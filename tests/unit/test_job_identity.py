@@ -222,3 +222,35 @@ def test_array_ids_are_recorded_and_follow_the_pending_record_into_its_last_task
 def _jobs(db: sessionmaker[Session]) -> list[Job]:
     with db.begin() as session:
         return list(session.scalars(select(Job)))
+
+
+ARRAY_SCRIPT = (
+    "#!/bin/bash\n#HPCSTAGE --stage-in=s3://datasets/lig/\n"
+    "#HPCSTAGE --stage-out=out:s3://results/run/%A_%a/\n"
+    "#HPCSTAGE --stage-out=log.txt:s3://results/logs/%j.txt\necho\n"
+)
+
+
+async def array_directives(job: JobInfo) -> Directives:
+    from hpcstage.core.directives import parse_script
+    from hpcstage.watch.admission import to_directives
+
+    return to_directives("script", parse_script(ARRAY_SCRIPT), job)
+
+
+def test_an_array_record_admitted_before_its_task_id_writes_under_that_task_id(
+    db: sessionmaker[Session],
+) -> None:
+    # Admission sees the array's pending record (no task id: %a is sbatch's 4294967294); the
+    # record becomes task 19 when it starts, and its outputs must go under 40_19.
+    pending = info(job_id=40, array_job_id=40, array_tasks="4-19")
+    snapshot = QueueSnapshot(NEW_SUBMIT + 100, "24.11.1", (pending,))
+    with db.begin() as session:
+        asyncio.run(sync(session, snapshot, array_directives, set()))
+    started = dataclasses.replace(pending, array_task_id=19, array_tasks="", state="RUNNING")
+    snapshot = QueueSnapshot(NEW_SUBMIT + 105, "24.11.1", (started,))
+    with db.begin() as session:
+        asyncio.run(sync(session, snapshot, array_directives, set()))
+        (job,) = session.scalars(select(Job).where(Job.slurm_job_id == 40))
+        dests = [r.dest for r in job.requests if r.direction == "out"]
+    assert dests == ["s3://results/run/40_19/", "s3://results/logs/40.txt"]

@@ -77,6 +77,7 @@ from hpcstage.core.directives.model import (
     summarize,
 )
 from hpcstage.core.directives.parse import (
+    expand_dest_template,
     expand_patterns,
     expand_stage_out,
     parse_args,
@@ -108,6 +109,7 @@ __all__ = [
     "When",
     "decode_admin_comment",
     "encode_admin_comment",
+    "expand_dest_template",
     "expand_patterns",
     "expand_stage_out",
     "parse_args",

@@ -138,19 +138,33 @@ def expand_stage_out(stage_out: StageOut, context: JobContext) -> StageOut:
     A job name can hold anything (``..``, '/', control characters), so the expanded key is
     validated as if the user had written it, and must keep its kind (object vs prefix).
     """
-    key = expand_patterns(stage_out.dest.key, context)
     try:
-        check_text(key)
-        dest = _s3_source(f"{stage_out.dest.bucket}/{key}", "DEST")
-        if dest.kind is not stage_out.dest.kind:
-            raise DirectiveError(f"expanded DEST {quoted(dest.url)} changes from object to prefix")
-        # A job name may hold '.hpack': it must not turn a loose stage-out into one inside a
-        # dataset, nor move a packed one's dataset.
-        check_packed_dest(dest, stage_out.pack)
+        dest = _expanded(stage_out.dest, stage_out.pack, context)
     except DirectiveError as err:
         problem = DirectiveProblem(stage_out.line, stage_out.text, str(err))
         raise DirectiveError(str(problem)) from err
     return replace(stage_out, dest=dest)
+
+
+def expand_dest_template(template: str, pack: bool, context: JobContext) -> str:
+    """A stored stage-out DEST (``s3://bucket/key`` with %-patterns) expanded for ``context``
+    (a job array's record, once it became a task), checked as at admission."""
+    scheme, rest = _split_scheme(template)
+    if scheme != "s3":
+        raise DirectiveError(f"DEST {quoted(template)} is not an s3:// URL")
+    return _expanded(_s3_source(rest, "DEST"), pack, context).url
+
+
+def _expanded(dest: Source, pack: bool, context: JobContext) -> Source:
+    key = expand_patterns(dest.key, context)
+    check_text(key)
+    found = _s3_source(f"{dest.bucket}/{key}", "DEST")
+    if found.kind is not dest.kind:
+        raise DirectiveError(f"expanded DEST {quoted(found.url)} changes from object to prefix")
+    # A job name may hold '.hpack': it must not turn a loose stage-out into one inside a
+    # dataset, nor move a packed one's dataset.
+    check_packed_dest(found, pack)
+    return found
 
 
 # --- scripts: finding and splitting directive lines ---------------------------------------

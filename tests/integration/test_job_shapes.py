@@ -1,0 +1,88 @@
+"""Job shapes beyond one single-node batch job, on the real dev cluster: a job array whose
+tasks share a dataset (issue: real clusters, job shapes)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from devcluster.cluster import DevCluster
+
+from .staging import Stager, make_dataset, running_stager, small_files, wait_until
+
+pytestmark = pytest.mark.integration
+
+TASKS = 100
+
+ARRAY_JOB = """#!/bin/bash
+#SBATCH --array=0-{last}%5
+#SBATCH --job-name=arr
+#HPCSTAGE --stage-in={src}:data
+#HPCSTAGE --stage-out=out:s3://results/{run}/%A_%a/
+eval "$(hpcstage env)"
+mkdir -p "$HPCSTAGE_DIR/out"
+echo "$SLURM_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID $(find -L "$HPCSTAGE_DIR/data" -type f | wc -l)" \\
+    > "$HPCSTAGE_DIR/out/task"
+"""
+
+
+@pytest.fixture(scope="module")
+def stager(cluster: DevCluster) -> Iterator[Stager]:
+    yield from running_stager(cluster, "shapes")
+
+
+def _keys(dev: DevCluster, prefix: str) -> dict[str, bytes]:
+    async def listing() -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        async with dev.s3_client() as s3:
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket="results", Prefix=prefix)
+            async for page in pages:
+                for item in page.get("Contents", []):
+                    answer = await s3.get_object(Bucket="results", Key=item["Key"])
+                    async with answer["Body"] as body:
+                        found[item["Key"][len(prefix) :]] = await body.read()
+        return found
+
+    return asyncio.run(listing())
+
+
+def test_an_array_writes_each_task_under_its_own_id_and_fetches_each_object_once_per_node(
+    stager: Stager,
+) -> None:
+    files = small_files(30, prefix="lig/")
+    src, _ = make_dataset(stager.dev, files)
+    run = f"arr-{uuid.uuid4().hex[:6]}"
+    array = stager.submit("alice", ARRAY_JOB.format(last=TASKS - 1, src=src, run=run))
+
+    def every_task_written_back() -> bool:
+        return len(_keys(stager.dev, f"{run}/")) >= TASKS
+
+    wait_until(f"{TASKS} tasks' outputs in the store", every_task_written_back, 600, stager.log)
+    outputs = _keys(stager.dev, f"{run}/")
+    # %A_%a right in every task's key: the array's id and the task's own number, never
+    # sbatch's 4294967294 (the task that keeps the array's record learns its number late).
+    assert sorted(outputs) == sorted(f"{array}_{a}/task" for a in range(TASKS))
+    for a in range(TASKS):
+        assert outputs[f"{array}_{a}/task"].decode().split() == [str(array), str(a), "30"]
+    docs = [doc for doc in _array_docs(stager, array)]
+    assert len(docs) == TASKS
+    # One GET per object per node, however many of the tasks ran there.
+    nodes = {n for doc in docs for n in doc["nodes"]}
+    full = [stager.doc(d["job_id"]) for d in docs]
+    for node in nodes:
+        fetched = [
+            (doc["job_id"], st["fetched_files"])
+            for doc in full
+            for r in doc["requests"]
+            if r["direction"] == "in" and (st := r["nodes"].get(node))
+        ]
+        assert sum(n for _, n in fetched) == len(files), (node, fetched)
+
+
+def _array_docs(stager: Stager, array: int) -> list[dict[str, Any]]:
+    listing: list[dict[str, Any]] = stager.client.get("/api/v1/jobs?all=true")
+    return [d for d in listing if d.get("array_job_id") == array]
