@@ -24,7 +24,13 @@ from hpcstage.config.load import parse_config
 from hpcstage.config.schema import Settings
 from hpcstage.db import Job, open_db
 from hpcstage.db.changes import Changes
-from hpcstage.errors import AuthError, DirectiveError, HpcstageError, LimitError
+from hpcstage.errors import (
+    AuthError,
+    DirectiveError,
+    HpcstageError,
+    LimitError,
+    ObjectMissingError,
+)
 
 USERS = {0: "root", 1000: "alice", 1001: "bob"}
 CREDENTIALS = {"root-cred": 0, "alice-cred": 1000, "bob-cred": 1001}
@@ -153,7 +159,8 @@ class FakeService:
         return []
 
     def store(self, bucket: str) -> Any:
-        raise AssertionError("no store in these tests")
+        # As the real store answers a bucket the test has none of.
+        raise ObjectMissingError(f"list s3://{bucket}/: no such bucket")
 
 
 def site(tmp_path: Path, api: str = 'auth = "munge"') -> Settings:
