@@ -10,12 +10,13 @@ from typing import NoReturn
 
 import click
 
+from hpcstage.config import paths
 from hpcstage.config.load import parse_config, render_toml, settings_as_dict
 from hpcstage.config.schema import Settings
 from hpcstage.errors import ConfigError
 from hpcstage.service.unit import render_unit
 
-ENV_VAR = "HPCSTAGE_CONFIG"
+ENV_VAR = paths.ENV_VAR
 
 _file_argument = click.argument(
     "file", required=False, type=click.Path(dir_okay=True, path_type=Path)
@@ -26,7 +27,7 @@ _config_option = click.option(
     type=click.Path(path_type=Path),
     envvar=ENV_VAR,
     show_envvar=True,
-    help="Site configuration file, used when FILE is not given.",
+    help=f"Site configuration file, used when FILE is not given [default: {paths.DEFAULT}].",
 )
 
 
@@ -34,7 +35,8 @@ _config_option = click.option(
 def config() -> None:
     """Check or show the site configuration (one TOML file).
 
-    The file is FILE, else --config, else $HPCSTAGE_CONFIG. See docs/configuration.md for
+    The file is FILE, else --config, else $HPCSTAGE_CONFIG, else /etc/hpcstage/site.toml.
+    See docs/configuration.md for
     every key and examples/site.toml for a complete, commented file.
 
     \b
@@ -140,10 +142,10 @@ def systemd_unit(
 def _choose(file: Path | None, config_path: Path | None) -> Path:
     # A --config on the root group (if the main CLI grows one) counts too.
     root = click.get_current_context().find_root().params.get("config")
-    chosen = file or config_path or (Path(root) if root else None)
-    if chosen is None:
-        _fail(f"no configuration file: give FILE, --config or set ${ENV_VAR}", 2)
-    return chosen
+    try:
+        return paths.site_config(file or config_path or (Path(root) if root else None))
+    except ConfigError as exc:
+        _fail(f"{exc} (or give FILE)", 2)
 
 
 def _load(path: Path) -> Settings:
