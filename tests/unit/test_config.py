@@ -597,6 +597,72 @@ def test_cli_check_broken_lists_every_problem_on_stderr(runner: CliRunner, tmp_p
     ]
 
 
+def test_cli_check_json_lists_each_problem_with_severity_key_and_line(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    broken = tmp_path / "site.toml"
+    broken.write_text(BROKEN)
+    result = runner.invoke(cli_module.cli, ["config", "check", "--json", str(broken)])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {
+        "file": str(broken),
+        "ok": False,
+        "problems": [
+            {
+                "severity": "error",
+                "key": "transfer.concurrency",
+                "line": 5,
+                "message": "must be an integer, got 'lots'",
+            },
+            {
+                "severity": "error",
+                "key": "cache.max_byte",
+                "line": 9,
+                "message": "unknown key (did you mean 'max_bytes'?)",
+            },
+            {
+                "severity": "error",
+                "key": "store",
+                "line": None,
+                "message": "missing required section",
+            },
+        ],
+    }
+    good = runner.invoke(cli_module.cli, ["config", "check", "--json", str(EXAMPLE)])
+    assert good.exit_code == 0
+    assert json.loads(good.stdout) == {"file": str(EXAMPLE), "ok": True, "problems": []}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "message"),
+    [
+        (b"[site\n", None, 1, "invalid TOML: "),
+        (b"\xff\xfe", None, None, "not UTF-8 text (byte 0)"),
+    ],
+)
+def test_cli_check_json_whole_file_problems_have_no_key(
+    runner: CliRunner, tmp_path: Path, text: bytes, key: None, line: int | None, message: str
+) -> None:
+    broken = tmp_path / "site.toml"
+    broken.write_bytes(text)
+    result = runner.invoke(cli_module.cli, ["config", "check", "--json", str(broken)])
+    assert result.exit_code == 1
+    [problem] = json.loads(result.stdout)["problems"]
+    assert (problem["severity"], problem["key"], problem["line"]) == ("error", key, line)
+    assert problem["message"].startswith(message), problem
+
+
+def test_cli_check_json_of_a_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    result = runner.invoke(cli_module.cli, ["config", "check", "--json", str(missing)])
+    assert result.exit_code == 2
+    found = json.loads(result.stdout)
+    assert (found["file"], found["ok"]) == (str(missing), False)
+    [problem] = found["problems"]
+    assert (problem["severity"], problem["key"], problem["line"]) == ("error", None, None)
+    assert problem["message"].startswith("cannot read: No such file"), problem
+
+
 def test_cli_check_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(cli_module.cli, ["config", "check", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2
