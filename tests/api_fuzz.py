@@ -6,7 +6,7 @@ valid, so the answer has to be about that parameter: a status below 500 and, whe
 request is refused as malformed (400 or 422), a body that names the parameter.
 
 The routes are read from the app's OpenAPI schema: a new route, or a new parameter of one, is
-covered without editing this file.
+covered without editing this file (routes hidden from the schema are not).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
-
-from fastapi import FastAPI
 
 HUGE = 20_000  # characters of a huge value (under uvicorn's limit of a request line)
 
@@ -102,10 +100,10 @@ class Route:
     body: dict[str, Any] | None  # the JSON body's schema, references resolved
 
 
-def routes(app: FastAPI) -> list[Route]:
-    """Every operation of the app, read from its OpenAPI schema (public, and it holds the
-    routes of included routers and the parameters of dependencies too)."""
-    schema = app.openapi()
+def routes(schema: dict[str, Any]) -> list[Route]:
+    """Every operation of an app's OpenAPI schema (``app.openapi()``, or a daemon's
+    /openapi.json): public, and it holds the routes of included routers and the parameters
+    of dependencies too."""
     found = []
     for path, ops in schema["paths"].items():
         for method, op in ops.items():
@@ -130,9 +128,9 @@ def _resolve(schema: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def cases(app: FastAPI) -> Iterator[Case]:
-    """Every malformed request of every route."""
-    for route in routes(app):
+def cases(schema: dict[str, Any]) -> Iterator[Case]:
+    """Every malformed request of every route of the OpenAPI ``schema``."""
+    for route in routes(schema):
         yield from _route_cases(route)
 
 

@@ -32,7 +32,7 @@ async def warmup(body: WarmupIn, daemon: Service, me: Caller) -> dict[str, Any]:
     try:
         warm_id = daemon.create_warmup(body.src, body.nodes, me.user, me.admin)
     except DirectiveError as exc:
-        raise HTTPException(400, str(exc)) from exc
+        raise HTTPException(400, f"src: {exc}") from exc
     except PermissionError as exc:
         raise HTTPException(403, str(exc)) from exc
     except LimitError as exc:
