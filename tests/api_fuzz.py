@@ -166,12 +166,22 @@ def _body_cases(method: str, path: str, good: bytes | None) -> Iterator[Case]:
             yield Case(method, path, "", (), spoilt, name)
 
 
+# A valid value of a body field without a default, by its JSON type.
+GOOD_FIELD: dict[str, Any] = {
+    "array": ["n1"],
+    "boolean": False,
+    "integer": 1,
+    "number": 1,
+    "string": "s3://results/x",
+}
+
+
 def _good_body(schema: dict[str, Any] | None) -> bytes | None:
-    """A valid body for the route's model (every field a string, or a list of strings)."""
+    """A valid body for the route's model: each field's default, else a value of its type."""
     if schema is None:
         return None
     value = {
-        name: ["n1"] if field.get("type") == "array" else "s3://results/x"
+        name: field["default"] if "default" in field else GOOD_FIELD[field.get("type", "string")]
         for name, field in schema.get("properties", {}).items()
     }
     return json.dumps(value).encode()
