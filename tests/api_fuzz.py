@@ -177,14 +177,21 @@ GOOD_FIELD: dict[str, Any] = {
 
 
 def _good_body(schema: dict[str, Any] | None) -> bytes | None:
-    """A valid body for the route's model: each field's default, else a value of its type."""
+    """A valid body for the route's model: each field's first example (``Field(examples=)``,
+    for a field whose valid values are narrower than its type), else its default, else a
+    value of its type."""
     if schema is None:
         return None
-    value = {
-        name: field["default"] if "default" in field else GOOD_FIELD[field.get("type", "string")]
-        for name, field in schema.get("properties", {}).items()
-    }
+    value = {name: _good_field(field) for name, field in schema.get("properties", {}).items()}
     return json.dumps(value).encode()
+
+
+def _good_field(field: dict[str, Any]) -> Any:
+    if field.get("examples"):
+        return field["examples"][0]
+    if "default" in field:
+        return field["default"]
+    return GOOD_FIELD[field.get("type", "string")]
 
 
 def _path(template: str, values: dict[str, str]) -> str:
