@@ -320,7 +320,8 @@ function slurm_bb_pre_run(job_id, job_script, uid, gid, job_info)
     local cmd = string.format("%s env --config %s --job %s --node %s --timeout %d",
                               shell_quote(HPCSTAGE), shell_quote(CONFIG), shell_quote(job_id),
                               shell_quote(node), left)
-    local ok, out = run(cmd)
+    -- Its stdout is for a shell's eval (`exit 1` on failure); the reason is on stderr.
+    local ok, out = run("(" .. cmd .. " >/dev/null)")
     if not ok then
       -- "hpcstage: job N cannot start: why", as the job itself would print it
       return slurm.ERROR, last_line(out)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Path, Request
+from pydantic import AfterValidator
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import auth
@@ -18,6 +19,24 @@ from hpcstage.api import session
 from hpcstage.api.service import StagingService
 from hpcstage.db import Job
 from hpcstage.errors import AuthError
+
+UID_MAX = 2**32 - 2  # uid_t; 2**32 - 1 is (uid_t)-1, "no uid"
+# Slurm job ids are 32-bit; the rows of jobs and warmups are numbered by a 32-bit INTEGER
+# (PostgreSQL). Bounded here, a wrong id is a 422 naming it instead of an overflow (500).
+JobId = Annotated[int, Path(ge=1, le=2**32 - 1, description="a Slurm job id")]
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="an id given by this API")]
+
+
+def _utf8(value: str) -> str:
+    """``value`` if it can be written as UTF-8 (JSON may carry lone surrogates: \\ud800)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from exc
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]  # a string of a request body
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,7 @@ async def authenticated(daemon: StagingService, authorization: str) -> auth.Iden
 async def caller(
     daemon: Service,
     authorization: str = Header(default=""),
-    for_uid: int | None = Header(default=None, alias=auth.FOR_UID_HEADER),
+    for_uid: int | None = Header(default=None, alias=auth.FOR_UID_HEADER, ge=0, le=UID_MAX),
 ) -> auth.Identity:
     """The authenticated user of this request (MUNGE), or 401.
 

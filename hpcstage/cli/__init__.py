@@ -59,7 +59,8 @@ def cli() -> None:
       #HPCSTAGE --stage-out=results:s3://bucket/out/%j/
 
     and find their inputs under $HPCSTAGE_DIR. Admins run `hpcstage daemon`.
-    The site configuration is a TOML file given with --config or HPCSTAGE_CONFIG.
+    The site configuration is a TOML file: --config FILE, else $HPCSTAGE_CONFIG, else
+    /etc/hpcstage/site.toml.
     """
 
 

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hpcstage.cli.client import ClientSettings, load_client_settings
-from hpcstage.errors import ConfigError
+from hpcstage.config import paths
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
     from hpcstage.config.schema import Settings
 
-ENV_VAR = "HPCSTAGE_CONFIG"
+ENV_VAR = paths.ENV_VAR
 
 config_option = click.option(
     "--config",
@@ -23,14 +23,12 @@ config_option = click.option(
     type=click.Path(path_type=Path),
     envvar=ENV_VAR,
     show_envvar=True,
-    help="Site configuration file (TOML).",
+    help=f"Site configuration file (TOML) [default: {paths.DEFAULT}].",
 )
 
 
 def _given(path: Path | None) -> Path:
-    if path is None:
-        raise ConfigError(f"no site configuration: pass --config FILE or set ${ENV_VAR}")
-    return path
+    return paths.site_config(path)
 
 
 def load_settings(path: Path | None) -> Settings:

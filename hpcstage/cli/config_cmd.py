@@ -10,12 +10,14 @@ from typing import NoReturn
 
 import click
 
-from hpcstage.config.load import parse_config, render_toml, settings_as_dict
+from hpcstage.config import paths
+from hpcstage.config.load import parse_config, render_toml, settings_as_dict, validate
+from hpcstage.config.problems import Problem
 from hpcstage.config.schema import Settings
 from hpcstage.errors import ConfigError
 from hpcstage.service.unit import render_unit
 
-ENV_VAR = "HPCSTAGE_CONFIG"
+ENV_VAR = paths.ENV_VAR
 
 _file_argument = click.argument(
     "file", required=False, type=click.Path(dir_okay=True, path_type=Path)
@@ -26,7 +28,7 @@ _config_option = click.option(
     type=click.Path(path_type=Path),
     envvar=ENV_VAR,
     show_envvar=True,
-    help="Site configuration file, used when FILE is not given.",
+    help=f"Site configuration file, used when FILE is not given [default: {paths.DEFAULT}].",
 )
 
 
@@ -34,7 +36,8 @@ _config_option = click.option(
 def config() -> None:
     """Check or show the site configuration (one TOML file).
 
-    The file is FILE, else --config, else $HPCSTAGE_CONFIG. See docs/configuration.md for
+    The file is FILE, else --config, else $HPCSTAGE_CONFIG, else /etc/hpcstage/site.toml.
+    See docs/configuration.md for
     every key and examples/site.toml for a complete, commented file.
 
     \b
@@ -47,7 +50,14 @@ def config() -> None:
 @config.command("check")
 @_file_argument
 @_config_option
-def check(file: Path | None, config_path: Path | None) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object on stdout: file, ok, and problems, each with its severity,"
+    " key (null: the whole file), line (null: none) and message. Same exit status.",
+)
+def check(file: Path | None, config_path: Path | None, as_json: bool) -> None:
     """Validate FILE and report every problem, each with its line and key.
 
     Prints "OK: FILE (site NAME, store ENDPOINT, state URL)" and exits 0 when the file is valid;
@@ -59,11 +69,40 @@ def check(file: Path | None, config_path: Path | None) -> None:
       $ hpcstage config check site.toml
       site.toml:14: cache.high_watermark: must be greater than cache.low_watermark (0.8), got 0.7
       site.toml:3: store.endpint_url: unknown key (did you mean 'endpoint_url'?)
+      $ hpcstage config check --json site.toml | jq -r '.problems[].key'
+      store.endpint_url
+      cache.high_watermark
     """
+    if as_json:
+        _check_json(file, config_path)
     path = _choose(file, config_path)
     settings = _load(path)
     site, store = settings.site, settings.store
     click.echo(f"OK: {path} (site {site.name}, store {store.endpoint_url}, state {site.state_url})")
+
+
+def _check_json(file: Path | None, config_path: Path | None) -> NoReturn:
+    """``config check --json``: the problems as data, the exit status of the text form."""
+    try:
+        path = _chosen(file, config_path)
+    except ConfigError as exc:
+        _report(None, [Problem((), f"{exc} (or give FILE)")], 2)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        _report(path, [Problem((), f"cannot read: {exc.strerror or exc}")], 2)
+    _settings, problems = validate(data)
+    _report(path, problems, 1 if problems else 0)
+
+
+def _report(path: Path | None, problems: list[Problem], code: int) -> NoReturn:
+    found = {
+        "file": None if path is None else str(path),
+        "ok": code == 0,
+        "problems": [p.as_dict() for p in problems],
+    }
+    click.echo(json.dumps(found, indent=2))
+    raise click.exceptions.Exit(code)
 
 
 @config.command("show")
@@ -138,12 +177,17 @@ def systemd_unit(
 
 
 def _choose(file: Path | None, config_path: Path | None) -> Path:
+    try:
+        return _chosen(file, config_path)
+    except ConfigError as exc:
+        _fail(f"{exc} (or give FILE)", 2)
+
+
+def _chosen(file: Path | None, config_path: Path | None) -> Path:
+    """FILE, --config, $HPCSTAGE_CONFIG or the default (hpcstage.config.paths)."""
     # A --config on the root group (if the main CLI grows one) counts too.
     root = click.get_current_context().find_root().params.get("config")
-    chosen = file or config_path or (Path(root) if root else None)
-    if chosen is None:
-        _fail(f"no configuration file: give FILE, --config or set ${ENV_VAR}", 2)
-    return chosen
+    return paths.site_config(file or config_path or (Path(root) if root else None))
 
 
 def _load(path: Path) -> Settings:

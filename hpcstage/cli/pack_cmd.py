@@ -206,7 +206,8 @@ _access_options: list[Callable[[Any], Any]] = [
         type=click.Path(path_type=Path),
         envvar=ENV_VAR,
         show_envvar=True,
-        help="Site configuration: its [store] says where the S3 store is.",
+        help="Site configuration: its [store] says where the S3 store is"
+        " [default: /etc/hpcstage/site.toml if it exists].",
     ),
     click.option(
         "--endpoint-url",

@@ -13,6 +13,7 @@ import click
 from hpcstage.cli.client import Client, client_for
 from hpcstage.cli.common import config_option, load_client
 from hpcstage.core.units import format_size
+from hpcstage.store.protocol import parse_s3_url
 
 
 def _client(config_path: Path | None) -> Client:
@@ -31,7 +32,7 @@ def trash() -> None:
 
 @trash.command("ls")
 @config_option
-@click.argument("bucket", required=False)
+@click.argument("place", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one list of every entry).")
 @click.option(
     "--page-size",
@@ -40,9 +41,18 @@ def trash() -> None:
     show_default=True,
     help="Recycle-bin keys the daemon examines per request; all pages are followed.",
 )
-def ls(config_path: Path | None, bucket: str | None, as_json: bool, page_size: int) -> None:
-    """List recycle-bin entries of BUCKET (default: every bucket stage-out wrote to)."""
-    entries = _entries(_client(config_path), bucket, page_size)
+def ls(config_path: Path | None, place: str | None, as_json: bool, page_size: int) -> None:
+    """List the recycle-bin entries of PLACE (default: every bucket stage-out wrote to).
+
+    PLACE is s3://BUCKET/ or s3://BUCKET/PREFIX, as every command names a place: the entries
+    whose original key is under PREFIX (a bare BUCKET is read as s3://BUCKET/).
+
+    \b
+    Example:
+      hpcstage trash ls s3://results/project/run1/
+    """
+    bucket, prefix = _place(place) if place else ("", "")
+    entries = _entries(_client(config_path), bucket, prefix, page_size)
     if as_json:
         click.echo(json.dumps(list(entries), indent=2))
         return
@@ -58,11 +68,23 @@ def ls(config_path: Path | None, bucket: str | None, as_json: bool, page_size: i
         click.echo("the recycle bin is empty")
 
 
-def _entries(client: Client, bucket: str | None, page_size: int) -> Iterator[dict[str, Any]]:
+def _place(place: str) -> tuple[str, str]:
+    """(bucket, key prefix) of s3://BUCKET[/PREFIX] or of a bare bucket name."""
+    if "://" not in place and "/" not in place:
+        return place, ""
+    try:
+        return parse_s3_url(place)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="PLACE") from exc
+
+
+def _entries(client: Client, bucket: str, prefix: str, page_size: int) -> Iterator[dict[str, Any]]:
     """Every entry, page after page, following the API's ``next`` token."""
     query: dict[str, str | int] = {"limit": page_size}
     if bucket:
         query["bucket"] = bucket
+    if prefix:
+        query["prefix"] = prefix
     while True:
         page = client.get(f"/api/v1/trash?{urlencode(query)}")
         yield from page["entries"]

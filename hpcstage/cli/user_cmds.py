@@ -77,9 +77,10 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
 
     It asks the daemon to fetch whatever is missing on this node and waits, printing progress
     on stderr. A daemon that cannot be reached (restarting, an HA takeover) is asked again
-    until the timeout. On failure (a missing object, a malformed directive, timeout) it prints
-    `exit 1` for the shell, so the job stops instead of running without its data
-    (`|| echo exit 1` does the same if hpcstage itself cannot run, e.g. no module loaded).
+    until the timeout. On failure (a missing object, a malformed directive, timeout) it says
+    why on stderr and prints `exit 1` for the shell, so the job stops instead of running
+    without its data (`|| echo exit 1` does the same if hpcstage itself cannot run, e.g. no
+    module loaded).
     """
     try:
         if job_id is None or not node:
@@ -91,9 +92,10 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
         view = Path(cache_dir_for(settings.cache_dir, node)) / "jobs" / str(job_id)
         _wait_ready(client, job_id, node, timeout)
     except HpcstageError as exc:
-        message = f"hpcstage: job {job_id} cannot start: {exc}"
-        click.echo(message, err=True)
-        click.echo(f"echo {shlex.quote(message)} >&2; exit 1")
+        # Said once, on stderr (the job's output, the SPANK plugin's and burst_buffer.lua's
+        # reason); the shell that evals stdout only exits.
+        click.echo(f"hpcstage: job {job_id} cannot start: {exc}", err=True)
+        click.echo("exit 1")
         sys.exit(1)
     click.echo(f"export HPCSTAGE_DIR={shlex.quote(str(view))}")
 

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from hpcstage.config.problems import find_problems, syntax_problem
+from hpcstage.config.problems import Problem, find_problems, syntax_problem
 from hpcstage.config.schema import Settings
 from hpcstage.config.tomlfile import dumps
 from hpcstage.errors import ConfigError
@@ -55,18 +55,24 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Settings:
 
 
 def _validate(text: str | bytes, source: str) -> tuple[Settings | None, list[str]]:
+    settings, problems = validate(text)
+    return settings, [p.render(source) for p in problems]
+
+
+def validate(text: str | bytes) -> tuple[Settings | None, list[Problem]]:
+    """The settings of TOML ``text``, or None and every problem of it (in line order)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return None, [f"{source}: not UTF-8 text (byte {exc.start})"]
+            return None, [Problem((), f"not UTF-8 text (byte {exc.start})")]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        return None, [syntax_problem(exc, text, source)]
+        return None, [syntax_problem(exc, text)]
     problems = find_problems(data, text)
     if problems:
-        return None, [p.render(source) for p in problems]
+        return None, problems
     return Settings.model_validate(data), []
 
 

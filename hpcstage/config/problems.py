@@ -27,11 +27,16 @@ from hpcstage.config.tomlfile import Loc, dotted, line_of, locate_keys
 
 @dataclass(frozen=True)
 class Problem:
-    """One mistake: where (key path, line if known) and what is wrong."""
+    """One mistake: where (key path, line if known) and what is wrong.
+
+    Every problem is an error today (the file does not load); ``severity`` is in the JSON of
+    ``hpcstage config check --json`` so that warnings can join without changing its shape.
+    """
 
     loc: Loc
     message: str
     line: int | None = None
+    severity: str = "error"
 
     def render(self, source: str) -> str:
         """``source:line: key: message``, one printable line."""
@@ -39,6 +44,15 @@ class Problem:
         key = dotted(self.loc)
         message = _capped(self.message)
         return f"{where}: {key}: {message}" if key else f"{where}: {message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """For JSON: severity, key (dotted, null for the whole file), line, message."""
+        return {
+            "severity": self.severity,
+            "key": dotted(self.loc) or None,
+            "line": self.line,
+            "message": self.message,
+        }
 
 
 def _capped(text: str, limit: int = 300) -> str:
@@ -61,8 +75,8 @@ def find_problems(data: dict[str, Any], text: str) -> list[Problem]:
     return sorted(placed, key=lambda p: p.line if p.line is not None else math.inf)
 
 
-def syntax_problem(exc: tomllib.TOMLDecodeError, text: str, source: str) -> str:
-    """tomllib's error as one problem line, with its line and column."""
+def syntax_problem(exc: tomllib.TOMLDecodeError, text: str) -> Problem:
+    """tomllib's error as one problem of the whole file, with its line and column."""
     message = str(exc)
     # Python 3.14 exposes lineno/colno; older versions only put them at the end of the message.
     match = re.search(r" \(at line (\d+), column (\d+)\)$", message)
@@ -72,9 +86,8 @@ def syntax_problem(exc: tomllib.TOMLDecodeError, text: str, source: str) -> str:
         message, line = message.removesuffix(" (at end of document)"), len(text.splitlines())
     line = getattr(exc, "lineno", line)
     column = getattr(exc, "colno", column)
-    where = f"{source}:{line}" if line else source
     suffix = f" (column {column})" if column else ""
-    return f"{where}: invalid TOML: {getattr(exc, 'msg', message)}{suffix}"
+    return Problem((), f"invalid TOML: {getattr(exc, 'msg', message)}{suffix}", line or None)
 
 
 # ---------------------------------------------------------------------------------------------

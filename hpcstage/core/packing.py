@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hpcstage.core.directives import SourceKind, parse_source
+from hpcstage.core.directives import Source, SourceKind, parse_source
 from hpcstage.core.packed import (
     MAX_VERSION,
     SUFFIX,
@@ -256,29 +256,36 @@ class PackRequest:
     def check(self) -> None:
         """DirectiveError unless SRC is an S3 prefix and DEST an S3 packed dataset (whole,
         no version, no subtree), apart from each other, with a sane segment size."""
-        src = parse_source(self.src)
+        src = _parsed("src", self.src)
         if src.kind is not SourceKind.S3_PREFIX or src.url != self.src:
-            raise DirectiveError(f"SRC {self.src!r}: expected an S3 prefix, s3://bucket/prefix/")
-        dest = parse_source(self.dest)
+            raise DirectiveError(f"src {self.src!r}: expected an S3 prefix, s3://bucket/prefix/")
+        dest = _parsed("dest", self.dest)
         whole = f"s3://{dest.bucket}/{dest.key}"
         if dest.kind is not SourceKind.S3_PACKED or "@" in dest.key or dest.url != self.dest:
-            raise DirectiveError(f"DEST {self.dest!r}: expected s3://bucket/.../NAME{SUFFIX}/")
+            raise DirectiveError(f"dest {self.dest!r}: expected s3://bucket/.../NAME{SUFFIX}/")
         if not whole.endswith(SUFFIX + "/"):
-            raise DirectiveError(f"DEST {self.dest!r}: name the dataset, not a directory in it")
+            raise DirectiveError(f"dest {self.dest!r}: name the dataset, not a directory in it")
         if self.dest.startswith(self.src) or self.src.startswith(self.dest):
-            raise DirectiveError(f"DEST {self.dest} and SRC {self.src} must not hold each other")
+            raise DirectiveError(f"dest {self.dest} and src {self.src} must not hold each other")
         try:
             size = check_segment_size(parse_size(self.segment_size))
         except PackError as exc:
-            raise DirectiveError(f"segment size: {exc}") from None
+            raise DirectiveError(f"segment_size: {exc}") from None
         if size > DAEMON_MAX_SEGMENT:
             raise DirectiveError(
-                f"segment size {self.segment_size}: at most {DAEMON_MAX_SEGMENT // 2**30} GiB"
+                f"segment_size {self.segment_size}: at most {DAEMON_MAX_SEGMENT // 2**30} GiB"
                 " for a pack the daemon runs"
             )
 
     def options(self) -> dict[str, Any]:
         return {"update": self.update, "segment_size": self.segment_size, "verify": self.verify}
+
+
+def _parsed(field: str, url: str) -> Source:
+    try:
+        return parse_source(url)
+    except DirectiveError as exc:
+        raise DirectiveError(f"{field}: {exc}") from None
 
 
 @dataclass(frozen=True)

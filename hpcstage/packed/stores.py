@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpcstage.config import paths
 from hpcstage.errors import ConfigError, PackError
 from hpcstage.store.fs import FsStore
 from hpcstage.store.protocol import MIB, ObjectStore, parse_s3_url
 from hpcstage.store.s3 import S3Store
 
-CONFIG_ENV = "HPCSTAGE_CONFIG"
+CONFIG_ENV = paths.ENV_VAR
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,12 @@ class StoreAccess:
 
     @classmethod
     def from_site(cls, config: Path | None = None, **overrides: Any) -> StoreAccess:
-        """The site configuration's ``[store]`` (``config``, else $HPCSTAGE_CONFIG, else none),
-        then ``AWS_ENDPOINT_URL``, then ``overrides`` (None values ignored)."""
+        """The site configuration's ``[store]`` (``config``, else $HPCSTAGE_CONFIG, else
+        /etc/hpcstage/site.toml if it exists, else none), then ``AWS_ENDPOINT_URL``, then
+        ``overrides`` (None values ignored)."""
         found: dict[str, Any] = {}
-        path = config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+        env = Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None
+        path = paths.optional_site_config(config or env)
         if path is not None:
             found = _store_table(path)
         if "endpoint_url" not in found and os.environ.get("AWS_ENDPOINT_URL"):

@@ -129,10 +129,15 @@ def decode_token(token: str) -> tuple[str, str]:
 
 
 async def list_page(
-    buckets: Sequence[str], lease: Lease, prefix: str, token: str, limit: int = PAGE
+    buckets: Sequence[str],
+    lease: Lease,
+    prefix: str,
+    token: str,
+    limit: int = PAGE,
+    under: str = "",
 ) -> Page:
     """Entries of ``buckets`` (in order) from where ``token`` left off ('' = the start),
-    examining at most ``limit`` keys."""
+    examining at most ``limit`` keys; only those whose original key starts with ``under``."""
     names, after = list(buckets), ""
     if token:
         start, after = decode_token(token)
@@ -142,7 +147,7 @@ async def list_page(
     entries: list[TrashEntry] = []
     for name in names:
         async with lease(name) as store:
-            found, examined, last = await _scan(store, prefix, after, limit)
+            found, examined, last = await _scan(store, prefix, after, limit, under)
         entries += found
         limit -= examined
         if limit <= 0:
@@ -152,7 +157,7 @@ async def list_page(
 
 
 async def _scan(
-    store: Listing, prefix: str, after: str, limit: int
+    store: Listing, prefix: str, after: str, limit: int, under: str
 ) -> tuple[list[TrashEntry], int, str]:
     """(entries, keys examined, last key examined) of at most ``limit`` keys after ``after``."""
     found: list[TrashEntry] = []
@@ -162,7 +167,8 @@ async def _scan(
             continue  # a store that ignores StartAfter: slower, but no key twice
         examined, last = examined + 1, ref.key
         entry = _entry(store.bucket, prefix, ref)
-        if entry is not None:
+        # The bin is filed by day and job, not by key: a key prefix filters, it cannot list.
+        if entry is not None and entry.key.startswith(under):
             found.append(entry)
         if examined >= limit:
             break

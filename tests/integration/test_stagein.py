@@ -102,12 +102,16 @@ def test_two_jobs_on_one_node_fetch_each_object_once(stager: Stager) -> None:
 
 def test_missing_object_fails_the_job_at_env_with_the_directive(stager: Stager) -> None:
     src = f"s3://datasets/nothing-{uuid.uuid4().hex[:6]}/receptor.pdb"
-    script = f'#!/bin/bash\n#HPCSTAGE --stage-in={src}\neval "$(hpcstage env)"\necho RAN\n'
+    # The README's usage: the reason is in the job's output once (issue 19: it was twice,
+    # from hpcstage's stderr and from the `echo ... >&2` it printed for the shell).
+    env = 'eval "$(hpcstage env || echo exit 1)"'
+    script = f"#!/bin/bash\n#HPCSTAGE --stage-in={src}\n{env}\necho RAN\n"
     job = stager.submit("bob", script, "--account=bio")
     assert stager.dev.wait_job(job, timeout=120) == "FAILED"
     out = stager.output("bob", job)
     assert "RAN" not in out
     assert src in out and "no such object" in out, out
+    assert out.count(f"hpcstage: job {job} cannot start") == 1, out
     status = stager.cli("bob", "status", str(job)).stdout
     assert src in status and "no such object" in status, status
 

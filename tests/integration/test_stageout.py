@@ -232,6 +232,29 @@ def test_trash_ls_follows_pages_and_shows_each_user_their_own_entries(stager: St
     assert sum(f"{prefix}f" in line and "restore:" in line for line in text.splitlines()) == 5
 
 
+def test_trash_ls_takes_a_place_as_every_other_command_does(stager: Stager) -> None:
+    """s3://bucket/prefix/ lists the entries whose original key is under the prefix; a place
+    the daemon cannot use is a 4xx naming it, never a 500 (issue 19)."""
+    prefix = f"place-{uuid.uuid4().hex[:8]}/"
+    job = stager.submit("alice", writer_job(f"s3://{BUCKET}/{prefix}run1/", "echo x > x"))
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED"
+    wait_stage_out(stager, job)
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    inside = {f".hpcstage-trash/{day}/{job}/{prefix}run1/f{i}" for i in range(3)}
+    outside = f".hpcstage-trash/{day}/{job}/{prefix}run2/f0"
+    for key in (*inside, outside):
+        s3_call(stager.dev, "put_object", Bucket=BUCKET, Key=key, Body=b"old")
+    out = stager.cli("alice", "trash", "ls", f"s3://{BUCKET}/{prefix}run1/", "--json").stdout
+    assert sorted(e["trash_key"] for e in json.loads(out)) == sorted(inside), out
+    whole = stager.cli("alice", "trash", "ls", f"s3://{BUCKET}", "--json").stdout
+    assert outside in {e["trash_key"] for e in json.loads(whole)}
+    for bad in ("s3://", "s3://No_Such..Bucket/x", "http://results/x"):
+        refused = stager.cli("alice", "trash", "ls", bad, check=False)
+        assert refused.returncode != 0, refused
+        assert "500" not in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert bad in refused.stderr or "bucket" in refused.stderr, refused.stderr
+
+
 def test_symlinks_leaving_the_job_dir_and_special_files_are_not_uploaded(stager: Stager) -> None:
     prefix = f"links-{uuid.uuid4().hex[:8]}/"
     body = "echo fine > ok.txt; ln -s /etc/passwd passwd; mkfifo pipe"

@@ -22,9 +22,16 @@ from hpcstage import auth
 from hpcstage.api import create_app
 from hpcstage.config.load import parse_config
 from hpcstage.config.schema import Settings
-from hpcstage.db import Job, open_db
+from hpcstage.core.packing import PackRequest
+from hpcstage.db import Job, Pack, open_db
 from hpcstage.db.changes import Changes
-from hpcstage.errors import AuthError, DirectiveError, HpcstageError, LimitError
+from hpcstage.errors import (
+    AuthError,
+    DirectiveError,
+    HpcstageError,
+    LimitError,
+    ObjectMissingError,
+)
 
 USERS = {0: "root", 1000: "alice", 1001: "bob"}
 CREDENTIALS = {"root-cred": 0, "alice-cred": 1000, "bob-cred": 1001}
@@ -140,6 +147,18 @@ class FakeService:
             session.flush()
             return job.id
 
+    def create_pack(self, request: PackRequest, user: str, admin: bool = False) -> int:
+        request.check()  # as the daemon: a malformed request is a DirectiveError (400)
+        assert self.db is not None
+        with self.db.begin() as session:
+            row = Pack(user=user, src=request.src, dest=request.dest, state="queued")
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def pack_document(self, session: Session, row: Any) -> dict[str, Any]:
+        return {"id": row.id, "user": row.user, "state": row.state, "changes": 0}
+
     async def cache_usage(self, node: str) -> dict[str, Any]:
         if node == "n2":
             raise HpcstageError("agent down")
@@ -153,7 +172,8 @@ class FakeService:
         return []
 
     def store(self, bucket: str) -> Any:
-        raise AssertionError("no store in these tests")
+        # As the real store answers a bucket the test has none of.
+        raise ObjectMissingError(f"list s3://{bucket}/: no such bucket")
 
 
 def site(tmp_path: Path, api: str = 'auth = "munge"') -> Settings:
@@ -302,7 +322,8 @@ def test_warmup_refusals_have_their_status(
     reply = call(
         app, "POST", "/api/v1/warmups", munge("alice"), {"src": "s3://b/k", "nodes": ["n1"]}
     )
-    assert (reply.status, reply.json()["detail"]) == (status, str(error))
+    named = "src: " if status == 400 else ""  # a malformed SRC: the field is named
+    assert (reply.status, reply.json()["detail"]) == (status, f"{named}{error}")
     if status == 429:
         assert reply.headers["retry-after"] == "60"
 
@@ -317,6 +338,9 @@ def test_nodes_their_caches_and_eviction(app: FastAPI, service: FakeService) -> 
     assert call(app, "POST", "/api/v1/nodes/n1/evict", munge("alice")).status == 403
     evict = call(app, "POST", "/api/v1/nodes/n1/evict", munge("root"))
     assert (evict.status, evict.json(), service.evicted) == (200, {"evicted": 3}, ["n1"])
+    # A name Slurm does not know is never logged in to ("1.5" resolves to an address).
+    assert call(app, "POST", "/api/v1/nodes/1.5/evict", munge("root")).status == 404
+    assert service.evicted == ["n1"]
 
 
 def test_trash_listing_and_a_bad_restore(app: FastAPI) -> None:

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from hpcstage import cli as cli_module
+from hpcstage.config import paths
 from hpcstage.config.fields import SLURM_END_STATES
 from hpcstage.config.load import (
     check_config,
@@ -22,7 +23,7 @@ from hpcstage.config.load import (
 )
 from hpcstage.config.schema import Settings
 from hpcstage.config.tomlfile import Loc, dotted, locate_keys
-from hpcstage.errors import ConfigError
+from hpcstage.errors import ApiError, AuthError, ConfigError
 from hpcstage.retry import RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -596,6 +597,72 @@ def test_cli_check_broken_lists_every_problem_on_stderr(runner: CliRunner, tmp_p
     ]
 
 
+def test_cli_check_json_lists_each_problem_with_severity_key_and_line(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    broken = tmp_path / "site.toml"
+    broken.write_text(BROKEN)
+    result = runner.invoke(cli_module.cli, ["config", "check", "--json", str(broken)])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {
+        "file": str(broken),
+        "ok": False,
+        "problems": [
+            {
+                "severity": "error",
+                "key": "transfer.concurrency",
+                "line": 5,
+                "message": "must be an integer, got 'lots'",
+            },
+            {
+                "severity": "error",
+                "key": "cache.max_byte",
+                "line": 9,
+                "message": "unknown key (did you mean 'max_bytes'?)",
+            },
+            {
+                "severity": "error",
+                "key": "store",
+                "line": None,
+                "message": "missing required section",
+            },
+        ],
+    }
+    good = runner.invoke(cli_module.cli, ["config", "check", "--json", str(EXAMPLE)])
+    assert good.exit_code == 0
+    assert json.loads(good.stdout) == {"file": str(EXAMPLE), "ok": True, "problems": []}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "message"),
+    [
+        (b"[site\n", None, 1, "invalid TOML: "),
+        (b"\xff\xfe", None, None, "not UTF-8 text (byte 0)"),
+    ],
+)
+def test_cli_check_json_whole_file_problems_have_no_key(
+    runner: CliRunner, tmp_path: Path, text: bytes, key: None, line: int | None, message: str
+) -> None:
+    broken = tmp_path / "site.toml"
+    broken.write_bytes(text)
+    result = runner.invoke(cli_module.cli, ["config", "check", "--json", str(broken)])
+    assert result.exit_code == 1
+    [problem] = json.loads(result.stdout)["problems"]
+    assert (problem["severity"], problem["key"], problem["line"]) == ("error", key, line)
+    assert problem["message"].startswith(message), problem
+
+
+def test_cli_check_json_of_a_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    result = runner.invoke(cli_module.cli, ["config", "check", "--json", str(missing)])
+    assert result.exit_code == 2
+    found = json.loads(result.stdout)
+    assert (found["file"], found["ok"]) == (str(missing), False)
+    [problem] = found["problems"]
+    assert (problem["severity"], problem["key"], problem["line"]) == ("error", None, None)
+    assert problem["message"].startswith("cannot read: No such file"), problem
+
+
 def test_cli_check_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(cli_module.cli, ["config", "check", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2
@@ -606,18 +673,46 @@ def test_cli_check_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> No
 
 
 def test_cli_check_without_file_uses_env_or_says_how(
-    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("HPCSTAGE_CONFIG", raising=False)
+    monkeypatch.setattr(paths, "DEFAULT_PATH", tmp_path / "etc" / "site.toml")
     result = runner.invoke(cli_module.cli, ["config", "check"])
     assert result.exit_code == 2
-    assert "give FILE, --config or set $HPCSTAGE_CONFIG" in result.stderr
+    assert result.stderr == (
+        "hpcstage: error: no site configuration: no --config FILE, $HPCSTAGE_CONFIG not set,"
+        f" and {tmp_path}/etc/site.toml does not exist (or give FILE)\n"
+    )
     monkeypatch.setenv("HPCSTAGE_CONFIG", str(EXAMPLE))
     result = runner.invoke(cli_module.cli, ["config", "check"])
     assert result.exit_code == 0
     assert result.stdout.startswith(f"OK: {EXAMPLE} ")
     result = runner.invoke(cli_module.cli, ["config", "check", "--config", str(EXAMPLE)])
     assert result.exit_code == 0
+
+
+def test_without_flag_or_variable_the_default_path_is_read(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("HPCSTAGE_CONFIG", raising=False)
+    default = tmp_path / "site.toml"
+    monkeypatch.setattr(paths, "DEFAULT_PATH", default)
+    for command in (["status"], ["trash", "ls"], ["daemon"]):
+        result = runner.invoke(cli_module.cli, command)
+        said = result.output + str(result.exception)  # the daemon says it and exits 78
+        assert result.exit_code != 0, (command, said)
+        assert "no --config FILE, $HPCSTAGE_CONFIG not set" in said, (command, said)
+        assert f"{default} does not exist" in said, (command, said)
+    default.write_text(EXAMPLE.read_text())
+    result = runner.invoke(cli_module.cli, ["config", "check"])
+    assert (result.exit_code, result.stdout.startswith(f"OK: {default} ")) == (0, True)
+    # A client command reads the default file and goes on to ask the daemon (whom this
+    # machine has neither a munged nor a daemon for).
+    result = runner.invoke(cli_module.cli, ["status"])
+    assert isinstance(result.exception, AuthError | ApiError), result.exception
+    assert "/etc/hpcstage/site.toml" in runner.invoke(cli_module.cli, ["--help"]).stdout
+    status_help = " ".join(runner.invoke(cli_module.cli, ["status", "--help"]).stdout.split())
+    assert "[default: /etc/hpcstage/site.toml]" in status_help
 
 
 def test_cli_show_toml_and_json(runner: CliRunner) -> None:

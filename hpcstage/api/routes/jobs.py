@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hpcstage.api.deps import Caller, Database, Service, owned
+from hpcstage.api.deps import Caller, Database, JobId, Service, owned
 from hpcstage.api.follow import SINCE, WAIT, document, followed
 from hpcstage.api.status import job_summary
 from hpcstage.db import Job
@@ -59,7 +59,7 @@ def _check_filter(name: str, values: list[str], longest: int) -> None:
 
 @router.get("/{job_id}")
 async def job(
-    job_id: int,
+    job_id: JobId,
     daemon: Service,
     db: Database,
     me: Caller,
@@ -79,7 +79,7 @@ async def job(
 
 
 @router.post("/{job_id}/ensure")
-async def ensure(job_id: int, daemon: Service, db: Database, me: Caller) -> dict[str, Any]:
+async def ensure(job_id: JobId, daemon: Service, db: Database, me: Caller) -> dict[str, Any]:
     """A job asks for its inputs now (from ``hpcstage env``): look at the queue at once."""
     deadline = time.monotonic() + UNKNOWN_JOB_WAIT * daemon.settings.slurm.poll_interval
     while True:

@@ -34,6 +34,10 @@ async def evict_node(node: str, daemon: Service, me: Caller) -> dict[str, int]:
     """Admins: apply the eviction policy on NODE now (leased data is never evicted)."""
     if not me.admin:
         raise HTTPException(403, "only admins may trigger eviction")
+    # Slurm's nodes only: the daemon logs in to NODE, and a name from the URL could be any
+    # host (or address: "1.5" resolves) the service account can reach.
+    if node not in daemon.known_nodes():
+        raise HTTPException(404, f"no node {node} in Slurm")
     try:
         # This node only: an admin's request does not wait for every other node's pass.
         return {"evicted": await daemon.evict_node(node)}

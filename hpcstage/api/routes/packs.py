@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from hpcstage.api.deps import Caller, Database, Service
+from hpcstage.api.deps import Caller, Database, RowId, Service, Text
 from hpcstage.api.follow import MAX_WAIT, SINCE, WAIT
 from hpcstage.core.packing import PackRequest
 from hpcstage.db import Pack
@@ -20,10 +20,20 @@ router = APIRouter(prefix="/api/v1/packs")
 class PackIn(BaseModel):
     """Body of POST /api/v1/packs."""
 
-    src: str = Field(max_length=2048, description="s3://bucket/prefix/ to pack")
-    dest: str = Field(max_length=2048, description="s3://bucket/.../NAME.hpack/ to write")
+    src: Text = Field(
+        max_length=2048,
+        description="s3://bucket/prefix/ to pack",
+        examples=["s3://datasets/chem/ligands/"],
+    )
+    dest: Text = Field(
+        max_length=2048,
+        description="s3://bucket/.../NAME.hpack/ to write",
+        examples=["s3://results/chem/ligands.hpack/"],
+    )
     update: bool = Field(False, description="pack only what changed since the newest version")
-    segment_size: str = Field("256M", max_length=16, description="segment size (K/M/G)")
+    segment_size: Text = Field(
+        "256M", max_length=16, description="segment size (K/M/G)", examples=["64M"]
+    )
     verify: bool = Field(False, description="read the new segments back and check them")
 
 
@@ -45,7 +55,7 @@ async def create(body: PackIn, daemon: Service, me: Caller) -> dict[str, Any]:
 
 @router.get("/{pack_id}")
 async def status(
-    pack_id: int,
+    pack_id: RowId,
     daemon: Service,
     db: Database,
     me: Caller,

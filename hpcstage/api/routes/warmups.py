@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from hpcstage.api.deps import Caller, Database, Service, owned
+from hpcstage.api.deps import Caller, Database, RowId, Service, Text, owned
 from hpcstage.api.follow import SINCE, WAIT, followed
 from hpcstage.api.service import StagingService
 from hpcstage.db import Job
@@ -21,8 +21,8 @@ router = APIRouter(prefix="/api/v1/warmups")
 class WarmupIn(BaseModel):
     """Body of POST /api/v1/warmups."""
 
-    src: str = Field(description="s3://bucket/key, s3://bucket/prefix/ or /shared/path")
-    nodes: list[str] = Field(min_length=1, description="node names, expanded")
+    src: Text = Field(description="s3://bucket/key, s3://bucket/prefix/ or /shared/path")
+    nodes: list[Text] = Field(min_length=1, description="node names, expanded")
 
 
 @router.post("", status_code=201)
@@ -32,7 +32,7 @@ async def warmup(body: WarmupIn, daemon: Service, me: Caller) -> dict[str, Any]:
     try:
         warm_id = daemon.create_warmup(body.src, body.nodes, me.user, me.admin)
     except DirectiveError as exc:
-        raise HTTPException(400, str(exc)) from exc
+        raise HTTPException(400, f"src: {exc}") from exc
     except PermissionError as exc:
         raise HTTPException(403, str(exc)) from exc
     except LimitError as exc:
@@ -57,7 +57,7 @@ async def _known_nodes_only(daemon: StagingService, body: WarmupIn) -> None:
 
 @router.get("/{warm_id}")
 async def warmup_status(
-    warm_id: int,
+    warm_id: RowId,
     daemon: Service,
     db: Database,
     me: Caller,

@@ -77,6 +77,7 @@ from hpcstage.core.directives.model import (
     summarize,
 )
 from hpcstage.core.directives.parse import (
+    check_bucket,
     expand_dest_template,
     expand_patterns,
     expand_stage_out,
@@ -107,6 +108,7 @@ __all__ = [
     "StageIn",
     "StageOut",
     "When",
+    "check_bucket",
     "decode_admin_comment",
     "encode_admin_comment",
     "expand_dest_template",

@@ -408,7 +408,7 @@ def _s3_source(text: str, what: str) -> Source:
     bucket, slash, key = text.partition("/")
     if not slash:
         raise DirectiveError(f"{what} {quoted('s3://' + text)} needs /KEY or a trailing '/'")
-    _check_bucket(bucket)
+    check_bucket(bucket)
     if len(key.encode()) > MAX_KEY_BYTES:
         raise DirectiveError(f"{what} key is longer than {MAX_KEY_BYTES} bytes")
     if key == "":
@@ -483,7 +483,7 @@ _BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3")
 
 
-def _check_bucket(bucket: str) -> None:
+def check_bucket(bucket: str) -> None:
     """AWS's general-purpose bucket naming rules (MinIO and Ceph accept a subset of these)."""
     if (
         not _BUCKET.fullmatch(bucket)
