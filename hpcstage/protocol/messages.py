@@ -167,6 +167,7 @@ class StageProgress:
     files_total: int | None  # None until the listing is complete
     bytes_total: int | None
     fetched: int  # objects this input fetched from the store (packed: ranged GETs)
+    fetched_bytes: int  # the bytes those fetches brought (for the daemon's /metrics)
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,10 @@ class EvictRequest:
 @dataclass(frozen=True)
 class EvictReply:
     evicted: int
+    # What the cache holds after the pass (objects and packed trees; one aggregate query):
+    # the daemon's per-node cache gauges, a pass old at most.
+    bytes: int
+    objects: int
 
 
 @dataclass(frozen=True)

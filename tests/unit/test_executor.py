@@ -70,7 +70,7 @@ class FakeAgent:
             raise step
         if isinstance(step, asyncio.Event):  # a call that runs until cancelled
             if on_progress is not None:
-                on_progress(to_wire(StageProgress(1, 1, 10, 4, None, 0)))
+                on_progress(to_wire(StageProgress(1, 1, 10, 4, None, 0, 0)))
             await step.wait()
             raise AssertionError("a call waiting for its cancellation returned")
         for report in step.progress:
@@ -175,10 +175,10 @@ def test_a_stage_in_that_succeeds_leaves_its_stagings_ready_with_their_counters(
     job_id = _job(db, _in(1), _in(2))
     agent = FakeAgent(
         Reply(
-            StageReply("", False, [StageProgress(1, 3, 300, 3, 300, 2)]),
-            progress=[StageProgress(1, 1, 9, None, None, 0)],
+            StageReply("", False, [StageProgress(1, 3, 300, 3, 300, 2, 200)]),
+            progress=[StageProgress(1, 1, 9, None, None, 0, 0)],
         ),
-        Reply(StageReply("", False, [StageProgress(2, 1, 5, None, None, 1)])),
+        Reply(StageReply("", False, [StageProgress(2, 1, 5, None, None, 1, 5)])),
     )
     executor = Executor(settings, db, FakeNodes(n1=agent))
     _run(executor, _stage(job_id))
@@ -219,7 +219,7 @@ def test_a_stage_in_that_the_store_throttles_is_requeued_with_what_it_did(
     settings: Settings, db: sessionmaker[Session]
 ) -> None:
     job_id = _job(db, _in(1), _in(2))
-    agent = FakeAgent(Reply(StageReply("", False, [StageProgress(1, 1, 1, None, None, 0)])))
+    agent = FakeAgent(Reply(StageReply("", False, [StageProgress(1, 1, 1, None, None, 0, 0)])))
     agent.script.append(AgentError("SlowDown", transient=True))
     executor = Executor(settings, db, FakeNodes(n1=agent))
     _run(executor, _stage(job_id))
