@@ -38,7 +38,9 @@ from hpcstage.staging.access import StoreAccess
 from hpcstage.staging.bins import RecycleBins, stage_out_buckets
 from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.executor import Executor
+from hpcstage.staging.meters import Meters
 from hpcstage.staging.nodes import NodeAgents
+from hpcstage.staging.records import inputs_ready
 from hpcstage.staging.warmups import Warmups
 from hpcstage.store.credentials import CredentialSource
 from hpcstage.store.s3 import S3Store
@@ -77,6 +79,7 @@ class Daemon:
     last_tick: float = 0.0
     last_error: str = ""
     access: StoreAccess = field(default_factory=StoreAccess)
+    meters: Meters = field(default_factory=Meters)  # what /metrics counts (staging/meters.py)
     bins: RecycleBins = field(init=False)
     _parts: Parts | None = None
     _ignored: set[JobKey] = field(default_factory=set)
@@ -119,10 +122,12 @@ class Daemon:
         self, db: sessionmaker[Session], backend: SlurmBackend, creds: CredentialSource
     ) -> Parts:
         nodes = NodeAgents(self.settings, backend, self.access)
-        caches = NodeCaches(self.settings, nodes)
+        caches = NodeCaches(self.settings, nodes, self.meters)
         return Parts(
             nodes=nodes,
-            executor=Executor(self.settings, db, nodes, self._wake.set, self.bins.store),
+            executor=Executor(
+                self.settings, db, nodes, self._wake.set, self.bins.store, self.meters
+            ),
             admission=Admission(self.settings, backend, self.audit.record),
             warmups=Warmups(self.settings, db, self.audit.record, self.wake),
             caches=caches,
@@ -337,3 +342,11 @@ class Daemon:
     def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
         """Record a warmup of ``src`` on ``nodes``; the next tick starts it (see Warmups)."""
         return self.parts.warmups.create(src, nodes, user, admin)
+
+    def job_asked(self, job_id: int) -> None:
+        """The job (its row id) asked for its inputs (``hpcstage env``, once it runs): where
+        the daemon learns that a job waits for its data, for /metrics."""
+        assert self.db is not None
+        with self.db.begin() as session:
+            ready = inputs_ready(session, job_id)
+        self.meters.job_asked(job_id, ready)

@@ -19,6 +19,7 @@ from hpcstage.core import stageout
 from hpcstage.core.rules import Progress, columns
 from hpcstage.db import Job, Request, Staging, Upload
 from hpcstage.protocol.messages import FileOutcome
+from hpcstage.staging.meters import Meters
 from hpcstage.watch.fold import log_event
 
 log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
@@ -34,6 +35,7 @@ class StagingRecords:
     progress: dict[int, Progress] = field(default_factory=dict)
     # staging id -> path -> the agent's last report on that file (stage-out)
     files: dict[int, dict[str, FileOutcome]] = field(default_factory=dict)
+    meters: Meters = field(default_factory=Meters)
 
     def finish(self, staging_id: int, progress: Progress, written: str = "") -> None:
         """The staging is done: ready, with its final counters (``written``: the packed
@@ -51,6 +53,10 @@ class StagingRecords:
             else:
                 msg = f"ready: {r.src} -> {r.dest} ({what}, {st.fetched_files} fetched)"
             log_event(session, r.job_id, st.node, msg)
+            self.meters.attempt_ended(r.direction, "ready")
+            if r.direction != "out" and inputs_ready(session, r.job_id):
+                job = r.job
+                self.meters.job_ready(job.id, job.kind, job.submitted_at or job.first_seen)
         self.progress.pop(staging_id, None)
 
     def fail(self, staging_id: int, action: planner.Stage | planner.StageOut, message: str) -> None:
@@ -60,11 +66,14 @@ class StagingRecords:
             apply(st, self.progress.pop(staging_id, Progress()))
             self.save_files(session, st)
             st.state, st.error, st.finished_at = "failed", message, time.time()
+            self.meters.attempt_ended(st.request.direction, "failed")
             # The other requests of this job on this node will not run now: say why.
             for other in job_stagings(session, action.job_id, action.node):
                 if other.state == "running":
                     other.state, other.error = "failed", "not staged: another input failed"
+                    self.meters.attempt_ended(other.request.direction, "failed")
             log_event(session, action.job_id, action.node, f"failed: {message}", "error")
+        self.meters.job_failed(action.job_id)
 
     def staged(self, staging_id: int) -> tuple[int, int]:
         """(bytes, files) a finished staging moved."""
@@ -97,6 +106,9 @@ class StagingRecords:
                     # A bug that strikes every attempt must not keep a staging running forever.
                     give_up = st.attempts >= MAX_INTERNAL_ERROR_ATTEMPTS
                     st.state = "failed" if give_up else "queued"
+                    self.meters.attempt_ended(
+                        st.request.direction, "failed" if give_up else "requeued"
+                    )
                     if give_up:
                         outcome = f"gave up after {st.attempts} attempts"
                     st.error = f"{outcome}: {message}" if give_up else message
@@ -142,6 +154,16 @@ def staging_row(session: Session, request: Request, node: str) -> Staging:
         session.add(found)
         session.flush()
     return found
+
+
+def inputs_ready(session: Session, job_id: int) -> bool:
+    """Whether every stage-in of the job is ready on every node it is (still) meant for."""
+    states = session.scalars(
+        select(Staging.state)
+        .join(Request)
+        .where(Request.job_id == job_id, Request.direction != "out", Staging.state != "released")
+    ).all()
+    return bool(states) and all(s == "ready" for s in states)
 
 
 def job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:

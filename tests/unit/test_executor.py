@@ -395,3 +395,74 @@ def test_an_action_that_raises_is_retried_then_given_up(
     (st,) = _stagings(db)
     assert (st.state, st.attempts) == ("failed", MAX_INTERNAL_ERROR_ATTEMPTS)
     assert st.error.startswith(f"gave up after {MAX_INTERNAL_ERROR_ATTEMPTS} attempts: internal")
+
+
+# ---------------------------------------------------------------------------- meters
+
+
+def _sample(executor: Executor, name: str, **labels: str) -> float:
+    """One sample of the executor's meters (0 when the series does not exist yet)."""
+    for metric in executor.records.meters.collect():
+        for s in metric.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return 0.0
+
+
+def test_a_stage_in_counts_its_fetches_hits_and_outcome_once_each(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), _in(2))
+    agent = FakeAgent(
+        # 3 objects, 2 fetched (200 bytes): reported as they go, then as the result.
+        Reply(
+            StageReply("", False, [StageProgress(1, 3, 300, 3, 300, 2, 200)]),
+            progress=[
+                StageProgress(1, 0, 0, None, None, 1, 0),  # a fetch started
+                StageProgress(1, 1, 100, None, None, 2, 100),
+            ],
+        ),
+        Reply(StageReply("", False, [StageProgress(2, 4, 40, 4, 40, 0, 0)])),  # all hits
+    )
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, _stage(job_id))
+    node = {"node": NODE}
+    assert _sample(executor, "hpcstage_store_fetched_objects_total", **node) == 2
+    assert _sample(executor, "hpcstage_store_fetched_bytes_total", **node) == 200
+    assert _sample(executor, "hpcstage_cache_misses_total", **node) == 2
+    assert _sample(executor, "hpcstage_cache_hits_total", **node) == 1 + 4
+    ready = {"direction": "in", "outcome": "ready"}
+    assert _sample(executor, "hpcstage_staging_attempts_total", **ready) == 2
+    # Both inputs ready: the job's time to ready is observed once, not once per input.
+    assert _sample(executor, "hpcstage_job_time_to_ready_seconds_count", kind="job") == 1
+
+
+def test_a_requeued_stage_in_counts_its_outcome_and_no_time_to_ready(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1))
+    agent = FakeAgent(AgentError("SlowDown", transient=True))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, _stage(job_id))
+    requeued = {"direction": "in", "outcome": "requeued"}
+    assert _sample(executor, "hpcstage_staging_attempts_total", **requeued) == 1
+    assert _sample(executor, "hpcstage_job_time_to_ready_seconds_count", kind="job") == 0
+
+
+def test_a_stage_out_counts_uploaded_files_once(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _out(1), state="COMPLETED")
+    sent = FileOutcome("out1/a", "run1/a", 4, "uploaded", error="", trash_key="")
+    there = FileOutcome("out1/b", "run1/b", 9, "present", error="", trash_key="")
+    reports = [
+        StageOutProgress(1, [sent], 1, 4, files_total=2, bytes_total=13, fetched=1),
+        StageOutProgress(1, [sent, there], 2, 13, files_total=2, bytes_total=13, fetched=1),
+    ]
+    agent = FakeAgent(Reply(StageOutReply([StageOutResult(1, 2, 13, 1)]), progress=reports))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, planner.StageOut(job_id, NODE, "ended"))
+    assert _sample(executor, "hpcstage_store_uploaded_objects_total", node=NODE) == 1
+    assert _sample(executor, "hpcstage_store_uploaded_bytes_total", node=NODE) == 4
+    ready = {"direction": "out", "outcome": "ready"}
+    assert _sample(executor, "hpcstage_staging_attempts_total", **ready) == 1
