@@ -76,7 +76,9 @@ async def evict(ctx: NodeContext, request: EvictRequest) -> EvictReply:
     # Counted as it goes: a pass over 10^6 expired objects holds no list of their ids.
     evicted = await asyncio.to_thread(lambda: sum(1 for _ in passing))
     size, objects = await asyncio.to_thread(ctx.cache.totals)
-    return EvictReply(evicted=evicted, bytes=size, objects=objects)
+    stores = ctx.stores
+    tally = stores.tally
+    return EvictReply(evicted, size, objects, tally.retries, stores.fallbacks(), tally.since)
 
 
 async def ping(ctx: NodeContext, _request: Empty) -> PingReply:

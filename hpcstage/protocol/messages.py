@@ -290,6 +290,11 @@ class EvictReply:
     # the daemon's per-node cache gauges, a pass old at most.
     bytes: int
     objects: int
+    # Store requests retried and lean GETs handed back to the SDK since ``since`` (Unix time
+    # the agent started: the daemon tells a new agent's counts from an old one's by it).
+    retries: int
+    fallbacks: int
+    since: float
 
 
 @dataclass(frozen=True)

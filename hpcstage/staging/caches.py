@@ -46,6 +46,7 @@ class NodeCaches:
         reply = await AgentClient(await self.nodes.agent(node), node).evict(policy)
         if self.meters is not None:
             self.meters.cache_held(node, reply.bytes, reply.objects)
+            self.meters.agent_reported(node, reply.since, reply.retries, reply.fallbacks)
         return reply.evicted
 
     async def evict_all(self) -> dict[str, dict[str, int]]:

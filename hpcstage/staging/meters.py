@@ -94,6 +94,22 @@ class Meters:
             "node",
         )
     )
+    retries: Counter = field(
+        default_factory=lambda: _counter(
+            "hpcstage_store_retries",
+            "Store requests a node's agent retried (throttling, 5xx, timeouts, checksum"
+            " mismatches), counted with the eviction pass (every 30 s).",
+            "node",
+        )
+    )
+    fallbacks: Counter = field(
+        default_factory=lambda: _counter(
+            "hpcstage_store_sdk_fallbacks",
+            "GETs a node's agent handed from its lean HTTP path back to the SDK (aiobotocore),"
+            " counted with the eviction pass.",
+            "node",
+        )
+    )
     ended: Counter = field(
         default_factory=lambda: _counter(
             "hpcstage_staging_attempts",
@@ -142,6 +158,8 @@ class Meters:
     # Jobs whose wait, and whose time to ready, were observed (dicts: ordered, oldest first).
     _waited: dict[int, None] = field(default_factory=dict)
     _readied: dict[int, None] = field(default_factory=dict)
+    # node -> what its agent last reported: (since when, retries, fallbacks)
+    _agents: dict[str, tuple[float, int, int]] = field(default_factory=dict)
 
     def collect(self) -> Iterator[Metric]:
         """Every metric's samples (what the API's collector yields), without the ``_created``
@@ -157,6 +175,8 @@ class Meters:
             self.peer_objects,
             self.hits,
             self.misses,
+            self.retries,
+            self.fallbacks,
             self.ended,
             self.time_to_ready,
             self.data_wait,
@@ -186,6 +206,17 @@ class Meters:
         """What ``node``'s cache held after an eviction pass."""
         self.cache_bytes.labels(node).set(size)
         self.cache_objects.labels(node).set(objects)
+
+    def agent_reported(self, node: str, since: float, retries: int, fallbacks: int) -> None:
+        """``node``'s agent has retried ``retries`` requests and handed ``fallbacks`` GETs to
+        the SDK since ``since`` (when it started); counted are those since its last report,
+        or all of them from a new agent."""
+        last_since, last_retries, last_fallbacks = self._agents.get(node, (since, 0, 0))
+        if last_since != since:
+            last_retries, last_fallbacks = 0, 0
+        self.retries.labels(node).inc(max(0, retries - last_retries))
+        self.fallbacks.labels(node).inc(max(0, fallbacks - last_fallbacks))
+        self._agents[node] = (since, retries, fallbacks)
 
     def job_asked(self, job_id: int, ready: bool) -> None:
         """A running job asked for its inputs (``hpcstage env``'s request): its wait starts

@@ -118,6 +118,11 @@ def test_a_known_staging_is_counted_exactly(stager: Stager) -> None:
         return held >= size and objects >= len(files)
 
     wait_until(f"{node}'s cache in the gauges", cache_counted, 90, stager.log)
+    # The same pass brings the agent's retries and SDK fallbacks (tests/integration/
+    # test_hostile_store.py makes some; a healthy store may still need one, rarely).
+    found = samples(scrape(stager))
+    assert ("hpcstage_store_retries_total", (("node", node),)) in found
+    assert ("hpcstage_store_sdk_fallbacks_total", (("node", node),)) in found
 
 
 def test_promtool_accepts_the_exposition(stager: Stager) -> None:

@@ -175,3 +175,15 @@ def test_a_long_lived_daemon_remembers_a_bounded_number_of_jobs(
     meters.job_ready(109, "job", since=0.0)  # still remembered: not observed twice
     _, samples = scrape(Daemon(None, meters))
     assert samples["hpcstage_job_time_to_ready_seconds_count", (("kind", "job"),)] == 10
+
+
+def test_agents_retries_and_fallbacks_are_counted_once_also_across_a_new_agent() -> None:
+    meters = Meters()
+    meters.agent_reported("n1", since=100.0, retries=2, fallbacks=1)
+    meters.agent_reported("n1", since=100.0, retries=5, fallbacks=1)  # 3 more retries
+    meters.agent_reported("n1", since=200.0, retries=1, fallbacks=4)  # a new agent: all new
+    meters.agent_reported("n2", since=100.0, retries=0, fallbacks=0)
+    _, samples = scrape(Daemon(None, meters))
+    assert samples["hpcstage_store_retries_total", (("node", "n1"),)] == 2 + 3 + 1
+    assert samples["hpcstage_store_sdk_fallbacks_total", (("node", "n1"),)] == 1 + 4
+    assert samples["hpcstage_store_retries_total", (("node", "n2"),)] == 0
