@@ -40,7 +40,7 @@ from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.executor import Executor
 from hpcstage.staging.meters import Meters
 from hpcstage.staging.nodes import NodeAgents
-from hpcstage.staging.records import inputs_ready
+from hpcstage.staging.records import ready_where_running
 from hpcstage.staging.warmups import Warmups
 from hpcstage.store.credentials import CredentialSource
 from hpcstage.store.s3 import S3Store
@@ -295,6 +295,7 @@ class Daemon:
         executor.flush_progress()
         with self.db.begin() as session:
             views = list(tickview.read_views(session))  # plain columns: no ORM object each
+            self._end_waits(session)
         actions = planner.plan(
             views,
             time.time(),
@@ -348,5 +349,12 @@ class Daemon:
         the daemon learns that a job waits for its data, for /metrics."""
         assert self.db is not None
         with self.db.begin() as session:
-            ready = inputs_ready(session, job_id)
+            ready = ready_where_running(session, job_id)
         self.meters.job_asked(job_id, ready)
+
+    def _end_waits(self, session: Session) -> None:
+        """Jobs that asked before the daemon saw them run may find their inputs ready once it
+        does, without a transfer ending (staged ahead on the node it got): for /metrics."""
+        for job_id in self.meters.waiting():
+            if ready_where_running(session, job_id):
+                self.meters.wait_over(job_id)

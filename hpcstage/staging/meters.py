@@ -220,7 +220,7 @@ class Meters:
 
     def job_asked(self, job_id: int, ready: bool) -> None:
         """A running job asked for its inputs (``hpcstage env``'s request): its wait starts
-        now, or is 0 if they are ``ready``. Only its first request counts."""
+        now, or is 0 if they are ``ready`` where it runs. Only its first request counts."""
         if job_id in self._waited or job_id in self._asked:
             return
         if ready:
@@ -231,10 +231,17 @@ class Meters:
 
     def job_ready(self, job_id: int, kind: str, since: float) -> None:
         """All the job's inputs are ready (``since``: its submission, Unix time); observed
-        once per job in this daemon's life, and ends the wait of a job that asked."""
+        once per job in this daemon's life."""
         if job_id not in self._readied:
             _remember(self._readied, job_id, None)
             self.time_to_ready.labels(kind).observe(max(0.0, time.time() - since))
+
+    def waiting(self) -> list[int]:
+        """Jobs that asked for their inputs and wait for them still."""
+        return list(self._asked)
+
+    def wait_over(self, job_id: int) -> None:
+        """The inputs of a job are ready where it runs: the wait of a job that asked ends."""
         asked = self._asked.pop(job_id, None)
         if asked is not None:
             _remember(self._waited, job_id, None)

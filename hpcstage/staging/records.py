@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.core import plan as planner
@@ -20,7 +20,7 @@ from hpcstage.core.rules import Progress, columns
 from hpcstage.db import Job, Request, Staging, Upload
 from hpcstage.protocol.messages import FileOutcome
 from hpcstage.staging.meters import Meters
-from hpcstage.watch.fold import log_event
+from hpcstage.watch.fold import log_event, split_nodes
 
 log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
@@ -57,6 +57,8 @@ class StagingRecords:
             if r.direction != "out" and inputs_ready(session, r.job_id):
                 job = r.job
                 self.meters.job_ready(job.id, job.kind, job.submitted_at or job.first_seen)
+            if r.direction != "out" and ready_where_running(session, r.job_id):
+                self.meters.wait_over(r.job_id)
         self.progress.pop(staging_id, None)
 
     def fail(self, staging_id: int, action: planner.Stage | planner.StageOut, message: str) -> None:
@@ -164,6 +166,24 @@ def inputs_ready(session: Session, job_id: int) -> bool:
         .where(Request.job_id == job_id, Request.direction != "out", Staging.state != "released")
     ).all()
     return bool(states) and all(s == "ready" for s in states)
+
+
+def ready_where_running(session: Session, job_id: int) -> bool:
+    """Whether the daemon has seen the job run, and every stage-in of it is ready on each
+    node it runs on (what a job waits for at its start)."""
+    job = session.get(Job, job_id)
+    nodes = split_nodes(job.nodes) if job is not None else ()
+    if not nodes:
+        return False
+    inputs = (Request.job_id == job_id, Request.direction != "out")
+    wanted = session.scalar(select(func.count()).select_from(Request).where(*inputs)) or 0
+    ready = session.scalar(
+        select(func.count())
+        .select_from(Staging)
+        .join(Request)
+        .where(*inputs, Staging.node.in_(nodes), Staging.state == "ready")
+    )
+    return wanted > 0 and ready == wanted * len(nodes)
 
 
 def job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:

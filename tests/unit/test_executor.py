@@ -33,7 +33,7 @@ from hpcstage.protocol.messages import (
 )
 from hpcstage.protocol.wire import to_wire
 from hpcstage.staging.executor import Executor
-from hpcstage.staging.records import MAX_INTERNAL_ERROR_ATTEMPTS
+from hpcstage.staging.records import MAX_INTERNAL_ERROR_ATTEMPTS, ready_where_running
 from hpcstage.staging.stagein import MAX_TRANSPORT_ATTEMPTS
 
 NODE = "n1"
@@ -118,9 +118,11 @@ def db() -> Iterator[sessionmaker[Session]]:
     found.kw["bind"].dispose()
 
 
-def _job(db: sessionmaker[Session], *requests: Request, state: str = "RUNNING") -> int:
+def _job(
+    db: sessionmaker[Session], *requests: Request, state: str = "RUNNING", slurm_id: int = 7
+) -> int:
     with db.begin() as session:
-        job = Job(slurm_job_id=7, user="bob", account="lab", state=state, batch_host=NODE)
+        job = Job(slurm_job_id=slurm_id, user="bob", account="lab", state=state, batch_host=NODE)
         job.requests.extend(requests)
         session.add(job)
         session.flush()
@@ -466,3 +468,29 @@ def test_a_stage_out_counts_uploaded_files_once(
     assert _sample(executor, "hpcstage_store_uploaded_bytes_total", node=NODE) == 4
     ready = {"direction": "out", "outcome": "ready"}
     assert _sample(executor, "hpcstage_staging_attempts_total", **ready) == 1
+
+
+def test_a_job_waiting_for_its_inputs_is_observed_once_they_are_ready_where_it_runs(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    waiting, unseen = _job(db, _in(1)), _job(db, _in(2), slurm_id=8)
+    with db.begin() as session:
+        session.get_one(Job, waiting).nodes = NODE  # the daemon saw it run on n1
+    agent = FakeAgent(
+        Reply(StageReply("", False, [StageProgress(1, 1, 1, 1, 1, 1, 1)])),
+        Reply(StageReply("", False, [StageProgress(2, 1, 1, 1, 1, 1, 1)])),
+    )
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    meters = executor.records.meters
+    with db.begin() as session:
+        assert not ready_where_running(session, waiting)
+    meters.job_asked(waiting, ready=False)
+    meters.job_asked(unseen, ready=False)
+    _run(executor, _stage(waiting))
+    _run(executor, _stage(unseen))
+    assert _sample(executor, "hpcstage_job_data_wait_seconds_count") == 1
+    # Ready, but on no node it is known to run on yet: still waiting (a tick ends it later).
+    assert meters.waiting() == [unseen]
+    with db.begin() as session:
+        assert ready_where_running(session, waiting)
+        assert not ready_where_running(session, unseen)

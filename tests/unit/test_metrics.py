@@ -16,8 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import __version__
 from hpcstage.api.collector import registry_for
+from hpcstage.config.load import parse_config
 from hpcstage.db import Job, Request, Staging, open_db
 from hpcstage.protocol.messages import StageProgress
+from hpcstage.service.daemon import Daemon as SiteDaemon
 from hpcstage.staging import meters as meters_module
 from hpcstage.staging.meters import Meters, StageCounts
 
@@ -123,20 +125,26 @@ def test_a_jobs_wait_counts_from_its_first_request_once() -> None:
     meters = Meters()
     meters.job_asked(1, ready=False)
     meters.job_asked(1, ready=False)  # hpcstage env asks again every few seconds
-    meters.job_ready(1, "job", since=0.0)
-    meters.job_ready(1, "job", since=0.0)  # another node's staging: observed once
+    assert meters.waiting() == [1]
+    meters.wait_over(1)
+    meters.wait_over(1)  # another input, another tick: observed once
     meters.job_asked(2, ready=True)  # its data was there when it started
     meters.job_asked(2, ready=True)
     meters.job_asked(3, ready=False)
     meters.job_failed(3)  # never ready: no wait observed
-    meters.job_ready(3, "job", since=0.0)
+    meters.wait_over(3)
+    assert meters.waiting() == []
+    meters.job_ready(1, "job", since=0.0)
+    meters.job_ready(1, "job", since=0.0)  # another node's staging: observed once
+    meters.job_ready(3, "warmup", since=0.0)
     _, samples = scrape(Daemon(None, meters))
     assert samples["hpcstage_job_data_wait_seconds_count", ()] == 2
     assert samples["hpcstage_job_data_wait_seconds_bucket", (("le", "0.5"),)] == 2
-    assert samples["hpcstage_job_time_to_ready_seconds_count", (("kind", "job"),)] == 2
-    assert (
-        samples["hpcstage_job_time_to_ready_seconds_bucket", (("kind", "job"), ("le", "0.5"))] == 0
-    )
+    assert samples["hpcstage_job_time_to_ready_seconds_count", (("kind", "job"),)] == 1
+    assert samples["hpcstage_job_time_to_ready_seconds_count", (("kind", "warmup"),)] == 1
+    # since=0.0: ready decades after its "submission"
+    ready_fast = ("hpcstage_job_time_to_ready_seconds_bucket", (("kind", "job"), ("le", "0.5")))
+    assert samples[ready_fast] == 0
 
 
 def test_the_docs_and_the_dashboard_name_exactly_the_metrics_served(
@@ -187,3 +195,28 @@ def test_agents_retries_and_fallbacks_are_counted_once_also_across_a_new_agent()
     assert samples["hpcstage_store_retries_total", (("node", "n1"),)] == 2 + 3 + 1
     assert samples["hpcstage_store_sdk_fallbacks_total", (("node", "n1"),)] == 1 + 4
     assert samples["hpcstage_store_retries_total", (("node", "n2"),)] == 0
+
+
+def test_the_daemon_times_a_wait_from_the_ask_to_ready_where_the_job_runs(tmp_path: Path) -> None:
+    settings = parse_config(
+        f'[site]\nname = "t"\nstate_dir = "{tmp_path}"\n'
+        '[store]\nendpoint_url = "http://127.0.0.1:9"\n'
+    )
+    db = open_db(f"sqlite:///{tmp_path / 'state.db'}")
+    daemon = SiteDaemon(settings, db=db)
+    with db.begin() as session:
+        _job(session, 1, "RUNNING", ("n1", "ready", 10))  # staged ahead on the node it got
+        _job(session, 2, "RUNNING", ("n1", "ready", 10))
+        first, second = (j.id for j in session.query(Job).order_by(Job.id))
+        session.get_one(Job, first).nodes = "n1"
+    daemon.job_asked(first)  # ready where it runs: waited 0 s
+    daemon.job_asked(second)  # asked before the daemon saw where it runs
+    assert daemon.meters.waiting() == [second]
+    with db.begin() as session:
+        session.get_one(Job, second).nodes = "n1"  # the next snapshot shows it on n1
+    with db.begin() as session:
+        daemon._end_waits(session)  # what each tick does
+    assert daemon.meters.waiting() == []
+    _, samples = scrape(Daemon(None, daemon.meters))
+    assert samples["hpcstage_job_data_wait_seconds_count", ()] == 2
+    db.kw["bind"].dispose()
