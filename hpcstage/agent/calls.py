@@ -74,7 +74,11 @@ async def evict(ctx: NodeContext, request: EvictRequest) -> EvictReply:
         request.max_bytes, request.high, request.low, request.ttl, time.time(), request.max_objects
     )
     # Counted as it goes: a pass over 10^6 expired objects holds no list of their ids.
-    return EvictReply(evicted=await asyncio.to_thread(lambda: sum(1 for _ in passing)))
+    evicted = await asyncio.to_thread(lambda: sum(1 for _ in passing))
+    size, objects = await asyncio.to_thread(ctx.cache.totals)
+    stores = ctx.stores
+    tally = stores.tally
+    return EvictReply(evicted, size, objects, tally.retries, stores.fallbacks(), tally.since)
 
 
 async def ping(ctx: NodeContext, _request: Empty) -> PingReply:

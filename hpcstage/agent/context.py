@@ -7,6 +7,7 @@ the agent needs the one that routes calls (no import circle).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,25 @@ DEFAULT_CACHE = AgentCacheSettings(durable_before_read=False)  # the site's [cac
 
 
 @dataclass
+class Tally:
+    """Store requests the agent's clients retried, and lean GETs they handed back to the SDK,
+    since the agent started (for the daemon's /metrics: docs/metrics.md)."""
+
+    retries: int = 0
+    closed_fallbacks: int = 0  # of the clients closed since (their own counters go with them)
+    since: float = field(default_factory=time.time)
+
+    def retried(self, _retry: int, _delay: float, _error: Exception) -> None:
+        """``hpcstage.retry``'s ``on_retry``: one more retry (called on the event loop)."""
+        self.retries += 1
+
+
+def fallbacks(store: S3Store) -> int:
+    """Lean GETs (whole objects and big objects' parts) ``store`` handed back to the SDK."""
+    return sum(s.fell_back for s in (store.lean_stats, store.ranged_stats) if s is not None)
+
+
+@dataclass
 class Stores:
     """The agent's store clients, made from the settings of the daemon's last hello."""
 
@@ -47,6 +67,7 @@ class Stores:
     writeback_hints: bool = False
     _open: dict[str, ObjectStore] = field(default_factory=dict)
     _retired: list[S3Store] = field(default_factory=list)  # clients of superseded credentials
+    tally: Tally = field(default_factory=Tally)
 
     @property
     def retry(self) -> RetryPolicy:
@@ -62,7 +83,10 @@ class Stores:
 
     def files(self, root: str) -> FsStore:
         """The store of a shared file system directory."""
-        found = self._open.setdefault(f"file:{root}", FsStore(Path(root), retry=self.retry))
+        found = self._open.get(f"file:{root}")
+        if found is None:
+            found = FsStore(Path(root), retry=self.retry, on_retry=self.tally.retried)
+            self._open[f"file:{root}"] = found
         assert isinstance(found, FsStore)
         return found
 
@@ -90,6 +114,7 @@ class Stores:
             part_size=t.part_size,
             multipart_threshold=t.multipart_threshold,
             retry=self.retry,
+            on_retry=self.tally.retried,
             credentials=s.credentials,
             lean_get=t.lean_get,
             direct_writes=t.direct_writes,
@@ -102,7 +127,7 @@ class Stores:
         of clients set aside."""
         self._settings().credentials = dict(credentials)
         for store in self._retired:
-            await store.close()
+            await self._close(store)
         self._retired = [s for s in self._open.values() if isinstance(s, S3Store)]
         self._open = {k: s for k, s in self._open.items() if not isinstance(s, S3Store)}
         return len(self._retired)
@@ -110,9 +135,19 @@ class Stores:
     async def close(self) -> None:
         """Close every client."""
         for store in [*self._open.values(), *self._retired]:
-            await store.close()
+            await self._close(store)
         self._open.clear()
         self._retired.clear()
+
+    def fallbacks(self) -> int:
+        """Lean GETs handed back to the SDK since the agent started."""
+        clients = [s for s in [*self._open.values(), *self._retired] if isinstance(s, S3Store)]
+        return self.tally.closed_fallbacks + sum(fallbacks(s) for s in clients)
+
+    async def _close(self, store: ObjectStore) -> None:
+        if isinstance(store, S3Store):
+            self.tally.closed_fallbacks += fallbacks(store)
+        await store.close()
 
     def _settings(self) -> AgentStoreSettings:
         if self.settings is None:

@@ -48,6 +48,7 @@ class Progress(Protocol):
     files_total: int | None
     bytes_total: int | None
     fetched: int
+    fetched_bytes: int
 
 
 def plan_reads(
@@ -211,6 +212,7 @@ class _Build:
         for attempt in range(2):  # a span that fails its CRC is fetched once more
             data = await self.dataset.store.read_range(ref, span.start, span.size)
             self.counters.fetched += 1
+            self.counters.fetched_bytes += len(data)
             bad = await self._write(span, data, members, f"{name} {span.start} {span.end}")
             if not bad:
                 return

@@ -54,6 +54,7 @@ class Counters:
     files_total: int | None = None
     bytes_total: int | None = None
     fetched: int = 0
+    fetched_bytes: int = 0
     listed_files: int = 0
     listed_bytes: int = 0
 
@@ -65,6 +66,7 @@ class Counters:
             files_total=self.files_total,
             bytes_total=self.bytes_total,
             fetched=self.fetched,
+            fetched_bytes=self.fetched_bytes,
         )
 
 
@@ -274,13 +276,16 @@ class _Fetcher:
         self.counters.fetched += 1  # called only by the one fetch that singleflight runs
         async with self.slots:
             result = await self.store.download(self.ref, pending.fd)
+        self.counters.fetched_bytes += self.ref.size
         return str(result.sha256_hex)
 
     async def read(self) -> tuple[bytes, str]:
         """The object's bytes in memory (small objects; see NodeCache.ensure_small)."""
         self.counters.fetched += 1
         async with self.slots:
-            return await download_bytes(self.store, self.ref)
+            data = await download_bytes(self.store, self.ref)
+        self.counters.fetched_bytes += self.ref.size
+        return data
 
 
 def _view_path(ref: ObjectRef, prefix: str | None, dest: PurePosixPath) -> PurePosixPath:

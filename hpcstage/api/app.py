@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from hpcstage import __version__
 from hpcstage.api import session
+from hpcstage.api.collector import registry_for
 from hpcstage.api.deps import ApiState
 from hpcstage.api.routes import dashboard, jobs, metrics, nodes, packs, trash, warmups
 from hpcstage.api.service import StagingService
@@ -46,6 +47,7 @@ def create_app(service: StagingService) -> FastAPI:
         metrics_token=_read_token(service.settings.api.metrics_token_file),
         session_key=session.new_key(),
         logins=session.OnceOnly(),
+        registry=registry_for(service),
     )
     for router in ROUTERS:
         app.include_router(router)

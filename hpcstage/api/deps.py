@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Path, Request
+from prometheus_client import CollectorRegistry
 from pydantic import AfterValidator
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,6 +48,7 @@ class ApiState:
     metrics_token: str  # "" when the site configured none: then /metrics is for admins
     session_key: bytes  # signs dashboard tokens; in memory only (a restart ends every session)
     logins: session.OnceOnly  # dashboard login tokens already traded for a session
+    registry: CollectorRegistry  # /metrics of this app only (api/collector.py)
 
 
 def state(request: Request) -> ApiState:

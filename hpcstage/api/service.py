@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
 from hpcstage.core.packing import PackRequest
+from hpcstage.staging.meters import Meters
 from hpcstage.store.s3 import S3Store
 
 
@@ -57,6 +58,10 @@ class StagingService(Protocol):
         """The audit log."""
 
     @property
+    def meters(self) -> Meters:
+        """What the daemon counts as it stages (bytes, attempts, waits), for /metrics."""
+
+    @property
     def last_tick(self) -> float:
         """Unix time of the last queue snapshot (0 before the first)."""
 
@@ -69,6 +74,9 @@ class StagingService(Protocol):
 
     def wake(self, fresh: bool = False) -> None:
         """Run a tick now; ``fresh``: with a new queue snapshot."""
+
+    def job_asked(self, job_id: int) -> None:
+        """The job with row id ``job_id`` asked for its inputs (``hpcstage env``)."""
 
     def known_nodes(self) -> list[str]:
         """Nodes Slurm reported at the last refresh."""

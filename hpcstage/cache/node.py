@@ -493,6 +493,13 @@ class NodeCache:
             leased_trees=len(leased_trees),
         )
 
+    def totals(self) -> tuple[int, int]:
+        """(bytes, objects) the cache holds, packed trees' bytes and inodes included: one
+        aggregate query, unlike ``usage()``'s lstat of every object (for leases)."""
+        count, total, _oldest = self._index.summary()
+        trees = self.trees.rows()
+        return total + sum(t.bytes for t in trees), count + sum(t.inodes for t in trees)
+
     def evict(
         self,
         max_bytes: int,

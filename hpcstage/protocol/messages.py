@@ -167,6 +167,7 @@ class StageProgress:
     files_total: int | None  # None until the listing is complete
     bytes_total: int | None
     fetched: int  # objects this input fetched from the store (packed: ranged GETs)
+    fetched_bytes: int  # the bytes those fetches brought (for the daemon's /metrics)
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,15 @@ class EvictRequest:
 @dataclass(frozen=True)
 class EvictReply:
     evicted: int
+    # What the cache holds after the pass (objects and packed trees; one aggregate query):
+    # the daemon's per-node cache gauges, a pass old at most.
+    bytes: int
+    objects: int
+    # Store requests retried and lean GETs handed back to the SDK since ``since`` (Unix time
+    # the agent started: the daemon tells a new agent's counts from an old one's by it).
+    retries: int
+    fallbacks: int
+    since: float
 
 
 @dataclass(frozen=True)

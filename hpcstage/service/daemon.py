@@ -39,8 +39,10 @@ from hpcstage.staging.access import StoreAccess
 from hpcstage.staging.bins import RecycleBins, stage_out_buckets
 from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.executor import Executor
+from hpcstage.staging.meters import Meters
 from hpcstage.staging.nodes import NodeAgents
 from hpcstage.staging.packs import Packs
+from hpcstage.staging.records import ready_where_running
 from hpcstage.staging.warmups import Warmups
 from hpcstage.store.credentials import CredentialSource
 from hpcstage.store.s3 import S3Store
@@ -80,6 +82,7 @@ class Daemon:
     last_tick: float = 0.0
     last_error: str = ""
     access: StoreAccess = field(default_factory=StoreAccess)
+    meters: Meters = field(default_factory=Meters)  # what /metrics counts (staging/meters.py)
     bins: RecycleBins = field(init=False)
     _parts: Parts | None = None
     _ignored: set[JobKey] = field(default_factory=set)
@@ -124,10 +127,12 @@ class Daemon:
         self, db: sessionmaker[Session], backend: SlurmBackend, creds: CredentialSource
     ) -> Parts:
         nodes = NodeAgents(self.settings, backend, self.access)
-        caches = NodeCaches(self.settings, nodes)
+        caches = NodeCaches(self.settings, nodes, self.meters)
         return Parts(
             nodes=nodes,
-            executor=Executor(self.settings, db, nodes, self._wake.set, self.bins.store),
+            executor=Executor(
+                self.settings, db, nodes, self._wake.set, self.bins.store, self.meters
+            ),
             admission=Admission(self.settings, backend, self.audit.record),
             warmups=Warmups(self.settings, db, self.audit.record, self.wake),
             packs=Packs(self.settings, db, self.audit.record, self._pack_changed),
@@ -297,6 +302,7 @@ class Daemon:
         executor.flush_progress()
         with self.db.begin() as session:
             views = list(tickview.read_views(session))  # plain columns: no ORM object each
+            self._end_waits(session)
         actions = planner.plan(
             views,
             time.time(),
@@ -357,3 +363,18 @@ class Daemon:
 
     def _pack_changed(self, pack_id: int) -> None:
         self.changes.bump({pack_key(pack_id)})
+
+    def job_asked(self, job_id: int) -> None:
+        """The job (its row id) asked for its inputs (``hpcstage env``, once it runs): where
+        the daemon learns that a job waits for its data, for /metrics."""
+        assert self.db is not None
+        with self.db.begin() as session:
+            ready = ready_where_running(session, job_id)
+        self.meters.job_asked(job_id, ready)
+
+    def _end_waits(self, session: Session) -> None:
+        """Jobs that asked before the daemon saw them run may find their inputs ready once it
+        does, without a transfer ending (staged ahead on the node it got): for /metrics."""
+        for job_id in self.meters.waiting():
+            if ready_where_running(session, job_id):
+                self.meters.wait_over(job_id)

@@ -12,6 +12,7 @@ from hpcstage.config.schema import Settings
 from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.messages import EvictRequest
 from hpcstage.staging.agents import AgentClient
+from hpcstage.staging.meters import Meters
 from hpcstage.staging.nodes import NodeAgents
 
 log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
@@ -23,6 +24,7 @@ class NodeCaches:
 
     settings: Settings
     nodes: NodeAgents
+    meters: Meters | None = None  # gets what each pass leaves in the cache
 
     async def usage(self, node: str) -> dict[str, Any]:
         """What the node's cache holds (bytes, objects, leased) and its job directories."""
@@ -42,6 +44,9 @@ class NodeCaches:
             max_objects=c.max_objects,
         )
         reply = await AgentClient(await self.nodes.agent(node), node).evict(policy)
+        if self.meters is not None:
+            self.meters.cache_held(node, reply.bytes, reply.objects)
+            self.meters.agent_reported(node, reply.since, reply.retries, reply.fallbacks)
         return reply.evicted
 
     async def evict_all(self) -> dict[str, dict[str, int]]:

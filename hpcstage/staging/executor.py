@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
 from hpcstage.core import plan as planner
+from hpcstage.staging.meters import Meters
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.pin import OpenStore
 from hpcstage.staging.records import StagingRecords, requeue_running
@@ -40,9 +41,10 @@ class Executor:
         nodes: NodePool,
         wake: Callable[[], None] = lambda: None,
         stores: OpenStore | None = None,
+        meters: Meters | None = None,
     ) -> None:
         self.nodes = nodes
-        self.records = StagingRecords(db)
+        self.records = StagingRecords(db, meters=meters or Meters())
         self.stage_in = StageIn(settings, db, nodes, self.records, stores)
         self.stage_out = StageOut(settings, db, nodes, self.records)
         self.releaser = Releaser(db, nodes)

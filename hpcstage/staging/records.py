@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.core import plan as planner
@@ -19,7 +19,8 @@ from hpcstage.core import stageout
 from hpcstage.core.rules import Progress, columns
 from hpcstage.db import Job, Request, Staging, Upload
 from hpcstage.protocol.messages import FileOutcome
-from hpcstage.watch.fold import log_event
+from hpcstage.staging.meters import Meters
+from hpcstage.watch.fold import log_event, split_nodes
 
 log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
@@ -34,6 +35,7 @@ class StagingRecords:
     progress: dict[int, Progress] = field(default_factory=dict)
     # staging id -> path -> the agent's last report on that file (stage-out)
     files: dict[int, dict[str, FileOutcome]] = field(default_factory=dict)
+    meters: Meters = field(default_factory=Meters)
 
     def finish(self, staging_id: int, progress: Progress, written: str = "") -> None:
         """The staging is done: ready, with its final counters (``written``: the packed
@@ -51,6 +53,12 @@ class StagingRecords:
             else:
                 msg = f"ready: {r.src} -> {r.dest} ({what}, {st.fetched_files} fetched)"
             log_event(session, r.job_id, st.node, msg)
+            self.meters.attempt_ended(r.direction, "ready")
+            if r.direction != "out" and inputs_ready(session, r.job_id):
+                job = r.job
+                self.meters.job_ready(job.id, job.kind, job.submitted_at or job.first_seen)
+            if r.direction != "out" and ready_where_running(session, r.job_id):
+                self.meters.wait_over(r.job_id)
         self.progress.pop(staging_id, None)
 
     def fail(
@@ -75,10 +83,12 @@ class StagingRecords:
             apply(st, self.progress.pop(staging_id, Progress()))
             self.save_files(session, st)
             st.state, st.error, st.finished_at = state, message, time.time()
+            self.meters.attempt_ended(st.request.direction, state)
             # The other requests of this job on this node will not run now: say why.
             for other in job_stagings(session, action.job_id, action.node):
                 if other.state == "running":
                     other.state, other.error = state, "not staged: another input failed"
+                    self.meters.attempt_ended(other.request.direction, state)
             if dropped:
                 text = (
                     f"{action.node} dropped from the job's nodes: {message} (the job can"
@@ -87,6 +97,8 @@ class StagingRecords:
                 log_event(session, action.job_id, action.node, text, "warning")
             else:
                 log_event(session, action.job_id, action.node, f"failed: {message}", "error")
+        if not dropped:
+            self.meters.job_failed(action.job_id)
 
     def staged(self, staging_id: int) -> tuple[int, int]:
         """(bytes, files) a finished staging moved."""
@@ -119,6 +131,9 @@ class StagingRecords:
                     # A bug that strikes every attempt must not keep a staging running forever.
                     give_up = st.attempts >= MAX_INTERNAL_ERROR_ATTEMPTS
                     st.state = "failed" if give_up else "queued"
+                    self.meters.attempt_ended(
+                        st.request.direction, "failed" if give_up else "requeued"
+                    )
                     if give_up:
                         outcome = f"gave up after {st.attempts} attempts"
                     st.error = f"{outcome}: {message}" if give_up else message
@@ -173,6 +188,38 @@ def droppable(job: Job, node: str) -> bool:
         return False
     running_here = job.state in planner.RUNNING_JOB_STATES and node in job.nodes.split(",")
     return not running_here
+
+
+def inputs_ready(session: Session, job_id: int) -> bool:
+    """Whether every stage-in of the job is ready on every node it is (still) meant for."""
+    states = session.scalars(
+        select(Staging.state)
+        .join(Request)
+        .where(
+            Request.job_id == job_id,
+            Request.direction != "out",
+            Staging.state.notin_(("released", "dropped")),
+        )
+    ).all()
+    return bool(states) and all(s == "ready" for s in states)
+
+
+def ready_where_running(session: Session, job_id: int) -> bool:
+    """Whether the daemon has seen the job run, and every stage-in of it is ready on each
+    node it runs on (what a job waits for at its start)."""
+    job = session.get(Job, job_id)
+    nodes = split_nodes(job.nodes) if job is not None else ()
+    if not nodes:
+        return False
+    inputs = (Request.job_id == job_id, Request.direction != "out")
+    wanted = session.scalar(select(func.count()).select_from(Request).where(*inputs)) or 0
+    ready = session.scalar(
+        select(func.count())
+        .select_from(Staging)
+        .join(Request)
+        .where(*inputs, Staging.node.in_(nodes), Staging.state == "ready")
+    )
+    return wanted > 0 and ready == wanted * len(nodes)
 
 
 def job_stagings(session: Session, job_id: int, node: str) -> list[Staging]:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hpcstage.config.schema import Settings
 from hpcstage.core import limits, quota
 from hpcstage.core import plan as planner
+from hpcstage.core.directives import SourceKind
 from hpcstage.core.rules import Progress, StagingItem, remaining, take
 from hpcstage.core.units import format_size
 from hpcstage.db import Job, Request, Staging
@@ -27,6 +28,7 @@ from hpcstage.protocol.framing import RpcClient
 from hpcstage.protocol.messages import SourceSpec, StageItem, StageProgress, StageRequest
 from hpcstage.staging import peer
 from hpcstage.staging.agents import AgentClient
+from hpcstage.staging.meters import StageCounts
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.pin import OpenStore, Pinner
 from hpcstage.staging.records import StagingRecords, apply, droppable, key_of, staging_row
@@ -133,6 +135,7 @@ class StageIn:
                 continue
             finally:
                 self._peer_copies -= 1
+            self.records.meters.peer_copied(action.node, copied.objects, copied.bytes)
             if copied.objects or copied.refused:
                 message = (
                     f"copied {copied.objects} objects ({format_size(copied.bytes)}) of {src}"
@@ -182,16 +185,20 @@ class StageIn:
         objects: limits.ObjectBudget,
     ) -> None:
         progress = self.records.progress.setdefault(staging_id, Progress())
+        source = SourceSpec.of(src) if src else None
+        packed = source is not None and source.kind is SourceKind.S3_PACKED
+        counts = StageCounts(self.records.meters, rpc.name, hits_known=not packed)
 
         def on_progress(data: StageProgress) -> None:
             take(progress, data)
+            counts.seen(data)
 
         items = []
         if src:  # a "dir" request (stage-out only job) just needs the job directory
             items.append(
                 StageItem(
                     request_id=request_id,
-                    source=SourceSpec.of(src),
+                    source=source or SourceSpec.of(src),
                     dest=dest,
                     max_bytes=limit.max_bytes,
                     quota_reason=limit.reason,
@@ -236,6 +243,7 @@ class StageIn:
                 give_up = st.attempts >= MAX_TRANSPORT_ATTEMPTS
                 gave_up = gave_up or give_up
                 st.state = final if give_up else "queued"
+                self.records.meters.attempt_ended("in", final if give_up else "requeued")
                 st.error = f"node {action.node} unreachable: {message}"
             if not gave_up:
                 log_event(session, job.id, action.node, f"will retry: {message}", "warning")

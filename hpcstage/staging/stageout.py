@@ -110,6 +110,9 @@ class StageOut:
         def on_progress(data: StageOutProgress) -> None:
             take(progress, data)
             for f in data.files:
+                before = files.get(f.path)
+                if f.state == "uploaded" and (before is None or before.state != "uploaded"):
+                    self.records.meters.uploaded(rpc.name, f.size)
                 files[f.path] = f
 
         params = StageOutRequest(
@@ -147,5 +150,6 @@ class StageOut:
                 self.records.save_files(session, st)
                 give_up = st.attempts >= MAX_STAGE_OUT_ATTEMPTS
                 st.state = "failed" if give_up else "queued"
+                self.records.meters.attempt_ended("out", "failed" if give_up else "requeued")
                 st.error = f"will retry: {message}" if not give_up else message
             log_event(session, action.job_id, action.node, f"stage-out retry: {message}", "warning")

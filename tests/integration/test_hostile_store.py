@@ -33,6 +33,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -58,6 +59,7 @@ from hpcstage.errors import (
 )
 from hpcstage.protocol.messages import (
     AgentStoreSettings,
+    EvictRequest,
     HelloRequest,
     SourceSpec,
     StageItem,
@@ -279,6 +281,25 @@ async def test_hostile_object_fails_the_request_cleanly(
     assert BAD not in cached
     bad.mode = Mode.OK
     await check_heals(node, s3, cached)
+
+
+async def test_the_agent_counts_its_retries_for_the_daemons_metrics(
+    node: Node, s3: HostileS3
+) -> None:
+    s3.put(B, BAD, BAD_DATA, Mode.TRUNCATE)
+    with pytest.raises(TransientStoreError):
+        await node.stage(BAD, kind=SourceKind.S3_OBJECT)
+    await node.settle()
+    assert node.agent is not None
+    policy = EvictRequest(max_bytes=1 << 30, high=0.9, low=0.8, ttl=0, max_objects=0)
+    reply = await calls.evict(node.agent, policy)
+    # retries = 1 in this agent's hello: the truncated GET was tried twice, retried once;
+    # each time the lean GET's read was cut short and it handed the GET to the SDK (which
+    # failed too).
+    assert (reply.retries, reply.fallbacks) == (1, 2), reply
+    assert reply.since <= time.time()
+    await node.agent.stores.close()  # new settings or credentials: clients go, counts stay
+    assert node.agent.stores.fallbacks() == 2
 
 
 async def test_hostile_single_object_leaves_no_file_at_its_dest(node: Node, s3: HostileS3) -> None:

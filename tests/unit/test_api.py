@@ -32,6 +32,7 @@ from hpcstage.errors import (
     LimitError,
     ObjectMissingError,
 )
+from hpcstage.staging.meters import Meters
 
 USERS = {0: "root", 1000: "alice", 1001: "bob"}
 CREDENTIALS = {"root-cred": 0, "alice-cred": 1000, "bob-cred": 1001}
@@ -124,12 +125,17 @@ class FakeService:
     woken: list[bool] = field(default_factory=list)
     warmup_error: Exception | None = None
     evicted: list[str] = field(default_factory=list)
+    meters: Meters = field(default_factory=Meters)
+    asked: list[int] = field(default_factory=list)
 
     def live_progress(self) -> dict[int, dict[str, int]]:
         return {}
 
     def wake(self, fresh: bool = False) -> None:
         self.woken.append(fresh)
+
+    def job_asked(self, job_id: int) -> None:
+        self.asked.append(job_id)
 
     async def unknown_nodes(self, nodes: Iterable[str]) -> list[str]:
         return [n for n in nodes if n not in self.nodes]
@@ -287,6 +293,7 @@ def test_ensure_wakes_the_daemon_and_answers_a_known_job(
     assert (reply.status, reply.json()["job_id"]) == (200, 41)
     assert service.woken == [True]
     assert call(app, "POST", "/api/v1/jobs/42/ensure", munge("alice")).status == 403
+    assert service.asked == [1]  # the row of job 41: its wait for data is timed, not 42's
     unknown = call(app, "POST", "/api/v1/jobs/77/ensure", munge("alice"))
     assert unknown.status == 404
     assert "no staging directives" in unknown.json()["detail"]
@@ -359,8 +366,8 @@ def test_metrics_for_admins_and_the_scrape_token(tmp_path: Path, service: FakeSe
     scraped = call(app, "GET", "/metrics", {"authorization": "Bearer 0123456789abcdef0123"})
     assert scraped.status == 200
     assert scraped.headers["content-type"].startswith("text/plain")
-    assert "hpcstage_last_tick_seconds 1234.5\n" in scraped.body.decode()
-    assert 'hpcstage_jobs{state="PENDING"} 2' in scraped.body.decode()
+    assert "hpcstage_last_tick_timestamp_seconds 1234.5\n" in scraped.body.decode()
+    assert 'hpcstage_jobs{state="PENDING"} 2.0' in scraped.body.decode()
     assert call(app, "GET", "/metrics", {"authorization": "Bearer wrong"}).status == 401
     assert call(app, "GET", "/metrics", munge("alice")).status == 403
     assert call(app, "GET", "/metrics", munge("root")).status == 200

@@ -33,7 +33,7 @@ from hpcstage.protocol.messages import (
 )
 from hpcstage.protocol.wire import to_wire
 from hpcstage.staging.executor import Executor
-from hpcstage.staging.records import MAX_INTERNAL_ERROR_ATTEMPTS
+from hpcstage.staging.records import MAX_INTERNAL_ERROR_ATTEMPTS, ready_where_running
 from hpcstage.staging.stagein import MAX_TRANSPORT_ATTEMPTS
 
 NODE = "n1"
@@ -70,7 +70,7 @@ class FakeAgent:
             raise step
         if isinstance(step, asyncio.Event):  # a call that runs until cancelled
             if on_progress is not None:
-                on_progress(to_wire(StageProgress(1, 1, 10, 4, None, 0)))
+                on_progress(to_wire(StageProgress(1, 1, 10, 4, None, 0, 0)))
             await step.wait()
             raise AssertionError("a call waiting for its cancellation returned")
         for report in step.progress:
@@ -119,10 +119,14 @@ def db() -> Iterator[sessionmaker[Session]]:
 
 
 def _job(
-    db: sessionmaker[Session], *requests: Request, state: str = "RUNNING", nodes: str = NODE
+    db: sessionmaker[Session],
+    *requests: Request,
+    state: str = "RUNNING",
+    nodes: str = NODE,
+    slurm_id: int = 7,
 ) -> int:
     with db.begin() as session:
-        job = Job(slurm_job_id=7, user="bob", account="lab", state=state, batch_host=NODE)
+        job = Job(slurm_job_id=slurm_id, user="bob", account="lab", state=state, batch_host=NODE)
         job.nodes = nodes if state == "RUNNING" else ""
         job.planned_nodes = "" if state == "RUNNING" else nodes
         job.requests.extend(requests)
@@ -179,10 +183,10 @@ def test_a_stage_in_that_succeeds_leaves_its_stagings_ready_with_their_counters(
     job_id = _job(db, _in(1), _in(2))
     agent = FakeAgent(
         Reply(
-            StageReply("", False, [StageProgress(1, 3, 300, 3, 300, 2)]),
-            progress=[StageProgress(1, 1, 9, None, None, 0)],
+            StageReply("", False, [StageProgress(1, 3, 300, 3, 300, 2, 200)]),
+            progress=[StageProgress(1, 1, 9, None, None, 0, 0)],
         ),
-        Reply(StageReply("", False, [StageProgress(2, 1, 5, None, None, 1)])),
+        Reply(StageReply("", False, [StageProgress(2, 1, 5, None, None, 1, 5)])),
     )
     executor = Executor(settings, db, FakeNodes(n1=agent))
     _run(executor, _stage(job_id))
@@ -223,7 +227,7 @@ def test_a_stage_in_that_the_store_throttles_is_requeued_with_what_it_did(
     settings: Settings, db: sessionmaker[Session]
 ) -> None:
     job_id = _job(db, _in(1), _in(2))
-    agent = FakeAgent(Reply(StageReply("", False, [StageProgress(1, 1, 1, None, None, 0)])))
+    agent = FakeAgent(Reply(StageReply("", False, [StageProgress(1, 1, 1, None, None, 0, 0)])))
     agent.script.append(AgentError("SlowDown", transient=True))
     executor = Executor(settings, db, FakeNodes(n1=agent))
     _run(executor, _stage(job_id))
@@ -441,3 +445,100 @@ def test_an_action_that_raises_is_retried_then_given_up(
     (st,) = _stagings(db)
     assert (st.state, st.attempts) == ("failed", MAX_INTERNAL_ERROR_ATTEMPTS)
     assert st.error.startswith(f"gave up after {MAX_INTERNAL_ERROR_ATTEMPTS} attempts: internal")
+
+
+# ---------------------------------------------------------------------------- meters
+
+
+def _sample(executor: Executor, name: str, **labels: str) -> float:
+    """One sample of the executor's meters (0 when the series does not exist yet)."""
+    for metric in executor.records.meters.collect():
+        for s in metric.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return 0.0
+
+
+def test_a_stage_in_counts_its_fetches_hits_and_outcome_once_each(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), _in(2))
+    agent = FakeAgent(
+        # 3 objects, 2 fetched (200 bytes): reported as they go, then as the result.
+        Reply(
+            StageReply("", False, [StageProgress(1, 3, 300, 3, 300, 2, 200)]),
+            progress=[
+                StageProgress(1, 0, 0, None, None, 1, 0),  # a fetch started
+                StageProgress(1, 1, 100, None, None, 2, 100),
+            ],
+        ),
+        Reply(StageReply("", False, [StageProgress(2, 4, 40, 4, 40, 0, 0)])),  # all hits
+    )
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, _stage(job_id))
+    node = {"node": NODE}
+    assert _sample(executor, "hpcstage_store_fetched_objects_total", **node) == 2
+    assert _sample(executor, "hpcstage_store_fetched_bytes_total", **node) == 200
+    assert _sample(executor, "hpcstage_cache_misses_total", **node) == 2
+    assert _sample(executor, "hpcstage_cache_hits_total", **node) == 1 + 4
+    ready = {"direction": "in", "outcome": "ready"}
+    assert _sample(executor, "hpcstage_staging_attempts_total", **ready) == 2
+    # Both inputs ready: the job's time to ready is observed once, not once per input.
+    assert _sample(executor, "hpcstage_job_time_to_ready_seconds_count", kind="job") == 1
+
+
+def test_a_requeued_stage_in_counts_its_outcome_and_no_time_to_ready(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1))
+    agent = FakeAgent(AgentError("SlowDown", transient=True))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, _stage(job_id))
+    requeued = {"direction": "in", "outcome": "requeued"}
+    assert _sample(executor, "hpcstage_staging_attempts_total", **requeued) == 1
+    assert _sample(executor, "hpcstage_job_time_to_ready_seconds_count", kind="job") == 0
+
+
+def test_a_stage_out_counts_uploaded_files_once(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _out(1), state="COMPLETED")
+    sent = FileOutcome("out1/a", "run1/a", 4, "uploaded", error="", trash_key="")
+    there = FileOutcome("out1/b", "run1/b", 9, "present", error="", trash_key="")
+    reports = [
+        StageOutProgress(1, [sent], 1, 4, files_total=2, bytes_total=13, fetched=1),
+        StageOutProgress(1, [sent, there], 2, 13, files_total=2, bytes_total=13, fetched=1),
+    ]
+    agent = FakeAgent(Reply(StageOutReply([StageOutResult(1, 2, 13, 1)]), progress=reports))
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    _run(executor, planner.StageOut(job_id, NODE, "ended"))
+    assert _sample(executor, "hpcstage_store_uploaded_objects_total", node=NODE) == 1
+    assert _sample(executor, "hpcstage_store_uploaded_bytes_total", node=NODE) == 4
+    ready = {"direction": "out", "outcome": "ready"}
+    assert _sample(executor, "hpcstage_staging_attempts_total", **ready) == 1
+
+
+def test_a_job_waiting_for_its_inputs_is_observed_once_they_are_ready_where_it_runs(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    waiting, unseen = _job(db, _in(1)), _job(db, _in(2), slurm_id=8, nodes="")
+    with db.begin() as session:
+        session.get_one(Job, waiting).nodes = NODE  # the daemon saw it run on n1
+    agent = FakeAgent(
+        Reply(StageReply("", False, [StageProgress(1, 1, 1, 1, 1, 1, 1)])),
+        Reply(StageReply("", False, [StageProgress(2, 1, 1, 1, 1, 1, 1)])),
+    )
+    executor = Executor(settings, db, FakeNodes(n1=agent))
+    meters = executor.records.meters
+    with db.begin() as session:
+        assert not ready_where_running(session, waiting)
+    meters.job_asked(waiting, ready=False)
+    meters.job_asked(unseen, ready=False)
+    _run(executor, _stage(waiting))
+    _run(executor, _stage(unseen))
+    assert _sample(executor, "hpcstage_job_data_wait_seconds_count") == 1
+    # Ready, but on no node it is known to run on yet: still waiting (a tick ends it later).
+    assert meters.waiting() == [unseen]
+    with db.begin() as session:
+        assert ready_where_running(session, waiting)
+        assert not ready_where_running(session, unseen)

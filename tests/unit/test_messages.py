@@ -137,9 +137,9 @@ class Recorder:
 
 REPLIES: dict[str, Any] = {
     "hello": m.HelloReply(NODE, 1, {}, {}),
-    "evict": m.EvictReply(3),
+    "evict": m.EvictReply(3, 4096, 2, 1, 0, 1700000000.0),
     "usage": m.UsageReply({}, {}, [], []),
-    "stage": m.StageReply("", False, [m.StageProgress(1, 1, 3, 1, 3, 1)]),
+    "stage": m.StageReply("", False, [m.StageProgress(1, 1, 3, 1, 3, 1, 3)]),
     "stage_out": m.StageOutReply([m.StageOutResult(1, 1, 3, 1)]),
     "release": m.ReleaseReply("7", ""),
 }

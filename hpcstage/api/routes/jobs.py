@@ -85,10 +85,15 @@ async def ensure(job_id: JobId, daemon: Service, db: Database, me: Caller) -> di
     while True:
         daemon.wake(fresh=True)
         late = time.monotonic() > deadline
+        answer = None
         with db.begin() as session:
             found = _asking_job(session, job_id, late)
             if found is not None:
-                return document(daemon, session, owned(found, me, f"job {job_id}"))
+                answer = document(daemon, session, owned(found, me, f"job {job_id}"))
+                key = found.id
+        if answer is not None:
+            daemon.job_asked(key)  # its wait for data starts (or is 0): for /metrics
+            return answer
         if late:
             raise HTTPException(
                 404,
