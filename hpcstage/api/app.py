@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from hpcstage import __version__
 from hpcstage.api import session
 from hpcstage.api.deps import ApiState
+from hpcstage.api.node_usage import NodeUsage
 from hpcstage.api.routes import dashboard, jobs, metrics, nodes, packs, trash, warmups
 from hpcstage.api.service import StagingService
 from hpcstage.errors import ConfigError
@@ -33,6 +34,7 @@ def create_app(service: StagingService) -> FastAPI:
         metrics_token=_read_token(service.settings.api.metrics_token_file),
         session_key=session.new_key(),
         logins=session.OnceOnly(),
+        node_usage=NodeUsage(service.cache_usage),
     )
     for router in ROUTERS:
         app.include_router(router)

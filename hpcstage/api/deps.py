@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import auth
 from hpcstage.api import session
+from hpcstage.api.node_usage import NodeUsage
 from hpcstage.api.service import StagingService
 from hpcstage.db import Job
 from hpcstage.errors import AuthError
@@ -28,6 +29,7 @@ class ApiState:
     metrics_token: str  # "" when the site configured none: then /metrics is for admins
     session_key: bytes  # signs dashboard tokens; in memory only (a restart ends every session)
     logins: session.OnceOnly  # dashboard login tokens already traded for a session
+    node_usage: NodeUsage  # the dashboard's recent answers from the nodes' caches
 
 
 def state(request: Request) -> ApiState:
