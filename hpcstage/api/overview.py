@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Select, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from hpcstage.api.status import Live, job_summary, node_readiness, ready_times
 from hpcstage.auth import Identity
-from hpcstage.db import Event, Job, Staging
+from hpcstage.db import Event, Job, Request, Staging
 
 JOBS_SHOWN = 200  # newest jobs in the table
 STAGING_SHOWN = 50  # unreleased jobs in "staging now"
@@ -54,6 +54,9 @@ def overview(session: Session, me: Identity, live: Live, now: float) -> dict[str
 
 
 def _mine(query: Select[Job], me: Identity) -> Select[Job]:
+    """``query`` limited to ``me``'s jobs, loading their inputs in two more queries (not one
+    per job: a page shows up to a few hundred)."""
+    query = query.options(selectinload(Job.requests).selectinload(Request.stagings))
     return query if me.admin else query.where(Job.user == me.user)
 
 
