@@ -19,7 +19,7 @@ from typing import Any
 
 from hpcstage.errors import HpcstageError
 
-FRESH_SECONDS = 5.0  # an answer this young is shown without asking again
+FRESH_SECONDS = 15.0  # an answer this young is shown without asking again (it walks the index)
 WAIT_SECONDS = 1.5  # a page waits this long for a node's answer, then shows what it has
 
 Ask = Callable[[str], Awaitable[dict[str, Any]]]  # StagingService.cache_usage
