@@ -17,6 +17,7 @@ from hpcstage import __version__
 from hpcstage.api import session
 from hpcstage.api.collector import registry_for
 from hpcstage.api.deps import ApiState
+from hpcstage.api.node_usage import NodeUsage
 from hpcstage.api.routes import dashboard, jobs, metrics, nodes, packs, trash, warmups
 from hpcstage.api.service import StagingService
 from hpcstage.errors import ConfigError
@@ -48,6 +49,7 @@ def create_app(service: StagingService) -> FastAPI:
         session_key=session.new_key(),
         logins=session.OnceOnly(),
         registry=registry_for(service),
+        node_usage=NodeUsage(service.cache_usage),
     )
     for router in ROUTERS:
         app.include_router(router)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import auth
 from hpcstage.api import session
+from hpcstage.api.node_usage import NodeUsage
 from hpcstage.api.service import StagingService
 from hpcstage.db import Job
 from hpcstage.errors import AuthError
@@ -49,6 +50,7 @@ class ApiState:
     session_key: bytes  # signs dashboard tokens; in memory only (a restart ends every session)
     logins: session.OnceOnly  # dashboard login tokens already traded for a session
     registry: CollectorRegistry  # /metrics of this app only (api/collector.py)
+    node_usage: NodeUsage  # the dashboard's recent answers from the nodes' caches
 
 
 def state(request: Request) -> ApiState:

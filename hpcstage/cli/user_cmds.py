@@ -444,7 +444,9 @@ def dashboard(config_path: Path | None) -> None:
 
     Browsers cannot make MUNGE credentials, so this command asks the daemon (with one) for
     a login link. It is valid for a minute and for one use; opening it sets a session
-    cookie for some hours. The page shows your own jobs (admins: everyone's).
+    cookie for some hours. The page shows your own jobs (admins: everyone's): their inputs'
+    progress per node, how long they waited for them at start, their errors, and the nodes'
+    caches; it updates itself every few seconds (docs/dashboard.md).
     """
     client, _ = _client(config_path)
     token = client.post("/api/v1/dashboard/login")["token"]

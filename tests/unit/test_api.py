@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import auth
@@ -23,7 +24,7 @@ from hpcstage.api import create_app
 from hpcstage.config.load import parse_config
 from hpcstage.config.schema import Settings
 from hpcstage.core.packing import PackRequest
-from hpcstage.db import Job, Pack, open_db
+from hpcstage.db import Event, Job, Pack, Request, Staging, open_db
 from hpcstage.db.changes import Changes
 from hpcstage.errors import (
     AuthError,
@@ -168,7 +169,11 @@ class FakeService:
     async def cache_usage(self, node: str) -> dict[str, Any]:
         if node == "n2":
             raise HpcstageError("agent down")
-        return {"bytes": 7, "capacity": self.settings.cache.max_bytes}
+        return {
+            "usage": {"bytes": 7, "objects": 1, "leased_bytes": 0, "leased_objects": 0},
+            "stats": {"fetched_bytes": 7, "peer_bytes": 0},
+            "capacity": self.settings.cache.max_bytes,
+        }
 
     async def evict_node(self, node: str) -> int:
         self.evicted.append(node)
@@ -338,7 +343,7 @@ def test_warmup_refusals_have_their_status(
 def test_nodes_their_caches_and_eviction(app: FastAPI, service: FakeService) -> None:
     assert call(app, "GET", "/api/v1/nodes", munge("alice")).json() == ["n1", "n2"]
     cache = call(app, "GET", "/api/v1/nodes/n1/cache", munge("alice"))
-    assert (cache.status, cache.json()["bytes"]) == (200, 7)
+    assert (cache.status, cache.json()["usage"]["bytes"]) == (200, 7)
     assert call(app, "GET", "/api/v1/nodes/nx/cache", munge("alice")).status == 404
     down = call(app, "GET", "/api/v1/nodes/n2/cache", munge("alice"))
     assert (down.status, down.json()["detail"]) == (502, "cannot reach the agent on n2: agent down")
@@ -386,6 +391,46 @@ def test_dashboard_login_once_then_a_session_cookie(app: FastAPI) -> None:
     assert page.status == 200
     assert "as seen by alice" in page.body.decode()
     assert ">b<" not in page.body.decode()  # bob's job
+
+
+def test_the_dashboard_document_needs_a_login_and_holds_the_viewers_jobs_only(
+    app: FastAPI, service: FakeService
+) -> None:
+    assert service.db is not None
+    with service.db.begin() as session:
+        alices, bobs = (session.scalar(select(Job).where(Job.slurm_job_id == i)) for i in (41, 42))
+        assert alices is not None and bobs is not None
+        alices.requests.append(Request(src="s3://d/x/", dest="x", direction="in"))
+        alices.requests[0].stagings.append(
+            Staging(node="n1", state="running", files_done=3, files_total=10, bytes_done=300)
+        )
+        session.add(Event(ts=2.0, job_id=alices.id, level="error", message="alice's error"))
+        session.add(Event(ts=3.0, job_id=bobs.id, level="error", message="bob's <secret>"))
+        session.add(Event(ts=4.0, job_id=alices.id, level="info", message="fine"))
+    assert call(app, "GET", "/api/v1/dashboard").status == 401
+    assert call(app, "GET", "/api/v1/dashboard", {"cookie": "hpcstage_session=x.y"}).status == 401
+    doc = call(app, "GET", "/api/v1/dashboard", munge("alice")).json()
+    assert (doc["viewer"], doc["admin"]) == ("alice", False)
+    assert [j["job_id"] for j in doc["jobs"]] == [43, 41]
+    assert [e["message"] for e in doc["errors"]] == ["alice's error"]
+    assert [j["job_id"] for j in doc["staging"]] == [41]
+    assert doc["staging"][0]["progress"]["n1"] == {
+        "state": "staging",
+        "files_done": 3,
+        "files_total": 10,
+        "bytes_done": 300,
+        "bytes_total": None,  # not listed yet
+    }
+    nodes = {n["node"]: n for n in doc["nodes"]}
+    assert (nodes["n1"]["bytes"], nodes["n2"]["error"]) == (7, "agent down")
+    admin = call(app, "GET", "/api/v1/dashboard", munge("root")).json()
+    assert [e["message"] for e in admin["errors"]] == ["bob's <secret>", "alice's error"]
+    token = call(app, "POST", "/api/v1/dashboard/login", munge("bob")).json()["token"]
+    cookie = call(app, "GET", f"/login?token={token}").headers["set-cookie"].split(";")[0]
+    assert call(app, "GET", "/api/v1/dashboard", {"cookie": cookie}).json()["viewer"] == "bob"
+    page = call(app, "GET", "/", {"cookie": cookie}).body.decode()
+    assert "bob&#x27;s &lt;secret&gt;" in page and "alice" not in page, page
+    assert "3/10 files" not in page and "agent down" in page
 
 
 def test_without_auth_everyone_is_an_anonymous_admin(tmp_path: Path, service: FakeService) -> None:

@@ -4,20 +4,18 @@ for (``hpcstage dashboard``) and then a session cookie (see :mod:`hpcstage.api.s
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage import __version__, auth
 from hpcstage.api import session
 from hpcstage.api.dashboard import render_dashboard, render_login_needed
-from hpcstage.api.deps import ApiState, Caller, Database, identity, state
-from hpcstage.api.status import job_summary
-from hpcstage.db import Job
+from hpcstage.api.deps import ApiState, Caller, Database, authenticated, identity, state
+from hpcstage.api.overview import overview
 from hpcstage.errors import AuthError
-
-JOBS_SHOWN = 200  # the newest ones
 
 router = APIRouter()
 
@@ -65,14 +63,42 @@ def viewer(shared: ApiState, cookie: str | None) -> auth.Identity:
 
 @router.get("/", response_class=HTMLResponse)
 async def dashboard(request: Request, db: Database, shared: ApiState = Depends(state)) -> Response:
-    """A page for people: their jobs (admins: all) and staging, refreshed every few seconds."""
+    """A page for people: caches, staging, waits and errors of their jobs (admins: all),
+    refreshed in place every few seconds."""
     try:
         me = viewer(shared, request.cookies.get(session.COOKIE))
     except AuthError as exc:
         return HTMLResponse(render_login_needed(str(exc)), status_code=401)
+    return HTMLResponse(render_dashboard(await _document(shared, db, me), __version__))
+
+
+@router.get("/api/v1/dashboard")
+async def dashboard_data(
+    request: Request,
+    db: Database,
+    shared: ApiState = Depends(state),
+    authorization: str = Header(default=""),
+) -> dict[str, Any]:
+    """What the page at / shows, as JSON: for its session cookie, or a MUNGE credential."""
+    cookie = request.cookies.get(session.COOKIE)
+    try:
+        me = viewer(shared, cookie) if cookie or not authorization else None
+    except AuthError as exc:
+        raise HTTPException(401, str(exc)) from exc
+    if me is None:
+        me = await authenticated(shared.service, authorization)
+    return await _document(shared, db, me)
+
+
+async def _document(
+    shared: ApiState, db: sessionmaker[Session], me: auth.Identity
+) -> dict[str, Any]:
+    """The dashboard document for ``me``: the database's part, then the node caches'."""
+    daemon = shared.service
     with db.begin() as db_session:
-        query = select(Job).order_by(Job.id.desc()).limit(JOBS_SHOWN)
-        if not me.admin:
-            query = query.where(Job.user == me.user)
-        docs = [job_summary(j) for j in db_session.scalars(query)]
-    return HTMLResponse(render_dashboard(docs, __version__, me.user))
+        doc = overview(db_session, me, daemon.live_progress(), time.time())
+    doc["site"] = daemon.settings.site.name
+    doc["last_tick"] = daemon.last_tick
+    doc["last_error"] = daemon.last_error if me.admin else ""
+    doc["nodes"] = await shared.node_usage.rows(daemon.known_nodes())
+    return doc
