@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from pathlib import Path
 
 from hpcstage.agent.context import NodeContext
@@ -22,17 +21,18 @@ from hpcstage.agent.server import serve
 from hpcstage.cache import NodeCache
 from hpcstage.cache.layout import lock_cache
 from hpcstage.cache.views import hardlinks_protected
+from hpcstage.logs import LogFormat, setup_logging
 
 log = logging.getLogger("hpcstage.agent")
 
 LOCK_WAIT = 60.0  # seconds a new agent waits for the previous one of its cache to exit
 
 
-def run_agent(node: str, cache_dir: Path) -> None:
+def run_agent(node: str, cache_dir: Path, log_format: LogFormat = "auto") -> None:
     """Entry point of ``hpcstage agent``."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format=f"agent[{node}] %(levelname)s %(message)s"
-    )
+    # Over SSH, the daemon parses the text form (staging/pool.py: _AGENT_LINE).
+    line = f"agent[{node}] %(levelname)s %(message)s"
+    setup_logging(logging.INFO, log_format, text=line, journal=line, fields={"node": node})
     cache_dir.mkdir(parents=True, exist_ok=True)
     lock_cache(cache_dir, LOCK_WAIT)  # held until this process exits
     if not hardlinks_protected():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import resource
 import sys
@@ -18,16 +17,29 @@ import uvicorn
 from hpcstage.auth import user_name
 from hpcstage.cli.common import config_option, load_settings
 from hpcstage.errors import ConfigError
+from hpcstage.logs import ENV_VAR, LOG_FORMATS, LogFormat, setup_logging
 from hpcstage.service.unit import EX_CONFIG
+
+_LOG_FORMAT_HELP = (
+    "Log format on stderr: auto (journal when stderr is systemd's journal, else text),"
+    " text, json (one object per line) or journal (no time, a <N> syslog priority per line)."
+)
 
 
 @click.command()
 @config_option
 @click.option("--no-api", is_flag=True, help="Do not serve the HTTP API (tests, debugging).")
-def daemon(config_path: Path | None, no_api: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default=None,
+    help=_LOG_FORMAT_HELP + " Default: site.log_format.",
+)
+def daemon(config_path: Path | None, no_api: bool, log_format: LogFormat | None) -> None:
     """Run the site daemon: watch the Slurm queue, stage inputs onto nodes, serve the API.
 
-    Runs in the foreground as the service account (no root), logging to stderr; stop it with
+    Runs in the foreground as the service account (no root), logging to stderr (under systemd
+    in the journal's form: --log-format); stop it with
     SIGTERM or Ctrl-C: running transfers are left queued and resume at the next start.
     State lives in site.state_url (SQLite by default, PostgreSQL for HA). One daemon acts
     on a state database at a time: another one started on it stands by (logging who is
@@ -50,11 +62,15 @@ def daemon(config_path: Path | None, no_api: bool) -> None:
     except ConfigError as exc:
         _config_error(exc)
     raise_open_files_limit()  # one SSH session per node, S3 and API connections
-    logging.basicConfig(
-        level=settings.site.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    resolved = setup_logging(
+        settings.site.log_level.upper(),
+        log_format or settings.site.log_format,
+        text="%(asctime)s %(name)s %(levelname)s %(message)s",
+        journal="%(name)s %(levelname)s %(message)s",
     )
+    # Agents started on this host write to this stderr too: the same format. (Those over SSH
+    # do not get it: the daemon reads their text lines and logs them in its own.)
+    os.environ[ENV_VAR] = resolved
     d = Daemon(settings)
     api = None
     if not no_api:
@@ -114,12 +130,20 @@ class _QuietServer(uvicorn.Server):
     type=click.Path(path_type=Path),
     help="This node's cache directory (local SSD).",
 )
-def agent(node: str, cache_dir: Path) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="auto",
+    show_default=True,
+    envvar=ENV_VAR,
+    help=_LOG_FORMAT_HELP + f" The daemon sets {ENV_VAR} for agents it starts locally.",
+)
+def agent(node: str, cache_dir: Path, log_format: LogFormat) -> None:
     """Internal: the node agent, started by the daemon over SSH; speaks JSON lines on stdio."""
     from hpcstage.agent.main import run_agent
 
     raise_open_files_limit()  # connections and in-flight temp files add up
-    run_agent(node, cache_dir)
+    run_agent(node, cache_dir, log_format)
 
 
 def raise_open_files_limit() -> None:

@@ -63,6 +63,9 @@ class SiteSettings(_Section):
     """SQLAlchemy URL of the state database; "" means sqlite:///<state_dir>/state.db."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Daemon log level."""
+    log_format: Literal["auto", "text", "json", "journal"] = "auto"
+    """Daemon log format: "auto" (journal under systemd, else text), "text", "json" or
+    "journal"; ``hpcstage daemon --log-format`` overrides it."""
 
     @field_validator("state_url")
     @classmethod

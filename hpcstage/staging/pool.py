@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import re
@@ -172,20 +173,36 @@ async def open_ssh(node: str, target: SshTarget) -> SshSession:
 async def _log_stderr(
     node: str, stream: Any, tail: collections.deque[str], ended: asyncio.Event
 ) -> None:
-    """Log each stderr line of the agent on ``node`` at its own level (the agent writes
-    ``agent[NODE] LEVEL message``; anything else, such as a shell's "command not found" or a
-    traceback, as a warning), keeping the last few for the session's close reason; set
-    ``ended`` at the end of the stream."""
+    """Log each stderr line of the agent on ``node`` at its own level (``agent_line``),
+    keeping the last few for the session's close reason; set ``ended`` at the end of the
+    stream."""
     with contextlib.suppress(asyncssh.Error, OSError):
         while raw := await stream.readline():
             text = raw.decode(errors="replace").rstrip()
             if not text:
                 continue
-            found = _AGENT_LINE.fullmatch(text)
-            level = _LEVELS[found.group(1)] if found else logging.WARNING
-            agent_log.log(level, "agent on %s: %s", node, found.group(2) if found else text)
+            level, message = agent_line(text)
+            agent_log.log(level, "agent on %s: %s", node, message)
             tail.append(text)
     ended.set()
+
+
+def agent_line(text: str) -> tuple[int, str]:
+    """Level and message of one stderr line of an agent: its text form (``agent[NODE] LEVEL
+    message``) or its JSON form (``--log-format json``: the exception appended); anything else,
+    such as a shell's "command not found" or a traceback, is a warning, as it is."""
+    found = _AGENT_LINE.fullmatch(text)
+    if found:
+        return _LEVELS[found.group(1)], found.group(2)
+    entry: object = None
+    if text.startswith("{"):
+        with contextlib.suppress(ValueError):
+            entry = json.loads(text)
+    if isinstance(entry, dict) and entry.get("level") in _LEVELS:
+        message, exc = entry.get("message"), entry.get("exc")
+        if isinstance(message, str):
+            return _LEVELS[entry["level"]], message + (f"\n{exc}" if isinstance(exc, str) else "")
+    return logging.WARNING, text
 
 
 class _StreamAdapter(asyncio.StreamReader):

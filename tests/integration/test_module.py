@@ -40,11 +40,19 @@ INSTALL_TIMEOUT = 500  # below pytest-timeout (600 s) so the failure shows the c
 #   _ModuleTable_Sz_            number of chunks of the saved module table
 #   _ModuleTable001_, 002_, ... base64 chunks of that table; how many depends on its length, and
 #                               Lmod leaves chunks beyond _ModuleTable_Sz_ behind, stale.
-#   __LMOD_REF_COUNT_PATH       per-directory reference counts of PATH / MODULEPATH; created by
-#   __LMOD_REF_COUNT_MODULEPATH the first prepend/`module use` and never removed.
+#   __LMOD_REF_COUNT_PATH       per-directory reference counts of PATH / MODULEPATH / MANPATH;
+#   __LMOD_REF_COUNT_MODULEPATH created by the first prepend/`module use` and never removed.
+#   __LMOD_REF_COUNT_MANPATH
+# MANPATH itself: Lmod's profile sets it to "DIR:" (the empty entry: "and the system's
+# pages"); a prepend and its removal leave "DIR::", which means the same to man(1). So
+# MANPATH is compared without its empty entries, and must keep one if it had one.
 LMOD_TABLE_SIZE = "_ModuleTable_Sz_"
 LMOD_TABLE_CHUNK = re.compile(r"_ModuleTable(\d{3})_")
-LMOD_REF_COUNTS = {"__LMOD_REF_COUNT_PATH": "PATH", "__LMOD_REF_COUNT_MODULEPATH": "MODULEPATH"}
+LMOD_REF_COUNTS = {
+    "__LMOD_REF_COUNT_PATH": "PATH",
+    "__LMOD_REF_COUNT_MODULEPATH": "MODULEPATH",
+    "__LMOD_REF_COUNT_MANPATH": "MANPATH",
+}
 
 
 def _is_lmod_bookkeeping(name: str, extra: frozenset[str] = frozenset()) -> bool:
@@ -93,6 +101,12 @@ def _normpath_list(value: str) -> list[str]:
     return [os.path.normpath(p) if p else p for p in value.split(":")]
 
 
+def _man_entries(value: str) -> tuple[list[str], bool]:
+    """MANPATH's directories, and whether it has an empty entry (the system's pages)."""
+    entries = value.split(":")
+    return [e for e in entries if e], "" in entries
+
+
 def env_differences(
     before: dict[str, str], after: dict[str, str], *, exempt: frozenset[str] = frozenset()
 ) -> list[str]:
@@ -111,6 +125,9 @@ def env_differences(
         if name == "MODULEPATH" and old is not None and new is not None:
             if _normpath_list(old) != _normpath_list(new):
                 problems.append(f"MODULEPATH: before {old!r}, after {new!r}")
+        elif name == "MANPATH" and old is not None and new is not None:
+            if _man_entries(old) != _man_entries(new):
+                problems.append(f"MANPATH: before {old!r}, after {new!r}")
         elif old != new:
             problems.append(f"{name}: before {old!r}, after {new!r}")
     return problems
@@ -125,7 +142,8 @@ def _check_bookkeeping(env: dict[str, str], *, prefix: Path) -> list[str]:
         dirs = [item.rpartition(":")[0] for item in env[counts_name].split(";") if item]
         if str(prefix) in env[counts_name]:
             problems.append(f"{counts_name} still mentions {prefix}: {env[counts_name]!r}")
-        if _normpath_list(":".join(dirs)) != _normpath_list(env.get(path_name, "")):
+        listed = [d for d in _normpath_list(env.get(path_name, "")) if d]  # MANPATH's ""
+        if _normpath_list(":".join(dirs)) != listed:
             problems.append(
                 f"{counts_name} {env[counts_name]!r} does not match {path_name}"
                 f" {env.get(path_name)!r}"
@@ -233,6 +251,18 @@ def module_session(install: Install, workdir: Path, preamble: str = "") -> Sessi
     script = f"""
 {preamble}
 step() {{ local name=$1; shift; "$@" >{w}/$name.out 2>&1; echo $? >{w}/$name.rc; }}
+# What bash-completion does on the first Tab after a command: source the file named after it
+# from the first DIR/bash-completion/completions of XDG_DATA_DIRS; then press Tab.
+tab_complete() {{
+  local d f
+  for d in ${{XDG_DATA_DIRS//:/ }}; do
+    f=$d/bash-completion/completions/$1
+    if [ -r "$f" ]; then . "$f"; break; fi
+  done
+  COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMPREPLY=()
+  "$(complete -p "$1" | sed -E 's/.* -F ([^ ]+) .*/\\1/')" "$1"
+  printf '%s\n' "${{COMPREPLY[@]}}"
+}}
 env -0 > {w}/env-before
 step module-function type module
 step which-before command -v hpcstage
@@ -242,6 +272,8 @@ step load module load hpcstage
 env -0 > {w}/env-loaded
 step version hpcstage --version
 step python-loaded command -v python3
+step man man -w hpcstage-status
+step complete tab_complete hpcstage tra
 step help module help hpcstage
 step whatis module whatis hpcstage
 step unload module unload hpcstage
@@ -344,6 +376,23 @@ def test_loaded_environment(session: Session) -> None:
     # The venv's interpreter does not shadow the user's python3.
     python_loaded, python_before = session.step("python-loaded"), session.step("python-before")
     assert python_loaded == python_before, "module load changed which python3 the user gets"
+
+
+def test_man_pages_and_completion(session: Session) -> None:
+    before, loaded = session.env("before"), session.env("loaded")
+    share = session.prefix / "share"
+    assert loaded["MANPATH"].split(":")[0] == str(share / "man"), loaded["MANPATH"]
+    # The rest as before, and still with the empty entry that means "and the system's pages"
+    # (Lmod's profile puts it there; Lmod itself may double it).
+    rest, old = loaded["MANPATH"].split(":")[1:], before.get("MANPATH", "").split(":")
+    assert [p for p in rest if p] == [p for p in old if p], loaded["MANPATH"]
+    assert ("" in rest) == ("" in old), loaded["MANPATH"]
+    assert loaded["XDG_DATA_DIRS"].split(":")[0] == str(share), loaded["XDG_DATA_DIRS"]
+    rc, out = session.step("man")
+    assert (rc, out.strip()) == (0, str(share / "man" / "man1" / "hpcstage-status.1")), out
+    rc, out = session.step("complete")
+    assert (rc, out) == (0, "trash\n"), out
+    assert (share / "zsh" / "site-functions" / "_hpcstage").read_text().startswith("#compdef")
 
 
 def test_help_and_whatis(session: Session, package_version: str) -> None:

@@ -68,6 +68,7 @@ def test_the_agents_stderr_is_logged_at_its_level_and_never_stalls_replies(
     # and stderr share, so the reply arrives only if stderr is read meanwhile.
     command = (
         "echo 'agent[n1] INFO cache reconciled' >&2; "
+        """echo '{"level": "WARNING", "logger": "hpcstage.agent", "message": "in json"}' >&2; """
         "head -c 4000000 /dev/zero | tr '\\0' x | fold -w 2000 >&2; echo >&2; "
         "echo 'agent[n1] ERROR something broke' >&2; "
         f"echo '{RESULT}'; sleep 30"
@@ -83,6 +84,7 @@ def test_the_agents_stderr_is_logged_at_its_level_and_never_stalls_replies(
         assert asyncio.run(call_once(target(cluster, command), then=all_logged)) == {"ok": True}
     logged = records()
     assert (logging.INFO, "agent on n1: cache reconciled") in logged
+    assert (logging.WARNING, "agent on n1: in json") in logged  # an agent's --log-format json
     assert (logging.ERROR, "agent on n1: something broke") in logged
     flood = [level for level, m in logged if m.startswith("agent on n1: xxxx")]
     assert len(flood) == 2000 and set(flood) == {logging.WARNING}  # not the agent's format
