@@ -83,7 +83,7 @@ class StageIn:
                 # A packed dataset's version is settled once, for every node (staging/pin.py).
                 src = await self._pinner.pinned(request_id, current.src)
                 dest = current.dest
-                limit = self._budget(action.job_id, action.node, spent)
+                limit = self._budget(action.job_id, action.node, spent, current.src)
                 if src:
                     await self._peer_fill(rpc, action, staging_id, src, limit)
                 left = limits.stage_in_budget(self.settings.limits, objects)
@@ -212,14 +212,18 @@ class StageIn:
             on_progress(got)
         self.records.finish(staging_id, progress)
 
-    def _budget(self, job_id: int, node: str, spent: int) -> quota.Budget:
-        """How many more bytes the job may stage on ``node`` (quotas; leases of others count)."""
+    def _budget(self, job_id: int, node: str, spent: int, src: str) -> quota.Budget:
+        """How many more bytes the job may stage on ``node`` (quotas; leases of others count).
+
+        A dataset several jobs of the account hold on the node is one copy in the cache:
+        counted once (its largest staging), and not at all against a job staging that same
+        source, which counts it as its own."""
         with self.db.begin() as session:
             account = session.get_one(Job, job_id).account
-            used = session.scalar(
-                select(func.coalesce(func.sum(Staging.bytes_done), 0))
-                .join(Request)
-                .join(Job)
+            held = session.execute(
+                select(Request.src, func.max(Staging.bytes_done))
+                .join(Request, Staging.request_id == Request.id)
+                .join(Job, Request.job_id == Job.id)
                 .where(
                     Job.account == account,
                     Job.id != job_id,
@@ -227,8 +231,10 @@ class StageIn:
                     Request.direction == "in",
                     Staging.state.in_(("ready", "running")),
                 )
-            )
-        return quota.budget(self.settings.quotas, account, node, spent, int(used or 0))
+                .group_by(Request.src)
+            ).all()
+        used = sum(int(size or 0) for held_src, size in held if held_src != src)
+        return quota.budget(self.settings.quotas, account, node, spent, used)
 
     def _requeue(self, action: planner.Stage, staging_ids: list[int], message: str) -> None:
         with self.db.begin() as session:

@@ -542,3 +542,26 @@ def test_a_job_waiting_for_its_inputs_is_observed_once_they_are_ready_where_it_r
     with db.begin() as session:
         assert ready_where_running(session, waiting)
         assert not ready_where_running(session, unseen)
+
+
+def test_a_dataset_several_jobs_of_an_account_hold_on_a_node_counts_once_in_its_quota(
+    db: sessionmaker[Session],
+) -> None:
+    settings = parse_config(
+        '[site]\nname = "t"\nstate_dir = "/nonexistent"\n'
+        '[store]\nendpoint_url = "http://127.0.0.1:9"\n'
+        "[quotas]\naccount_bytes_per_node = 100\n"
+    )
+    holder = _job(db, _in(1), slurm_id=5)
+    with db.begin() as session:
+        (request,) = session.get_one(Job, holder).requests
+        session.add(Staging(request_id=request.id, node=NODE, state="ready", bytes_done=80))
+    same, other = _job(db, _in(1), slurm_id=6), _job(db, _in(2), slurm_id=8)
+    reply = Reply(StageReply("", False, [StageProgress(1, 1, 1, 1, 1, 1, 1)]))
+    limits = []
+    for job_id in (same, other):
+        agent = FakeAgent(reply)
+        _run(Executor(settings, db, FakeNodes(n1=agent)), _stage(job_id))
+        limits.append(agent.calls[0][1]["items"][0]["max_bytes"])
+    # The same dataset: one copy in the cache, already the account's; another one: 20 left.
+    assert limits == [100, 20]
