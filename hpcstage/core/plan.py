@@ -18,7 +18,8 @@ Rules, in order of precedence:
    small objects from there (peer copy, in the executor).
 4. A warmup is staged on its nodes (into the cache only: the agent builds no view for it),
    then released right away: warm data stays cached but holds no lease.
-5. An ended job's outputs are staged out at once, from its batch host; its views are
+5. An ended job's outputs are staged out at once, from its batch host (an output naming the
+   node, %n or %N, from every node the job ran on: each under its own name); its views are
    released only after every output is verified in the store, and after the lease grace
    period (at once if Slurm gave its id to a newer job, ``replaced``). A failed stage-out
    keeps the job's directory (and its lease) for the admin.
@@ -61,6 +62,8 @@ class JobView:
     # Stage-out: none (no directive) | pending | queued | running | done | failed.
     out_state: str = "none"
     out_node: str = ""  # where the outputs are: the batch host
+    # Every node the job ran on, when an output names the node (%n, %N): each writes its own.
+    out_nodes: tuple[str, ...] = ()
     # An input is another job's output whose stage-out is not verified yet: wait for it.
     waits_for: str = ""
     # The job's first input (its source URL): places it on the cache cluster.
@@ -207,7 +210,7 @@ def _end(job: JobView, now: float, grace: float) -> list[Action]:
     if job.released:
         return []
     if job.kind == "job" and job.out_state in ("pending", "queued"):
-        return [StageOut(job.id, job.out_node, "job ended")]
+        return [StageOut(job.id, node, "job ended") for node in job.out_nodes or (job.out_node,)]
     if job.out_state in ("running", "failed"):
         # Outputs stay on the node, leased, until verified in the store. A failed stage-out
         # keeps them there for the admin (`hpcstage status` says where): nothing is lost.

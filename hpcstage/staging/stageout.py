@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
+from hpcstage.core import directives as dirs
 from hpcstage.core import limits, stageout
 from hpcstage.core import plan as planner
 from hpcstage.core.rules import (
@@ -24,7 +25,7 @@ from hpcstage.core.rules import (
     remaining,
     take,
 )
-from hpcstage.db import Job, Staging
+from hpcstage.db import Job, Request, Staging
 from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.framing import RpcClient
 from hpcstage.protocol.messages import StageOutItem, StageOutProgress, StageOutRequest
@@ -32,7 +33,7 @@ from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
 from hpcstage.store.protocol import parse_s3_url
-from hpcstage.watch.fold import log_event
+from hpcstage.watch.fold import log_event, split_nodes
 
 MAX_STAGE_OUT_ATTEMPTS = 200  # a store down for hours still gets the outputs in the end
 
@@ -56,17 +57,25 @@ class StageOut:
             flags_of: dict[int, tuple[bool, bool, str]] = {}
             submitted = job.submitted_at or job.first_seen
             on_states = frozenset(self.settings.stage_out.on_states)
+            nodes = split_nodes(job.nodes)
+            first = job.batch_host or next(iter(nodes), "")
             for r in (r for r in job.requests if r.direction == "out"):
+                per_node = dirs.names_node(r.dest_template)
+                if not per_node and action.node and action.node != first:
+                    continue  # written back from the batch host (docs/slurm-integration.md)
                 st = staging_row(session, r, action.node or "-")
+                if st.state in ("ready", "skipped"):
+                    continue  # done at an earlier attempt (another node's kept it waiting)
                 run, why = stageout.should_run(r.when, job.state, on_states)
                 if not action.node:
                     run, why = False, "the job never ran on a node: no outputs"
                 if not run:
                     st.state, st.error, st.finished_at = "skipped", why, time.time()
                     continue
+                dest = _dest_on(job, r, action.node, nodes) if per_node else r.dest
                 st.state, st.started_at, st.error = "running", time.time(), ""
                 st.attempts += 1
-                items.append(StagingItem(st.id, r.id, r.src, r.dest, r.text, r.line))
+                items.append(StagingItem(st.id, r.id, r.src, dest, r.text, r.line))
                 writer = packed_writer(job_key, submitted, r.position) if r.pack else ""
                 flags_of[st.id] = (r.optional, r.pack, writer)
             log_event(session, job.id, action.node, f"stage-out of {len(items)} directive(s)")
@@ -153,3 +162,17 @@ class StageOut:
                 self.records.meters.attempt_ended("out", "failed" if give_up else "requeued")
                 st.error = f"will retry: {message}" if not give_up else message
             log_event(session, action.job_id, action.node, f"stage-out retry: {message}", "warning")
+
+
+def _dest_on(job: Job, request: Request, node: str, nodes: tuple[str, ...]) -> str:
+    """The DEST of an output naming the node (%N, %n), for ``node`` of the job."""
+    context = dirs.JobContext(
+        job_id=job.slurm_id or 0,
+        user=job.user,
+        name=job.name,
+        array_job_id=job.array_job_id,
+        array_task_id=job.array_task_id,
+        node=node,
+        node_index=nodes.index(node) if node in nodes else 0,
+    )
+    return dirs.expand_dest_template(request.dest_template, request.pack, context)

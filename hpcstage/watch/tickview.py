@@ -19,6 +19,7 @@ from typing import Any, cast
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from hpcstage.core import directives as dirs
 from hpcstage.core import overlap
 from hpcstage.core import plan as planner
 from hpcstage.db import Job, Request, Staging
@@ -73,6 +74,7 @@ class _Directives:
     out_states: set[str] = field(default_factory=set)
     out_stagings: int = 0
     outputs: list[str] = field(default_factory=list)  # stage-out destinations
+    per_node_outputs: int = 0  # of them, those naming the node (%n, %N): one per node
     inputs: list[str] = field(default_factory=list)  # stage-in sources, in position order
 
 
@@ -115,6 +117,12 @@ def _out(d: _Directives | None) -> str:
     return "none" if d is None else out_state(len(d.outputs), d.out_stagings, d.out_states)
 
 
+def _out_on(d: _Directives, nodes: tuple[str, ...]) -> str:
+    """``_out``, where an output naming the node has one staging per node of the job."""
+    wanted = len(d.outputs) + d.per_node_outputs * (max(len(nodes), 1) - 1)
+    return out_state(wanted, d.out_stagings, d.out_states)
+
+
 def _view(j: _JobRow, d: _Directives, key: str, index: overlap.OutputIndex) -> planner.JobView:
     nodes = split_nodes(j.nodes)
     return planner.JobView(
@@ -129,8 +137,10 @@ def _view(j: _JobRow, d: _Directives, key: str, index: overlap.OutputIndex) -> p
         released=False,
         error=j.error,
         node_states={n: planner.node_state(s) for n, s in d.node_states.items()},
-        out_state=_out(d),
+        out_state=_out_on(d, nodes),
         out_node=j.batch_host or next(iter(nodes), ""),
+        # Outputs naming the node are written back from every node the job ran on.
+        out_nodes=nodes if d.per_node_outputs and len(nodes) > 1 else (),
         waits_for=overlap.waits_for(dict.fromkeys(d.inputs), key, index),
         inputs=next((src for src in d.inputs if src), ""),
         replaced=j.replaced_at is not None,
@@ -156,15 +166,16 @@ def _directives(session: Session) -> dict[int, _Directives]:
         else:
             d.node_states.setdefault(node, set()).add(state)
     locations = (
-        select(Request.job_id, Request.direction, Request.src, Request.dest)
+        select(Request.job_id, Request.direction, Request.src, Request.dest, Request.dest_template)
         .join(Job, Job.id == Request.job_id)
         .where(unreleased, Request.direction.in_(("in", "out")))
         .order_by(Request.job_id, Request.position, Request.id)
     )
-    for job_id, direction, src, dest in session.execute(locations):
+    for job_id, direction, src, dest, template in session.execute(locations):
         d = found.setdefault(job_id, _Directives())
         if direction == "in":
             d.inputs.append(src)
         else:
             d.outputs.append(dest)
+            d.per_node_outputs += dirs.names_node(template)
     return found

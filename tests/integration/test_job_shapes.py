@@ -1,5 +1,6 @@
 """Job shapes beyond one single-node batch job, on the real dev cluster: a job array whose
-tasks share a dataset (issue: real clusters, job shapes)."""
+tasks share a dataset, and a three-node job whose every node reads its inputs and writes
+outputs back (issue: real clusters, job shapes)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,23 @@ eval "$(hpcstage env)"
 mkdir -p "$HPCSTAGE_DIR/out"
 echo "$SLURM_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID $(find -L "$HPCSTAGE_DIR/data" -type f | wc -l)" \\
     > "$HPCSTAGE_DIR/out/task"
+"""
+
+
+MULTI_NODE_JOB = """#!/bin/bash
+#SBATCH --nodes=3
+#SBATCH --job-name=multi
+#HPCSTAGE --stage-in={src}:data
+#HPCSTAGE --stage-out=out:s3://results/{run}/%j/%N/
+#HPCSTAGE --stage-out=summary.txt:s3://results/{run}/%j/summary.txt
+eval "$(hpcstage env)"
+echo "batch on $SLURMD_NODENAME" > "$HPCSTAGE_DIR/summary.txt"
+srun --nodes=3 --ntasks=3 bash -c '
+    eval "$(hpcstage env)" || exit 1
+    mkdir -p "$HPCSTAGE_DIR/out"
+    n=$(find -L "$HPCSTAGE_DIR/data" -type f | wc -l)
+    echo "$SLURMD_NODENAME $n" > "$HPCSTAGE_DIR/out/result"
+'
 """
 
 
@@ -86,3 +104,20 @@ def test_an_array_writes_each_task_under_its_own_id_and_fetches_each_object_once
 def _array_docs(stager: Stager, array: int) -> list[dict[str, Any]]:
     listing: list[dict[str, Any]] = stager.client.get("/api/v1/jobs?all=true")
     return [d for d in listing if d.get("array_job_id") == array]
+
+
+def test_a_three_node_job_reads_its_inputs_on_every_node_and_writes_back_each_nodes_outputs(
+    stager: Stager,
+) -> None:
+    files = small_files(12, prefix="lig/")
+    src, _ = make_dataset(stager.dev, files)
+    run = f"multi-{uuid.uuid4().hex[:6]}"
+    job = stager.submit("alice", MULTI_NODE_JOB.format(src=src, run=run))
+    assert stager.dev.wait_job(job, timeout=180) == "COMPLETED", stager.output("alice", job)
+    doc = stager.wait_doc(job, "its outputs written back", lambda d: d["stage_out"] == "done")
+    outputs = _keys(stager.dev, f"{run}/{job}/")
+    # Every node's own outputs under its name (%N), the batch host's file once (no %N).
+    assert sorted(outputs) == ["n1/result", "n2/result", "n3/result", "summary.txt"], doc
+    for node in ("n1", "n2", "n3"):
+        assert outputs[f"{node}/result"].decode().split() == [node, "12"]
+    assert outputs["summary.txt"].decode().startswith("batch on n")

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hpcstage.core import directives as dirs
 from hpcstage.core.directives import (
     MAX_DIRECTIVES,
     NO_VAL,
@@ -153,7 +154,7 @@ def test_good_stage_out(value: str, src: str, dest: Source, when: When, optional
         ("r:gs://bucket/o/", "unsupported scheme gs://"),
         ("r:s3://bucket/o/../x/", "has a '..' component"),
         ("r:s3://Bad_Bucket/o/", "not a valid S3 bucket name"),
-        ("r:s3://bucket/o/%N/", "unsupported pattern %N"),
+        ("r:s3://bucket/o/%Q/", "unsupported pattern %Q"),
         ("r:s3://bucket/o/%", "unsupported pattern a trailing '%'"),
         ("r:s3://bucket/o/%123j", "pattern width"),
         ("r:s3://bucket/o/:", "unknown stage-out flag ''"),
@@ -283,7 +284,7 @@ def test_script_collects_every_error_with_its_line() -> None:
         (6, "unknown #HPCSTAGE option '--time=10'"),
         (7, 'unmatched " quote'),
         (8, "--stage-out needs a value on the same line"),
-        (9, "unsupported pattern %q (known: %j %u %x %A %a %%)"),
+        (9, "unsupported pattern %q (known: %j %u %x %A %a %n %N %%)"),
     ]
     assert [d.line for d in parsed.stage_in] == [4]
     assert str(parsed.errors[0]) == (
@@ -345,7 +346,7 @@ def test_expand_patterns(text: str, context: JobContext, expected: str) -> None:
     assert expand_patterns(text, context) == expected
 
 
-@pytest.mark.parametrize("text", ["%N", "%t", "%", "abc%", "%5%", "%99j"])
+@pytest.mark.parametrize("text", ["%Q", "%t", "%", "abc%", "%5%", "%99j"])
 def test_expand_patterns_refuses_unknown(text: str) -> None:
     with pytest.raises(DirectiveError):
         expand_patterns(text, JOB)
@@ -520,3 +521,12 @@ def test_a_packed_dataset_is_recognised_with_its_version_and_subtree(
 def test_bad_packed_sources_are_refused_by_name(value: str, message: str) -> None:
     with pytest.raises(DirectiveError, match=re.escape(message)):
         parse_value("stage-in", value)
+
+
+def test_node_patterns_wait_for_the_node_and_then_name_it() -> None:
+    out = dirs.parse_value("stage-out", "results:s3://bucket/run/%j/%N/part-%2n/")
+    at_admission = dirs.expand_stage_out(out, dirs.JobContext(job_id=7, user="u", name="x"))
+    assert at_admission.dest.url == "s3://bucket/run/7/%N/part-%2n/"
+    assert dirs.names_node(out.dest.url) and not dirs.names_node("s3://bucket/%%N/")
+    on_n2 = dirs.JobContext(job_id=7, user="u", name="x", node="n2", node_index=1)
+    assert dirs.expand_dest_template(out.dest.url, False, on_n2) == "s3://bucket/run/7/n2/part-01/"

@@ -146,6 +146,17 @@ def test_ended_job_stages_out_first_and_releases_only_after() -> None:
     assert plan([job(**ended, out_state="failed", out_node="n1")], NOW, GRACE, {}) == []
 
 
+def test_outputs_naming_the_node_are_staged_out_from_every_node_of_the_job() -> None:
+    ended = {"state": "COMPLETED", "ended_at": NOW - 1000, "out_node": "n1"}
+    view = job(**ended, out_state="pending", out_nodes=("n1", "n2", "n3"))
+    actions = plan([view], NOW, GRACE, {})
+    assert [(type(a).__name__, a.node) for a in actions] == [
+        ("StageOut", "n1"),
+        ("StageOut", "n2"),
+        ("StageOut", "n3"),
+    ]
+
+
 # -- the cache cluster -------------------------------------------------------------------------
 
 CACHE = ("c1", "c2", "c3")

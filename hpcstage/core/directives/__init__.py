@@ -20,7 +20,8 @@ Grammar (each option may be repeated; a job has at most 1000 directives)::
                                       version of this packed dataset (no @N: the version is
                                       chosen at stage-out); a DEST naming a dataset or
                                       something inside one without pack is refused
-               sbatch's filename patterns %j %u %x %A %a %% are expanded (expand_stage_out)
+               sbatch's filename patterns %j %u %x %A %a %n %N %% are expanded (expand_stage_out;
+               %n %N per node, when the outputs are written back)
         FLAGS  comma list: on=always|success|failure (default always), optional (SRC may be
                missing), pack (docs/packed-datasets.md, "Packed stage-out")
 
@@ -81,6 +82,7 @@ from hpcstage.core.directives.parse import (
     expand_dest_template,
     expand_patterns,
     expand_stage_out,
+    names_node,
     parse_args,
     parse_script,
     parse_source,
@@ -114,6 +116,7 @@ __all__ = [
     "expand_dest_template",
     "expand_patterns",
     "expand_stage_out",
+    "names_node",
     "parse_args",
     "parse_script",
     "parse_source",

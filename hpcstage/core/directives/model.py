@@ -163,3 +163,7 @@ class JobContext:
     name: str
     array_job_id: int | None = None
     array_task_id: int | None = None
+    # The node a stage-out runs on (%N) and its place in the job's node list (%n); None
+    # until then: the patterns stay as written and are expanded per node at stage-out.
+    node: str | None = None
+    node_index: int | None = None

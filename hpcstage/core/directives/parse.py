@@ -128,8 +128,16 @@ def _packed_source(source: Source) -> Source:
 def expand_patterns(text: str, context: JobContext) -> str:
     """Expand sbatch's filename patterns: %j job id, %u user, %x job name, %A array master id
     (the job id outside arrays), %a array task id (4294967294 outside arrays, as sbatch prints),
-    %% a literal '%'.  A number after '%' zero-pads numeric values (``%3a`` -> 007)."""
+    %N the node's name and %n its index in the job's nodes (left as written while the context
+    has no node), %% a literal '%'.  A number after '%' zero-pads numeric values (``%3a`` ->
+    007)."""
     return _PATTERN.sub(lambda match: _pattern_value(match, context), text)
+
+
+def names_node(template: str) -> bool:
+    """Whether a stage-out DEST holds %n or %N: it is written back from every node of the job,
+    each under its own name (else from the batch host only)."""
+    return any(m.group(2) in ("n", "N") for m in _PATTERN.finditer(template))
 
 
 def expand_stage_out(stage_out: StageOut, context: JobContext) -> StageOut:
@@ -507,7 +515,13 @@ def _pattern_value(match: re.Match[str], context: JobContext) -> str:
     width = int(width_text or 0)
     if letter == "%" and not width_text:
         return "%"
+    if letter in ("n", "N"):
+        if context.node is None:
+            return match.group(0)  # expanded per node when the job's outputs are written back
+        if letter == "N":
+            return context.node
     numbers = {
+        "n": context.node_index,
         "j": context.job_id,
         "A": context.job_id if context.array_task_id is None else context.array_job_id,
         "a": NO_VAL if context.array_task_id is None else context.array_task_id,
@@ -517,4 +531,4 @@ def _pattern_value(match: re.Match[str], context: JobContext) -> str:
     if letter in ("u", "x"):
         return context.user if letter == "u" else context.name
     which = shown(f"%{width_text}{letter}", 20) if letter else "a trailing '%'"
-    raise DirectiveError(f"unsupported pattern {which} (known: %j %u %x %A %a %%)")
+    raise DirectiveError(f"unsupported pattern {which} (known: %j %u %x %A %a %n %N %%)")
