@@ -125,9 +125,10 @@ async def _admit(
 ) -> Job | None:
     old = session.scalar(select(Job).where(Job.slurm_job_id == info.job_id))
     if old is not None:
-        if same_job(old, info):
+        rerun = requeued_after_end(old, info)
+        if same_job(old, info) and not rerun:
             return None  # ended earlier and already handled
-        _replaced(session, old, now)
+        _replaced(session, old, now, rerun)
         if old.released_at is None:
             return None  # its job directories on the nodes still have this id as their name
     found = await directives_for(info)
@@ -243,14 +244,32 @@ def _vanished(session: Session, job: Job, now: float) -> None:
     log_event(session, job.id, "", "job left the Slurm queue; treating it as ended", "warning")
 
 
-def _replaced(session: Session, job: Job, now: float) -> None:
-    """Slurm gave ``job``'s id to a newer job: ``job`` is gone for good (once recorded)."""
+def requeued_after_end(row: Job, info: JobInfo) -> bool:
+    """Whether Slurm runs the job of ``row`` again after the daemon saw it end (``scontrol
+    requeue`` of a finished job, a requeue after a node failure seen as an end): a requeue
+    counts a restart and gives a new submit time. The re-run is recorded as a run of its own,
+    once this run's directories are released: staged again, and its outputs written back."""
+    return (
+        row.ended_at is not None
+        and not is_ended(info)
+        and info.restarts > 0
+        and info.submit_time is not None
+        and row.submitted_at is not None
+        and info.submit_time > row.submitted_at + 1.0
+    )
+
+
+def _replaced(session: Session, job: Job, now: float, rerun: bool = False) -> None:
+    """Slurm gave ``job``'s id to a newer job (or ran it again, ``rerun``): ``job`` is gone
+    for good (once recorded)."""
     if job.replaced_at is not None:
         return
     job.replaced_at = now
     if job.ended_at is None:
         _vanished(session, job, now)
     message = f"Slurm job id {job.slurm_job_id} now names a newer job: this one is over"
+    if rerun:
+        message = f"Slurm requeued job {job.slurm_job_id} after it ended: the re-run is staged anew"
     if job.released_at is None:
         message += "; its job directories are released without the lease grace"
     log_event(session, job.id, "", message, "warning")

@@ -1,16 +1,18 @@
 """Job shapes beyond one single-node batch job, on the real dev cluster: a job array whose
 tasks share a dataset, and a three-node job whose every node reads its inputs and writes
-outputs back (issue: real clusters, job shapes)."""
+outputs back, and a job Slurm runs again after it ended (issue: real clusters, job shapes)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from devcluster import proc
 from devcluster.cluster import DevCluster
 
 from .staging import Stager, make_dataset, running_stager, small_files, wait_until
@@ -121,3 +123,38 @@ def test_a_three_node_job_reads_its_inputs_on_every_node_and_writes_back_each_no
     for node in ("n1", "n2", "n3"):
         assert outputs[f"{node}/result"].decode().split() == [node, "12"]
     assert outputs["summary.txt"].decode().startswith("batch on n")
+
+
+RERUN_JOB = """#!/bin/bash
+#HPCSTAGE --stage-in={src}:data
+#HPCSTAGE --stage-out=out:s3://results/{run}/%j/
+eval "$(hpcstage env)"
+mkdir -p "$HPCSTAGE_DIR/out"
+n=$(find -L "$HPCSTAGE_DIR/data" -type f | wc -l)
+echo "run ${{SLURM_RESTART_COUNT:-0}} $n" > "$HPCSTAGE_DIR/out/result"
+"""
+
+
+def test_a_job_requeued_after_it_ended_is_staged_again_and_its_rerun_written_back(
+    stager: Stager,
+) -> None:
+    src, _ = make_dataset(stager.dev, small_files(5, prefix="lig/"))
+    run = f"rerun-{uuid.uuid4().hex[:6]}"
+    job = stager.submit("alice", RERUN_JOB.format(src=src, run=run))
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    stager.wait_doc(job, "the first run written back", lambda d: d["stage_out"] == "done")
+    key = f"{job}/result"
+    assert _keys(stager.dev, f"{run}/")[key].decode().split() == ["run", "0", "5"]
+    proc.run(["scontrol", "requeue", str(job)], env=stager.dev.client_env())
+    # Slurm holds a requeued job back for a while (its begin time); not a thing to wait for.
+    update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
+    proc.run(update, env=stager.dev.client_env(), check=False)
+
+    def rerun_written() -> bool:
+        return _keys(stager.dev, f"{run}/").get(key, b"").decode().split() == ["run", "1", "5"]
+
+    wait_until("the re-run's output in the store", rerun_written, 180, stager.log)
+    assert "cannot start" not in stager.output("alice", job)
+    # The first run's object was replaced, not lost: it is in the recycle bin.
+    trash = stager.cli("alice", "trash", "ls", f"s3://results/{run}/", "--json").stdout
+    assert [e["key"] for e in json.loads(trash)] == [f"{run}/{key}"], trash

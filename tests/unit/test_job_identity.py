@@ -254,3 +254,31 @@ def test_an_array_record_admitted_before_its_task_id_writes_under_that_task_id(
         (job,) = session.scalars(select(Job).where(Job.slurm_job_id == 40))
         dests = [r.dest for r in job.requests if r.direction == "out"]
     assert dests == ["s3://results/run/40_19/", "s3://results/logs/40.txt"]
+
+
+def test_a_job_requeued_after_its_end_is_staged_again_as_a_run_of_its_own(
+    db: sessionmaker[Session],
+) -> None:
+    # `scontrol requeue` of a finished job: Slurm counts a restart and gives a new submit time.
+    old_id = add_old(db, released=False)
+    rerun = info(user="alice", submit=NEW_SUBMIT, restarts=1)
+    tick(db, rerun)
+    (old,) = rows_for(db, 7)
+    assert old.id == old_id and old.replaced_at is not None  # its directories go first
+    with db.begin() as session:
+        session.get_one(Job, old_id).released_at = NEW_SUBMIT + 110
+    tick(db, rerun)
+    with db.begin() as session:
+        new = session.scalars(select(Job).where(Job.slurm_job_id == 7)).one()
+        assert (new.id != old_id, new.user, new.submitted_at) == (True, "alice", NEW_SUBMIT)
+        assert [r.direction for r in new.requests] == ["in"]
+
+
+def test_a_finished_job_seen_again_with_its_restart_count_is_not_a_rerun(
+    db: sessionmaker[Session],
+) -> None:
+    # A job requeued while it ran, then finished: squeue shows it COMPLETED with a restart.
+    add_old(db, released=True)
+    tick(db, info(user="alice", submit=OLD_SUBMIT, restarts=1, state="COMPLETED"))
+    (only,) = rows_for(db, 7)
+    assert only.replaced_at is None

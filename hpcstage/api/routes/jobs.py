@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.api.deps import Caller, Database, JobId, Service, owned
 from hpcstage.api.follow import SINCE, WAIT, document, followed
@@ -94,6 +94,15 @@ async def ensure(job_id: JobId, daemon: Service, db: Database, me: Caller) -> di
         if answer is not None:
             daemon.job_asked(key)  # its wait for data starts (or is 0): for /metrics
             return answer
+        if late and _earlier_run_pending(db, job_id):
+            # Requeued after it ended here: the re-run is admitted once the earlier run's
+            # directories are released (outputs first). `hpcstage env` asks again on 503.
+            raise HTTPException(
+                503,
+                f"job {job_id}: its earlier run is still being wound up (outputs, directories);"
+                " its inputs are staged after that",
+                headers={"Retry-After": "5"},
+            )
         if late:
             raise HTTPException(
                 404,
@@ -101,6 +110,16 @@ async def ensure(job_id: JobId, daemon: Service, db: Database, me: Caller) -> di
                 " the daemon can read (see `hpcstage status` and the daemon log)",
             )
         await asyncio.sleep(0.5)
+
+
+def _earlier_run_pending(db: sessionmaker[Session], job_id: int) -> bool:
+    """Whether an earlier run of Slurm job ``job_id`` (requeued, or an older job with its id)
+    is over but not released yet: the asking job is admitted after that."""
+    with db.begin() as session:
+        query = select(Job.id).where(
+            Job.slurm_job_id == job_id, Job.replaced_at.is_not(None), Job.released_at.is_(None)
+        )
+        return session.scalar(query.limit(1)) is not None
 
 
 def _asking_job(session: Session, job_id: int, late: bool) -> Job | None:
