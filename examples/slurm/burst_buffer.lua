@@ -190,9 +190,14 @@ end
 local function staging_state(doc)
   if doc.failure and doc.failure ~= "" then return "failed", doc.failure end
   if doc.error and doc.error ~= "" then return "failed", "directive refused: " .. doc.error end
-  local planned = doc.planned_nodes or {}
-  if #planned == 0 then return "unplanned" end
   local staging = doc.staging or {}
+  -- A node the daemon dropped (its own failure, not the data's) is not waited for: the job
+  -- may well start elsewhere, where it is staged at once (docs/slurm-integration.md).
+  local planned = {}
+  for _, node in ipairs(doc.planned_nodes or {}) do
+    if staging[node] ~= "dropped" then planned[#planned + 1] = node end
+  end
+  if #planned == 0 then return "unplanned" end
   local waiting = {}
   for _, node in ipairs(planned) do
     if staging[node] ~= "ready" then waiting[#waiting + 1] = node end

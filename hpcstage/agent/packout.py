@@ -48,6 +48,7 @@ from hpcstage.core.packed import (
     segment_name,
     version_key,
 )
+from hpcstage.core.packing import MAX_SKIPPED_NUMBERS, PLAN, work_prefix
 from hpcstage.core.stageout import Output
 from hpcstage.errors import (
     HpcstageError,
@@ -66,7 +67,6 @@ from hpcstage.store.recycle import UploadJournal
 from hpcstage.store.s3 import S3Store
 
 MAX_VERSION_TRIES = 5  # version numbers tried when other writers keep taking them first
-MAX_SKIPPED_NUMBERS = 100  # numbers with leftover segments skipped before giving up
 # A version made this long before the job ended cannot be the job's own: the search for an
 # earlier attempt's version stops there (the margin covers clocks that disagree).
 CLOCK_MARGIN = 3600.0
@@ -186,7 +186,10 @@ async def _used(target: PackTarget, version: int) -> bool:
     store, prefix = target.store, target.prefix
     async for _ in store.list(f"{prefix}{SEGMENTS}{version:08d}-"):
         return True
-    for key in (manifest_key(version), version_key(version)):
+    # A pack (`hpcstage pack`, maybe the daemon's) that planned this number and is listing
+    # its source: its segments come later, under the same names as ours would.
+    plan = f"{work_prefix(version)}{PLAN}"
+    for key in (manifest_key(version), version_key(version), plan):
         if await store.head_or_none(prefix + key) is not None:
             return True
     return False

@@ -19,7 +19,6 @@ from hpcstage.agent.context import NodeContext
 from hpcstage.core.stageout import shown
 from hpcstage.errors import (
     AccessError,
-    CacheError,
     CredentialError,
     HpcstageError,
     ObjectChangedError,
@@ -139,11 +138,12 @@ async def _handle(
     await writer.drain()
 
 
-# Failures of the node itself (its filesystem, its cache, its room under the quotas): another
-# node may succeed, so the daemon drops this node from a pending job's targets instead of
-# failing the job. Everything else (missing or refused objects, corrupt datasets, a job's own
-# limits) would fail on every node alike.
-NODE_ONLY = (OSError, CacheError, QuotaError, AccessError)
+# Failures of the node itself (its filesystem, its room under the quotas, ACLs it cannot
+# set): another node may succeed, so the daemon drops this node from a pending job's targets
+# instead of failing the job. Everything else (missing or refused objects, corrupt datasets,
+# a cache that refuses the data's shape) would fail on every node alike. A quota is the node
+# account's unless the job's own limit set it: the daemon, which set it, tells them apart.
+NODE_ONLY = (OSError, QuotaError, AccessError)
 
 
 def _user_message(exc: BaseException) -> str:

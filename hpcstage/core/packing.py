@@ -32,6 +32,7 @@ from hpcstage.errors import DirectiveError, PackError
 DEFAULT_SLICE_FILES = 250_000  # rows of the listing per slice: the unit of a Slurm array task
 SEGMENT_MAX_FILES = 32_768  # a segment's rows are held in memory while it is built
 MIN_SEGMENT_SIZE = 64 * 2**10
+MAX_SKIPPED_NUMBERS = 100  # version numbers held by other writers skipped before giving up
 PLAN = "plan.json"
 LISTING = "listing.parquet"
 PARTS = "parts/"

@@ -22,6 +22,7 @@ class Budget:
 
     max_bytes: int | None
     reason: str
+    per_job: bool = False  # set by the job's own limit (the same on every node)
 
 
 def budget(
@@ -35,6 +36,7 @@ def budget(
             Budget(
                 max(left, 0),
                 f"the per-job limit quotas.max_job_bytes is {format_size(quotas.max_job_bytes)}",
+                per_job=True,
             )
         )
     account_quota = quotas.accounts.get(account, quotas.account_bytes_per_node)

@@ -23,9 +23,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcstage.core.packed import DEFAULT_SEGMENT_SIZE, VersionInfo, segment_key, segment_name
+from hpcstage.core.packed import (
+    DEFAULT_SEGMENT_SIZE,
+    SEGMENTS,
+    VersionInfo,
+    manifest_key,
+    segment_key,
+    segment_name,
+)
 from hpcstage.core.packing import (
     DEFAULT_SLICE_FILES,
+    MAX_SKIPPED_NUMBERS,
     SEGMENT_MAX_FILES,
     PackPlan,
     SegmentCutter,
@@ -88,20 +96,47 @@ class Packer:
         """The pack to work on: a pending one (resumed: True) or a new one, planned now."""
         dataset = PackedDataset(self.store, self.prefix)
         newest = max(await dataset.versions(), default=0)
+        live = []
         for pending in await pending_versions(self.store, self.prefix):
             stale = pending <= newest or self.settings.restart
             if stale:  # committed but not cleaned up, or abandoned by --restart
                 await PackWork(self.store, self.prefix, pending, self.spool).remove()
-        work = PackWork(self.store, self.prefix, newest + 1, self.spool)
-        found = await work.plan()
-        if found is not None:
-            self._check_resumable(found)
-            self._totals(found)
-            return work, found, True
+            else:
+                live.append(pending)
+        for pending in live:  # newest + 1, or later if a job's stage-out held that number
+            work = PackWork(self.store, self.prefix, pending, self.spool)
+            found = await work.plan()
+            if found is not None:
+                self._check_resumable(found)
+                self._totals(found)
+                return work, found, True
+        # A new pack: not a number another writer (a job's packed stage-out) has begun.
+        version = await self._free_number(newest + 1)
+        work = PackWork(self.store, self.prefix, version, self.spool)
         parent = await dataset.record(newest) if newest else None
         plan = await self._list(work, parent)
         self._totals(plan)
         return work, plan, False
+
+    async def _free_number(self, version: int) -> int:
+        """``version``, or the first number after it with no segment or manifest yet: a
+        job's packed stage-out may be uploading under it (it would see our plan, and we its
+        segments, so the two never write the same names)."""
+        for _ in range(MAX_SKIPPED_NUMBERS):
+            if not await self._any(manifest_key(version), f"{SEGMENTS}{version:08d}-"):
+                return version
+            version += 1
+        raise PackError(
+            f"{self.store.url(self.prefix)}: {MAX_SKIPPED_NUMBERS} version numbers from"
+            f" {version - MAX_SKIPPED_NUMBERS} on hold segments but no record"
+        )
+
+    async def _any(self, *prefixes: str) -> bool:
+        """Whether a key starts with one of ``prefixes`` (relative to the dataset)."""
+        for prefix in prefixes:
+            async for _ in self.store.list(self.prefix + prefix):
+                return True
+        return False
 
     def _check_resumable(self, plan: PackPlan) -> None:
         if self.source is not None and plan.source != self.source.url:

@@ -42,7 +42,9 @@ log = logging.getLogger("hpcstage.daemon")
 
 MAX_ATTEMPTS = 3  # a pack whose child dies this often (not stopped by us) fails for good
 STOP_GRACE = 10.0  # seconds a child has to stop after SIGTERM before SIGKILL
-ERROR_TAIL = 4000  # bytes of the child's stderr kept for the error message
+ERROR_TAIL = 4000  # bytes of the child's stderr kept for the daemon's log
+ERROR_PREFIX = "hpcstage: error: "  # how the CLI states an error meant for its user
+PACK_JOBS = 2  # segments a daemon pack builds at once (each up to its size in the spool)
 
 
 @dataclass
@@ -68,15 +70,10 @@ class Packs:
         ``limits.packs_in_flight`` unfinished packs or one into the same destination runs.
         """
         request.check()
-        wanted: tuple[tuple[policy.Access, str], ...] = (
-            ("read", request.src),
-            ("write", request.dest),
-        )
-        for access, url in wanted:
-            decision = policy.check(self.settings.policy, user, "", access, url)
-            if not (admin or decision.allowed):
-                self.audit("refused", user=user, pack=request.src, dest=request.dest)
-                raise PermissionError(f"pack of {request.src} refused: {decision.rule}")
+        refusal = "" if admin else self._not_allowed(user, request.src, request.dest)
+        if refusal:
+            self.audit("refused", user=user, pack=request.src, dest=request.dest)
+            raise PermissionError(f"pack of {request.src} refused: {refusal}")
         with self.db.begin() as session:
             refusal = self._refusal(session, user, request.dest, admin)
             if refusal:
@@ -86,7 +83,7 @@ class Packs:
                 user=user,
                 src=request.src,
                 dest=request.dest,
-                options=json.dumps(request.options(), sort_keys=True),
+                options=json.dumps({**request.options(), "admin": admin}, sort_keys=True),
                 state="queued",
                 created_at=time.time(),
             )
@@ -96,6 +93,21 @@ class Packs:
         self.audit("pack", user=user, src=request.src, dest=request.dest, id=pack_id)
         self.start_due()
         return pack_id
+
+    def _not_allowed(self, user: str, src: str, dest: str) -> str:
+        """Why the policy does not let ``user`` pack ``src`` into ``dest`` ('' if it does):
+        read on the source; read and write on the dataset (a pack reads its versions, and
+        --update's summary tells what they hold)."""
+        wanted: tuple[tuple[policy.Access, str], ...] = (
+            ("read", src),
+            ("read", dest),
+            ("write", dest),
+        )
+        for access, url in wanted:
+            decision = policy.check(self.settings.policy, user, "", access, url)
+            if not decision.allowed:
+                return decision.rule
+        return ""
 
     def _refusal(self, session: Session, user: str, dest: str, admin: bool) -> str:
         unfinished = Pack.state.in_(("queued", "running"))
@@ -142,9 +154,16 @@ class Packs:
     async def _attempt(self, pack_id: int) -> None:
         with self.db.begin() as session:
             row = session.get_one(Pack, pack_id)
-            row.state, row.started_at, row.attempts = "running", time.time(), row.attempts + 1
-            argv = self._argv(row, self._spool(pack_id))
-            attempts = row.attempts
+            admin = bool(json.loads(row.options).get("admin"))
+            # A grant revoked while the pack waited (or across a restart) stops it.
+            refusal = "" if admin else self._not_allowed(row.user, row.src, row.dest)
+            if not refusal:
+                row.state, row.started_at, row.attempts = "running", time.time(), row.attempts + 1
+                argv = self._argv(row, self._spool(pack_id))
+                attempts = row.attempts
+        if refusal:
+            self._end(pack_id, "failed", error=f"no longer allowed: {refusal}")
+            return
         self.changed(pack_id)
         log.info("pack %d: %s", pack_id, " ".join(argv[len(self.command) :]))
         child = await asyncio.create_subprocess_exec(
@@ -170,9 +189,13 @@ class Packs:
         elif self._stopping:
             return  # stopped by shutdown: recover() queues it again
         else:
-            error = _last_error(tail) or f"hpcstage pack exited with status {code}"
+            if tail.strip():
+                log.error("pack %d: hpcstage pack said:\n%s", pack_id, tail.rstrip())
+            error = _user_error(tail) or f"hpcstage pack exited with status {code}"
             again = code < 0 and attempts < MAX_ATTEMPTS  # killed (OOM, a signal): resume
             self._end(pack_id, "queued" if again else "failed", error=error)
+            if not again:  # its listing and half-built segments: nothing resumes them
+                shutil.rmtree(self._spool(pack_id), ignore_errors=True)
 
     async def _follow(
         self, pack_id: int, child: asyncio.subprocess.Process
@@ -208,6 +231,7 @@ class Packs:
         argv = [*self.command, "pack", row.src, row.dest, "--json", "--spool", str(spool)]
         argv += ["--config", str(self._store_config(spool))]
         argv += ["--segment-size", str(opts.get("segment_size", "256M"))]
+        argv += ["--jobs", str(PACK_JOBS)]
         argv += ["--update"] if opts.get("update") else []
         argv += ["--verify"] if opts.get("verify") else []
         return argv
@@ -284,9 +308,11 @@ async def _tail(stream: asyncio.StreamReader | None) -> str:
     return kept.decode(errors="replace")
 
 
-def _last_error(tail: str) -> str:
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+def _user_error(tail: str) -> str:
+    """The message the child meant for its user (``hpcstage: error: ...``), never other
+    output (a traceback, a library's warning: the daemon's log keeps those)."""
+    said = [line.strip() for line in tail.splitlines() if line.startswith(ERROR_PREFIX)]
+    return said[-1][len(ERROR_PREFIX) :] if said else ""
 
 
 async def _stop(child: asyncio.subprocess.Process) -> None:

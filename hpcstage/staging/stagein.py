@@ -75,6 +75,7 @@ class StageIn:
                 for st, r in zip(stagings, requests, strict=True)
             ]
         current = plan[0] if plan else None
+        limit: quota.Budget | None = None
         try:
             rpc = await self.nodes.agent(action.node)
             spent = objects = 0
@@ -95,10 +96,12 @@ class StageIn:
             if exc.transient:  # the store was down or throttling: try again later
                 self._requeue(action, remaining(plan, current), str(exc))
             else:
+                # Over the job's own limit is the job's failure wherever it runs.
+                node_only = exc.node_only and not (limit is not None and limit.per_job)
                 message = f"{current.where()}{exc}"
-                if exc.node_only:
+                if node_only:
                     message = f"on {action.node}: {message}"
-                self.records.fail(current.staging_id, action, message, exc.node_only)
+                self.records.fail(current.staging_id, action, message, node_only)
         except TransportError as exc:
             self.nodes.node_failed(action.node)
             self._requeue(action, remaining(plan, current), str(exc))

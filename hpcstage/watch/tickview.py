@@ -104,17 +104,22 @@ def read_views(session: Session) -> list[planner.JobView]:
     found = _directives(session)
     keys = {j.id: job_key(j) for j in jobs}
     index = overlap.OutputIndex(
-        (dest, keys[j.id])
+        (_before_node(dest), keys[j.id])
         for j in jobs
         if (j.started_at is not None or j.ended_at is not None)
-        and _out(found.get(j.id)) in UNFINISHED
+        and _out_on(found.get(j.id) or _Directives(), split_nodes(j.nodes)) in UNFINISHED
         for dest in found[j.id].outputs
     )
     return [_view(j, found.get(j.id) or _Directives(), keys[j.id], index) for j in jobs]
 
 
-def _out(d: _Directives | None) -> str:
-    return "none" if d is None else out_state(len(d.outputs), d.out_stagings, d.out_states)
+def _before_node(dest: str) -> str:
+    """An output naming the node (%N, %n: expanded per node only when written back) covers
+    everything under its DEST up to the component that names the node."""
+    if not dirs.names_node(dest):
+        return dest
+    head = dest[: dest.index("%")]
+    return head[: head.rfind("/") + 1]
 
 
 def _out_on(d: _Directives, nodes: tuple[str, ...]) -> str:

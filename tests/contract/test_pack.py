@@ -240,3 +240,21 @@ async def test_a_pack_whose_plan_was_replaced_does_not_commit(
     with pytest.raises(PackError, match="planned version 1 again"):
         await first.merge(work, plan)
     assert await PackedDataset(store, prefix).versions() == []
+
+
+async def test_a_pack_takes_no_number_a_jobs_packed_stage_out_is_writing(
+    store: S3Store, tmp_path: Path
+) -> None:
+    # A job's packed stage-out has uploaded a segment of version 1 and not its record yet:
+    # a pack must not write its segments under the same names (it would replace the job's).
+    files = _source_files()
+    _tree(tmp_path / "src", files)
+    prefix = f"p-{uuid.uuid4().hex[:8]}/lib{SUFFIX}/"
+    held = prefix + "segments/00000001-00000-000000.tar"
+    (tmp_path / "theirs").write_bytes(b"the job's segment")
+    await store.upload(tmp_path / "theirs", held)
+    info = await _pack_dir(store, prefix, tmp_path / "src", tmp_path / "spool")
+    assert info.version == 2
+    assert await _read_all(store, prefix) == files
+    listing = [o async for o in store.list(held)]
+    assert [o.size for o in listing] == [len(b"the job's segment")]

@@ -26,8 +26,8 @@ POLICY = """default = "deny"
 
 [[policy.rules]]
 users = ["alice"]
-read = ["s3://datasets/chem/"]
-write = ["s3://results/chem/"]
+read = ["s3://datasets/chem/", "s3://results/chem/"]
+write = ["s3://results/chem/", "s3://results/dropbox/"]
 """
 
 
@@ -85,7 +85,9 @@ def test_a_user_without_s3_keys_has_the_daemon_pack_what_they_may_read(
     [
         ("bob", "s3://datasets/chem/x/", "s3://results/chem/x.hpack/", "no policy rule grants"),
         ("alice", "s3://datasets/bio/x/", "s3://results/chem/x.hpack/", "read access"),
-        ("alice", "s3://datasets/chem/x/", "s3://results/bio/x.hpack/", "write access"),
+        ("alice", "s3://datasets/chem/x/", "s3://results/bio/x.hpack/", "read access"),
+        # Write-only (a drop box): a pack reads the dataset's versions, so it needs read too.
+        ("alice", "s3://datasets/chem/x/", "s3://results/dropbox/x.hpack/", "read access"),
         ("alice", "s3://datasets/chem/x/", "s3://datasets/chem/x/y.hpack/", "must not hold"),
         ("alice", "s3://datasets/chem/x/", "s3://results/chem/x/", "NAME.hpack"),
         ("alice", "s3://datasets/chem/../bio/", "s3://results/chem/x.hpack/", "'..'"),

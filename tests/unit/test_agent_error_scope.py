@@ -49,7 +49,6 @@ def _reply_to(exc: BaseException) -> dict[str, Any]:
     [
         OSError(errno.ENOSPC, "No space left on device"),
         OSError(errno.EIO, "Input/output error"),
-        CacheError("the cache index is locked by another agent"),
         QuotaError("over the account's quota on this node"),
         RuntimeError("a bug"),
     ],
@@ -65,6 +64,7 @@ def test_failures_of_the_node_itself_are_marked_node_only(exc: BaseException) ->
         PermissionRefused("bob may not read /shared/x"),
         PackError("segment 00000001-00000-000000.tar: CRC mismatch"),
         LimitError("too many objects"),
+        CacheError("lig/a.sdf appears twice in the selection"),
     ],
 )
 def test_failures_of_the_data_are_not(exc: BaseException) -> None:
