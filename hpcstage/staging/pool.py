@@ -61,7 +61,7 @@ class LocalSession:
                 await self.process.wait()
 
 
-async def open_local(node: str, argv: list[str]) -> LocalSession:
+async def open_local(node: str, argv: list[str], idle_timeout: float | None = None) -> LocalSession:
     """Start ``argv`` (an ``hpcstage agent`` command line) and speak JSON lines to it."""
     try:
         process = await asyncio.create_subprocess_exec(
@@ -76,7 +76,7 @@ async def open_local(node: str, argv: list[str]) -> LocalSession:
         raise TransportError(f"cannot start the agent for {node} ({argv[0]}): {exc}") from exc
     assert process.stdout is not None
     assert process.stdin is not None
-    rpc = RpcClient(process.stdout, process.stdin, node)
+    rpc = RpcClient(process.stdout, process.stdin, node, idle_timeout=idle_timeout)
     rpc.start()
     return LocalSession(rpc, process)
 
@@ -112,6 +112,17 @@ class SshTarget:
     known_hosts: str
     command: str
     connect_timeout: float
+    liveness: Liveness
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How soon a silent node counts as lost (``nodes.keepalive_*``, ``nodes.rpc_idle_timeout``):
+    SSH keepalives watch the link, the idle deadline the agent (framing.RpcClient)."""
+
+    keepalive_interval: float
+    keepalive_count_max: int
+    rpc_idle_timeout: float
 
 
 async def open_ssh(node: str, target: SshTarget) -> SshSession:
@@ -126,6 +137,8 @@ async def open_ssh(node: str, target: SshTarget) -> SshSession:
                 client_keys=[os.path.expanduser(target.key)],
                 known_hosts=os.path.expanduser(known) if isinstance(known, str) else known,
                 agent_path=None,
+                keepalive_interval=target.liveness.keepalive_interval,
+                keepalive_count_max=target.liveness.keepalive_count_max,
             ),
             target.connect_timeout,
         )
@@ -164,7 +177,13 @@ async def open_ssh(node: str, target: SshTarget) -> SshSession:
             said.append("last output: " + " | ".join(tail))
         return "; ".join(said)
 
-    rpc = RpcClient(_StreamAdapter(process.stdout), process.stdin, node, explain_eof=explain)
+    rpc = RpcClient(
+        _SshBytes(process.stdout),
+        process.stdin,
+        node,
+        idle_timeout=target.liveness.rpc_idle_timeout,
+        explain_eof=explain,
+    )
     rpc.start()
     return SshSession(rpc, conn, process, stderr)
 
@@ -188,19 +207,19 @@ async def _log_stderr(
     ended.set()
 
 
-class _StreamAdapter(asyncio.StreamReader):
-    """Give asyncssh's reader the ``readline`` that RpcClient expects, with our line limit."""
+class _SshBytes:
+    """asyncssh's reader as a ``ByteSource``, its errors as ConnectionError. Only ``read``:
+    its ``readline`` returns part of a line longer than the channel's window (framing.py)."""
 
     def __init__(self, inner: Any) -> None:
-        super().__init__(limit=MAX_LINE)
         self._inner = inner
 
-    async def readline(self) -> bytes:
+    async def read(self, n: int) -> bytes:
         try:
-            line: bytes = await self._inner.readline()
+            data: bytes = await self._inner.read(n)
         except asyncssh.Error as exc:
             raise ConnectionError(str(exc)) from exc
-        return line
+        return data
 
 
 Opener = Callable[[str], Awaitable[AgentSession]]
