@@ -257,15 +257,21 @@ class RpcClient:
         """End the session once it is silent for ``idle`` seconds while calls wait; ask the
         agent for a ping after half of that (see the class's docstring)."""
         probe: asyncio.Task[Any] | None = None
+        step = idle / 8
         try:
             while not self.closed.is_set():
-                await asyncio.sleep(idle / 8)
+                planned = time.monotonic() + step
+                await asyncio.sleep(step)
+                if (late := time.monotonic() - planned) > step:
+                    # The daemon's own event loop stalled; replies may be waiting unread in
+                    # the socket: that time is not the agent's silence.
+                    self._heard += late
                 quiet = time.monotonic() - self._heard
                 if not self._calls:
                     continue
                 if quiet >= idle:
                     self._fail_all(
-                        f"no answer for {quiet:.0f} s with calls waiting"
+                        f"no answer for {quiet:.1f} s with calls waiting"
                         f" (nodes.rpc_idle_timeout is {idle:g} s): the node or its agent hangs"
                     )
                     return

@@ -4,12 +4,22 @@ dropped to its end without losing the lines around it."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import time
 
 import pytest
 
 from hpcstage.agent.peer import PEER_MAX
-from hpcstage.errors import ProtocolError
-from hpcstage.protocol.framing import MAX_LINE, LineReader, Oversized, RpcClient, call_id_of
+from hpcstage.errors import ProtocolError, TransportError
+from hpcstage.protocol.framing import (
+    MAX_LINE,
+    LineReader,
+    Oversized,
+    RpcClient,
+    call_id_of,
+    encode,
+)
 from hpcstage.staging.peer import BATCH_BYTES, PAGE
 
 
@@ -78,3 +88,58 @@ def test_the_biggest_peer_batch_fits_in_one_message() -> None:
     # S3 key of up to 1 KiB, the cache id, ETag and SHA-256: well under 1.5 KiB.
     assert PEER_MAX <= BATCH_BYTES  # one object alone never exceeds a batch
     assert BATCH_BYTES * 4 // 3 + PAGE * 1536 < MAX_LINE
+
+
+class _Agent:
+    """The far end of an RpcClient: sees each request; answers pings only if ``alive``."""
+
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+        self.replies = asyncio.StreamReader()
+        self.ops: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        request = json.loads(data)
+        self.ops.append(request["op"])
+        if self.alive and request["op"] == "ping":
+            self.answer(request["id"], {"node": "n1"})
+
+    def answer(self, call_id: int, data: dict[str, object]) -> None:
+        self.replies.feed_data(encode({"id": call_id, "event": "result", "data": data}))
+
+    async def drain(self) -> None:
+        return None
+
+
+def test_a_silent_agent_fails_the_waiting_call_after_the_idle_timeout() -> None:
+    async def run() -> tuple[str, float, list[str], bool]:
+        agent = _Agent(alive=False)
+        rpc = RpcClient(agent.replies, agent, "n1", idle_timeout=0.4)
+        rpc.start()
+        start = time.monotonic()
+        with pytest.raises(TransportError) as caught:
+            await asyncio.wait_for(rpc.call("stage", {}), 5)
+        took = time.monotonic() - start
+        await rpc.close()
+        return str(caught.value), took, agent.ops, rpc.closed.is_set()
+
+    text, took, ops, closed = asyncio.run(run())
+    assert 0.4 <= took < 1.5, took
+    assert ops == ["stage", "ping"]  # asked once whether it is alive, after half the timeout
+    assert closed
+    assert re.match(r"agent on n1: no answer for 0\.[4-9] s with calls waiting", text), text
+    assert text.endswith("(nodes.rpc_idle_timeout is 0.4 s): the node or its agent hangs")
+
+
+def test_a_long_call_of_an_agent_that_answers_pings_is_never_cut_short() -> None:
+    async def run() -> dict[str, object]:
+        agent = _Agent(alive=True)
+        rpc = RpcClient(agent.replies, agent, "n1", idle_timeout=0.3)
+        rpc.start()
+        asyncio.get_running_loop().call_later(1.5, agent.answer, 1, {"done": True})
+        try:
+            return await asyncio.wait_for(rpc.call("stage", {}), 5)  # five idle timeouts
+        finally:
+            await rpc.close()
+
+    assert asyncio.run(run()) == {"done": True}
