@@ -26,7 +26,17 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.protocol import messages as m
-from hpcstage.protocol.framing import MAX_LINE, Handler, ProgressFn, decode, encode
+from hpcstage.protocol.framing import (
+    MAX_LINE,
+    Handler,
+    LineReader,
+    Oversized,
+    ProgressFn,
+    call_id_of,
+    decode,
+    encode,
+    too_long,
+)
 from hpcstage.protocol.wire import from_wire, to_wire
 
 log = logging.getLogger("hpcstage.agent")
@@ -101,7 +111,12 @@ async def serve(ctx: NodeContext) -> None:
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     handlers = routes(ctx)
     tasks: set[asyncio.Task[None]] = set()
-    while line := await reader.readline():
+    lines = LineReader(reader)
+    while line := await lines.readline():
+        if isinstance(line, Oversized):  # refuse that call; the session goes on
+            refused = too_long("the request", line.size)
+            _send(writer, {"id": call_id_of(line.head) or 0, "event": "error", "message": refused})
+            continue
         task = asyncio.create_task(_handle(decode(line), handlers, writer))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -115,9 +130,10 @@ async def _handle(
     message: dict[str, Any], handlers: dict[str, Handler], writer: asyncio.StreamWriter
 ) -> None:
     call_id = message.get("id", 0)
+    op = str(message.get("op"))
 
     def send(reply: dict[str, Any]) -> None:
-        writer.write(encode({"id": call_id, **reply}))
+        _send(writer, {"id": call_id, **reply}, op)
 
     def progress(data: dict[str, Any]) -> None:
         send({"event": "progress", "data": data})
@@ -144,6 +160,19 @@ async def _handle(
 # a cache that refuses the data's shape) would fail on every node alike. A quota is the node
 # account's unless the job's own limit set it: the daemon, which set it, tells them apart.
 NODE_ONLY = (OSError, QuotaError, AccessError)
+
+
+def _send(writer: asyncio.StreamWriter, message: dict[str, Any], op: str = "") -> None:
+    """Write one message; one over the limit is not sent: a result becomes an error naming
+    the limit (the daemon would drop it anyway), a progress report is left out."""
+    line = encode(message)
+    if len(line) <= MAX_LINE:
+        writer.write(line)
+        return
+    what = too_long(f"the {message.get('event')} of {op}", len(line))
+    log.error("%s; not sent", what)
+    if message.get("event") == "result":
+        writer.write(encode({"id": message.get("id", 0), "event": "error", "message": what}))
 
 
 def _user_message(exc: BaseException) -> str:

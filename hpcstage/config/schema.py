@@ -178,6 +178,13 @@ class NodesSettings(_Section):
     """known_hosts file used to verify node host keys; "" = ~/.ssh/known_hosts."""
     connect_timeout: PositiveDuration = 15.0
     """Timeout for an SSH connection, in seconds."""
+    keepalive_interval: PositiveDuration = 15.0
+    """Seconds of silence on an SSH connection before the daemon sends a keepalive."""
+    keepalive_count_max: int = Field(default=4, ge=1)
+    """Unanswered keepalives in a row after which the connection counts as lost."""
+    rpc_idle_timeout: PositiveDuration = 60.0
+    """Seconds a node's agent may stay silent while calls wait for it (it is pinged after
+    half of that) before it counts as hung and its node as unreachable."""
 
     @field_validator("ssh_known_hosts", mode="before")
     @classmethod

@@ -29,6 +29,7 @@ from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.pool import (
     AgentPool,
     AgentSession,
+    Liveness,
     SshTarget,
     agent_argv,
     agent_command,
@@ -105,7 +106,8 @@ class NodeAgents:
         nodes = self.settings.nodes
         cache_dir = cache_dir_for(nodes.cache_dir, node)
         if nodes.transport == "local":
-            return await open_local(node, agent_argv(self.agent_command, node, cache_dir))
+            argv = agent_argv(self.agent_command, node, cache_dir)
+            return await open_local(node, argv, nodes.rpc_idle_timeout)
         if node not in self._node_addr:
             await self.refresh_nodes()
         target = SshTarget(
@@ -116,6 +118,11 @@ class NodeAgents:
             known_hosts=str(nodes.ssh_known_hosts),
             command=agent_shell_command(self.agent_command, node, cache_dir),
             connect_timeout=nodes.connect_timeout,
+            liveness=Liveness(
+                keepalive_interval=nodes.keepalive_interval,
+                keepalive_count_max=nodes.keepalive_count_max,
+                rpc_idle_timeout=nodes.rpc_idle_timeout,
+            ),
         )
         return await open_ssh(node, target)
 

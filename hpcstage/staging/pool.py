@@ -62,7 +62,7 @@ class LocalSession:
                 await self.process.wait()
 
 
-async def open_local(node: str, argv: list[str]) -> LocalSession:
+async def open_local(node: str, argv: list[str], idle_timeout: float | None = None) -> LocalSession:
     """Start ``argv`` (an ``hpcstage agent`` command line) and speak JSON lines to it."""
     try:
         process = await asyncio.create_subprocess_exec(
@@ -77,7 +77,7 @@ async def open_local(node: str, argv: list[str]) -> LocalSession:
         raise TransportError(f"cannot start the agent for {node} ({argv[0]}): {exc}") from exc
     assert process.stdout is not None
     assert process.stdin is not None
-    rpc = RpcClient(process.stdout, process.stdin, node)
+    rpc = RpcClient(process.stdout, process.stdin, node, idle_timeout=idle_timeout)
     rpc.start()
     return LocalSession(rpc, process)
 
@@ -113,6 +113,17 @@ class SshTarget:
     known_hosts: str
     command: str
     connect_timeout: float
+    liveness: Liveness
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How soon a silent node counts as lost (``nodes.keepalive_*``, ``nodes.rpc_idle_timeout``):
+    SSH keepalives watch the link, the idle deadline the agent (framing.RpcClient)."""
+
+    keepalive_interval: float
+    keepalive_count_max: int
+    rpc_idle_timeout: float
 
 
 async def open_ssh(node: str, target: SshTarget) -> SshSession:
@@ -127,6 +138,8 @@ async def open_ssh(node: str, target: SshTarget) -> SshSession:
                 client_keys=[os.path.expanduser(target.key)],
                 known_hosts=os.path.expanduser(known) if isinstance(known, str) else known,
                 agent_path=None,
+                keepalive_interval=target.liveness.keepalive_interval,
+                keepalive_count_max=target.liveness.keepalive_count_max,
             ),
             target.connect_timeout,
         )
@@ -165,7 +178,13 @@ async def open_ssh(node: str, target: SshTarget) -> SshSession:
             said.append("last output: " + " | ".join(tail))
         return "; ".join(said)
 
-    rpc = RpcClient(_StreamAdapter(process.stdout), process.stdin, node, explain_eof=explain)
+    rpc = RpcClient(
+        _SshBytes(process.stdout),
+        process.stdin,
+        node,
+        idle_timeout=target.liveness.rpc_idle_timeout,
+        explain_eof=explain,
+    )
     rpc.start()
     return SshSession(rpc, conn, process, stderr)
 
@@ -205,19 +224,19 @@ def agent_line(text: str) -> tuple[int, str]:
     return logging.WARNING, text
 
 
-class _StreamAdapter(asyncio.StreamReader):
-    """Give asyncssh's reader the ``readline`` that RpcClient expects, with our line limit."""
+class _SshBytes:
+    """asyncssh's reader as a ``ByteSource``, its errors as ConnectionError. Only ``read``:
+    its ``readline`` returns part of a line longer than the channel's window (framing.py)."""
 
     def __init__(self, inner: Any) -> None:
-        super().__init__(limit=MAX_LINE)
         self._inner = inner
 
-    async def readline(self) -> bytes:
+    async def read(self, n: int) -> bytes:
         try:
-            line: bytes = await self._inner.readline()
+            data: bytes = await self._inner.read(n)
         except asyncssh.Error as exc:
             raise ConnectionError(str(exc)) from exc
-        return line
+        return data
 
 
 Opener = Callable[[str], Awaitable[AgentSession]]

@@ -3,6 +3,7 @@ cache node, and the node the job finally runs on copies them from there, not fro
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -65,3 +66,29 @@ def test_a_held_job_waits_on_the_cache_node_and_its_node_copies_from_there(
     assert f"copied {len(files)} objects" in events and f"from {CACHE_NODE}'s cache" in events
     # The cache node's view (its lease) was let go once the job had its node.
     assert doc["staging"].get(CACHE_NODE) == "released", doc
+
+
+def _stats(stager: Stager, node: str) -> dict[str, int]:
+    stats: dict[str, int] = json.loads(stager.cli("alice", "cache", "ls", node, "--json").stdout)[
+        "stats"
+    ]
+    return stats
+
+
+def test_a_shard_of_hundreds_of_files_is_copied_from_a_peer_in_full(stager: Stager) -> None:
+    """Issue 18: a peer copy of a real shard (700 files) moves batches of 4 MiB, one reply of
+    5.4 MiB each: more than the SSH channel's window. It once failed ("not JSON"), killed
+    both sessions and fetched every file from the store again."""
+    files = small_files(700, size=8192)
+    src, _ = make_dataset(stager.dev, files)
+    stager.cli("alice", "warmup", src, "--nodes", "n2", "--json")
+    before = _stats(stager, "n1")
+
+    doc = json.loads(stager.cli("alice", "warmup", src, "--nodes", "n1", "--json").stdout)
+
+    after = _stats(stager, "n1")
+    assert after["peer_objects"] - before["peer_objects"] == len(files), doc["events"]
+    assert after["fetched_objects"] - before["fetched_objects"] == 0
+    st = doc["requests"][0]["nodes"]["n1"]
+    assert (st["peer_files"], st["fetched_files"]) == (len(files), 0), st
+    assert f"copied {len(files)} objects" in json.dumps(doc["events"])

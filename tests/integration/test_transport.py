@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +18,9 @@ import asyncssh
 import pytest
 
 from devcluster.cluster import DevCluster
-from hpcstage.errors import TransportError
-from hpcstage.staging.pool import SshTarget, open_ssh
+from hpcstage.errors import ProtocolError, TransportError
+from hpcstage.protocol.framing import MAX_LINE
+from hpcstage.staging.pool import Liveness, SshTarget, open_ssh
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +37,7 @@ def target(cluster: DevCluster, command: str, key: str | None = None) -> SshTarg
         known_hosts=info.known_hosts,
         command=command,
         connect_timeout=10,
+        liveness=Liveness(keepalive_interval=15, keepalive_count_max=4, rpc_idle_timeout=60),
     )
 
 
@@ -99,3 +104,80 @@ def test_an_encrypted_key_is_a_clear_error(cluster: DevCluster, tmp_path: Path) 
     text = str(caught.value)
     assert text.startswith(f"cannot log in to n1: the SSH key {key} cannot be used (")
     assert "must be an unencrypted private key" in text
+
+
+def _reply_of(size: int, call_id: int = 1) -> str:
+    """Shell that waits for one request, then answers call ``call_id`` with a result that
+    is one JSON line of about ``size`` bytes."""
+    return (
+        f'read -r _; printf \'{{"id":{call_id},"event":"result","data":{{"blob":"\';'
+        f" head -c {size} /dev/zero | tr '\\0' x; printf '\"}}}}\\n'"
+    )
+
+
+def test_a_reply_bigger_than_the_ssh_window_arrives_whole(cluster: DevCluster) -> None:
+    """Issue 18: asyncssh's readline returns a partial line when a line outgrows the
+    channel's receive window (2 MiB), so a peer_read of 4 MiB of objects (5.4 MiB of base64)
+    read as "not JSON", the session died and every object came from the store again."""
+    size = 6 * 1024 * 1024
+    command = f"{_reply_of(size)}; sleep 30"
+    result = asyncio.run(call_once(target(cluster, command), timeout=60))
+    assert result == {"blob": "x" * size}
+
+
+def test_a_reply_over_the_message_limit_fails_that_call_and_not_the_session(
+    cluster: DevCluster,
+) -> None:
+    """A line longer than MAX_LINE is read to its end and dropped: the call it answers fails
+    with a clear error naming the limit, and the next call on the session still works."""
+    command = f"{_reply_of(MAX_LINE + 1024)}; read -r _; echo '{RESULT.replace('1', '2', 1)}'"
+
+    async def two_calls() -> Any:
+        session = await open_ssh("n1", target(cluster, command + "; sleep 30"))
+        try:
+            with pytest.raises(ProtocolError) as caught:
+                await asyncio.wait_for(session.rpc.call("peer_read", {}), 60)
+            assert not session.rpc.closed.is_set()
+            return str(caught.value), await asyncio.wait_for(session.rpc.call("ping", {}), 30)
+        finally:
+            await session.close()
+
+    text, second = asyncio.run(two_calls())
+    assert text.startswith("agent on n1: the reply to peer_read is ")
+    assert "over the limit of one message (16 MiB)" in text
+    assert second == {"ok": True}
+
+
+def test_a_frozen_ssh_connection_is_lost_after_its_keepalives(cluster: DevCluster) -> None:
+    """With nothing on the link (the node's sshd stopped, as a crashed node or a cut network
+    looks), keepalives end the connection and the waiting call fails, with no RPC deadline."""
+    shared = Path(tempfile.mkdtemp(dir=cluster.info.base))  # the service account writes here
+    shared.chmod(0o777)
+    said = shared / "sshd.pid"
+    command = f"echo $PPID > {said}; read -r _; sleep 120"
+    where = target(cluster, command)
+    where = SshTarget(**{**where.__dict__, "liveness": Liveness(1, 2, rpc_idle_timeout=0)})
+
+    async def frozen() -> tuple[str, float]:
+        session = await open_ssh("n1", where)
+        try:
+            deadline = time.monotonic() + 30
+            while not said.exists() or not said.read_text().strip():
+                assert time.monotonic() < deadline, "the remote shell never wrote its $PPID"
+                await asyncio.sleep(0.05)
+            sshd = int(said.read_text())
+            os.kill(sshd, signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                with pytest.raises(TransportError) as caught:
+                    await asyncio.wait_for(session.rpc.call("ping", {}), 30)
+                return str(caught.value), time.monotonic() - start
+            finally:
+                os.kill(sshd, signal.SIGCONT)
+        finally:
+            await session.close()
+
+    text, took = asyncio.run(frozen())
+    assert took < 1 * (2 + 1) + 3, took
+    assert text.startswith("agent on n1: "), text
+    assert "keepalive" in text.lower(), text
