@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -75,26 +75,65 @@ def same_job(row: Job, info: JobInfo) -> bool:
     return abs(info.submit_time - row.submitted_at) < 1.0
 
 
+@dataclass
+class Folded:
+    """What the last committed ``sync`` folded: per Slurm id, our row's id and the JobInfo.
+
+    A queue of thousands of jobs changes in few of them between two snapshots, and folding an
+    unchanged record into its row changes nothing (every column it sets comes from the record,
+    and no other code writes them). So a job whose record equals the one folded into the same
+    open row is skipped without loading the row. Only what a committed transaction folded
+    counts: ``sync`` fills ``pending``, the caller calls ``commit()`` once its transaction
+    committed (a rolled-back one leaves the rows as they were, and the next sync redoes them).
+    """
+
+    rows: dict[int, tuple[int, JobInfo]] = field(default_factory=dict)
+    pending: dict[int, tuple[int, JobInfo]] = field(default_factory=dict)
+
+    def unchanged(self, row_id: int | None, info: JobInfo) -> bool:
+        """True if ``info`` is what was folded into the open row ``row_id`` last time."""
+        return row_id is not None and self.rows.get(info.job_id) == (row_id, info)
+
+    def commit(self) -> None:
+        """The transaction of the last ``sync`` committed: its records are the rows' now."""
+        self.rows, self.pending = self.pending, {}
+
+
 async def sync(
     session: Session,
     snapshot: QueueSnapshot,
     directives_for: DirectivesFn,
     ignored: set[JobKey],
+    folded: Folded | None = None,
 ) -> list[int]:
     """Record new jobs with directives, update known ones, mark vanished or replaced ones
     ended.
 
-    ``ignored`` caches jobs without directives so their scripts are read only once.
+    ``ignored`` caches jobs without directives so their scripts are read only once;
+    ``folded`` (kept by the caller across ticks) lets unchanged jobs be skipped.
     Returns the ids (our ``jobs.id``) of jobs that changed state.
     """
-    known = {
-        job.slurm_job_id: job
-        for job in session.scalars(select(Job).where(Job.kind == "job", Job.ended_at.is_(None)))
+    folded = folded if folded is not None else Folded()
+    open_rows: dict[int, int] = {
+        slurm_id: row_id
+        for row_id, slurm_id in session.execute(
+            select(Job.id, Job.slurm_job_id).where(Job.kind == "job", Job.ended_at.is_(None))
+        )
+        if slurm_id is not None
+    }
+    todo = [i for i in snapshot.jobs if not folded.unchanged(open_rows.get(i.job_id), i)]
+    in_snapshot = {info.job_id for info in snapshot.jobs}
+    wanted = [open_rows[i.job_id] for i in todo if i.job_id in open_rows]
+    wanted += [row_id for slurm_id, row_id in open_rows.items() if slurm_id not in in_snapshot]
+    wanted.sort()  # rows in id order, as the query of every open row gave them
+    known = {job.slurm_job_id: job for job in _load(session, wanted) if job.slurm_job_id}
+    folded.pending = {
+        i.job_id: (open_rows[i.job_id], i)
+        for i in snapshot.jobs
+        if i.job_id in open_rows and folded.unchanged(open_rows[i.job_id], i)
     }
     changed = []
-    seen = set()
-    for info in snapshot.jobs:
-        seen.add(info.job_id)
+    for info in todo:
         job = known.get(info.job_id)
         if job is not None and not same_job(job, info):
             _replaced(session, job, snapshot.taken_at)
@@ -104,11 +143,22 @@ async def sync(
             job = await _admit(session, info, directives_for, ignored, snapshot.taken_at)
         if job is not None and _update(job, info, snapshot.taken_at):
             changed.append(job.id)
+        if job is not None and job.ended_at is None:
+            folded.pending[info.job_id] = (job.id, info)
     for slurm_id, job in known.items():
-        if slurm_id not in seen:
+        if slurm_id not in in_snapshot:
             _vanished(session, job, snapshot.taken_at)
             changed.append(job.id)
     return changed
+
+
+def _load(session: Session, row_ids: list[int], chunk: int = 500) -> list[Job]:
+    """The rows with these ids, in bounded queries (SQLite limits a query's parameters)."""
+    found: list[Job] = []
+    for start in range(0, len(row_ids), chunk):
+        part = row_ids[start : start + chunk]
+        found += session.scalars(select(Job).where(Job.id.in_(part)).order_by(Job.id))
+    return found
 
 
 async def _admit(
