@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import dataclasses
 import cProfile
+import dataclasses
 import json
 import platform
 import random
@@ -72,7 +72,7 @@ class SimJob:
 
 def queue(size: int, seed: int = 1) -> list[SimJob]:
     """``size`` jobs, a sixth of them running, every tenth pending one planned on a node."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - not crypto
     jobs = []
     for i in range(size):
         running = i % 6 == 0
@@ -159,6 +159,8 @@ def squeue_json(shape: str, jobs: list[SimJob]) -> str:
         records.append(json.dumps(record, indent=indent))
     doc["jobs"] = "JOBS"
     return json.dumps(doc, indent=indent).replace('"JOBS"', "[" + ",".join(records) + "]", 1)
+
+
 def squeue_start(jobs: list[SimJob]) -> str:
     """``squeue --start -h -o %A|%S|%Y --states=PENDING`` (22.05's planned nodes)."""
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(EPOCH + 7200))
@@ -236,9 +238,9 @@ def daemon(state: Path, url: str, backend: FakeSlurm) -> Daemon:
     )
     found = Daemon(settings, backend=backend, db=open_db(settings.site.state_url))
     assert found.db is not None
-    wired = found._wire(found.db, backend, CredentialSource(None))  # noqa: SLF001
+    wired = found._wire(found.db, backend, CredentialSource(None))
     executor = Executor(settings, found.db, BusyNodes(), found.wake, found.bins.store)
-    found._parts = dataclasses.replace(wired, executor=executor)  # noqa: SLF001
+    found._parts = dataclasses.replace(wired, executor=executor)
     return found
 
 
@@ -277,7 +279,7 @@ async def run(size: int, shape: str, db: str, repeat: int, profile_to: str) -> d
     profiles = {k: cProfile.Profile() if profile_to else None for k in ("first", "same", "1pc")}
     backend = FakeSlurm(shape)
     jobs = queue(size)
-    rng = random.Random(2)
+    rng = random.Random(2)  # noqa: S311 - not crypto
     with tempfile.TemporaryDirectory(prefix="hpcstage-scale-") as tmp:
         if db == "postgres":
             _reset_postgres()
@@ -325,8 +327,9 @@ def table(results: list[dict[str, Any]]) -> str:
     ]
     for r in results:
         rows.append(
-            f"| {r['size']:,} | {r['shape']} | {r['db']} | {r['first']:.2f} s | {r['same']:.3f} s"
-            f" | {r['changed']:.3f} s | {r['first_rss_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB |"
+            f"| {r['size']:,} | {r['shape']} | {r['db']} | {r['first']:.2f} s"
+            f" | {r['same']:.3f} s | {r['changed']:.3f} s"
+            f" | {r['first_rss_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB |"
         )
     return "\n".join(rows)
 
@@ -337,7 +340,9 @@ def main() -> None:
     parser.add_argument("--shapes", default="22.05,24.11", help="squeue JSON shapes")
     parser.add_argument("--postgres", action="store_true", help="also 127.0.0.1:5432/test")
     parser.add_argument("--repeat", type=int, default=3, help="steady ticks of each kind")
-    parser.add_argument("--profile", default="", help="cProfile the ticks to FILE.first, FILE.same, FILE.1pc")
+    parser.add_argument(
+        "--profile", default="", help="cProfile into FILE.first, FILE.same, FILE.1pc"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # size,shape,db: run in this process
     args = parser.parse_args()
     if args.one:

@@ -157,3 +157,6 @@ class Event(Base):
     node: Mapped[str] = mapped_column(String(128), default="")
     level: Mapped[str] = mapped_column(String(8), default="info")
     message: Mapped[str] = mapped_column(Text)
+
+    # One way (a job loads no events): lets an event name a job not flushed yet.
+    job: Mapped[Job | None] = relationship()

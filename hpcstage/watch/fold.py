@@ -26,6 +26,8 @@ from hpcstage.watch.slurm.model import FINISHED_STATES, JobInfo, QueueSnapshot
 ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
 # How far slurmctld's clock (submit times) and the daemon's (first_seen) may disagree.
 CLOCK_SLACK = 600.0
+# New rows flushed at once (a first tick admits the whole queue: see sync).
+FLUSH_EVERY = 500
 # One Slurm job, even where ids are reused: its id and its submit time.
 JobKey = tuple[int, float | None]
 
@@ -132,24 +134,52 @@ async def sync(
         for i in snapshot.jobs
         if i.job_id in open_rows and folded.unchanged(open_rows[i.job_id], i)
     }
-    changed = []
+    # Rows an admission must know of: ended ones that had the id (few: jobs are admitted once).
+    prior = _by_slurm_id(
+        session,
+        [i.job_id for i in todo if i.job_id not in open_rows and not is_ended(i)],
+    )
+    prior.update(known)
+    changed: list[Job] = []
+    admitted: list[tuple[JobInfo, Job]] = []  # open rows, to remember once flushed
+    taken: set[int] = set()  # Slurm ids admitted by this sync
+    ids: list[int] = []
     for info in todo:
         job = known.get(info.job_id)
         if job is not None and not same_job(job, info):
             _replaced(session, job, snapshot.taken_at)
-            changed.append(job.id)
+            changed.append(job)
             job = None
         if job is None and job_key(info) not in ignored and not is_ended(info):
-            job = await _admit(session, info, directives_for, ignored, snapshot.taken_at)
+            if info.job_id not in taken:
+                old = prior.get(info.job_id)
+                job = await _admit(session, info, old, directives_for, ignored, snapshot.taken_at)
+            taken.update([info.job_id] if job is not None else [])
         if job is not None and _update(job, info, snapshot.taken_at):
-            changed.append(job.id)
+            changed.append(job)
         if job is not None and job.ended_at is None:
-            folded.pending[info.job_id] = (job.id, info)
+            admitted.append((info, job))
+        if len(taken) % FLUSH_EVERY == 0 and job is not None and job.id is None:
+            ids += _settle(session, folded, changed, admitted)
     for slurm_id, job in known.items():
         if slurm_id not in in_snapshot:
             _vanished(session, job, snapshot.taken_at)
-            changed.append(job.id)
-    return changed
+            changed.append(job)
+    return ids + _settle(session, folded, changed, admitted)
+
+
+def _settle(
+    session: Session, folded: Folded, changed: list[Job], admitted: list[tuple[JobInfo, Job]]
+) -> list[int]:
+    """Flush (new rows get their ids), remember the open rows folded; the ids of the changed
+    ones. Both lists are emptied: flushed rows need not stay in memory (the session holds
+    them weakly), which bounds what admitting a whole queue at start-up holds at once."""
+    session.flush()
+    folded.pending.update((info.job_id, (job.id, info)) for info, job in admitted)
+    found = [job.id for job in changed]
+    changed.clear()
+    admitted.clear()
+    return found
 
 
 def _load(session: Session, row_ids: list[int], chunk: int = 500) -> list[Job]:
@@ -161,14 +191,25 @@ def _load(session: Session, row_ids: list[int], chunk: int = 500) -> list[Job]:
     return found
 
 
+def _by_slurm_id(session: Session, slurm_ids: list[int], chunk: int = 500) -> dict[int, Job]:
+    """The rows that have these Slurm ids (at most one each: the column is unique)."""
+    found: dict[int, Job] = {}
+    for start in range(0, len(slurm_ids), chunk):
+        part = slurm_ids[start : start + chunk]
+        for job in session.scalars(select(Job).where(Job.slurm_job_id.in_(part))):
+            found[int(job.slurm_job_id or 0)] = job
+    return found
+
+
 async def _admit(
     session: Session,
     info: JobInfo,
+    old: Job | None,
     directives_for: DirectivesFn,
     ignored: set[JobKey],
     now: float,
 ) -> Job | None:
-    old = session.scalar(select(Job).where(Job.slurm_job_id == info.job_id))
+    """A new row for ``info`` if it has directives; ``old``: the row that has its id, if any."""
     if old is not None:
         if same_job(old, info):
             return None  # ended earlier and already handled
@@ -206,16 +247,12 @@ async def _admit(
             )
         )
     session.add(job)
-    session.flush()
     msg = f"directives from {found.source}: {len(found.stage_in)} stage-in, "
     msg += f"{len(found.stage_out)} stage-out"
-    log_event(
-        session,
-        job.id,
-        "",
-        msg + (f"; refused: {found.error}" if found.error else ""),
-        "error" if found.error else "info",
-    )
+    # The event names the row, not its id: the rows are flushed together, once (sync).
+    message = msg + (f"; refused: {found.error}" if found.error else "")
+    level = "error" if found.error else "info"
+    session.add(Event(ts=time.time(), job=job, node="", level=level, message=message))
     return job
 
 
