@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The daemon's tick at a large queue: CPU time and peak RSS, the cluster faked at its edges.
 
-A queue of N jobs (5/6 pending, 1/6 running; every tenth pending one planned on nodes by the
-backfill scheduler), each with five ``#HPCSTAGE --stage-in`` lines in its batch script, is
-printed as ``squeue --json`` would print it, in the shape of a recorded job of Slurm 22.05
+A queue of N jobs (5/6 pending, 1/6 running; about a tenth of the jobs pending and planned on
+a node by the backfill scheduler), each with five ``#HPCSTAGE --stage-in`` lines in its batch
+script, is printed as ``squeue --json`` would print it, shaped as a recorded job of Slurm 22.05
 (openapi/v0.0.38, with ``squeue --start`` for planned nodes) or 24.11 (data_parser/v0.0.42):
 each record is the job of tests/golden/ with its fields set. The daemon runs its real tick
 (``Daemon.tick``: CliBackend parsing, fold, admission, tickview, planner, executor) on a real
@@ -12,25 +12,28 @@ answers from memory instead of starting squeue/scontrol) and the node agents (ea
 stage and keeps it running, as a busy cluster's agents would during a tick).
 
 Measured per tick, in a fresh process per (size, shape, database): ``time.process_time()``
-of the tick, and the process's peak RSS at the end:
+of the tick, and the process's peak RSS after the first tick and at the end (a 1,000-job run
+is mostly the imports):
 
 - ``first``: every job is new (read its script, admit, audit, insert);
 - ``same``: nothing changed since the last tick (the median of ``--repeat`` ticks);
 - ``1%``: 1% of the jobs changed (pending -> running, running -> completed, a new plan).
 
     .venv/bin/python benchmarks/daemon_scale.py --sizes 1000,10000,50000
-    .venv/bin/python benchmarks/daemon_scale.py --sizes 12000 --shapes 24.11 --profile tick.prof
-    .venv/bin/python benchmarks/daemon_scale.py --postgres   # also 127.0.0.1:5432/test
+    .venv/bin/python benchmarks/daemon_scale.py --sizes 12000 --shapes 24.11 --profile /tmp/t
+    .venv/bin/python benchmarks/daemon_scale.py --postgres   # also PostgreSQL (127.0.0.1:5432)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import cProfile
 import dataclasses
 import json
+import os
 import platform
 import random
 import resource
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,15 +126,18 @@ def _number(value: int) -> dict[str, Any]:
     return {"set": True, "infinite": False, "number": value}
 
 
-def squeue_json(shape: str, jobs: list[SimJob]) -> str:
-    """What ``squeue --json --all --states=all`` prints for ``jobs`` (24.11 indents it).
+def squeue_json(shape: str, jobs: list[SimJob]) -> bytes:
+    """What ``squeue --json --all --states=all`` writes for ``jobs`` (24.11 indents it).
 
-    Built one record at a time: the benchmark's own peak RSS is then the text (which the daemon
-    holds too, as the command's output), not a second tree of every record."""
+    Built one record at a time and as bytes: building it then needs about what the daemon's tick
+    holds at once anyway (the command's output as bytes, and decoded), not a tree of every
+    record, so the peak RSS measured is the daemon's."""
     doc, template = _template(shape)
     new = shape == "24.11"
     indent = 2 if new else None
-    records = []
+    doc["jobs"] = "JOBS"
+    head, tail = json.dumps(doc, indent=indent).encode().split(b'"JOBS"')
+    parts = [head, b"["]  # joined once: the parts and the whole are all it holds
     for job in jobs:
         record = copy.deepcopy(template)
         running = job.state != "PENDING"
@@ -156,9 +163,9 @@ def squeue_json(shape: str, jobs: list[SimJob]) -> str:
             record.update(times)
             record["job_state"] = job.state
             record["priority"] = job.priority
-        records.append(json.dumps(record, indent=indent))
-    doc["jobs"] = "JOBS"
-    return json.dumps(doc, indent=indent).replace('"JOBS"', "[" + ",".join(records) + "]", 1)
+        parts += [b","] if len(parts) > 2 else []
+        parts.append(json.dumps(record, indent=indent).encode())
+    return b"".join([*parts, b"]", tail])
 
 
 def squeue_start(jobs: list[SimJob]) -> str:
@@ -175,18 +182,19 @@ class FakeSlurm(slurm_backend.CliBackend):
     def __init__(self, shape: str) -> None:
         super().__init__()
         self.shape = shape
-        self.squeue = ""
+        self.squeue = b""
         self.start = ""
         self.scripts_read = 0
 
     def show(self, jobs: list[SimJob]) -> None:
         """What the commands print from now on (built outside the measured tick)."""
+        self.squeue = b""  # the last one gone first, as the last command's output would be
         self.squeue = squeue_json(self.shape, jobs)
         self.start = squeue_start(jobs)
 
     async def _run(self, *argv: str) -> slurm_backend._Result:
         if argv[:2] == ("squeue", "--json"):
-            return slurm_backend._Result(0, self.squeue, "")
+            return slurm_backend._Result(0, self.squeue.decode(), "")  # as CliBackend._run
         if argv[:2] == ("squeue", "--start"):
             return slurm_backend._Result(0, self.start, "")
         if argv[:2] == ("squeue", "--version"):
@@ -244,13 +252,21 @@ def daemon(state: Path, url: str, backend: FakeSlurm) -> Daemon:
     return found
 
 
-def _reset_postgres() -> None:
+@contextlib.contextmanager
+def scratch_postgres() -> Iterator[str]:
+    """A new database on the PostgreSQL of ``POSTGRES`` (dropped after): its URL."""
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(POSTGRES)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
+    name = f"hpcstage_scale_{os.getpid()}"
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
 
 
 # --- one run (a child process) -------------------------------------------------------------
@@ -280,10 +296,11 @@ async def run(size: int, shape: str, db: str, repeat: int, profile_to: str) -> d
     backend = FakeSlurm(shape)
     jobs = queue(size)
     rng = random.Random(2)  # noqa: S311 - not crypto
-    with tempfile.TemporaryDirectory(prefix="hpcstage-scale-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpcstage-scale-"))
+        url = f"sqlite:///{tmp}/state.db"
         if db == "postgres":
-            _reset_postgres()
-        url = f"sqlite:///{tmp}/state.db" if db == "sqlite" else POSTGRES
+            url = stack.enter_context(scratch_postgres())
         found = daemon(Path(tmp), url, backend)
         backend.show(jobs)
         first = await _tick(found, profiles["first"])
@@ -321,7 +338,7 @@ async def run(size: int, shape: str, db: str, repeat: int, profile_to: str) -> d
 
 def table(results: list[dict[str, Any]]) -> str:
     rows = [
-        "| jobs | Slurm JSON | state | first tick CPU | unchanged tick CPU | 1% changed tick CPU"
+        "| jobs | Slurm JSON | database | first tick CPU | unchanged tick CPU | 1% changed tick CPU"
         " | peak RSS after first tick | peak RSS |",
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -338,7 +355,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000,50000", help="jobs in the queue")
     parser.add_argument("--shapes", default="22.05,24.11", help="squeue JSON shapes")
-    parser.add_argument("--postgres", action="store_true", help="also 127.0.0.1:5432/test")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also PostgreSQL (a scratch database on 127.0.0.1:5432)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="steady ticks of each kind")
     parser.add_argument(
         "--profile", default="", help="cProfile into FILE.first, FILE.same, FILE.1pc"
