@@ -50,6 +50,9 @@ class OutputIndex:
             self._run_of[location] = (lo, i + 1)
         self._prefix_lengths = {len(loc) for loc in self._run_of if loc.endswith("/")}
 
+    def __len__(self) -> int:
+        return len(self._locations)
+
     def overlapping(self, location: str) -> Iterator[tuple[str, str]]:
         """Every (output, owner) that overlaps ``location``."""
         for lo, hi in self._runs(location):
@@ -93,6 +96,8 @@ class OutputIndex:
 def waits_for(inputs: Iterable[str], me: str, outputs: OutputIndex) -> str:
     """The owner of an unfinished output that one of ``inputs`` overlaps, other than ``me``
     (a job never waits for itself); '' when none."""
+    if not outputs:  # the common case: no unfinished output anywhere
+        return ""
     for src in inputs:
         found = outputs.other_owner(src, me)
         if found:

@@ -167,6 +167,9 @@ class Event(Base):
     level: Mapped[str] = mapped_column(String(8), default="info")
     message: Mapped[str] = mapped_column(Text)
 
+    # One way (a job loads no events): lets an event name a job not flushed yet.
+    job: Mapped[Job | None] = relationship()
+
 
 class Pack(Base):
     """``hpcstage pack --daemon``: a packing the daemon runs for a user with the site's

@@ -48,7 +48,7 @@ from hpcstage.store.credentials import CredentialSource
 from hpcstage.store.s3 import S3Store
 from hpcstage.watch import tickview
 from hpcstage.watch.admission import Admission
-from hpcstage.watch.fold import JobKey, sync
+from hpcstage.watch.fold import Folded, JobKey, sync
 from hpcstage.watch.slurm.backend import CliBackend, SlurmBackend
 
 log = logging.getLogger("hpcstage.daemon")  # the name sites filter on (the module moved)
@@ -86,6 +86,7 @@ class Daemon:
     bins: RecycleBins = field(init=False)
     _parts: Parts | None = None
     _ignored: set[JobKey] = field(default_factory=set)
+    _folded: Folded = field(default_factory=Folded)  # unchanged jobs are skipped
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _snapshot_at: float = -math.inf  # time.monotonic() of the last queue snapshot
@@ -298,7 +299,9 @@ class Daemon:
             snapshot = await self.backend.snapshot()
             self._snapshot_at = time.monotonic()
             with self.db.begin() as session:
-                await sync(session, snapshot, self.parts.admission.directives, self._ignored)
+                admit = self.parts.admission.directives
+                await sync(session, snapshot, admit, self._ignored, self._folded)
+            self._folded.commit()
         executor.flush_progress()
         with self.db.begin() as session:
             views = list(tickview.read_views(session))  # plain columns: no ORM object each

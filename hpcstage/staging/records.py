@@ -36,6 +36,8 @@ class StagingRecords:
     # staging id -> path -> the agent's last report on that file (stage-out)
     files: dict[int, dict[str, FileOutcome]] = field(default_factory=dict)
     meters: Meters = field(default_factory=Meters)
+    # staging id -> the Progress object (one per attempt) and the columns last written from it
+    written: dict[int, tuple[Progress, dict[str, int]]] = field(default_factory=dict)
 
     def finish(self, staging_id: int, progress: Progress, written: str = "") -> None:
         """The staging is done: ready, with its final counters (``written``: the packed
@@ -146,16 +148,38 @@ class StagingRecords:
         return {staging_id: columns(p) for staging_id, p in self.progress.items()}
 
     def flush(self, requeue: bool = False) -> None:
-        """Write the latest counters; ``requeue``: running stagings go back to queued."""
-        if not self.progress:
+        """Write the latest counters; ``requeue``: running stagings go back to queued.
+
+        Only counters that changed since this attempt's last write are written (an agent
+        waiting on a large object reports nothing new for many ticks), in bulk queries."""
+        due = {
+            staging_id: (progress, columns(progress))
+            for staging_id, progress in self.progress.items()
+            if requeue or _changed(self.written.get(staging_id), progress)
+        }
+        if not due:
             return
         with self.db.begin() as session:
-            for staging_id, progress in self.progress.items():
-                st = session.get(Staging, staging_id)
-                if st is not None:
-                    apply(st, progress)
-                    if requeue and st.state == "running":
-                        st.state = "queued"
+            for st in _stagings(session, list(due)):
+                for name, value in due[st.id][1].items():
+                    setattr(st, name, value)
+                if requeue and st.state == "running":
+                    st.state = "queued"
+        self.written = {k: v for k, v in {**self.written, **due}.items() if k in self.progress}
+
+
+def _changed(written: tuple[Progress, dict[str, int]] | None, progress: Progress) -> bool:
+    """Whether ``progress`` has counters its attempt has not written yet."""
+    return written is None or written[0] is not progress or written[1] != columns(progress)
+
+
+def _stagings(session: Session, ids: list[int], chunk: int = 500) -> list[Staging]:
+    """The stagings with these ids, in bounded queries (SQLite limits a query's parameters)."""
+    found: list[Staging] = []
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        found += session.scalars(select(Staging).where(Staging.id.in_(part)).order_by(Staging.id))
+    return found
 
 
 def requeue_running(db: sessionmaker[Session]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,6 +31,8 @@ log = logging.getLogger("hpcstage.daemon")
 ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
 # How far slurmctld's clock (submit times) and the daemon's (first_seen) may disagree.
 CLOCK_SLACK = 600.0
+# New rows flushed at once (a first tick admits the whole queue: see sync).
+FLUSH_EVERY = 500
 # One Slurm job, even where ids are reused: its id and its submit time.
 JobKey = tuple[int, float | None]
 
@@ -80,50 +82,139 @@ def same_job(row: Job, info: JobInfo) -> bool:
     return abs(info.submit_time - row.submitted_at) < 1.0
 
 
+@dataclass
+class Folded:
+    """What the last committed ``sync`` folded: per Slurm id, our row's id and the JobInfo.
+
+    A queue of thousands of jobs changes in few of them between two snapshots, and folding an
+    unchanged record into its row changes nothing (every column it sets comes from the record,
+    and no other code writes them). So a job whose record equals the one folded into the same
+    open row is skipped without loading the row. Only what a committed transaction folded
+    counts: ``sync`` fills ``pending``, the caller calls ``commit()`` once its transaction
+    committed (a rolled-back one leaves the rows as they were, and the next sync redoes them).
+    """
+
+    rows: dict[int, tuple[int, JobInfo]] = field(default_factory=dict)
+    pending: dict[int, tuple[int, JobInfo]] = field(default_factory=dict)
+
+    def unchanged(self, row_id: int | None, info: JobInfo) -> bool:
+        """True if ``info`` is what was folded into the open row ``row_id`` last time."""
+        return row_id is not None and self.rows.get(info.job_id) == (row_id, info)
+
+    def commit(self) -> None:
+        """The transaction of the last ``sync`` committed: its records are the rows' now."""
+        self.rows, self.pending = self.pending, {}
+
+
 async def sync(
     session: Session,
     snapshot: QueueSnapshot,
     directives_for: DirectivesFn,
     ignored: set[JobKey],
+    folded: Folded | None = None,
 ) -> list[int]:
     """Record new jobs with directives, update known ones, mark vanished or replaced ones
     ended.
 
-    ``ignored`` caches jobs without directives so their scripts are read only once.
+    ``ignored`` caches jobs without directives so their scripts are read only once;
+    ``folded`` (kept by the caller across ticks) lets unchanged jobs be skipped.
     Returns the ids (our ``jobs.id``) of jobs that changed state.
     """
-    known = {
-        job.slurm_job_id: job
-        for job in session.scalars(select(Job).where(Job.kind == "job", Job.ended_at.is_(None)))
+    folded = folded if folded is not None else Folded()
+    open_rows: dict[int, int] = {
+        slurm_id: row_id
+        for row_id, slurm_id in session.execute(
+            select(Job.id, Job.slurm_job_id).where(Job.kind == "job", Job.ended_at.is_(None))
+        )
+        if slurm_id is not None
     }
-    changed = []
-    seen = set()
-    for info in snapshot.jobs:
-        seen.add(info.job_id)
+    todo = [i for i in snapshot.jobs if not folded.unchanged(open_rows.get(i.job_id), i)]
+    in_snapshot = {info.job_id for info in snapshot.jobs}
+    wanted = [open_rows[i.job_id] for i in todo if i.job_id in open_rows]
+    wanted += [row_id for slurm_id, row_id in open_rows.items() if slurm_id not in in_snapshot]
+    wanted.sort()  # rows in id order, as the query of every open row gave them
+    known = {job.slurm_job_id: job for job in _load(session, wanted) if job.slurm_job_id}
+    folded.pending = {
+        i.job_id: (open_rows[i.job_id], i)
+        for i in snapshot.jobs
+        if i.job_id in open_rows and folded.unchanged(open_rows[i.job_id], i)
+    }
+    # Rows an admission must know of: ended ones that had the id (few: jobs are admitted once).
+    prior = _by_slurm_id(
+        session,
+        [i.job_id for i in todo if i.job_id not in open_rows and not is_ended(i)],
+    )
+    prior.update(known)
+    changed: list[Job] = []
+    admitted: list[tuple[JobInfo, Job]] = []  # open rows, to remember once flushed
+    taken: set[int] = set()  # Slurm ids admitted by this sync
+    ids: list[int] = []
+    for info in todo:
         job = known.get(info.job_id)
         if job is not None and not same_job(job, info):
             _replaced(session, job, snapshot.taken_at)
-            changed.append(job.id)
+            changed.append(job)
             job = None
         if job is None and job_key(info) not in ignored and not is_ended(info):
-            job = await _admit(session, info, directives_for, ignored, snapshot.taken_at)
+            if info.job_id not in taken:
+                old = prior.get(info.job_id)
+                job = await _admit(session, info, old, directives_for, ignored, snapshot.taken_at)
+            taken.update([info.job_id] if job is not None else [])
         if job is not None and _update(job, info, snapshot.taken_at):
-            changed.append(job.id)
+            changed.append(job)
+        if job is not None and job.ended_at is None:
+            admitted.append((info, job))
+        if len(taken) % FLUSH_EVERY == 0 and job is not None and job.id is None:
+            ids += _settle(session, folded, changed, admitted)
     for slurm_id, job in known.items():
-        if slurm_id not in seen:
+        if slurm_id not in in_snapshot:
             _vanished(session, job, snapshot.taken_at)
-            changed.append(job.id)
-    return changed
+            changed.append(job)
+    return ids + _settle(session, folded, changed, admitted)
+
+
+def _settle(
+    session: Session, folded: Folded, changed: list[Job], admitted: list[tuple[JobInfo, Job]]
+) -> list[int]:
+    """Flush (new rows get their ids), remember the open rows folded; the ids of the changed
+    ones. Both lists are emptied: flushed rows need not stay in memory (the session holds
+    them weakly), which bounds what admitting a whole queue at start-up holds at once."""
+    session.flush()
+    folded.pending.update((info.job_id, (job.id, info)) for info, job in admitted)
+    found = [job.id for job in changed]
+    changed.clear()
+    admitted.clear()
+    return found
+
+
+def _load(session: Session, row_ids: list[int], chunk: int = 500) -> list[Job]:
+    """The rows with these ids, in bounded queries (SQLite limits a query's parameters)."""
+    found: list[Job] = []
+    for start in range(0, len(row_ids), chunk):
+        part = row_ids[start : start + chunk]
+        found += session.scalars(select(Job).where(Job.id.in_(part)).order_by(Job.id))
+    return found
+
+
+def _by_slurm_id(session: Session, slurm_ids: list[int], chunk: int = 500) -> dict[int, Job]:
+    """The rows that have these Slurm ids (at most one each: the column is unique)."""
+    found: dict[int, Job] = {}
+    for start in range(0, len(slurm_ids), chunk):
+        part = slurm_ids[start : start + chunk]
+        for job in session.scalars(select(Job).where(Job.slurm_job_id.in_(part))):
+            found[int(job.slurm_job_id or 0)] = job
+    return found
 
 
 async def _admit(
     session: Session,
     info: JobInfo,
+    old: Job | None,
     directives_for: DirectivesFn,
     ignored: set[JobKey],
     now: float,
 ) -> Job | None:
-    old = session.scalar(select(Job).where(Job.slurm_job_id == info.job_id))
+    """A new row for ``info`` if it has directives; ``old``: the row that has its id, if any."""
     if old is not None:
         rerun = requeued_after_end(old, info)
         if same_job(old, info) and not rerun:
@@ -162,16 +253,12 @@ async def _admit(
             )
         )
     session.add(job)
-    session.flush()
     msg = f"directives from {found.source}: {len(found.stage_in)} stage-in, "
     msg += f"{len(found.stage_out)} stage-out"
-    log_event(
-        session,
-        job.id,
-        "",
-        msg + (f"; refused: {found.error}" if found.error else ""),
-        "error" if found.error else "info",
-    )
+    # The event names the row, not its id: the rows are flushed together, once (sync).
+    message = msg + (f"; refused: {found.error}" if found.error else "")
+    level = "error" if found.error else "info"
+    session.add(Event(ts=time.time(), job=job, node="", level=level, message=message))
     return job
 
 

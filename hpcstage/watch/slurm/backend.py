@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hpcstage.errors import SlurmError
-from hpcstage.watch.slurm.model import NodeInfo, QueueSnapshot
+from hpcstage.watch.slurm.model import NodeInfo, QueueSnapshot, StartEstimate
 from hpcstage.watch.slurm.parse import (
+    SqueueMemo,
     merge_planned,
     parse_nodes_json,
     parse_squeue_json,
@@ -78,22 +79,24 @@ class CliBackend:
         self._bin_dir = bin_dir
         self._timeout = timeout
         self._version: str | None = None
+        # The last snapshot's records and `squeue --start` lines: unchanged ones are not read.
+        self._squeue = SqueueMemo()
+        self._starts: dict[str, StartEstimate | None] = {}
 
     async def snapshot(self) -> QueueSnapshot:
         """``squeue --json --all --states=all``; on 22.05 also ``squeue --start`` for planned
         nodes. ``--states=all``: 24.11 applies squeue's default state filter to JSON output
         too, which leaves out jobs that have just ended (22.05 listed every job anyway)."""
         taken_at = time.time()
-        snapshot = parse_squeue_json(
-            await self._stdout("squeue", "--json", "--all", "--states=all"), taken_at=taken_at
-        )
+        text = await self._stdout("squeue", "--json", "--all", "--states=all")
+        snapshot = parse_squeue_json(text, taken_at=taken_at, memo=self._squeue)
         if snapshot.planned_nodes_known:
             return snapshot
         # %A (not %i) prints array tasks as plain job ids, matching the JSON's job_id.
         starts = await self._stdout(
             "squeue", "--start", "--all", "-h", "-o", "%A|%S|%Y", "--states=PENDING"
         )
-        return merge_planned(snapshot, parse_squeue_start(starts))
+        return merge_planned(snapshot, parse_squeue_start(starts, memo=self._starts))
 
     async def nodes(self) -> list[NodeInfo]:
         """``scontrol --json show nodes`` (23.02+) or ``sinfo --json`` (22.05)."""

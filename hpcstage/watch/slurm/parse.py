@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, tzinfo
 
 from hpcstage.errors import SlurmError
@@ -73,18 +73,162 @@ def detect_schema(doc: Mapping[str, object]) -> Schema:
     raise SlurmError(f"unsupported Slurm JSON schema: meta.plugin={_excerpt(plugin)}")
 
 
-def parse_squeue_json(text: str, *, taken_at: float | None = None) -> QueueSnapshot:
+@dataclass
+class SqueueMemo:
+    """The job records of the last ``squeue --json`` parsed, per job id: the values of the keys a
+    JobInfo is made of, and that JobInfo. A queue of thousands of jobs changes in few of them
+    between two snapshots; a record whose values equal the remembered ones gives the remembered
+    JobInfo without being read again. Equal as Python values: a number written where a
+    boolean was (1 for true) would be taken for it, but slurmctld writes each key with one
+    JSON type."""
+
+    jobs: dict[int, tuple[tuple[object, ...], JobInfo]] = field(default_factory=dict)
+
+
+# Every key of a job record that _job_from_json reads (its JobInfo is made of these alone).
+_JOB_KEYS = (
+    "job_id",
+    "array_job_id",
+    "array_task_id",
+    "name",
+    "user_name",
+    "user_id",
+    "account",
+    "partition",
+    "job_state",
+    "state_reason",
+    "priority",
+    "submit_time",
+    "start_time",
+    "end_time",
+    "nodes",
+    "scheduled_nodes",
+    "batch_host",
+    "admin_comment",
+    "comment",
+    "current_working_directory",
+    "exit_code",
+    "restart_cnt",
+)
+
+
+def parse_squeue_json(
+    text: str, *, taken_at: float | None = None, memo: SqueueMemo | None = None
+) -> QueueSnapshot:
     """Parse ``squeue --json`` (22.05 or 24.11) into a snapshot.
 
     ``taken_at`` is the wall time the command ran; without it the document's ``last_update``
-    (24.11) or 0.0 is used.
+    (24.11) or 0.0 is used. ``memo`` (kept by the caller across snapshots) skips reading
+    records that did not change. The job records are decoded one at a time, so a large queue
+    never exists as a whole tree of JSON objects (24.11 writes ~70 of them per job).
     """
-    doc = _load_json(text, "squeue --json")
+    memo = memo if memo is not None else SqueueMemo()
+    walked: _Walked | None
+    whole: object
+    try:
+        whole, walked = _walk_squeue(text, memo)
+    except (ValueError, RecursionError):  # not well-formed: the whole document's error
+        whole, walked = _load_json(text, "squeue --json"), None
+    doc = _checked(whole, "squeue --json", text)
     schema = detect_schema(doc)
-    records = _sequence(doc.get("jobs"), "jobs")
-    jobs = tuple(_job_from_json(record) for record in records)
+    if walked is None:
+        records = _sequence(doc.get("jobs"), "jobs")
+        jobs = tuple(_job_from_json(record) for record in records)
+    else:
+        found, error, remembered = walked
+        if error is not None:
+            raise error
+        jobs = tuple(found)
+        memo.jobs = remembered
     when = taken_at if taken_at is not None else _Record(doc, "squeue").time("last_update")
     return QueueSnapshot(when or 0.0, schema.release, jobs, schema.has_planned_nodes)
+
+
+_Walked = tuple[list[JobInfo], SlurmError | None, dict[int, tuple[tuple[object, ...], JobInfo]]]
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _walk_squeue(text: str, memo: SqueueMemo) -> tuple[dict[str, object], _Walked | None]:
+    """The document's top-level object but ``jobs``, and its job records read one at a time
+    (None when ``jobs`` is not a list); ValueError where it is not well-formed JSON. The first
+    bad record's SlurmError is returned, not raised: the document's own errors come first."""
+    doc: dict[str, object] = {}
+    walked: _Walked | None = None
+    pos = _expect(text, 0, "{")
+    if text.startswith("}", pos):
+        if _skip(text, pos + 1) != len(text):
+            raise ValueError("extra data after the document")
+        return doc, None
+    while True:
+        key, pos = _DECODER.raw_decode(text, pos)
+        if not isinstance(key, str):
+            raise ValueError("a key is not a string")
+        pos = _expect(text, pos, ":")
+        if key == "jobs" and text.startswith("[", pos):
+            walked, pos = _walk_jobs(text, pos, memo)
+            doc.pop("jobs", None)
+        else:
+            doc[key], pos = _DECODER.raw_decode(text, pos)
+            walked = None if key == "jobs" else walked
+        pos = _skip(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip(text, pos + 1)
+            continue
+        pos = _expect(text, pos, "}")
+        break
+    if pos != len(text):
+        raise ValueError("extra data after the document")
+    return doc, walked
+
+
+def _walk_jobs(text: str, pos: int, memo: SqueueMemo) -> tuple[_Walked, int]:
+    """The records of the ``jobs`` array starting at ``pos``, and the index after it."""
+    found: list[JobInfo] = []
+    error: SlurmError | None = None
+    remembered: dict[int, tuple[tuple[object, ...], JobInfo]] = {}
+    pos = _expect(text, pos, "[")
+    if text.startswith("]", pos):
+        return (found, error, remembered), _skip(text, pos + 1)
+    while True:
+        record, pos = _DECODER.raw_decode(text, pos)
+        if error is None:
+            try:
+                found.append(_remembered_job(record, memo, remembered))
+            except SlurmError as exc:
+                error = exc
+        pos = _skip(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip(text, pos + 1)
+            continue
+        return (found, error, remembered), _expect(text, pos, "]")
+
+
+def _remembered_job(
+    record: object, memo: SqueueMemo, remembered: dict[int, tuple[tuple[object, ...], JobInfo]]
+) -> JobInfo:
+    if not isinstance(record, dict) or type(record.get("job_id")) is not int:
+        return _job_from_json(record)
+    job_id = record["job_id"]
+    values = tuple(map(record.get, _JOB_KEYS))
+    last = memo.jobs.get(job_id)
+    info = last[1] if last is not None and last[0] == values else _job_from_json(record)
+    remembered[job_id] = (values, info)
+    return info
+
+
+def _skip(text: str, pos: int) -> int:
+    """The index of the first character at or after ``pos`` that is not JSON whitespace."""
+    match = _WS.match(text, pos)
+    return match.end() if match else pos
+
+
+def _expect(text: str, pos: int, char: str) -> int:
+    """The index after ``char`` (whitespace around it skipped); ValueError if it is not next."""
+    pos = _skip(text, pos)
+    if not text.startswith(char, pos):
+        raise ValueError(f"expected {char!r} at {pos}")
+    return _skip(text, pos + 1)
 
 
 def parse_nodes_json(text: str) -> tuple[NodeInfo, ...]:
@@ -191,27 +335,45 @@ def normalize_job_state(value: object, where: str = "job") -> tuple[str, tuple[s
 # --- squeue --start -----------------------------------------------------------------------
 
 
-def parse_squeue_start(text: str, *, tz: tzinfo | None = None) -> tuple[StartEstimate, ...]:
+def parse_squeue_start(
+    text: str, *, tz: tzinfo | None = None, memo: dict[str, StartEstimate | None] | None = None
+) -> tuple[StartEstimate, ...]:
     """Parse ``squeue --start -h -o "%A|%S|%Y"``: job id, expected start, SchedNodeList.
 
     ``%i`` output is accepted too; its array forms (``12_3``, ``12_[4-9]``) do not name a job
     record and are skipped.  ``N/A`` start and ``(null)`` nodes mean "not planned yet".
+    ``memo`` (kept by the caller across calls, with the same ``tz``) maps the lines of the last
+    call to what they gave: a line seen then is not read again.
     """
+    last = memo.copy() if memo is not None else {}
+    if memo is not None:
+        memo.clear()
     estimates = []
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+        if line in last:
+            found = last[line]
+        elif not line.strip():
             continue
-        fields = [field.strip() for field in line.split("|")]
-        where = f"squeue --start line {number}"
-        if len(fields) != 3:
-            raise SlurmError(f"{where}: expected ID|START|NODES, got {_excerpt(line)}")
-        if re.fullmatch(r"[0-9]+_(?:[0-9]+|\[.*\])", fields[0]):
-            continue
-        if not re.fullmatch(r"[0-9]+", fields[0]):
-            raise SlurmError(f"{where}: bad job id {_excerpt(fields[0])}")
-        start = _clock(fields[1], tz, where)
-        estimates.append(StartEstimate(int(fields[0]), start, _hosts(fields[2], where)))
+        else:
+            found = _start_line(number, line, tz)
+        if memo is not None:
+            memo[line] = found
+        if found is not None:
+            estimates.append(found)
     return tuple(estimates)
+
+
+def _start_line(number: int, line: str, tz: tzinfo | None) -> StartEstimate | None:
+    fields = [field.strip() for field in line.split("|")]
+    where = f"squeue --start line {number}"
+    if len(fields) != 3:
+        raise SlurmError(f"{where}: expected ID|START|NODES, got {_excerpt(line)}")
+    if re.fullmatch(r"[0-9]+_(?:[0-9]+|\[.*\])", fields[0]):
+        return None
+    if not re.fullmatch(r"[0-9]+", fields[0]):
+        raise SlurmError(f"{where}: bad job id {_excerpt(fields[0])}")
+    start = _clock(fields[1], tz, where)
+    return StartEstimate(int(fields[0]), start, _hosts(fields[2], where))
 
 
 def merge_planned(snapshot: QueueSnapshot, starts: tuple[StartEstimate, ...]) -> QueueSnapshot:
@@ -425,6 +587,11 @@ def _load_json(text: str, what: str) -> Mapping[str, object]:
         doc = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise SlurmError(f"{what}: output is not JSON: {_excerpt(text)}") from err
+    return _checked(doc, what, text)
+
+
+def _checked(doc: object, what: str, text: str) -> Mapping[str, object]:
+    """``doc`` if it is an object without Slurm's errors."""
     if not isinstance(doc, dict):
         raise SlurmError(f"{what}: expected a JSON object, got {_excerpt(text)}")
     errors = doc.get("errors")
