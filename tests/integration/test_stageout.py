@@ -271,10 +271,10 @@ def test_symlinks_leaving_the_job_dir_and_special_files_are_not_uploaded(stager:
     status = stager.cli("bob", "status", str(job)).stdout
     assert "out/passwd: skipped" in status and "out/pipe: skipped" in status, status
     # The list of jobs says how each job's stage-out went.
-    table = stager.cli("bob", "status", "--all").stdout.splitlines()
-    assert "STAGE-OUT" in table[0]
-    row = next(line.split() for line in table if line.split()[:1] == [str(job)])
-    assert row[4] == "done", table
+    table = stager.cli("bob", "status", "--all", "--parsable").stdout.splitlines()
+    header = table[0].split("|")
+    row = next(line.split("|") for line in table if line.split("|")[:1] == [str(job)])
+    assert row[header.index("STAGE-OUT")] == "done", table
 
 
 def test_dependent_job_on_the_same_node_is_served_from_the_cache(stager: Stager) -> None:
