@@ -187,6 +187,7 @@ static int stage(spank_t sp, const struct hs_args *args, const struct job_facts 
 	struct helper_call *c = calloc(1, sizeof(*c));
 	struct hs_result *res = calloc(1, sizeof(*res));
 	char dir[HS_MAX_PATH];
+	char mounts[2 * HS_MAX_PATH + 2];
 	int rc = -1;
 
 	if (c == NULL || res == NULL) {
@@ -215,6 +216,11 @@ static int stage(spank_t sp, const struct hs_args *args, const struct job_facts 
 		fail_job(f->job_id, "cannot set HPCSTAGE_DIR=%s in the job's environment", dir);
 		goto done;
 	}
+	/* What a container must bind to read the inputs (docs/containers.md); optional: a
+	 * helper of an older release prints none. */
+	if (hs_find_export(res->out, "HPCSTAGE_MOUNTS", mounts, sizeof(mounts)) == 0 &&
+	    spank_setenv(sp, "HPCSTAGE_MOUNTS", mounts, 1) != ESPANK_SUCCESS)
+		hs_info("job %u: cannot set HPCSTAGE_MOUNTS in the job's environment", f->job_id);
 	hs_info("job %u: inputs ready on %s, HPCSTAGE_DIR=%s", f->job_id, f->node, dir);
 	rc = 0;
 done:

@@ -302,6 +302,8 @@ function slurm_bb_paths(job_id, job_script, path_file, uid, gid, job_info)
   local f = io.open(path_file, "a")
   if f == nil then return slurm.ERROR, "hpcstage: cannot write " .. path_file end
   f:write(string.format("HPCSTAGE_DIR=%s/jobs/%s\n", root, job_id))
+  -- What a container binds to read the inputs (docs/containers.md), as `hpcstage env` says.
+  f:write(string.format("HPCSTAGE_MOUNTS=%s/jobs/%s,%s/packed\n", root, job_id, root))
   f:close()
   return slurm.SUCCESS
 end

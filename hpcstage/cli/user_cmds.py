@@ -75,6 +75,10 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
       eval "$(hpcstage env || echo exit 1)"
       python dock.py "$HPCSTAGE_DIR/ligands"
 
+    It prints HPCSTAGE_DIR, and HPCSTAGE_MOUNTS: the paths a container must bind to read the
+    inputs inside it (docs/containers.md), e.g.
+    `apptainer exec --bind "$HPCSTAGE_MOUNTS" image.sif ...`.
+
     It asks the daemon to fetch whatever is missing on this node and waits, printing progress
     on stderr. A daemon that cannot be reached (restarting, an HA takeover) is asked again
     until the timeout. On failure (a missing object, a malformed directive, timeout) it says
@@ -98,6 +102,16 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
         click.echo("exit 1")
         sys.exit(1)
     click.echo(f"export HPCSTAGE_DIR={shlex.quote(str(view))}")
+    click.echo(f"export HPCSTAGE_MOUNTS={shlex.quote(','.join(container_mounts(view)))}")
+
+
+def container_mounts(view: Path) -> list[str]:
+    """What a container must bind (read-only) for the job to read its inputs inside it: the
+    job directory, and the node's packed trees, which a packed input's symlink points into
+    (docs/containers.md). Comma-separated, as Apptainer's --bind and pyxis's
+    --container-mounts take them."""
+    packed = view.parent.parent / "packed"
+    return [str(view), *([str(packed)] if packed.is_dir() else [])]
 
 
 def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:

@@ -281,7 +281,9 @@ def test_paths_and_pre_run(tmp_path: Path) -> None:
         ' {"slurm_bb_pre_run", "7", JOB, 0, 0, {nodes = "n1"}}'
     )
     assert _run_hooks(tmp_path, True, ready, calls) == ["0|nil", "0|nil"]
-    assert (tmp_path / "paths").read_text() == "HPCSTAGE_DIR=/c/n1/jobs/7\n"
+    assert (tmp_path / "paths").read_text() == (
+        "HPCSTAGE_DIR=/c/n1/jobs/7\nHPCSTAGE_MOUNTS=/c/n1/jobs/7,/c/n1/packed\n"
+    )
     assert (
         "env --config /etc/hpcstage/site.toml --job 7 --node n1" in (tmp_path / "calls").read_text()
     )
@@ -295,3 +297,11 @@ def test_jobs_of_other_burst_buffer_users_pass_through(tmp_path: Path) -> None:
     (tmp_path / "calls").touch()
     assert _run_hooks(tmp_path, False, {**_doc(), "failure": "x"}, calls) == ["0|nil"]
     assert (tmp_path / "calls").read_text() == ""  # the daemon was not even asked
+
+
+def test_a_dropped_node_is_not_waited_for(tmp_path: Path) -> None:
+    # The daemon dropped the planned node (its own failure): staging there will not happen
+    # unless the job runs there, so stage-in must not wait for it (it would wait forever).
+    dropped = {**_doc(), "staging": {"n1": "dropped"}}
+    test_in = '{"slurm_bb_test_data_in", "7", JOB, 0, 0, {}}'
+    assert _run_hooks(tmp_path, True, dropped, test_in) == ["0|"]
