@@ -325,3 +325,20 @@ def parse_pack_line(line: bytes | str) -> PackUpdate | None:
         return PackUpdate("progress", progress=fields)
     body = {k: v for k, v in doc.items() if k != "event"}
     return PackUpdate(doc["event"], summary=body)
+
+
+def packs_to_start(
+    queued: Iterable[tuple[int, str]], running: Iterable[str], room: int
+) -> list[int]:
+    """Which queued daemon packs (``(id, user)``) to start in ``room`` free slots, given the
+    users of the running ones: the oldest pack of a user with none running first, so one
+    user's long packs never hold every slot while another's wait; then the oldest."""
+    waiting = sorted(queued)
+    busy = set(running)
+    chosen: list[int] = []
+    while waiting and len(chosen) < room:
+        pick = next((p for p in waiting if p[1] not in busy), waiting[0])
+        waiting.remove(pick)
+        chosen.append(pick[0])
+        busy.add(pick[1])
+    return chosen

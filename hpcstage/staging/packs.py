@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
 from hpcstage.core import limits, policy
-from hpcstage.core.packing import PackRequest, PackUpdate, parse_pack_line
+from hpcstage.core.packing import PackRequest, PackUpdate, packs_to_start, parse_pack_line
 from hpcstage.db import Pack
 from hpcstage.errors import LimitError
 
@@ -135,8 +135,10 @@ class Packs:
         if room <= 0:
             return
         with self.db.begin() as session:
-            queued = select(Pack.id).where(Pack.state == "queued").order_by(Pack.id)
-            ids = [i for i in session.scalars(queued) if i not in self._tasks][:room]
+            queued = select(Pack.id, Pack.user).where(Pack.state == "queued").order_by(Pack.id)
+            waiting = [(i, u) for i, u in session.execute(queued) if i not in self._tasks]
+            running = select(Pack.user).where(Pack.id.in_(list(self._tasks)))
+            ids = packs_to_start(waiting, session.scalars(running).all(), room)
         for pack_id in ids:
             self._tasks[pack_id] = asyncio.create_task(self._run(pack_id))
 

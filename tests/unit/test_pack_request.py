@@ -62,3 +62,15 @@ def test_a_user_with_as_many_packs_as_the_limit_is_refused() -> None:
     assert pack_refusal(limits, 1) == ""
     assert "limits.packs_in_flight is 2" in pack_refusal(limits, 2)
     assert pack_refusal(LimitSettings(packs_in_flight=0), 99) == ""
+
+
+def test_a_user_without_a_running_pack_goes_first() -> None:
+    from hpcstage.core.packing import packs_to_start
+
+    queued = [(3, "alice"), (4, "alice"), (5, "bob"), (6, "carol")]
+    # alice runs one already: bob's and carol's start before her next one.
+    assert packs_to_start(queued, ["alice"], 2) == [5, 6]
+    # Nobody runs: the oldest of each user first, then the rest in order.
+    assert packs_to_start(queued, [], 3) == [3, 5, 6]
+    assert packs_to_start(queued, [], 4) == [3, 5, 6, 4]
+    assert packs_to_start(queued, [], 0) == []
