@@ -142,8 +142,10 @@ def _check_bookkeeping(env: dict[str, str], *, prefix: Path) -> list[str]:
         dirs = [item.rpartition(":")[0] for item in env[counts_name].split(";") if item]
         if str(prefix) in env[counts_name]:
             problems.append(f"{counts_name} still mentions {prefix}: {env[counts_name]!r}")
-        listed = [d for d in _normpath_list(env.get(path_name, "")) if d]  # MANPATH's ""
-        if _normpath_list(":".join(dirs)) != listed:
+        # MANPATH's empty entries ("and the system's pages") are counted by some Lmods
+        # (8.7: ':1') and doubled by others: compare the directories only.
+        listed = [d for d in _normpath_list(env.get(path_name, "")) if d]
+        if [d for d in _normpath_list(":".join(dirs)) if d] != listed:
             problems.append(
                 f"{counts_name} {env[counts_name]!r} does not match {path_name}"
                 f" {env.get(path_name)!r}"
