@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -108,17 +109,23 @@ def test_daemon_killed_after_the_record_before_it_heard_makes_no_second_version(
     stager: Stager,
 ) -> None:
     prefix = f"packed-{uuid.uuid4().hex[:8]}/kill.hpack/"
-    body = BODY.replace("25165824", "301989888")  # big.bin: a 256 MiB segment, then the rest
+    # big.bin (576 MiB): three segments, seconds of packing to stop the daemon in (with 288 MiB
+    # a fast machine wrote the record before the daemon could be stopped).
+    body = BODY.replace("25165824", "603979776")
     job = stager.submit("alice", writer_job(f"s3://{BUCKET}/{prefix}:pack", body), "-w", "n3")
     assert stager.dev.wait_job(job, timeout=180) == "COMPLETED"
-    first_segment = f"{prefix}segments/00000001-00000-000000.tar"
     record = f"{prefix}versions/00000001.json"
-    wait_until(
-        "the first segment", lambda: first_segment in s3_objects(stager.dev, prefix), 180, None
-    )
+    # The agent has begun to pack (its spool directory on the node): seconds before it writes
+    # the record, however fast the machine. Looked for on the node's disk, not in the store.
+    uploads = stager.dev.info.node_cache("n3") / "uploads" / str(job)
+    deadline = time.monotonic() + 180
+    while not (uploads.is_dir() and any(uploads.glob("pack-*"))):
+        assert time.monotonic() < deadline, "the packed stage-out never started"
+        time.sleep(0.02)
     # The agent is packing: the daemon is frozen, so it never hears that the record was written.
     os.kill(stager.pid, signal.SIGSTOP)
     try:
+        assert record not in s3_objects(stager.dev, prefix), "stopped too late: nothing to test"
         wait_until("the record", lambda: record in s3_objects(stager.dev, prefix), 120, None)
     finally:
         stager.stop(hard=True)
