@@ -39,7 +39,6 @@ from pathlib import Path
 from hpcstage.agent.jobdir import JobDir, same_file
 from hpcstage.core.packed import (
     DEFAULT_SEGMENT_SIZE,
-    SEGMENTS,
     SegmentInfo,
     VersionInfo,
     check_member_path,
@@ -48,7 +47,6 @@ from hpcstage.core.packed import (
     segment_name,
     version_key,
 )
-from hpcstage.core.packing import MAX_SKIPPED_NUMBERS, PLAN, work_prefix
 from hpcstage.core.stageout import Output
 from hpcstage.errors import (
     HpcstageError,
@@ -60,6 +58,7 @@ from hpcstage.errors import (
 from hpcstage.packed.dataset import PackedDataset
 from hpcstage.packed.manifest import Member
 from hpcstage.packed.segments import Finished, SegmentWriter
+from hpcstage.packed.work import free_version
 from hpcstage.packed.writer import VersionWriter, spool_dir
 from hpcstage.protocol.messages import FileOutcome
 from hpcstage.store.protocol import Precondition, UploadOptions
@@ -116,7 +115,8 @@ async def pack_out(
                 return earlier
             versions = await dataset.versions()
             parent = await dataset.record(versions[-1]) if versions else None
-            version = await _free_version(target, (versions[-1] if versions else 0) + 1)
+            newest = versions[-1] if versions else 0
+            version = await free_version(target.store, target.prefix, newest + 1)
             try:
                 return await _write_version(target, jobdir, outputs, version, parent, outcome)
             except _Taken:
@@ -166,33 +166,6 @@ async def _report_earlier(
         else:
             why = f"not in version {info.version}, written by an earlier attempt"
             outcome(FileOutcome(out.rel, "", 0, "failed", why, ""))
-
-
-async def _free_version(target: PackTarget, version: int) -> int:
-    """``version``, or the first number after it that no writer has begun to use (no
-    segment, manifest or record of that number)."""
-    for _ in range(MAX_SKIPPED_NUMBERS):
-        if not await _used(target, version):
-            return version
-        version += 1
-    raise PackError(
-        f"{target.store.url(target.prefix)}: {MAX_SKIPPED_NUMBERS} version numbers from"
-        f" {version - MAX_SKIPPED_NUMBERS} on hold segments but no record (writers died or"
-        " are under way)"
-    )
-
-
-async def _used(target: PackTarget, version: int) -> bool:
-    store, prefix = target.store, target.prefix
-    async for _ in store.list(f"{prefix}{SEGMENTS}{version:08d}-"):
-        return True
-    # A pack (`hpcstage pack`, maybe the daemon's) that planned this number and is listing
-    # its source: its segments come later, under the same names as ours would.
-    plan = f"{work_prefix(version)}{PLAN}"
-    for key in (manifest_key(version), version_key(version), plan):
-        if await store.head_or_none(prefix + key) is not None:
-            return True
-    return False
 
 
 @dataclass

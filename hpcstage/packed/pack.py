@@ -25,15 +25,12 @@ from pathlib import Path
 
 from hpcstage.core.packed import (
     DEFAULT_SEGMENT_SIZE,
-    SEGMENTS,
     VersionInfo,
-    manifest_key,
     segment_key,
     segment_name,
 )
 from hpcstage.core.packing import (
     DEFAULT_SLICE_FILES,
-    MAX_SKIPPED_NUMBERS,
     SEGMENT_MAX_FILES,
     PackPlan,
     SegmentCutter,
@@ -45,7 +42,7 @@ from hpcstage.packed.dataset import PackedDataset
 from hpcstage.packed.manifest import ManifestWriter, Member
 from hpcstage.packed.segments import SegmentWriter
 from hpcstage.packed.sources import Source
-from hpcstage.packed.work import PackWork, pending_versions
+from hpcstage.packed.work import PackWork, free_version, pending_versions
 from hpcstage.packed.writer import VersionWriter
 from hpcstage.store.protocol import ObjectStore
 
@@ -111,32 +108,12 @@ class Packer:
                 self._totals(found)
                 return work, found, True
         # A new pack: not a number another writer (a job's packed stage-out) has begun.
-        version = await self._free_number(newest + 1)
+        version = await free_version(self.store, self.prefix, newest + 1)
         work = PackWork(self.store, self.prefix, version, self.spool)
         parent = await dataset.record(newest) if newest else None
         plan = await self._list(work, parent)
         self._totals(plan)
         return work, plan, False
-
-    async def _free_number(self, version: int) -> int:
-        """``version``, or the first number after it with no segment or manifest yet: a
-        job's packed stage-out may be uploading under it (it would see our plan, and we its
-        segments, so the two never write the same names)."""
-        for _ in range(MAX_SKIPPED_NUMBERS):
-            if not await self._any(manifest_key(version), f"{SEGMENTS}{version:08d}-"):
-                return version
-            version += 1
-        raise PackError(
-            f"{self.store.url(self.prefix)}: {MAX_SKIPPED_NUMBERS} version numbers from"
-            f" {version - MAX_SKIPPED_NUMBERS} on hold segments but no record"
-        )
-
-    async def _any(self, *prefixes: str) -> bool:
-        """Whether a key starts with one of ``prefixes`` (relative to the dataset)."""
-        for prefix in prefixes:
-            async for _ in self.store.list(self.prefix + prefix):
-                return True
-        return False
 
     def _check_resumable(self, plan: PackPlan) -> None:
         if self.source is not None and plan.source != self.source.url:

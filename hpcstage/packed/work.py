@@ -20,9 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hpcstage.core.packed import WORK, SegmentInfo
+from hpcstage.core.packed import SEGMENTS, WORK, SegmentInfo, manifest_key, version_key
 from hpcstage.core.packing import (
     LISTING,
+    MAX_SKIPPED_NUMBERS,
     PARTS,
     PLAN,
     PackPlan,
@@ -177,6 +178,39 @@ async def pending_versions(store: ObjectStore, prefix: str) -> list[int]:
         if version is not None:
             found.add(version)
     return sorted(found)
+
+
+async def free_version(store: ObjectStore, prefix: str, version: int) -> int:
+    """``version``, or the first number after it that no writer has begun to use.
+
+    Two kinds of writer pick numbers: a pack (``hpcstage pack``, maybe the daemon's) and a
+    job's packed stage-out. Neither holds a lock, so each takes only a number with no trace of
+    the other: a segment or manifest (a stage-out is uploading), a version record, or a pack's
+    ``plan.json`` (a pack is listing its source; its segments come later, under the same
+    names as ours would). The window left is two writers starting within one listing.
+    """
+    for _ in range(MAX_SKIPPED_NUMBERS):
+        if not await _used(store, prefix, version):
+            return version
+        version += 1
+    raise PackError(
+        f"{store.url(prefix)}: {MAX_SKIPPED_NUMBERS} version numbers from"
+        f" {version - MAX_SKIPPED_NUMBERS} on hold segments but no record (writers died or"
+        " are under way)"
+    )
+
+
+async def _used(store: ObjectStore, prefix: str, version: int) -> bool:
+    async for _ in store.list(f"{prefix}{SEGMENTS}{version:08d}-"):
+        return True
+    plan = f"{work_prefix(version)}{PLAN}"
+    for key in (manifest_key(version), version_key(version), plan):
+        try:
+            await store.head(prefix + key)
+        except ObjectMissingError:
+            continue
+        return True
+    return False
 
 
 def private_spool(base: Path) -> Path:
