@@ -38,9 +38,9 @@ def pack_on_daemon(src: str, dest: str, opts: dict[str, Any]) -> None:
     }
     pack_id = client.post("/api/v1/packs", body)["id"]
     # Imported here, not at the top: pack_cmd imports this module when --daemon is given.
-    from hpcstage.cli.pack_cmd import _done, _Report
+    from hpcstage.cli.pack_cmd import PackReport, pack_done
 
-    report = _Report(opts["as_json"])
+    report = PackReport(opts["as_json"])
     if opts["as_json"]:
         report.emit({"event": "queued", "id": pack_id})
     else:
@@ -55,7 +55,7 @@ def pack_on_daemon(src: str, dest: str, opts: dict[str, Any]) -> None:
     summary = dict(doc["summary"] or {})
     summary.setdefault("event", "done")
     verified = summary.pop("verified_bytes", None)
-    _done(report, summary, verified)
+    pack_done(report, summary, verified)
 
 
 async def _follow(client: Client, pack_id: int, report: Any) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def _spool(given: Path | None, dest: str, what: str) -> Path:
 # -- progress -------------------------------------------------------------------------------
 
 
-class _Report:
+class PackReport:
     """A rich bar on a terminal, JSON lines with --json, nothing otherwise."""
 
     def __init__(self, as_json: bool) -> None:
@@ -326,7 +326,7 @@ async def _pack(src: str, dest: str, opts: dict[str, Any]) -> None:
         update=opts["update"],
         restart=opts["restart"],
     )
-    report = _Report(opts["as_json"])
+    report = PackReport(opts["as_json"])
     try:
         source = _source(access, src, spool, opts["fetchers"])
     except BaseException:
@@ -344,13 +344,18 @@ async def _pack(src: str, dest: str, opts: dict[str, Any]) -> None:
             started = time.monotonic()
             info, plan = await packer.run()
             verified = await packer.verify(info) if opts["verify"] else None
-        _done(report, _summary(info, plan, packer.stats, time.monotonic() - started), verified)
+        pack_done(report, _summary(info, plan, packer.stats, time.monotonic() - started), verified)
     finally:
         await _close(store, source)
 
 
 async def _submit(
-    plan: PackPlan, resumed: bool, dest: str, access: _Access, opts: dict[str, Any], report: _Report
+    plan: PackPlan,
+    resumed: bool,
+    dest: str,
+    access: _Access,
+    opts: dict[str, Any],
+    report: PackReport,
 ) -> None:
     from hpcstage.packed import slurm_pack
 
@@ -387,14 +392,15 @@ async def _submit(
         _say(report, {"event": "merged", "version": plan.version}, f"version {plan.version} done")
 
 
-def _say(report: _Report, doc: dict[str, Any], text: str) -> None:
+def _say(report: PackReport, doc: dict[str, Any], text: str) -> None:
     if report.as_json:
         report.emit(doc)
     else:
         click.echo(text)
 
 
-def _done(report: _Report, doc: dict[str, Any], verified: int | None) -> None:
+def pack_done(report: PackReport, doc: dict[str, Any], verified: int | None) -> None:
+    """The pack's last word: its summary as one JSON line, or a sentence (both CLIs use it)."""
     if verified is not None:
         doc["verified_bytes"] = verified
     if report.as_json:
