@@ -397,6 +397,8 @@ class LimitSettings(_Section):
     """Unfinished daemon packs (``hpcstage pack --daemon``) one user may have (admins: no limit)."""
     packs_running: int = Field(default=2, ge=1)
     """Daemon packs running at once on the daemon's host; more wait, queued."""
+    pack_time_limit: Duration = DAY
+    """Wall-clock time one attempt of a daemon pack may run before it is stopped (0: none)."""
 
 
 class Settings(_Section):

@@ -27,6 +27,7 @@ from hpcstage.core.packed import (
     segment_name,
     tar_header,
 )
+from hpcstage.core.units import format_size
 from hpcstage.errors import DirectiveError, PackError
 
 DEFAULT_SLICE_FILES = 250_000  # rows of the listing per slice: the unit of a Slurm array task
@@ -242,6 +243,22 @@ def sbatch_args(
 # -- a pack the daemon runs -------------------------------------------------------------------
 
 DAEMON_MAX_SEGMENT = 4 * 2**30  # a daemon pack builds each segment in its spool on the daemon host
+
+
+SPOOL_MARGIN = 64 * 2**20  # the listing and manifests a pack keeps in its spool besides segments
+
+
+def spool_refusal(free: int, segment_size: int, jobs: int) -> str:
+    """Why a daemon pack cannot start with ``free`` bytes left in its spool's file system,
+    building ``jobs`` segments of ``segment_size`` at once; "" when it can."""
+    need = jobs * segment_size + SPOOL_MARGIN
+    if free >= need:
+        return ""
+    return (
+        f"the daemon's spool (site.state_dir) has {format_size(free)} free; this pack needs"
+        f" {format_size(need)} ({jobs} segments of {format_size(segment_size)} at once):"
+        " a smaller --segment-size, or ask the site's admins for room"
+    )
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
 from hpcstage.core import limits, policy
-from hpcstage.core.packing import PackRequest, PackUpdate, packs_to_start, parse_pack_line
+from hpcstage.core.packing import (
+    PackRequest,
+    PackUpdate,
+    packs_to_start,
+    parse_pack_line,
+    parse_size,
+    spool_refusal,
+)
+from hpcstage.core.units import format_duration
 from hpcstage.db import Pack
 from hpcstage.errors import LimitError
 
@@ -56,6 +64,7 @@ class Packs:
     audit: Callable[..., None]  # AuditLog.record: (event, **fields)
     changed: Callable[[int], None]  # a pack's row or progress changed (wakes long polls)
     command: tuple[str, ...] = (sys.executable, "-m", "hpcstage")
+    free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free
     live: dict[int, PackUpdate] = field(default_factory=dict)  # progress of running packs
     _tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     _stopping: bool = False
@@ -159,12 +168,13 @@ class Packs:
             admin = bool(json.loads(row.options).get("admin"))
             # A grant revoked while the pack waited (or across a restart) stops it.
             refusal = "" if admin else self._not_allowed(row.user, row.src, row.dest)
+            refusal = f"no longer allowed: {refusal}" if refusal else self._no_room(row)
             if not refusal:
                 row.state, row.started_at, row.attempts = "running", time.time(), row.attempts + 1
                 argv = self._argv(row, self._spool(pack_id))
                 attempts = row.attempts
         if refusal:
-            self._end(pack_id, "failed", error=f"no longer allowed: {refusal}")
+            self._end(pack_id, "failed", error=refusal)
             return
         self.changed(pack_id)
         log.info("pack %d: %s", pack_id, " ".join(argv[len(self.command) :]))
@@ -177,15 +187,30 @@ class Packs:
         )
         stderr = asyncio.create_task(_tail(child.stderr))
         summary: dict[str, Any] | None = None
+        limit = self.settings.limits.pack_time_limit
+        timed_out = False
         try:
-            summary = await self._follow(pack_id, child)
+            async with asyncio.timeout(limit or None):
+                summary = await self._follow(pack_id, child)
+                code = await child.wait()
+        except TimeoutError:
+            timed_out = True
+            await _stop(child)
             code = await child.wait()
         except asyncio.CancelledError:
             await _stop(child)
             raise
         finally:
             tail = await stderr
-        if summary is not None and code == 0:
+        if timed_out:
+            error = (
+                f"stopped after {format_duration(limit)}, the site's limit for one pack"
+                " (limits.pack_time_limit); the same `hpcstage pack --daemon` again resumes"
+                " it from the segments already uploaded"
+            )
+            self._end(pack_id, "failed", error=error)
+            shutil.rmtree(self._spool(pack_id), ignore_errors=True)
+        elif summary is not None and code == 0:
             self._end(pack_id, "done", summary=summary)
             shutil.rmtree(self._spool(pack_id), ignore_errors=True)
         elif self._stopping:
@@ -227,6 +252,12 @@ class Packs:
         self.audit("pack_" + state, id=pack_id, error=error)
         log.log(logging.ERROR if error else logging.INFO, "pack %d: %s %s", pack_id, state, error)
         self.changed(pack_id)
+
+    def _no_room(self, row: Pack) -> str:
+        """Why the spool's file system cannot hold this pack's segments now ("" if it can)."""
+        segment = parse_size(str(json.loads(row.options).get("segment_size", "256M")))
+        free = self.free_bytes(self._spool(row.id))
+        return spool_refusal(free, segment, PACK_JOBS)
 
     def _argv(self, row: Pack, spool: Path) -> list[str]:
         opts = json.loads(row.options)
