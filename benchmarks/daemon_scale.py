@@ -12,10 +12,12 @@ answers from memory instead of starting squeue/scontrol) and the node agents (ea
 stage and keeps it running, as a busy cluster's agents would during a tick).
 
 Measured per tick, in a fresh process per (size, shape, database): ``time.process_time()``
-of the tick, and the process's peak RSS after the first tick and at the end (a 1,000-job run
+of the tick, and the process's peak RSS after the admission and at the end (a 1,000-job run
 is mostly the imports):
 
-- ``first``: every job is new (read its script, admit, audit, insert);
+- ``first``: every job is new (read its script, admit, audit, insert), admitted in slices
+  of ``fold.ADMIT_PER_SYNC`` jobs, one a tick, on the same snapshot: the CPU of them all,
+  their number, and the longest (how long the event loop is held at once);
 - ``same``: nothing changed since the last tick (the median of ``--repeat`` ticks);
 - ``1%``: 1% of the jobs changed (pending -> running, running -> completed, a new plan).
 
@@ -54,6 +56,7 @@ from hpcstage.protocol.framing import RpcClient
 from hpcstage.service.daemon import Daemon
 from hpcstage.staging.executor import Executor
 from hpcstage.store.credentials import CredentialSource
+from hpcstage.watch import fold
 from hpcstage.watch.slurm import backend as slurm_backend
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden"
@@ -276,12 +279,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def _tick(found: Daemon, profile: cProfile.Profile | None) -> float:
+async def _tick(found: Daemon, profile: cProfile.Profile | None, reuse: bool = False) -> float:
     """CPU seconds of one tick; then the started actions get to run (not measured)."""
     if profile is not None:
         profile.enable()
     t0 = time.process_time()
-    await found.tick()
+    await found.tick(reuse_snapshot=reuse)
     spent = time.process_time() - t0
     if profile is not None:
         profile.disable()
@@ -303,7 +306,11 @@ async def run(size: int, shape: str, db: str, repeat: int, profile_to: str) -> d
             url = stack.enter_context(scratch_postgres())
         found = daemon(Path(tmp), url, backend)
         backend.show(jobs)
-        first = await _tick(found, profiles["first"])
+        # The whole queue is new: admitted in slices (fold.ADMIT_PER_SYNC jobs a tick), the
+        # later ones on the same snapshot, as the daemon's main loop does.
+        slices = [await _tick(found, profiles["first"])]
+        while found.admitting:
+            slices.append(await _tick(found, profiles["first"], reuse=True))
         first_rss = peak_rss_mib()
         scripts = backend.scripts_read
         same = [await _tick(found, profiles["same"]) for _ in range(repeat)]
@@ -323,7 +330,9 @@ async def run(size: int, shape: str, db: str, repeat: int, profile_to: str) -> d
         "size": size,
         "shape": shape,
         "db": db,
-        "first": first,
+        "first": sum(slices),
+        "slices": len(slices),
+        "longest_slice": max(slices),
         "same": statistics.median(same),
         "changed": statistics.median(changed),
         "first_rss_mib": first_rss,
@@ -338,13 +347,14 @@ async def run(size: int, shape: str, db: str, repeat: int, profile_to: str) -> d
 
 def table(results: list[dict[str, Any]]) -> str:
     rows = [
-        "| jobs | Slurm JSON | database | first tick CPU | unchanged tick CPU | 1% changed tick CPU"
-        " | peak RSS after first tick | peak RSS |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| jobs | Slurm JSON | database | admitting the queue: CPU (ticks) | its longest tick"
+        " | unchanged tick CPU | 1% changed tick CPU | peak RSS after admission | peak RSS |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rows.append(
-            f"| {r['size']:,} | {r['shape']} | {r['db']} | {r['first']:.2f} s"
+            f"| {r['size']:,} | {r['shape']} | {r['db']} | {r['first']:.2f} s ({r['slices']})"
+            f" | {r['longest_slice']:.2f} s"
             f" | {r['same']:.3f} s | {r['changed']:.3f} s"
             f" | {r['first_rss_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB |"
         )
@@ -362,12 +372,19 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=3, help="steady ticks of each kind")
     parser.add_argument(
+        "--slice",
+        type=int,
+        default=fold.ADMIT_PER_SYNC,
+        help="new jobs admitted a tick (default: the daemon's, %(default)s)",
+    )
+    parser.add_argument(
         "--profile", default="", help="cProfile into FILE.first, FILE.same, FILE.1pc"
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # size,shape,db: run in this process
     args = parser.parse_args()
     if args.one:
         size, shape, db = args.one.split(",")
+        fold.ADMIT_PER_SYNC = args.slice
         result = asyncio.run(run(int(size), shape, db, args.repeat, args.profile))
         print(json.dumps(result))
         return
@@ -378,6 +395,7 @@ def main() -> None:
             for db in dbs:
                 one = [sys.executable, __file__, "--one", f"{size},{shape},{db}"]
                 one += ["--repeat", str(args.repeat), "--profile", args.profile]
+                one += ["--slice", str(args.slice)]
                 out = subprocess.run(one, check=True, capture_output=True, text=True).stdout
                 results.append(json.loads(out.splitlines()[-1]))
                 print(f"# {results[-1]}", file=sys.stderr, flush=True)

@@ -50,10 +50,12 @@ from hpcstage.watch import tickview
 from hpcstage.watch.admission import Admission
 from hpcstage.watch.fold import Folded, JobKey, sync
 from hpcstage.watch.slurm.backend import CliBackend, SlurmBackend
+from hpcstage.watch.slurm.model import QueueSnapshot
 
 log = logging.getLogger("hpcstage.daemon")  # the name sites filter on (the module moved)
 
 SNAPSHOT_REUSE = 2.0  # seconds an early tick may plan on the last queue snapshot
+ADMIT_PAUSE = 0.05  # seconds between the ticks that admit a large queue in slices
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Daemon:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _snapshot_at: float = -math.inf  # time.monotonic() of the last queue snapshot
+    _snapshot: QueueSnapshot | None = None  # the last one (admitted in slices: fold.sync)
     _want_fresh: bool = False
     _lock: leader.StateLock | None = None
 
@@ -262,6 +265,10 @@ class Daemon:
                 log.error("tick failed: %s", exc)
             self._wake.clear()
             woken = False
+            if self.admitting:  # more of the queue to admit: a tick again, soon
+                await asyncio.sleep(ADMIT_PAUSE)  # the API and agents get the loop first
+                woken = True
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
                 woken = True
@@ -295,13 +302,20 @@ class Daemon:
         assert self.backend is not None
         assert self.db is not None
         executor = self.parts.executor
-        if not reuse_snapshot or time.monotonic() - self._snapshot_at >= SNAPSHOT_REUSE:
-            snapshot = await self.backend.snapshot()
+        # A queue admitted in slices is admitted from one snapshot (asking squeue for 12,000
+        # jobs again every slice would cost more than the slice); a timed tick asks anew.
+        reuse_for = self.settings.slurm.poll_interval if self._folded.deferred else SNAPSHOT_REUSE
+        fresh = not reuse_snapshot or time.monotonic() - self._snapshot_at >= reuse_for
+        if fresh or self._snapshot is None:
+            self._snapshot = await self.backend.snapshot()
             self._snapshot_at = time.monotonic()
+        if fresh or self._folded.deferred:  # else nothing new to fold
             with self.db.begin() as session:
                 admit = self.parts.admission.directives
-                await sync(session, snapshot, admit, self._ignored, self._folded)
+                await sync(session, self._snapshot, admit, self._ignored, self._folded)
             self._folded.commit()
+            if self._folded.deferred:
+                log.info("%d new jobs are admitted at the next tick", self._folded.deferred)
         executor.flush_progress()
         with self.db.begin() as session:
             views = list(tickview.read_views(session))  # plain columns: no ORM object each
@@ -316,6 +330,11 @@ class Daemon:
         for action in actions:
             executor.act(action)
         self.last_tick = time.time()
+
+    @property
+    def admitting(self) -> int:
+        """New jobs of the last snapshot still to be admitted (a large queue goes in slices)."""
+        return self._folded.deferred
 
     # ------------------------------------------------------------------ for the API
 

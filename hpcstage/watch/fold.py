@@ -33,6 +33,11 @@ ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
 CLOCK_SLACK = 600.0
 # New rows flushed at once (a first tick admits the whole queue: see sync).
 FLUSH_EVERY = 500
+# New jobs one sync admits at most. Admitting a job (reading, parsing, authorizing and
+# auditing its directives) costs about a millisecond of the event loop, so a daemon started
+# beside a queue of 12,000 jobs would answer nobody for 12 s; in slices, the API and the
+# agents' sessions are served between them and the soonest jobs are staged first.
+ADMIT_PER_SYNC = 500
 # One Slurm job, even where ids are reused: its id and its submit time.
 JobKey = tuple[int, float | None]
 
@@ -96,6 +101,7 @@ class Folded:
 
     rows: dict[int, tuple[int, JobInfo]] = field(default_factory=dict)
     pending: dict[int, tuple[int, JobInfo]] = field(default_factory=dict)
+    deferred: int = 0  # new jobs the last sync left for the next (beyond ADMIT_PER_SYNC)
 
     def unchanged(self, row_id: int | None, info: JobInfo) -> bool:
         """True if ``info`` is what was folded into the open row ``row_id`` last time."""
@@ -112,12 +118,17 @@ async def sync(
     directives_for: DirectivesFn,
     ignored: set[JobKey],
     folded: Folded | None = None,
+    admit_limit: int | None = None,
 ) -> list[int]:
     """Record new jobs with directives, update known ones, mark vanished or replaced ones
     ended.
 
     ``ignored`` caches jobs without directives so their scripts are read only once;
     ``folded`` (kept by the caller across ticks) lets unchanged jobs be skipped.
+    At most ``admit_limit`` (default ``ADMIT_PER_SYNC``) new jobs are admitted, the soonest
+    to need their data first (``admission_order``); ``folded.deferred`` counts the others,
+    which the next sync of this snapshot or a later one admits (the caller syncs again soon
+    while any are left).
     Returns the ids (our ``jobs.id``) of jobs that changed state.
     """
     folded = folded if folded is not None else Folded()
@@ -139,11 +150,12 @@ async def sync(
         for i in snapshot.jobs
         if i.job_id in open_rows and folded.unchanged(open_rows[i.job_id], i)
     }
+    new = [i for i in todo if i.job_id not in known and _admissible(i, ignored)]
+    limit = ADMIT_PER_SYNC if admit_limit is None else admit_limit
+    later = {job_key(i) for i in sorted(new, key=admission_order)[limit:]}
+    folded.deferred = len(later)
     # Rows an admission must know of: ended ones that had the id (few: jobs are admitted once).
-    prior = _by_slurm_id(
-        session,
-        [i.job_id for i in todo if i.job_id not in open_rows and not is_ended(i)],
-    )
+    prior = _by_slurm_id(session, [i.job_id for i in new if job_key(i) not in later])
     prior.update(known)
     changed: list[Job] = []
     admitted: list[tuple[JobInfo, Job]] = []  # open rows, to remember once flushed
@@ -155,7 +167,7 @@ async def sync(
             _replaced(session, job, snapshot.taken_at)
             changed.append(job)
             job = None
-        if job is None and job_key(info) not in ignored and not is_ended(info):
+        if job is None and _admissible(info, ignored) and job_key(info) not in later:
             if info.job_id not in taken:
                 old = prior.get(info.job_id)
                 job = await _admit(session, info, old, directives_for, ignored, snapshot.taken_at)
@@ -171,6 +183,20 @@ async def sync(
             _vanished(session, job, snapshot.taken_at)
             changed.append(job)
     return ids + _settle(session, folded, changed, admitted)
+
+
+def _admissible(info: JobInfo, ignored: set[JobKey]) -> bool:
+    """A job with no open row that may need admitting: not known to have no directives,
+    not ended."""
+    return job_key(info) not in ignored and not is_ended(info)
+
+
+def admission_order(info: JobInfo) -> tuple[int, float, int, int]:
+    """Which new jobs are admitted first when there are more than one sync admits: running
+    ones (they need their directory now), then pending ones by the start Slurm expects
+    (unknown last), then by priority, highest first."""
+    start = info.start_time if info.start_time is not None else float("inf")
+    return (1 if info.pending else 0, start, -info.priority, info.job_id)
 
 
 def _settle(
