@@ -15,6 +15,8 @@ from hpcstage.core.units import format_size
 from hpcstage.errors import HpcstageError
 from hpcstage.watch.slurm.hostlist import expand_hostlist
 
+WALK_TIMEOUT = 300.0  # seconds for `cache evict SRC`'s answer
+
 
 def _client(config_path: Path | None) -> Client:
     return client_for(load_client(config_path))
@@ -117,10 +119,11 @@ def evict(config_path: Path | None, src: str | None, nodes: str | None, as_json:
       hpcstage cache evict s3://datasets/ligands/ --nodes n[1-3]
       hpcstage cache evict --nodes n[1-3]
     """
-    client = _client(config_path)
     if src is not None:
-        _evict_source(client, src, nodes, as_json)
+        # Each node walks its index for SRC's keys: longer than a usual answer for large SRC.
+        _evict_source(client_for(load_client(config_path), WALK_TIMEOUT), src, nodes, as_json)
         return
+    client = _client(config_path)
     if nodes is None:
         raise click.UsageError("name SRC, or --nodes to apply the eviction policy on")
     for node in expand_hostlist(nodes):

@@ -370,6 +370,8 @@ def _user_name(uid: int | None) -> str:
 
 # ---------------------------------------------------------------------------- warmup
 
+LISTING_TIMEOUT = 900.0  # seconds for an answer that lists a source (10^6 keys: minutes)
+
 
 @click.command()
 @config_option
@@ -422,12 +424,13 @@ def warmup(
       hpcstage warmup s3://datasets/ligands/ --nodes n[1-3]
       hpcstage warmup --check s3://datasets/ligands/ --nodes n[1-3]
     """
-    client, _ = _client(config_path)
+    client, settings = _client(config_path)
     node_list = list(expand_hostlist(nodes))
     if complete and not check:
         raise click.UsageError("--complete goes with --check")
     if check:
-        _check(client, src, node_list, as_json, complete)
+        # The daemon answers once it has listed all of SRC: as long as a listing takes.
+        _check(client_for(settings, LISTING_TIMEOUT), src, node_list, as_json, complete)
         return
     user = os.environ.get("USER", "")
     warm_id = client.post("/api/v1/warmups", {"src": src, "nodes": node_list, "user": user})["id"]

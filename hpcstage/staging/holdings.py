@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -107,7 +107,7 @@ class Holdings:
         ObjectMissingError when SRC names no object; a node that cannot be asked has an
         ``error`` and counts as holding nothing in the total."""
         source = self.allowed(src, user, admin, "cache check")
-        asked = [await self._ask(node) for node in dict.fromkeys(nodes)]
+        asked = await asyncio.gather(*(self._ask(node) for node in dict.fromkeys(nodes)))
         whole = Held()
         async with self.stores(source.bucket) as store:
             async for batch in _batches(_listing(store, source), CHECK_BATCH):
@@ -177,7 +177,7 @@ async def _count(asked: _Asked, batch: list[ObjectRef]) -> None:
     asked.held.add([r for r in batch if r.cache_id not in missing])
 
 
-def _check_doc(url: str, whole: Held, asked: list[_Asked]) -> dict[str, Any]:
+def _check_doc(url: str, whole: Held, asked: Sequence[_Asked]) -> dict[str, Any]:
     total = Held()
     nodes: dict[str, Any] = {}
     for a in asked:
