@@ -123,9 +123,9 @@ def evict(config_path: Path | None, src: str | None, nodes: str | None, as_json:
         # Each node walks its index for SRC's keys: longer than a usual answer for large SRC.
         _evict_source(client_for(load_client(config_path), WALK_TIMEOUT), src, nodes, as_json)
         return
-    client = _client(config_path)
     if nodes is None:
         raise click.UsageError("name SRC, or --nodes to apply the eviction policy on")
+    client = _client(config_path)
     for node in expand_hostlist(nodes):
         done = client.post(f"/api/v1/nodes/{node}/evict")
         click.echo(f"{node}: {done['evicted']} objects evicted")

@@ -424,10 +424,10 @@ def warmup(
       hpcstage warmup s3://datasets/ligands/ --nodes n[1-3]
       hpcstage warmup --check s3://datasets/ligands/ --nodes n[1-3]
     """
-    client, settings = _client(config_path)
-    node_list = list(expand_hostlist(nodes))
     if complete and not check:
         raise click.UsageError("--complete goes with --check")
+    client, settings = _client(config_path)
+    node_list = list(expand_hostlist(nodes))
     if check:
         # The daemon answers once it has listed all of SRC: as long as a listing takes.
         _check(client_for(settings, LISTING_TIMEOUT), src, node_list, as_json, complete)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hpcstage.cli import cache_view
+from click.testing import CliRunner
+
+from hpcstage.cli import cache_view, cli
 
 CHECK = {
     "src": "s3://data/set/",
@@ -52,3 +54,12 @@ def test_human_sizes() -> None:
         "1.5KiB",
         "5.0GiB",
     ]
+
+
+def test_usage_errors_come_before_the_configuration_is_read() -> None:
+    env = {"HPCSTAGE_CONFIG": "/nonexistent/site.toml"}
+    runner = CliRunner()
+    no_src = runner.invoke(cli, ["cache", "evict"], env=env)
+    assert no_src.exit_code == 2 and "name SRC, or --nodes" in no_src.output
+    stray = runner.invoke(cli, ["warmup", "s3://data/p/", "--nodes", "n1", "--complete"], env=env)
+    assert stray.exit_code == 2 and "--complete goes with --check" in stray.output
