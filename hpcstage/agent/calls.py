@@ -1,4 +1,4 @@
-"""The agent's small calls: hello, credentials, release, usage, evict, ping.
+"""The agent's small calls: hello, credentials, release, usage, evict, drop_source, ping.
 
 The transfers are elsewhere: ``stagein.py`` (stage), ``uploader.py`` (stage_out),
 ``peer.py`` (peer_*).
@@ -13,9 +13,14 @@ from typing import Any
 
 from hpcstage.agent import packed
 from hpcstage.agent.context import NodeContext
+from hpcstage.core.directives import SourceKind
+from hpcstage.errors import HpcstageError
 from hpcstage.protocol.messages import (
+    PEER_KINDS,
     CredentialsReply,
     CredentialsRequest,
+    DropSourceReply,
+    DropSourceRequest,
     Empty,
     EvictReply,
     EvictRequest,
@@ -79,6 +84,19 @@ async def evict(ctx: NodeContext, request: EvictRequest) -> EvictReply:
     stores = ctx.stores
     tally = stores.tally
     return EvictReply(evicted, size, objects, tally.retries, stores.fallbacks(), tally.since)
+
+
+async def drop_source(ctx: NodeContext, request: DropSourceRequest) -> DropSourceReply:
+    """Evict every cached version of an S3 source's objects; those a job links stay."""
+    source = request.source
+    if source.kind not in PEER_KINDS:  # the daemon sends S3 sources only
+        raise HpcstageError(f"cannot evict {source.url()}: S3 sources only")
+    store_id = ctx.stores.s3(source.bucket).store_id
+    exact = source.kind is SourceKind.S3_OBJECT
+    done = await asyncio.to_thread(
+        ctx.cache.evict_source, store_id, source.bucket, source.key, exact
+    )
+    return DropSourceReply(done.evicted, done.evicted_bytes, done.in_use, done.in_use_bytes)
 
 
 async def ping(ctx: NodeContext, _request: Empty) -> PingReply:

@@ -91,6 +91,7 @@ def routes(ctx: NodeContext) -> dict[str, Handler]:
         Route(m.RELEASE, _quiet(calls.release, ctx)),
         Route(m.USAGE, _quiet(calls.usage, ctx)),
         Route(m.EVICT, _quiet(calls.evict, ctx)),
+        Route(m.DROP_SOURCE, _quiet(calls.drop_source, ctx)),
         Route(m.PING, _quiet(calls.ping, ctx)),
         Route(m.PEER_LIST, _quiet(peer.peer_list, ctx)),
         Route(m.PEER_WANT, _quiet(peer.peer_want, ctx)),

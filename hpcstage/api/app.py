@@ -18,7 +18,7 @@ from hpcstage.api import session
 from hpcstage.api.collector import registry_for
 from hpcstage.api.deps import ApiState
 from hpcstage.api.node_usage import NodeUsage
-from hpcstage.api.routes import dashboard, jobs, metrics, nodes, packs, trash, warmups
+from hpcstage.api.routes import cache, dashboard, jobs, metrics, nodes, packs, trash, warmups
 from hpcstage.api.service import StagingService
 from hpcstage.errors import ConfigError
 
@@ -28,6 +28,7 @@ ROUTERS = (
     warmups.router,
     packs.router,
     nodes.router,
+    cache.router,
     trash.router,
     dashboard.router,
 )

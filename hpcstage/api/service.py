@@ -100,6 +100,18 @@ class StagingService(Protocol):
     async def evict_node(self, node: str) -> int:
         """Apply the eviction policy on ``node`` now; the number of objects evicted."""
 
+    async def check_source(
+        self, src: str, nodes: list[str], user: str, admin: bool = False
+    ) -> dict[str, Any]:
+        """How much of ``src`` each node's cache holds. DirectiveError, PermissionError or
+        ObjectMissingError if refused or empty; a node that cannot answer has an error."""
+
+    async def evict_source(
+        self, src: str, nodes: list[str], user: str, admin: bool = False
+    ) -> dict[str, Any]:
+        """Evict ``src``'s cached objects on ``nodes`` (in-use ones stay). DirectiveError or
+        PermissionError if refused."""
+
     def stage_out_buckets(self) -> list[str]:
         """Buckets stage-out has written to (where recycle bins may be)."""
 

@@ -5,12 +5,13 @@
 
 from hpcstage.cache.commit import PendingObject
 from hpcstage.cache.evict import Entry, choose_evictions
-from hpcstage.cache.node import CacheStats, Fetch, NodeCache, Usage
+from hpcstage.cache.node import CacheStats, Dropped, Fetch, NodeCache, Usage
 from hpcstage.cache.reconcile import ReconcileReport
 from hpcstage.cache.views import check_dest, key_dest
 
 __all__ = [
     "CacheStats",
+    "Dropped",
     "Entry",
     "Fetch",
     "NodeCache",

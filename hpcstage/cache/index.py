@@ -231,6 +231,23 @@ class Index:
             ).fetchall()
         return [Row(*values) for values in found]
 
+    def versions(
+        self, store: str, bucket: str, key: str, exact: bool, after: tuple[str, str]
+    ) -> list[Row]:
+        """Every indexed version of the keys ``key`` covers (itself when ``exact``, else the
+        keys it prefixes) in ``store``/``bucket``, ordered by (key, cache_id) after ``after``;
+        a page of at most PAGE rows. Unlike ``under`` a page never splits a key's versions from
+        the next page's (the cursor includes the cache id)."""
+        match = "key = ?" if exact else "substr(key, 1, ?) = ?"
+        args: tuple[object, ...] = (key,) if exact else (len(key), key)
+        with self._lock:
+            found = self._db.execute(
+                f"{_SELECT} WHERE store = ? AND bucket = ? AND {match}"
+                " AND (key, cache_id) > (?, ?) ORDER BY key, cache_id LIMIT ?",
+                (store, bucket, *args, *after, PAGE),
+            ).fetchall()
+        return [Row(*values) for values in found]
+
     def have(self, cache_ids: list[str]) -> set[str]:
         """Those of ``cache_ids`` that have a row (one primary-key probe each)."""
         probe = "SELECT 1 FROM objects WHERE cache_id = ?"

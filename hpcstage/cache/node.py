@@ -564,6 +564,35 @@ class NodeCache:
             yield from self._evict_tree(policy, tree, tree.tree_id in leased)
             tree = next(waiting, None)
 
+    def evict_source(self, store: str, bucket: str, key: str, exact: bool) -> Dropped:
+        """Evict every cached version of the objects of one source (the key ``key`` when
+        ``exact``, else every key under the prefix ``key``), whatever the policy says, except
+        those a job's view links: they stay, counted as in use (``hpcstage cache evict SRC``).
+
+        The index is walked a page at a time; each object's lease check and removal happen
+        under the lock ``link()`` takes, so a job linking it meanwhile keeps it."""
+        done, after = Dropped(), ("", "")
+        while rows := self._index.versions(store, bucket, key, exact, after):
+            for row in rows:
+                leased = self._drop_unleased(row)
+                if leased is not None:
+                    done = done.plus(row.size, leased)
+            after = (rows[-1].key, rows[-1].cache_id)
+        return done
+
+    def _drop_unleased(self, row: Row) -> bool | None:
+        """Evict ``row``'s object unless leased: True if leased (kept), False if evicted,
+        None if its file was already gone (the row is dropped, nothing counted)."""
+        path = object_path(self.objects, row.cache_id)
+        with self._stripe(row.cache_id):
+            nlink = _link_count(path)
+            if nlink is not None and nlink > 1:
+                return True
+            # Row first: a crash in between leaves an unindexed file, which reconcile removes.
+            self._index.delete(row.cache_id)
+            path.unlink(missing_ok=True)
+        return None if nlink is None else False
+
     def _evict_tree(self, policy: EvictionPass, tree: TreeRow, leased: bool) -> Iterator[str]:
         entry = Entry(f"tree:{tree.tree_id}", tree.bytes, tree.last_used, leased, tree.inodes)
         if policy.offer(entry) and self.trees.evict(tree.tree_id):
@@ -582,6 +611,26 @@ class NodeCache:
             self._index.delete(row.cache_id)
             path.unlink(missing_ok=True)
         return True
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What ``evict_source`` did: objects (and bytes) evicted, and those kept because a job's
+    view links them."""
+
+    evicted: int = 0
+    evicted_bytes: int = 0
+    in_use: int = 0
+    in_use_bytes: int = 0
+
+    def plus(self, size: int, leased: bool) -> Dropped:
+        if leased:
+            return dataclasses.replace(
+                self, in_use=self.in_use + 1, in_use_bytes=self.in_use_bytes + size
+            )
+        return dataclasses.replace(
+            self, evicted=self.evicted + 1, evicted_bytes=self.evicted_bytes + size
+        )
 
 
 def _link_count(path: Path) -> int | None:

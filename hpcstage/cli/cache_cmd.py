@@ -1,4 +1,4 @@
-"""``hpcstage cache usage|ls``: what the node-local caches hold."""
+"""``hpcstage cache usage|ls|evict``: what the node-local caches hold, and evicting it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from typing import Any
 
 import click
 
+from hpcstage.cli import cache_view
 from hpcstage.cli.client import Client, client_for
 from hpcstage.cli.common import config_option, load_client
 from hpcstage.core.units import format_size
+from hpcstage.errors import HpcstageError
 from hpcstage.watch.slurm.hostlist import expand_hostlist
+
+WALK_TIMEOUT = 300.0  # seconds for `cache evict SRC`'s answer
 
 
 def _client(config_path: Path | None) -> Client:
@@ -20,7 +24,7 @@ def _client(config_path: Path | None) -> Client:
 
 @click.group("cache")
 def cache() -> None:
-    """Show what the node-local caches hold.
+    """Show what the node-local caches hold; evict a dataset from them.
 
     Every node keeps verified objects in its cache, shared by all jobs; a job's $HPCSTAGE_DIR
     holds hardlinks to them, which lease them against eviction. Unleased data is evicted by
@@ -91,17 +95,51 @@ def ls(config_path: Path | None, node: str, as_json: bool) -> None:
 
 @cache.command("evict")
 @config_option
-@click.option("--nodes", required=True, help="Nodes in hostlist form, e.g. n[1-3].")
-def evict(config_path: Path | None, nodes: str) -> None:
-    """Admins: apply the eviction policy on NODES now instead of at the next pass.
+@click.argument("src", required=False)
+@click.option(
+    "--nodes",
+    help="Nodes in hostlist form, e.g. n[1-3] (with SRC: default every node; without: required).",
+)
+@click.option("--json", "as_json", is_flag=True, help="With SRC: print JSON.")
+def evict(config_path: Path | None, src: str | None, nodes: str | None, as_json: bool) -> None:
+    """Evict SRC's cached objects from NODES, or apply the eviction policy on NODES now.
 
-    Objects unused for longer than cache.ttl go first, then the least recently used until
-    usage is below cache.low_watermark; data leased by a job directory is never evicted.
+    With SRC (s3://bucket/key or s3://bucket/prefix/): every cached version of SRC's objects
+    is evicted, whatever the policy, except those a job's directory links: a running or
+    staged job never loses a file; they stay and are counted as in use. Allowed to admins
+    and to whoever may read SRC by the site policy. Exit status 1 if a node could not be
+    asked.
+
+    Without SRC (admins only): objects unused for longer than cache.ttl go first, then the
+    least recently used until usage is below cache.low_watermark; data leased by a job
+    directory is never evicted.
+
+    \b
+    Examples:
+      hpcstage cache evict s3://datasets/ligands/ --nodes n[1-3]
+      hpcstage cache evict --nodes n[1-3]
     """
+    if src is not None:
+        # Each node walks its index for SRC's keys: longer than a usual answer for large SRC.
+        _evict_source(client_for(load_client(config_path), WALK_TIMEOUT), src, nodes, as_json)
+        return
+    if nodes is None:
+        raise click.UsageError("name SRC, or --nodes to apply the eviction policy on")
     client = _client(config_path)
     for node in expand_hostlist(nodes):
         done = client.post(f"/api/v1/nodes/{node}/evict")
         click.echo(f"{node}: {done['evicted']} objects evicted")
+
+
+def _evict_source(client: Client, src: str, nodes: str | None, as_json: bool) -> None:
+    body: dict[str, Any] = {"src": src}
+    if nodes is not None:
+        body["nodes"] = list(expand_hostlist(nodes))
+    doc = client.post("/api/v1/cache/evict", body)
+    click.echo(json.dumps(doc, indent=2) if as_json else cache_view.evict_table(doc))
+    failed = cache_view.failed_nodes(doc)
+    if failed:
+        raise HpcstageError(f"could not evict on {','.join(failed)}: see above")
 
 
 def _usage(client: Client, node: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from hpcstage.cli import cache_view
 from hpcstage.cli import status_view as view
 from hpcstage.cli.client import Client, ClientSettings, client_for
 from hpcstage.cli.common import bytes_bar, config_option, load_client
@@ -369,12 +370,16 @@ def _user_name(uid: int | None) -> str:
 
 # ---------------------------------------------------------------------------- warmup
 
+LISTING_TIMEOUT = 900.0  # seconds for an answer that lists a source (10^6 keys: minutes)
+
 
 @click.command()
 @config_option
 @click.argument("src")
 @click.option(
-    "--nodes", required=True, help="Nodes to warm, in Slurm's hostlist form, e.g. n[1-3],gpu01."
+    "--nodes",
+    required=True,
+    help="Nodes to warm (or check), in Slurm's hostlist form, e.g. n[1-3],gpu01.",
 )
 @click.option(
     "--wait/--no-wait",
@@ -383,18 +388,50 @@ def _user_name(uid: int | None) -> str:
     help="Wait and show a progress bar until every node holds SRC.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
-def warmup(config_path: Path | None, src: str, nodes: str, wait: bool, as_json: bool) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Warm nothing: show how many of SRC's objects and bytes each node's cache holds.",
+)
+@click.option(
+    "--complete",
+    is_flag=True,
+    help="With --check: exit with status 2 unless every node holds all of SRC.",
+)
+def warmup(
+    config_path: Path | None,
+    src: str,
+    nodes: str,
+    wait: bool,
+    as_json: bool,
+    check: bool,
+    complete: bool,
+) -> None:
     """Prefetch SRC into the node-local cache of NODES, ahead of any job.
 
     SRC is s3://bucket/key, s3://bucket/prefix/ or an absolute shared-filesystem path. Warm data
     stays in the caches (shared by every later job that needs it) until evicted by policy.
 
+    With --check nothing is warmed: the daemon lists SRC in the store once and shows, per node
+    and in total, how many of its objects and bytes (as the store holds them now: a changed
+    object counts as missing) the node's cache holds (S3 sources only). Exit status 0 when
+    every node answered, however much it holds (with --complete: 2 unless every node holds
+    all of SRC); 1 when a node could not be asked or the check was refused. Like a warmup, a
+    check needs read access to SRC by the site policy.
+
     \b
-    Example:
+    Examples:
       hpcstage warmup s3://datasets/ligands/ --nodes n[1-3]
+      hpcstage warmup --check s3://datasets/ligands/ --nodes n[1-3]
     """
-    client, _ = _client(config_path)
+    if complete and not check:
+        raise click.UsageError("--complete goes with --check")
+    client, settings = _client(config_path)
     node_list = list(expand_hostlist(nodes))
+    if check:
+        # The daemon answers once it has listed all of SRC: as long as a listing takes.
+        _check(client_for(settings, LISTING_TIMEOUT), src, node_list, as_json, complete)
+        return
     user = os.environ.get("USER", "")
     warm_id = client.post("/api/v1/warmups", {"src": src, "nodes": node_list, "user": user})["id"]
     if not wait:
@@ -408,6 +445,18 @@ def warmup(config_path: Path | None, src: str, nodes: str, wait: bool, as_json: 
         raise HpcstageError(f"warmup failed on {','.join(failed)}: {_first_error(doc, failed[0])}")
     if not as_json:
         click.echo(f"warm on {','.join(node_list)}: {src}")
+
+
+def _check(client: Client, src: str, nodes: list[str], as_json: bool, complete: bool) -> None:
+    """``warmup --check``: print what each node holds of SRC; exit 1 if a node could not be
+    asked, 2 with ``complete`` unless every node holds all of it."""
+    doc = client.post("/api/v1/cache/check", {"src": src, "nodes": nodes})
+    click.echo(json.dumps(doc, indent=2) if as_json else cache_view.check_table(doc))
+    failed = cache_view.failed_nodes(doc)
+    if failed:
+        raise HpcstageError(f"cannot tell what {','.join(failed)} hold: see above")
+    if complete and not cache_view.complete_everywhere(doc):
+        sys.exit(2)
 
 
 def _follow(client: Client, warm_id: int, nodes: list[str], show_bar: bool) -> Any:

@@ -298,6 +298,22 @@ class EvictReply:
 
 
 @dataclass(frozen=True)
+class DropSourceRequest:
+    """Evict every cached version of ``source``'s objects, whatever the policy; objects a
+    job's view links stay (``hpcstage cache evict SRC``). S3 sources only."""
+
+    source: SourceSpec
+
+
+@dataclass(frozen=True)
+class DropSourceReply:
+    evicted: int
+    evicted_bytes: int
+    in_use: int  # kept: a job's view links them
+    in_use_bytes: int
+
+
+@dataclass(frozen=True)
 class PingReply:
     node: str
     time: float
@@ -391,6 +407,7 @@ STAGE_OUT: Final = Rpc("stage_out", StageOutRequest, StageOutReply)
 RELEASE: Final = Rpc("release", ReleaseRequest, ReleaseReply)
 USAGE: Final = Rpc("usage", Empty, UsageReply)
 EVICT: Final = Rpc("evict", EvictRequest, EvictReply)
+DROP_SOURCE: Final = Rpc("drop_source", DropSourceRequest, DropSourceReply)
 PING: Final = Rpc("ping", Empty, PingReply)
 PEER_LIST: Final = Rpc("peer_list", PeerListRequest, PeerListReply)
 PEER_WANT: Final = Rpc("peer_want", PeerIds, PeerWantReply)
@@ -405,6 +422,7 @@ CALLS: Final[tuple[Rpc[Any, Any], ...]] = (
     RELEASE,
     USAGE,
     EVICT,
+    DROP_SOURCE,
     PING,
     PEER_LIST,
     PEER_WANT,

@@ -39,6 +39,7 @@ from hpcstage.staging.access import StoreAccess
 from hpcstage.staging.bins import RecycleBins, stage_out_buckets
 from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.executor import Executor
+from hpcstage.staging.holdings import Holdings
 from hpcstage.staging.meters import Meters
 from hpcstage.staging.nodes import NodeAgents
 from hpcstage.staging.packs import Packs
@@ -68,6 +69,7 @@ class Parts:
     warmups: Warmups
     packs: Packs
     caches: NodeCaches
+    holdings: Holdings
     timers: Timers
 
 
@@ -141,6 +143,7 @@ class Daemon:
             warmups=Warmups(self.settings, db, self.audit.record, self.wake),
             packs=Packs(self.settings, db, self.audit.record, self._pack_changed),
             caches=caches,
+            holdings=Holdings(self.settings, nodes, self.bins.store, self.audit.record),
             timers=Timers(db, nodes, caches, self.bins, self.access, creds),
         )
 
@@ -358,6 +361,18 @@ class Daemon:
     async def evict_node(self, node: str) -> int:
         """Apply the eviction policy on ``node`` now; the number of objects evicted."""
         return await self.parts.caches.evict_node(node)
+
+    async def check_source(
+        self, src: str, nodes: list[str], user: str, admin: bool = False
+    ) -> dict[str, Any]:
+        """How much of ``src``'s current objects each node's cache holds (see Holdings)."""
+        return await self.parts.holdings.check(src, nodes, user, admin)
+
+    async def evict_source(
+        self, src: str, nodes: list[str], user: str, admin: bool = False
+    ) -> dict[str, Any]:
+        """Evict ``src``'s cached objects on ``nodes``, those in use excepted (Holdings)."""
+        return await self.parts.holdings.evict(src, nodes, user, admin)
 
     def store(self, bucket: str) -> contextlib.AbstractAsyncContextManager[S3Store]:
         """The daemon's own client for ``bucket`` (recycle bin: copies and deletes only), for

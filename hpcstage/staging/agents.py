@@ -71,6 +71,10 @@ class AgentClient:
         """Apply the eviction policy now."""
         return await self._call(m.EVICT, request)
 
+    async def drop_source(self, source: m.SourceSpec) -> m.DropSourceReply:
+        """Evict a source's cached objects, those in use by a job excepted."""
+        return await self._call(m.DROP_SOURCE, m.DropSourceRequest(source))
+
     async def ping(self) -> m.PingReply:
         """Check that the agent answers."""
         return await self._call(m.PING, m.Empty())

@@ -1,7 +1,9 @@
 """The recycle bins of the buckets stage-out writes to, through the daemon's own S3 clients.
 
-The daemon only copies and deletes in recycle bins (restores, expiry); users name buckets in
-requests, so at most ``STORE_CLIENTS`` idle clients (each a connection pool) stay open.
+The daemon only copies and deletes in recycle bins (restores, expiry), and lists the sources
+``hpcstage warmup --check`` asks about (``staging/holdings.py``) with the same clients; users
+name buckets in requests, so at most ``STORE_CLIENTS`` idle clients (each a connection pool)
+stay open.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from hpcstage import auth
 from hpcstage.api import create_app
 from hpcstage.config.load import parse_config
 from hpcstage.config.schema import Settings
+from hpcstage.core import directives as dirs
 from hpcstage.core.packing import PackRequest
 from hpcstage.db import Event, Job, Pack, Request, Staging, open_db
 from hpcstage.db.changes import Changes
@@ -126,6 +127,8 @@ class FakeService:
     woken: list[bool] = field(default_factory=list)
     warmup_error: Exception | None = None
     evicted: list[str] = field(default_factory=list)
+    source_error: Exception | None = None  # what check_source and evict_source raise
+    dropped: list[tuple[str, list[str], str]] = field(default_factory=list)
     meters: Meters = field(default_factory=Meters)
     asked: list[int] = field(default_factory=list)
 
@@ -178,6 +181,28 @@ class FakeService:
     async def evict_node(self, node: str) -> int:
         self.evicted.append(node)
         return 3
+
+    async def check_source(
+        self, src: str, nodes: list[str], user: str, admin: bool = False
+    ) -> dict[str, Any]:
+        self._source(src)
+        rows = {n: {"objects": 1, "bytes": 7, "percent": 100.0} for n in nodes}
+        total = {"objects": len(nodes), "bytes": 7 * len(nodes), "percent": 100.0}
+        return {"src": src, "objects": 1, "bytes": 7, "nodes": rows, "total": total}
+
+    async def evict_source(
+        self, src: str, nodes: list[str], user: str, admin: bool = False
+    ) -> dict[str, Any]:
+        self._source(src)
+        self.dropped.append((src, nodes, user))
+        fields = ("evicted", "evicted_bytes", "in_use", "in_use_bytes")
+        rows = {n: dict.fromkeys(fields, 0) for n in nodes}
+        return {"src": src, "nodes": rows, "total": dict.fromkeys(fields, 0)}
+
+    def _source(self, src: str) -> None:
+        if self.source_error is not None:
+            raise self.source_error
+        dirs.parse_value("stage-in", src)  # as the daemon: a malformed SRC is a DirectiveError
 
     def stage_out_buckets(self) -> list[str]:
         return []
@@ -353,6 +378,56 @@ def test_nodes_their_caches_and_eviction(app: FastAPI, service: FakeService) -> 
     # A name Slurm does not know is never logged in to ("1.5" resolves to an address).
     assert call(app, "POST", "/api/v1/nodes/1.5/evict", munge("root")).status == 404
     assert service.evicted == ["n1"]
+
+
+def test_a_source_is_checked_on_known_nodes_only(app: FastAPI, service: FakeService) -> None:
+    body = {"src": "s3://data/p/", "nodes": ["n1", "n2"]}
+    done = call(app, "POST", "/api/v1/cache/check", munge("alice"), body)
+    assert done.status == 200
+    assert done.json()["nodes"]["n2"] == {"objects": 1, "bytes": 7, "percent": 100.0}
+    unknown = call(app, "POST", "/api/v1/cache/check", munge("alice"), {**body, "nodes": ["zz"]})
+    assert unknown.status == 400
+    assert "cache check of s3://data/p/: Slurm has no node zz" in unknown.json()["detail"]
+    bad = call(app, "POST", "/api/v1/cache/check", munge("alice"), {**body, "src": "data/p"})
+    assert bad.status == 400 and bad.json()["detail"].startswith("src: ")
+
+
+@pytest.mark.parametrize("route", ["check", "evict"])
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (PermissionError("cache evict of s3://data/p/ refused: no policy rule"), 403),
+        (DirectiveError("covers S3 sources only"), 400),
+        (ObjectMissingError("no objects under s3://data/p/"), 404),
+        (HpcstageError("store down"), 502),
+    ],
+)
+def test_source_refusals_have_their_status(
+    app: FastAPI, service: FakeService, route: str, error: Exception, status: int
+) -> None:
+    service.source_error = error
+    body = {"src": "s3://data/p/", "nodes": ["n1"]}
+    reply = call(app, "POST", f"/api/v1/cache/{route}", munge("alice"), body)
+    if route == "evict" and status == 404:
+        status = 502  # evicting reads no listing: a missing object is just a store error
+    named = "" if status == 403 else "src: "
+    assert (reply.status, reply.json()["detail"]) == (status, f"{named}{error}")
+
+
+def test_evicting_a_source_defaults_to_every_node(app: FastAPI, service: FakeService) -> None:
+    done = call(app, "POST", "/api/v1/cache/evict", munge("bob"), {"src": "s3://data/p/"})
+    assert done.status == 200
+    assert service.dropped == [("s3://data/p/", ["n1", "n2"], "bob")]
+    one = call(
+        app, "POST", "/api/v1/cache/evict", munge("bob"), {"src": "s3://data/k", "nodes": ["n2"]}
+    )
+    assert one.status == 200 and service.dropped[-1] == ("s3://data/k", ["n2"], "bob")
+    assert (
+        call(
+            app, "POST", "/api/v1/cache/evict", munge("bob"), {"src": "s3://data/k", "nodes": []}
+        ).status
+        == 422
+    )
 
 
 def test_trash_listing_and_a_bad_restore(app: FastAPI) -> None:

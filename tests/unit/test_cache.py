@@ -852,3 +852,44 @@ def test_hardlinks_protected_reads_the_kernel_setting(
     if text is not None:
         setting.write_text(text)
     assert hardlinks_protected(setting) is protected
+
+
+# -- evicting one source (hpcstage cache evict SRC) ------------------------------------------
+
+
+@pytest.mark.usefixtures("tiny_pages")
+def test_evicting_a_prefix_takes_every_version_under_it_but_what_a_job_links(
+    cache: NodeCache,
+) -> None:
+    old = store(cache, "set/a", b"old version")[0]
+    new = store(cache, "set/a", b"new version!")[0]  # the same key, changed: another object
+    others = [store(cache, f"set/b{n}", bytes([n]) * 10) for n in range(4)]
+    linked = others[1]
+    cache.link("7", "b1", linked[1])
+    outside = [store(cache, "settings", b"not under set/")[0], store(cache, "seta", b"x")[0]]
+
+    done = cache.evict_source("https://s3.example", "bucket", "set/", exact=False)
+
+    assert (done.in_use, done.in_use_bytes) == (1, 10)  # the job's file stays, counted
+    assert (done.evicted, done.evicted_bytes) == (5, 11 + 12 + 30)
+    assert cache.lookup(linked[0]) is not None and linked[1].exists()
+    assert [cache.lookup(r) for r in (old, new, others[0][0], others[3][0])] == [None] * 4
+    assert all(cache.lookup(r) is not None for r in outside)
+    assert cache.reconcile().rows_dropped == 0  # rows went with their files
+
+
+def test_evicting_one_object_leaves_the_keys_it_prefixes(cache: NodeCache) -> None:
+    exact = store(cache, "data/x", b"x")[0]
+    longer = store(cache, "data/x.idx", b"i")[0]
+    other_bucket = ObjectRef("https://s3.example", "other", "data/x", etag(b"x"), 1)
+    done = cache.evict_source("https://s3.example", "bucket", "data/x", exact=True)
+    assert (done.evicted, done.in_use) == (1, 0)
+    assert cache.lookup(exact) is None and cache.lookup(longer) is not None
+    assert other_bucket.cache_id != exact.cache_id
+
+
+def test_evicting_a_source_forgets_an_object_whose_file_vanished(cache: NodeCache) -> None:
+    ref, path = store(cache, "p/gone", b"bytes")
+    path.unlink()
+    assert cache.evict_source("https://s3.example", "bucket", "p/", exact=False).evicted == 0
+    assert cache.held([ref.cache_id]) == set()

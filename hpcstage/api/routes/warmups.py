@@ -21,14 +21,19 @@ router = APIRouter(prefix="/api/v1/warmups")
 class WarmupIn(BaseModel):
     """Body of POST /api/v1/warmups."""
 
-    src: Text = Field(description="s3://bucket/key, s3://bucket/prefix/ or /shared/path")
-    nodes: list[Text] = Field(min_length=1, description="node names, expanded")
+    src: Text = Field(
+        description="s3://bucket/key, s3://bucket/prefix/ or /shared/path",
+        examples=["s3://datasets/chem/ligands/"],
+    )
+    nodes: list[Text] = Field(
+        min_length=1, description="node names, expanded", examples=[["n1", "n2"]]
+    )
 
 
 @router.post("", status_code=201)
 async def warmup(body: WarmupIn, daemon: Service, me: Caller) -> dict[str, Any]:
     """Stage SRC onto NODES ahead of any job; poll GET /api/v1/warmups/{id}."""
-    await _known_nodes_only(daemon, body)
+    await known_nodes_only(daemon, f"warmup of {body.src}", body.nodes)
     try:
         warm_id = daemon.create_warmup(body.src, body.nodes, me.user, me.admin)
     except DirectiveError as exc:
@@ -40,9 +45,10 @@ async def warmup(body: WarmupIn, daemon: Service, me: Caller) -> dict[str, Any]:
     return {"id": warm_id}
 
 
-async def _known_nodes_only(daemon: StagingService, body: WarmupIn) -> None:
-    """400 naming the nodes of ``body`` Slurm does not know, and some it does."""
-    unknown = await daemon.unknown_nodes(body.nodes)
+async def known_nodes_only(daemon: StagingService, what: str, nodes: list[str]) -> None:
+    """400 naming those of ``nodes`` Slurm does not know, and some it does. Slurm's nodes
+    only: the daemon logs in to a node by its name, which could be any host it can reach."""
+    unknown = await daemon.unknown_nodes(nodes)
     if not unknown:
         return
     known = daemon.known_nodes()
@@ -50,8 +56,7 @@ async def _known_nodes_only(daemon: StagingService, body: WarmupIn) -> None:
     shown = ", ".join(known[:NODES_SHOWN]) + more
     raise HTTPException(
         400,
-        f"warmup of {body.src}: Slurm has no node {', '.join(unknown[:NODES_SHOWN])}"
-        f" (its nodes: {shown})",
+        f"{what}: Slurm has no node {', '.join(unknown[:NODES_SHOWN])} (its nodes: {shown})",
     )
 
 
