@@ -18,7 +18,7 @@ from hpcstage.api import session
 from hpcstage.api.collector import registry_for
 from hpcstage.api.deps import ApiState
 from hpcstage.api.node_usage import NodeUsage
-from hpcstage.api.routes import dashboard, jobs, metrics, nodes, packs, trash, warmups
+from hpcstage.api.routes import dashboard, jobs, metrics, nodes, packs, pins, trash, warmups
 from hpcstage.api.service import StagingService
 from hpcstage.errors import ConfigError
 
@@ -27,6 +27,7 @@ ROUTERS = (
     jobs.router,
     warmups.router,
     packs.router,
+    pins.router,
     nodes.router,
     trash.router,
     dashboard.router,

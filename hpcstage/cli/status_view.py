@@ -108,7 +108,7 @@ def kept(jobs: list[Doc], users: Iterable[str], states: Iterable[str]) -> list[D
 def job_ident(job: Doc) -> str:
     """squeue's %i: ``A_a`` for an array task, ``A_[4-19]`` for its tasks not started yet."""
     if job["kind"] != "job":
-        return f"warmup-{job['id']}"
+        return f"{job['kind']}-{job['id']}"
     array, task = job.get("array_job_id"), job.get("array_task_id")
     if array is None:
         return str(job["job_id"])

@@ -28,7 +28,7 @@ class WarmupIn(BaseModel):
 @router.post("", status_code=201)
 async def warmup(body: WarmupIn, daemon: Service, me: Caller) -> dict[str, Any]:
     """Stage SRC onto NODES ahead of any job; poll GET /api/v1/warmups/{id}."""
-    await _known_nodes_only(daemon, body)
+    await known_nodes_only(daemon, f"warmup of {body.src}", body.nodes)
     try:
         warm_id = daemon.create_warmup(body.src, body.nodes, me.user, me.admin)
     except DirectiveError as exc:
@@ -40,9 +40,10 @@ async def warmup(body: WarmupIn, daemon: Service, me: Caller) -> dict[str, Any]:
     return {"id": warm_id}
 
 
-async def _known_nodes_only(daemon: StagingService, body: WarmupIn) -> None:
-    """400 naming the nodes of ``body`` Slurm does not know, and some it does."""
-    unknown = await daemon.unknown_nodes(body.nodes)
+async def known_nodes_only(daemon: StagingService, what: str, nodes: list[str]) -> None:
+    """400 naming the ``nodes`` Slurm does not know, and some it does (``what``: the
+    request, for the message)."""
+    unknown = await daemon.unknown_nodes(nodes)
     if not unknown:
         return
     known = daemon.known_nodes()
@@ -50,8 +51,7 @@ async def _known_nodes_only(daemon: StagingService, body: WarmupIn) -> None:
     shown = ", ".join(known[:NODES_SHOWN]) + more
     raise HTTPException(
         400,
-        f"warmup of {body.src}: Slurm has no node {', '.join(unknown[:NODES_SHOWN])}"
-        f" (its nodes: {shown})",
+        f"{what}: Slurm has no node {', '.join(unknown[:NODES_SHOWN])} (its nodes: {shown})",
     )
 
 
