@@ -47,8 +47,8 @@ def pin() -> None:
 @click.option(
     "--until",
     "until_text",
-    help="Keep it warm until this local date or time (2027-01-31, 2027-01-31T18:00);"
-    " default: until `pin rm`.",
+    help="Keep it warm until this local time (2027-01-31T18:00; a date alone means its"
+    " start, 00:00); default: until `pin rm`.",
 )
 def add(
     config_path: Path | None, src: str, nodes: str, schedule: str, until_text: str | None

@@ -457,6 +457,7 @@ def test_only_admins_keep_datasets_warm(app: FastAPI, service: FakeService) -> N
     refused = call(app, "POST", "/api/v1/pins", munge("alice"), body)
     assert refused.status == 403
     assert "only admins may keep datasets warm" in refused.json()["detail"]
+    assert service.audit.events[-1][0] == "refused"  # audited
     assert call(app, "GET", "/api/v1/pins", munge("alice")).status == 403
     created = call(app, "POST", "/api/v1/pins", munge("root"), body)
     assert created.status == 201, created

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from hpcstage.api.deps import Caller, Database, RowId, Service, Text
 from hpcstage.api.routes.warmups import known_nodes_only
+from hpcstage.api.service import StagingService
 from hpcstage.auth import Identity
 from hpcstage.db import KeptWarm
 from hpcstage.errors import DirectiveError
@@ -50,8 +51,10 @@ class PinIn(BaseModel):
     )
 
 
-def _admin(me: Identity) -> None:
+def _admin(daemon: StagingService, me: Identity, route: str) -> None:
+    """403, audited, for anyone who is not an admin."""
     if not me.admin:
+        daemon.audit.record("refused", user=me.user, route=route, reason="pins are for admins")
         raise HTTPException(
             403, f"only admins may keep datasets warm (hpcstage pin): {me.user} is not one"
         )
@@ -60,7 +63,7 @@ def _admin(me: Identity) -> None:
 @router.post("", status_code=201)
 async def add(body: PinIn, daemon: Service, me: Caller) -> dict[str, Any]:
     """Keep SRC staged and leased on NODES (refreshed on SCHEDULE) until removed or UNTIL."""
-    _admin(me)
+    _admin(daemon, me, "POST /api/v1/pins")
     nodes = list(dict.fromkeys(body.nodes))  # each node once
     await known_nodes_only(daemon, f"pin of {body.src}", nodes)
     pin = PinRequest(body.src, nodes, body.schedule, body.until)
@@ -74,9 +77,11 @@ async def add(body: PinIn, daemon: Service, me: Caller) -> dict[str, Any]:
 
 
 @router.get("")
-async def listing(db: Database, me: Caller, removed: bool = False) -> list[dict[str, Any]]:
+async def listing(
+    daemon: Service, db: Database, me: Caller, removed: bool = False
+) -> list[dict[str, Any]]:
     """Every dataset kept warm (``removed``: also those no longer kept), oldest first."""
-    _admin(me)
+    _admin(daemon, me, "GET /api/v1/pins")
     query = select(KeptWarm).order_by(KeptWarm.id)
     if not removed:
         query = query.where(KeptWarm.removed_at.is_(None))
@@ -85,9 +90,9 @@ async def listing(db: Database, me: Caller, removed: bool = False) -> list[dict[
 
 
 @router.get("/{pin_id}")
-async def show(pin_id: RowId, db: Database, me: Caller) -> dict[str, Any]:
+async def show(pin_id: RowId, daemon: Service, db: Database, me: Caller) -> dict[str, Any]:
     """One kept-warm dataset: its settings, each node's staging, the last refresh's result."""
-    _admin(me)
+    _admin(daemon, me, f"GET /api/v1/pins/{pin_id}")
     with db.begin() as session:
         pin = session.get(KeptWarm, pin_id)
         if pin is None:
@@ -99,7 +104,7 @@ async def show(pin_id: RowId, db: Database, me: Caller) -> dict[str, Any]:
 async def remove(pin_id: RowId, daemon: Service, me: Caller) -> dict[str, Any]:
     """Stop keeping the dataset warm: its leases end at the next tick, the data then ages
     out of the caches like any other."""
-    _admin(me)
+    _admin(daemon, me, f"DELETE /api/v1/pins/{pin_id}")
     try:
         removed = daemon.remove_pin(pin_id, me.user, me.admin)
     except PermissionError as exc:
