@@ -118,9 +118,10 @@ class _Stager:
         dest = PurePosixPath(item.dest)
         store, prefix, is_prefix = self._open_store(item.source)
         refs = _limited(_refs(store, prefix, is_prefix, counters), item)
-        if item.source.kind is SourceKind.PATH and self.job is not None:
+        if item.source.kind is SourceKind.PATH and self.job is not None and self.user:
             # Read as the service account, so checked as the job's user first (docs/security.md).
             # A warmup only fills the cache, which no user reads: a job's staging checks again.
+            # So does an admin's kept-warm dataset (no user): its view has no user's ACL entry.
             reader = Reader(await asyncio.to_thread(Person.named, self.user))
             refs = _readable(refs, reader, prefix if is_prefix else None)
         reporter = asyncio.create_task(_report(self.progress, counters, item.request_id))

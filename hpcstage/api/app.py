@@ -18,7 +18,17 @@ from hpcstage.api import session
 from hpcstage.api.collector import registry_for
 from hpcstage.api.deps import ApiState
 from hpcstage.api.node_usage import NodeUsage
-from hpcstage.api.routes import cache, dashboard, jobs, metrics, nodes, packs, trash, warmups
+from hpcstage.api.routes import (
+    cache,
+    dashboard,
+    jobs,
+    metrics,
+    nodes,
+    packs,
+    pins,
+    trash,
+    warmups,
+)
 from hpcstage.api.service import StagingService
 from hpcstage.errors import ConfigError
 
@@ -27,6 +37,7 @@ ROUTERS = (
     jobs.router,
     warmups.router,
     packs.router,
+    pins.router,
     nodes.router,
     cache.router,
     trash.router,

@@ -103,7 +103,7 @@ def _leases(session: Session) -> Iterator[Metric]:
         .join(Job, Request.job_id == Job.id)
         .where(
             Job.released_at.is_(None),
-            Job.kind == "job",  # a warmup fills the cache and leases nothing
+            Job.kind == "job",  # a warmup leases nothing; a pin: hpcstage_node_pinned_bytes
             Request.direction == "in",
             Staging.state == "ready",
         )
@@ -114,3 +114,28 @@ def _leases(session: Session) -> Iterator[Metric]:
         leased.add_metric([node], size or 0)
     yield leases
     yield leased
+    yield _pinned(session)
+
+
+def _pinned(session: Session) -> Metric:
+    """Bytes kept warm on each node (``hpcstage pin``): leased by the pins' own views."""
+    pinned = GaugeMetricFamily(
+        "hpcstage_node_pinned_bytes",
+        "Bytes of the node's cache that kept-warm datasets (hpcstage pin) lease.",
+        labels=["node"],
+    )
+    kept = (
+        select(Staging.node, func.sum(Staging.bytes_done))
+        .join(Request, Staging.request_id == Request.id)
+        .join(Job, Request.job_id == Job.id)
+        .where(
+            Job.released_at.is_(None),
+            Job.kind == "pin",
+            Request.direction == "in",
+            Staging.state.in_(("ready", "running", "queued")),  # a refresh keeps the lease
+        )
+        .group_by(Staging.node)
+    )
+    for node, size in session.execute(kept):
+        pinned.add_metric([node], size or 0)
+    return pinned

@@ -201,7 +201,7 @@ def _job_cells(job: dict[str, Any]) -> list[str]:
 
 
 def _ident(job: dict[str, Any]) -> str:
-    return html.escape(str(job["job_id"] if job["kind"] == "job" else f"warmup {job['id']}"))
+    return html.escape(str(job["job_id"] if job["kind"] == "job" else f"{job['kind']} {job['id']}"))
 
 
 def _bar(done: float | None, total: float | None) -> str:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
 from hpcstage.core.packing import PackRequest
+from hpcstage.staging.keepwarm import PinRequest
 from hpcstage.staging.meters import Meters
 from hpcstage.store.s3 import S3Store
 
@@ -86,6 +87,13 @@ class StagingService(Protocol):
 
     def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
         """Record a warmup; its id. DirectiveError, PermissionError or LimitError if refused."""
+
+    def create_pin(self, pin: PinRequest, user: str, admin: bool = False) -> int:
+        """Keep a dataset warm on nodes (``hpcstage pin``); its id. DirectiveError naming the
+        bad field, PermissionError for a user who is not an admin."""
+
+    def remove_pin(self, pin_id: int, user: str, admin: bool = False) -> bool:
+        """Stop keeping ``pin_id`` warm; False if it is unknown or removed already."""
 
     def create_pack(self, request: PackRequest, user: str, admin: bool = False) -> int:
         """Record a daemon pack; its id. DirectiveError, PermissionError or LimitError if

@@ -21,6 +21,7 @@ _COMMANDS = {
     "agent": "hpcstage.cli.run_cmds",
     "trash": "hpcstage.cli.trash_cmd",
     "cache": "hpcstage.cli.cache_cmd",
+    "pin": "hpcstage.cli.pin_cmd",
     "config": "hpcstage.cli.config_cmd",
     "pack": "hpcstage.cli.pack_cmd",
     "pack-step": "hpcstage.cli.pack_cmd",

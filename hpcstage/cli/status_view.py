@@ -31,15 +31,16 @@ Doc = Mapping[str, Any]
 # a 3-node job and each task of an array fit in 80 columns, node lists get the rest.
 DEFAULT_FORMAT = "%.16i %.10j %.8u %.8a %.11T %.11{staging} %.9{stage_out} %R"
 
-# squeue -t: each state's compact code (%t). GONE and WARMUP are hpcstage's: a job that left the
-# queue unseen, a warmup the daemon runs.
+# squeue -t: each state's compact code (%t). GONE, WARMUP, PINNED and UNPINNED are hpcstage's: a
+# job that left the queue unseen, a warmup the daemon runs, a dataset kept warm (hpcstage pin).
 STATE_CODES = {
     "PENDING": "PD", "RUNNING": "R", "SUSPENDED": "S", "COMPLETING": "CG", "COMPLETED": "CD",
     "CONFIGURING": "CF", "CANCELLED": "CA", "FAILED": "F", "TIMEOUT": "TO", "PREEMPTED": "PR",
     "NODE_FAIL": "NF", "BOOT_FAIL": "BF", "DEADLINE": "DL", "OUT_OF_MEMORY": "OOM",
     "REQUEUED": "RQ", "REQUEUE_HOLD": "RH", "REQUEUE_FED": "RF", "SPECIAL_EXIT": "SE",
     "STOPPED": "ST", "REVOKED": "RV", "STAGE_OUT": "SO", "RESIZING": "RS", "SIGNALING": "SI",
-    "RESV_DEL_HOLD": "RD", "GONE": "GONE", "WARMUP": "WARMUP",
+    "RESV_DEL_HOLD": "RD", "GONE": "GONE", "WARMUP": "WARMUP", "PINNED": "PINNED",
+    "UNPINNED": "UNPINNED",
 }  # fmt: skip
 _BY_CODE = {code: state for state, code in STATE_CODES.items()}
 
@@ -108,7 +109,7 @@ def kept(jobs: list[Doc], users: Iterable[str], states: Iterable[str]) -> list[D
 def job_ident(job: Doc) -> str:
     """squeue's %i: ``A_a`` for an array task, ``A_[4-19]`` for its tasks not started yet."""
     if job["kind"] != "job":
-        return f"warmup-{job['id']}"
+        return f"{job['kind']}-{job['id']}"
     array, task = job.get("array_job_id"), job.get("array_task_id")
     if array is None:
         return str(job["job_id"])

@@ -17,7 +17,9 @@ Rules, in order of precedence:
    that view is released once the job is planned or starts, and the nodes it gets copy the
    small objects from there (peer copy, in the executor).
 4. A warmup is staged on its nodes (into the cache only: the agent builds no view for it),
-   then released right away: warm data stays cached but holds no lease.
+   then released right away: warm data stays cached but holds no lease. A kept-warm dataset
+   (``hpcstage pin``, kind ``pin``) is staged on its nodes with a view, whose links lease it,
+   and keeps it until the pin is removed (it then ends, as a job without a lease grace).
 5. An ended job's outputs are staged out at once, from its batch host (an output naming the
    node, %n or %N, from every node the job ran on: each under its own name); its views are
    released only after every output is verified in the store, and after the lease grace
@@ -48,7 +50,7 @@ class JobView:
     """What the planner needs to know about one job."""
 
     id: int
-    kind: str  # job | warmup
+    kind: str  # job | warmup | pin
     state: str
     priority: int = 0
     expected_start: float | None = None
@@ -172,6 +174,8 @@ def _stage(job: JobView, cache_nodes: Sequence[str] = ()) -> list[Stage]:
     reason = "job started here" if running else "planned by Slurm"
     if job.kind == "warmup":
         reason = "warmup"
+    elif job.kind == "pin":
+        reason = "kept warm"
     elif not running and not job.planned_nodes:
         reason = "no nodes planned yet: held on the cache cluster"
     # A dropped node is tried again only once the job runs there (then its failure is final).
@@ -221,7 +225,9 @@ def _end(job: JobView, now: float, grace: float) -> list[Action]:
     live = [n for n, s in job.node_states.items() if s not in ("released", "running", "absent")]
     if any(s == IN_FLIGHT for s in job.node_states.values()):
         return []  # let the transfer finish; release on a later tick
-    why = "warmup done" if job.kind == "warmup" else "job ended, lease grace over"
+    why = {"warmup": "warmup done", "pin": "no longer kept warm"}.get(
+        job.kind, "job ended, lease grace over"
+    )
     actions: list[Action] = [Release(job.id, node, why) for node in live]
     # Done only once every view is gone (a failed release is retried at the next tick);
     # failed inputs keep their state on record, so they do not hold this up.

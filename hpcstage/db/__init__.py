@@ -9,10 +9,10 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from hpcstage.db.models import Base, Event, Job, Pack, Request, Staging, Upload
+from hpcstage.db.models import Base, Event, Job, KeptWarm, Pack, Request, Staging, Upload
 from hpcstage.errors import ConfigError
 
-__all__ = ["Base", "Event", "Job", "Pack", "Request", "Staging", "Upload", "open_db"]
+__all__ = ["Base", "Event", "Job", "KeptWarm", "Pack", "Request", "Staging", "Upload", "open_db"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

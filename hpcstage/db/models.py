@@ -24,12 +24,13 @@ class Base(DeclarativeBase):
 
 
 class Job(Base):
-    """A Slurm job with staging directives, or a warmup the daemon runs on its own."""
+    """A Slurm job with staging directives, or a warmup or kept-warm dataset (``hpcstage pin``)
+    the daemon runs on its own."""
 
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16), default="job")  # job | warmup
+    kind: Mapped[str] = mapped_column(String(16), default="job")  # job | warmup | pin
     slurm_job_id: Mapped[int | None] = mapped_column(BigInteger, unique=True, nullable=True)
     name: Mapped[str] = mapped_column(String(256), default="")
     user: Mapped[str] = mapped_column(String(64), default="")
@@ -190,3 +191,26 @@ class Pack(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     summary: Mapped[str] = mapped_column(Text, default="")  # JSON: the pack's "done" line
+
+
+class KeptWarm(Base):
+    """``hpcstage pin``: a dataset an admin keeps warm on chosen nodes, leased while kept.
+
+    Its staging is the job row with the same id (kind ``pin``): its view on each node, a
+    directory no user can reach, holds the lease; removing the pin ends that job, which
+    releases the views. Not a packed dataset's pinned version (``staging/pin.py``).
+    """
+
+    __tablename__ = "kept_warm"
+
+    id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    src: Mapped[str] = mapped_column(Text)
+    nodes: Mapped[str] = mapped_column(Text)  # comma-separated, expanded
+    schedule: Mapped[str] = mapped_column(String(128), default="")  # core/schedule.py; "" none
+    until: Mapped[float | None] = mapped_column(Float, nullable=True)  # released after
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_refresh_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    next_refresh_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    removed_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    removed_by: Mapped[str] = mapped_column(String(64), default="")  # "" and a time: expired

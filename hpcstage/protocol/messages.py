@@ -152,7 +152,7 @@ class StageRequest:
     has none)."""
 
     job: str
-    user: str
+    user: str  # given the view by ACL; "" for nobody (a kept-warm dataset's view)
     view: bool
     items: list[StageItem]
 

@@ -7,8 +7,9 @@ A second signal exits at once.
 
 This module holds the lifecycle and the wiring only; the work is done by the parts built at
 start-up: admission (``watch.admission``), the executor and its actions (``staging``), the
-agent sessions (``staging.nodes``), warmups, the nodes' caches, the recycle bins, and the
-periodic chores (``service.timers``). The methods under "for the API" delegate to them.
+agent sessions (``staging.nodes``), warmups, kept-warm datasets, the nodes' caches, the
+recycle bins, and the periodic chores (``service.timers``). The methods under "for the API"
+delegate to them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from hpcstage.staging.bins import RecycleBins, stage_out_buckets
 from hpcstage.staging.caches import NodeCaches
 from hpcstage.staging.executor import Executor
 from hpcstage.staging.holdings import Holdings
+from hpcstage.staging.keepwarm import KeepWarm, PinRequest
 from hpcstage.staging.meters import Meters
 from hpcstage.staging.nodes import NodeAgents
 from hpcstage.staging.packs import Packs
@@ -67,6 +69,7 @@ class Parts:
     executor: Executor
     admission: Admission
     warmups: Warmups
+    keep: KeepWarm  # ``hpcstage pin``
     packs: Packs
     caches: NodeCaches
     holdings: Holdings
@@ -141,6 +144,7 @@ class Daemon:
             ),
             admission=Admission(self.settings, backend, self.audit.record),
             warmups=Warmups(self.settings, db, self.audit.record, self.wake),
+            keep=KeepWarm(db, self.audit.record, self.wake),
             packs=Packs(self.settings, db, self.audit.record, self._pack_changed),
             caches=caches,
             holdings=Holdings(self.settings, nodes, self.bins.store, self.audit.record),
@@ -320,6 +324,7 @@ class Daemon:
             if self._folded.deferred:
                 log.info("%d new jobs are admitted at the next tick", self._folded.deferred)
         executor.flush_progress()
+        self.parts.keep.run_due()  # kept-warm datasets due for a refresh, or expired
         with self.db.begin() as session:
             views = list(tickview.read_views(session))  # plain columns: no ORM object each
             self._end_waits(session)
@@ -387,6 +392,14 @@ class Daemon:
     def create_warmup(self, src: str, nodes: list[str], user: str, admin: bool = False) -> int:
         """Record a warmup of ``src`` on ``nodes``; the next tick starts it (see Warmups)."""
         return self.parts.warmups.create(src, nodes, user, admin)
+
+    def create_pin(self, pin: PinRequest, user: str, admin: bool = False) -> int:
+        """Keep a dataset warm on nodes (``hpcstage pin add``); its id (see KeepWarm)."""
+        return self.parts.keep.create(pin, user, admin)
+
+    def remove_pin(self, pin_id: int, user: str, admin: bool = False) -> bool:
+        """Stop keeping ``pin_id`` warm; False if there is no such pin (see KeepWarm)."""
+        return self.parts.keep.remove(pin_id, user, admin)
 
     def create_pack(self, request: PackRequest, user: str, admin: bool = False) -> int:
         """Record a pack the daemon runs for ``user``; it starts when a slot is free (Packs)."""

@@ -189,8 +189,8 @@ def requeue_running(db: sessionmaker[Session]) -> None:
 
 
 def key_of(job: Job) -> str:
-    """How agents name a job: its Slurm id, or ``warmup-<id>``."""
-    return str(job.slurm_id) if job.kind == "job" else f"warmup-{job.id}"
+    """How agents name a job: its Slurm id, or ``warmup-<id>`` (``pin-<id>``)."""
+    return str(job.slurm_id) if job.kind == "job" else f"{job.kind}-{job.id}"
 
 
 def staging_row(session: Session, request: Request, node: str) -> Staging:

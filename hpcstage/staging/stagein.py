@@ -62,8 +62,10 @@ class StageIn:
         with self.db.begin() as session:
             job = session.get_one(Job, action.job_id)
             requests = [r for r in job.requests if r.direction in ("in", "dir")]
-            # The agent's "stage" parameters but the items; a warmup only fills the cache.
-            call = StageRequest(key_of(job), job.user, view=job.kind != "warmup", items=[])
+            # The agent's "stage" parameters but the items; a warmup only fills the cache; a
+            # kept-warm dataset's view is the service account's alone (no user's ACL entry).
+            user = "" if job.kind == "pin" else job.user
+            call = StageRequest(key_of(job), user, view=job.kind != "warmup", items=[])
             log_event(session, job.id, action.node, f"staging: {action.reason}")
             stagings = [staging_row(session, r, action.node) for r in requests]
             for st in stagings:

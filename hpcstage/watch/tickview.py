@@ -82,7 +82,7 @@ def job_key(j: _JobRow) -> str:
     """How agents, the recycle bin and other jobs name a job (as staging.records.key_of): its Slurm
     id, also after a newer job took that over (Job.slurm_id)."""
     if j.kind != "job":
-        return f"warmup-{j.id}"
+        return f"{j.kind}-{j.id}"
     return str(j.slurm_job_id if j.slurm_job_id is not None else j.former_slurm_job_id)
 
 

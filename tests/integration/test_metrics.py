@@ -1,7 +1,8 @@
 """/metrics after a known staging on the dev cluster: a daemon of its own (so its counters hold
 this module's jobs only) stages a dataset of known sizes in for one job and its outputs of
 known sizes out; /metrics is then scraped over HTTP and parsed whole by prometheus_client's
-parser (and promtool's, when installed)."""
+parser, and checked by `promtool check metrics` (its lint included: names, units, _total,
+help texts), which scripts/bootstrap --tests installs."""
 
 from __future__ import annotations
 
@@ -129,9 +130,9 @@ def test_promtool_accepts_the_exposition(stager: Stager) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip(
-            "promtool is not installed: it comes with Debian's prometheus package (19 MB,"
-            " 96 MB installed), not installed for this; prometheus_client's parser checks"
-            " the text in the test above"
+            "promtool is not installed: `scripts/bootstrap --tests` takes it out of Debian's"
+            " prometheus package (the binary only, no server); prometheus_client's parser"
+            " checks the text in the test above"
         )
     checked = subprocess.run(
         [promtool, "check", "metrics"], input=scrape(stager), capture_output=True, text=True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from hpcstage.config.load import parse_config
 from hpcstage.config.schema import Settings
 from hpcstage.core import directives as dirs
 from hpcstage.core.packing import PackRequest
-from hpcstage.db import Event, Job, Pack, Request, Staging, open_db
+from hpcstage.db import Event, Job, KeptWarm, Pack, Request, Staging, open_db
 from hpcstage.db.changes import Changes
 from hpcstage.errors import (
     AuthError,
@@ -34,6 +35,7 @@ from hpcstage.errors import (
     LimitError,
     ObjectMissingError,
 )
+from hpcstage.staging.keepwarm import KeepWarm, PinRequest
 from hpcstage.staging.meters import Meters
 
 USERS = {0: "root", 1000: "alice", 1001: "bob"}
@@ -156,6 +158,14 @@ class FakeService:
             session.add(job)
             session.flush()
             return job.id
+
+    def create_pin(self, pin: PinRequest, user: str, admin: bool = False) -> int:
+        assert self.db is not None  # the daemon's own records, on the test's database
+        return KeepWarm(self.db, self.audit.record, self.wake).create(pin, user, admin)
+
+    def remove_pin(self, pin_id: int, user: str, admin: bool = False) -> bool:
+        assert self.db is not None
+        return KeepWarm(self.db, self.audit.record, self.wake).remove(pin_id, user, admin)
 
     def create_pack(self, request: PackRequest, user: str, admin: bool = False) -> int:
         request.check()  # as the daemon: a malformed request is a DirectiveError (400)
@@ -515,3 +525,73 @@ def test_without_auth_everyone_is_an_anonymous_admin(tmp_path: Path, service: Fa
     assert call(app, "POST", "/api/v1/dashboard/login").json() == {"token": ""}
     assert call(app, "GET", "/").status == 200
     assert call(app, "GET", "/metrics").status == 200
+
+
+def test_only_admins_keep_datasets_warm(app: FastAPI, service: FakeService) -> None:
+    body = {"src": "s3://datasets/data/", "nodes": ["n1", "n2", "n1"], "schedule": "every 6h"}
+    refused = call(app, "POST", "/api/v1/pins", munge("alice"), body)
+    assert refused.status == 403
+    assert "only admins may keep datasets warm" in refused.json()["detail"]
+    assert service.audit.events[-1][0] == "refused"  # audited
+    assert call(app, "GET", "/api/v1/pins", munge("alice")).status == 403
+    created = call(app, "POST", "/api/v1/pins", munge("root"), body)
+    assert created.status == 201, created
+    pin_id = created.json()["id"]
+    (doc,) = call(app, "GET", "/api/v1/pins", munge("root")).json()
+    assert (doc["id"], doc["src"], doc["nodes"]) == (pin_id, "s3://datasets/data/", ["n1", "n2"])
+    assert (doc["schedule"], doc["state"], doc["created_by"]) == ("every 6h", "staging", "root")
+    assert doc["next_refresh_at"] == pytest.approx(doc["created_at"] + 6 * 3600)
+    # The pin is a job of kind "pin" planned on its nodes (staged by the next tick).
+    with service.db.begin() as session:  # type: ignore[union-attr]
+        job = session.get_one(Job, pin_id)
+        assert (job.kind, job.planned_nodes, job.user) == ("pin", "n1,n2", "root")
+    assert call(app, "DELETE", f"/api/v1/pins/{pin_id}", munge("alice")).status == 403
+    removed = call(app, "DELETE", f"/api/v1/pins/{pin_id}", munge("root"))
+    assert (removed.status, removed.json()) == (200, {"id": pin_id, "removed": True})
+    assert call(app, "DELETE", f"/api/v1/pins/{pin_id}", munge("root")).status == 404
+    assert call(app, "GET", "/api/v1/pins", munge("root")).json() == []
+    (gone,) = call(app, "GET", "/api/v1/pins?removed=true", munge("root")).json()
+    assert gone["state"] == "released"
+    with service.db.begin() as session:  # type: ignore[union-attr]
+        assert session.get_one(Job, pin_id).ended_at is not None  # the planner releases it
+
+
+@pytest.mark.parametrize(
+    ("field_", "value", "says"),
+    [
+        ("schedule", "0 25 * * *", "schedule: hour: 25 is outside 0-23"),
+        ("schedule", "every 5s", "schedule: 'every 5s': at least every 30s"),
+        ("until", 1000.0, "until: "),
+        ("src", "s3://", "src: "),
+        ("nodes", ["zz"], "Slurm has no node zz (its nodes: n1, n2)"),
+    ],
+)
+def test_a_pin_refused_names_the_field(app: FastAPI, field_: str, value: Any, says: str) -> None:
+    body = {"src": "s3://datasets/data/", "nodes": ["n1"], field_: value}
+    refused = call(app, "POST", "/api/v1/pins", munge("root"), body)
+    assert refused.status == 400, refused
+    assert says in refused.json()["detail"]
+
+
+def test_a_pin_is_refreshed_when_due_and_released_after_until(service: FakeService) -> None:
+    assert service.db is not None
+    keep = KeepWarm(service.db, service.audit.record, lambda: None)
+    now = time.time()
+    pin_id = keep.create(
+        PinRequest("s3://datasets/d/", ["n1"], "every 1h", now + 7200), "root", True
+    )
+    with service.db.begin() as session:
+        request = session.scalars(select(Request).where(Request.job_id == pin_id)).one()
+        session.add(Staging(request_id=request.id, node="n1", state="ready", files_done=3))
+    assert keep.run_due(now + 60) == 0  # not due yet
+    assert keep.run_due(now + 3601) == 1
+    with service.db.begin() as session:
+        st = session.scalars(select(Staging).where(Staging.request_id == request.id)).one()
+        assert st.state == "queued"  # the planner stages it again: the prefix is listed anew
+        pin = session.get_one(KeptWarm, pin_id)
+        assert pin.last_refresh_at == now + 3601
+        assert pin.next_refresh_at == now + 3601 + 3600
+    assert keep.run_due(now + 7201) == 1  # past "until": released
+    with service.db.begin() as session:
+        assert session.get_one(KeptWarm, pin_id).removed_at == now + 7201
+        assert session.get_one(Job, pin_id).ended_at == now + 7201

@@ -89,6 +89,26 @@ def test_the_state_is_read_at_scrape_time_and_parses(db: sessionmaker[Session]) 
     assert scrape(daemon)[1]["hpcstage_node_leases", (("node", "n1"),)] == 1
 
 
+def test_kept_warm_bytes_are_counted_per_node_apart_from_jobs_leases(
+    db: sessionmaker[Session],
+) -> None:
+    with db.begin() as session:
+        _job(session, 1, "RUNNING", ("n1", "ready", 100))
+        pin = Job(kind="pin", user="root", state="PINNED", planned_nodes="n1,n2")
+        request = Request(direction="in", src="s3://d/kept/", dest="kept")
+        request.stagings += [
+            Staging(node="n1", state="ready", bytes_done=4000),
+            Staging(node="n2", state="running", bytes_done=300),  # a refresh: still leased
+        ]
+        pin.requests.append(request)
+        session.add(pin)
+    samples = scrape(Daemon(db))[1]
+    assert samples["hpcstage_node_pinned_bytes", (("node", "n1"),)] == 4000
+    assert samples["hpcstage_node_pinned_bytes", (("node", "n2"),)] == 300
+    assert samples["hpcstage_node_leased_bytes", (("node", "n1"),)] == 100  # jobs' only
+    assert samples["hpcstage_jobs", (("state", "PINNED"),)] == 1
+
+
 def test_two_registries_never_share_a_metric(db: sessionmaker[Session]) -> None:
     one, two = Daemon(db), Daemon(db)
     one.meters.uploaded("n1", 10)

@@ -125,6 +125,40 @@ def test_warmup_is_staged_then_released_at_once() -> None:
     assert plan([released], NOW, GRACE, {}) == [MarkReleased(1)]  # and never staged again
 
 
+def test_a_kept_warm_dataset_keeps_its_lease_until_removed_then_goes_at_once() -> None:
+    pinned = job(kind="pin", state="PINNED", planned_nodes=("n1", "n2"), inputs=DS)
+    staged = plan([pinned], NOW, GRACE, {}, cache_nodes=CACHE)  # on its nodes, never a cache's
+    assert [(a.node, a.reason) for a in staged if isinstance(a, Stage)] == [
+        ("n1", "kept warm"),
+        ("n2", "kept warm"),
+    ]
+    assert len(staged) == 2
+    warm = job(
+        kind="pin",
+        state="PINNED",
+        planned_nodes=("n1", "n2"),
+        node_states={"n1": "ready", "n2": "ready"},
+    )
+    assert plan([warm], NOW, GRACE, {}) == []  # held: no release, as a warmup would get
+    refreshed = job(
+        kind="pin",
+        state="PINNED",
+        planned_nodes=("n1", "n2"),
+        node_states={"n1": "queued", "n2": "ready"},  # a scheduled refresh queued it again
+    )
+    assert stages(plan([refreshed], NOW, GRACE, {})) == [(1, "n1")]
+    removed = job(
+        kind="pin",
+        state="UNPINNED",
+        planned_nodes=("n1", "n2"),
+        node_states={"n1": "ready", "n2": "ready"},
+        ended_at=NOW - 1,  # no lease grace: nothing will run in its view
+    )
+    actions = plan([removed], NOW, GRACE, {})
+    assert releases(actions) == [(1, "n1"), (1, "n2")]
+    assert {a.reason for a in actions if isinstance(a, Release)} == {"no longer kept warm"}
+
+
 def test_node_state_aggregation() -> None:
     assert node_state(["ready", "ready"]) == "ready"
     assert node_state(["ready", "running"]) == "running"

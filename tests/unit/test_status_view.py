@@ -117,6 +117,8 @@ def test_a_pending_arrays_record_shows_its_remaining_tasks_as_squeue_does() -> N
     assert jobs_table([warmup], "%i %A %F %K %t", header=False) == (
         "warmup-7 warmup-7 warmup-7 N/A WARMUP"
     )
+    kept = summary(kind="pin", id=9, job_id=None, state="PINNED")  # hpcstage pin
+    assert jobs_table([kept], "%i %A %F %K %t", header=False) == "pin-9 pin-9 pin-9 N/A PINNED"
 
 
 @pytest.mark.parametrize(

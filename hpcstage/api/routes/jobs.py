@@ -32,7 +32,8 @@ async def jobs(
     """Your jobs with directives (admins: everyone's); unfinished ones unless ?all=true.
 
     ``user`` and ``state`` (each repeatable) keep the jobs of these users, in these Slurm
-    states (``squeue -o %T``'s words; a warmup's state is WARMUP): ``hpcstage status -u -t``.
+    states (``squeue -o %T``'s words; a warmup's state is WARMUP, a
+    kept-warm dataset's PINNED): ``hpcstage status -u -t``.
     """
     _check_filter("user", user or [], 64)
     _check_filter("state", state or [], 32)

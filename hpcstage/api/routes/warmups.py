@@ -46,8 +46,9 @@ async def warmup(body: WarmupIn, daemon: Service, me: Caller) -> dict[str, Any]:
 
 
 async def known_nodes_only(daemon: StagingService, what: str, nodes: list[str]) -> None:
-    """400 naming those of ``nodes`` Slurm does not know, and some it does. Slurm's nodes
-    only: the daemon logs in to a node by its name, which could be any host it can reach."""
+    """400 naming those of ``nodes`` Slurm does not know, and some it does (``what``: the
+    request, for the message). Slurm's nodes only: the daemon logs in to a node by its name,
+    which could be any host it can reach."""
     unknown = await daemon.unknown_nodes(nodes)
     if not unknown:
         return
