@@ -302,6 +302,8 @@ class Daemon:
                 admit = self.parts.admission.directives
                 await sync(session, snapshot, admit, self._ignored, self._folded)
             self._folded.commit()
+            if self.settings.slurm.power_saving:  # which nodes are powered down, with the queue
+                await self.parts.nodes.refresh_nodes()
         executor.flush_progress()
         with self.db.begin() as session:
             views = list(tickview.read_views(session))  # plain columns: no ORM object each
@@ -312,6 +314,7 @@ class Daemon:
             self.settings.cache.lease_grace,
             executor.inflight(),
             cache_nodes=self.settings.cache.cluster_nodes,
+            awake=self.parts.nodes.awake() if self.settings.slurm.power_saving else None,
         )
         for action in actions:
             executor.act(action)
