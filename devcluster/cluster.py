@@ -49,6 +49,8 @@ class ClusterInfo:
     ssh_key: str  # private key of the service account, for the daemon
     known_hosts: str
     pids: dict[str, int] = field(default_factory=dict)
+    # Powered down until a job needs them (Slurm power saving): partition "cloud"
+    cloud_nodes: list[str] = field(default_factory=list)
 
     @property
     def slurm_conf(self) -> str:
@@ -79,10 +81,14 @@ class DevCluster:
         nodes: tuple[str, ...] = DEFAULT_NODES,
         spank: bool = False,
         burst_buffer: bool = False,
+        cloud_nodes: tuple[str, ...] = (),
     ):
         self.base = base.resolve()
         self.name = name
         self.nodes = nodes
+        # State=CLOUD nodes: off until Slurm resumes one for a job (etc/resume.sh starts its
+        # slurmd; while BASE/power/hold exists the "boot" waits), then off again
+        self.cloud_nodes = cloud_nodes
         self.spank = spank  # build and load the SPANK plugin (spank_plugin/)
         self.burst_buffer = burst_buffer  # strict mode: burst_buffer/lua + STRICT job_submit
         self._info: ClusterInfo | None = None
@@ -276,6 +282,7 @@ class DevCluster:
             ssh_key=str(key),
             known_hosts=str(known),
             pids=dict(pids),
+            cloud_nodes=list(self.cloud_nodes),
         )
         self._save(info)
         self._wait_nodes_idle(info)
@@ -358,10 +365,12 @@ class DevCluster:
         self.base.chmod(0o755)  # job users must reach slurm.conf, munge socket, work dirs
         for sub in ("etc", "log", "run", "slurm/state", "s3", "sshd/authorized_keys"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        for node in self.nodes:
+        if self.cloud_nodes:
+            (self.base / "power").mkdir(exist_ok=True)
+        for node in (*self.nodes, *self.cloud_nodes):
             (self.base / "slurm" / "spool" / node).mkdir(parents=True, exist_ok=True)
         svc = pwd.getpwnam(users.SERVICE.name)
-        for node in self.nodes:
+        for node in (*self.nodes, *self.cloud_nodes):
             cache = self.base / "nodes" / node / "cache"
             cache.mkdir(parents=True, exist_ok=True)
             os.chown(cache, svc.pw_uid, svc.pw_gid)
@@ -417,10 +426,13 @@ class DevCluster:
             job_submit_lua=(self.base / "etc" / "job_submit.lua").exists(),
             plugstack=self.spank,
             burst_buffer=self.burst_buffer,
+            cloud_ports={node: proc.free_port() for node in self.cloud_nodes},
         )
         conf = self.base / "etc" / "slurm.conf"
         conf.write_text(render.slurm_conf(lay))
         conf.chmod(0o644)
+        if self.cloud_nodes:
+            self._install_power_scripts(lay)
         cgroup = render.cgroup_conf(version)
         if cgroup is not None:
             (self.base / "etc" / "cgroup.conf").write_text(cgroup)
@@ -432,6 +444,17 @@ class DevCluster:
         for node in self.nodes:
             proc.run(["slurmd", "-f", str(conf), "-N", node], env=env)
             pids[f"slurmd-{node}"] = proc.read_pid(self.base / "run" / f"slurmd-{node}.pid")
+
+    def _install_power_scripts(self, lay: render.SlurmLayout) -> None:
+        tools = {name: shutil.which(name) or name for name in ("slurmd", "scontrol")}
+        marker = f"{proc.MARKER}={shlex.quote(str(self.base))}"
+        scripts = {
+            "resume.sh": render.resume_script(lay, marker, tools["slurmd"], tools["scontrol"]),
+            "suspend.sh": render.suspend_script(lay, tools["scontrol"]),
+        }
+        for name, text in scripts.items():
+            (lay.etc / name).write_text(text)
+            (lay.etc / name).chmod(0o755)
 
     def stop_s3(self) -> None:
         """Stop the S3 server (tests of an unreachable store); start_s3() brings it back."""
@@ -544,9 +567,10 @@ class DevCluster:
         env = {**os.environ, **info.env()}
 
         def idle() -> bool:
-            out = proc.run(["sinfo", "-h", "-N", "-o", "%t"], env=env, check=False).stdout
-            states = out.split()
-            return len(states) == len(self.nodes) and all(s == "idle" for s in states)
+            out = proc.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, check=False).stdout
+            states = dict(line.split() for line in out.splitlines() if line.strip())
+            # cloud nodes stay powered down ("idle~") until a job needs them
+            return all(states.get(node) == "idle" for node in self.nodes)
 
         proc.wait_for("all nodes idle", idle, 60, self.base / "log" / "slurmctld.log")
 
