@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import shlex
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,6 +84,7 @@ class DevCluster:
         spank: bool = False,
         burst_buffer: bool = False,
         cloud_nodes: tuple[str, ...] = (),
+        s3_log_requests: bool = False,
     ):
         self.base = base.resolve()
         self.name = name
@@ -89,6 +92,8 @@ class DevCluster:
         # State=CLOUD nodes: off until Slurm resumes one for a job (etc/resume.sh starts its
         # slurmd; while BASE/power/hold exists the "boot" waits), then off again
         self.cloud_nodes = cloud_nodes
+        # The S3 server logs every request (rclone's DEBUG level): s3_gets() counts them
+        self.s3_log_requests = s3_log_requests
         self.spank = spank  # build and load the SPANK plugin (spank_plugin/)
         self.burst_buffer = burst_buffer  # strict mode: burst_buffer/lua + STRICT job_submit
         self._info: ClusterInfo | None = None
@@ -445,6 +450,15 @@ class DevCluster:
             proc.run(["slurmd", "-f", str(conf), "-N", node], env=env)
             pids[f"slurmd-{node}"] = proc.read_pid(self.base / "run" / f"slurmd-{node}.pid")
 
+    def s3_gets(self, bucket: str, prefix: str = "") -> Counter[str]:
+        """How many GETs the S3 server answered for each key of ``bucket`` under ``prefix``,
+        read from its log (only with ``s3_log_requests``)."""
+        if not self.s3_log_requests:
+            raise ClusterError("the S3 server logs requests only with s3_log_requests=True")
+        log = (self.base / "log" / "s3.log").read_text(errors="replace")
+        keys = (m.group(2) for m in _S3_GET.finditer(log) if m.group(1) == bucket)
+        return Counter(key for key in keys if key.startswith(prefix))
+
     def _install_power_scripts(self, lay: render.SlurmLayout) -> None:
         tools = {name: shutil.which(name) or name for name in ("slurmd", "scontrol")}
         marker = f"{proc.MARKER}={shlex.quote(str(self.base))}"
@@ -494,7 +508,7 @@ class DevCluster:
             "--log-file",
             str(log),
             "--log-level",
-            "INFO",
+            "DEBUG" if self.s3_log_requests else "INFO",
             "--etag-hash",
             "MD5",
             str(self.base / "s3"),
@@ -583,6 +597,10 @@ class DevCluster:
         if job_ids:
             proc.run(["scancel", *job_ids], env=env, check=False, timeout=15)
             time.sleep(1)
+
+
+# rclone serve s3's DEBUG line for each GetObject
+_S3_GET = re.compile(r"serve s3: GET OBJECT Bucket: (\S+) Object: (\S+)$", re.MULTILINE)
 
 
 def _answers(env: dict[str, str]) -> bool:

@@ -20,7 +20,8 @@ from collections.abc import Mapping
 # being switched off (POWERING_DOWN: SuspendProgram ran, SuspendTimeout not over) or booting
 # (POWERING_UP: ResumeProgram ran, the node has not registered yet). POWER_DOWN alone is not
 # one: it is a power-down Slurm will do once the node is idle, and the node is still up.
-# POWER_SAVE and POWER_UP are the names before 21.08, for sites reading older output.
+# POWER_UP is a power-up asked for (scontrol) that ResumeProgram has not begun: still off.
+# POWER_SAVE is the name of POWERED_DOWN before 21.08.
 ASLEEP_FLAGS = frozenset({"POWERED_DOWN", "POWERING_DOWN", "POWERING_UP", "POWER_SAVE", "POWER_UP"})
 
 
