@@ -21,6 +21,7 @@ Rules, in order of precedence:
    every node a job is planned for or got sleeps, the job's inputs wait on a node that is up
    and already holds them (a running peer: an earlier plan's node), else on its cache-cluster
    node as in rule 3; the job's node copies them from there once Slurm has resumed it.
+   (Jobs only: a warmup is staged on the nodes its user named, as before.)
 4. A warmup is staged on its nodes (into the cache only: the agent builds no view for it),
    then released right away: warm data stays cached but holds no lease.
 5. An ended job's outputs are staged out at once, from its batch host (an output naming the
