@@ -240,6 +240,9 @@ class BusyNodes:
     def known_nodes(self) -> list[str]:
         return [f"n{i:04d}" for i in range(NODES)]
 
+    def powered_down(self, node: str) -> bool:
+        return False
+
 
 def daemon(state: Path, url: str, backend: FakeSlurm) -> Daemon:
     """A daemon on ``url`` wired as at start-up, but with busy fake agents."""

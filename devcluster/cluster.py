@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import shlex
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +51,8 @@ class ClusterInfo:
     ssh_key: str  # private key of the service account, for the daemon
     known_hosts: str
     pids: dict[str, int] = field(default_factory=dict)
+    # Powered down until a job needs them (Slurm power saving): partition "cloud"
+    cloud_nodes: list[str] = field(default_factory=list)
 
     @property
     def slurm_conf(self) -> str:
@@ -79,10 +83,17 @@ class DevCluster:
         nodes: tuple[str, ...] = DEFAULT_NODES,
         spank: bool = False,
         burst_buffer: bool = False,
+        cloud_nodes: tuple[str, ...] = (),
+        s3_log_requests: bool = False,
     ):
         self.base = base.resolve()
         self.name = name
         self.nodes = nodes
+        # State=CLOUD nodes: off until Slurm resumes one for a job (etc/resume.sh starts its
+        # slurmd; while BASE/power/hold exists the "boot" waits), then off again
+        self.cloud_nodes = cloud_nodes
+        # The S3 server logs every request (rclone's DEBUG level): s3_gets() counts them
+        self.s3_log_requests = s3_log_requests
         self.spank = spank  # build and load the SPANK plugin (spank_plugin/)
         self.burst_buffer = burst_buffer  # strict mode: burst_buffer/lua + STRICT job_submit
         self._info: ClusterInfo | None = None
@@ -276,6 +287,7 @@ class DevCluster:
             ssh_key=str(key),
             known_hosts=str(known),
             pids=dict(pids),
+            cloud_nodes=list(self.cloud_nodes),
         )
         self._save(info)
         self._wait_nodes_idle(info)
@@ -358,10 +370,12 @@ class DevCluster:
         self.base.chmod(0o755)  # job users must reach slurm.conf, munge socket, work dirs
         for sub in ("etc", "log", "run", "slurm/state", "s3", "sshd/authorized_keys"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        for node in self.nodes:
+        if self.cloud_nodes:
+            (self.base / "power").mkdir(exist_ok=True)
+        for node in (*self.nodes, *self.cloud_nodes):
             (self.base / "slurm" / "spool" / node).mkdir(parents=True, exist_ok=True)
         svc = pwd.getpwnam(users.SERVICE.name)
-        for node in self.nodes:
+        for node in (*self.nodes, *self.cloud_nodes):
             cache = self.base / "nodes" / node / "cache"
             cache.mkdir(parents=True, exist_ok=True)
             os.chown(cache, svc.pw_uid, svc.pw_gid)
@@ -417,10 +431,13 @@ class DevCluster:
             job_submit_lua=(self.base / "etc" / "job_submit.lua").exists(),
             plugstack=self.spank,
             burst_buffer=self.burst_buffer,
+            cloud_ports={node: proc.free_port() for node in self.cloud_nodes},
         )
         conf = self.base / "etc" / "slurm.conf"
         conf.write_text(render.slurm_conf(lay))
         conf.chmod(0o644)
+        if self.cloud_nodes:
+            self._install_power_scripts(lay)
         cgroup = render.cgroup_conf(version)
         if cgroup is not None:
             (self.base / "etc" / "cgroup.conf").write_text(cgroup)
@@ -432,6 +449,26 @@ class DevCluster:
         for node in self.nodes:
             proc.run(["slurmd", "-f", str(conf), "-N", node], env=env)
             pids[f"slurmd-{node}"] = proc.read_pid(self.base / "run" / f"slurmd-{node}.pid")
+
+    def s3_gets(self, bucket: str, prefix: str = "") -> Counter[str]:
+        """How many GETs the S3 server answered for each key of ``bucket`` under ``prefix``,
+        read from its log (only with ``s3_log_requests``)."""
+        if not self.s3_log_requests:
+            raise ClusterError("the S3 server logs requests only with s3_log_requests=True")
+        log = (self.base / "log" / "s3.log").read_text(errors="replace")
+        keys = (m.group(2) for m in _S3_GET.finditer(log) if m.group(1) == bucket)
+        return Counter(key for key in keys if key.startswith(prefix))
+
+    def _install_power_scripts(self, lay: render.SlurmLayout) -> None:
+        tools = {name: shutil.which(name) or name for name in ("slurmd", "scontrol")}
+        marker = f"{proc.MARKER}={shlex.quote(str(self.base))}"
+        scripts = {
+            "resume.sh": render.resume_script(lay, marker, tools["slurmd"], tools["scontrol"]),
+            "suspend.sh": render.suspend_script(lay, tools["scontrol"]),
+        }
+        for name, text in scripts.items():
+            (lay.etc / name).write_text(text)
+            (lay.etc / name).chmod(0o755)
 
     def stop_s3(self) -> None:
         """Stop the S3 server (tests of an unreachable store); start_s3() brings it back."""
@@ -471,7 +508,7 @@ class DevCluster:
             "--log-file",
             str(log),
             "--log-level",
-            "INFO",
+            "DEBUG" if self.s3_log_requests else "INFO",
             "--etag-hash",
             "MD5",
             str(self.base / "s3"),
@@ -544,9 +581,10 @@ class DevCluster:
         env = {**os.environ, **info.env()}
 
         def idle() -> bool:
-            out = proc.run(["sinfo", "-h", "-N", "-o", "%t"], env=env, check=False).stdout
-            states = out.split()
-            return len(states) == len(self.nodes) and all(s == "idle" for s in states)
+            out = proc.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, check=False).stdout
+            states = dict(line.split() for line in out.splitlines() if line.strip())
+            # cloud nodes stay powered down ("idle~") until a job needs them
+            return all(states.get(node) == "idle" for node in self.nodes)
 
         proc.wait_for("all nodes idle", idle, 60, self.base / "log" / "slurmctld.log")
 
@@ -559,6 +597,10 @@ class DevCluster:
         if job_ids:
             proc.run(["scancel", *job_ids], env=env, check=False, timeout=15)
             time.sleep(1)
+
+
+# rclone serve s3's DEBUG line for each GetObject
+_S3_GET = re.compile(r"serve s3: GET OBJECT Bucket: (\S+) Object: (\S+)$", re.MULTILINE)
 
 
 def _answers(env: dict[str, str]) -> bool:

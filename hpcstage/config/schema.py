@@ -150,6 +150,9 @@ class SlurmSettings(_Section):
     """Where staging directives are read from, in order."""
     partitions: list[NonEmptyStr] = Field(default_factory=list)
     """Only watch jobs in these partitions; empty = all."""
+    power_saving: bool = False
+    """Read the nodes' states with every queue snapshot and stage nothing onto a node Slurm
+    has powered down or is booting (docs/slurm-integration.md, "Elastic cloud nodes")."""
 
 
 class NodesSettings(_Section):

@@ -16,6 +16,12 @@ Rules, in order of precedence:
    (if the site has one), chosen by its inputs so that jobs sharing a dataset share the node;
    that view is released once the job is planned or starts, and the nodes it gets copy the
    small objects from there (peer copy, in the executor).
+   Where the site has Slurm power saving (``awake`` given), a node that is powered down or
+   booting has no agent: it is not staged (nor failed, nor dropped) until it is up. While
+   every node a job is planned for or got sleeps, the job's inputs wait on a node that is up
+   and already holds them (a running peer: an earlier plan's node), else on its cache-cluster
+   node as in rule 3; the job's node copies them from there once Slurm has resumed it.
+   (Jobs only: a warmup is staged on the nodes its user named, as before.)
 4. A warmup is staged on its nodes (into the cache only: the agent builds no view for it),
    then released right away: warm data stays cached but holds no lease. A kept-warm dataset
    (``hpcstage pin``, kind ``pin``) is staged on its nodes with a view, whose links lease it,
@@ -35,7 +41,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Staging states, per (request, node): queued -> running -> ready | failed | dropped (the
@@ -129,21 +135,56 @@ def plan(
     inflight: Mapping[str, int],
     max_per_node: int = 4,
     cache_nodes: Sequence[str] = (),
+    awake: Collection[str] | None = None,
 ) -> list[Action]:
-    """Every action to take now, stage actions first in priority order."""
+    """Every action to take now, stage actions first in priority order.
+
+    ``awake``: the Slurm nodes that are up, where the site has power saving (None: every
+    node counts as up); cache-cluster nodes always do.
+    """
     stages: list[Stage] = []
     others: list[Action] = []
     for job in jobs:
         if job.ended_at is not None or (job.kind == "warmup" and _warm(job)):
             others.extend(_end(job, now, grace))
             continue
-        stages.extend(_stage(job, cache_nodes))
-        others.extend(_retarget(job, cache_nodes))
+        stages.extend(_stage(job, cache_nodes, awake))
+        others.extend(_retarget(job, cache_nodes, awake))
     return [*_bounded(sorted(stages), inflight, max_per_node), *others]
 
 
-def targets(job: JobView, cache_nodes: Sequence[str] = ()) -> tuple[str, ...]:
+def targets(
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
+) -> tuple[str, ...]:
     """The nodes a job's inputs should be on now."""
+    wanted = _wanted(job, cache_nodes)
+    if awake is None or job.kind != "job":
+        return wanted
+    up = tuple(n for n in wanted if n in awake or n in cache_nodes)
+    if up or not wanted:
+        return up
+    # Every node of the job sleeps: keep its inputs where they are up already, else hold
+    # them on the cache cluster, until Slurm has resumed a node (rule 3).
+    holding = tuple(
+        n
+        for n, s in job.node_states.items()
+        if s in ("ready", "running") and (n in awake or n in cache_nodes)
+    )
+    held = cache_node(job.inputs, cache_nodes)
+    return holding or ((held,) if held else ())
+
+
+def sleeping(
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
+) -> tuple[str, ...]:
+    """The nodes the job is planned for or got that are powered down or booting."""
+    if awake is None or job.kind != "job":
+        return ()
+    return tuple(n for n in _wanted(job, cache_nodes) if n not in awake and n not in cache_nodes)
+
+
+def _wanted(job: JobView, cache_nodes: Sequence[str]) -> tuple[str, ...]:
+    """The nodes Slurm gave or planned for the job (rules 2-4), awake or not."""
     if job.kind == "job" and job.state in RUNNING_JOB_STATES and job.nodes:
         return job.nodes
     if job.planned_nodes or job.kind != "job" or job.state in RUNNING_JOB_STATES:
@@ -164,7 +205,9 @@ def cache_node(inputs: str, cache_nodes: Sequence[str]) -> str:
     return cache_nodes[zlib.crc32(inputs.encode()) % len(cache_nodes)]
 
 
-def _stage(job: JobView, cache_nodes: Sequence[str] = ()) -> list[Stage]:
+def _stage(
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
+) -> list[Stage]:
     # A refused directive or a failed input (missing object, refused credentials) fails the
     # job wherever it runs: staging it on yet another node would only repeat the failure.
     if job.error or "failed" in job.node_states.values() or job.waits_for:
@@ -178,18 +221,23 @@ def _stage(job: JobView, cache_nodes: Sequence[str] = ()) -> list[Stage]:
         reason = "kept warm"
     elif not running and not job.planned_nodes:
         reason = "no nodes planned yet: held on the cache cluster"
+    asleep = sleeping(job, cache_nodes, awake)
+    if asleep and len(asleep) == len(_wanted(job, cache_nodes)):
+        reason = f"{', '.join(asleep)} powered down or booting: held here until it is up"
     # A dropped node is tried again only once the job runs there (then its failure is final).
     again = ("absent", "queued", "released", *(("dropped",) if running else ()))
     return [
         Stage(key, job.id, node, reason)
-        for node in targets(job, cache_nodes)
+        for node in targets(job, cache_nodes, awake)
         if job.node_states.get(node, "absent") in again
     ]
 
 
-def _retarget(job: JobView, cache_nodes: Sequence[str] = ()) -> list[Action]:
+def _retarget(
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
+) -> list[Action]:
     """Release views on nodes a pending job is no longer planned for."""
-    keep = set(targets(job, cache_nodes))
+    keep = set(targets(job, cache_nodes, awake)) | set(sleeping(job, cache_nodes, awake))
     if not keep:  # no plan at all right now: keep what we have, it may come back
         return []
     return [

@@ -316,6 +316,8 @@ class Daemon:
         if fresh or self._snapshot is None:
             self._snapshot = await self.backend.snapshot()
             self._snapshot_at = time.monotonic()
+            if self.settings.slurm.power_saving:  # which nodes are powered down, with the queue
+                await self.parts.nodes.refresh_nodes()
         if fresh or self._folded.deferred:  # else nothing new to fold
             with self.db.begin() as session:
                 admit = self.parts.admission.directives
@@ -334,6 +336,7 @@ class Daemon:
             self.settings.cache.lease_grace,
             executor.inflight(),
             cache_nodes=self.settings.cache.cluster_nodes,
+            awake=self.parts.nodes.awake() if self.settings.slurm.power_saving else None,
         )
         for action in actions:
             executor.act(action)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from hpcstage.config.schema import Settings
 from hpcstage.core.nodes import cache_dir_for, expand_node_template
+from hpcstage.core.power import asleep, awake_nodes
 from hpcstage.core.rules import reconnect_delay
 from hpcstage.errors import SlurmError
 from hpcstage.protocol.framing import RpcClient
@@ -61,6 +62,10 @@ class NodePool(Protocol):
         """Nodes Slurm reported at the last refresh."""
         ...
 
+    def powered_down(self, node: str) -> bool:
+        """True when Slurm power saving has ``node`` off or booting (no agent can be there)."""
+        ...
+
 
 class NodeAgents:
     """One agent session per node, with a growing pause after each failure to reach one."""
@@ -73,6 +78,7 @@ class NodeAgents:
         # nodes.agent_command, or our own hpcstage's
         self.agent_command = agent_command(settings.nodes.agent_command)
         self._node_addr: dict[str, str] = {}
+        self._node_state: dict[str, str] = {}  # "IDLE+CLOUD+POWERED_DOWN", at the last refresh
         # node -> (consecutive transport failures, time before which it is not tried again)
         self._node_down: dict[str, tuple[int, float]] = {}
 
@@ -161,10 +167,26 @@ class NodeAgents:
             log.warning("cannot list nodes: %s", exc)
             return
         self._node_addr = {n.name: n.addr or n.hostname or n.name for n in nodes}
+        self._node_state = {n.name: n.state for n in nodes}
 
     def known_nodes(self) -> list[str]:
         """Nodes Slurm reported at the last refresh."""
         return sorted(self._node_addr)
+
+    def awake(self) -> frozenset[str]:
+        """The Slurm nodes that were up at the last refresh (core/power.py)."""
+        return awake_nodes(self._node_state)
+
+    def powered_down(self, node: str) -> bool:
+        """True when, at the last refresh, Slurm power saving had ``node`` off or booting.
+
+        Only with ``slurm.power_saving``: else node states are not watched and nothing is.
+        A node Slurm did not list counts as off (a hidden cloud node), a cache-cluster node
+        never (it need not be a Slurm node)."""
+        if not self.settings.slurm.power_saving or node in self.settings.cache.cluster_nodes:
+            return False
+        state = self._node_state.get(node)
+        return state is None or asleep(state)
 
     async def unknown_nodes(self, nodes: Iterable[str]) -> list[str]:
         """Those of ``nodes`` Slurm does not know (asked again first if any looks new).

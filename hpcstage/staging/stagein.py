@@ -105,7 +105,8 @@ class StageIn:
                     message = f"on {action.node}: {message}"
                 self.records.fail(current.staging_id, action, message, node_only)
         except TransportError as exc:
-            self.nodes.node_failed(action.node)
+            if not self.nodes.powered_down(action.node):  # else no backoff: it is off, not ill
+                self.nodes.node_failed(action.node)
             self._requeue(action, remaining(plan, current), str(exc))
 
     async def _peer_fill(
@@ -247,10 +248,15 @@ class StageIn:
             # only loses the node (records.droppable), the plan moves on.
             job = session.get_one(Job, action.job_id)
             final = "dropped" if droppable(job, action.node) else "failed"
+            # Slurm power saving took the node down (or it is booting): the attempt does not
+            # count, the plan stages the node again once it is up.
+            asleep = self.nodes.powered_down(action.node)
             gave_up = False
             for staging_id in staging_ids:
                 st = session.get_one(Staging, staging_id)
                 apply(st, self.records.progress.pop(staging_id, Progress()))
+                if asleep:
+                    st.attempts -= 1
                 give_up = st.attempts >= MAX_TRANSPORT_ATTEMPTS
                 gave_up = gave_up or give_up
                 st.state = final if give_up else "queued"

@@ -38,6 +38,9 @@ class NoNodes:
     def known_nodes(self) -> list[str]:
         return []
 
+    def powered_down(self, node: str) -> bool:
+        return False
+
 
 @pytest.fixture
 def executor(tmp_path: Path) -> Iterator[Executor]:

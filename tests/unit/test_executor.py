@@ -87,6 +87,7 @@ class FakeNodes:
         self.agents = agents
         self.unreachable: set[str] = set()
         self.failed: list[str] = []
+        self.asleep: set[str] = set()  # powered down by Slurm power saving
 
     async def agent(self, node: str) -> RpcClient:
         if node in self.unreachable:
@@ -101,6 +102,9 @@ class FakeNodes:
 
     def known_nodes(self) -> list[str]:
         return sorted(self.agents)
+
+    def powered_down(self, node: str) -> bool:
+        return node in self.asleep
 
 
 @pytest.fixture
@@ -304,6 +308,22 @@ def test_a_node_out_of_reach_for_good_is_dropped_from_a_pending_job(
         _run(Executor(settings, db, nodes), _stage(job_id))
     (st,) = _stagings(db)
     assert (st.state, st.attempts) == ("dropped", MAX_TRANSPORT_ATTEMPTS)
+
+
+def test_a_node_powered_down_meanwhile_is_not_dropped_however_often_it_fails(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    """Slurm power saving switched the node off during the stage: the plan stages it again
+    once it is up, so its failures are not counted against it."""
+    job_id = _job(db, _in(1), state="PENDING")
+    for _ in range(MAX_TRANSPORT_ATTEMPTS + 2):
+        nodes = FakeNodes(n1=FakeAgent(TransportError("session closed")))
+        nodes.asleep.add("n1")
+        _run(Executor(settings, db, nodes), _stage(job_id))
+        assert nodes.failed == []  # no backoff either: it is staged as soon as it is up
+    (st,) = _stagings(db)
+    assert (st.state, st.attempts) == ("queued", 0)
+    assert "unreachable" in st.error
 
 
 # ---------------------------------------------------------------------------- stage-out

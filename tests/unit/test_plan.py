@@ -241,3 +241,51 @@ def test_warmups_and_running_jobs_never_go_to_the_cache_cluster() -> None:
     assert stages(plan([warm], NOW, GRACE, {}, cache_nodes=CACHE)) == [(1, "n1")]
     running = job(inputs=DS, state="RUNNING")  # no nodes known yet: nothing to do
     assert plan([running], NOW, GRACE, {}, cache_nodes=CACHE) == []
+
+
+# --- Slurm power saving: nodes powered down or booting have no agent -----------------------
+
+
+def test_a_job_on_a_powered_down_node_is_held_on_the_cache_cluster_meanwhile() -> None:
+    # Slurm allocated c1 and runs ResumeProgram: the job is CONFIGURING, c1 is booting.
+    view = job(state="CONFIGURING", nodes=("c1",), inputs="s3://b/ds/")
+    actions = plan([view], NOW, GRACE, {}, cache_nodes=["cache1"], awake={"n1", "n2"})
+    assert stages(actions) == [(1, "cache1")]
+    (stage,) = [a for a in actions if isinstance(a, Stage)]
+    assert "c1 powered down or booting" in stage.reason
+
+
+def test_the_node_is_staged_once_up_and_the_cache_node_lets_go() -> None:
+    view = job(state="RUNNING", nodes=("c1",), inputs="s3://b/ds/", node_states={"cache1": "ready"})
+    actions = plan([view], NOW, GRACE, {}, cache_nodes=["cache1"], awake={"c1"})
+    assert stages(actions) == [(1, "c1")]
+    assert releases(actions) == [(1, "cache1")]
+
+
+def test_a_sleeping_node_is_never_staged_failed_or_dropped_without_a_cache_cluster() -> None:
+    view = job(planned_nodes=("c1",), inputs="s3://b/ds/", node_states={"c1": "queued"})
+    actions = plan([view], NOW, GRACE, {}, awake={"n1"})
+    assert actions == []  # waits: nothing to stage onto, nothing released
+
+
+def test_a_running_peer_that_holds_the_inputs_keeps_them_while_the_node_sleeps() -> None:
+    # Planned on n1 (staged there), then Slurm moved the plan to a powered-down node.
+    view = job(planned_nodes=("c1",), inputs="s3://b/ds/", node_states={"n1": "ready"})
+    actions = plan([view], NOW, GRACE, {}, cache_nodes=["cache1"], awake={"n1"})
+    assert stages(actions) == [] and releases(actions) == []
+
+
+def test_of_a_multi_node_job_the_awake_nodes_are_staged_the_sleeping_ones_later() -> None:
+    view = job(state="CONFIGURING", nodes=("n1", "c1"), inputs="s3://b/ds/")
+    actions = plan([view], NOW, GRACE, {}, cache_nodes=["cache1"], awake={"n1"})
+    assert stages(actions) == [(1, "n1")]
+
+
+def test_a_view_on_a_node_gone_to_sleep_is_kept() -> None:
+    view = job(planned_nodes=("c1",), node_states={"c1": "ready"}, inputs="s3://b/ds/")
+    assert releases(plan([view], NOW, GRACE, {}, cache_nodes=["cache1"], awake=set())) == []
+
+
+def test_without_power_saving_every_node_counts_as_up() -> None:
+    view = job(state="CONFIGURING", nodes=("c1",), inputs="s3://b/ds/")
+    assert stages(plan([view], NOW, GRACE, {}, cache_nodes=["cache1"])) == [(1, "c1")]
