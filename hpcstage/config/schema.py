@@ -396,6 +396,9 @@ class LimitSettings(_Section):
     """Unfinished warmups one user may have at once (admins: no limit)."""
     warmups_per_minute: int = Field(default=30, ge=0)
     """Warmups one user may request in any minute (admins: no limit)."""
+    cache_requests_per_minute: int = Field(default=10, ge=0)
+    """``warmup --check`` and ``cache evict SRC`` one user may ask in any minute (admins: no
+    limit); one at a time."""
     packs_in_flight: int = Field(default=2, ge=0)
     """Unfinished daemon packs (``hpcstage pack --daemon``) one user may have (admins: no limit)."""
     packs_running: int = Field(default=2, ge=1)

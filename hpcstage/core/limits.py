@@ -67,6 +67,21 @@ def warmup_refusal(limits: LimitSettings, in_flight: int, last_minute: int) -> s
     return ""
 
 
+def cache_request_refusal(limits: LimitSettings, busy: bool, last_minute: int) -> str:
+    """Why a user may not ask for another ``warmup --check`` or ``cache evict SRC`` ('' when
+    they may): one of theirs is still running (each lists all of SRC in the daemon), or they
+    asked ``last_minute`` of them in the last minute."""
+    if busy:
+        return "your previous cache check or evict is still running: wait for it to finish"
+    rate = limits.cache_requests_per_minute
+    if rate and last_minute >= rate:
+        return (
+            f"you asked {last_minute} cache checks or evicts in the last minute and"
+            f" limits.cache_requests_per_minute is {rate}: try again in a minute"
+        )
+    return ""
+
+
 def pack_refusal(limits: LimitSettings, in_flight: int) -> str:
     """Why a user with ``in_flight`` unfinished daemon packs may not ask for another ('' when
     they may)."""

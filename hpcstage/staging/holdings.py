@@ -18,16 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from hpcstage.config.schema import Settings
 from hpcstage.core import directives as dirs
-from hpcstage.core import policy
+from hpcstage.core import limits, policy
 from hpcstage.core.directives import Source, SourceKind
 from hpcstage.core.identity import ObjectRef
-from hpcstage.errors import AgentError, DirectiveError, ObjectMissingError, TransportError
+from hpcstage.errors import (
+    AgentError,
+    DirectiveError,
+    LimitError,
+    ObjectMissingError,
+    TransportError,
+)
 from hpcstage.protocol.messages import PEER_KINDS, DropSourceReply, SourceSpec
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodeAgents
@@ -84,6 +91,9 @@ class Holdings:
     nodes: NodeAgents
     stores: OpenStore
     audit: Audit
+    # Per user: who has a check or evict running, and when they asked (the last minute's).
+    _busy: set[str] = field(default_factory=set)
+    _asked: dict[str, list[float]] = field(default_factory=dict)
 
     def allowed(self, src: str, user: str, admin: bool, verb: str) -> Source:
         """SRC as a source ``user`` may ``verb``: DirectiveError when SRC is malformed or not
@@ -107,6 +117,10 @@ class Holdings:
         ObjectMissingError when SRC names no object; a node that cannot be asked has an
         ``error`` and counts as holding nothing in the total."""
         source = self.allowed(src, user, admin, "cache check")
+        with self._turn(user, admin, "cache check", src):
+            return await self._check(source, nodes)
+
+    async def _check(self, source: Source, nodes: list[str]) -> dict[str, Any]:
         asked = await asyncio.gather(*(self._ask(node) for node in dict.fromkeys(nodes)))
         whole = Held()
         async with self.stores(source.bucket) as store:
@@ -123,11 +137,35 @@ class Holdings:
         source = self.allowed(src, user, admin, "cache evict")
         spec = SourceSpec(source.kind, source.bucket, source.key, "")
         names = list(dict.fromkeys(nodes))
-        replies = await asyncio.gather(*(self._drop(node, spec) for node in names))
+        with self._turn(user, admin, "cache evict", src):
+            replies = await asyncio.gather(*(self._drop(node, spec) for node in names))
         per_node = dict(zip(names, replies, strict=True))
         doc = _evict_doc(source.url, per_node)
         self.audit("cache-evict", user=user, src=source.url, nodes=names, **doc["total"])
         return doc
+
+    @contextlib.contextmanager
+    def _turn(self, user: str, admin: bool, verb: str, src: str) -> Iterator[None]:
+        """Run one check or evict of ``user``'s, or raise LimitError: a reader could otherwise
+        have the daemon list a prefix of 10^8 objects again and again, or make others
+        refetch a shared dataset in a loop (admins: no limit)."""
+        if admin:
+            yield
+            return
+        now = time.monotonic()
+        recent = [t for t in self._asked.get(user, []) if now - t < 60.0]
+        refusal = limits.cache_request_refusal(
+            self.settings.limits, user in self._busy, len(recent)
+        )
+        if refusal:
+            self.audit("refused", user=user, src=src, action=verb, reason=refusal)
+            raise LimitError(f"{verb} of {src} refused: {refusal}")
+        self._asked[user] = [*recent, now]
+        self._busy.add(user)
+        try:
+            yield
+        finally:
+            self._busy.discard(user)
 
     async def _ask(self, node: str) -> _Asked:
         try:

@@ -14,7 +14,7 @@ import pytest
 
 from hpcstage.config.load import parse_config
 from hpcstage.core.identity import ObjectRef
-from hpcstage.errors import DirectiveError, ObjectMissingError, TransportError
+from hpcstage.errors import DirectiveError, LimitError, ObjectMissingError, TransportError
 from hpcstage.protocol.framing import ProgressFn
 from hpcstage.staging import holdings
 from hpcstage.staging.holdings import Holdings
@@ -77,7 +77,9 @@ def audit() -> list[tuple[str, dict[str, Any]]]:
     return []
 
 
-def make(tmp_path: Path, agents: dict[str, FakeAgent], audit: list[Any]) -> Holdings:
+def make(
+    tmp_path: Path, agents: dict[str, FakeAgent], audit: list[Any], more: str = ""
+) -> Holdings:
     settings = parse_config(f"""
 [site]
 name = "t"
@@ -87,7 +89,7 @@ endpoint_url = "{STORE}"
 [[policy.rules]]
 users = ["alice"]
 read = ["s3://data/set/"]
-""")
+{more}""")
 
     @contextlib.asynccontextmanager
     async def stores(bucket: str) -> AsyncIterator[FakeStore]:
@@ -175,3 +177,45 @@ def test_evicting_sums_the_nodes_and_is_audited(tmp_path: Path, audit: list[Any]
             {"user": "alice", "src": "s3://data/set/", "nodes": ["n1", "n2", "n9"], **doc["total"]},
         )
     ]
+
+
+def test_a_reader_asking_too_often_is_refused_and_audited_an_admin_is_not(
+    tmp_path: Path, audit: list[Any]
+) -> None:
+    agents = {"n1": FakeAgent({r.cache_id for r in LISTED})}
+    found = make(tmp_path, agents, audit, "[limits]\ncache_requests_per_minute = 2")
+
+    async def scenario() -> None:
+        await found.check("s3://data/set/", ["n1"], "alice", False)
+        await found.evict("s3://data/set/", ["n1"], "alice", False)  # checks and evicts count
+        with pytest.raises(LimitError, match=r"limits\.cache_requests_per_minute is 2"):
+            await found.check("s3://data/set/", ["n1"], "alice", False)
+        await found.check("s3://data/set/", ["n1"], "root", True)  # admins: no limit
+
+    asyncio.run(scenario())
+    assert [e for e, f in audit if e == "refused"] == ["refused"]
+
+
+def test_a_reader_gets_one_check_or_evict_at_a_time(tmp_path: Path, audit: list[Any]) -> None:
+    release = asyncio.Event()
+
+    @dataclass
+    class SlowAgent(FakeAgent):
+        async def call(
+            self, op: str, params: dict[str, Any], on_progress: ProgressFn | None = None
+        ) -> dict[str, Any]:
+            await release.wait()
+            return await super().call(op, params, on_progress)
+
+    found = make(tmp_path, {"n1": SlowAgent(set())}, audit)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(found.evict("s3://data/set/", ["n1"], "alice", False))
+        await asyncio.sleep(0.05)
+        with pytest.raises(LimitError, match="still running"):
+            await found.check("s3://data/set/", ["n1"], "alice", False)
+        release.set()
+        await first
+        await found.check("s3://data/set/", ["n1"], "alice", False)  # its turn is over
+
+    asyncio.run(scenario())

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from hpcstage.api.deps import Caller, Service, Text
 from hpcstage.api.routes.warmups import known_nodes_only
-from hpcstage.errors import DirectiveError, HpcstageError, ObjectMissingError
+from hpcstage.errors import DirectiveError, HpcstageError, LimitError, ObjectMissingError
 
 router = APIRouter(prefix="/api/v1/cache")
 
@@ -47,6 +47,8 @@ async def check(body: CheckIn, daemon: Service, me: Caller) -> dict[str, Any]:
         return await daemon.check_source(body.src, body.nodes, me.user, me.admin)
     except ObjectMissingError as exc:
         raise HTTPException(404, f"src: {exc}") from exc
+    except LimitError as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": "60"}) from exc
     except HpcstageError as exc:  # a malformed SRC, a store that cannot be listed
         raise HTTPException(_status(exc), f"src: {exc}") from exc
     except PermissionError as exc:
@@ -61,6 +63,8 @@ async def evict(body: EvictIn, daemon: Service, me: Caller) -> dict[str, Any]:
     await known_nodes_only(daemon, f"cache evict of {body.src}", nodes)
     try:
         return await daemon.evict_source(body.src, nodes, me.user, me.admin)
+    except LimitError as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": "60"}) from exc
     except HpcstageError as exc:
         raise HTTPException(_status(exc), f"src: {exc}") from exc
     except PermissionError as exc:
