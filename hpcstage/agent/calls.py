@@ -22,6 +22,7 @@ from hpcstage.protocol.messages import (
     HelloReply,
     HelloRequest,
     PingReply,
+    RateLimits,
     ReleaseReply,
     ReleaseRequest,
     UsageReply,
@@ -79,6 +80,12 @@ async def evict(ctx: NodeContext, request: EvictRequest) -> EvictReply:
     stores = ctx.stores
     tally = stores.tally
     return EvictReply(evicted, size, objects, tally.retries, stores.fallbacks(), tally.since)
+
+
+async def rates(ctx: NodeContext, request: RateLimits) -> Empty:
+    """New store rate limits for every transfer of the agent, those under way included."""
+    ctx.stores.set_rates(request)
+    return Empty()
 
 
 async def ping(ctx: NodeContext, _request: Empty) -> PingReply:

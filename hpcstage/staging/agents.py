@@ -71,6 +71,10 @@ class AgentClient:
         """Apply the eviction policy now."""
         return await self._call(m.EVICT, request)
 
+    async def rates(self, request: m.RateLimits) -> m.Empty:
+        """Change the agent's store rate limits (its share of the site's changed)."""
+        return await self._call(m.RATES, request)
+
     async def ping(self) -> m.PingReply:
         """Check that the agent answers."""
         return await self._call(m.PING, m.Empty())
