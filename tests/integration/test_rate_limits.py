@@ -1,0 +1,109 @@
+"""Store rate limits on the real cluster (docs/configuration.md, "Rate limits"): a node's
+bandwidth, a node's request rate, and a site's bandwidth shared by two nodes staging at once.
+
+Only lower bounds are asserted (a busy machine may be slower, never faster): moving ``B``
+bytes at a rate ``R`` with a burst of one second takes at least ``(B - R * 1 s) / R``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from devcluster.cluster import DevCluster
+
+from .staging import CHECKSUM_JOB, Stager, make_dataset, parse_sums, running_stager, small_files
+
+pytestmark = pytest.mark.integration
+
+MIB = 2**20
+NODE_RATE = 8 * MIB  # bytes/s per node
+SITE_RATE = 8 * MIB  # bytes/s for all nodes together
+REQUEST_RATE = 50  # requests/s per node
+BURST_SECONDS = 1.0  # hpcstage.core.ratelimit.BURST_SECONDS
+
+
+def _with_limits(text: str) -> str:
+    assert text.count("[transfer]\n") == 1
+    limits = (
+        f"node_download_rate = {NODE_RATE}\n"
+        f"site_download_rate = {SITE_RATE}\n"
+        f"node_request_rate = {REQUEST_RATE}\n"
+        # Objects of 8 MiB and more come in ranged parts (the lean ranged GET's threads);
+        # smaller ones in one streamed GET: both paths are paced.
+        'part_size = "5MiB"\nmultipart_threshold = "8MiB"\n'
+        "peer_copy = false\n"
+    )
+    return text.replace("[transfer]\n", "[transfer]\n" + limits)
+
+
+@pytest.fixture(scope="module")
+def stager(cluster: DevCluster) -> Iterator[Stager]:
+    yield from running_stager(cluster, "ratelimits", edit=_with_limits, concurrency=8)
+
+
+def _noise(count: int, size: int, prefix: str = "") -> dict[str, bytes]:
+    return {f"{prefix}o{i:03d}.bin": os.urandom(size) for i in range(count)}
+
+
+def _staged(stager: Stager, node: str, files: dict[str, bytes], job_name: str) -> dict[str, Any]:
+    """Submit a job on ``node`` that checksums ``files`` staged in; its staging's record once
+    the job has read them, byte for byte."""
+    src, sums = make_dataset(stager.dev, files)
+    job = _submit(stager, node, src, job_name)
+    return _finished(stager, node, job, sums)
+
+
+def _submit(stager: Stager, node: str, src: str, job_name: str) -> tuple[int, str]:
+    dest = src.rstrip("/").rsplit("/", 1)[1]
+    script = CHECKSUM_JOB.format(src=src, dest=dest)
+    return stager.submit("alice", script, f"--nodelist={node}", f"--job-name={job_name}"), dest
+
+
+def _finished(
+    stager: Stager, node: str, submitted: tuple[int, str], sums: dict[str, str]
+) -> dict[str, Any]:
+    job = submitted[0]
+    assert stager.dev.wait_job(job, timeout=600) == "COMPLETED", stager.output("alice", job)
+    out = stager.output("alice", job)
+    assert parse_sums(out) == sums, out  # every byte as in the store
+    record: dict[str, Any] = stager.doc(job)["requests"][0]["nodes"][node]
+    assert record["state"] in ("ready", "released"), record
+    return record
+
+
+def _seconds(*records: dict[str, Any]) -> float:
+    return max(r["finished_at"] for r in records) - min(r["started_at"] for r in records)
+
+
+def test_a_node_bandwidth_limit_holds_a_stage_in_to_its_rate(stager: Stager) -> None:
+    # 40 MiB: two objects in ranged parts, four streamed whole.
+    files = {**_noise(2, 12 * MIB, "big-"), **_noise(4, 4 * MIB, "mid-")}
+    total = sum(len(b) for b in files.values())
+    record = _staged(stager, "n1", files, "rate-bw")
+    assert record["bytes_done"] == total
+    least = (total - NODE_RATE * BURST_SECONDS) / NODE_RATE  # 4 s
+    assert _seconds(record) >= least, record
+
+
+def test_a_request_rate_limit_holds_many_small_objects_to_it(stager: Stager) -> None:
+    files = small_files(300, size=1024)
+    record = _staged(stager, "n2", files, "rate-req")
+    # At least one GET per object (and a listing): 300 requests at 50/s after a burst of 50.
+    least = (len(files) - REQUEST_RATE * BURST_SECONDS) / REQUEST_RATE  # 5 s
+    assert _seconds(record) >= least, record
+
+
+def test_a_site_bandwidth_limit_is_shared_by_two_nodes_staging_at_once(stager: Stager) -> None:
+    # 32 MiB per node: alone at the node limit each would take 3 s; sharing the site's
+    # 8 MiB/s, the 64 MiB take at least (64 MiB - two bursts of 8 MiB) / 8 MiB/s = 6 s.
+    per_node = {node: _noise(8, 4 * MIB, f"{node}-") for node in ("n1", "n2")}
+    made = {node: make_dataset(stager.dev, files) for node, files in per_node.items()}
+    submitted = {node: _submit(stager, node, made[node][0], "rate-site") for node in made}
+    records = [_finished(stager, node, submitted[node], made[node][1]) for node in made]
+    total = sum(len(b) for files in per_node.values() for b in files.values())
+    least = (total - 2 * SITE_RATE * BURST_SECONDS) / SITE_RATE
+    assert _seconds(*records) >= least, records
