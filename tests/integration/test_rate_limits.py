@@ -1,5 +1,6 @@
 """Store rate limits on the real cluster (docs/configuration.md, "Rate limits"): a node's
-bandwidth, a node's request rate, and a site's bandwidth shared by two nodes staging at once.
+bandwidth down and up, a node's request rate, and a site's bandwidth shared by two nodes
+staging at once.
 
 Only lower bounds are asserted (a busy machine may be slower, never faster): moving ``B``
 bytes at a rate ``R`` with a burst of one second takes at least ``(B - R * 1 s) / R``.
@@ -7,7 +8,10 @@ bytes at a rate ``R`` with a burst of one second takes at least ``(B - R * 1 s) 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +24,9 @@ from .staging import CHECKSUM_JOB, Stager, make_dataset, parse_sums, running_sta
 pytestmark = pytest.mark.integration
 
 MIB = 2**20
-NODE_RATE = 8 * MIB  # bytes/s per node
-SITE_RATE = 8 * MIB  # bytes/s for all nodes together
+NODE_RATE = 4 * MIB  # bytes/s per node (low: unlimited, this machine moves 40 MiB in ~4 s)
+SITE_RATE = 4 * MIB  # bytes/s for all nodes together
+UPLOAD_RATE = 4 * MIB  # bytes/s per node
 REQUEST_RATE = 50  # requests/s per node
 BURST_SECONDS = 1.0  # hpcstage.core.ratelimit.BURST_SECONDS
 
@@ -32,6 +37,7 @@ def _with_limits(text: str) -> str:
         f"node_download_rate = {NODE_RATE}\n"
         f"site_download_rate = {SITE_RATE}\n"
         f"node_request_rate = {REQUEST_RATE}\n"
+        f"node_upload_rate = {UPLOAD_RATE}\n"
         # Objects of 8 MiB and more come in ranged parts (the lean ranged GET's threads);
         # smaller ones in one streamed GET: both paths are paced.
         'part_size = "5MiB"\nmultipart_threshold = "8MiB"\n'
@@ -85,7 +91,7 @@ def test_a_node_bandwidth_limit_holds_a_stage_in_to_its_rate(stager: Stager) -> 
     total = sum(len(b) for b in files.values())
     record = _staged(stager, "n1", files, "rate-bw")
     assert record["bytes_done"] == total
-    least = (total - NODE_RATE * BURST_SECONDS) / NODE_RATE  # 4 s
+    least = (total - NODE_RATE * BURST_SECONDS) / NODE_RATE  # 9 s
     assert _seconds(record) >= least, record
 
 
@@ -98,12 +104,52 @@ def test_a_request_rate_limit_holds_many_small_objects_to_it(stager: Stager) -> 
 
 
 def test_a_site_bandwidth_limit_is_shared_by_two_nodes_staging_at_once(stager: Stager) -> None:
-    # 32 MiB per node: alone at the node limit each would take 3 s; sharing the site's
-    # 8 MiB/s, the 64 MiB take at least (64 MiB - two bursts of 8 MiB) / 8 MiB/s = 6 s.
-    per_node = {node: _noise(8, 4 * MIB, f"{node}-") for node in ("n1", "n2")}
+    # 16 MiB per node: at once, each at its own limit, they would take 3 s; sharing the
+    # site's 4 MiB/s, the 32 MiB take at least (32 MiB - two bursts of 4 MiB) / 4 MiB/s = 6 s
+    # (and so they do if they happen not to overlap: each alone takes 3 s).
+    per_node = {node: _noise(4, 4 * MIB, f"{node}-") for node in ("n1", "n2")}
     made = {node: make_dataset(stager.dev, files) for node, files in per_node.items()}
     submitted = {node: _submit(stager, node, made[node][0], "rate-site") for node in made}
     records = [_finished(stager, node, submitted[node], made[node][1]) for node in made]
     total = sum(len(b) for files in per_node.values() for b in files.values())
     least = (total - 2 * SITE_RATE * BURST_SECONDS) / SITE_RATE
     assert _seconds(*records) >= least, records
+
+
+UPLOAD_JOB = """#!/bin/bash
+#HPCSTAGE --stage-out=out:s3://results/{run}/
+eval "$(hpcstage env)"
+mkdir -p "$HPCSTAGE_DIR/out"
+for i in 0 1 2 3 4 5; do head -c {size} /dev/urandom > "$HPCSTAGE_DIR/out/o$i.bin"; done
+cd "$HPCSTAGE_DIR/out" && sha256sum o*.bin
+"""
+
+
+def _stored(stager: Stager, prefix: str) -> dict[str, str]:
+    """SHA-256 of each object under ``prefix`` of s3://results, by its name."""
+
+    async def read() -> dict[str, str]:
+        found: dict[str, str] = {}
+        async with stager.dev.s3_client() as s3:
+            listing = await s3.list_objects_v2(Bucket="results", Prefix=prefix)
+            for item in listing.get("Contents", []):
+                answer = await s3.get_object(Bucket="results", Key=item["Key"])
+                async with answer["Body"] as body:
+                    digest = hashlib.sha256(await body.read()).hexdigest()
+                found[item["Key"][len(prefix) :]] = digest
+        return found
+
+    return asyncio.run(read())
+
+
+def test_a_node_upload_limit_holds_a_stage_out_to_its_rate(stager: Stager) -> None:
+    run, size = f"rate-{uuid.uuid4().hex[:8]}", 4 * MIB  # six objects: 24 MiB
+    job = stager.submit("alice", UPLOAD_JOB.format(run=run, size=size), "--nodelist=n3")
+    assert stager.dev.wait_job(job, timeout=300) == "COMPLETED", stager.output("alice", job)
+    doc = stager.wait_doc(job, "staged out", lambda d: d["stage_out"] in ("done", "failed"), 600)
+    assert doc["stage_out"] == "done", doc
+    assert _stored(stager, f"{run}/") == parse_sums(stager.output("alice", job))
+    out = next(r for r in doc["requests"] if r["direction"] == "out")
+    record = out["nodes"]["n3"]
+    least = (6 * size - UPLOAD_RATE * BURST_SECONDS) / UPLOAD_RATE  # 5 s
+    assert _seconds(record) >= least, record

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any, cast
 
 import pytest
 
@@ -13,7 +14,8 @@ from hpcstage.config.schema import TransferSettings
 from hpcstage.core.ratelimit import TokenBucket, burst_for, node_share
 from hpcstage.core.units import format_rate, parse_rate
 from hpcstage.protocol.messages import RateLimits
-from hpcstage.staging.rates import node_rates
+from hpcstage.staging.nodes import NodePool
+from hpcstage.staging.rates import RateShares, node_rates
 from hpcstage.store.throttle import Limiter
 
 MIB = 2**20
@@ -171,3 +173,70 @@ def test_a_waiting_thread_is_released_by_its_stop_event() -> None:
     started = time.monotonic()
     limiter.take_blocking(1, stop)
     assert time.monotonic() - started < 5
+
+
+class RecordingAgent:
+    """A node's session that records the ``rates`` calls it is sent."""
+
+    def __init__(self, name: str, told: list[tuple[str, dict[str, Any]]]) -> None:
+        self.name, self._told = name, told
+
+    async def call(self, op: str, params: dict[str, Any], on_progress: Any = None) -> Any:
+        self._told.append((self.name, {"op": op, **params}))
+        return {}
+
+
+class Nodes:
+    def __init__(self) -> None:
+        self.told: list[tuple[str, dict[str, Any]]] = []
+
+    async def agent(self, node: str) -> Any:
+        return RecordingAgent(node, self.told)
+
+    def node_failed(self, node: str) -> None:  # pragma: no cover - not called here
+        pass
+
+
+def test_the_site_share_follows_the_nodes_that_start_and_finish() -> None:
+    settings = TransferSettings.model_validate({"site_download_rate": 90, "node_upload_rate": 7})
+
+    async def scenario() -> tuple[list[int], list[tuple[str, dict[str, Any]]]]:
+        nodes = Nodes()
+        shares = RateShares(settings, cast(NodePool, nodes))
+        got = []
+        async with shares.transferring("n1") as alone:
+            got.append(alone.download)
+            async with shares.transferring("n2") as second:
+                got.append(second.download)
+                await asyncio.sleep(0)  # the others are told in tasks of their own
+                async with shares.transferring("n2") as again:  # a second call on n2
+                    got.append(again.download)
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return got, nodes.told
+
+    got, told = asyncio.run(scenario())
+    assert got == [90, 45, 45]
+    # n1 heard of n2 starting and finishing (n2's second call changed no share); nobody is
+    # told anything once it is no longer transferring.
+    limits = {"download": 45, "upload": 7, "requests": 0.0}
+    assert told == [
+        ("n1", {"op": "rates", **limits}),
+        ("n1", {"op": "rates", **limits, "download": 90}),
+    ]
+
+
+def test_without_site_limits_no_node_is_ever_told_anything_between_calls() -> None:
+    settings = TransferSettings.model_validate({"node_download_rate": 90})
+
+    async def scenario() -> list[tuple[str, dict[str, Any]]]:
+        nodes = Nodes()
+        shares = RateShares(settings, cast(NodePool, nodes))
+        async with shares.transferring("n1"), shares.transferring("n2") as second:
+            assert second.download == 90
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return nodes.told
+
+    assert asyncio.run(scenario()) == []
