@@ -38,10 +38,15 @@ def node_rates(settings: TransferSettings, nodes_transferring: int) -> RateLimit
     """One node's limits while ``nodes_transferring`` nodes (itself included) transfer."""
     s, n = settings, nodes_transferring
     return RateLimits(
-        download=int(node_share(s.node_download_rate, s.site_download_rate, n)),
-        upload=int(node_share(s.node_upload_rate, s.site_upload_rate, n)),
+        download=_whole(node_share(s.node_download_rate, s.site_download_rate, n)),
+        upload=_whole(node_share(s.node_upload_rate, s.site_upload_rate, n)),
         requests=node_share(s.node_request_rate, s.site_request_rate, n),
     )
+
+
+def _whole(bytes_per_second: float) -> int:
+    """Bytes per second on the wire: at least 1 where there is a limit (0 is none)."""
+    return max(int(bytes_per_second), 1) if bytes_per_second > 0 else 0
 
 
 @dataclass

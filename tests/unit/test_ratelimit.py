@@ -118,6 +118,8 @@ def test_the_daemon_tells_each_node_all_three_limits() -> None:
     )
     assert node_rates(settings, 2) == RateLimits(download=5 * MIB, upload=500, requests=50.0)
     assert node_rates(settings, 1) == RateLimits(download=8 * MIB, upload=1000, requests=50.0)
+    # A share that rounds to no byte at all is still a limit (0 would mean none).
+    assert node_rates(settings, 3000).upload == 1
 
 
 @pytest.mark.parametrize(
