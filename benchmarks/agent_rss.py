@@ -30,6 +30,7 @@ from stagein import make_million  # the same 1,000-per-directory layout as its -
 from hpcstage.agent.context import DEFAULT_CACHE, DEFAULT_TRANSFER
 from hpcstage.core.directives import SourceKind
 from hpcstage.protocol.messages import (
+    NO_LIMITS,
     AgentStoreSettings,
     HelloRequest,
     SourceSpec,
@@ -107,7 +108,7 @@ def main() -> int:
         source = SourceSpec(SourceKind.PATH, bucket="", key="", path=str(src))
         item = StageItem(1, source, "data", None, "", None, "")
         # Staged for this user (a path source is read as the job's user would read it).
-        stage = StageRequest("bench", getpass.getuser(), view=True, items=[item])
+        stage = StageRequest("bench", getpass.getuser(), view=True, items=[item], rates=NO_LIMITS)
         result = call(agent.stdin, agent.stdout, 2, "stage", to_wire(stage))
         seconds = time.perf_counter() - t0
         rss, hwm = status_mib(agent.pid)

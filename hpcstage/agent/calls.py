@@ -27,6 +27,7 @@ from hpcstage.protocol.messages import (
     HelloReply,
     HelloRequest,
     PingReply,
+    RateLimits,
     ReleaseReply,
     ReleaseRequest,
     UsageReply,
@@ -97,6 +98,12 @@ async def drop_source(ctx: NodeContext, request: DropSourceRequest) -> DropSourc
         ctx.cache.evict_source, store_id, source.bucket, source.key, exact
     )
     return DropSourceReply(done.evicted, done.evicted_bytes, done.in_use, done.in_use_bytes)
+
+
+async def rates(ctx: NodeContext, request: RateLimits) -> Empty:
+    """New store rate limits for every transfer of the agent, those under way included."""
+    ctx.stores.set_rates(request)
+    return Empty()
 
 
 async def ping(ctx: NodeContext, _request: Empty) -> PingReply:

@@ -17,11 +17,13 @@ from hpcstage.protocol.messages import (
     AgentCacheSettings,
     AgentStoreSettings,
     AgentTransferSettings,
+    RateLimits,
 )
 from hpcstage.retry import DEFAULT_RETRY, RetryPolicy
 from hpcstage.store.fs import FsStore
 from hpcstage.store.protocol import ObjectStore
 from hpcstage.store.s3 import S3Store
+from hpcstage.store.throttle import Throttle
 
 # Until the daemon's hello says otherwise (its [transfer] defaults).
 DEFAULT_TRANSFER = AgentTransferSettings(
@@ -68,6 +70,9 @@ class Stores:
     _open: dict[str, ObjectStore] = field(default_factory=dict)
     _retired: list[S3Store] = field(default_factory=list)  # clients of superseded credentials
     tally: Tally = field(default_factory=Tally)
+    # The rate limits every S3 client of the agent shares; the daemon sets them with each
+    # stage call (and between, as other nodes start or stop transferring: ``rates``).
+    throttle: Throttle = field(default_factory=Throttle)
 
     @property
     def retry(self) -> RetryPolicy:
@@ -80,6 +85,11 @@ class Stores:
         """Take new settings: every client is closed, new ones are made on demand."""
         self.settings, self.transfer = settings, transfer
         await self.close()
+
+    def set_rates(self, limits: RateLimits) -> None:
+        """Limit the agent's store traffic to ``limits`` from now on, transfers under way
+        included (every stage call carries them; ``rates`` calls change them between)."""
+        self.throttle.set_rates(limits.download, limits.upload, limits.requests)
 
     def files(self, root: str) -> FsStore:
         """The store of a shared file system directory."""
@@ -119,6 +129,7 @@ class Stores:
             lean_get=t.lean_get,
             direct_writes=t.direct_writes,
             writeback_hints=self.writeback_hints,
+            throttle=self.throttle,
         )
 
     async def renew_credentials(self, credentials: dict[str, str]) -> int:

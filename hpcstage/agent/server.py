@@ -93,6 +93,7 @@ def routes(ctx: NodeContext) -> dict[str, Handler]:
         Route(m.EVICT, _quiet(calls.evict, ctx)),
         Route(m.DROP_SOURCE, _quiet(calls.drop_source, ctx)),
         Route(m.PING, _quiet(calls.ping, ctx)),
+        Route(m.RATES, _quiet(calls.rates, ctx)),
         Route(m.PEER_LIST, _quiet(peer.peer_list, ctx)),
         Route(m.PEER_WANT, _quiet(peer.peer_want, ctx)),
         Route(m.PEER_READ, _quiet(peer.peer_read, ctx)),

@@ -76,6 +76,7 @@ async def stage(ctx: NodeContext, request: StageRequest, progress: Report) -> St
     Without ``view`` (a warmup) the objects are only cached: no view is built, so warming
     10^8 files costs no 10^8 links to make and then remove.
     """
+    ctx.stores.set_rates(request.rates)
     job: str | None = None
     view, acl = "", False
     if request.view:

@@ -59,6 +59,7 @@ async def stage_out(ctx: NodeContext, request: StageOutRequest, progress: Report
     # already holding a directory in it as its cwd keeps access there, so the reads do not
     # rely on this: they never follow a symlink and check each file on its fd (jobdir.py).
     await asyncio.to_thread(revoke_access, ctx.cache.jobs / request.job, request.user)
+    ctx.stores.set_rates(request.rates)
     uploader = Uploader(
         ctx, request.job, request.user, request.ended_at, request.trash_prefix, progress
     )

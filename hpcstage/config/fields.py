@@ -16,7 +16,14 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, SerializationInfo
 
 from hpcstage.config import rules
-from hpcstage.core.units import format_duration, format_size, parse_duration, parse_size
+from hpcstage.core.units import (
+    format_duration,
+    format_rate,
+    format_size,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
 
 KIB: Final = 2**10
 MIB: Final = 2**20
@@ -62,6 +69,8 @@ def _human(render: Callable[[Any], str]) -> PlainSerializer:
 
 Size = Annotated[int, BeforeValidator(parse_size), _human(format_size)]
 """Bytes; accepts ``"64MiB"``, ``"1.5GB"`` or an integer."""
+Rate = Annotated[int, BeforeValidator(parse_rate), _human(format_rate)]
+"""Bytes per second; accepts ``"200MiB/s"``, ``"1GB/s"``, ``"64MiB"`` or an integer (0: none)."""
 Duration = Annotated[float, BeforeValidator(parse_duration), _human(format_duration)]
 """Seconds; accepts ``"90s"``, ``"15m"``, ``"1h30m"`` or a number."""
 

@@ -34,6 +34,7 @@ from hpcstage.config.fields import (
     PartSize,
     PollInterval,
     PositiveDuration,
+    Rate,
     SiteName,
     Size,
     SlurmEndState,
@@ -255,6 +256,22 @@ class TransferSettings(_Section):
     """Write the parts of big objects not checked by an MD5 or SHA (which are read back)
     straight to disk (O_DIRECT) where the cache's file system allows it; only with
     cache.durable_before_read (else the job would wait for the disk)."""
+    # Rate limits (docs/configuration.md, "Rate limits"); 0 = unlimited. Store traffic only:
+    # peer copies and shared file system paths are not limited.
+    node_download_rate: Rate = 0
+    """Bytes per second one node may download from the store, all its transfers together
+    (e.g. "200MiB/s")."""
+    node_upload_rate: Rate = 0
+    """Bytes per second one node may upload to the store, all its transfers together."""
+    node_request_rate: float = Field(default=0.0, ge=0)
+    """Store requests per second one node may start (GET, HEAD, LIST, PUT, ...)."""
+    site_download_rate: Rate = 0
+    """Bytes per second all nodes together may download; shared equally by the nodes
+    transferring at the moment."""
+    site_upload_rate: Rate = 0
+    """Bytes per second all nodes together may upload; shared like site_download_rate."""
+    site_request_rate: float = Field(default=0.0, ge=0)
+    """Store requests per second all nodes together may start; shared like site_download_rate."""
 
     @field_validator("multipart_threshold")
     @classmethod

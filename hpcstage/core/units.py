@@ -138,6 +138,30 @@ def _parse_duration_text(text: str) -> float:
     return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
+def parse_rate(value: str | int | float) -> int:
+    """Return a bandwidth in bytes per second: ``"200MiB/s"`` -> 209715200, ``"1GB"`` ->
+    1000000000, ``8388608`` -> 8388608.
+
+    A size as :func:`parse_size` reads it, with an optional ``/s``; 0 is a valid rate (the
+    settings read it as "unlimited"). Raises ``ValueError`` like ``parse_size``.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower().endswith("/s"):
+            text = text[:-2]
+        try:
+            return parse_size(text)
+        except ValueError as exc:
+            message = str(exc).replace("invalid size", "invalid rate", 1)
+            raise ValueError(message.replace(repr(text), repr(value))) from exc
+    return parse_size(value)
+
+
+def format_rate(bytes_per_second: int) -> str:
+    """Render a bandwidth so that it parses back: 209715200 -> ``"200MiB/s"``, 0 -> ``"0"``."""
+    return f"{format_size(bytes_per_second)}/s" if bytes_per_second else "0"
+
+
 def format_size(num_bytes: int) -> str:
     """Render bytes in the largest exact unit: 536870912000 -> ``"500GiB"``, 0 -> ``"0B"``."""
     for unit, factor in _FORMAT_SIZE_UNITS:

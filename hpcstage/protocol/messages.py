@@ -130,6 +130,23 @@ class CredentialsReply:
     retired: int  # S3 clients set aside (closed when the next credentials arrive)
 
 
+# -- rate limits (docs/configuration.md, "Rate limits") ----------------------------------------
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """What the agent may use of the store from now on, all its transfers together: its own
+    limits and its share of the site's (``hpcstage.core.ratelimit.node_share``). 0: no limit.
+    The request of ``rates``, and a field of every stage and stage-out call."""
+
+    download: int  # bytes per second
+    upload: int  # bytes per second
+    requests: float  # requests started per second
+
+
+NO_LIMITS: Final = RateLimits(download=0, upload=0, requests=0.0)
+
+
 # -- stage (stage-in and warmup) --------------------------------------------------------------
 
 
@@ -155,6 +172,7 @@ class StageRequest:
     user: str  # given the view by ACL; "" for nobody (a kept-warm dataset's view)
     view: bool
     items: list[StageItem]
+    rates: RateLimits
 
 
 @dataclass(frozen=True)
@@ -206,6 +224,7 @@ class StageOutRequest:
     ended_at: float
     trash_prefix: str
     items: list[StageOutItem]
+    rates: RateLimits
 
 
 @dataclass(frozen=True)
@@ -413,6 +432,7 @@ PEER_LIST: Final = Rpc("peer_list", PeerListRequest, PeerListReply)
 PEER_WANT: Final = Rpc("peer_want", PeerIds, PeerWantReply)
 PEER_READ: Final = Rpc("peer_read", PeerIds, PeerReadReply)
 PEER_PUT: Final = Rpc("peer_put", PeerPutRequest, PeerPutReply)
+RATES: Final = Rpc("rates", RateLimits, Empty)
 
 CALLS: Final[tuple[Rpc[Any, Any], ...]] = (
     HELLO,
@@ -428,4 +448,5 @@ CALLS: Final[tuple[Rpc[Any, Any], ...]] = (
     PEER_WANT,
     PEER_READ,
     PEER_PUT,
+    RATES,
 )

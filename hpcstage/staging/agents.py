@@ -75,6 +75,10 @@ class AgentClient:
         """Evict a source's cached objects, those in use by a job excepted."""
         return await self._call(m.DROP_SOURCE, m.DropSourceRequest(source))
 
+    async def rates(self, request: m.RateLimits) -> m.Empty:
+        """Change the agent's store rate limits (its share of the site's changed)."""
+        return await self._call(m.RATES, request)
+
     async def ping(self) -> m.PingReply:
         """Check that the agent answers."""
         return await self._call(m.PING, m.Empty())

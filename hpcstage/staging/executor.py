@@ -21,6 +21,7 @@ from hpcstage.core import plan as planner
 from hpcstage.staging.meters import Meters
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.pin import OpenStore
+from hpcstage.staging.rates import RateShares
 from hpcstage.staging.records import StagingRecords, requeue_running
 from hpcstage.staging.release import Releaser
 from hpcstage.staging.stagein import StageIn
@@ -45,8 +46,9 @@ class Executor:
     ) -> None:
         self.nodes = nodes
         self.records = StagingRecords(db, meters=meters or Meters())
-        self.stage_in = StageIn(settings, db, nodes, self.records, stores)
-        self.stage_out = StageOut(settings, db, nodes, self.records)
+        rates = RateShares(settings.transfer, nodes)  # shared: a site limit counts both
+        self.stage_in = StageIn(settings, db, nodes, self.records, stores, rates)
+        self.stage_out = StageOut(settings, db, nodes, self.records, rates)
         self.releaser = Releaser(db, nodes)
         self.tasks: dict[TaskKey, asyncio.Task[None]] = {}
         self._db = db

@@ -25,12 +25,20 @@ from hpcstage.core.units import format_size
 from hpcstage.db import Job, Request, Staging
 from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.framing import RpcClient
-from hpcstage.protocol.messages import SourceSpec, StageItem, StageProgress, StageRequest
+from hpcstage.protocol.messages import (
+    NO_LIMITS,
+    SourceSpec,
+    StageItem,
+    StageProgress,
+    StageRequest,
+)
 from hpcstage.staging import peer
+from hpcstage.staging import rates as rate_shares
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.meters import StageCounts
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.pin import OpenStore, Pinner
+from hpcstage.staging.rates import RateShares
 from hpcstage.staging.records import StagingRecords, apply, droppable, key_of, staging_row
 from hpcstage.watch.fold import log_event
 
@@ -51,6 +59,7 @@ class StageIn:
     nodes: NodePool
     records: StagingRecords
     stores: OpenStore | None = None  # the daemon's store clients (pins packed versions)
+    rates: RateShares | None = None  # each node's store rate limits (None: none)
     _peer_copies: int = 0  # running now (at most PEER_COPIES)
     _pinner: Pinner = field(init=False)
 
@@ -65,7 +74,9 @@ class StageIn:
             # The agent's "stage" parameters but the items; a warmup only fills the cache; a
             # kept-warm dataset's view is the service account's alone (no user's ACL entry).
             user = "" if job.kind == "pin" else job.user
-            call = StageRequest(key_of(job), user, view=job.kind != "warmup", items=[])
+            call = StageRequest(
+                key_of(job), user, view=job.kind != "warmup", items=[], rates=NO_LIMITS
+            )
             log_event(session, job.id, action.node, f"staging: {action.reason}")
             stagings = [staging_row(session, r, action.node) for r in requests]
             for st in stagings:
@@ -212,8 +223,9 @@ class StageIn:
                     objects_reason=objects.reason,
                 )
             )
-        request = dataclasses.replace(call, items=items)
-        result = await AgentClient(rpc, rpc.name).stage(request, on_progress)
+        async with rate_shares.transferring(self.rates, rpc.name) as rates:
+            request = dataclasses.replace(call, items=items, rates=rates)
+            result = await AgentClient(rpc, rpc.name).stage(request, on_progress)
         for got in result.items:
             on_progress(got)
         self.records.finish(staging_id, progress)

@@ -8,6 +8,7 @@ directive the agent refuses fails and the ones after it are tried again later.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -28,9 +29,16 @@ from hpcstage.core.rules import (
 from hpcstage.db import Job, Request, Staging
 from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.framing import RpcClient
-from hpcstage.protocol.messages import StageOutItem, StageOutProgress, StageOutRequest
+from hpcstage.protocol.messages import (
+    NO_LIMITS,
+    StageOutItem,
+    StageOutProgress,
+    StageOutRequest,
+)
+from hpcstage.staging import rates as rate_shares
 from hpcstage.staging.agents import AgentClient
 from hpcstage.staging.nodes import NodePool
+from hpcstage.staging.rates import RateShares
 from hpcstage.staging.records import StagingRecords, apply, key_of, staging_row
 from hpcstage.store.protocol import parse_s3_url
 from hpcstage.watch.fold import log_event, split_nodes
@@ -46,6 +54,7 @@ class StageOut:
     db: sessionmaker[Session]
     nodes: NodePool
     records: StagingRecords
+    rates: RateShares | None = None  # each node's store rate limits (None: none)
 
     async def run(self, action: planner.StageOut) -> None:
         """One attempt: every stage-out directive of the job that should run."""
@@ -144,8 +153,11 @@ class StageOut:
                     writer=flags.writer,
                 )
             ],
+            rates=NO_LIMITS,  # the node's, as of the call: below
         )
-        reply = await AgentClient(rpc, rpc.name).stage_out(params, on_progress)
+        async with rate_shares.transferring(self.rates, rpc.name) as rates:
+            params = dataclasses.replace(params, rates=rates)
+            reply = await AgentClient(rpc, rpc.name).stage_out(params, on_progress)
         written = next((r.written for r in reply.items if r.request_id == request_id), "")
         self.records.finish(staging_id, progress, written)
 

@@ -37,11 +37,13 @@ class LeanGet(LeanClient):
             self._fell_back(str(why))
             return None
         self._served()
+        await self._throttle.download.take(len(body))  # the next GET waits for this one's bytes
         return body
 
     async def _get(self, path: str, size: int, etag: str) -> bytes:
         request = self._request(path)
         for attempt in range(2):
+            await self._throttle.requests.take(1)
             conn, reused = await self._connection()
             keep = False
             try:

@@ -22,6 +22,7 @@ from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
 from hpcstage.store.sigv4 import EMPTY_SHA256, SigV4, amz_now
+from hpcstage.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class LeanClient:
         read_timeout: float,
         max_idle: int,
         clock: Callable[[], str] = amz_now,
+        throttle: Throttle | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.stats = LeanStats()
@@ -109,6 +111,7 @@ class LeanClient:
         self._idle = []
         self._lock = threading.Lock()
         self._clock = clock
+        self._throttle = throttle or Throttle()  # the agent's rate limits (none by default)
 
     def _signed(self, path: str, extra: Mapping[str, str]) -> bytes:
         """The bytes of a SigV4-signed ``GET path`` with the ``extra`` headers (lowercase,

@@ -32,6 +32,11 @@ class RangeAbort:
     def aborted(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def event(self) -> threading.Event:
+        """Set on abort (a rate limit's wait ends on it)."""
+        return self._event
+
     def attach(self, sock: socket.socket | None) -> None:
         with self._lock:
             self._sock = sock
@@ -106,6 +111,7 @@ class RangeGet(LeanClient):
         offset, length = span
         request = self._request(path, offset, length)
         for attempt in range(2):
+            self._throttle.requests.take_blocking(1, abort.event)
             sock, reused = self._connection()
             abort.attach(sock)
             keep = done = False
@@ -119,7 +125,7 @@ class RangeGet(LeanClient):
                         continue
                     raise Fallback(f"connection: {type(exc).__name__}") from exc
                 keep = self._check_head(head, ref, span)
-                _read_body(sock, rest, sink, span, on_bytes, abort)
+                _read_body(sock, rest, sink, span, on_bytes, abort, self._pace)
                 done = True
                 return
             except _Closed as exc:
@@ -133,6 +139,10 @@ class RangeGet(LeanClient):
                 # Only a connection that carried a whole answer can carry the next one.
                 self._put_back(sock, done and keep and not abort.aborted)
         raise Fallback("connection closed twice")
+
+    def _pace(self, received: int, abort: RangeAbort) -> None:
+        """Hold the thread until ``received`` bytes fit the agent's download limit."""
+        self._throttle.download.take_blocking(received, abort.event)
 
     def _request(self, path: str, offset: int, length: int) -> bytes:
         return self._signed(path, {"range": f"bytes={offset}-{offset + length - 1}"})
@@ -223,8 +233,10 @@ def _read_body(
     span: tuple[int, int],
     on_bytes: Callable[[int], None],
     abort: RangeAbort,
+    pace: Callable[[int, RangeAbort], None],
 ) -> None:
-    """Receive exactly ``span``'s length into ``sink`` at its offset, a buffer at a time."""
+    """Receive exactly ``span``'s length into ``sink`` at its offset, a buffer at a time,
+    each buffer paced by the download limit (``pace``) before the next is read."""
     offset, length = span
     if len(rest) > length:
         raise Fallback("more bytes than the range")
@@ -240,6 +252,7 @@ def _read_body(
             if not got:
                 raise _Closed()
             filled += got
+        pace(want, abort)
         sink.write(view[:want], offset + done)
         done += want
         filled = 0

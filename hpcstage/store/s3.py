@@ -45,6 +45,7 @@ from hpcstage.store.protocol import (
 from hpcstage.store.s3_bucket import ADDRESSING_STYLES, BucketSettings, S3Bucket, unquoted_etag
 from hpcstage.store.s3_download import LeanBody, S3Downloader, WriteStats
 from hpcstage.store.s3_errors import error_code
+from hpcstage.store.throttle import Throttle
 from hpcstage.store.upload_bodies import FileRange, MemoryBudget, md5_of_range, read_with_md5
 from hpcstage.store.verify import check_md5, etag_is_md5
 
@@ -136,6 +137,7 @@ class S3Store:
         lean_get: bool = True,
         direct_writes: bool = True,
         writeback_hints: bool = True,
+        throttle: Throttle | None = None,
     ) -> None:
         if part_size < S3_MIN_PART or max_connections < 1:
             raise ValueError("part_size must be at least 5 MiB and max_connections at least 1")
@@ -156,7 +158,8 @@ class S3Store:
         )
         self.bucket = bucket
         self.store_id = settings.store_id
-        self._bucket = S3Bucket(settings, retry, on_retry)
+        self._throttle = throttle or Throttle()
+        self._bucket = S3Bucket(settings, retry, on_retry, self._throttle)
         self._downloader = S3Downloader(
             self._bucket,
             settings,
@@ -165,6 +168,7 @@ class S3Store:
             lean_get=lean_get,
             direct_writes=direct_writes,
             writeback_hints=writeback_hints,
+            throttle=self._throttle,
         )
         self._part_size = part_size
         self._threshold = multipart_threshold
@@ -313,6 +317,7 @@ class S3Store:
             async with answer["Body"] as body:
                 self._bucket.check_same(ref, answer.get("ETag"))
                 data = bytes(await body.read())
+            await self._throttle.download.take(len(data))
             if len(data) != length:
                 raise TransientStoreError(
                     f"get {self.url(ref.key)}: asked for {length} bytes at {start}, got {len(data)}"
@@ -423,6 +428,9 @@ class S3Store:
         meta: dict[str, str],
     ) -> str:
         try:
+            # Uploads are paced per object or part, before each attempt sends it (botocore
+            # reads a body once to sign it and again to send it: its reads cannot be paced).
+            await self._throttle.upload.take(len(data))
             answer = await self._bucket.request(
                 "put",
                 key,
@@ -467,6 +475,7 @@ class S3Store:
     async def _put_part_once(
         self, key: str, upload_id: str, part: Part, fd: int, md5: bytes
     ) -> str:
+        await self._throttle.upload.take(part.length)  # paced per part: see _put_once
         answer = await self._bucket.request(
             "put part",
             key,

@@ -23,6 +23,7 @@ from hpcstage.store.s3_errors import (
     shown,
     translate_s3_error,
 )
+from hpcstage.store.throttle import Throttle
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
@@ -69,9 +70,14 @@ class S3Bucket:
     """
 
     def __init__(
-        self, settings: BucketSettings, retry: RetryPolicy, on_retry: OnRetry | None
+        self,
+        settings: BucketSettings,
+        retry: RetryPolicy,
+        on_retry: OnRetry | None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.name = settings.bucket
+        self.throttle = throttle or Throttle()  # the agent's rate limits (none by default)
         self.store_id = settings.store_id
         self._retry = retry
         self._on_retry = on_retry
@@ -119,7 +125,9 @@ class S3Bucket:
             return self._s3
 
     async def request(self, op: str, key: str, fn: Callable[[S3Client], Awaitable[T]]) -> T:
-        """One request, vendor errors translated; no retry."""
+        """One request, vendor errors translated; no retry. It starts when the request rate
+        limit lets it."""
+        await self.throttle.requests.take(1)
         try:
             client = await self.client()
         except VENDOR_ERRORS as exc:

@@ -41,6 +41,7 @@ from hpcstage.store.ranged import RangeAbort, RangeGet
 from hpcstage.store.s3_bucket import BucketSettings, S3Bucket
 from hpcstage.store.s3_errors import VENDOR_ERRORS, translate_s3_error
 from hpcstage.store.sigv4 import SigV4
+from hpcstage.store.throttle import Throttle
 from hpcstage.store.verify import PLAIN_MD5, Checks, etag_is_md5, md5_contradicts
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ class _PartsPlan:
     direct: bool  # parts the lean ranged GET fetches may be written with O_DIRECT
 
 
-def make_lean(settings: BucketSettings) -> LeanClients | None:
+def make_lean(settings: BucketSettings, throttle: Throttle | None = None) -> LeanClients | None:
     """The lean GET clients for the bucket of ``settings`` (whole small objects, parts of big
     ones), or None where the SDK must do every request.
 
@@ -150,6 +151,7 @@ def make_lean(settings: BucketSettings) -> LeanClients | None:
         "connect_timeout": settings.connect_timeout,
         "read_timeout": settings.read_timeout,
         "max_idle": settings.max_connections,
+        "throttle": throttle,
     }
     return LeanClients(LeanGet(endpoint, signer, **options), RangeGet(endpoint, signer, **options))
 
@@ -181,8 +183,10 @@ class S3Downloader:
         lean_get: bool,
         direct_writes: bool,
         writeback_hints: bool = True,
+        throttle: Throttle | None = None,
     ) -> None:
         self._bucket = bucket
+        self._throttle = throttle or Throttle()
         self._writeback = writeback_hints
         self._part_size = part_size
         self._threshold = threshold
@@ -191,7 +195,7 @@ class S3Downloader:
         self._opaque_etags = False  # an object's MD5-looking ETag was none (SSE-KMS, SSE-C)
         self._range_threads: ThreadPoolExecutor | None = None
         self.write_stats = WriteStats()
-        lean = make_lean(settings) if lean_get else None
+        lean = make_lean(settings, self._throttle) if lean_get else None
         self._lean: LeanGet | None = lean.whole if lean is not None else None
         self._ranged: RangeGet | None = lean.ranged if lean is not None else None
 
@@ -527,6 +531,7 @@ class S3Downloader:
         written = 0
         while chunk := await self._read_chunk(key, body):
             self._check_count(key, written + len(chunk), expected, at_most=True)
+            await self._throttle.download.take(len(chunk))  # the next read waits for these
             # pwrite and hashing run in a thread: hashlib releases the GIL, the loop stays free.
             await asyncio.to_thread(pwrite_hashed, fd, chunk, offset + written, hashers)
             written += len(chunk)

@@ -58,6 +58,7 @@ from hpcstage.errors import (
     TransientStoreError,
 )
 from hpcstage.protocol.messages import (
+    NO_LIMITS,
     AgentStoreSettings,
     EvictRequest,
     HelloRequest,
@@ -125,7 +126,7 @@ class Node:
         assert self.agent is not None
         source = SourceSpec(kind=kind, bucket=B, key=key, path="")
         item = StageItem(1, source, "data", None, "", None, "")
-        request = StageRequest(job or JOB, "", view=not job, items=[item])
+        request = StageRequest(job or JOB, "", view=not job, items=[item], rates=NO_LIMITS)
         return dict(to_wire(await stagein.stage(self.agent, request, lambda _: None)))
 
     async def settle(self) -> None:

@@ -300,6 +300,13 @@ def test_default_high_watermark_below_a_raised_low_watermark() -> None:
         ('[transfer]\nbackoff_max = "0.1s"', "transfer.backoff_max: must be at least"),
         ("[transfer]\nconcurrency = 5000", "transfer.concurrency: must be less than or equal"),
         ("[transfer]\nretries = -1", "transfer.retries: must be greater than or equal to 0"),
+        (
+            '[transfer]\nnode_download_rate = "10M/s"',
+            "transfer.node_download_rate: ambiguous size unit 'M' in '10M/s'",
+        ),
+        ('[transfer]\nsite_upload_rate = "fast"', "transfer.site_upload_rate: invalid rate 'fast'"),
+        ("[transfer]\nnode_request_rate = -1", "transfer.node_request_rate: must be greater than"),
+        ('[transfer]\nsite_request_rate = "50/s"', "transfer.site_request_rate: must be a number"),
         ("[cache]\nhigh_watermark = 1.5", "cache.high_watermark: must be less than or equal"),
         ("[cache]\nmax_bytes = 0", "cache.max_bytes: must be at least 1B"),
         ('[cache]\nmax_bytes = "10G"', "cache.max_bytes: ambiguous size unit 'G'"),

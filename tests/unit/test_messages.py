@@ -78,9 +78,13 @@ def stage_item(**over: Any) -> dict[str, Any]:
     return {**item, **over}
 
 
+NO_RATES = {"download": 0, "upload": 0, "requests": 0.0}
+
+
 def test_a_well_formed_request_decodes_to_its_type() -> None:
     got = from_wire(
-        m.StageRequest, {"job": "7", "user": "u", "view": True, "items": [stage_item()]}
+        m.StageRequest,
+        {"job": "7", "user": "u", "view": True, "items": [stage_item()], "rates": NO_RATES},
     )
     assert got.items[0].source.kind is SourceKind.S3_OBJECT
     assert got.items[0].max_bytes is None and got.items[0].max_objects == 5
@@ -99,7 +103,7 @@ def test_a_well_formed_request_decodes_to_its_type() -> None:
     ],
 )
 def test_decoding_is_strict_and_names_the_field(item: dict[str, Any], complaint: str) -> None:
-    params = {"job": "7", "user": "u", "view": True, "items": [item]}
+    params = {"job": "7", "user": "u", "view": True, "items": [item], "rates": NO_RATES}
     with pytest.raises(ProtocolError, match=r"StageRequest\.items\[0\]") as caught:
         from_wire(m.StageRequest, params)
     assert complaint in str(caught.value)
@@ -207,7 +211,7 @@ def test_every_message_the_daemon_builds_decodes_to_exactly_itself(parts: Parts)
     session = Recorder(REPLIES)
     sent = _sent_by(parts, session)
     request_id, staging_id = _staging(parts.db, "in", "s3://data/dir/file.bin", "file.bin")
-    call = m.StageRequest("7", "bob", view=True, items=[])
+    call = m.StageRequest("7", "bob", view=True, items=[], rates=m.NO_LIMITS)
     budget = quota.Budget(None, "no quota")
     objects = limits.ObjectBudget(10, "a limit")
     asyncio.run(

@@ -1,0 +1,244 @@
+"""The token bucket (hpcstage.core.ratelimit) with a fake clock, the agent's Limiter around it,
+a node's share of a site limit, and the rate settings."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, cast
+
+import pytest
+
+from hpcstage.config.schema import TransferSettings
+from hpcstage.core.ratelimit import TokenBucket, burst_for, node_share
+from hpcstage.core.units import format_rate, parse_rate
+from hpcstage.protocol.messages import RateLimits
+from hpcstage.staging.nodes import NodePool
+from hpcstage.staging.rates import RateShares, node_rates
+from hpcstage.store.throttle import Limiter
+
+MIB = 2**20
+
+
+def test_an_unlimited_bucket_never_makes_anyone_wait() -> None:
+    bucket = TokenBucket.start(0, now=0.0)
+    assert all(bucket.reserve(10**12, now=0.0) == 0.0 for _ in range(100))
+
+
+def test_a_full_bucket_lets_its_burst_through_then_paces_at_the_rate() -> None:
+    bucket = TokenBucket.start(8 * MIB, now=0.0)
+    assert bucket.burst == 8 * MIB  # one second's worth
+    assert [bucket.reserve(MIB, now=0.0) for _ in range(8)] == [0.0] * 8
+    # Beyond the burst each MiB waits an eighth of a second more than the one before.
+    waits = [bucket.reserve(MIB, now=0.0) for _ in range(4)]
+    assert waits == pytest.approx([0.125, 0.25, 0.375, 0.5])
+
+
+def test_the_bucket_refills_with_time_but_no_further_than_its_burst() -> None:
+    bucket = TokenBucket.start(100, now=0.0)
+    assert bucket.reserve(100, now=0.0) == 0.0
+    assert bucket.reserve(50, now=0.5) == 0.0  # 50 tokens earned in half a second
+    assert bucket.reserve(1, now=0.5) == pytest.approx(0.01)
+    bucket2 = TokenBucket.start(100, now=0.0)
+    assert bucket2.reserve(101, now=3600.0) == pytest.approx(0.01)  # an hour idle: still 100
+
+
+def test_over_any_span_at_most_burst_plus_rate_times_span_is_granted() -> None:
+    """The bound the integration tests rely on: n tokens need (n - burst) / rate seconds."""
+    rate = 8 * MIB
+    bucket = TokenBucket.start(rate, now=0.0)
+    last = 0.0
+    for _ in range(40):  # 40 MiB, asked for all at once
+        last = bucket.reserve(MIB, now=0.0)
+    assert last == pytest.approx((40 * MIB - burst_for(rate)) / rate)
+
+
+def test_a_reservation_bigger_than_the_burst_is_granted_after_its_debt() -> None:
+    bucket = TokenBucket.start(10, now=0.0)
+    assert bucket.reserve(30, now=0.0) == pytest.approx(2.0)
+    assert bucket.reserve(1, now=2.0) == pytest.approx(0.1)  # the debt was paid by then
+
+
+def test_callers_are_served_in_turn_so_none_starves() -> None:
+    """Two transfers taking a chunk each in turn get equal shares: waits grow evenly and a
+    latecomer waits behind those before it, never behind those after it."""
+    bucket = TokenBucket.start(10, now=0.0)
+    bucket.reserve(10, now=0.0)  # the burst is spent
+    a = [bucket.reserve(1, now=0.0) for _ in range(1)]
+    b = [bucket.reserve(1, now=0.0) for _ in range(1)]
+    a += [bucket.reserve(1, now=0.0)]
+    b += [bucket.reserve(1, now=0.0)]
+    assert a == pytest.approx([0.1, 0.3]) and b == pytest.approx([0.2, 0.4])
+
+
+def test_a_lower_rate_caps_what_was_saved_and_keeps_the_debt() -> None:
+    bucket = TokenBucket.start(100, now=0.0)
+    bucket.set_rate(10, now=0.0)
+    assert bucket.tokens == 10  # the new burst
+    assert bucket.reserve(20, now=0.0) == pytest.approx(1.0)
+    bucket.set_rate(20, now=0.0)  # a debt granted at the old rate stays owed
+    assert bucket.reserve(1, now=0.0) == pytest.approx(11 / 20)
+
+
+def test_a_bucket_given_a_rate_after_none_starts_full_and_can_be_lifted_again() -> None:
+    bucket = TokenBucket.start(0, now=0.0)
+    bucket.set_rate(10, now=5.0)
+    assert bucket.reserve(10, now=5.0) == 0.0
+    assert bucket.reserve(10, now=5.0) == pytest.approx(1.0)
+    bucket.set_rate(0, now=5.0)
+    assert bucket.reserve(10**9, now=5.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("node", "site", "transferring", "share"),
+    [
+        (0, 0, 3, 0),  # no limits
+        (100, 0, 3, 100),  # the node's own
+        (0, 90, 3, 30),  # an equal share of the site's
+        (20, 90, 3, 20),  # the smaller of both
+        (50, 90, 1, 50),
+        (0, 90, 0, 90),  # the first node to start counts itself
+    ],
+)
+def test_a_node_gets_its_own_limit_or_its_share_of_the_site_whichever_is_smaller(
+    node: float, site: float, transferring: int, share: float
+) -> None:
+    assert node_share(node, site, transferring) == share
+
+
+def test_the_daemon_tells_each_node_all_three_limits() -> None:
+    settings = TransferSettings.model_validate(
+        {
+            "node_download_rate": "8MiB/s",
+            "site_download_rate": "10MiB/s",
+            "site_upload_rate": 1000,
+            "node_request_rate": 50,
+        }
+    )
+    assert node_rates(settings, 2) == RateLimits(download=5 * MIB, upload=500, requests=50.0)
+    assert node_rates(settings, 1) == RateLimits(download=8 * MIB, upload=1000, requests=50.0)
+    # A share that rounds to no byte at all is still a limit (0 would mean none).
+    assert node_rates(settings, 3000).upload == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [("200MiB/s", 200 * MIB), ("1GB/s", 10**9), ("64MiB", 64 * MIB), (0, 0), ("8 MiB/s", 8 * MIB)],
+)
+def test_rates_parse_like_sizes_per_second(text: str | int, rate: int) -> None:
+    assert parse_rate(text) == rate
+    assert parse_rate(format_rate(rate)) == rate
+
+
+@pytest.mark.parametrize("bad", ["10M/s", "fast", "-1MiB/s", "1.5B/s"])
+def test_a_bad_rate_says_what_was_expected(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"rate|size unit") as caught:
+        parse_rate(bad)
+    assert repr(bad) in str(caught.value)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_limiter_sleeps_once_for_its_reservation(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, slept = FakeClock(), []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    limiter = Limiter(4, clock)
+    for _ in range(6):
+        asyncio.run(limiter.take(1))
+    assert slept == pytest.approx([0.25, 0.5])  # the burst of 4 passed without sleeping
+
+
+def test_an_unlimited_limiter_never_reserves() -> None:
+    limiter = Limiter()
+    assert not limiter.active
+    asyncio.run(limiter.take(10**12))
+    limiter.take_blocking(10**12)
+    assert limiter.reserve(1) == 0.0
+
+
+def test_a_waiting_thread_is_released_by_its_stop_event() -> None:
+    limiter = Limiter(1)
+    limiter.reserve(1000)  # 999 s of debt
+    stop = threading.Event()
+    stop.set()
+    started = time.monotonic()
+    limiter.take_blocking(1, stop)
+    assert time.monotonic() - started < 5
+
+
+class RecordingAgent:
+    """A node's session that records the ``rates`` calls it is sent."""
+
+    def __init__(self, name: str, told: list[tuple[str, dict[str, Any]]]) -> None:
+        self.name, self._told = name, told
+
+    async def call(self, op: str, params: dict[str, Any], on_progress: Any = None) -> Any:
+        self._told.append((self.name, {"op": op, **params}))
+        return {}
+
+
+class Nodes:
+    def __init__(self) -> None:
+        self.told: list[tuple[str, dict[str, Any]]] = []
+
+    async def agent(self, node: str) -> Any:
+        return RecordingAgent(node, self.told)
+
+    def node_failed(self, node: str) -> None:  # pragma: no cover - not called here
+        pass
+
+
+def test_the_site_share_follows_the_nodes_that_start_and_finish() -> None:
+    settings = TransferSettings.model_validate({"site_download_rate": 90, "node_upload_rate": 7})
+
+    async def scenario() -> tuple[list[int], list[tuple[str, dict[str, Any]]]]:
+        nodes = Nodes()
+        shares = RateShares(settings, cast(NodePool, nodes))
+        got = []
+        async with shares.transferring("n1") as alone:
+            got.append(alone.download)
+            async with shares.transferring("n2") as second:
+                got.append(second.download)
+                await asyncio.sleep(0)  # the others are told in tasks of their own
+                async with shares.transferring("n2") as again:  # a second call on n2
+                    got.append(again.download)
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return got, nodes.told
+
+    got, told = asyncio.run(scenario())
+    assert got == [90, 45, 45]
+    # n1 heard of n2 starting and finishing (n2's second call changed no share); nobody is
+    # told anything once it is no longer transferring.
+    limits = {"download": 45, "upload": 7, "requests": 0.0}
+    assert told == [
+        ("n1", {"op": "rates", **limits}),
+        ("n1", {"op": "rates", **limits, "download": 90}),
+    ]
+
+
+def test_without_site_limits_no_node_is_ever_told_anything_between_calls() -> None:
+    settings = TransferSettings.model_validate({"node_download_rate": 90})
+
+    async def scenario() -> list[tuple[str, dict[str, Any]]]:
+        nodes = Nodes()
+        shares = RateShares(settings, cast(NodePool, nodes))
+        async with shares.transferring("n1"), shares.transferring("n2") as second:
+            assert second.download == 90
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return nodes.told
+
+    assert asyncio.run(scenario()) == []
