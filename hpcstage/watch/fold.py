@@ -37,7 +37,7 @@ FLUSH_EVERY = 500
 # auditing its directives) costs about a millisecond of the event loop, so a daemon started
 # beside a queue of 12,000 jobs would answer nobody for 12 s; in slices, the API and the
 # agents' sessions are served between them and the soonest jobs are staged first.
-ADMIT_PER_SYNC = 500
+ADMIT_PER_SYNC = 1000
 # One Slurm job, even where ids are reused: its id and its submit time.
 JobKey = tuple[int, float | None]
 
