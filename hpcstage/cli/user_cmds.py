@@ -386,12 +386,16 @@ def _user_name(uid: int | None) -> str:
 def warmup(config_path: Path | None, src: str, nodes: str, wait: bool, as_json: bool) -> None:
     """Prefetch SRC into the node-local cache of NODES, ahead of any job.
 
-    SRC is s3://bucket/key, s3://bucket/prefix/ or an absolute shared-filesystem path. Warm data
-    stays in the caches (shared by every later job that needs it) until evicted by policy.
+    SRC is s3://bucket/key, s3://bucket/prefix/ or an absolute shared-filesystem path, as in
+    --stage-in: a prefix may take filters (SRC::include=GLOB,exclude=GLOB; globs relative to
+    the prefix, '*' within one path component, '**' across any number, an exclude wins) and
+    an object a version (s3://bucket/key?versionId=V). Warm data stays in the caches (shared
+    by every later job that needs it) until evicted by policy.
 
     \b
-    Example:
+    Examples:
       hpcstage warmup s3://datasets/ligands/ --nodes n[1-3]
+      hpcstage warmup 's3://datasets/climate/::include=**/*.nc,exclude=tmp/**' --nodes n1
     """
     client, _ = _client(config_path)
     node_list = list(expand_hostlist(nodes))

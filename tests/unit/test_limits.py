@@ -59,7 +59,7 @@ def refs(n: int, size: int = 0) -> AsyncIterator[ObjectRef]:
 def item_of(budget: limits.ObjectBudget | None = None) -> StageItem:
     return StageItem(
         request_id=1,
-        source=SourceSpec(SourceKind.S3_PREFIX, "b", "p/", ""),
+        source=SourceSpec(SourceKind.S3_PREFIX, "b", "p/", "", [], [], ""),
         dest="p",
         max_bytes=None,
         quota_reason="",
