@@ -13,6 +13,7 @@ from hpcstage.core.directives import (
     SourceKind,
     decode_admin_comment,
     encode_admin_comment,
+    location,
     parse_args,
     parse_script,
     parse_source,
@@ -192,3 +193,12 @@ def test_a_pinned_version_is_its_own_cache_entry() -> None:
     # Unpinned objects keep the ids they had before versions existed (caches stay warm).
     assert current.cache_id == ObjectRef("s3", "b", "k", "e", 4, last_modified_ns=5).cache_id
     assert current == ObjectRef("s3", "b", "k", "e", 4, last_modified_ns=5)
+
+
+def test_the_overlap_check_compares_the_place_a_source_reads() -> None:
+    """A job whose input is filtered or pinned still waits for unfinished outputs under it."""
+    assert location("s3://bk1/p/?include=*.nc&exclude=tmp/**") == "s3://bk1/p/"
+    assert location("s3://bk1/k?versionId=v1") == "s3://bk1/k"
+    assert location("s3://bk1/what?.txt") == "s3://bk1/what?.txt"  # the key's own '?'
+    assert location("/shared/a?b") == "/shared/a?b"
+    assert location("s3://bk1/p/") == "s3://bk1/p/"

@@ -130,6 +130,17 @@ def parse_source(text: str) -> Source:
     return _with_query(source, query) if query else source
 
 
+def location(src: str) -> str:
+    """A stored stage-in source without its filter or version (``s3://b/p/?include=*.nc`` ->
+    ``s3://b/p/``): the place it reads, which the overlap check compares with outputs (a
+    filter only narrows it: a job still waits for any unfinished output under the prefix)."""
+    if "?" not in src:
+        return src  # the tick's fast path: almost every source
+    scheme, rest = _split_scheme(src)
+    head, query = _split_query(rest) if scheme == "s3" else (rest, [])
+    return f"s3://{head}" if query else src
+
+
 def _split_query(text: str) -> tuple[str, list[tuple[str, str]]]:
     """``BUCKET/KEY`` and the items of its query, if the text after its last '?' is one.
 
