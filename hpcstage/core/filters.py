@@ -6,8 +6,9 @@ A glob is matched against the part of the key after the prefix (``s3://b/data/``
   ``*``       any run of characters except '/' (within one path component)
   ``?``       one character except '/'
   ``[abc]``   one of these characters (ranges ``[a-z]``, negated ``[!abc]``); never '/'
-  ``**``      a whole component only: any number of components, none included
-              (``**/*.nc`` is every ``.nc`` at any depth, ``2024/**`` everything under 2024/)
+  ``**``      a whole component only: any number of components, none included, but at
+              least one at the end (``**/*.nc`` is every ``.nc`` at any depth, ``2024/**``
+              everything under 2024/, not an object named ``2024``)
 
 Every other character stands for itself (no backslash escapes: ``[*]`` is a literal '*').
 An object is taken when it matches some include (or there is none) and no exclude: an
@@ -60,39 +61,86 @@ def checked_filter(include: tuple[str, ...], exclude: tuple[str, ...]) -> KeyFil
 
 @functools.lru_cache(maxsize=1024)
 def _compiled(glob: str) -> re.Pattern[str]:
-    """The glob as a regular expression over a relative key (DirectiveError if malformed)."""
+    """The glob as a regular expression over a relative key (DirectiveError if malformed).
+
+    Globs come from users and keys from the store, so matching must not backtrack
+    exponentially (``*a*a*a*a*b`` against ``aaaa...``, or ``**/**/**/x`` against a deep key):
+    as in CPython's fnmatch, every wildcard but the last of its kind takes the earliest
+    match of what follows it inside an atomic group, which is always right for a glob and
+    keeps the work polynomial of low degree."""
     if not glob:
         raise DirectiveError("the glob is empty")
     if len(glob) > MAX_GLOB_CHARS:
         raise DirectiveError(f"the glob is longer than {MAX_GLOB_CHARS} characters")
     if glob.startswith("/"):
         raise DirectiveError("the glob starts with '/' (it is relative to the prefix)")
-    parts = glob.split("/")
-    pieces = [_component(part, last=index == len(parts) - 1) for index, part in enumerate(parts)]
+    parts = _components(glob)
     try:
-        return re.compile("".join(pieces), re.DOTALL)
+        return re.compile(_components_regex(parts), re.DOTALL)
     except re.error as err:  # e.g. a reversed range, [z-a]
         raise DirectiveError(f"not a valid glob ({err})") from None
 
 
-def _component(part: str, last: bool) -> str:
-    """One '/'-separated component of a glob as a regex (with its '/' unless it is last)."""
-    if part == "**":
-        # Zero or more whole components: 'a/**/b' matches 'a/b' and 'a/x/y/b'.
-        return ".*" if last else "(?:[^/]*/)*"
-    if "**" in part:
-        raise DirectiveError("'**' must be a whole path component (as in 'a/**/b.nc')")
-    if not part and not last:
-        raise DirectiveError("the glob has an empty component ('//')")
-    return _translate(part) + ("" if last else "/")
+def _components(glob: str) -> list[str]:
+    """The glob's '/'-separated components, checked, runs of '**' folded into one."""
+    parts: list[str] = []
+    split = glob.split("/")
+    for index, part in enumerate(split):
+        if "**" in part and part != "**":
+            raise DirectiveError("'**' must be a whole path component (as in 'a/**/b.nc')")
+        if not part and index < len(split) - 1:
+            raise DirectiveError("the glob has an empty component ('//')")
+        if not (part == "**" and parts and parts[-1] == "**"):
+            parts.append(part)
+    return parts
 
 
-def _translate(part: str) -> str:
-    out, index = [], 0
+def _components_regex(parts: list[str]) -> str:
+    """Components as a regex: ``**`` is any number of whole components. Each ``**`` but the
+    last takes the earliest run of components that matches what follows it, atomically."""
+    last_any = max((i for i, part in enumerate(parts) if part == "**"), default=-1)
+    out: list[str] = []
+    index = 0
+    while index < len(parts):
+        part = parts[index]
+        if part == "**" and index == len(parts) - 1:
+            out.append(".*")
+        elif part == "**" and index < last_any:
+            following = parts.index("**", index + 1)
+            run = "".join(_component(p) + "/" for p in parts[index + 1 : following])
+            out.append(f"(?>(?:[^/]*/)*?{run})")
+            index = following
+            continue
+        elif part == "**":
+            out.append("(?:[^/]*/)*")
+        else:
+            out.append(_component(part) + ("/" if index < len(parts) - 1 else ""))
+        index += 1
+    return "".join(out)
+
+
+def _component(part: str) -> str:
+    """One component (no '/') as a regex: ``*`` any run within it, each ``*`` but the last
+    taking the earliest match of what follows it (atomically), as fnmatch does."""
+    pieces = _tokens(part)
+    stars = [i for i, piece in enumerate(pieces) if piece is None]
+    if not stars:
+        return "".join(p for p in pieces if p is not None)
+    out = ["".join(p for p in pieces[: stars[0]] if p is not None)]
+    for star, following in zip(stars, [*stars[1:], len(pieces)], strict=True):
+        segment = "".join(p for p in pieces[star + 1 : following] if p is not None)
+        out.append(f"[^/]*{segment}" if star == stars[-1] else f"(?>[^/]*?{segment})")
+    return "".join(out)
+
+
+def _tokens(part: str) -> list[str | None]:
+    """The component's pieces: one regex per character or class, None for each ``*``."""
+    out: list[str | None] = []
+    index = 0
     while index < len(part):
         char = part[index]
         if char == "*":
-            out.append("[^/]*")
+            out.append(None)
         elif char == "?":
             out.append("[^/]")
         elif char == "[":
@@ -102,7 +150,7 @@ def _translate(part: str) -> str:
         else:
             out.append(re.escape(char))
         index += 1
-    return "".join(out)
+    return out
 
 
 def _char_class(part: str, start: int) -> tuple[str, int]:
