@@ -214,6 +214,8 @@ def test_a_pinned_version() -> None:
         ("s3://bk1/k?versionId=v1&versionId=v2", "more than one versionId"),
         ("s3://bk1/k?versionId=a%20b", "is not an S3 version id"),
         ("s3://bk1/k?versionId=", "is not an S3 version id"),
+        ("s3://bk1/k?versionId=%FF", "is not UTF-8"),
+        ("s3://bk1/p/?include=a%00b", "control character"),
     ],
 )
 def test_bad_versions(value: str, message: str) -> None:

@@ -152,7 +152,19 @@ def _split_query(text: str) -> tuple[str, list[tuple[str, str]]]:
     items = [item.partition("=") for item in tail.split("&")]
     if not all(eq and name in _QUERY_NAMES for name, eq, _ in items):
         return text, []
-    return head, [(name, unquote(value, errors="strict")) for name, _, value in items]
+    return head, [(name, _unquoted(name, value)) for name, _, value in items]
+
+
+def _unquoted(name: str, value: str) -> str:
+    try:
+        text = unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise DirectiveError(f"{name}={quoted(value)} is not UTF-8 once %-decoded") from None
+    try:
+        check_text(text)  # '%00' must not bring back what the value itself may not hold
+    except DirectiveError as err:
+        raise DirectiveError(f"{name}={quoted(value)}: {err}") from None
+    return text
 
 
 def _with_query(source: Source, query: list[tuple[str, str]]) -> Source:
