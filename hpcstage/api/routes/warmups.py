@@ -21,7 +21,13 @@ router = APIRouter(prefix="/api/v1/warmups")
 class WarmupIn(BaseModel):
     """Body of POST /api/v1/warmups."""
 
-    src: Text = Field(description="s3://bucket/key, s3://bucket/prefix/ or /shared/path")
+    src: Text = Field(
+        description=(
+            "as a --stage-in value: s3://bucket/key (?versionId=V pins a version),"
+            " s3://bucket/prefix/ (::include=GLOB,exclude=GLOB filters it) or /shared/path"
+        ),
+        examples=["s3://datasets/climate/::include=**/*.nc,exclude=tmp/**"],
+    )
     nodes: list[Text] = Field(min_length=1, description="node names, expanded")
 
 
