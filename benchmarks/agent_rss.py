@@ -105,7 +105,7 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        source = SourceSpec(SourceKind.PATH, bucket="", key="", path=str(src))
+        source = SourceSpec(SourceKind.PATH, "", "", str(src), [], [], "")
         item = StageItem(1, source, "data", None, "", None, "")
         # Staged for this user (a path source is read as the job's user would read it).
         stage = StageRequest("bench", getpass.getuser(), view=True, items=[item], rates=NO_LIMITS)

@@ -70,6 +70,87 @@ static const char *check_relative(const char *start, const char *end, int allow_
 	return NULL;
 }
 
+/* Does [p, end) start with include= or exclude=? */
+static int filter_item_at(const char *p, const char *end)
+{
+	size_t n = (size_t)(end - p);
+
+	return (n >= 8 && (strncmp(p, "include=", 8) == 0 || strncmp(p, "exclude=", 8) == 0));
+}
+
+/* The first ':' in [p, end) that starts FILTERS (":include=" or ":exclude="), or NULL. */
+static const char *filters_start(const char *p, const char *end)
+{
+	for (; p < end; p++)
+		if (*p == ':' && filter_item_at(p + 1, end))
+			return p;
+	return NULL;
+}
+
+/* One glob [p, end): not empty, relative, '[' closed, '**' only as a whole component. */
+static const char *check_glob(const char *p, const char *end)
+{
+	const char *part = p;
+
+	if (p == end)
+		return "an include=/exclude= glob is empty";
+	if (*p == '/')
+		return "an include=/exclude= glob starts with '/' (it is relative to the prefix)";
+	for (const char *q = p; q < end; q++) {
+		if (*q == '[') {
+			const char *close = q + 1;
+			if (close < end && (*close == '!' || *close == '^'))
+				close++;
+			if (close < end && *close == ']')
+				close++; /* a ']' first in the class is literal */
+			while (close < end && *close != ']')
+				close++;
+			if (close == end)
+				return "an include=/exclude= glob has a '[' without its ']'";
+			q = close;
+		} else if (*q == '*' && q + 1 < end && q[1] == '*') {
+			const char *after = q + 2;
+			if (q != part || (after < end && *after != '/'))
+				return "'**' in an include=/exclude= glob must be a whole path component";
+			q++;
+		} else if (*q == '/') {
+			part = q + 1;
+		}
+	}
+	return NULL;
+}
+
+/* FILTERS [p, end): include=GLOB / exclude=GLOB items split at a ',' before the next one. */
+static const char *check_filters(const char *p, const char *end)
+{
+	while (p < end) {
+		const char *glob = p + 8, *q = glob;
+		while (q < end && !(*q == ',' && filter_item_at(q + 1, end)))
+			q++;
+		const char *why = check_glob(glob, q);
+		if (why != NULL)
+			return why;
+		p = q < end ? q + 1 : end;
+	}
+	return NULL;
+}
+
+/* DEST[:FILTERS] after the SRC's ':' (an empty DEST before FILTERS keeps the default). */
+static const char *check_dest_filters(const char *dest, const char *end)
+{
+	if (filter_item_at(dest, end))
+		return "DEST starts with include=/exclude=: write SRC::include=GLOB for the default DEST";
+	const char *filters = filters_start(dest, end);
+	if (filters == NULL)
+		return check_relative(dest, end, 0);
+	if (filters != dest) {
+		const char *why = check_relative(dest, filters, 0);
+		if (why != NULL)
+			return why;
+	}
+	return check_filters(filters + 1, end);
+}
+
 const char *hs_check_stage_in(const char *value)
 {
 	const char *why = check_text(value);
@@ -95,7 +176,7 @@ const char *hs_check_stage_in(const char *value)
 			? "the SRC path has an empty, '.' or '..' component" : NULL;
 	}
 	if (why == NULL && colon != NULL)
-		why = check_relative(colon + 1, end, 0);
+		why = check_dest_filters(colon + 1, end);
 	return why;
 }
 

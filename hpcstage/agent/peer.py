@@ -22,7 +22,9 @@ from typing import Final
 
 from hpcstage.agent.context import NodeContext
 from hpcstage.cache.commit import GROUP_COMMIT_MAX
+from hpcstage.cache.index import Row
 from hpcstage.core.directives import SourceKind
+from hpcstage.core.filters import KeyFilter
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import HpcstageError
 from hpcstage.protocol.messages import (
@@ -48,23 +50,36 @@ _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class _Scope:
-    """Which cached objects a source covers: one exact key, or the keys under a prefix."""
+    """Which cached objects a source covers: one exact key, or the keys under a prefix that
+    its include/exclude globs take (a filtered-out object is never copied either)."""
 
     store_id: str
     bucket: str
     key: str
     exact: bool
+    key_filter: KeyFilter
 
     def covers(self, key: str) -> bool:
-        return key == self.key if self.exact else key.startswith(self.key)
+        if self.exact:
+            return key == self.key
+        return key.startswith(self.key) and self.key_filter.takes(key[len(self.key) :])
+
+    def current(self, row: Row) -> bool:
+        """Whether ``row`` is an object as listed (not a pinned version of its key, which a
+        peer could not verify against the identity it is sent under)."""
+        ref = ObjectRef(self.store_id, self.bucket, row.key, row.etag, row.size)
+        return ref.cache_id == row.cache_id
 
 
 def _source_scope(ctx: NodeContext, source: SourceSpec) -> _Scope:
     """The scope of an S3 source; HpcstageError for any other."""
     if source.kind not in PEER_KINDS:
         raise HpcstageError(f"peer copy covers S3 sources only, not {source.kind.value!r}")
+    if source.version_id:
+        raise HpcstageError("peer copy does not cover a pinned object version")
     store_id = ctx.stores.s3(source.bucket).store_id
-    return _Scope(store_id, source.bucket, source.key, source.kind is SourceKind.S3_OBJECT)
+    exact = source.kind is SourceKind.S3_OBJECT
+    return _Scope(store_id, source.bucket, source.key, exact, source.key_filter())
 
 
 async def peer_list(ctx: NodeContext, request: PeerListRequest) -> PeerListReply:
@@ -77,7 +92,7 @@ async def peer_list(ctx: NodeContext, request: PeerListRequest) -> PeerListReply
     found = [
         PeerObject(r.cache_id, r.key, r.etag, r.size, r.sha256)
         for r in rows
-        if r.size <= PEER_MAX and scope.covers(r.key)
+        if r.size <= PEER_MAX and scope.covers(r.key) and scope.current(r)
     ]
     return PeerListReply(objects=found, next="" if scope.exact else cursor)
 

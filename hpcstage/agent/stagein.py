@@ -22,6 +22,7 @@ from hpcstage.cache import PendingObject, key_dest
 from hpcstage.cache.commit import GROUP_COMMIT_MAX
 from hpcstage.core import limits
 from hpcstage.core.directives import SourceKind, quoted
+from hpcstage.core.filters import KeyFilter
 from hpcstage.core.identity import ObjectRef
 from hpcstage.core.units import format_size
 from hpcstage.errors import CacheError, HpcstageError, QuotaError
@@ -118,7 +119,10 @@ class _Stager:
             return counters.progress(item.request_id)
         dest = PurePosixPath(item.dest)
         store, prefix, is_prefix = self._open_store(item.source)
-        refs = _limited(_refs(store, prefix, is_prefix, counters), item)
+        listed = _refs(store, prefix, is_prefix, counters, item.source)
+        # Filtered before the budget: an object a filter leaves out is neither counted nor
+        # fetched.
+        refs = _limited(_taken(listed, prefix, item.source.key_filter()), item)
         if item.source.kind is SourceKind.PATH and self.job is not None and self.user:
             # Read as the service account, so checked as the job's user first (docs/security.md).
             # A warmup only fills the cache, which no user reads: a job's staging checks again.
@@ -211,15 +215,24 @@ class _Stager:
 
 
 async def _refs(
-    store: ObjectStore, key: str, is_prefix: bool, counters: Counters
+    store: ObjectStore, key: str, is_prefix: bool, counters: Counters, source: SourceSpec
 ) -> AsyncIterator[ObjectRef]:
     if not is_prefix:
-        ref = await store.head(key)
+        ref = await store.head(key, version_id=source.version_id)
         counters.files_total, counters.bytes_total = 1, ref.size
         yield ref
         return
     async for ref in store.list(key):
         yield ref
+
+
+async def _taken(
+    refs: AsyncIterator[ObjectRef], prefix: str, key_filter: KeyFilter
+) -> AsyncIterator[ObjectRef]:
+    """``refs`` whose key after ``prefix`` the source's include/exclude globs take."""
+    async for ref in refs:
+        if not key_filter or key_filter.takes(ref.key[len(prefix) :]):
+            yield ref
 
 
 async def _readable(

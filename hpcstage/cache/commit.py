@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,7 @@ class Committer:
             view = memoryview(obj.body)
             while view:
                 view = view[os.write(fd, view) :]
+            stamp_mtime(fd, ref)
             if flush:
                 os.fsync(fd)
         except BaseException:
@@ -213,6 +215,7 @@ class Committer:
         if pending.closed:
             raise CacheError(f"object {pending.ref.cache_id} was already committed or aborted")
         _check_complete(pending.ref, os.fstat(pending.fd).st_size, sha256_hex)
+        stamp_mtime(pending.fd, pending.ref)
         if flush:
             os.fsync(pending.fd)
         os.fchmod(pending.fd, OBJECT_MODE)
@@ -224,6 +227,14 @@ class Committer:
         return Row(
             r.cache_id, r.store, r.bucket, r.key, r.etag, r.size, sha256_hex, now, now, unsynced
         )
+
+
+def stamp_mtime(fd: int, ref: ObjectRef) -> None:
+    """Give the object's file the store's Last-Modified as its mtime (where the store gave
+    one). Every view links this one inode, so a staged file shows the object's time, as
+    ``aws s3 cp``/``s5cmd`` leave it; the atime stays the time of the fetch."""
+    if ref.last_modified_ns is not None:
+        os.utime(fd, ns=(time.time_ns(), ref.last_modified_ns))
 
 
 def syncfs_available() -> bool:

@@ -57,6 +57,8 @@ def cli() -> None:
     \b
       #SBATCH --stage-in=s3://bucket/dataset/        (with the SPANK plugin)
       #HPCSTAGE --stage-in=s3://bucket/dataset/      (without it)
+      #HPCSTAGE --stage-in=s3://bucket/dataset/:in:include=**/*.nc,exclude=tmp/**
+      #HPCSTAGE --stage-in=s3://bucket/ref.fa?versionId=V   (one version of an object)
       #HPCSTAGE --stage-out=results:s3://bucket/out/%j/
 
     and find their inputs under $HPCSTAGE_DIR. Admins run `hpcstage daemon`.

@@ -409,8 +409,11 @@ def warmup(
 ) -> None:
     """Prefetch SRC into the node-local cache of NODES, ahead of any job.
 
-    SRC is s3://bucket/key, s3://bucket/prefix/ or an absolute shared-filesystem path. Warm data
-    stays in the caches (shared by every later job that needs it) until evicted by policy.
+    SRC is s3://bucket/key, s3://bucket/prefix/ or an absolute shared-filesystem path, as in
+    --stage-in: a prefix may take filters (SRC::include=GLOB,exclude=GLOB; globs relative to
+    the prefix, '*' within one path component, '**' across any number, an exclude wins) and
+    an object a version (s3://bucket/key?versionId=V). Warm data stays in the caches (shared
+    by every later job that needs it) until evicted by policy.
 
     With --check nothing is warmed: the daemon lists SRC in the store once and shows, per node
     and in total, how many of its objects and bytes (as the store holds them now: a changed
@@ -423,6 +426,7 @@ def warmup(
     Examples:
       hpcstage warmup s3://datasets/ligands/ --nodes n[1-3]
       hpcstage warmup --check s3://datasets/ligands/ --nodes n[1-3]
+      hpcstage warmup 's3://datasets/climate/::include=**/*.nc,exclude=tmp/**' --nodes n1
     """
     if complete and not check:
         raise click.UsageError("--complete goes with --check")

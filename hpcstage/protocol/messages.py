@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
-from hpcstage.core.directives import SourceKind, parse_source
+from hpcstage.core.directives import Source, SourceKind, parse_source
+from hpcstage.core.filters import KeyFilter
 
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
@@ -43,16 +44,37 @@ class SourceSpec:
     bucket: str
     key: str
     path: str  # absolute, for kind PATH; "" otherwise
+    include: list[str]  # globs under a prefix (hpcstage.core.filters); [] = every object
+    exclude: list[str]
+    version_id: str  # an S3 object's pinned version; "" = the current one
 
     def url(self) -> str:
-        """For messages: the path, or the s3:// URL."""
-        return self.path or f"s3://{self.bucket}/{self.key}"
+        """For messages: the path, or the s3:// URL with any filter or version."""
+        return self.path or self.source().url
+
+    def key_filter(self) -> KeyFilter:
+        """Which objects under the prefix are staged."""
+        return KeyFilter(tuple(self.include), tuple(self.exclude))
+
+    def source(self) -> Source:
+        """As a directive's source (the globs were checked when the directive was parsed)."""
+        return Source(
+            self.kind, self.bucket, self.key, self.path, self.key_filter(), self.version_id
+        )
 
     @classmethod
     def of(cls, src: str) -> SourceSpec:
         """A stored source URL (a request's ``src``) as the agent reads it."""
         source = parse_source(src)
-        return cls(kind=source.kind, bucket=source.bucket, key=source.key, path=source.path)
+        return cls(
+            kind=source.kind,
+            bucket=source.bucket,
+            key=source.key,
+            path=source.path,
+            include=list(source.filter.include),
+            exclude=list(source.filter.exclude),
+            version_id=source.version_id,
+        )
 
 
 @dataclass(frozen=True)

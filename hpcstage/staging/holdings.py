@@ -135,7 +135,14 @@ class Holdings:
         """Evict SRC's cached objects on ``nodes``, those in use by a job excepted; per node
         what was evicted and kept (or why the node could not be asked), and the sums."""
         source = self.allowed(src, user, admin, "cache evict")
-        spec = SourceSpec(source.kind, source.bucket, source.key, "")
+        if source.filter or source.version_id:
+            # A node evicts by key, every cached version: a narrower eviction would need
+            # the globs and versions on the node's side, for little use.
+            raise DirectiveError(
+                f"cache evict of {src}: evicts a whole object or prefix (every cached"
+                " version), without include/exclude globs or ?versionId"
+            )
+        spec = SourceSpec.of(source.url)
         names = list(dict.fromkeys(nodes))
         with self._turn(user, admin, "cache evict", src):
             replies = await asyncio.gather(*(self._drop(node, spec) for node in names))
@@ -182,12 +189,14 @@ class Holdings:
 
 
 async def _listing(store: ObjectStore, source: Source) -> AsyncIterator[ObjectRef]:
-    """The current objects of ``source``: one HEAD, or one listing of the prefix."""
+    """The objects of ``source`` a stage would fetch now: one HEAD (of the pinned version,
+    if any), or the listing of the prefix that its include/exclude globs take."""
     if source.kind is SourceKind.S3_OBJECT:
-        yield await store.head(source.key)
+        yield await store.head(source.key, version_id=source.version_id)
         return
     async for ref in store.list(source.key):
-        yield ref
+        if not source.filter or source.filter.takes(ref.key[len(source.key) :]):
+            yield ref
 
 
 async def _batches(refs: AsyncIterator[ObjectRef], size: int) -> AsyncIterator[list[ObjectRef]]:

@@ -52,8 +52,9 @@ class PeerCopy:
 
 
 def copyable(source: SourceSpec) -> bool:
-    """True for the sources peers copy: an S3 object or the objects under an S3 prefix."""
-    return source.kind in PEER_KINDS
+    """True for the sources peers copy: an S3 object or the objects under an S3 prefix (that
+    its globs take); not a pinned version (a peer's cache indexes objects by key, as listed)."""
+    return source.kind in PEER_KINDS and not source.version_id
 
 
 async def copy_from_peer(

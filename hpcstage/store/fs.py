@@ -110,7 +110,8 @@ class FsStore:
         return real
 
     def _ref(self, key: str, stat: os.stat_result) -> ObjectRef:
-        return ObjectRef(self.store_id, "", key, str(stat.st_mtime_ns), stat.st_size)
+        mtime = stat.st_mtime_ns
+        return ObjectRef(self.store_id, "", key, str(mtime), stat.st_size, "", mtime)
 
     async def _retried(self, op: str, key: str, attempt: Callable[[], Awaitable[T]]) -> T:
         return await with_retries(self._retry, f"{op} {key}", attempt, self._on_retry)
@@ -174,8 +175,10 @@ class FsStore:
         if S_ISREG(stat.st_mode):
             yield self._ref(key, stat)
 
-    async def head(self, key: str) -> ObjectRef:
-        """The file's identity from stat()."""
+    async def head(self, key: str, *, version_id: str = "") -> ObjectRef:
+        """The file's identity from stat() (a file has no versions: ``version_id`` must be "")."""
+        if version_id:
+            raise StoreError(f"head {key}: a file has no version {version_id!r}")
         real = await asyncio.to_thread(self._checked, key)
         stat = await self._retried("head", key, lambda: self._fs("head", key, real.stat))
         if not S_ISREG(stat.st_mode):

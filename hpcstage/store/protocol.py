@@ -127,8 +127,9 @@ class ObjectStore(Protocol):
         """Stream every object whose key starts with ``prefix``, in pages, never all at once."""
         ...
 
-    async def head(self, key: str) -> ObjectRef:
-        """Describe one object; StoreError naming it when it does not exist."""
+    async def head(self, key: str, *, version_id: str = "") -> ObjectRef:
+        """Describe one object (with ``version_id``: that version of it); StoreError naming it
+        when it does not exist."""
         ...
 
     async def download(

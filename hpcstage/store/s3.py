@@ -43,7 +43,7 @@ from hpcstage.store.protocol import (
     UploadOptions,
 )
 from hpcstage.store.s3_bucket import ADDRESSING_STYLES, BucketSettings, S3Bucket, unquoted_etag
-from hpcstage.store.s3_download import LeanBody, S3Downloader, WriteStats
+from hpcstage.store.s3_download import LeanBody, S3Downloader, WriteStats, pinned
 from hpcstage.store.s3_errors import error_code
 from hpcstage.store.throttle import Throttle
 from hpcstage.store.upload_bodies import FileRange, MemoryBudget, md5_of_range, read_with_md5
@@ -252,21 +252,30 @@ class S3Store:
                     raise StoreError(f"{where}: the store listed {self.url(key)}, not under it")
                 if isinstance(key, str) and key.endswith("/"):
                     continue
-                yield self._bucket.checked_ref(where, key, item.get("ETag"), item.get("Size"))
+                yield self._bucket.checked_ref(
+                    where, key, item.get("ETag"), item.get("Size"), item.get("LastModified")
+                )
             if not more:
                 return
             params["ContinuationToken"] = token
 
-    async def head(self, key: str) -> ObjectRef:
-        """The object's identity from a HEAD request."""
-        return (await self._head(key))[0]
+    async def head(self, key: str, *, version_id: str = "") -> ObjectRef:
+        """The object's identity from a HEAD request (with ``version_id``: that version's,
+        which every later GET of the ref asks for)."""
+        return (await self._head(key, version_id))[0]
 
-    async def _head(self, key: str) -> tuple[ObjectRef, Mapping[str, Any]]:
+    async def _head(self, key: str, version_id: str = "") -> tuple[ObjectRef, Mapping[str, Any]]:
+        pin: dict[str, Any] = {"VersionId": version_id} if version_id else {}
         answer = await self._bucket.call(
-            "head", key, lambda c: c.head_object(Bucket=self.bucket, Key=key)
+            "head", key, lambda c: c.head_object(Bucket=self.bucket, Key=key, **pin)
         )
         ref = self._bucket.checked_ref(
-            f"head {self.url(key)}", key, answer.get("ETag"), answer.get("ContentLength")
+            f"head {self.url(key)}",
+            key,
+            answer.get("ETag"),
+            answer.get("ContentLength"),
+            answer.get("LastModified"),
+            version_id,
         )
         return ref, answer
 
@@ -311,7 +320,10 @@ class S3Store:
                 "get",
                 ref.key,
                 lambda c: c.get_object(
-                    Bucket=self.bucket, Key=ref.key, Range=f"bytes={start}-{start + length - 1}"
+                    Bucket=self.bucket,
+                    Key=ref.key,
+                    Range=f"bytes={start}-{start + length - 1}",
+                    **pinned(ref),
                 ),
             )
             async with answer["Body"] as body:

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -117,7 +119,8 @@ class S3Bucket:
         async with self._lock:
             if self._s3 is None:
                 session = AioSession(profile=self._profile)
-                # Dates in answers are never used; parsing 1,000 per listing page costs CPU.
+                # Botocore's date parsing (dateutil) costs CPU at 1,000 per listing page: only
+                # Last-Modified is read, by _nanoseconds, with the standard library's parsers.
                 parsers = session.get_component("response_parser_factory")
                 parsers.set_parser_defaults(timestamp_parser=str)
                 creator = session.create_client("s3", config=self._config, **self._client_args)
@@ -147,11 +150,35 @@ class S3Bucket:
         """``attempt`` (one or more requests) retried by the policy."""
         return await with_retries(self._retry, f"{op} {self.url(key)}", attempt, self._on_retry)
 
-    def ref(self, key: str, etag_value: object, size: int) -> ObjectRef:
-        """The identity of the object at ``key`` with that ETag and size."""
-        return ObjectRef(self.store_id, self.name, key, unquoted_etag(etag_value), size)
+    def ref(
+        self,
+        key: str,
+        etag_value: object,
+        size: int,
+        last_modified: object = None,
+        version_id: str = "",
+    ) -> ObjectRef:
+        """The identity of the object at ``key`` with that ETag and size (and the pinned
+        ``version_id``), with its Last-Modified time where the answer had one."""
+        return ObjectRef(
+            self.store_id,
+            self.name,
+            key,
+            unquoted_etag(etag_value),
+            size,
+            version_id,
+            _nanoseconds(last_modified),
+        )
 
-    def checked_ref(self, where: str, key: object, etag_value: object, size: object) -> ObjectRef:
+    def checked_ref(
+        self,
+        where: str,
+        key: object,
+        etag_value: object,
+        size: object,
+        last_modified: object = None,
+        version_id: str = "",
+    ) -> ObjectRef:
         """An ObjectRef from what the server said, refusing what cannot identify an object.
 
         Without an ETag the bytes could be neither verified nor told apart from a changed
@@ -166,7 +193,7 @@ class S3Bucket:
             raise StoreError(
                 f"{where}: the store gave {self.url(key)} no ETag; its bytes cannot be verified"
             )
-        return self.ref(key, etag_value, size)
+        return self.ref(key, etag_value, size, last_modified, version_id)
 
     def check_same(self, ref: ObjectRef, etag_value: object) -> None:
         """ObjectChangedError when an answer's ETag is not ``ref``'s."""
@@ -194,3 +221,29 @@ def _client_args(settings: BucketSettings) -> dict[str, Any]:
         args["aws_secret_access_key"] = credentials["secret_key"]
         args["aws_session_token"] = credentials.get("token") or None
     return args
+
+
+def _nanoseconds(last_modified: object) -> int | None:
+    """A Last-Modified as the answer wrote it (a listing's ISO 8601 ``2026-12-04T01:19:41.000Z``,
+    a HEAD's HTTP date ``Fri, 04 Dec 2026 01:19:41 GMT``) in ns since the epoch; None for
+    anything else (a store that sent none, or no date): the file then keeps its fetch time."""
+    if isinstance(last_modified, datetime):
+        when: datetime | None = last_modified
+    elif isinstance(last_modified, str):
+        when = _parsed_date(last_modified)
+    else:
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return round(when.timestamp() * 1_000_000) * 1000
+
+
+def _parsed_date(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        pass
+    try:
+        return parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None

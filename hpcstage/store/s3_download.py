@@ -63,6 +63,11 @@ class Strategy(enum.Enum):
     PARTS_READ_BACK = "parts-read-back"  # ranged GETs, read back and hashed in file order
 
 
+def pinned(ref: ObjectRef) -> dict[str, Any]:
+    """The VersionId argument of a request for ``ref`` (none unless its version is pinned)."""
+    return {"VersionId": ref.version_id} if ref.version_id else {}
+
+
 def choose_strategy(size: int, *, threshold: int, lean: bool, in_order: bool) -> Strategy:
     """How to fetch an object of ``size`` bytes.
 
@@ -230,6 +235,10 @@ class S3Downloader:
         strategy = choose_strategy(
             ref.size, threshold=self._threshold, lean=lean, in_order=checks.in_order
         )
+        if ref.version_id:
+            # A pinned version goes through the SDK only (one GET naming its VersionId): the
+            # lean and ranged GETs ask for the current object.
+            strategy = Strategy.WHOLE
         if strategy is Strategy.LEAN:
             result = await self._download_lean(ref, dest_fd, progress)
             if result is not None:
@@ -362,7 +371,9 @@ class S3Downloader:
         answer = await self._bucket.call(
             "head",
             ref.key,
-            lambda c: c.head_object(Bucket=self._bucket.name, Key=ref.key, ChecksumMode="ENABLED"),
+            lambda c: c.head_object(
+                Bucket=self._bucket.name, Key=ref.key, ChecksumMode="ENABLED", **pinned(ref)
+            ),
         )
         self._bucket.check_same(ref, answer.get("ETag"))
         if answer.get("ContentLength") != ref.size:
@@ -395,7 +406,7 @@ class S3Downloader:
         """A small object's bytes and checksums through the lean GET (hpcstage.store.lean), or
         None when it does not apply or falls back: then the SDK path must fetch it."""
         lean = self._lean
-        if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold:
+        if lean is None or ref.size > LEAN_MAX or ref.size >= self._threshold or ref.version_id:
             return None
         if self._opaque_etags:
             return None
@@ -414,7 +425,9 @@ class S3Downloader:
         self, ref: ObjectRef, fd: int, tracker: PartProgress, stored: StoreChecksum | None
     ) -> DownloadResult:
         answer = await self._bucket.request(
-            "get", ref.key, lambda c: c.get_object(Bucket=self._bucket.name, Key=ref.key)
+            "get",
+            ref.key,
+            lambda c: c.get_object(Bucket=self._bucket.name, Key=ref.key, **pinned(ref)),
         )
         checks = Checks.choose(ref, stored, self._md5_etag(ref, answer))
         async with answer["Body"] as body:  # released to the pool whatever happens
@@ -497,7 +510,10 @@ class S3Downloader:
             "get",
             ref.key,
             lambda c: c.get_object(
-                Bucket=self._bucket.name, Key=ref.key, Range=f"bytes={part.offset}-{last}"
+                Bucket=self._bucket.name,
+                Key=ref.key,
+                Range=f"bytes={part.offset}-{last}",
+                **pinned(ref),
             ),
         )
         async with answer["Body"] as body:

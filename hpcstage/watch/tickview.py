@@ -146,7 +146,7 @@ def _view(j: _JobRow, d: _Directives, key: str, index: overlap.OutputIndex) -> p
         out_node=j.batch_host or next(iter(nodes), ""),
         # Outputs naming the node are written back from every node the job ran on.
         out_nodes=nodes if d.per_node_outputs and len(nodes) > 1 else (),
-        waits_for=overlap.waits_for(dict.fromkeys(d.inputs), key, index),
+        waits_for=overlap.waits_for(dict.fromkeys(map(dirs.location, d.inputs)), key, index),
         inputs=next((src for src in d.inputs if src), ""),
         replaced=j.replaced_at is not None,
     )

@@ -30,12 +30,17 @@ static void test_stage_in(void)
 	static const char *const good[] = {
 		"s3://datasets/ligands/", "s3://datasets/receptor.pdb:inputs/r.pdb",
 		"s3://datasets/", "/shared/refs/hg38", "/shared/refs/:refs/", "s3://b/k:dir/",
-		NULL
+		"s3://b/p/:in:include=**/*.nc,exclude=tmp/**", "s3://b/p/::include=*.nc",
+		"s3://b/p/:a:b", "s3://b/p/:in:include=a,b:c,exclude=[]x]", "s3://b/p/:in/:exclude=**",
+		"s3://b/k?versionId=abc:x", NULL
 	};
 	static const char *const bad[] = {
 		"", "relative/path", "s3://", "s3://bucket", "s3:///key", "s3://b/../etc",
 		"s3://b/a//c", "s3://b/./a", "/", "/a/../b", "s3://b/k:/abs", "s3://b/k:a/../b",
-		"s3://b/k:", "s3://b/k\n", "s3://b/k\x7f", "http://example/x", NULL
+		"s3://b/k:", "s3://b/k\n", "s3://b/k\x7f", "http://example/x",
+		"s3://b/p/:include=*.nc", "s3://b/p/::include=", "s3://b/p/::include=/a",
+		"s3://b/p/::include=a[b", "s3://b/p/::exclude=a**", "s3://b/p/::include=**x/y",
+		"s3://b/p/:in:include=ok,exclude=[!", "s3://b/p/:../x:include=a", NULL
 	};
 	char big[HS_MAX_VALUE + 16];
 

@@ -124,7 +124,7 @@ class Node:
     ) -> dict[str, Any]:
         """The reply as the daemon gets it; ``job``: a warmup's (no view)."""
         assert self.agent is not None
-        source = SourceSpec(kind=kind, bucket=B, key=key, path="")
+        source = SourceSpec(kind, B, key, "", [], [], "")
         item = StageItem(1, source, "data", None, "", None, "")
         request = StageRequest(job or JOB, "", view=not job, items=[item], rates=NO_LIMITS)
         return dict(to_wire(await stagein.stage(self.agent, request, lambda _: None)))

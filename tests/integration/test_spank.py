@@ -99,6 +99,7 @@ cd "$HPCSTAGE_DIR" && find . -type f | sort | xargs sha256sum
         ("--stage-in=s3://datasets/../etc/passwd", "'..' component"),
         ("--stage-in=relative/ligands", "SRC must be s3://"),
         ("--stage-out=/abs/out:s3://results/x/", "must be relative"),
+        ("--stage-in=s3://datasets/p/::include=data[12.nc", "a '[' without its ']'"),
     ],
 )
 def test_malformed_value_makes_sbatch_fail_with_the_plugins_message(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -84,6 +85,33 @@ def test_commit_then_lookup_roundtrip(cache: NodeCache) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
     assert cache.lookup(ref) == path
     assert files_under(cache.objects) == [f"{ref.cache_id[:2]}/{ref.cache_id}"]
+
+
+@pytest.mark.parametrize("size", [100, 10 << 20], ids=["group-commit", "own-commit"])
+def test_an_object_s_file_and_its_views_carry_the_store_s_last_modified(
+    cache: NodeCache, size: int
+) -> None:
+    data = os.urandom(size)
+    when = 1_600_000_000_123_000_000  # 2020-09-13, to the millisecond a listing gives
+    ref = dataclasses.replace(make_ref("dated", data), last_modified_ns=when)
+
+    async def fetch(pending: PendingObject) -> str:
+        return write(pending, data)
+
+    async def read() -> tuple[bytes, str]:
+        return data, hashlib.sha256(data).hexdigest()
+
+    async def main() -> Path:
+        # What the agent does: small objects from memory, others through a pending file.
+        return await (cache.ensure_small(ref, read) if size < 1 << 20 else cache.ensure(ref, fetch))
+
+    path = asyncio.run(main())
+    assert path.stat().st_mtime_ns == when
+    view = cache.link("7", PurePosixPath("in/dated"), path)
+    assert view.stat().st_mtime_ns == when  # one inode: every view shows the object's time
+    undated = make_ref("undated", b"x")
+    pending = cache.begin(undated)
+    assert cache.commit(pending, write(pending, b"x")).stat().st_mtime_ns != 0
 
 
 def test_lookup_of_unknown_object_is_none(cache: NodeCache) -> None:

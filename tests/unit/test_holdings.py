@@ -38,7 +38,8 @@ class FakeStore:
             if r.key.startswith(prefix):
                 yield r
 
-    async def head(self, key: str) -> ObjectRef:
+    async def head(self, key: str, *, version_id: str = "") -> ObjectRef:
+        assert not version_id
         for r in self.refs:
             if r.key == key:
                 return r
@@ -219,3 +220,23 @@ def test_a_reader_gets_one_check_or_evict_at_a_time(tmp_path: Path, audit: list[
         await found.check("s3://data/set/", ["n1"], "alice", False)  # its turn is over
 
     asyncio.run(scenario())
+
+
+def test_a_filtered_prefix_is_checked_for_the_objects_its_globs_take(
+    tmp_path: Path, audit: list[Any]
+) -> None:
+    agents = {"n1": FakeAgent({LISTED[0].cache_id})}
+    found = make(tmp_path, agents, audit)
+    doc = asyncio.run(found.check("s3://data/set/::exclude=c", ["n1"], "alice", False))
+    assert (doc["objects"], doc["bytes"]) == (2, 30)  # set/c is left out
+    assert doc["nodes"]["n1"] == {"objects": 1, "bytes": 10, "percent": 33.3}
+
+
+@pytest.mark.parametrize("src", ["s3://data/set/::include=a", "s3://data/set/a?versionId=v1"])
+def test_an_evict_narrower_than_an_object_or_prefix_is_refused(
+    tmp_path: Path, audit: list[Any], src: str
+) -> None:
+    agents = {"n1": FakeAgent(set())}
+    with pytest.raises(DirectiveError, match="without include/exclude globs or"):
+        asyncio.run(make(tmp_path, agents, audit).evict(src, ["n1"], "alice", False))
+    assert agents["n1"].calls == []

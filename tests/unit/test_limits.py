@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from hpcstage.agent.stagein import _limited
+from hpcstage.agent.stagein import _limited, _taken
 from hpcstage.config.load import parse_config
 from hpcstage.config.schema import LimitSettings
 from hpcstage.core import limits
 from hpcstage.core.directives import SourceKind
+from hpcstage.core.filters import KeyFilter
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import HpcstageError, LimitError
 from hpcstage.protocol.messages import SourceSpec, StageItem
@@ -59,7 +60,7 @@ def refs(n: int, size: int = 0) -> AsyncIterator[ObjectRef]:
 def item_of(budget: limits.ObjectBudget | None = None) -> StageItem:
     return StageItem(
         request_id=1,
-        source=SourceSpec(SourceKind.S3_PREFIX, "b", "p/", ""),
+        source=SourceSpec(SourceKind.S3_PREFIX, "b", "p/", "", [], [], ""),
         dest="p",
         max_bytes=None,
         quota_reason="",
@@ -84,6 +85,21 @@ def test_a_prefix_over_the_object_limit_fails_naming_the_limit_and_the_count() -
     message = str(caught.value)
     assert "more than 60 objects" in message
     assert "limits.stage_in_objects is 100" in message and "40" in message
+
+
+def test_a_filter_applies_before_the_limit() -> None:
+    """Objects a filter leaves out are not counted: 1000 listed, 10 taken, a limit of 10."""
+    budget = limits.ObjectBudget(10, "limits.stage_in_objects is 10")
+    item = item_of(budget)
+    key_filter = KeyFilter(include=("?",))  # p/0 .. p/9 of p/0 .. p/999
+
+    async def run() -> list[str]:
+        taken = _taken(refs(1000), "p/", key_filter)
+        return [r.key async for r in _limited(taken, item)]
+
+    assert asyncio.run(run()) == [f"p/{i}" for i in range(10)]
+    with pytest.raises(LimitError):
+        drain(1000, item)
 
 
 def test_an_agent_not_told_a_limit_lists_everything() -> None:

@@ -68,7 +68,15 @@ def test_the_agent_answers_every_call_and_no_other(tmp_path: Path) -> None:
 def stage_item(**over: Any) -> dict[str, Any]:
     item = {
         "request_id": 1,
-        "source": {"kind": "s3-object", "bucket": "data", "key": "k", "path": ""},
+        "source": {
+            "kind": "s3-object",
+            "bucket": "data",
+            "key": "k",
+            "path": "",
+            "include": [],
+            "exclude": [],
+            "version_id": "",
+        },
         "dest": "k",
         "max_bytes": None,
         "quota_reason": "",

@@ -70,7 +70,7 @@ def _item(store: FsStore, subtree: str = "", **limits: int | None) -> StageItem:
     key = f"{store.root}/lib.hpack@1/{subtree}"
     return StageItem(
         request_id=1,
-        source=SourceSpec(SourceKind.S3_PACKED, "b", key, ""),
+        source=SourceSpec(SourceKind.S3_PACKED, "b", key, "", [], [], ""),
         dest="data",
         max_bytes=limits.get("max_bytes"),
         quota_reason="the account's quota",

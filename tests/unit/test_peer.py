@@ -19,6 +19,7 @@ from hpcstage.agent import peer
 from hpcstage.agent.context import NodeContext
 from hpcstage.agent.server import routes
 from hpcstage.cache import NodeCache
+from hpcstage.core.filters import KeyFilter
 from hpcstage.core.identity import ObjectRef
 from hpcstage.errors import ProtocolError
 from hpcstage.protocol.framing import ProgressFn
@@ -120,9 +121,25 @@ def entry(key: str, body: bytes, etag: str = "", **over: Any) -> PeerSent:
     return dataclasses.replace(sent, **over)
 
 
-def check(e: PeerSent, prefix: str = "p/", exact: bool = False) -> ObjectRef | None:
-    got = peer._checked(e, peer._Scope(STORE, "b", prefix, exact))
+def check(
+    e: PeerSent, prefix: str = "p/", exact: bool = False, key_filter: KeyFilter | None = None
+) -> ObjectRef | None:
+    scope = peer._Scope(STORE, "b", prefix, exact, key_filter or KeyFilter())
+    got = peer._checked(e, scope)
     return None if got is None else got[0]
+
+
+def test_a_filtered_out_object_is_never_taken_from_a_peer() -> None:
+    only_nc = KeyFilter(include=("**/*.nc",), exclude=("tmp/**",))
+    assert check(entry("p/d/a.nc", b"data"), key_filter=only_nc) is not None
+    assert check(entry("p/a.txt", b"data"), key_filter=only_nc) is None
+    assert check(entry("p/tmp/a.nc", b"data"), key_filter=only_nc) is None
+
+
+def test_a_pinned_version_is_no_peer_copy_source() -> None:
+    spec = SourceSpec.of("s3://bkt/k?versionId=v1")
+    assert spec.version_id == "v1" and not peer_copy.copyable(spec)
+    assert peer_copy.copyable(SourceSpec.of("s3://bkt/k"))
 
 
 def test_a_good_copy_is_taken() -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hpcstage.core import plan as planner
+from hpcstage.core.directives import location
 from hpcstage.core.overlap import overlaps
 from hpcstage.db import Job, Request, Staging, open_db
 from hpcstage.watch import tickview
@@ -21,6 +22,8 @@ from hpcstage.watch.fold import split_nodes
 STATES = ["queued", "running", "ready", "failed", "released", "skipped"]
 NODES = ["n1", "n2", "n3", "-"]
 LOCATIONS = ["s3://b/a", "s3://b/a/", "s3://b/ab/", "s3://b/a/x", "s3://c/", "/shared/p/", ""]
+# Inputs with a filter or a pinned version overlap as the place they read.
+LOCATIONS += ["s3://b/a/?include=x/**", "s3://b/a/x?versionId=v1"]
 
 
 def _job_key(job: Job) -> str:
@@ -66,7 +69,7 @@ def reference_views(session: Session) -> list[planner.JobView]:
             if r.direction != "in":
                 continue
             for dest, other in outputs:
-                if other != _job_key(job) and overlaps(r.src, dest):
+                if other != _job_key(job) and overlaps(location(r.src), dest):
                     return other
         return ""
 

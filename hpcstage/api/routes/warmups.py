@@ -22,8 +22,11 @@ class WarmupIn(BaseModel):
     """Body of POST /api/v1/warmups."""
 
     src: Text = Field(
-        description="s3://bucket/key, s3://bucket/prefix/ or /shared/path",
-        examples=["s3://datasets/chem/ligands/"],
+        description=(
+            "as a --stage-in value: s3://bucket/key (?versionId=V pins a version),"
+            " s3://bucket/prefix/ (::include=GLOB,exclude=GLOB filters it) or /shared/path"
+        ),
+        examples=["s3://datasets/climate/::include=**/*.nc,exclude=tmp/**"],
     )
     nodes: list[Text] = Field(
         min_length=1, description="node names, expanded", examples=[["n1", "n2"]]

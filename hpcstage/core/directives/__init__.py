@@ -2,8 +2,9 @@
 
 Grammar (each option may be repeated; a job has at most 1000 directives)::
 
-    --stage-in=SRC[:DEST]
+    --stage-in=SRC[:DEST[:FILTERS]]     (SRC::FILTERS: the default DEST)
         SRC    s3://BUCKET/KEY        one object
+               s3://BUCKET/KEY?versionId=V   that version of the object (S3 VersionId)
                s3://BUCKET/PREFIX/    every object under PREFIX (s3://BUCKET/ = whole bucket)
                /ABSOLUTE/PATH         a file or directory on a shared filesystem
                s3://BUCKET/P/NAME.hpack[@N]/[SUBTREE/]   a packed dataset (newest version, or
@@ -12,6 +13,9 @@ Grammar (each option may be repeated; a job has at most 1000 directives)::
         DEST   a path relative to $HPCSTAGE_DIR; default: SRC's last component. DIR/ means
                "into DIR" as with cp: an object or a path without a final '/' lands as
                DIR/NAME, a prefix or a path written with a final '/' as DIR
+        FILTERS  include=GLOB / exclude=GLOB, comma-separated, repeatable, on a prefix only:
+               which objects under it are staged (``hpcstage.core.filters``: relative to the
+               prefix, '*' within a component, '**' across; an exclude wins)
     --stage-out=SRC:DEST[:FLAGS]
         SRC    a path relative to $HPCSTAGE_DIR (file or directory), or "." for all of it
         DEST   s3://BUCKET/PREFIX/    SRC goes under PREFIX (a directory's contents, a file by name)
@@ -26,7 +30,12 @@ Grammar (each option may be repeated; a job has at most 1000 directives)::
                missing), pack (docs/packed-datasets.md, "Packed stage-out")
 
 Separators: SRC and DEST are split at the first ':' after any ``s3://``, DEST and FLAGS at the
-next ':'.  So S3 keys and stage-in SRC paths cannot contain ':', a stage-in DEST can.
+next ':'.  So S3 keys and stage-in SRC paths cannot contain ':', a stage-in DEST can. A stage-in's
+FILTERS start at the first ':' followed by ``include=``/``exclude=`` and split at each ','
+followed by one (a glob may hold ':' and ','). A stored source carries its filters or version
+as a query (``Source.url``: ``s3://b/p/?include=*.nc&exclude=tmp/**``), which ``parse_source``
+reads back; a key's own '?' stays part of it unless every item after the last '?' is
+``include=``, ``exclude=`` or ``versionId=``.
 
 Where directives are read from:
 
@@ -82,6 +91,7 @@ from hpcstage.core.directives.parse import (
     expand_dest_template,
     expand_patterns,
     expand_stage_out,
+    location,
     names_node,
     parse_args,
     parse_script,
@@ -116,6 +126,7 @@ __all__ = [
     "expand_dest_template",
     "expand_patterns",
     "expand_stage_out",
+    "location",
     "names_node",
     "parse_args",
     "parse_script",

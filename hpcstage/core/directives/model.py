@@ -5,11 +5,13 @@ package docstring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Literal
+from urllib.parse import quote
 
+from hpcstage.core.filters import KeyFilter
 from hpcstage.core.packed import DatasetRef
 from hpcstage.errors import DirectiveError
 
@@ -40,27 +42,55 @@ class When(StrEnum):
     FAILURE = "failure"
 
 
+# Characters a glob or version id keeps in a source's URL: none of ':' (SRC:DEST), '&' and
+# '=' (the query), '%' or '?' (a key's own '?').
+_QUERY_SAFE = "/*[]!^-._~"
+
+
 @dataclass(frozen=True)
 class Source:
-    """An S3 object, an S3 prefix (key ends with '/', '' = whole bucket) or a shared path."""
+    """An S3 object, an S3 prefix (key ends with '/', '' = whole bucket) or a shared path.
+
+    A prefix may carry include/exclude globs (``filter``, core/filters.py), an object a
+    pinned version (``version_id``, S3's VersionId; "" = the current version).
+    """
 
     kind: SourceKind
     bucket: str = ""
     key: str = ""
     path: str = ""  # absolute, for kind PATH
+    filter: KeyFilter = field(default_factory=KeyFilter)
+    version_id: str = ""
 
     @property
     def url(self) -> str:
-        """The source as written in a directive: ``s3://bucket/key`` or the path."""
-        return self.path if self.kind is SourceKind.PATH else f"s3://{self.bucket}/{self.key}"
+        """The source as stored and shown: ``s3://bucket/key`` or the path, then any filter or
+        version as a query (``s3://b/p/?include=*.nc&exclude=tmp/**``, ``s3://b/k?versionId=V``),
+        which ``parse_source`` reads back."""
+        if self.kind is SourceKind.PATH:
+            return self.path
+        return f"s3://{self.bucket}/{self.key}{self.query}"
+
+    @property
+    def query(self) -> str:
+        """``?include=...&exclude=...`` or ``?versionId=...``; "" without either."""
+        items = [("include", glob) for glob in self.filter.include]
+        items += [("exclude", glob) for glob in self.filter.exclude]
+        if self.version_id:
+            items.append(("versionId", self.version_id))
+        text = "&".join(f"{name}={quote(value, safe=_QUERY_SAFE)}" for name, value in items)
+        return f"?{text}" if text else ""
 
     @property
     def policy_url(self) -> str:
-        """The location the site policy judges: ``url``, but for a packed dataset its prefix
+        """The location the site policy judges: ``url`` without filter or version (a filter
+        only narrows a prefix; a version is the same key), and for a packed dataset its prefix
         and subtree without the version (``s3://b/lib/x.hpack/set1/`` for ``x.hpack@3/set1/``),
         so a grant on the dataset or on a directory inside it covers every version of it."""
+        if self.kind is SourceKind.PATH:
+            return self.path
         if self.kind is not SourceKind.S3_PACKED:
-            return self.url
+            return f"s3://{self.bucket}/{self.key}"
         ref = DatasetRef.parse(self.key)
         return f"s3://{self.bucket}/{ref.prefix}{ref.subtree}"
 

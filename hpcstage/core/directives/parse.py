@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Literal, overload
+from urllib.parse import unquote
 
 from hpcstage.core.directives.model import (
     MAX_DIRECTIVES,
@@ -33,6 +34,7 @@ from hpcstage.core.directives.model import (
     quoted,
     shown,
 )
+from hpcstage.core.filters import checked_filter
 from hpcstage.core.packed import SUFFIX, DatasetRef, is_dataset_key
 from hpcstage.errors import DirectiveError, PackError
 
@@ -43,6 +45,19 @@ _C_SPACE = " \t\n\v\f\r"  # C's isspace(), which sbatch uses to split words
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _PATTERN = re.compile(r"%([0-9]*)(.?)", re.DOTALL)
 _WHEN_VALUES = frozenset(when.value for when in When)
+_QUERY_NAMES = frozenset({"include", "exclude", "versionId"})
+# S3 version ids are opaque: AWS's are URL-safe text, MinIO's and moto's UUIDs; "null" names
+# the version an unversioned bucket wrote.
+_VERSION_ID = re.compile(r"[A-Za-z0-9._~+=-]{1,1024}")
+_KIND_WORDS = {
+    SourceKind.S3_OBJECT: "one object",
+    SourceKind.S3_PREFIX: "a prefix",
+    SourceKind.S3_PACKED: "a packed dataset",
+    SourceKind.PATH: "a path",
+}
+# DEST and FILTERS of a stage-in split at the first ':' that starts one of these.
+_FILTER_START = re.compile(r":(?=(?:include|exclude)=)")
+_FILTER_ITEM = re.compile(r",(?=(?:include|exclude)=)")
 
 
 # --- public entry points ------------------------------------------------------------------
@@ -97,7 +112,9 @@ def parse_value(kind: Kind, value: str, line: int = 0) -> Directive:
 
 
 def parse_source(text: str) -> Source:
-    """Parse a stage-in SRC on its own (``s3://...`` or an absolute path)."""
+    """Parse a stage-in SRC on its own (``s3://...`` or an absolute path), with any query a
+    stored source carries (``?include=GLOB&exclude=GLOB`` on a prefix, ``?versionId=V`` on an
+    object: see ``Source.url``)."""
     check_text(text)
     scheme, rest = _split_scheme(text)
     if scheme is None:
@@ -106,8 +123,83 @@ def parse_source(text: str) -> Source:
         raise DirectiveError(
             f"unsupported scheme {shown(scheme, 30)}:// (use s3:// or an absolute path)"
         )
+    rest, query = _split_query(rest)
     source = _s3_source(rest, "SRC")
-    return _packed_source(source) if is_dataset_key(source.key) else source
+    if is_dataset_key(source.key):
+        source = _packed_source(source)
+    return _with_query(source, query) if query else source
+
+
+def location(src: str) -> str:
+    """A stored stage-in source without its filter or version (``s3://b/p/?include=*.nc`` ->
+    ``s3://b/p/``): the place it reads, which the overlap check compares with outputs (a
+    filter only narrows it: a job still waits for any unfinished output under the prefix)."""
+    if "?" not in src:
+        return src  # the tick's fast path: almost every source
+    scheme, rest = _split_scheme(src)
+    head, query = _split_query(rest) if scheme == "s3" else (rest, [])
+    return f"s3://{head}" if query else src
+
+
+def _split_query(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """``BUCKET/KEY`` and the items of its query, if the text after its last '?' is one.
+
+    A key may hold '?' of its own: the text after it is a query only if every item is a
+    known ``name=value`` (so ``s3://b/what?.txt`` still names that key)."""
+    head, mark, tail = text.rpartition("?")
+    if not mark:
+        return text, []
+    items = [item.partition("=") for item in tail.split("&")]
+    if not all(eq and name in _QUERY_NAMES for name, eq, _ in items):
+        return text, []
+    return head, [(name, _unquoted(name, value)) for name, _, value in items]
+
+
+def _unquoted(name: str, value: str) -> str:
+    try:
+        text = unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise DirectiveError(f"{name}={quoted(value)} is not UTF-8 once %-decoded") from None
+    try:
+        check_text(text)  # '%00' must not bring back what the value itself may not hold
+    except DirectiveError as err:
+        raise DirectiveError(f"{name}={quoted(value)}: {err}") from None
+    return text
+
+
+def _with_query(source: Source, query: list[tuple[str, str]]) -> Source:
+    include = tuple(value for name, value in query if name == "include")
+    exclude = tuple(value for name, value in query if name == "exclude")
+    versions = [value for name, value in query if name == "versionId"]
+    with_filter = _filtered(source, include, exclude)
+    return _pinned(with_filter, versions) if versions else with_filter
+
+
+def _filtered(source: Source, include: tuple[str, ...], exclude: tuple[str, ...]) -> Source:
+    """The source with these include/exclude globs (a prefix only; checked)."""
+    if not include and not exclude:
+        return source
+    if source.kind is not SourceKind.S3_PREFIX:
+        raise DirectiveError(
+            f"include=/exclude= filter the objects under an s3:// prefix (ending in '/');"
+            f" SRC {quoted(source.url)} is {_KIND_WORDS[source.kind]}"
+        )
+    found = checked_filter(source.filter.include + include, source.filter.exclude + exclude)
+    return replace(source, filter=found)
+
+
+def _pinned(source: Source, versions: list[str]) -> Source:
+    """The source pinned to one S3 object version (``?versionId=``)."""
+    if len(versions) > 1:
+        raise DirectiveError("SRC names more than one versionId")
+    if source.kind is not SourceKind.S3_OBJECT:
+        raise DirectiveError(
+            f"versionId pins one object; SRC {quoted(source.url)} is"
+            f" {_KIND_WORDS[source.kind]} (a prefix has no version: name each object)"
+        )
+    if not _VERSION_ID.fullmatch(versions[0]):
+        raise DirectiveError(f"versionId {quoted(versions[0])} is not an S3 version id")
+    return replace(source, version_id=versions[0])
 
 
 def policy_url(src: str) -> str:
@@ -304,8 +396,13 @@ def _parse_stage_in(value: str) -> tuple[Source, PurePosixPath]:
     scheme, rest = _split_scheme(value)
     if scheme is None and not value.startswith("/"):
         raise DirectiveError("SRC must be s3://BUCKET/KEY, s3://BUCKET/PREFIX/ or an absolute path")
-    src_text, colon, dest_text = (rest if scheme else value).partition(":")
+    src_text, colon, after = (rest if scheme else value).partition(":")
     src = parse_source(f"{scheme}://{src_text}" if scheme else src_text)
+    dest_text, filters = _split_filters(after)
+    if filters:
+        src = _filtered(src, *filters)
+        if not dest_text:  # SRC::FILTERS keeps the default DEST
+            return src, _default_dest(src)
     if colon and dest_text.endswith("/") and dest_text != "/":
         # "DIR/" means "into DIR", as with cp: a prefix (and a path written with a final
         # '/') lands as DIR, an object as DIR/NAME, and so does a path written without one,
@@ -317,6 +414,28 @@ def _parse_stage_in(value: str) -> tuple[Source, PurePosixPath]:
             return src, folder / _default_dest(src)
         return src, folder
     return src, _dest_path(dest_text) if colon else _default_dest(src)
+
+
+def _split_filters(text: str) -> tuple[str, tuple[tuple[str, ...], tuple[str, ...]] | None]:
+    """A stage-in's ``DEST[:FILTERS]``: DEST, and the include and exclude globs if any.
+
+    FILTERS start at the first ':' followed by ``include=`` or ``exclude=`` and split at each
+    ',' followed by one of them, so a DEST or a glob may hold ':' and ',' (a DEST cannot hold
+    ':include=')."""
+    if text.startswith(("include=", "exclude=")):
+        raise DirectiveError(
+            f"DEST {quoted(text)} looks like a filter: write SRC::{text.split(':')[0]} to keep"
+            " the default DEST, or SRC:DEST:include=GLOB"
+        )
+    match = _FILTER_START.search(text)
+    if match is None:
+        return text, None
+    include: list[str] = []
+    exclude: list[str] = []
+    for item in _FILTER_ITEM.split(text[match.end() :]):
+        name, _, glob = item.partition("=")
+        (include if name == "include" else exclude).append(glob)
+    return text[: match.start()], (tuple(include), tuple(exclude))
 
 
 def _parse_stage_out(value: str) -> tuple[PurePosixPath, Source, _Flags]:
