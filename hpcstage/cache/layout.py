@@ -4,6 +4,8 @@
     CACHE/objects/ab/abcdef....tmp-<random>  in-flight downloads, deleted at reconcile
     CACHE/index.db                           SQLite index (WAL): one row per complete object
     CACHE/agent.lock                         held (flock) by the one agent using this cache
+    CACHE/epoch                              the newest leader epoch claimed here (JSON line;
+                                             cache/fence.py), CACHE/epoch.lock orders its use
     CACHE/jobs/<job_id>/...                  a job's view ($HPCSTAGE_DIR): hardlinks to objects
     CACHE/released/<job_id>.<random>/...     what a released view's job made undeletable (0700)
     CACHE/uploads/<job_id>/<hash>.json       multipart uploads a job's stage-out opened and has
@@ -27,6 +29,8 @@ import re
 import secrets
 import stat
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from hpcstage.errors import CacheError
@@ -36,6 +40,14 @@ JOBS = "jobs"
 RELEASED = "released"
 INDEX = "index.db"
 LOCK = "agent.lock"
+EPOCH = "epoch"
+EPOCH_LOCK = "epoch.lock"
+
+# What a commit holds from its last check to its last rename and index row: the agent's
+# ``EpochFence.guard`` (cache/fence.py), which refuses the commit once a newer leader epoch is
+# recorded; nothing where no daemon fences the cache (tests, tools).
+Guard = Callable[[], AbstractContextManager[None]]
+NO_GUARD: Guard = nullcontext
 
 log = logging.getLogger(__name__)
 

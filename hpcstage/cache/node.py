@@ -51,8 +51,10 @@ from hpcstage.cache.index import Index, Row, TreeRow
 from hpcstage.cache.layout import (
     INDEX,
     JOBS,
+    NO_GUARD,
     OBJECTS,
     RELEASED,
+    Guard,
     boot_id,
     check_job_id,
     make_dir,
@@ -117,13 +119,16 @@ class NodeCache:
         clock: Callable[[], float] = time.time,
         durable_before_read: bool = False,
         boot: str = "",
+        guard: Guard = NO_GUARD,
     ) -> None:
         """Open (creating if needed) the cache at ``root``; ``clock`` gives Unix times.
 
         ``durable_before_read``: flush every object before it is indexed (the agent takes the
         site's ``cache.durable_before_read`` from the daemon's hello); by default large objects
         are readable once verified and flushed in the background. ``boot``: this kernel's boot
-        id, read from /proc when "" (tests give another to play a reboot).
+        id, read from /proc when "" (tests give another to play a reboot). ``guard``: held by
+        every commit from its last check to its index row (the agent's leader epoch fence,
+        cache/fence.py).
         """
         self.durable_before_read = durable_before_read
         self.root = Path(root)
@@ -140,8 +145,8 @@ class NodeCache:
         self.stats = CacheStats()
         self._clock = clock
         self._index = Index(self.root / INDEX)  # private (0600), its WAL and shm files too
-        self._committer = Committer(self.objects, self._index, clock)
-        self.trees = PackedTrees(self.root, self._index, clock)
+        self._committer = Committer(self.objects, self._index, clock, guard)
+        self.trees = PackedTrees(self.root, self._index, clock, guard)
         self._boot = boot or boot_id()
         self._flusher = Flusher(self.objects, self._index, self._drop_object)
         self._lock = threading.RLock()
