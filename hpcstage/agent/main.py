@@ -101,7 +101,11 @@ class _Watch:
             try:
                 fence.check()
             except FencedError as exc:
-                log.critical("%s; exiting", exc)
+                # Said from a thread of its own: with the daemon gone, stderr may be a pipe
+                # nobody reads any more, and a full pipe must not keep this agent alive.
+                said = threading.Thread(target=log.critical, args=("%s; exiting", exc))
+                said.daemon = True
+                said.start()
                 time.sleep(REPLY_GRACE)  # a refused call's reply, already written, goes out
                 os._exit(EXIT_FENCED)
             except Exception as exc:  # a disk error: the commit guard refuses meanwhile

@@ -23,6 +23,7 @@ manifest's paths, each checked by ``core.packed.check_member_path``.)
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
@@ -143,12 +144,23 @@ def lock_cache(root: Path, timeout: float, poll: float = 0.2) -> int:
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise CacheError(
-                    f"another agent still holds {path} after {timeout:.0f} s: is an old "
-                    f"`hpcstage agent --cache-dir {root}` still running?"
+                    f"another agent ({_lock_holder(path)}) still holds {path} after"
+                    f" {timeout:.0f} s: is an old `hpcstage agent --cache-dir {root}` still"
+                    " running?"
                 ) from None
             if not waited:
                 log.info("waiting for the previous agent of %s to exit", root)
                 waited = True
             time.sleep(poll)
             continue
+        # Who holds it, since when: for the message above, and for people.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode(), 0)
         return fd
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return f"pid {json.loads(path.read_text())['pid']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"

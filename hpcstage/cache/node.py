@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -64,7 +65,7 @@ from hpcstage.cache.reconcile import ReconcileReport, sweep_objects
 from hpcstage.cache.trees import PackedTrees
 from hpcstage.cache.views import ViewLinker, check_dest, remove_tree
 from hpcstage.core.identity import ObjectRef
-from hpcstage.errors import CacheError
+from hpcstage.errors import CacheError, FencedError
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class NodeCache:
         self.stats = CacheStats()
         self._clock = clock
         self._index = Index(self.root / INDEX)  # private (0600), its WAL and shm files too
+        self._guard = guard
         self._committer = Committer(self.objects, self._index, clock, guard)
         self.trees = PackedTrees(self.root, self._index, clock, guard)
         self._boot = boot or boot_id()
@@ -365,7 +367,7 @@ class NodeCache:
         symlinked parent, if ``obj`` is not one of this cache's objects, or if it was evicted
         since it was looked up (ensure it again).
         """
-        with ViewLinker() as linker:
+        with self._guard(), ViewLinker() as linker:
             return self._link(linker, job_id, dest, obj)
 
     def _link(self, linker: ViewLinker, job_id: str, dest: PurePosixPath | str, obj: Path) -> Path:
@@ -388,7 +390,12 @@ class NodeCache:
 
         Each directory of a view is opened once per call, not once per file."""
         results: list[Path | BaseException] = []
-        with ViewLinker() as linker:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self._guard())
+            except FencedError as exc:  # a newer leader's agent owns the cache: no links
+                return [exc for _ in items]
+            linker = held.enter_context(ViewLinker())
             for job_id, dest, obj in items:
                 try:
                     results.append(self._link(linker, job_id, dest, obj))
