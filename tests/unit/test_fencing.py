@@ -4,16 +4,22 @@ database that counts them."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hpcstage.agent import calls
+from hpcstage.agent.context import DEFAULT_CACHE, DEFAULT_TRANSFER, NodeContext
+from hpcstage.agent.server import _handle
 from hpcstage.cache import NodeCache, PendingObject
 from hpcstage.cache.fence import EpochFence
 from hpcstage.core import fencing
@@ -21,6 +27,7 @@ from hpcstage.core.fencing import Claim, Epoch
 from hpcstage.core.identity import ObjectRef
 from hpcstage.db import open_db, take_epoch
 from hpcstage.errors import FencedError
+from hpcstage.protocol.messages import AgentStoreSettings, HelloRequest
 
 A, B = "a" * 32, "b" * 32  # two state databases' ids
 
@@ -141,10 +148,13 @@ def test_a_claim_waits_for_a_commit_under_way_and_none_starts_after_it(tmp_path:
     old = EpochFence(tmp_path, Epoch(A, 1))
     old.claim("old")
     claimed = threading.Event()
+
+    def claim_new() -> None:
+        EpochFence(tmp_path, Epoch(A, 2)).claim("new")
+        claimed.set()
+
     with old.guard():  # a commit between its check and its last row
-        claimer = threading.Thread(
-            target=lambda: (EpochFence(tmp_path, Epoch(A, 2)).claim("new"), claimed.set())
-        )
+        claimer = threading.Thread(target=claim_new)
         claimer.start()
         time.sleep(0.3)
         assert not claimed.is_set()  # the record stays until the commit is done
@@ -170,3 +180,48 @@ def test_each_leadership_term_gets_a_higher_epoch_of_the_same_database(tmp_path:
     assert (first.number, second.number) == (1, 2) and first.state == second.state
     other = open_db(f"sqlite:///{tmp_path}/other.db")
     assert take_epoch(other, "x").state != first.state  # each database its own id
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines.append(json.loads(data))
+
+    async def drain(self) -> None:
+        return None
+
+
+def test_a_call_to_a_superseded_agent_is_refused_and_never_runs(tmp_path: Path) -> None:
+    ran: list[str] = []
+
+    async def handler(params: dict[str, Any], progress: Any) -> dict[str, Any]:
+        ran.append("stage")
+        return {}
+
+    old = EpochFence(tmp_path, Epoch(A, 1))
+    old.claim("old")
+    EpochFence(tmp_path, Epoch(A, 2)).claim("new")
+    writer = _Writer()
+    call = _handle({"id": 3, "op": "stage"}, {"stage": handler}, writer, old.check)  # type: ignore[arg-type]
+    asyncio.run(call)
+    (reply,) = writer.lines
+    assert reply["event"] == "error" and not ran
+    assert reply["message"].startswith("fenced: this agent serves the daemon of leader epoch 1")
+    assert reply["transient"] is True  # a stale daemon must not fail the staging for it
+
+
+def test_a_hello_of_another_epoch_than_the_agents_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    fence = EpochFence(root, Epoch(A, 2))
+    fence.claim("mine")
+    with NodeCache(root, guard=fence.guard) as cache:
+        ctx = NodeContext(node="n1", cache=cache, fence=fence)
+        store = AgentStoreSettings(
+            "http://127.0.0.1:9", "us-east-1", "path", True, "", 8, 1, 1, None
+        )
+        request = HelloRequest(store, DEFAULT_TRANSFER, DEFAULT_CACHE, Epoch(A, 1))
+        with pytest.raises(FencedError, match="hello from the daemon of leader epoch 1"):
+            asyncio.run(calls.hello(ctx, request))
