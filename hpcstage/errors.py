@@ -18,6 +18,7 @@
     ├── AgentError                the agent ran a call and reports that it failed (maybe transient)
     │   └── ProtocolError         a message does not have the shape its type declares
     ├── CacheError                the node cache refused or failed an operation
+    │   └── FencedError           a newer daemon's agent owns the node cache: this agent stops
     ├── PackError                 a packed dataset is malformed, missing or cannot be written
     ├── PermissionRefused         the job's user may not read a path they asked to stage (agent)
     ├── AccessError               the job's user cannot be given access to its directory (agent)
@@ -125,6 +126,11 @@ class ProtocolError(AgentError):
 
 class CacheError(HpcstageError):
     """The node cache refused or failed an operation (bad size, unsafe path, vanished object)."""
+
+
+class FencedError(CacheError):
+    """A newer leader epoch is recorded in the node cache than the one this agent serves
+    (core/fencing.py): the agent refuses the call or the write, and exits."""
 
 
 class PackError(HpcstageError):

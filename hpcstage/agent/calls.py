@@ -14,7 +14,8 @@ from typing import Any
 from hpcstage.agent import packed
 from hpcstage.agent.context import NodeContext
 from hpcstage.core.directives import SourceKind
-from hpcstage.errors import HpcstageError
+from hpcstage.core.fencing import Epoch, describe
+from hpcstage.errors import FencedError, HpcstageError
 from hpcstage.protocol.messages import (
     PEER_KINDS,
     CredentialsReply,
@@ -36,6 +37,12 @@ from hpcstage.protocol.messages import (
 
 async def hello(ctx: NodeContext, request: HelloRequest) -> HelloReply:
     """Take store settings and limits; report what the cache holds after reconcile."""
+    mine = ctx.fence.mine if ctx.fence is not None else None
+    if mine is not None and request.fence != mine:  # the server checked the record already
+        raise FencedError(
+            f"fenced: hello from the daemon of leader {_epoch(request.fence)}, but this agent"
+            f" was started for {describe(mine)}"
+        )
     transfer = request.transfer
     ctx.cache.durable_before_read = request.cache.durable_before_read
     if not request.cache.durable_before_read:
@@ -49,6 +56,10 @@ async def hello(ctx: NodeContext, request: HelloRequest) -> HelloReply:
     report = await asyncio.to_thread(ctx.cache.reconcile)
     usage = await asyncio.to_thread(ctx.cache.usage)
     return HelloReply(ctx.node, ctx.pid, plain(report), plain(usage))
+
+
+def _epoch(epoch: Epoch | None) -> str:
+    return describe(epoch) if epoch is not None else "no epoch"
 
 
 async def credentials(ctx: NodeContext, request: CredentialsRequest) -> CredentialsReply:

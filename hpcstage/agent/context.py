@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage.cache import NodeCache
+from hpcstage.cache.fence import EpochFence
 from hpcstage.errors import HpcstageError
 from hpcstage.protocol.messages import (
     AgentCacheSettings,
@@ -174,6 +175,8 @@ class NodeContext:
     cache: NodeCache
     stores: Stores = field(default_factory=Stores)
     pid: int = field(default_factory=os.getpid)
+    # The leader epoch this agent serves (``--epoch``); None: started by hand, not fenced.
+    fence: EpochFence | None = None
 
     @property
     def concurrency(self) -> int:

@@ -20,6 +20,7 @@ from hpcstage.core.stageout import shown
 from hpcstage.errors import (
     AccessError,
     CredentialError,
+    FencedError,
     HpcstageError,
     ObjectChangedError,
     QuotaError,
@@ -112,6 +113,7 @@ async def serve(ctx: NodeContext) -> None:
     )
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     handlers = routes(ctx)
+    check = ctx.fence.check if ctx.fence is not None else None
     tasks: set[asyncio.Task[None]] = set()
     lines = LineReader(reader)
     while line := await lines.readline():
@@ -119,7 +121,7 @@ async def serve(ctx: NodeContext) -> None:
             refused = too_long("the request", line.size)
             _send(writer, {"id": call_id_of(line.head) or 0, "event": "error", "message": refused})
             continue
-        task = asyncio.create_task(_handle(decode(line), handlers, writer))
+        task = asyncio.create_task(_handle(decode(line), handlers, writer, check))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     for task in tasks:
@@ -129,8 +131,13 @@ async def serve(ctx: NodeContext) -> None:
 
 
 async def _handle(
-    message: dict[str, Any], handlers: dict[str, Handler], writer: asyncio.StreamWriter
+    message: dict[str, Any],
+    handlers: dict[str, Handler],
+    writer: asyncio.StreamWriter,
+    check_fence: Callable[[], None] | None = None,
 ) -> None:
+    """Answer one call; ``check_fence`` refuses it (FencedError) when a newer leader epoch
+    than this agent's is recorded in the node cache."""
     call_id = message.get("id", 0)
     op = str(message.get("op"))
 
@@ -144,9 +151,12 @@ async def _handle(
     try:
         if handler is None:
             raise HpcstageError(f"unknown op {message.get('op')!r}")
+        if check_fence is not None:
+            await asyncio.to_thread(check_fence)
         send({"event": "result", "data": await handler(message.get("params", {}), progress)})
     except (HpcstageError, OSError) as exc:
-        transient = isinstance(exc, TransientStoreError | ObjectChangedError)
+        # Fenced: the staging is the newer daemon's now; a stale daemon must not fail it.
+        transient = isinstance(exc, TransientStoreError | ObjectChangedError | FencedError)
         reply = {"event": "error", "message": _user_message(exc), "transient": transient}
         send({**reply, "node_only": isinstance(exc, NODE_ONLY)})
     except Exception as exc:  # never let one bad call kill the agent's other work

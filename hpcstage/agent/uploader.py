@@ -261,6 +261,8 @@ class Uploader:
         if existing is not None and _holds(existing, output, md5, sha):
             await self._cache(store, source, existing.ref, sha)
             return _outcome_of(output, "present")  # arrived in an earlier run: exactly once
+        if self.ctx.fence is not None:  # nothing more to the store for a superseded leader
+            await asyncio.to_thread(self.ctx.fence.check)
         # Whatever the key holds goes to the bin first, each version under its own name,
         # and is only written over while it is still there (hpcstage.store.recycle).
         placed = await replace(

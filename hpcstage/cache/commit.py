@@ -15,6 +15,7 @@ partial bytes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -26,9 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcstage.cache.index import Index, Row
-from hpcstage.cache.layout import OBJECT_MODE, TEMP_MARK, fsync_dir, make_dir, object_path
+from hpcstage.cache.layout import (
+    NO_GUARD,
+    OBJECT_MODE,
+    TEMP_MARK,
+    Guard,
+    fsync_dir,
+    make_dir,
+    object_path,
+)
 from hpcstage.core.identity import ObjectRef
-from hpcstage.errors import CacheError
+from hpcstage.errors import CacheError, FencedError
 from hpcstage.store.libc import libc_function
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -76,10 +85,13 @@ def item_ref(item: GroupItem) -> ObjectRef:
 class Committer:
     """Puts verified objects in place under ``objects/`` crash-safely and indexes them."""
 
-    def __init__(self, objects: Path, index: Index, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, objects: Path, index: Index, clock: Callable[[], float], guard: Guard = NO_GUARD
+    ) -> None:
         self.objects = objects
         self._index = index
         self._clock = clock
+        self._guard = guard  # held from the last check to the row (layout.Guard)
 
     def begin(self, ref: ObjectRef) -> PendingObject:
         """Create a private temp file next to ``ref``'s final place, for a download to fill."""
@@ -103,17 +115,23 @@ class Committer:
         size differs from ``ref.size``, the checksum is not 64 hex digits, or the disk fails.
         """
         flush = not unsynced
-        try:
-            self._seal(pending, sha256_hex, flush=flush)
-            os.rename(pending.path, pending.final)
-            if flush:
-                fsync_dir(pending.final.parent)
-        except BaseException as exc:
-            self.abort(pending)
-            if isinstance(exc, OSError):
-                raise CacheError(f"cannot commit object {pending.ref.cache_id}: {exc}") from exc
-            raise
-        self._index.put(self._new_row(pending.ref, sha256_hex, unsynced))
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self._guard())
+            except BaseException:  # FencedError: nothing renamed; the temp file goes
+                self.abort(pending)
+                raise
+            try:
+                self._seal(pending, sha256_hex, flush=flush)
+                os.rename(pending.path, pending.final)
+                if flush:
+                    fsync_dir(pending.final.parent)
+            except BaseException as exc:
+                self.abort(pending)
+                if isinstance(exc, OSError):
+                    raise CacheError(f"cannot commit object {pending.ref.cache_id}: {exc}") from exc
+                raise
+            self._index.put(self._new_row(pending.ref, sha256_hex, unsynced))
         return pending.final
 
     def commit_group(self, items: list[GroupItem]) -> list[Path | BaseException]:
@@ -125,8 +143,20 @@ class Committer:
         file and directory is fsynced) and only then are the rows written, in one transaction.
         A crash before the rows leaves complete or partial files without a row, which
         ``reconcile()`` deletes and no lookup ever returns. Returns, per item, its object path
-        or the exception that aborted it.
+        or the exception that aborted it (every item: FencedError, when the cache has a newer
+        leader epoch recorded than this agent's).
         """
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self._guard())
+            except FencedError as exc:
+                for item in items:
+                    if not isinstance(item, SmallObject):
+                        self.abort(item[0])
+                return [exc for _ in items]
+            return self._commit_group(items)
+
+    def _commit_group(self, items: list[GroupItem]) -> list[Path | BaseException]:
         results: list[Path | BaseException] = []
         placed: list[tuple[int, ObjectRef, str, Path]] = []  # (index in results, ref, ...)
         group_sync = syncfs_available()

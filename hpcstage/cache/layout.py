@@ -4,6 +4,8 @@
     CACHE/objects/ab/abcdef....tmp-<random>  in-flight downloads, deleted at reconcile
     CACHE/index.db                           SQLite index (WAL): one row per complete object
     CACHE/agent.lock                         held (flock) by the one agent using this cache
+    CACHE/epoch                              the newest leader epoch claimed here (JSON line;
+                                             cache/fence.py), CACHE/epoch.lock orders its use
     CACHE/jobs/<job_id>/...                  a job's view ($HPCSTAGE_DIR): hardlinks to objects
     CACHE/released/<job_id>.<random>/...     what a released view's job made undeletable (0700)
     CACHE/uploads/<job_id>/<hash>.json       multipart uploads a job's stage-out opened and has
@@ -21,12 +23,15 @@ manifest's paths, each checked by ``core.packed.check_member_path``.)
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
 import secrets
 import stat
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from hpcstage.errors import CacheError
@@ -36,6 +41,14 @@ JOBS = "jobs"
 RELEASED = "released"
 INDEX = "index.db"
 LOCK = "agent.lock"
+EPOCH = "epoch"
+EPOCH_LOCK = "epoch.lock"
+
+# What a commit holds from its last check to its last rename and index row: the agent's
+# ``EpochFence.guard`` (cache/fence.py), which refuses the commit once a newer leader epoch is
+# recorded; nothing where no daemon fences the cache (tests, tools).
+Guard = Callable[[], AbstractContextManager[None]]
+NO_GUARD: Guard = nullcontext
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +144,23 @@ def lock_cache(root: Path, timeout: float, poll: float = 0.2) -> int:
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise CacheError(
-                    f"another agent still holds {path} after {timeout:.0f} s: is an old "
-                    f"`hpcstage agent --cache-dir {root}` still running?"
+                    f"another agent ({_lock_holder(path)}) still holds {path} after"
+                    f" {timeout:.0f} s: is an old `hpcstage agent --cache-dir {root}` still"
+                    " running?"
                 ) from None
             if not waited:
                 log.info("waiting for the previous agent of %s to exit", root)
                 waited = True
             time.sleep(poll)
             continue
+        # Who holds it, since when: for the message above, and for people.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode(), 0)
         return fd
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return f"pid {json.loads(path.read_text())['pid']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"

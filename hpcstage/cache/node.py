@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -51,8 +52,10 @@ from hpcstage.cache.index import Index, Row, TreeRow
 from hpcstage.cache.layout import (
     INDEX,
     JOBS,
+    NO_GUARD,
     OBJECTS,
     RELEASED,
+    Guard,
     boot_id,
     check_job_id,
     make_dir,
@@ -62,7 +65,7 @@ from hpcstage.cache.reconcile import ReconcileReport, sweep_objects
 from hpcstage.cache.trees import PackedTrees
 from hpcstage.cache.views import ViewLinker, check_dest, remove_tree
 from hpcstage.core.identity import ObjectRef
-from hpcstage.errors import CacheError
+from hpcstage.errors import CacheError, FencedError
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +120,16 @@ class NodeCache:
         clock: Callable[[], float] = time.time,
         durable_before_read: bool = False,
         boot: str = "",
+        guard: Guard = NO_GUARD,
     ) -> None:
         """Open (creating if needed) the cache at ``root``; ``clock`` gives Unix times.
 
         ``durable_before_read``: flush every object before it is indexed (the agent takes the
         site's ``cache.durable_before_read`` from the daemon's hello); by default large objects
         are readable once verified and flushed in the background. ``boot``: this kernel's boot
-        id, read from /proc when "" (tests give another to play a reboot).
+        id, read from /proc when "" (tests give another to play a reboot). ``guard``: held by
+        every commit from its last check to its index row (the agent's leader epoch fence,
+        cache/fence.py).
         """
         self.durable_before_read = durable_before_read
         self.root = Path(root)
@@ -140,8 +146,9 @@ class NodeCache:
         self.stats = CacheStats()
         self._clock = clock
         self._index = Index(self.root / INDEX)  # private (0600), its WAL and shm files too
-        self._committer = Committer(self.objects, self._index, clock)
-        self.trees = PackedTrees(self.root, self._index, clock)
+        self._guard = guard
+        self._committer = Committer(self.objects, self._index, clock, guard)
+        self.trees = PackedTrees(self.root, self._index, clock, guard)
         self._boot = boot or boot_id()
         self._flusher = Flusher(self.objects, self._index, self._drop_object)
         self._lock = threading.RLock()
@@ -360,7 +367,7 @@ class NodeCache:
         symlinked parent, if ``obj`` is not one of this cache's objects, or if it was evicted
         since it was looked up (ensure it again).
         """
-        with ViewLinker() as linker:
+        with self._guard(), ViewLinker() as linker:
             return self._link(linker, job_id, dest, obj)
 
     def _link(self, linker: ViewLinker, job_id: str, dest: PurePosixPath | str, obj: Path) -> Path:
@@ -383,7 +390,12 @@ class NodeCache:
 
         Each directory of a view is opened once per call, not once per file."""
         results: list[Path | BaseException] = []
-        with ViewLinker() as linker:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self._guard())
+            except FencedError as exc:  # a newer leader's agent owns the cache: no links
+                return [exc for _ in items]
+            linker = held.enter_context(ViewLinker())
             for job_id, dest, obj in items:
                 try:
                     results.append(self._link(linker, job_id, dest, obj))

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from hpcstage.cache.index import Index, TreeRow
-from hpcstage.cache.layout import TEMP_MARK, boot_id, make_dir
+from hpcstage.cache.layout import NO_GUARD, TEMP_MARK, Guard, boot_id, make_dir
 from hpcstage.cache.views import open_parents
 from hpcstage.errors import CacheError
 
@@ -218,8 +218,11 @@ class Revoke:
 class PackedTrees:
     """The trees of one node cache: build, look up, attach, release, evict, reconcile."""
 
-    def __init__(self, cache_root: Path, index: Index, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, cache_root: Path, index: Index, clock: Callable[[], float], guard: Guard = NO_GUARD
+    ) -> None:
         self.dir = cache_root / PACKED
+        self._guard = guard  # held from the last check to the row (layout.Guard)
         make_dir(self.dir, PACKED_MODE)
         self.dir.chmod(PACKED_MODE)
         self._index = index
@@ -267,13 +270,14 @@ class PackedTrees:
         build.seal()
         os.chmod(build.temp, TREE_MODE)
         final = self.path(tid)
-        if final.exists():  # an older build left by a crash, or a concurrent one: replace it
-            _remove(final)
-        os.rename(build.temp, final)
-        now = self._clock()
-        counts = (build.files, build.dirs, build.bytes)
-        row = TreeRow(tid, dataset, version, subtree, *counts, 0, boot_id(), now, now)
-        self._index.put_tree(row)
+        with self._guard():  # FencedError: the build stays, for the next agent to resume
+            if final.exists():  # an older build left by a crash, or a concurrent one: replace
+                _remove(final)
+            os.rename(build.temp, final)
+            now = self._clock()
+            counts = (build.files, build.dirs, build.bytes)
+            row = TreeRow(tid, dataset, version, subtree, *counts, 0, boot_id(), now, now)
+            self._index.put_tree(row)
         return row
 
     def sync(self, tid: str) -> None:

@@ -138,12 +138,25 @@ class _QuietServer(uvicorn.Server):
     envvar=ENV_VAR,
     help=_LOG_FORMAT_HELP + f" The daemon sets {ENV_VAR} for agents it starts locally.",
 )
-def agent(node: str, cache_dir: Path, log_format: LogFormat) -> None:
+@click.option(
+    "--epoch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Leader epoch of the daemon starting this agent (with --state-id): the agent claims"
+    " the node cache for it and exits once a newer one is claimed. Without: not fenced.",
+)
+@click.option("--state-id", default=None, help="Id of that daemon's state database.")
+def agent(
+    node: str, cache_dir: Path, log_format: LogFormat, epoch: int | None, state_id: str | None
+) -> None:
     """Internal: the node agent, started by the daemon over SSH; speaks JSON lines on stdio."""
     from hpcstage.agent.main import run_agent
+    from hpcstage.core.fencing import Epoch
 
+    if (epoch is None) != (not state_id):
+        raise click.UsageError("--epoch and --state-id go together")
     raise_open_files_limit()  # connections and in-flight temp files add up
-    run_agent(node, cache_dir, log_format)
+    run_agent(node, cache_dir, log_format, Epoch(state_id, epoch) if state_id and epoch else None)
 
 
 def raise_open_files_limit() -> None:

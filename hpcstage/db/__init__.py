@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from hpcstage.db.models import Base, Event, Job, KeptWarm, Pack, Request, Staging, Upload
+from hpcstage.core.fencing import Epoch
+from hpcstage.db.models import (
+    Base,
+    Event,
+    Fencing,
+    Job,
+    KeptWarm,
+    Pack,
+    Request,
+    Staging,
+    Upload,
+)
 from hpcstage.errors import ConfigError
 
-__all__ = ["Base", "Event", "Job", "KeptWarm", "Pack", "Request", "Staging", "Upload", "open_db"]
+__all__ = [
+    "Base",
+    "Event",
+    "Fencing",
+    "Job",
+    "KeptWarm",
+    "Pack",
+    "Request",
+    "Staging",
+    "Upload",
+    "open_db",
+    "take_epoch",
+]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -50,3 +74,18 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def take_epoch(db: sessionmaker[Session], holder: str) -> Epoch:
+    """Begin a leadership term: one more than the last epoch, counted in one transaction (the
+    row's lock orders two daemons that both think they lead), and the database's id."""
+    with db.begin() as session:
+        session.execute(
+            update(Fencing)
+            .where(Fencing.id == 1)
+            .values(epoch=Fencing.epoch + 1, holder=holder, since=time.time())
+        )
+        state_id, number = session.execute(
+            select(Fencing.state_id, Fencing.epoch).where(Fencing.id == 1)
+        ).one()
+    return Epoch(state_id, number)

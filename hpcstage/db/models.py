@@ -214,3 +214,19 @@ class KeptWarm(Base):
     next_refresh_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     removed_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     removed_by: Mapped[str] = mapped_column(String(64), default="")  # "" and a time: expired
+
+
+class Fencing(Base):
+    """The state database's leader epochs (core/fencing.py): one row, made by its migration.
+
+    ``state_id`` names this database to the node caches (epochs of two databases are not
+    ordered); ``epoch`` grows by one each time a daemon becomes active on it (``holder``,
+    ``since``: the last one, for people)."""
+
+    __tablename__ = "fencing"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    state_id: Mapped[str] = mapped_column(String(32))
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    holder: Mapped[str] = mapped_column(Text, default="")
+    since: Mapped[float] = mapped_column(Float, default=0.0)

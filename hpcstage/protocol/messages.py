@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from hpcstage.core.directives import Source, SourceKind, parse_source
+from hpcstage.core.fencing import Epoch
 from hpcstage.core.filters import KeyFilter
 
 Req = TypeVar("Req")
@@ -129,6 +130,9 @@ class HelloRequest:
     store: AgentStoreSettings
     transfer: AgentTransferSettings
     cache: AgentCacheSettings
+    # The daemon's leader epoch (core/fencing.py), the one it started the agent with; None
+    # from a daemon that counts none (tests that wire one without a state database).
+    fence: Epoch | None
 
 
 @dataclass(frozen=True)

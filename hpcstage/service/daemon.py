@@ -29,8 +29,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.config.schema import Settings
 from hpcstage.core import plan as planner
+from hpcstage.core.fencing import Epoch, describe
 from hpcstage.core.packing import PackRequest
-from hpcstage.db import open_db
+from hpcstage.db import open_db, take_epoch
 from hpcstage.db.changes import Changes, pack_key
 from hpcstage.errors import SlurmError, StateUnavailable, StoreError, TransportError
 from hpcstage.service import leader
@@ -100,6 +101,7 @@ class Daemon:
     _snapshot: QueueSnapshot | None = None  # the last one (admitted in slices: fold.sync)
     _want_fresh: bool = False
     _lock: leader.StateLock | None = None
+    epoch: Epoch | None = None  # this daemon's leader epoch, once it has started
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -117,6 +119,10 @@ class Daemon:
         """Open state, resume interrupted work, prepare the Slurm backend and agents."""
         if self.db is None:
             self.db = open_db(self.settings.site.state_url)
+        # A new term of leadership: agents of earlier ones (a dead leader's, still running on
+        # the nodes) stop writing once this daemon's agents claim their caches.
+        self.epoch = await asyncio.to_thread(take_epoch, self.db, leader.me())
+        log.info("leader %s", describe(self.epoch))
         self.changes.watch(self.db)
         self.changes.bind(asyncio.get_running_loop())
         if self.backend is None:
@@ -135,7 +141,7 @@ class Daemon:
     def _wire(
         self, db: sessionmaker[Session], backend: SlurmBackend, creds: CredentialSource
     ) -> Parts:
-        nodes = NodeAgents(self.settings, backend, self.access)
+        nodes = NodeAgents(self.settings, backend, self.access, self.epoch)
         caches = NodeCaches(self.settings, nodes, self.meters)
         return Parts(
             nodes=nodes,

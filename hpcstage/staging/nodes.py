@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from hpcstage.config.schema import Settings
+from hpcstage.core.fencing import Epoch
 from hpcstage.core.nodes import cache_dir_for, expand_node_template
 from hpcstage.core.power import asleep, awake_nodes
 from hpcstage.core.rules import reconnect_delay
@@ -70,10 +71,18 @@ class NodePool(Protocol):
 class NodeAgents:
     """One agent session per node, with a growing pause after each failure to reach one."""
 
-    def __init__(self, settings: Settings, backend: SlurmBackend, access: StoreAccess) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: SlurmBackend,
+        access: StoreAccess,
+        epoch: Epoch | None = None,
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.access = access
+        # This daemon's leader epoch, handed to every agent it starts (core/fencing.py).
+        self.epoch = epoch
         self.pool = AgentPool(self._open_agent, self._hello)
         # nodes.agent_command, or our own hpcstage's
         self.agent_command = agent_command(settings.nodes.agent_command)
@@ -112,7 +121,7 @@ class NodeAgents:
         nodes = self.settings.nodes
         cache_dir = cache_dir_for(nodes.cache_dir, node)
         if nodes.transport == "local":
-            argv = agent_argv(self.agent_command, node, cache_dir)
+            argv = agent_argv(self.agent_command, node, cache_dir, self.epoch)
             return await open_local(node, argv, nodes.rpc_idle_timeout)
         if node not in self._node_addr:
             await self.refresh_nodes()
@@ -122,7 +131,7 @@ class NodeAgents:
             user=nodes.ssh_user,
             key=str(nodes.ssh_key),
             known_hosts=str(nodes.ssh_known_hosts),
-            command=agent_shell_command(self.agent_command, node, cache_dir),
+            command=agent_shell_command(self.agent_command, node, cache_dir, self.epoch),
             connect_timeout=nodes.connect_timeout,
             liveness=Liveness(
                 keepalive_interval=nodes.keepalive_interval,
@@ -156,7 +165,7 @@ class NodeAgents:
             direct_writes=t.direct_writes,
         )
         cache = AgentCacheSettings(durable_before_read=self.settings.cache.durable_before_read)
-        reply = await AgentClient(rpc, node).hello(HelloRequest(store, transfer, cache))
+        reply = await AgentClient(rpc, node).hello(HelloRequest(store, transfer, cache, self.epoch))
         log.info("agent on %s ready: %s", node, reply.reconcile)
 
     async def refresh_nodes(self) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
+from hpcstage.core.fencing import Epoch
 from hpcstage.errors import TransportError
 from hpcstage.protocol.framing import MAX_LINE, RpcClient
 
@@ -299,11 +300,15 @@ def agent_command(configured: str) -> str:
     return configured or shlex.join([own_command(), "agent"])
 
 
-def agent_argv(command: str, node: str, cache_dir: str) -> list[str]:
-    """The agent command line for one node (``command`` is a shell-like string)."""
-    return [*shlex.split(command), "--node", node, "--cache-dir", cache_dir]
+def agent_argv(command: str, node: str, cache_dir: str, epoch: Epoch | None = None) -> list[str]:
+    """The agent command line for one node (``command`` is a shell-like string), with the
+    daemon's leader epoch, which the agent claims before it waits for the cache's lock."""
+    argv = [*shlex.split(command), "--node", node, "--cache-dir", cache_dir]
+    if epoch is not None:
+        argv += ["--epoch", str(epoch.number), "--state-id", epoch.state]
+    return argv
 
 
-def agent_shell_command(command: str, node: str, cache_dir: str) -> str:
+def agent_shell_command(command: str, node: str, cache_dir: str, epoch: Epoch | None = None) -> str:
     """The same, quoted for a remote shell."""
-    return shlex.join(agent_argv(command, node, cache_dir))
+    return shlex.join(agent_argv(command, node, cache_dir, epoch))

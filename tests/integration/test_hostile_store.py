@@ -116,7 +116,7 @@ class Node:
         transfer = dataclasses.replace(
             DEFAULT_TRANSFER, retries=1, backoff_base=0.01, backoff_max=0.05, concurrency=4
         )
-        reply = await calls.hello(self.agent, HelloRequest(store, transfer, DEFAULT_CACHE))
+        reply = await calls.hello(self.agent, HelloRequest(store, transfer, DEFAULT_CACHE, None))
         return dict(to_wire(reply))
 
     async def stage(

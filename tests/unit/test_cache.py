@@ -797,7 +797,8 @@ def test_commit_group_takes_downloads_and_memory_objects_together(cache: NodeCac
 def test_a_second_agent_waits_for_the_cache_lock_then_gets_it(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     first = lock_cache(root, timeout=1)
-    with pytest.raises(CacheError, match=r"another agent still holds .*agent\.lock"):
+    holder = rf"another agent \(pid {os.getpid()}\) still holds .*agent\.lock"
+    with pytest.raises(CacheError, match=holder):
         lock_cache(root, timeout=0.3, poll=0.05)
     os.close(first)  # the first agent exits: its lock goes with it
     second = lock_cache(root, timeout=1)

@@ -250,7 +250,7 @@ def test_an_index_of_schema_1_opens_and_its_rows_are_durable(root: Path) -> None
 @pytest.mark.parametrize("durable", [False, True])
 def test_hello_applies_the_sites_durability_setting(root: Path, durable: bool) -> None:
     store = AgentStoreSettings("http://127.0.0.1:9", "us-east-1", "path", True, "", 8, 1, 1, None)
-    request = HelloRequest(store, DEFAULT_TRANSFER, AgentCacheSettings(durable))
+    request = HelloRequest(store, DEFAULT_TRANSFER, AgentCacheSettings(durable), None)
     with NodeCache(root, boot=BOOT) as cache:
         ctx = NodeContext(node="n1", cache=cache)
         asyncio.run(calls.hello(ctx, request))
