@@ -237,6 +237,9 @@ class BusyNodes:
     def known_nodes(self) -> list[str]:
         return [f"n{i:04d}" for i in range(NODES)]
 
+    def peer_address(self, node: str) -> str:
+        return "127.0.0.1"
+
 
 def daemon(state: Path, url: str, backend: FakeSlurm) -> Daemon:
     """A daemon on ``url`` wired as at start-up, but with busy fake agents."""

@@ -247,7 +247,14 @@ class TransferSettings(_Section):
     """Fetch small objects (up to 1 MiB) and big objects' parts with hpcstage's own signed
     GETs, not the SDK."""
     peer_copy: bool = True
-    """Copy small objects another node's cache holds instead of fetching them from the store."""
+    """Copy objects another node's cache holds instead of fetching them from the store, and
+    fetch a source several nodes need at once from the store once (the others copy it)."""
+    peer_direct: bool = True
+    """Copy objects above 1 MiB node to node (a one-time token, the daemon out of the data
+    path); false: only small objects are copied, through the daemon."""
+    peer_address: Annotated[str, template(frozenset({"node", "node_addr"}))] = "{node_addr}"
+    """Address a node's agent listens on, for the moment of one node-to-node copy, and
+    its peers connect to; {node} is the Slurm node name, {node_addr} its NodeAddr."""
     direct_writes: bool = True
     """Write the parts of big objects not checked by an MD5 or SHA (which are read back)
     straight to disk (O_DIRECT) where the cache's file system allows it; only with

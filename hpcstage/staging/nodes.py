@@ -61,6 +61,10 @@ class NodePool(Protocol):
         """Nodes Slurm reported at the last refresh."""
         ...
 
+    def peer_address(self, node: str) -> str:
+        """The address ``node``'s agent listens on for a node-to-node copy."""
+        ...
+
 
 class NodeAgents:
     """One agent session per node, with a growing pause after each failure to reach one."""
@@ -165,6 +169,11 @@ class NodeAgents:
     def known_nodes(self) -> list[str]:
         """Nodes Slurm reported at the last refresh."""
         return sorted(self._node_addr)
+
+    def peer_address(self, node: str) -> str:
+        """``transfer.peer_address`` for ``node`` (its NodeAddr by default)."""
+        template = self.settings.transfer.peer_address
+        return expand_node_template(template, node, self._node_addr.get(node, node))
 
     async def unknown_nodes(self, nodes: Iterable[str]) -> list[str]:
         """Those of ``nodes`` Slurm does not know (asked again first if any looks new).

@@ -1,16 +1,21 @@
 """Stage-in: have a node's agent fetch a job's inputs (or a warmup's) into its cache and view.
 
 One attempt stages the job's inputs on one node in directive order, within the job's quota and
-object budget; small objects another node's cache holds are copied from it first (peer copy).
+object budget; objects another node's cache holds are copied from it first (peer copy), and
+nodes that need a source at the same time fetch it from the store once: the first stages it,
+the others wait for it and copy from its cache.
 A store that is down or a node that cannot be reached requeues what is left; any other refusal
 by the agent fails the staging with the agent's message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -37,8 +42,9 @@ from hpcstage.watch.fold import log_event
 log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
 MAX_TRANSPORT_ATTEMPTS = 5
-# Peer copies at once: their bytes cross the daemon host, which must not become the
-# bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
+# Relayed peer copies (small objects) at once: their bytes cross the daemon host, which must
+# not become the bottleneck of a job array starting on a hundred nodes (those beyond it fetch
+# their small objects from the store). Node-to-node copies (big objects) are not rationed.
 PEER_COPIES = 2
 
 
@@ -51,8 +57,10 @@ class StageIn:
     nodes: NodePool
     records: StagingRecords
     stores: OpenStore | None = None  # the daemon's store clients (pins packed versions)
-    _peer_copies: int = 0  # running now (at most PEER_COPIES)
+    _peer_copies: int = 0  # relayed copies running now (at most PEER_COPIES)
     _pinner: Pinner = field(init=False)
+    # Sources a node is fetching now for the others, by src: they wait, then copy from it.
+    _leading: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._pinner = Pinner(self.db, self.stores)
@@ -85,10 +93,11 @@ class StageIn:
                 src = await self._pinner.pinned(request_id, current.src)
                 dest = current.dest
                 limit = self._budget(action.job_id, action.node, spent, current.src)
-                if src:
-                    await self._peer_fill(rpc, action, staging_id, src, limit)
                 left = limits.stage_in_budget(self.settings.limits, objects)
-                await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
+                async with self._fan_out(src, action.node):
+                    if src:
+                        await self._peer_fill(rpc, action, staging_id, src, limit)
+                    await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
                 done_bytes, done_files = self.records.staged(staging_id)
                 spent, objects = spent + done_bytes, objects + done_files
         except AgentError as exc:
@@ -106,6 +115,33 @@ class StageIn:
             self.nodes.node_failed(action.node)
             self._requeue(action, remaining(plan, current), str(exc))
 
+    @contextlib.asynccontextmanager
+    async def _fan_out(self, src: str, node: str) -> AsyncIterator[None]:
+        """Stage ``src`` on ``node`` so that the store serves it once to the nodes that need
+        it at the same time (a multi-node job, an array): the first of them stages it, the
+        others wait for that stage to end, then copy from its cache (``_peer_fill``), in
+        parallel with each other. A node whose stage of ``src`` could copy it from a node
+        that holds it already needs nobody to wait for it. The first never waits for anything
+        while the others wait for it, so no two stages wait for each other; if its stage
+        fails, the others fetch from the store themselves."""
+        if not (src and self.settings.transfer.peer_copy and peer.copyable(SourceSpec.of(src))):
+            yield
+            return
+        first = self._leading.get(src)
+        if first is not None:
+            await first.wait()
+            yield
+            return
+        if self._peers_holding(src, node):
+            yield
+            return
+        done = self._leading[src] = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._leading[src]
+            done.set()
+
     async def _peer_fill(
         self,
         rpc: RpcClient,
@@ -114,30 +150,37 @@ class StageIn:
         src: str,
         limit: quota.Budget,
     ) -> None:
-        """Copy the small objects of ``src`` another node's cache holds (staging/peer.py),
-        counted in the staging's ``peer_files``.
+        """Copy the objects of ``src`` another node's cache holds (staging/peer.py), counted
+        in the staging's ``peer_files``.
 
         Never fails the staging: whatever is not copied, the stage fetches from the store.
         """
-        if not self.settings.transfer.peer_copy or self._peer_copies >= PEER_COPIES:
-            return
         source = SourceSpec.of(src)
-        if not peer.copyable(source):
+        if not self.settings.transfer.peer_copy or not peer.copyable(source):
             return
         for other in self._peers_holding(src, action.node):
-            self._peer_copies += 1
+            route = peer.Route(
+                relay=self._peer_copies < PEER_COPIES,
+                direct_host=self.nodes.peer_address(other)
+                if self.settings.transfer.peer_direct
+                else "",
+            )
+            if not route.relay and not route.direct_host:
+                return
+            self._peer_copies += route.relay
             try:
                 copied = await peer.copy_from_peer(
                     AgentClient(rpc, action.node),
                     AgentClient(await self.nodes.agent(other), other),
                     source,
+                    route,
                     limit.max_bytes,
                 )
             except (AgentError, TransportError, LookupError, TypeError, ValueError) as exc:
                 log.warning("peer copy of %s from %s to %s: %s", src, other, action.node, exc)
                 continue
             finally:
-                self._peer_copies -= 1
+                self._peer_copies -= route.relay
             self.records.meters.peer_copied(action.node, copied.objects, copied.bytes)
             if copied.objects or copied.refused:
                 message = (

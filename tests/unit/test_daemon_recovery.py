@@ -38,6 +38,9 @@ class NoNodes:
     def known_nodes(self) -> list[str]:
         return []
 
+    def peer_address(self, node: str) -> str:
+        return "127.0.0.1"
+
 
 @pytest.fixture
 def executor(tmp_path: Path) -> Iterator[Executor]:
