@@ -7,12 +7,15 @@ introduces them (``hpcstage.staging.peer`` decides who copies what).
 Why a listener at all, and who may use it: the bytes of a big object must not cross the
 daemon host, so the holding node listens, but nothing a user of either node can reach gains
 them anything. The daemon makes two random secrets per copy and hands them out over its SSH
-sessions only: the holder gets both, the receiver both. The listener binds to the address
+sessions only, to the holder and to the receiver. The listener binds to the address
 the daemon names (the node's cluster address, never a wildcard), lets a connection have
 nothing until it presents the token, serves each cache id once (a second request for it, by
-anyone, gets nothing), accepts connections for ``ttl`` seconds and closes as soon as every id
-was served. It answers the proof first, so the receiver knows it talks to the holder's agent
-and not to something that took the port. Tokens never reach argv, the environment or a file.
+anyone, gets nothing), and stops accepting as soon as every id was served, or once ``ttl``
+seconds pass with no transfer to the token's holder running (however long the objects take,
+the receiver's next request follows a finished one at once; connections without the token
+do not keep it open). It answers the proof first, so the receiver knows it talks to the
+holder's agent and not to something that took the port after the listener closed. Tokens
+never reach argv, the environment or a file.
 
 The stream, after ``HPCSTAGE-PEER/1 <token> <cache_id>\\n`` from the receiver:
 ``<proof> <size>\\n``, the object's ``size`` bytes, then ``<sha256>\\n`` of the bytes the
@@ -22,9 +25,11 @@ evicted since) closes the connection; for a wrong token, before any byte is sent
 The receiver trusts nothing it reads: the object's identity must give its cache id, the
 proof must match, and the bytes it wrote must have the listed size, the holder's trailer
 SHA-256, the SHA-256 the holder's cache recorded (when it has one) and, for a plain-MD5 ETag,
-that MD5. It writes them to a temp file and commits them exactly as a download from the store
-(``NodeCache.ensure``: durable in the background, see cache/durable.py); any failure is a miss,
-which the stage that follows fetches from the store.
+that MD5 (an object encrypted with SSE-KMS or SSE-C, whose ETag looks like an MD5 and is
+none, fails that check: a miss). It writes them to a temp file and commits them exactly as
+a download from the store (``NodeCache.ensure``: durable in the background, see
+cache/durable.py); any failure is a miss, which the stage that follows fetches from the
+store.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import hmac
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
 
 from hpcstage.agent.context import NodeContext
@@ -79,9 +84,27 @@ class _Offer:
     token: str
     proof: str
     left: dict[str, PeerObject]
+    ttl: float
     server: asyncio.Server | None = None
-    refused: int = 0
-    handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    serving: int = 0  # transfers running (connections that presented the token)
+    _idle: asyncio.TimerHandle | None = None
+
+    def open(self, server: asyncio.Server) -> None:
+        """Serve through ``server`` until idle for ``ttl`` seconds."""
+        self.server = server
+        self.touch()
+
+    def touch(self) -> None:
+        """Something happened: the idle time starts again (the handle keeps the offer)."""
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(self.ttl, self._expire)
+
+    def _expire(self) -> None:
+        if self.serving:  # transfers still running: the receiver's next request may follow
+            self.touch()
+        elif self.server is not None:
+            self.server.close()
 
     def claim(self, line: bytes) -> PeerObject | None:
         """The object a request line asks for, taken off the offer; None to refuse it."""
@@ -97,35 +120,26 @@ class _Offer:
 
 
 async def peer_serve(ctx: NodeContext, request: PeerServeRequest) -> PeerServeReply:
-    """Open the listener for ``request.ids`` (those this cache holds) on ``request.host``."""
+    """Open the listener for ``request.ids`` (those this cache holds) on ``request.host``;
+    it stops accepting once ``request.ttl`` seconds (at most ``MAX_TTL``) pass with no
+    transfer running, or once every id was served."""
     if not (_SECRET.fullmatch(request.token) and _SECRET.fullmatch(request.proof)):
         raise HpcstageError("peer_serve: the token and proof must be 64 hex digits each")
     rows = await asyncio.to_thread(lambda: [ctx.cache.indexed(i) for i in request.ids])
     held = [PeerObject(r.cache_id, r.key, r.etag, r.size, r.sha256) for r in rows if r]
-    offer = _Offer(ctx, request.token, request.proof, {o.cache_id: o for o in held})
+    ttl = min(max(request.ttl, 1.0), MAX_TTL)
+    offer = _Offer(ctx, request.token, request.proof, {o.cache_id: o for o in held}, ttl)
     if not held:
         return PeerServeReply(port=0, objects=[])
     try:
         server = await asyncio.start_server(
-            lambda r, w: _track(offer, r, w), request.host, 0, reuse_address=False
+            lambda r, w: _serve_connection(offer, r, w), request.host, 0, reuse_address=False
         )
     except OSError as exc:
         raise HpcstageError(f"cannot listen on {request.host} for a peer: {exc}") from exc
-    offer.server = server
-    ttl = min(max(request.ttl, 1.0), MAX_TTL)
-    asyncio.get_running_loop().call_later(ttl, server.close)  # the handle keeps the offer
+    offer.open(server)
     port: int = server.sockets[0].getsockname()[1]
     return PeerServeReply(port=port, objects=held)
-
-
-async def _track(offer: _Offer, reader: asyncio.StreamReader, writer: Any) -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    offer.handlers.add(task)
-    try:
-        await _serve_connection(offer, reader, writer)
-    finally:
-        offer.handlers.discard(task)
 
 
 async def _serve_connection(
@@ -136,10 +150,16 @@ async def _serve_connection(
         line = await asyncio.wait_for(reader.readline(), HELLO_TIMEOUT)
         obj = offer.claim(line) if len(line) <= _LINE_MAX else None
         if obj is None:
-            offer.refused += 1
             log.warning("peer listener: refused a connection from %s (no valid request)", peer)
             return
-        await _send_object(offer, obj, writer)
+        offer.serving += 1
+        try:
+            await _send_object(offer, obj, writer)
+        finally:
+            # Only a served transfer keeps the listener open: connections without the token
+            # cannot hold it open by coming again.
+            offer.serving -= 1
+            offer.touch()
     except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
         log.warning("peer listener: connection from %s ended: %s", peer, exc or type(exc))
     finally:

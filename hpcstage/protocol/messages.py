@@ -391,8 +391,9 @@ PEER_RELAY_MAX: Final = 1 << 20
 class PeerServeRequest:
     """Open a listener on ``host`` (port chosen by the kernel) that serves each of ``ids``
     once, to a connection that presents ``token``, answering ``proof`` first; it accepts
-    connections for ``ttl`` seconds. The daemon makes both secrets, one pair per copy, and
-    hands them to the receiving agent only (see hpcstage.agent.direct)."""
+    connections until ``ttl`` seconds pass with none running. The daemon makes both secrets,
+    one pair per copy, and gives them to the holding and the receiving agent only (see
+    hpcstage.agent.direct)."""
 
     ids: list[str]
     host: str

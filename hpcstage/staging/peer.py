@@ -43,7 +43,7 @@ from hpcstage.staging.agents import AgentClient
 PAGE: Final = 1000  # rows per peer_list
 BATCH_BYTES: Final = 4 * 1024 * 1024  # raw bytes per peer_read (base64 on the wire: 5.4 MiB)
 DIRECT_BATCH: Final = 64  # big objects per listener
-LISTEN_TTL: Final = 120.0  # seconds a listener accepts connections (transfers may run longer)
+LISTEN_TTL: Final = 120.0  # seconds a listener waits for the next connection, none running
 
 
 @dataclass(frozen=True)

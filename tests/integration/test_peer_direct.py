@@ -179,6 +179,20 @@ async def test_a_listener_stops_accepting_after_its_ttl(pair: Pair) -> None:
     assert _cached(pair.receiver, pair.row.cache_id) is None
 
 
+async def test_connections_without_the_token_do_not_keep_a_listener_open(pair: Pair) -> None:
+    token, proof = _secrets()
+    port = await _offer(pair, token, proof, ttl=1.0)
+    answers = []
+    for _ in range(10):  # 3 s of knocking, every 0.3 s: never 1 s idle
+        try:
+            answers.append(await _ask(port, f"HPCSTAGE-PEER/1 {'0' * 64} x\n".encode()))
+        except ConnectionRefusedError:
+            answers.append(None)
+        await asyncio.sleep(0.3)
+    assert set(answers) == {b"", None} and answers[-1] is None, answers
+    assert await _fetch(pair, port, token, proof) == (0, 1)
+
+
 async def test_a_listener_that_does_not_know_the_proof_is_not_believed(pair: Pair) -> None:
     token, proof = _secrets()
     port = await _offer(pair, token, proof)
