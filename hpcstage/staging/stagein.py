@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,6 +48,21 @@ MAX_TRANSPORT_ATTEMPTS = 5
 # their small objects from the store). Node-to-node copies (big objects) are not rationed.
 PEER_COPIES = 2
 
+K = TypeVar("K")
+
+
+@contextlib.asynccontextmanager
+async def _turn(table: dict[K, asyncio.Event], key: K) -> AsyncIterator[None]:
+    """Run once nobody holds ``key`` in ``table``; hold it meanwhile."""
+    while (other := table.get(key)) is not None:
+        await other.wait()
+    done = table[key] = asyncio.Event()
+    try:
+        yield
+    finally:
+        del table[key]
+        done.set()
+
 
 @dataclass
 class StageIn:
@@ -59,8 +75,12 @@ class StageIn:
     stores: OpenStore | None = None  # the daemon's store clients (pins packed versions)
     _peer_copies: int = 0  # relayed copies running now (at most PEER_COPIES)
     _pinner: Pinner = field(init=False)
-    # Sources a node is fetching now for the others, by src: they wait, then copy from it.
-    _leading: dict[str, asyncio.Event] = field(default_factory=dict)
+    # Sources a node is fetching now for the others of its group (transfer.peer_groups), by
+    # (src, group): they wait, then copy from it.
+    _leading: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+    _leaders: dict[tuple[str, int], str] = field(default_factory=dict)  # their nodes
+    # Sources being staged now, by (src, node): a second stage there waits for the first.
+    _on_node: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._pinner = Pinner(self.db, self.stores)
@@ -94,7 +114,7 @@ class StageIn:
                 dest = current.dest
                 limit = self._budget(action.job_id, action.node, spent, current.src)
                 left = limits.stage_in_budget(self.settings.limits, objects)
-                async with self._fan_out(src, action.node):
+                async with self._fan_out(action.job_id, src, action.node):
                     if src:
                         await self._peer_fill(rpc, action, staging_id, src, limit)
                     await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
@@ -116,31 +136,52 @@ class StageIn:
             self._requeue(action, remaining(plan, current), str(exc))
 
     @contextlib.asynccontextmanager
-    async def _fan_out(self, src: str, node: str) -> AsyncIterator[None]:
+    async def _fan_out(self, job_id: int, src: str, node: str) -> AsyncIterator[None]:
         """Stage ``src`` on ``node`` so that the store serves it once to the nodes that need
-        it at the same time (a multi-node job, an array): the first of them stages it, the
-        others wait for that stage to end, then copy from its cache (``_peer_fill``), in
-        parallel with each other. A node whose stage of ``src`` could copy it from a node
-        that holds it already needs nobody to wait for it. The first never waits for anything
-        while the others wait for it, so no two stages wait for each other; if its stage
-        fails, the others fetch from the store themselves."""
+        it at the same time (a multi-node job, an array), and each node gets it once.
+
+        On one node, a stage of ``src`` waits for the one running there (a job of the same
+        array, say): it then finds the objects cached, rather than copy them a second time.
+        Across the nodes of a group (``transfer.peer_groups``; by default the cluster), the
+        first stage of ``src`` fetches it and the others wait for it to end, then copy from
+        its cache (``_peer_fill``) in parallel with each other; a stage that can copy from a
+        node holding it already needs nobody to wait for it. A first stage waits for nothing
+        more once it is first, so no two stages wait for each other; if it fails, the others
+        fetch from the store themselves.
+        """
         if not (src and self.settings.transfer.peer_copy and peer.copyable(SourceSpec.of(src))):
             yield
             return
-        first = self._leading.get(src)
-        if first is not None:
-            await first.wait()
-            yield
-            return
-        if self._peers_holding(src, node):
-            yield
-            return
-        done = self._leading[src] = asyncio.Event()
-        try:
-            yield
-        finally:
-            del self._leading[src]
-            done.set()
+        async with _turn(self._on_node, (src, node)):
+            fetching = (src, self._group(node))
+            first = self._leading.get(fetching)
+            if first is not None:
+                self._waiting(job_id, node, src, self._leaders.get(fetching, "another node"))
+                await first.wait()
+                yield
+                return
+            if self._peers_holding(src, node):
+                yield
+                return
+            async with _turn(self._leading, fetching):
+                self._leaders[fetching] = node
+                try:
+                    yield
+                finally:
+                    del self._leaders[fetching]
+
+    def _waiting(self, job_id: int, node: str, src: str, leader: str) -> None:
+        """Say in the job's events why its staging on ``node`` shows no progress yet."""
+        with self.db.begin() as session:
+            message = f"waiting for {leader} to fetch {src} from the store, to copy it from there"
+            log_event(session, job_id, node, message)
+
+    def _group(self, node: str) -> int:
+        """The index of ``node``'s group in ``transfer.peer_groups`` (-1: in none)."""
+        for index, group in enumerate(self.settings.transfer.peer_groups):
+            if node in group:
+                return index
+        return -1
 
     async def _peer_fill(
         self,
@@ -195,7 +236,8 @@ class StageIn:
             return
 
     def _peers_holding(self, src: str, node: str) -> list[str]:
-        """Other nodes whose staging of ``src`` finished (their caches likely hold it).
+        """Other nodes of ``node``'s group whose staging of ``src`` finished (their caches
+        likely hold it).
 
         None when ``node`` itself staged ``src`` before: its cache likely holds it already,
         and asking a peer page by page what it lacks would cost more than the stage's own
@@ -217,7 +259,12 @@ class StageIn:
         if node in found:
             return []
         known = set(self.nodes.known_nodes()) | set(self.settings.cache.cluster_nodes)
-        return [n for n in sorted(found) if n in known and not self.nodes.backing_off(n)]
+        group = self._group(node)
+        return [
+            n
+            for n in sorted(found)
+            if n in known and self._group(n) == group and not self.nodes.backing_off(n)
+        ]
 
     async def _stage_one(
         self,

@@ -651,3 +651,66 @@ def test_nodes_that_need_a_source_at_once_get_it_from_the_store_once_and_the_res
     assert [s.state for s in _stagings(db)] == ["ready"] * 3
     copied = [e for e in _events(db) if "copied 1 objects" in e]
     assert len(copied) == 2 and all("from n1's cache" in e for e in copied), copied
+    waits = [e for e in _events(db) if e.startswith("waiting for")]
+    assert (
+        waits
+        == ["waiting for n1 to fetch s3://data/set1/ from the store, to copy it from there"] * 2
+    )
+
+
+def test_two_jobs_waiting_for_a_source_on_one_node_copy_it_there_once(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    first = _job(db, _in(1), nodes="n1,n2")
+    second = _job(db, _in(1), nodes="n2", slurm_id=8)
+
+    async def go() -> dict[str, OpAgent]:
+        gate = asyncio.Event()
+        agents = {"n1": OpAgent("n1", gate), "n2": OpAgent("n2")}
+        executor = Executor(settings, db, FakeNodes(**cast(dict[str, FakeAgent], agents)))
+        for job_id, node in ((first, "n1"), (first, "n2"), (second, "n2")):
+            executor.act(planner.Stage((0, 0.0, 0), job_id, node, "test"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        gate.set()
+        while executor.tasks:
+            await asyncio.gather(*executor.tasks.values(), return_exceptions=True)
+            await asyncio.sleep(0)
+        return agents
+
+    agents = asyncio.run(go())
+    # The second job's stage on n2 waited for the first's, which copied; it found it cached.
+    assert agents["n2"].ops() == ["peer_want", "peer_fetch", "stage", "stage"]
+    assert [s.state for s in _stagings(db)] == ["ready"] * 3
+
+
+def test_each_group_of_nodes_fetches_a_source_once_and_copies_only_within_itself(
+    db: sessionmaker[Session],
+) -> None:
+    settings = parse_config(
+        '[site]\nname = "t"\nstate_dir = "/nonexistent"\n'
+        '[store]\nendpoint_url = "http://127.0.0.1:9"\n'
+        '[transfer]\npeer_groups = [["n1", "n2"], ["n3"]]\n'
+    )
+    job_id = _job(db, _in(1), nodes=",".join(NODES))
+
+    async def go() -> dict[str, OpAgent]:
+        gate = asyncio.Event()
+        agents = {n: OpAgent(n, gate if n != "n2" else None) for n in NODES}
+        executor = Executor(settings, db, FakeNodes(**cast(dict[str, FakeAgent], agents)))
+        for node in NODES:
+            executor.act(planner.Stage((0, 0.0, 0), job_id, node, "test"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        # One fetch in each group: n1 for n1 and n2, n3 for itself.
+        assert [a.ops() for a in agents.values()] == [["stage"], [], ["stage"]]
+        gate.set()
+        while executor.tasks:
+            await asyncio.gather(*executor.tasks.values(), return_exceptions=True)
+            await asyncio.sleep(0)
+        return agents
+
+    agents = asyncio.run(go())
+    assert agents["n2"].ops() == ["peer_want", "peer_fetch", "stage"]
+    assert sorted(agents["n1"].ops()) == ["peer_list", "peer_serve", "stage"]
+    assert agents["n3"].ops() == ["stage"]
