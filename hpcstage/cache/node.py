@@ -81,7 +81,7 @@ class CacheStats:
     joined: int = 0  # ensure() calls that waited for another caller's fetch
     peer_objects: int = 0  # objects copied from another node's cache instead of the store
     peer_bytes: int = 0
-    peer_refused: int = 0  # peer copies that failed verification (fetched from the store later)
+    peer_refused: int = 0  # peer copies refused or not read (fetched from the store later)
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,10 @@ class StageIn:
                     f" from {other}'s cache"
                 )
                 if copied.refused:
-                    message += f"; {copied.refused} failed verification (fetched from the store)"
+                    message += (
+                        f"; {copied.refused} failed verification or could not be read"
+                        " (fetched from the store)"
+                    )
                 with self.db.begin() as session:
                     session.get_one(Staging, staging_id).peer_files += copied.objects
                     log_event(session, action.job_id, action.node, message)

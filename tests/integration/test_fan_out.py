@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -127,3 +128,38 @@ def test_a_1_gib_input_of_a_three_node_job_leaves_the_store_once(setup: Setup) -
     assert len(fetched) == 1 and sorted(fetched + copied) == list(NODES), per_node
     events = json.dumps(doc["events"])
     assert events.count(f"of s3://datasets/{key} from {fetched[0]}'s cache") == 2, events
+
+
+def _cached_copies(dev: DevCluster, node: str, size: int) -> list[Path]:
+    objects = Path(dev.info.base) / "nodes" / node / "cache" / "objects"
+    return [p for p in objects.glob("*/*") if p.is_file() and p.stat().st_size == size]
+
+
+def test_bytes_that_went_bad_on_the_peer_are_refused_and_fetched_from_the_store(
+    setup: Setup,
+) -> None:
+    stager, proxy, dev = setup.stager, setup.proxy, setup.stager.dev
+    key = f"fan-{uuid.uuid4().hex[:8]}/mid.bin"
+    body = os.urandom(8 << 20) + b"an odd size"  # above 1 MiB: node to node
+
+    async def put() -> None:
+        async with dev.s3_client() as s3:
+            await s3.put_object(Bucket="datasets", Key=key, Body=body)
+
+    asyncio.run(put())
+    src = f"s3://datasets/{key}"
+    stager.cli("alice", "warmup", src, "--nodes", "n1", "--json")
+    (held,) = [p for p in _cached_copies(dev, "n1", len(body)) if p.read_bytes() == body]
+    held.chmod(0o644)
+    with open(held, "r+b") as file:  # the holder's disk returns one wrong byte
+        file.seek(5 << 20)
+        file.write(bytes([body[5 << 20] ^ 0xFF]))
+
+    doc = json.loads(stager.cli("alice", "warmup", src, "--nodes", "n2", "--json").stdout)
+
+    events = json.dumps(doc["events"])
+    assert "1 failed verification or could not be read (fetched from the store)" in events
+    # n2 holds the store's bytes, which the store served twice: to n1, then to n2.
+    assert [p.read_bytes() == body for p in _cached_copies(dev, "n2", len(body))] == [True]
+    served = proxy.served("datasets", key)
+    assert 2 * len(body) <= served < 2 * len(body) + (1 << 20), served
