@@ -174,9 +174,15 @@ async def _send_object(offer: _Offer, obj: PeerObject, writer: asyncio.StreamWri
     with file:
         writer.write(f"{offer.proof} {row.size}\n".encode())
         digest = hashlib.sha256()
-        while chunk := await asyncio.to_thread(_read_hashed, file, digest):
-            writer.write(chunk)
-            await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
+        # The next chunk is read and hashed (in a thread) while this one is sent.
+        reading = asyncio.ensure_future(asyncio.to_thread(_read_hashed, file, digest))
+        try:
+            while chunk := await reading:
+                reading = asyncio.ensure_future(asyncio.to_thread(_read_hashed, file, digest))
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
+        finally:
+            await _settled(reading)  # never close the file under the thread reading it
         writer.write(f"{digest.hexdigest()}\n".encode())
         await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
 
@@ -240,12 +246,24 @@ async def _take(reader: asyncio.StreamReader, obj: PeerObject, pending: PendingO
     sha256 = hashlib.sha256()
     md5 = new_md5() if PLAIN_MD5.fullmatch(obj.etag) else None
     offset = 0
-    while offset < obj.size:
-        chunk = await asyncio.wait_for(
-            reader.readexactly(min(CHUNK, obj.size - offset)), IO_TIMEOUT
-        )
-        await asyncio.to_thread(_write_hashed, pending.fd, offset, chunk, sha256, md5)
-        offset += len(chunk)
+    writing: asyncio.Future[None] | None = None  # the previous chunk, written and hashed
+    try:
+        while offset < obj.size:
+            want = min(CHUNK, obj.size - offset)
+            chunk = await asyncio.wait_for(reader.readexactly(want), IO_TIMEOUT)
+            if writing is not None:
+                await writing  # in order: the digests see the bytes as they come
+            # Written and hashed in a thread while the next chunk arrives.
+            writing = asyncio.ensure_future(
+                asyncio.to_thread(_write_hashed, pending.fd, offset, chunk, sha256, md5)
+            )
+            offset += len(chunk)
+        if writing is not None:
+            await writing
+    finally:
+        if writing is not None:
+            # Never let the fd be closed (and its number reused) under the thread writing.
+            await _settled(writing)
     trailer = (await asyncio.wait_for(reader.readline(), IO_TIMEOUT)).decode("ascii", "replace")
     mine = sha256.hexdigest()
     if trailer.strip() != mine:
@@ -255,6 +273,15 @@ async def _take(reader: asyncio.StreamReader, obj: PeerObject, pending: PendingO
     if md5 is not None and md5.hexdigest() != obj.etag.lower():
         raise _PeerMiss(f"the bytes do not have the MD5 of the ETag {obj.etag}")
     return mine
+
+
+async def _settled(work: asyncio.Future[Any]) -> None:
+    """Wait until ``work`` (a thread's) has ended, whatever it raised: its outcome is the
+    caller's business, or moot once the transfer failed."""
+    if not work.done():
+        await asyncio.wait([work])
+    if not work.cancelled():
+        work.exception()  # retrieved: asyncio would log it otherwise
 
 
 def _write_hashed(fd: int, offset: int, chunk: bytes, sha256: Any, md5: Any | None) -> None:
