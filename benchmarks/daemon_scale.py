@@ -243,6 +243,9 @@ class BusyNodes:
     def powered_down(self, node: str) -> bool:
         return False
 
+    def peer_address(self, node: str) -> str:
+        return "127.0.0.1"
+
 
 def daemon(state: Path, url: str, backend: FakeSlurm) -> Daemon:
     """A daemon on ``url`` wired as at start-up, but with busy fake agents."""

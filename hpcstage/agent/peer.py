@@ -4,9 +4,10 @@ Why peer copy, and how the daemon drives it between two agents: ``hpcstage.stagi
 Nothing a peer sends is trusted: each object is checked against its identity, size and
 digests before it is committed (``peer_put``).
 
-  ``peer_list``  a page of what this cache holds under a source (the newest version of each key)
+  ``peer_list``  a page of what this cache holds under a source (the newest version of each key;
+                 objects of any size: those above PEER_MAX go node to node, ``agent/direct.py``)
   ``peer_want``  which of these cache ids this cache lacks
-  ``peer_read``  the bytes of some cache ids (base64), as indexed
+  ``peer_read``  the bytes of some cache ids up to PEER_MAX (base64), as indexed
   ``peer_put``   verify and commit objects another cache sent
 """
 
@@ -42,14 +43,14 @@ from hpcstage.protocol.messages import (
     SourceSpec,
 )
 
-PEER_MAX: Final = GROUP_COMMIT_MAX  # objects up to this size go from peer to peer
+PEER_MAX: Final = GROUP_COMMIT_MAX  # objects up to this size go through the daemon (peer_read)
 PAGE: Final = 1000  # rows per peer_list, at most
 _PLAIN_MD5: Final = re.compile(r"[0-9a-f]{32}")
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
-class _Scope:
+class Scope:
     """Which cached objects a source covers: one exact key, or the keys under a prefix that
     its include/exclude globs take (a filtered-out object is never copied either)."""
 
@@ -71,7 +72,7 @@ class _Scope:
         return ref.cache_id == row.cache_id
 
 
-def _source_scope(ctx: NodeContext, source: SourceSpec) -> _Scope:
+def source_scope(ctx: NodeContext, source: SourceSpec) -> Scope:
     """The scope of an S3 source; HpcstageError for any other."""
     if source.kind not in PEER_KINDS:
         raise HpcstageError(f"peer copy covers S3 sources only, not {source.kind.value!r}")
@@ -79,12 +80,12 @@ def _source_scope(ctx: NodeContext, source: SourceSpec) -> _Scope:
         raise HpcstageError("peer copy does not cover a pinned object version")
     store_id = ctx.stores.s3(source.bucket).store_id
     exact = source.kind is SourceKind.S3_OBJECT
-    return _Scope(store_id, source.bucket, source.key, exact, source.key_filter())
+    return Scope(store_id, source.bucket, source.key, exact, source.key_filter())
 
 
 async def peer_list(ctx: NodeContext, request: PeerListRequest) -> PeerListReply:
     """A page of what this cache holds of ``source``, after the key ``after``."""
-    scope = _source_scope(ctx, request.source)
+    scope = source_scope(ctx, request.source)
     limit = max(1, min(request.limit, PAGE))
     rows, cursor = await asyncio.to_thread(
         ctx.cache.holdings, scope.store_id, scope.bucket, scope.key, request.after, limit
@@ -92,7 +93,7 @@ async def peer_list(ctx: NodeContext, request: PeerListRequest) -> PeerListReply
     found = [
         PeerObject(r.cache_id, r.key, r.etag, r.size, r.sha256)
         for r in rows
-        if r.size <= PEER_MAX and scope.covers(r.key) and scope.current(r)
+        if scope.covers(r.key) and scope.current(r)
     ]
     return PeerListReply(objects=found, next="" if scope.exact else cursor)
 
@@ -125,7 +126,7 @@ async def peer_put(ctx: NodeContext, request: PeerPutRequest) -> PeerPutReply:
     SHA-256 the peer indexed and, for a plain-MD5 ETag, that MD5. Anything else is refused and
     counted; the stage that follows fetches it from the store.
     """
-    scope = _source_scope(ctx, request.source)
+    scope = source_scope(ctx, request.source)
     objects = size = refused = 0
     waits = []
     for sent in request.objects:
@@ -145,7 +146,7 @@ async def peer_put(ctx: NodeContext, request: PeerPutRequest) -> PeerPutReply:
     return PeerPutReply(objects=objects, bytes=size, refused=refused)
 
 
-def _checked(sent: PeerSent, scope: _Scope) -> tuple[ObjectRef, bytes] | None:
+def _checked(sent: PeerSent, scope: Scope) -> tuple[ObjectRef, bytes] | None:
     """The identity and bytes of ``sent`` if every check passes; None to refuse it."""
     try:
         body = base64.b64decode(sent.data, validate=True)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
-from hpcstage.agent import calls, peer, stagein, uploader
+from hpcstage.agent import calls, direct, peer, stagein, uploader
 from hpcstage.agent.context import NodeContext
 from hpcstage.core.stageout import shown
 from hpcstage.errors import (
@@ -99,6 +99,8 @@ def routes(ctx: NodeContext) -> dict[str, Handler]:
         Route(m.PEER_WANT, _quiet(peer.peer_want, ctx)),
         Route(m.PEER_READ, _quiet(peer.peer_read, ctx)),
         Route(m.PEER_PUT, _quiet(peer.peer_put, ctx)),
+        Route(m.PEER_SERVE, _quiet(direct.peer_serve, ctx)),
+        Route(m.PEER_FETCH, _quiet(direct.peer_fetch, ctx)),
     ]
     return {route.rpc.op: route for route in table}
 

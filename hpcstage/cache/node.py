@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 from hpcstage.cache.batch import Batcher
 from hpcstage.cache.commit import (
@@ -84,7 +84,7 @@ class CacheStats:
     joined: int = 0  # ensure() calls that waited for another caller's fetch
     peer_objects: int = 0  # objects copied from another node's cache instead of the store
     peer_bytes: int = 0
-    peer_refused: int = 0  # peer copies that failed verification (fetched from the store later)
+    peer_refused: int = 0  # peer copies refused or not read (fetched from the store later)
 
 
 @dataclass(frozen=True)
@@ -242,14 +242,15 @@ class NodeCache:
 
     # -- singleflight ----------------------------------------------------------------------
 
-    async def ensure(self, ref: ObjectRef, fetch: Fetch) -> Path:
+    async def ensure(self, ref: ObjectRef, fetch: Fetch, peer: bool = False) -> Path:
         """Return ``ref``'s object path, running ``fetch`` at most once per object at a time.
 
         ``fetch`` writes the bytes to ``pending.fd`` and returns their sha256 hex digest.
         Concurrent calls for the same object share one fetch and its result or exception; on
         failure the temp file is removed. One caller being cancelled does not cancel the fetch.
+        ``peer``: the bytes come from another node's cache (counted apart from the store's).
         """
-        return await self._singleflight(ref, lambda: self._fetch(ref, fetch))
+        return await self._singleflight(ref, lambda: self._fetch(ref, fetch, peer))
 
     async def ensure_small(self, ref: ObjectRef, read: ReadSmall, peer: bool = False) -> Path:
         """``ensure()`` for a small object whose bytes ``read`` returns in memory, verified,
@@ -275,7 +276,7 @@ class NodeCache:
             self.stats.joined += 1
         return await asyncio.shield(task)
 
-    async def _fetch(self, ref: ObjectRef, fetch: Fetch) -> Path:
+    async def _fetch(self, ref: ObjectRef, fetch: Fetch, peer: bool = False) -> Path:
         pending = self.begin(ref)
         try:
             digest = await fetch(pending)
@@ -290,8 +291,12 @@ class NodeCache:
             # A rename and a row (an fsync too if durable_before_read): off the event loop. commit()
             # aborts by itself on failure, so a cancelled await here leaves nothing half-done.
             path = await asyncio.to_thread(self.commit, pending, digest)
-        self.stats.fetched_objects += 1
-        self.stats.fetched_bytes += ref.size
+        if peer:
+            self.stats.peer_objects += 1
+            self.stats.peer_bytes += ref.size
+        else:
+            self.stats.fetched_objects += 1
+            self.stats.fetched_bytes += ref.size
         return path
 
     async def _fetch_small(self, ref: ObjectRef, read: ReadSmall, peer: bool) -> Path:
@@ -329,6 +334,10 @@ class NodeCache:
         """Those of ``cache_ids`` this cache has indexed."""
         return self._index.have(cache_ids)
 
+    def indexed(self, cache_id: str) -> Row | None:
+        """The index row of ``cache_id``, or None (no access recorded)."""
+        return self._index.get(cache_id)
+
     def read_object(self, cache_id: str, max_size: int) -> tuple[Row, bytes] | None:
         """An indexed object's row and bytes, for a peer (None: not held, too big, or not
         the indexed size any more). The peer checks the bytes against the row's SHA-256."""
@@ -341,6 +350,22 @@ class NodeCache:
         except OSError:
             return None
         return (row, body) if len(body) == row.size else None
+
+    def open_object(self, cache_id: str) -> tuple[Row, BinaryIO] | None:
+        """An indexed object's row and its file opened for reading, for a peer to stream
+        (None: not held, or not the indexed size any more). The caller closes the file; an
+        eviction meanwhile removes the name, not the bytes the open file still reads."""
+        row = self._index.get(cache_id)
+        if row is None:
+            return None
+        try:
+            file = open(object_path(self.objects, cache_id), "rb")  # noqa: SIM115 (returned)
+        except OSError:
+            return None
+        if os.fstat(file.fileno()).st_size != row.size:
+            file.close()
+            return None
+        return row, file
 
     def _fetch_done(self, cache_id: str, task: asyncio.Task[Path]) -> None:
         if self._inflight.get(cache_id) is task:

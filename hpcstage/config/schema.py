@@ -251,7 +251,32 @@ class TransferSettings(_Section):
     """Fetch small objects (up to 1 MiB) and big objects' parts with hpcstage's own signed
     GETs, not the SDK."""
     peer_copy: bool = True
-    """Copy small objects another node's cache holds instead of fetching them from the store."""
+    """Copy objects another node's cache holds instead of fetching them from the store, and
+    fetch a source several nodes need at once from the store once (the others copy it)."""
+    peer_direct: bool = True
+    """Copy objects above 1 MiB node to node (a one-time token, the daemon out of the data
+    path); false: only small objects are copied, through the daemon."""
+    peer_address: Annotated[str, template(frozenset({"node", "node_addr"}))] = "{node_addr}"
+    """Address a node's agent listens on, for the moment of one node-to-node copy, and
+    its peers connect to; {node} is the Slurm node name, {node_addr} its NodeAddr."""
+    peer_groups: list[
+        list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]]
+    ] = []
+    """Groups of nodes (a rack, a cache node and the compute nodes it serves) that each
+    fetch a source from the store once and copy it only among themselves; nodes in no
+    group form one more group. [] = the whole cluster is one group."""
+
+    @field_validator("peer_groups")
+    @classmethod
+    def _one_group_each(cls, value: list[list[str]]) -> list[list[str]]:
+        seen: set[str] = set()
+        for group in value:
+            twice = sorted(seen.intersection(group))
+            if twice:
+                raise ValueError(f"a node may be in one group only: {', '.join(twice)}")
+            seen.update(group)
+        return value
+
     direct_writes: bool = True
     """Write the parts of big objects not checked by an MD5 or SHA (which are read back)
     straight to disk (O_DIRECT) where the cache's file system allows it; only with

@@ -443,6 +443,45 @@ class PeerPutReply:
     refused: int
 
 
+# Objects above this size go node to node (``peer_serve`` + ``peer_fetch``), never through
+# the daemon; up to it, through the daemon's sessions in batches (``peer_read`` + ``peer_put``).
+PEER_RELAY_MAX: Final = 1 << 20
+
+
+@dataclass(frozen=True)
+class PeerServeRequest:
+    """Open a listener on ``host`` (port chosen by the kernel) that serves each of ``ids``
+    once, to a connection that presents ``token``, answering ``proof`` first; it accepts
+    connections until ``ttl`` seconds pass with none running. The daemon makes both secrets,
+    one pair per copy, and gives them to the holding and the receiving agent only (see
+    hpcstage.agent.direct)."""
+
+    ids: list[str]
+    host: str
+    token: str
+    proof: str
+    ttl: float
+
+
+@dataclass(frozen=True)
+class PeerServeReply:
+    port: int
+    objects: list[PeerObject]  # those of ``ids`` this cache holds, as it will serve them
+
+
+@dataclass(frozen=True)
+class PeerFetchRequest:
+    """Fetch ``objects`` from the listener at ``host``:``port`` that ``peer_serve`` opened,
+    verify every byte and commit the good ones; anything else is a miss for the stage."""
+
+    source: SourceSpec
+    host: str
+    port: int
+    token: str
+    proof: str
+    objects: list[PeerObject]
+
+
 # -- the calls --------------------------------------------------------------------------------
 
 HELLO: Final = Rpc("hello", HelloRequest, HelloReply)
@@ -459,6 +498,8 @@ PEER_WANT: Final = Rpc("peer_want", PeerIds, PeerWantReply)
 PEER_READ: Final = Rpc("peer_read", PeerIds, PeerReadReply)
 PEER_PUT: Final = Rpc("peer_put", PeerPutRequest, PeerPutReply)
 RATES: Final = Rpc("rates", RateLimits, Empty)
+PEER_SERVE: Final = Rpc("peer_serve", PeerServeRequest, PeerServeReply)
+PEER_FETCH: Final = Rpc("peer_fetch", PeerFetchRequest, PeerPutReply)
 
 CALLS: Final[tuple[Rpc[Any, Any], ...]] = (
     HELLO,
@@ -475,4 +516,6 @@ CALLS: Final[tuple[Rpc[Any, Any], ...]] = (
     PEER_READ,
     PEER_PUT,
     RATES,
+    PEER_SERVE,
+    PEER_FETCH,
 )

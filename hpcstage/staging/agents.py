@@ -99,6 +99,14 @@ class AgentClient:
         """Objects from a peer's cache, for this cache to check and keep."""
         return await self._call(m.PEER_PUT, request)
 
+    async def peer_serve(self, request: m.PeerServeRequest) -> m.PeerServeReply:
+        """Open a short-lived listener serving these cache ids to one token's holder."""
+        return await self._call(m.PEER_SERVE, request)
+
+    async def peer_fetch(self, request: m.PeerFetchRequest) -> m.PeerPutReply:
+        """Fetch objects node to node from a peer's listener, verify and keep them."""
+        return await self._call(m.PEER_FETCH, request)
+
     async def _call(
         self, rpc: m.Rpc[Req, Rep], request: Req, on_progress: ProgressFn | None = None
     ) -> Rep:

@@ -67,6 +67,10 @@ class NodePool(Protocol):
         """True when Slurm power saving has ``node`` off or booting (no agent can be there)."""
         ...
 
+    def peer_address(self, node: str) -> str:
+        """The address ``node``'s agent listens on for a node-to-node copy."""
+        ...
+
 
 class NodeAgents:
     """One agent session per node, with a growing pause after each failure to reach one."""
@@ -196,6 +200,11 @@ class NodeAgents:
             return False
         state = self._node_state.get(node)
         return state is None or asleep(state)
+
+    def peer_address(self, node: str) -> str:
+        """``transfer.peer_address`` for ``node`` (its NodeAddr by default)."""
+        template = self.settings.transfer.peer_address
+        return expand_node_template(template, node, self._node_addr.get(node, node))
 
     async def unknown_nodes(self, nodes: Iterable[str]) -> list[str]:
         """Those of ``nodes`` Slurm does not know (asked again first if any looks new).

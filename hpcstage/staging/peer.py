@@ -1,40 +1,58 @@
 """Peer copy, the daemon's side: filling one node's cache from another node's.
 
 When a node must stage a source that another node's cache already holds (a job that starts
-on nodes other than the planned ones, a dataset needed on a new node), the daemon first moves
-the small objects it can between the two agents, then runs the normal stage, which lists the
-store, finds those objects cached and fetches only the rest. The store stays the source of
-truth: a peer's version of a key that has changed since is simply not used by the stage (and
-is evicted in time), and nothing a peer sends is trusted without checking it.
+on nodes other than the planned ones, a dataset needed on a new node, the other nodes of a
+multi-node job once the first has fetched it), the daemon first has the two agents copy what
+the node lacks, then runs the normal stage, which lists the store, finds those objects cached
+and fetches only the rest. The store stays the source of truth: a peer's version of a key
+that has changed since is simply not used by the stage (and is evicted in time), and nothing
+a peer sends is trusted without checking it.
 
-Why through the daemon and not node to node: it needs no new trust between compute nodes, no
-listening port and no key on them; the daemon already holds a session to every node. The
-cost is that bytes pass through the daemon host, so only objects up to ``PEER_MAX`` (the
-agent's, ``hpcstage.agent.peer``) go this way: for them the per-request cost of the store is
-what a peer saves. Bigger objects come from the store in parallel ranged GETs, where
-bandwidth, not requests, is the limit.
+Two ways, by size. Small objects (up to ``PEER_RELAY_MAX``) go through the daemon's own
+sessions in batches (``peer_read`` + ``peer_put``): for them the per-request cost of the store
+is what a peer saves, and they need no new trust between nodes. Bigger ones go node to node,
+the daemon out of the data path (``peer_serve`` + ``peer_fetch``, ``hpcstage.agent.direct``):
+the daemon makes a one-time token and proof, the holder opens a listener on its cluster
+address serving only those objects to that token, and the receiver streams, verifies and
+commits them. Only the direct way is free of the daemon's bandwidth, so only the relay is
+rationed (``relay``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from hpcstage.protocol.messages import (
     PEER_KINDS,
+    PEER_RELAY_MAX,
+    PeerFetchRequest,
     PeerListRequest,
     PeerObject,
     PeerPutReply,
     PeerPutRequest,
     PeerSent,
+    PeerServeRequest,
     SourceSpec,
 )
 from hpcstage.staging.agents import AgentClient
 
 PAGE: Final = 1000  # rows per peer_list
 BATCH_BYTES: Final = 4 * 1024 * 1024  # raw bytes per peer_read (base64 on the wire: 5.4 MiB)
+DIRECT_BATCH: Final = 64  # big objects per listener
+LISTEN_TTL: Final = 120.0  # seconds a listener waits for the next connection, none running
+
+
+@dataclass(frozen=True)
+class Route:
+    """How ``copy_from_peer`` may move bytes: ``relay`` small objects through the daemon;
+    ``direct_host``: the holder's address to listen on for big ones ("": not node to node)."""
+
+    relay: bool
+    direct_host: str
 
 
 @dataclass
@@ -58,10 +76,14 @@ def copyable(source: SourceSpec) -> bool:
 
 
 async def copy_from_peer(
-    node: AgentClient, peer: AgentClient, source: SourceSpec, max_bytes: int | None = None
+    node: AgentClient,
+    peer: AgentClient,
+    source: SourceSpec,
+    route: Route,
+    max_bytes: int | None = None,
 ) -> PeerCopy:
-    """Copy what ``peer``'s cache holds of ``source`` and ``node``'s lacks (small objects
-    only), at most about ``max_bytes``. Reading the next batch from the peer overlaps
+    """Copy what ``peer``'s cache holds of ``source`` and ``node``'s lacks, at most about
+    ``max_bytes``, by ``route``. Reading the next relay batch from the peer overlaps
     committing the previous one on the node."""
     total = PeerCopy()
     after = ""
@@ -69,13 +91,46 @@ async def copy_from_peer(
         page = await peer.peer_list(PeerListRequest(source, after, PAGE))
         if page.objects:
             want = set((await node.peer_want([r.cache_id for r in page.objects])).want)
-            wanted = [r for r in page.objects if r.cache_id in want]
+            wanted = [r for r in page.objects if r.cache_id in want and _routed(r, route)]
             if max_bytes is not None:
                 wanted = _within(wanted, max_bytes - total.bytes)
-            await _move(node, peer, source, wanted, total)
+            small = [r for r in wanted if r.size <= PEER_RELAY_MAX]
+            big = [r for r in wanted if r.size > PEER_RELAY_MAX]
+            # Both ways at once; the first failure is raised once both have ended.
+            ended = await asyncio.gather(
+                _move(node, peer, source, small, total),
+                _direct(node, peer, source, big, route.direct_host, total),
+                return_exceptions=True,
+            )
+            for outcome in ended:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         after = page.next
         if not after or (max_bytes is not None and total.bytes >= max_bytes):
             return total
+
+
+def _routed(row: PeerObject, route: Route) -> bool:
+    return route.relay if row.size <= PEER_RELAY_MAX else bool(route.direct_host)
+
+
+async def _direct(
+    node: AgentClient,
+    peer: AgentClient,
+    source: SourceSpec,
+    rows: list[PeerObject],
+    host: str,
+    total: PeerCopy,
+) -> None:
+    """Have ``node`` fetch ``rows`` straight from ``peer``: one listener, one token, per
+    batch; the secrets cross only the daemon's two SSH sessions."""
+    for start in range(0, len(rows), DIRECT_BATCH):
+        ids = [r.cache_id for r in rows[start : start + DIRECT_BATCH]]
+        token, proof = secrets.token_hex(32), secrets.token_hex(32)
+        offer = await peer.peer_serve(PeerServeRequest(ids, host, token, proof, LISTEN_TTL))
+        if offer.objects:
+            fetch = PeerFetchRequest(source, host, offer.port, token, proof, offer.objects)
+            total.add(await node.peer_fetch(fetch))
 
 
 async def _move(

@@ -1,17 +1,23 @@
 """Stage-in: have a node's agent fetch a job's inputs (or a warmup's) into its cache and view.
 
 One attempt stages the job's inputs on one node in directive order, within the job's quota and
-object budget; small objects another node's cache holds are copied from it first (peer copy).
+object budget; objects another node's cache holds are copied from it first (peer copy), and
+nodes that need a source at the same time fetch it from the store once: the first stages it,
+the others wait for it and copy from its cache.
 A store that is down or a node that cannot be reached requeues what is left; any other refusal
 by the agent fails the staging with the agent's message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,9 +51,25 @@ from hpcstage.watch.fold import log_event
 log = logging.getLogger("hpcstage.daemon")  # the daemon's log: the name sites filter on
 
 MAX_TRANSPORT_ATTEMPTS = 5
-# Peer copies at once: their bytes cross the daemon host, which must not become the
-# bottleneck of a job array starting on a hundred nodes (those beyond it fetch from the store).
+# Relayed peer copies (small objects) at once: their bytes cross the daemon host, which must
+# not become the bottleneck of a job array starting on a hundred nodes (those beyond it fetch
+# their small objects from the store). Node-to-node copies (big objects) are not rationed.
 PEER_COPIES = 2
+
+K = TypeVar("K")
+
+
+@contextlib.asynccontextmanager
+async def _turn(table: dict[K, asyncio.Event], key: K) -> AsyncIterator[None]:
+    """Run once nobody holds ``key`` in ``table``; hold it meanwhile."""
+    while (other := table.get(key)) is not None:
+        await other.wait()
+    done = table[key] = asyncio.Event()
+    try:
+        yield
+    finally:
+        del table[key]
+        done.set()
 
 
 @dataclass
@@ -60,8 +82,14 @@ class StageIn:
     records: StagingRecords
     stores: OpenStore | None = None  # the daemon's store clients (pins packed versions)
     rates: RateShares | None = None  # each node's store rate limits (None: none)
-    _peer_copies: int = 0  # running now (at most PEER_COPIES)
+    _peer_copies: int = 0  # relayed copies running now (at most PEER_COPIES)
     _pinner: Pinner = field(init=False)
+    # Sources a node is fetching now for the others of its group (transfer.peer_groups), by
+    # (src, group): they wait, then copy from it.
+    _leading: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+    _leaders: dict[tuple[str, int], str] = field(default_factory=dict)  # their nodes
+    # Sources being staged now, by (src, node): a second stage there waits for the first.
+    _on_node: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._pinner = Pinner(self.db, self.stores)
@@ -98,10 +126,11 @@ class StageIn:
                 src = await self._pinner.pinned(request_id, current.src)
                 dest = current.dest
                 limit = self._budget(action.job_id, action.node, spent, current.src)
-                if src:
-                    await self._peer_fill(rpc, action, staging_id, src, limit)
                 left = limits.stage_in_budget(self.settings.limits, objects)
-                await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
+                async with self._fan_out(action.job_id, src, action.node):
+                    if src:
+                        await self._peer_fill(rpc, action, staging_id, src, limit)
+                    await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
                 done_bytes, done_files = self.records.staged(staging_id)
                 spent, objects = spent + done_bytes, objects + done_files
         except AgentError as exc:
@@ -120,6 +149,54 @@ class StageIn:
                 self.nodes.node_failed(action.node)
             self._requeue(action, remaining(plan, current), str(exc))
 
+    @contextlib.asynccontextmanager
+    async def _fan_out(self, job_id: int, src: str, node: str) -> AsyncIterator[None]:
+        """Stage ``src`` on ``node`` so that the store serves it once to the nodes that need
+        it at the same time (a multi-node job, an array), and each node gets it once.
+
+        On one node, a stage of ``src`` waits for the one running there (a job of the same
+        array, say): it then finds the objects cached, rather than copy them a second time.
+        Across the nodes of a group (``transfer.peer_groups``; by default the cluster), the
+        first stage of ``src`` fetches it and the others wait for it to end, then copy from
+        its cache (``_peer_fill``) in parallel with each other; a stage that can copy from a
+        node holding it already needs nobody to wait for it. A first stage waits for nothing
+        more once it is first, so no two stages wait for each other; if it fails, the others
+        fetch from the store themselves.
+        """
+        if not (src and self.settings.transfer.peer_copy and peer.copyable(SourceSpec.of(src))):
+            yield
+            return
+        async with _turn(self._on_node, (src, node)):
+            fetching = (src, self._group(node))
+            first = self._leading.get(fetching)
+            if first is not None:
+                self._waiting(job_id, node, src, self._leaders.get(fetching, "another node"))
+                await first.wait()
+                yield
+                return
+            if self._peers_holding(src, node):
+                yield
+                return
+            async with _turn(self._leading, fetching):
+                self._leaders[fetching] = node
+                try:
+                    yield
+                finally:
+                    del self._leaders[fetching]
+
+    def _waiting(self, job_id: int, node: str, src: str, leader: str) -> None:
+        """Say in the job's events why its staging on ``node`` shows no progress yet."""
+        with self.db.begin() as session:
+            message = f"waiting for {leader} to fetch {src} from the store, to copy it from there"
+            log_event(session, job_id, node, message)
+
+    def _group(self, node: str) -> int:
+        """The index of ``node``'s group in ``transfer.peer_groups`` (-1: in none)."""
+        for index, group in enumerate(self.settings.transfer.peer_groups):
+            if node in group:
+                return index
+        return -1
+
     async def _peer_fill(
         self,
         rpc: RpcClient,
@@ -128,30 +205,37 @@ class StageIn:
         src: str,
         limit: quota.Budget,
     ) -> None:
-        """Copy the small objects of ``src`` another node's cache holds (staging/peer.py),
-        counted in the staging's ``peer_files``.
+        """Copy the objects of ``src`` another node's cache holds (staging/peer.py), counted
+        in the staging's ``peer_files``.
 
         Never fails the staging: whatever is not copied, the stage fetches from the store.
         """
-        if not self.settings.transfer.peer_copy or self._peer_copies >= PEER_COPIES:
-            return
         source = SourceSpec.of(src)
-        if not peer.copyable(source):
+        if not self.settings.transfer.peer_copy or not peer.copyable(source):
             return
         for other in self._peers_holding(src, action.node):
-            self._peer_copies += 1
+            route = peer.Route(
+                relay=self._peer_copies < PEER_COPIES,
+                direct_host=self.nodes.peer_address(other)
+                if self.settings.transfer.peer_direct
+                else "",
+            )
+            if not route.relay and not route.direct_host:
+                return
+            self._peer_copies += route.relay
             try:
                 copied = await peer.copy_from_peer(
                     AgentClient(rpc, action.node),
                     AgentClient(await self.nodes.agent(other), other),
                     source,
+                    route,
                     limit.max_bytes,
                 )
             except (AgentError, TransportError, LookupError, TypeError, ValueError) as exc:
                 log.warning("peer copy of %s from %s to %s: %s", src, other, action.node, exc)
                 continue
             finally:
-                self._peer_copies -= 1
+                self._peer_copies -= route.relay
             self.records.meters.peer_copied(action.node, copied.objects, copied.bytes)
             if copied.objects or copied.refused:
                 message = (
@@ -159,14 +243,18 @@ class StageIn:
                     f" from {other}'s cache"
                 )
                 if copied.refused:
-                    message += f"; {copied.refused} failed verification (fetched from the store)"
+                    message += (
+                        f"; {copied.refused} failed verification or could not be read"
+                        " (fetched from the store)"
+                    )
                 with self.db.begin() as session:
                     session.get_one(Staging, staging_id).peer_files += copied.objects
                     log_event(session, action.job_id, action.node, message)
             return
 
     def _peers_holding(self, src: str, node: str) -> list[str]:
-        """Other nodes whose staging of ``src`` finished (their caches likely hold it).
+        """Other nodes of ``node``'s group whose staging of ``src`` finished (their caches
+        likely hold it).
 
         None when ``node`` itself staged ``src`` before: its cache likely holds it already,
         and asking a peer page by page what it lacks would cost more than the stage's own
@@ -188,7 +276,12 @@ class StageIn:
         if node in found:
             return []
         known = set(self.nodes.known_nodes()) | set(self.settings.cache.cluster_nodes)
-        return [n for n in sorted(found) if n in known and not self.nodes.backing_off(n)]
+        group = self._group(node)
+        return [
+            n
+            for n in sorted(found)
+            if n in known and self._group(n) == group and not self.nodes.backing_off(n)
+        ]
 
     async def _stage_one(
         self,

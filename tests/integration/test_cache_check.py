@@ -31,7 +31,9 @@ read = ["s3://datasets/bob/"]
 
 @pytest.fixture(scope="module")
 def stager(cluster: DevCluster) -> Iterator[Stager]:
-    yield from running_stager(cluster, "cachecheck", policy=POLICY)
+    # The tests ask more than limits.cache_requests_per_minute's default (10) checks a minute.
+    no_rate = "[limits]\ncache_requests_per_minute = 0\n"
+    yield from running_stager(cluster, "cachecheck", policy=POLICY, extra=no_rate)
 
 
 def _check(stager: Stager, user: str, src: str, nodes: str, *more: str) -> dict[str, Any]:

@@ -307,6 +307,15 @@ def test_default_high_watermark_below_a_raised_low_watermark() -> None:
         ('[transfer]\nsite_upload_rate = "fast"', "transfer.site_upload_rate: invalid rate 'fast'"),
         ("[transfer]\nnode_request_rate = -1", "transfer.node_request_rate: must be greater than"),
         ('[transfer]\nsite_request_rate = "50/s"', "transfer.site_request_rate: must be a number"),
+        (
+            '[transfer]\npeer_groups = [["n1", "n2"], ["n2", "n3"]]',
+            "transfer.peer_groups: a node may be in one group only: n2",
+        ),
+        (
+            '[transfer]\npeer_groups = [["n 1"]]',
+            "transfer.peer_groups[0][0]: String should match pattern",
+        ),
+        ('[transfer]\npeer_address = "{rack}"', "transfer.peer_address: unknown placeholder"),
         ("[cache]\nhigh_watermark = 1.5", "cache.high_watermark: must be less than or equal"),
         ("[cache]\nmax_bytes = 0", "cache.max_bytes: must be at least 1B"),
         ('[cache]\nmax_bytes = "10G"', "cache.max_bytes: ambiguous size unit 'G'"),

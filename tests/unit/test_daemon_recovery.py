@@ -41,6 +41,9 @@ class NoNodes:
     def powered_down(self, node: str) -> bool:
         return False
 
+    def peer_address(self, node: str) -> str:
+        return "127.0.0.1"
+
 
 @pytest.fixture
 def executor(tmp_path: Path) -> Iterator[Executor]:

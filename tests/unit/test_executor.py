@@ -24,6 +24,11 @@ from hpcstage.errors import AgentError, TransportError
 from hpcstage.protocol.framing import RpcClient
 from hpcstage.protocol.messages import (
     FileOutcome,
+    PeerListReply,
+    PeerObject,
+    PeerPutReply,
+    PeerServeReply,
+    PeerWantReply,
     ReleaseReply,
     StageOutProgress,
     StageOutReply,
@@ -105,6 +110,9 @@ class FakeNodes:
 
     def powered_down(self, node: str) -> bool:
         return node in self.asleep
+
+    def peer_address(self, node: str) -> str:
+        return "127.0.0.1"
 
 
 @pytest.fixture
@@ -585,3 +593,144 @@ def test_a_dataset_several_jobs_of_an_account_hold_on_a_node_counts_once_in_its_
         limits.append(agent.calls[0][1]["items"][0]["max_bytes"])
     # The same dataset: one copy in the cache, already the account's; another one: 20 left.
     assert limits == [100, 20]
+
+
+# ---------------------------------------------------------------------------- fan-out
+
+NODES = ("n1", "n2", "n3")
+BIG = PeerObject("c" * 64, "set1/big", "e" * 32, 5 << 20, "")
+
+
+class OpAgent:
+    """An agent answering each call by its name, as a node holding or lacking ``BIG``;
+    ``gate``: its stage waits for it (a fetch from the store that takes a while)."""
+
+    def __init__(self, name: str, gate: asyncio.Event | None = None) -> None:
+        self.name = name
+        self.gate = gate
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def call(
+        self,
+        op: str,
+        params: dict[str, Any],
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        self.calls.append((op, params))
+        if op == "stage" and self.gate is not None:
+            await self.gate.wait()
+        fetched = 1 if self.gate is not None else 0
+        replies: dict[str, Any] = {
+            "stage": StageReply(
+                "", False, [StageProgress(1, 1, BIG.size, 1, BIG.size, fetched, 0)]
+            ),
+            "peer_list": PeerListReply([BIG], ""),
+            "peer_want": PeerWantReply([BIG.cache_id]),
+            "peer_serve": PeerServeReply(4242, [BIG]),
+            "peer_fetch": PeerPutReply(1, BIG.size, 0),
+        }
+        reply: dict[str, Any] = to_wire(replies[op])
+        return reply
+
+    def ops(self) -> list[str]:
+        return [op for op, _ in self.calls]
+
+
+def test_nodes_that_need_a_source_at_once_get_it_from_the_store_once_and_the_rest_node_to_node(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), nodes=",".join(NODES))
+
+    async def go() -> dict[str, OpAgent]:
+        gate = asyncio.Event()
+        agents = {n: OpAgent(n, gate if n == "n1" else None) for n in NODES}
+        executor = Executor(settings, db, FakeNodes(**cast(dict[str, FakeAgent], agents)))
+        for node in NODES:
+            executor.act(planner.Stage((0, 0.0, 0), job_id, node, "test"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        # n1 fetches from the store; the others wait for it rather than fetch too.
+        assert [a.ops() for a in agents.values()] == [["stage"], [], []]
+        gate.set()
+        while executor.tasks:
+            await asyncio.gather(*executor.tasks.values(), return_exceptions=True)
+            await asyncio.sleep(0)
+        return agents
+
+    agents = asyncio.run(go())
+    assert sorted(agents["n1"].ops()) == ["peer_list"] * 2 + ["peer_serve"] * 2 + ["stage"]
+    for node in ("n2", "n3"):
+        assert agents[node].ops() == ["peer_want", "peer_fetch", "stage"], node
+    # Each copy has its own secrets, given to its two agents only, and the holder's address.
+    offers = [p for op, p in agents["n1"].calls if op == "peer_serve"]
+    fetches = [agents[n].calls[1][1] for n in ("n2", "n3")]
+    assert {(o["token"], o["proof"]) for o in offers} == {(f["token"], f["proof"]) for f in fetches}
+    assert len({o["token"] for o in offers}) == 2
+    assert all(o["host"] == "127.0.0.1" and len(o["token"]) == 64 for o in offers)
+    assert all(f["port"] == 4242 and f["host"] == "127.0.0.1" for f in fetches)
+    assert [s.state for s in _stagings(db)] == ["ready"] * 3
+    copied = [e for e in _events(db) if "copied 1 objects" in e]
+    assert len(copied) == 2 and all("from n1's cache" in e for e in copied), copied
+    waits = [e for e in _events(db) if e.startswith("waiting for")]
+    assert (
+        waits
+        == ["waiting for n1 to fetch s3://data/set1/ from the store, to copy it from there"] * 2
+    )
+
+
+def test_two_jobs_waiting_for_a_source_on_one_node_copy_it_there_once(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    first = _job(db, _in(1), nodes="n1,n2")
+    second = _job(db, _in(1), nodes="n2", slurm_id=8)
+
+    async def go() -> dict[str, OpAgent]:
+        gate = asyncio.Event()
+        agents = {"n1": OpAgent("n1", gate), "n2": OpAgent("n2")}
+        executor = Executor(settings, db, FakeNodes(**cast(dict[str, FakeAgent], agents)))
+        for job_id, node in ((first, "n1"), (first, "n2"), (second, "n2")):
+            executor.act(planner.Stage((0, 0.0, 0), job_id, node, "test"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        gate.set()
+        while executor.tasks:
+            await asyncio.gather(*executor.tasks.values(), return_exceptions=True)
+            await asyncio.sleep(0)
+        return agents
+
+    agents = asyncio.run(go())
+    # The second job's stage on n2 waited for the first's, which copied; it found it cached.
+    assert agents["n2"].ops() == ["peer_want", "peer_fetch", "stage", "stage"]
+    assert [s.state for s in _stagings(db)] == ["ready"] * 3
+
+
+def test_each_group_of_nodes_fetches_a_source_once_and_copies_only_within_itself(
+    db: sessionmaker[Session],
+) -> None:
+    settings = parse_config(
+        '[site]\nname = "t"\nstate_dir = "/nonexistent"\n'
+        '[store]\nendpoint_url = "http://127.0.0.1:9"\n'
+        '[transfer]\npeer_groups = [["n1", "n2"], ["n3"]]\n'
+    )
+    job_id = _job(db, _in(1), nodes=",".join(NODES))
+
+    async def go() -> dict[str, OpAgent]:
+        gate = asyncio.Event()
+        agents = {n: OpAgent(n, gate if n != "n2" else None) for n in NODES}
+        executor = Executor(settings, db, FakeNodes(**cast(dict[str, FakeAgent], agents)))
+        for node in NODES:
+            executor.act(planner.Stage((0, 0.0, 0), job_id, node, "test"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        # One fetch in each group: n1 for n1 and n2, n3 for itself.
+        assert [a.ops() for a in agents.values()] == [["stage"], [], ["stage"]]
+        gate.set()
+        while executor.tasks:
+            await asyncio.gather(*executor.tasks.values(), return_exceptions=True)
+            await asyncio.sleep(0)
+        return agents
+
+    agents = asyncio.run(go())
+    assert agents["n2"].ops() == ["peer_want", "peer_fetch", "stage"]
+    assert sorted(agents["n1"].ops()) == ["peer_list", "peer_serve", "stage"]
+    assert agents["n3"].ops() == ["stage"]

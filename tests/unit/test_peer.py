@@ -124,7 +124,7 @@ def entry(key: str, body: bytes, etag: str = "", **over: Any) -> PeerSent:
 def check(
     e: PeerSent, prefix: str = "p/", exact: bool = False, key_filter: KeyFilter | None = None
 ) -> ObjectRef | None:
-    scope = peer._Scope(STORE, "b", prefix, exact, key_filter or KeyFilter())
+    scope = peer.Scope(STORE, "b", prefix, exact, key_filter or KeyFilter())
     got = peer._checked(e, scope)
     return None if got is None else got[0]
 
@@ -232,6 +232,26 @@ def node(tmp_path: Path, name: str) -> NodeContext:
     return ctx
 
 
+def _copy(
+    a: NodeContext, b: NodeContext, source: SourceSpec, route: peer_copy.Route
+) -> peer_copy.PeerCopy:
+    """``b`` copies from ``a`` as the daemon has it do, over loopback sessions."""
+
+    async def copy() -> peer_copy.PeerCopy:
+        try:
+            return await peer_copy.copy_from_peer(
+                AgentClient(Loopback(b), "b"), AgentClient(Loopback(a), "a"), source, route
+            )
+        finally:
+            await a.stores.close()
+            await b.stores.close()
+
+    return asyncio.run(copy())
+
+
+BOTH_WAYS = peer_copy.Route(relay=True, direct_host="127.0.0.1")
+
+
 @pytest.mark.parametrize("src", ["s3://data/p/one.dat", "s3://data/p/"])
 def test_a_single_object_source_is_copied_from_a_peer_like_a_prefix(
     tmp_path: Path, src: str
@@ -243,21 +263,41 @@ def test_a_single_object_source_is_copied_from_a_peer_like_a_prefix(
     a, b = node(tmp_path, "a"), node(tmp_path, "b")
     put(a.cache, "p/one.dat", b"one", bucket="data")
     put(a.cache, "p/other.dat", b"other", bucket="data")
-
-    async def copy() -> peer_copy.PeerCopy:
-        try:
-            return await peer_copy.copy_from_peer(
-                AgentClient(Loopback(b), "b"), AgentClient(Loopback(a), "a"), source
-            )
-        finally:
-            await a.stores.close()
-            await b.stores.close()
-
-    copied = asyncio.run(copy())
+    copied = _copy(a, b, source, BOTH_WAYS)
     wanted = 1 if src.endswith(".dat") else 2
     assert (copied.objects, copied.refused) == (wanted, 0)
     assert b.cache.stats.peer_objects == wanted
     assert b.cache.lookup(ObjectRef(STORE, "data", "p/one.dat", md5(b"one"), 3)) is not None
+    a.cache.close()
+    b.cache.close()
+
+
+BIG = os.urandom(peer.PEER_MAX) + b"one more byte than the relay takes"
+
+
+@pytest.mark.parametrize(
+    ("route", "copied"),
+    [
+        (BOTH_WAYS, {"p/small", "p/big"}),
+        (peer_copy.Route(relay=False, direct_host="127.0.0.1"), {"p/big"}),
+        (peer_copy.Route(relay=True, direct_host=""), {"p/small"}),
+    ],
+)
+def test_small_objects_go_through_the_daemon_and_big_ones_node_to_node(
+    tmp_path: Path, route: peer_copy.Route, copied: set[str]
+) -> None:
+    a, b = node(tmp_path, "a"), node(tmp_path, "b")
+    refs = {
+        "p/small": put(a.cache, "p/small", b"small", "data"),
+        "p/big": put(a.cache, "p/big", BIG, "data"),
+    }
+    got = _copy(a, b, SourceSpec.of("s3://data/p/"), route)
+    assert (got.objects, got.refused) == (len(copied), 0)
+    assert {k for k, ref in refs.items() if b.cache.lookup(ref) is not None} == copied
+    if "p/big" in copied:
+        path = b.cache.lookup(refs["p/big"])
+        assert path is not None and path.read_bytes() == BIG
+    assert b.cache.stats.peer_bytes == sum(refs[k].size for k in copied)
     a.cache.close()
     b.cache.close()
 
