@@ -151,11 +151,15 @@ async def sync(
         if i.job_id in open_rows and folded.unchanged(open_rows[i.job_id], i)
     }
     new = [i for i in todo if i.job_id not in known and _admissible(i, ignored)]
-    limit = ADMIT_PER_SYNC if admit_limit is None else admit_limit
-    later = {job_key(i) for i in sorted(new, key=admission_order)[limit:]}
-    folded.deferred = len(later)
     # Rows an admission must know of: ended ones that had the id (few: jobs are admitted once).
-    prior = _by_slurm_id(session, [i.job_id for i in new if job_key(i) not in later])
+    prior = _by_slurm_id(session, [i.job_id for i in new])
+    # Only admissions that read directives count towards the slice: a job whose ended row
+    # says it was handled (it left the queue in a glitch and came back) costs nothing, and
+    # a slice full of those would keep every new job out.
+    costly = [i for i in new if _reads_directives(prior.get(i.job_id), i)]
+    limit = ADMIT_PER_SYNC if admit_limit is None else admit_limit
+    later = {job_key(i) for i in sorted(costly, key=admission_order)[limit:]}
+    folded.deferred = len(later)
     prior.update(known)
     changed: list[Job] = []
     admitted: list[tuple[JobInfo, Job]] = []  # open rows, to remember once flushed
@@ -189,6 +193,16 @@ def _admissible(info: JobInfo, ignored: set[JobKey]) -> bool:
     """A job with no open row that may need admitting: not known to have no directives,
     not ended."""
     return job_key(info) not in ignored and not is_ended(info)
+
+
+def _reads_directives(old: Job | None, info: JobInfo) -> bool:
+    """Whether admitting ``info`` reads its directives (see ``_admit``), given ``old``, the
+    ended row that has its id, if any."""
+    if old is None:
+        return True
+    if same_job(old, info) and not requeued_after_end(old, info):
+        return False  # ended earlier and already handled
+    return old.released_at is not None  # else it waits for the old run's directories
 
 
 def admission_order(info: JobInfo) -> tuple[int, float, int, int]:

@@ -87,3 +87,22 @@ def test_ended_and_directive_less_jobs_take_no_room_in_a_slice(
     folded = Folded()
     assert admit(db, folded, [*ended, *live], 3) == {11, 12, 13}
     assert folded.deferred == 0
+
+
+def test_jobs_whose_rows_ended_take_no_room_so_new_jobs_are_still_admitted(
+    db: sessionmaker[Session],
+) -> None:
+    # Three running jobs vanish from one snapshot (a squeue glitch: their rows end, GONE) and
+    # come back. Admitting them again reads nothing (their rows say they were handled), so
+    # they must not fill every slice: jobs 10 and 11, new, are admitted all the same.
+    running = [info(i, state="RUNNING", nodes=("n1",), start_time=NOW - 60) for i in (1, 2, 3)]
+    folded = Folded()
+    assert admit(db, folded, running, 3) == {1, 2, 3}
+    admit(db, folded, [], 3)  # gone: the rows end
+    with db() as session:
+        assert all(j.ended_at is not None for j in session.scalars(select(Job)))
+    new = [info(10), info(11)]
+    for _ in range(3):
+        recorded = admit(db, folded, [*running, *new], 3)
+    assert {10, 11} <= recorded
+    assert folded.deferred == 0
