@@ -103,11 +103,19 @@ async def drop_source(ctx: NodeContext, request: DropSourceRequest) -> DropSourc
     source = request.source
     if source.kind not in PEER_KINDS:  # the daemon sends S3 sources only
         raise HpcstageError(f"cannot evict {source.url()}: S3 sources only")
+    if ctx.evicting_source:
+        # One at a time: the daemon gives up on a slow one after a while, and its user may
+        # then ask again while this node's thread still walks the index.
+        raise HpcstageError(f"an eviction of a source is still running on {ctx.node}: try later")
     store_id = ctx.stores.s3(source.bucket).store_id
     exact = source.kind is SourceKind.S3_OBJECT
-    done = await asyncio.to_thread(
-        ctx.cache.evict_source, store_id, source.bucket, source.key, exact
-    )
+    ctx.evicting_source = True
+    try:
+        done = await asyncio.to_thread(
+            ctx.cache.evict_source, store_id, source.bucket, source.key, exact
+        )
+    finally:
+        ctx.evicting_source = False
     return DropSourceReply(done.evicted, done.evicted_bytes, done.in_use, done.in_use_bytes)
 
 

@@ -177,6 +177,7 @@ class NodeContext:
     pid: int = field(default_factory=os.getpid)
     # The leader epoch this agent serves (``--epoch``); None: started by hand, not fenced.
     fence: EpochFence | None = None
+    evicting_source: bool = False  # a ``drop_source`` runs (one at a time)
 
     @property
     def concurrency(self) -> int:

@@ -116,17 +116,27 @@ class Holdings:
 
         ObjectMissingError when SRC names no object; a node that cannot be asked has an
         ``error`` and counts as holding nothing in the total."""
-        source = self.allowed(src, user, admin, "cache check")
+        # The turn first: a refusal by the policy is audited, and costs its turn too.
         with self._turn(user, admin, "cache check", src):
-            return await self._check(source, nodes)
+            source = self.allowed(src, user, admin, "cache check")
+            most = self.settings.limits.stage_in_objects if not admin else 0
+            return await self._check(source, nodes, most)
 
-    async def _check(self, source: Source, nodes: list[str]) -> dict[str, Any]:
+    async def _check(self, source: Source, nodes: list[str], most: int) -> dict[str, Any]:
         asked = await asyncio.gather(*(self._ask(node) for node in dict.fromkeys(nodes)))
         whole = Held()
         async with self.stores(source.bucket) as store:
             async for batch in _batches(_listing(store, source), CHECK_BATCH):
                 whole.add(batch)
-                await asyncio.gather(*(_count(a, batch) for a in asked if a.agent is not None))
+                if most and whole.objects > most:
+                    raise DirectiveError(
+                        f"{source.url} holds more than {most:,} objects, the most a check"
+                        " lists (limits.stage_in_objects, as for a stage-in): check a"
+                        " narrower prefix"
+                    )
+                ids = await asyncio.to_thread(_cache_ids, batch)
+                live = [a for a in asked if a.agent is not None]
+                await asyncio.gather(*(_count(a, batch, ids) for a in live))
         if whole.objects == 0:
             raise ObjectMissingError(f"no objects under {source.url}")
         return _check_doc(source.url, whole, asked)
@@ -134,18 +144,20 @@ class Holdings:
     async def evict(self, src: str, nodes: list[str], user: str, admin: bool) -> dict[str, Any]:
         """Evict SRC's cached objects on ``nodes``, those in use by a job excepted; per node
         what was evicted and kept (or why the node could not be asked), and the sums."""
-        source = self.allowed(src, user, admin, "cache evict")
+        with self._turn(user, admin, "cache evict", src):
+            return await self._evict(self.allowed(src, user, admin, "cache evict"), nodes, user)
+
+    async def _evict(self, source: Source, nodes: list[str], user: str) -> dict[str, Any]:
         if source.filter or source.version_id:
             # A node evicts by key, every cached version: a narrower eviction would need
             # the globs and versions on the node's side, for little use.
             raise DirectiveError(
-                f"cache evict of {src}: evicts a whole object or prefix (every cached"
+                f"cache evict of {source.url}: evicts a whole object or prefix (every cached"
                 " version), without include/exclude globs or ?versionId"
             )
         spec = SourceSpec.of(source.url)
         names = list(dict.fromkeys(nodes))
-        with self._turn(user, admin, "cache evict", src):
-            replies = await asyncio.gather(*(self._drop(node, spec) for node in names))
+        replies = await asyncio.gather(*(self._drop(node, spec) for node in names))
         per_node = dict(zip(names, replies, strict=True))
         doc = _evict_doc(source.url, per_node)
         self.audit("cache-evict", user=user, src=source.url, nodes=names, **doc["total"])
@@ -210,18 +222,23 @@ async def _batches(refs: AsyncIterator[ObjectRef], size: int) -> AsyncIterator[l
         yield batch
 
 
-async def _count(asked: _Asked, batch: list[ObjectRef]) -> None:
-    """Add what ``asked``'s cache holds of ``batch``; on failure, stop asking that node."""
+async def _count(asked: _Asked, batch: list[ObjectRef], ids: list[str]) -> None:
+    """Add what ``asked``'s cache holds of ``batch`` (``ids``: their cache ids); on failure,
+    stop asking that node."""
     assert asked.agent is not None
     try:
-        reply = await asyncio.wait_for(
-            asked.agent.peer_want([r.cache_id for r in batch]), CALL_TIMEOUT
-        )
+        reply = await asyncio.wait_for(asked.agent.peer_want(ids), CALL_TIMEOUT)
     except NODE_ERRORS as exc:
         asked.agent, asked.error = None, f"cannot ask the agent on {asked.node}: {exc}"
         return
     missing = set(reply.want)
-    asked.held.add([r for r in batch if r.cache_id not in missing])
+    asked.held.add([r for r, i in zip(batch, ids, strict=True) if i not in missing])
+
+
+def _cache_ids(batch: list[ObjectRef]) -> list[str]:
+    # A cache id is a SHA-256 of the object's identity, made each time it is read: 5,000 of
+    # them per node on the event loop would stall the API and the agents' sessions.
+    return [r.cache_id for r in batch]
 
 
 def _check_doc(url: str, whole: Held, asked: Sequence[_Asked]) -> dict[str, Any]:

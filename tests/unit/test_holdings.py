@@ -240,3 +240,22 @@ def test_an_evict_narrower_than_an_object_or_prefix_is_refused(
     with pytest.raises(DirectiveError, match="without include/exclude globs or"):
         asyncio.run(make(tmp_path, agents, audit).evict(src, ["n1"], "alice", False))
     assert agents["n1"].calls == []
+
+
+def test_a_reader_checks_at_most_as_many_objects_as_a_stage_in_lists(
+    tmp_path: Path, audit: list[Any]
+) -> None:
+    agents = {"n1": FakeAgent(set())}
+    found = make(tmp_path, agents, audit, "[limits]\nstage_in_objects = 2")
+    with pytest.raises(DirectiveError, match="more than 2 objects"):
+        asyncio.run(found.check("s3://data/set/", ["n1"], "alice", False))
+    doc = asyncio.run(found.check("s3://data/set/", ["n1"], "root", True))  # admins: no limit
+    assert doc["objects"] == 3
+
+
+def test_policy_refusals_count_against_the_rate_too(tmp_path: Path, audit: list[Any]) -> None:
+    found = make(tmp_path, {}, audit, "[limits]\ncache_requests_per_minute = 1")
+    with pytest.raises(PermissionError):
+        asyncio.run(found.check("s3://data/set/", ["n1"], "bob", False))
+    with pytest.raises(LimitError):  # not another policy check and audit line
+        asyncio.run(found.check("s3://data/set/", ["n1"], "bob", False))
