@@ -248,14 +248,21 @@ DAEMON_MAX_SEGMENT = 4 * 2**30  # a daemon pack builds each segment in its spool
 SPOOL_MARGIN = 64 * 2**20  # the listing and manifests a pack keeps in its spool besides segments
 
 
+def spool_need(segment_size: int, jobs: int) -> int:
+    """The spool room a pack building ``jobs`` segments of ``segment_size`` at once needs."""
+    return jobs * segment_size + SPOOL_MARGIN
+
+
 def spool_refusal(free: int, segment_size: int, jobs: int) -> str:
-    """Why a daemon pack cannot start with ``free`` bytes left in its spool's file system,
-    building ``jobs`` segments of ``segment_size`` at once; "" when it can."""
-    need = jobs * segment_size + SPOOL_MARGIN
+    """Why a daemon pack cannot start with ``free`` bytes left in its spool's file system
+    (after what other packs need), building ``jobs`` segments of ``segment_size`` at once;
+    "" when it can."""
+    need = spool_need(segment_size, jobs)
     if free >= need:
         return ""
     return (
-        f"the daemon's spool (site.state_dir) has {format_size(free)} free; this pack needs"
+        f"the daemon's spool (site.state_dir) has {format_size(max(free, 0))} free for it;"
+        " this pack needs"
         f" {format_size(need)} ({jobs} segments of {format_size(segment_size)} at once):"
         " a smaller --segment-size, or ask the site's admins for room"
     )

@@ -40,6 +40,7 @@ from hpcstage.core.packing import (
     packs_to_start,
     parse_pack_line,
     parse_size,
+    spool_need,
     spool_refusal,
 )
 from hpcstage.core.units import format_duration
@@ -67,6 +68,7 @@ class Packs:
     free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free
     live: dict[int, PackUpdate] = field(default_factory=dict)  # progress of running packs
     _tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    _spool_needs: dict[int, int] = field(default_factory=dict)  # of the running packs
     _stopping: bool = False
 
     # -- admission ------------------------------------------------------------------------
@@ -159,6 +161,7 @@ class Packs:
             self._end(pack_id, "failed", error=f"internal error: {exc}")
         finally:
             self._tasks.pop(pack_id, None)
+            self._spool_needs.pop(pack_id, None)
             self.live.pop(pack_id, None)
             self.start_due()
 
@@ -254,10 +257,15 @@ class Packs:
         self.changed(pack_id)
 
     def _no_room(self, row: Pack) -> str:
-        """Why the spool's file system cannot hold this pack's segments now ("" if it can)."""
+        """Why the spool's file system cannot hold this pack's segments now ("" if it can),
+        counting the room the packs running beside it may still take (all of it: they may
+        have written none yet) as taken."""
         segment = parse_size(str(json.loads(row.options).get("segment_size", "256M")))
-        free = self.free_bytes(self._spool(row.id))
-        return spool_refusal(free, segment, PACK_JOBS)
+        taken = sum(need for other, need in self._spool_needs.items() if other != row.id)
+        refusal = spool_refusal(self.free_bytes(self._spool(row.id)) - taken, segment, PACK_JOBS)
+        if not refusal:
+            self._spool_needs[row.id] = spool_need(segment, PACK_JOBS)
+        return refusal
 
     def _argv(self, row: Pack, spool: Path) -> list[str]:
         opts = json.loads(row.options)

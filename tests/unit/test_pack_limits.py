@@ -46,7 +46,7 @@ def test_a_spool_with_room_for_the_segments_lets_a_pack_start() -> None:
 
 def test_a_spool_without_room_names_what_is_free_and_what_is_needed() -> None:
     said = spool_refusal(100 * MIB, 256 * MIB, 2)
-    assert "100MiB free" in said
+    assert "100MiB free for it" in said
     assert "576MiB" in said  # two segments of 256 MiB and the margin
     assert "--segment-size" in said
 
@@ -126,6 +126,29 @@ def test_a_pack_whose_segments_do_not_fit_the_spool_fails_before_it_starts(
 
     row = asyncio.run(scenario())
     assert row.state == "failed"
-    assert "300MiB free" in row.error and "--segment-size" in row.error
+    assert "300MiB free for it" in row.error and "--segment-size" in row.error
     assert row.attempts == 0  # refused before a child ran
     assert asked == [tmp_path / "packs" / "1"]  # the spool's own file system was asked
+
+
+def test_a_second_pack_counts_the_room_the_running_one_may_still_take(
+    tmp_path: Path, db: sessionmaker[Session]
+) -> None:
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING)
+
+    async def scenario() -> tuple[Pack, Pack]:
+        packs = _packs(tmp_path, db, "1h", script)
+        packs.free_bytes = lambda path: 700 * MIB  # room for one pack of 256 MiB segments
+        first = packs.create(PackRequest(SRC, DEST), "alice", admin=True)
+        other = "s3://results/chem/other.hpack/"
+        second = packs.create(PackRequest(SRC, other), "alice", admin=True)
+        refused = await _until_ended(packs, db, second)
+        with db() as session:
+            running = session.get_one(Pack, first)
+        await packs.close()
+        return running, refused
+
+    running, refused = asyncio.run(scenario())
+    assert running.state == "running"
+    assert refused.state == "failed" and "124MiB free for it" in refused.error
