@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
 B = "b"
 KEY = "big/blob.bin"
-SOURCE = SourceSpec(kind=SourceKind.S3_OBJECT, bucket=B, key=KEY, path="")
+SOURCE = SourceSpec(SourceKind.S3_OBJECT, B, KEY, "", [], [], "")
 LOOPBACK = "127.0.0.1"
 
 
