@@ -185,6 +185,20 @@ def private_cluster(what: str, name: str, **options: Any) -> Iterator[DevCluster
             shutil.rmtree(base, ignore_errors=True)
 
 
+# A tiny cache, so that eviction has something to do: 1 MiB, evict from 90 % down to 50 %.
+TINY_CACHE = """[cache]
+max_bytes = "1MiB"
+high_watermark = 0.9
+low_watermark = 0.5
+"""
+
+
+def with_tiny_cache(text: str) -> str:
+    """A site config's text with TINY_CACHE for its [cache] (``running_stager``'s ``edit``)."""
+    assert '[cache]\nmax_bytes = "20GiB"\n' in text
+    return text.replace('[cache]\nmax_bytes = "20GiB"\n', TINY_CACHE)
+
+
 def running_stager(
     dev: DevCluster,
     name: str,

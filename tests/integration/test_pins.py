@@ -19,28 +19,16 @@ from devcluster.cluster import DevCluster
 from devcluster.site import hpcstage_bin
 from hpcstage.cache.layout import object_path
 
-from .staging import Stager, make_dataset, running_stager, small_files, wait_until
+from .staging import Stager, make_dataset, running_stager, small_files, wait_until, with_tiny_cache
 
 pytestmark = pytest.mark.integration
 
-# A tiny cache, so that eviction has something to do: 1 MiB, evict from 90 % down to 50 %.
-CACHE = """
-[cache]
-max_bytes = "1MiB"
-high_watermark = 0.9
-low_watermark = 0.5
-"""
 KiB = 1024
-
-
-def _with_small_cache(text: str) -> str:
-    assert '[cache]\nmax_bytes = "20GiB"\n' in text
-    return text.replace('[cache]\nmax_bytes = "20GiB"\n', CACHE.lstrip())
 
 
 @pytest.fixture(scope="module")
 def stager(cluster: DevCluster) -> Iterator[Stager]:
-    yield from running_stager(cluster, "pins", edit=_with_small_cache)
+    yield from running_stager(cluster, "pins", edit=with_tiny_cache)
 
 
 def _admin(stager: Stager, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
