@@ -160,3 +160,53 @@ def test_a_job_requeued_after_it_ended_is_staged_again_and_its_rerun_written_bac
     # The first run's object was replaced, not lost: it is in the recycle bin.
     trash = stager.cli("alice", "trash", "ls", f"s3://results/{run}/", "--json").stdout
     assert [e["key"] for e in json.loads(trash)] == [f"{run}/{key}"], trash
+
+
+REQUEUED_WHILE_RUNNING_JOB = """#!/bin/bash
+#SBATCH --requeue
+#SBATCH --nodelist={node}
+#HPCSTAGE --stage-in={src}:data
+#HPCSTAGE --stage-out=out:s3://results/{run}/%j/
+eval "$(hpcstage env)"
+mkdir -p "$HPCSTAGE_DIR/out"
+run=${{SLURM_RESTART_COUNT:-0}}
+left=$(ls -A "$HPCSTAGE_DIR/out")
+if [ "$run" = 0 ]; then
+    echo partial > "$HPCSTAGE_DIR/out/partial"
+    echo "first run wrote its file"
+    sleep 600
+fi
+n=$(find -L "$HPCSTAGE_DIR/data" -type f | wc -l)
+echo "run $run $n ${{left:-nothing-left}}" > "$HPCSTAGE_DIR/out/result"
+"""
+
+
+def test_a_job_requeued_while_it_ran_reruns_in_a_fresh_directory_and_only_the_rerun_is_written(
+    stager: Stager,
+) -> None:
+    src, _ = make_dataset(stager.dev, small_files(5, prefix="lig/"))
+    run = f"requeue-{uuid.uuid4().hex[:6]}"
+    # The same node again: there the first run's directory would still be found.
+    job = stager.submit("alice", REQUEUED_WHILE_RUNNING_JOB.format(node="n2", src=src, run=run))
+
+    def first_run_wrote() -> bool:
+        path = stager.dev.workdir("alice") / f"{job}.out"
+        return path.exists() and "first run wrote its file" in path.read_text(errors="replace")
+
+    wait_until("the first run's partial output", first_run_wrote, 180, stager.log)
+    proc.run(["scontrol", "requeue", str(job)], env=stager.dev.client_env())
+    update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
+    proc.run(update, env=stager.dev.client_env(), check=False)
+
+    def rerun_written() -> bool:
+        return f"{job}/result" in _keys(stager.dev, f"{run}/")
+
+    wait_until("the re-run's output in the store", rerun_written, 240, stager.log)
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    doc = stager.wait_doc(job, "its outputs written back", lambda d: d["stage_out"] == "done")
+    outputs = _keys(stager.dev, f"{run}/")
+    # The re-run saw its inputs and none of the first run's files; the first run's partial
+    # output was not written back (it never ended: its re-run writes the job's outputs).
+    assert outputs == {f"{job}/result": b"run 1 5 nothing-left\n"}, (outputs, doc)
+    trash = stager.cli("alice", "trash", "ls", f"s3://results/{run}/", "--json").stdout
+    assert json.loads(trash) == [], trash
