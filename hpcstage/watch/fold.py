@@ -31,6 +31,8 @@ log = logging.getLogger("hpcstage.daemon")
 ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
 # How far slurmctld's clock (submit times) and the daemon's (first_seen) may disagree.
 CLOCK_SLACK = 600.0
+# What our row of a run says once Slurm requeued it while it ran (see requeued_while_open).
+REQUEUED_RUN = "REQUEUED"
 # New rows flushed at once (a first tick admits the whole queue: see sync).
 FLUSH_EVERY = 500
 # One Slurm job, even where ids are reused: its id and its submit time.
@@ -153,6 +155,10 @@ async def sync(
         job = known.get(info.job_id)
         if job is not None and not same_job(job, info):
             _replaced(session, job, snapshot.taken_at)
+            changed.append(job)
+            job = None
+        elif job is not None and requeued_while_open(job, info):
+            _interrupted(session, job, snapshot.taken_at)
             changed.append(job)
             job = None
         if job is None and job_key(info) not in ignored and not is_ended(info):
@@ -344,6 +350,37 @@ def requeued_after_end(row: Job, info: JobInfo) -> bool:
         and row.submitted_at is not None
         and info.submit_time > row.submitted_at + 1.0
     )
+
+
+def requeued_while_open(row: Job, info: JobInfo) -> bool:
+    """Whether Slurm requeued the job of the open ``row`` before the daemon saw it end
+    (``scontrol requeue`` of a running job, a node failure): a restart and a new submit time
+    (as in ``requeued_after_end``). The run in the row never ended, so it is wound up as
+    ``interrupted``, and the re-run is admitted as a run of its own (``_admit``)."""
+    return (
+        row.ended_at is None
+        and info.restarts > 0
+        and info.submit_time is not None
+        and row.submitted_at is not None
+        and info.submit_time > row.submitted_at + 1.0
+    )
+
+
+def interrupted(state: str, replaced_at: float | None) -> bool:
+    """Whether a row is a run Slurm requeued while it ran (``_interrupted``): its outputs are
+    partial, and the re-run writes the job's outputs, so this run's are not written back."""
+    return state == REQUEUED_RUN and replaced_at is not None
+
+
+def _interrupted(session: Session, job: Job, now: float) -> None:
+    """End the row of a run Slurm requeued while it ran. Its job directories are released at
+    once (``replaced``, no lease grace), outputs and all: the re-run gets fresh ones, named by
+    the same id, and finds nothing of this run in them."""
+    job.state, job.ended_at, job.replaced_at = REQUEUED_RUN, now, now
+    message = f"Slurm requeued job {job.slurm_job_id} while it ran: this run's outputs are"
+    message += " not written back (the re-run writes them), its job directories are released"
+    message += " at once, and the re-run is staged anew"
+    log_event(session, job.id, "", message, "warning")
 
 
 def _replaced(session: Session, job: Job, now: float, rerun: bool = False) -> None:
