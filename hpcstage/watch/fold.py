@@ -248,6 +248,7 @@ async def _admit(
         error=found.error,
         first_seen=now,
         submitted_at=info.submit_time,
+        restarts=info.restarts,
     )
     job.requests = [_request("in", i, d) for i, d in enumerate(found.stage_in)]
     job.requests += [_request("out", i, d) for i, d in enumerate(found.stage_out)]
@@ -299,6 +300,7 @@ def _update(job: Job, info: JobInfo, now: float) -> bool:
         job.ended_at = info.end_time or now
     # A requeue gives the job a new submit time: the next comparison is with that one.
     job.submitted_at = info.submit_time or job.submitted_at
+    job.restarts = info.restarts
     # A pending array's record becomes its last task when that one starts.
     became_task = job.array_task_id != info.array_task_id and info.array_task_id is not None
     job.array_job_id, job.array_task_id = info.array_job_id, info.array_task_id

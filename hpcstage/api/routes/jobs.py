@@ -78,8 +78,22 @@ async def job(
     return await followed(daemon, db, key, since, wait)
 
 
+# Slurm's restart count (uint16): SLURM_RESTART_COUNT in a re-run's environment.
+Restarts = Annotated[
+    int,
+    Query(
+        ge=0,
+        le=2**16 - 1,
+        description="times Slurm requeued the asking run (SLURM_RESTART_COUNT; 0 if unset)",
+        examples=[0, 1],
+    ),
+]
+
+
 @router.post("/{job_id}/ensure")
-async def ensure(job_id: JobId, daemon: Service, db: Database, me: Caller) -> dict[str, Any]:
+async def ensure(
+    job_id: JobId, daemon: Service, db: Database, me: Caller, restarts: Restarts = 0
+) -> dict[str, Any]:
     """A job asks for its inputs now (from ``hpcstage env``): look at the queue at once."""
     deadline = time.monotonic() + UNKNOWN_JOB_WAIT * daemon.settings.slurm.poll_interval
     while True:
@@ -88,15 +102,18 @@ async def ensure(job_id: JobId, daemon: Service, db: Database, me: Caller) -> di
         answer = None
         with db.begin() as session:
             found = _asking_job(session, job_id, late)
-            if found is not None:
+            # A run Slurm requeued while it ran, asking before the daemon saw the requeue:
+            # the row (and its directories) are still the interrupted run's.
+            unseen = found is not None and found.restarts < restarts
+            if found is not None and not unseen:
                 answer = document(daemon, session, owned(found, me, f"job {job_id}"))
                 key = found.id
         if answer is not None:
             daemon.job_asked(key)  # its wait for data starts (or is 0): for /metrics
             return answer
-        if late and _earlier_run_pending(db, job_id):
-            # Requeued after it ended here: the re-run is admitted once the earlier run's
-            # directories are released (outputs first). `hpcstage env` asks again on 503.
+        if late and (unseen or _earlier_run_pending(db, job_id)):
+            # Requeued: the re-run is admitted once the earlier run's directories are
+            # released (outputs first, if it ended). `hpcstage env` asks again on 503.
             raise HTTPException(
                 503,
                 f"job {job_id}: its earlier run is still being wound up (outputs, directories);"

@@ -1,0 +1,24 @@
+"""jobs.restarts: how many times Slurm had requeued a job's run when the daemon last saw it
+
+Revision ID: 0012
+Revises: 0008
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0012"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # Older rows keep 0: the daemon folds every open job once at start, which sets it.
+    op.add_column("jobs", sa.Column("restarts", sa.Integer(), nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    op.drop_column("jobs", "restarts")
