@@ -19,7 +19,9 @@ Rules, in order of precedence:
 4. A warmup is staged on its nodes (into the cache only: the agent builds no view for it),
    then released right away: warm data stays cached but holds no lease.
 5. An ended job's outputs are staged out at once, from its batch host (an output naming the
-   node, %n or %N, from every node the job ran on: each under its own name); its views are
+   node, %n or %N, from every node the job ran on: each under its own name); a run Slurm
+   requeued while it ran has none to stage out (``out_state`` "none": its re-run writes
+   them, see hpcstage.watch.fold.interrupted) and is ``replaced``; its views are
    released only after every output is verified in the store, and after the lease grace
    period (at once if Slurm gave its id to a newer job, ``replaced``). A failed stage-out
    keeps the job's directory (and its lease) for the admin.
