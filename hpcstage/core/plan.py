@@ -224,6 +224,8 @@ def _end(job: JobView, now: float, grace: float) -> list[Action]:
     if any(s == IN_FLIGHT for s in job.node_states.values()):
         return []  # let the transfer finish; release on a later tick
     why = "warmup done" if job.kind == "warmup" else "job ended, lease grace over"
+    if job.kind == "job" and job.replaced:
+        why = "Slurm runs the job again, or gave its id to a newer job: released at once"
     actions: list[Action] = [Release(job.id, node, why) for node in live]
     # Done only once every view is gone (a failed release is retried at the next tick);
     # failed inputs keep their state on record, so they do not hold this up.

@@ -343,28 +343,37 @@ def requeued_after_end(row: Job, info: JobInfo) -> bool:
     """Whether Slurm runs the job of ``row`` again after the daemon saw it end (``scontrol
     requeue`` of a finished job, a requeue after a node failure seen as an end): a requeue
     counts a restart and gives a new submit time. The re-run is recorded as a run of its own,
-    once this run's directories are released: staged again, and its outputs written back."""
+    once this run's directories are released: staged again, and its outputs written back.
+    Submit times are whole seconds, and Slurm makes a requeued job's at least one later
+    (a job requeued within a second of its submission gets exactly one more)."""
     return (
         row.ended_at is not None
         and not is_ended(info)
         and info.restarts > 0
         and info.submit_time is not None
         and row.submitted_at is not None
-        and info.submit_time > row.submitted_at + 1.0
+        and info.submit_time >= row.submitted_at + 1.0
     )
 
 
 def requeued_while_open(row: Job, info: JobInfo) -> bool:
     """Whether Slurm requeued the job of the open ``row`` before the daemon saw it end
-    (``scontrol requeue`` of a running job, a node failure): a restart and a new submit time
-    (as in ``requeued_after_end``). The run in the row never ended, so it is wound up as
-    ``interrupted``, and the re-run is admitted as a run of its own (``_admit``)."""
+    (``scontrol requeue`` of a running job, a node failure). Slurm counts the restart at
+    once and gives the new submit time only once the run is wound down (its processes
+    killed, COMPLETING over), and the re-run may start a second later: so a restart count
+    above the row's is the sign; a row of an older release, which kept no count, goes by
+    the new submit time (as ``requeued_after_end``). The run in the row never ended, so it is
+    wound up as ``interrupted``, and the re-run is admitted as a run of its own
+    (``_admit``, once the new submit time shows)."""
+    if row.ended_at is not None:
+        return False
+    if row.restarts is not None:
+        return info.restarts > row.restarts
     return (
-        row.ended_at is None
-        and info.restarts > 0
+        info.restarts > 0
         and info.submit_time is not None
         and row.submitted_at is not None
-        and info.submit_time > row.submitted_at + 1.0
+        and info.submit_time >= row.submitted_at + 1.0
     )
 
 

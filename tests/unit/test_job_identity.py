@@ -306,14 +306,54 @@ def test_a_job_requeued_while_it_ran_ends_that_run_unwritten_and_is_staged_again
         assert (new.id != old_id, new.ended_at, new.submitted_at) == (True, None, NEW_SUBMIT)
 
 
+def test_a_requeue_is_known_by_its_restart_count_before_the_new_submit_time(
+    db: sessionmaker[Session],
+) -> None:
+    # Slurm counts the restart at once; the new submit time comes once the run is wound down.
+    old_id = add_old(db, released=False, ended=False)
+    with db.begin() as session:
+        session.get_one(Job, old_id).restarts = 0
+    winding = info(user="alice", submit=OLD_SUBMIT, restarts=1, state="COMPLETING")
+    tick(db, winding)
+    (old,) = rows_for(db, 7)
+    assert (old.state, old.replaced_at) == ("REQUEUED", NEW_SUBMIT + 100)
+    with db.begin() as session:
+        session.get_one(Job, old_id).released_at = NEW_SUBMIT + 110
+    tick(db, winding)
+    assert [r.id for r in rows_for(db, 7)] == [old_id]  # the re-run is not in the queue yet
+    tick(db, info(user="alice", submit=NEW_SUBMIT, restarts=1, state="PENDING"))
+    with db.begin() as session:
+        new = session.scalars(select(Job).where(Job.slurm_job_id == 7)).one()
+        assert (new.id != old_id, new.restarts, new.submitted_at) == (True, 1, NEW_SUBMIT)
+
+
+def test_a_job_requeued_within_a_second_of_its_submission_is_rerun(
+    db: sessionmaker[Session],
+) -> None:
+    # Slurm makes the new submit time one second later when the requeue came in the same one.
+    old_id = add_old(db, released=False, ended=False)
+    with db.begin() as session:
+        session.get_one(Job, old_id).restarts = 0
+    tick(db, info(user="alice", submit=OLD_SUBMIT, restarts=1, state="COMPLETING"))
+    with db.begin() as session:
+        session.get_one(Job, old_id).released_at = NEW_SUBMIT + 110
+    tick(db, info(user="alice", submit=OLD_SUBMIT + 1, restarts=1, state="PENDING"))
+    with db.begin() as session:
+        new = session.scalars(select(Job).where(Job.slurm_job_id == 7)).one()
+        assert (new.id != old_id, new.submitted_at) == (True, OLD_SUBMIT + 1)
+
+
 def test_a_running_job_seen_again_with_its_restart_count_is_not_requeued_again(
     db: sessionmaker[Session],
 ) -> None:
     # Admitted after an earlier requeue: the restart is counted, the submit time unchanged.
     add_old(db, released=False, ended=False)
-    tick(db, info(user="alice", submit=OLD_SUBMIT, restarts=1, state="RUNNING"))
+    running = info(user="alice", submit=OLD_SUBMIT, restarts=1, state="RUNNING")
+    tick(db, running)
+    tick(db, running)  # now with the count it keeps
     (only,) = rows_for(db, 7)
     assert (only.state, only.ended_at, only.replaced_at) == ("RUNNING", None, None)
+    assert only.restarts == 1
 
 
 def test_a_finished_job_seen_again_with_its_restart_count_is_not_a_rerun(

@@ -102,9 +102,7 @@ async def ensure(
         answer = None
         with db.begin() as session:
             found = _asking_job(session, job_id, late)
-            # A run Slurm requeued while it ran, asking before the daemon saw the requeue:
-            # the row (and its directories) are still the interrupted run's.
-            unseen = found is not None and found.restarts < restarts
+            unseen = _run_not_admitted(session, job_id, restarts)
             if found is not None and not unseen:
                 answer = document(daemon, session, owned(found, me, f"job {job_id}"))
                 key = found.id
@@ -137,6 +135,16 @@ def _earlier_run_pending(db: sessionmaker[Session], job_id: int) -> bool:
             Job.slurm_job_id == job_id, Job.replaced_at.is_not(None), Job.released_at.is_(None)
         )
         return session.scalar(query.limit(1)) is not None
+
+
+def _run_not_admitted(session: Session, job_id: int, restarts: int) -> bool:
+    """Whether the daemon's row with Slurm id ``job_id`` records an earlier run than the one
+    asking (``restarts``: Slurm's count of the asking run). Slurm may start a requeued job's
+    re-run a second after the requeue: the row, and the directories, are still the earlier
+    run's until the daemon has seen it, and wound it up (a row of an older release, which
+    kept no count, counts as 0 until the daemon folds it)."""
+    found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
+    return found is not None and (found.restarts or 0) < restarts
 
 
 def _asking_job(session: Session, job_id: int, late: bool) -> Job | None:

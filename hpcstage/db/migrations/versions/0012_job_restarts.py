@@ -16,8 +16,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # Older rows keep 0: the daemon folds every open job once at start, which sets it.
-    op.add_column("jobs", sa.Column("restarts", sa.Integer(), nullable=False, server_default="0"))
+    # Older rows keep NULL (not known): the daemon folds every open job once at start, which
+    # sets it; until then a requeue is known by the submit time alone.
+    op.add_column("jobs", sa.Column("restarts", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
