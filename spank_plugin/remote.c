@@ -127,16 +127,17 @@ struct helper_call {
 	char *argv[12];
 	char *envp[12];
 	char job[16], timeout[16];
-	char env_slots[8][HS_ENV_VALUE];
+	char env_slots[8][HS_ENV_VALUE]; /* one per name in build_call's passed[] */
 	char node_env[HS_MAX_PATH], job_env_var[32];
 };
 
 static void build_call(spank_t sp, const struct hs_args *args, const struct job_facts *f,
 		       struct helper_call *c)
 {
+	/* SLURM_RESTART_COUNT: a re-run of a requeued job waits until the daemon has seen it. */
 	static const char *const passed[] = {
 		"HOME", "USER", "LOGNAME", "LANG", "HPCSTAGE_CONFIG", "HPCSTAGE_API", "SLURM_CONF",
-		NULL
+		"SLURM_RESTART_COUNT", NULL
 	};
 	int a = 0, e = 0;
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from hpcstage.core import plan as planner
 from hpcstage.db import Event, Job, Staging
+from hpcstage.watch.fold import interrupted
 
 # What a job's staging looks like from the job's point of view, per node.
 READY, FAILED, WAITING = "ready", "failed", "staging"
@@ -149,10 +150,13 @@ def job_failure(job: Job) -> str:
 
 
 def stage_out_summary(job: Job) -> str:
-    """none | pending | running | done | failed | skipped, over every stage-out directive."""
+    """none | pending | running | done | failed | skipped, over every stage-out directive
+    (skipped too for a run Slurm requeued while it ran: its re-run writes the outputs)."""
     states = [st.state for r in job.requests if r.direction == "out" for st in r.stagings]
     if not any(r.direction == "out" for r in job.requests):
         return "none"
+    if interrupted(job.state, job.replaced_at):
+        return "skipped"
     if not states:
         return "pending"
     for state in ("running", "queued", "failed"):

@@ -60,13 +60,24 @@ def _client(config_path: Path | None) -> tuple[Client, ClientSettings]:
     help="This node's Slurm name (inside a job: taken from the environment).",
 )
 @click.option(
+    "--restarts",
+    type=click.IntRange(0, 2**16 - 1),
+    default=0,
+    envvar="SLURM_RESTART_COUNT",
+    show_envvar=True,
+    help="Times Slurm requeued this job (inside a job: taken from the environment); a re-run "
+    "waits until the daemon has seen it, so it never gets the earlier run's directory.",
+)
+@click.option(
     "--timeout",
     type=float,
     default=3600,
     show_default=True,
     help="Seconds to wait for the inputs before failing the job.",
 )
-def env(config_path: Path | None, job_id: int | None, node: str | None, timeout: float) -> None:
+def env(
+    config_path: Path | None, job_id: int | None, node: str | None, restarts: int, timeout: float
+) -> None:
     """Wait until this job's inputs are on this node, then print shell exports.
 
     Use it as the first line of a batch script on sites without the SPANK plugin:
@@ -95,7 +106,7 @@ def env(config_path: Path | None, job_id: int | None, node: str | None, timeout:
             )
         client, settings = _client(config_path)
         view = Path(cache_dir_for(settings.cache_dir, node)) / "jobs" / str(job_id)
-        _wait_ready(client, job_id, node, timeout)
+        _wait_ready(client, job_id, node, restarts, timeout)
     except HpcstageError as exc:
         # Said once, on stderr (the job's output, the SPANK plugin's and burst_buffer.lua's
         # reason); the shell that evals stdout only exits.
@@ -115,12 +126,13 @@ def container_mounts(view: Path) -> list[str]:
     return [str(view), *([str(packed)] if packed.is_dir() else [])]
 
 
-def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
+def _wait_ready(client: Client, job_id: int, node: str, restarts: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last_said = 0.0
     said = ""
     ask = _Patient(client, deadline)
-    doc = ask.post(f"/api/v1/jobs/{job_id}/ensure")
+    ensure = f"/api/v1/jobs/{job_id}/ensure" + (f"?restarts={restarts}" if restarts else "")
+    doc = ask.post(ensure)
     last_nudge = time.monotonic()
     while True:
         state = _node_state(doc, node)
@@ -138,7 +150,7 @@ def _wait_ready(client: Client, job_id: int, node: str, timeout: float) -> None:
             click.echo(line, err=True)
             said, last_said = line, time.monotonic()
         if time.monotonic() - last_nudge > ENSURE_EVERY:
-            doc = ask.post(f"/api/v1/jobs/{job_id}/ensure")
+            doc = ask.post(ensure)
             last_nudge = time.monotonic()
         else:
             left = max(0.1, deadline - time.monotonic())

@@ -27,7 +27,9 @@ Rules, in order of precedence:
    (``hpcstage pin``, kind ``pin``) is staged on its nodes with a view, whose links lease it,
    and keeps it until the pin is removed (it then ends, as a job without a lease grace).
 5. An ended job's outputs are staged out at once, from its batch host (an output naming the
-   node, %n or %N, from every node the job ran on: each under its own name); its views are
+   node, %n or %N, from every node the job ran on: each under its own name); a run Slurm
+   requeued while it ran has none to stage out (``out_state`` "none": its re-run writes
+   them, see hpcstage.watch.fold.interrupted) and is ``replaced``; its views are
    released only after every output is verified in the store, and after the lease grace
    period (at once if Slurm gave its id to a newer job, ``replaced``). A failed stage-out
    keeps the job's directory (and its lease) for the admin.
@@ -276,6 +278,8 @@ def _end(job: JobView, now: float, grace: float) -> list[Action]:
     why = {"warmup": "warmup done", "pin": "no longer kept warm"}.get(
         job.kind, "job ended, lease grace over"
     )
+    if job.kind == "job" and job.replaced:
+        why = "Slurm runs the job again, or gave its id to a newer job: released at once"
     actions: list[Action] = [Release(job.id, node, why) for node in live]
     # Done only once every view is gone (a failed release is retried at the next tick);
     # failed inputs keep their state on record, so they do not hold this up.

@@ -62,6 +62,10 @@ class Job(Base):
     array_job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     array_task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     array_tasks: Mapped[str] = mapped_column(String(256), default="")
+    # Slurm's restart count of the run this row records (a requeue counts one at once, the
+    # new submit time comes when the run is wound down): a re-run that asks for its inputs
+    # before the daemon has seen the requeue is told to ask again. None in older rows.
+    restarts: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     requests: Mapped[list[Request]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Request.position"

@@ -31,6 +31,8 @@ log = logging.getLogger("hpcstage.daemon")
 ENDED_STATES = FINISHED_STATES | {"SPECIAL_EXIT", "REVOKED"}
 # How far slurmctld's clock (submit times) and the daemon's (first_seen) may disagree.
 CLOCK_SLACK = 600.0
+# What our row of a run says once Slurm requeued it while it ran (see requeued_while_open).
+REQUEUED_RUN = "REQUEUED"
 # New rows flushed at once (a first tick admits the whole queue: see sync).
 FLUSH_EVERY = 500
 # New jobs one sync admits at most. Admitting a job (reading, parsing, authorizing and
@@ -171,6 +173,10 @@ async def sync(
             _replaced(session, job, snapshot.taken_at)
             changed.append(job)
             job = None
+        elif job is not None and requeued_while_open(job, info):
+            _interrupted(session, job, snapshot.taken_at)
+            changed.append(job)
+            job = None
         if job is None and _admissible(info, ignored) and job_key(info) not in later:
             if info.job_id not in taken:
                 old = prior.get(info.job_id)
@@ -282,6 +288,7 @@ async def _admit(
         error=found.error,
         first_seen=now,
         submitted_at=info.submit_time,
+        restarts=info.restarts,
     )
     job.requests = [_request("in", i, d) for i, d in enumerate(found.stage_in)]
     job.requests += [_request("out", i, d) for i, d in enumerate(found.stage_out)]
@@ -333,6 +340,7 @@ def _update(job: Job, info: JobInfo, now: float) -> bool:
         job.ended_at = info.end_time or now
     # A requeue gives the job a new submit time: the next comparison is with that one.
     job.submitted_at = info.submit_time or job.submitted_at
+    job.restarts = info.restarts
     # A pending array's record becomes its last task when that one starts.
     became_task = job.array_task_id != info.array_task_id and info.array_task_id is not None
     job.array_job_id, job.array_task_id = info.array_job_id, info.array_task_id
@@ -375,15 +383,55 @@ def requeued_after_end(row: Job, info: JobInfo) -> bool:
     """Whether Slurm runs the job of ``row`` again after the daemon saw it end (``scontrol
     requeue`` of a finished job, a requeue after a node failure seen as an end): a requeue
     counts a restart and gives a new submit time. The re-run is recorded as a run of its own,
-    once this run's directories are released: staged again, and its outputs written back."""
+    once this run's directories are released: staged again, and its outputs written back.
+    Submit times are whole seconds, and Slurm makes a requeued job's at least one later
+    (a job requeued within a second of its submission gets exactly one more)."""
     return (
         row.ended_at is not None
         and not is_ended(info)
         and info.restarts > 0
         and info.submit_time is not None
         and row.submitted_at is not None
-        and info.submit_time > row.submitted_at + 1.0
+        and info.submit_time >= row.submitted_at + 1.0
     )
+
+
+def requeued_while_open(row: Job, info: JobInfo) -> bool:
+    """Whether Slurm requeued the job of the open ``row`` before the daemon saw it end
+    (``scontrol requeue`` of a running job, a node failure). Slurm counts the restart at
+    once and gives the new submit time only once the run is wound down (its processes
+    killed, COMPLETING over), and the re-run may start a second later: so a restart count
+    above the row's is the sign; a row of an older release, which kept no count, goes by
+    the new submit time (as ``requeued_after_end``). The run in the row never ended, so it is
+    wound up as ``interrupted``, and the re-run is admitted as a run of its own
+    (``_admit``, once the new submit time shows)."""
+    if row.ended_at is not None:
+        return False
+    if row.restarts is not None:
+        return info.restarts > row.restarts
+    return (
+        info.restarts > 0
+        and info.submit_time is not None
+        and row.submitted_at is not None
+        and info.submit_time >= row.submitted_at + 1.0
+    )
+
+
+def interrupted(state: str, replaced_at: float | None) -> bool:
+    """Whether a row is a run Slurm requeued while it ran (``_interrupted``): its outputs are
+    partial, and the re-run writes the job's outputs, so this run's are not written back."""
+    return state == REQUEUED_RUN and replaced_at is not None
+
+
+def _interrupted(session: Session, job: Job, now: float) -> None:
+    """End the row of a run Slurm requeued while it ran. Its job directories are released at
+    once (``replaced``, no lease grace), outputs and all: the re-run gets fresh ones, named by
+    the same id, and finds nothing of this run in them."""
+    job.state, job.ended_at, job.replaced_at = REQUEUED_RUN, now, now
+    message = f"Slurm requeued job {job.slurm_job_id} while it ran: this run's outputs are"
+    message += " not written back (the re-run writes them), its job directories are released"
+    message += " at once, and the re-run is staged anew"
+    log_event(session, job.id, "", message, "warning")
 
 
 def _replaced(session: Session, job: Job, now: float, rerun: bool = False) -> None:

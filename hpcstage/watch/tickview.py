@@ -23,7 +23,7 @@ from hpcstage.core import directives as dirs
 from hpcstage.core import overlap
 from hpcstage.core import plan as planner
 from hpcstage.db import Job, Request, Staging
-from hpcstage.watch.fold import split_nodes
+from hpcstage.watch.fold import interrupted, split_nodes
 
 UNFINISHED = ("pending", "queued", "running")  # stage-out states other jobs wait for
 
@@ -107,7 +107,7 @@ def read_views(session: Session) -> list[planner.JobView]:
         (_before_node(dest), keys[j.id])
         for j in jobs
         if (j.started_at is not None or j.ended_at is not None)
-        and _out_on(found.get(j.id) or _Directives(), split_nodes(j.nodes)) in UNFINISHED
+        and _out_of(j, found.get(j.id) or _Directives()) in UNFINISHED
         for dest in found[j.id].outputs
     )
     return [_view(j, found.get(j.id) or _Directives(), keys[j.id], index) for j in jobs]
@@ -120,6 +120,14 @@ def _before_node(dest: str) -> str:
         return dest
     head = dest[: dest.index("%")]
     return head[: head.rfind("/") + 1]
+
+
+def _out_of(j: _JobRow, d: _Directives) -> str:
+    """The job's stage-out as one word: "none" for a run Slurm requeued while it ran (its
+    re-run writes the outputs), else ``_out_on`` the nodes it ran on."""
+    if interrupted(j.state, j.replaced_at):
+        return "none"
+    return _out_on(d, split_nodes(j.nodes))
 
 
 def _out_on(d: _Directives, nodes: tuple[str, ...]) -> str:
@@ -142,7 +150,7 @@ def _view(j: _JobRow, d: _Directives, key: str, index: overlap.OutputIndex) -> p
         released=False,
         error=j.error,
         node_states={n: planner.node_state(s) for n, s in d.node_states.items()},
-        out_state=_out_on(d, nodes),
+        out_state=_out_of(j, d),
         out_node=j.batch_host or next(iter(nodes), ""),
         # Outputs naming the node are written back from every node the job ran on.
         out_nodes=nodes if d.per_node_outputs and len(nodes) > 1 else (),

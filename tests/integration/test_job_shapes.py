@@ -1,6 +1,8 @@
 """Job shapes beyond one single-node batch job, on the real dev cluster: a job array whose
-tasks share a dataset, and a three-node job whose every node reads its inputs and writes
-outputs back, and a job Slurm runs again after it ended (issue: real clusters, job shapes)."""
+tasks share a dataset, a three-node job whose every node reads its inputs and writes
+outputs back, a heterogeneous job whose components each read their inputs on their own
+nodes, and a job Slurm runs again after it ended or while it ran (issue: real clusters, job
+shapes)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,27 @@ srun --nodes=3 --ntasks=3 bash -c '
     mkdir -p "$HPCSTAGE_DIR/out"
     n=$(find -L "$HPCSTAGE_DIR/data" -type f | wc -l)
     echo "$SLURMD_NODENAME $n" > "$HPCSTAGE_DIR/out/result"
+'
+"""
+
+
+# Two components: one node, then two. The directives are the whole job's, also those after
+# `#SBATCH hetjob`; steps of every component (`srun --het-group=0,1`) read the inputs.
+HET_JOB = """#!/bin/bash
+#SBATCH --job-name=het
+#SBATCH --nodes=1
+#HPCSTAGE --stage-in={src}:data
+#HPCSTAGE --stage-out=out:s3://results/{run}/%j/%N/
+#SBATCH hetjob
+#SBATCH --nodes=2
+#HPCSTAGE --stage-out=summary.txt:s3://results/{run}/%j/summary.txt
+eval "$(hpcstage env)"
+echo "leader on $SLURMD_NODENAME" > "$HPCSTAGE_DIR/summary.txt"
+srun --het-group=0,1 bash -c '
+    eval "$(hpcstage env)" || exit 1
+    mkdir -p "$HPCSTAGE_DIR/out"
+    n=$(find -L "$HPCSTAGE_DIR/data" -type f | wc -l)
+    echo "$SLURMD_NODENAME $SLURM_JOB_ID $n" > "$HPCSTAGE_DIR/out/result"
 '
 """
 
@@ -127,6 +150,33 @@ def test_a_three_node_job_reads_its_inputs_on_every_node_and_writes_back_each_no
     assert outputs["summary.txt"].decode().startswith("batch on n")
 
 
+def test_a_het_job_is_staged_on_each_components_nodes_and_written_back_once(
+    stager: Stager,
+) -> None:
+    files = small_files(12, prefix="lig/")
+    src, _ = make_dataset(stager.dev, files)
+    run = f"het-{uuid.uuid4().hex[:6]}"
+    job = stager.submit("alice", HET_JOB.format(src=src, run=run))  # the leader's id
+    assert stager.dev.wait_job(job, timeout=180) == "COMPLETED", stager.output("alice", job)
+    doc = stager.wait_doc(job, "its outputs written back", lambda d: d["stage_out"] == "done")
+    # One job to hpcstage, on the nodes of both components; the second component (the next
+    # id) is no job of its own.
+    assert sorted(doc["nodes"]) == ["n1", "n2", "n3"], doc
+    listing: list[dict[str, Any]] = stager.client.get("/api/v1/jobs?all=true")
+    assert [d["job_id"] for d in listing if d["job_id"] in (job, job + 1)] == [job]
+    stage_in = [r for r in doc["requests"] if r["direction"] == "in"]
+    assert [sorted(r["nodes"]) for r in stage_in] == [["n1", "n2", "n3"]]
+    outputs = _keys(stager.dev, f"{run}/{job}/")
+    # Every node's own outputs under its name, whichever component it was in; the leader's
+    # summary once (not once per component).
+    assert sorted(outputs) == ["n1/result", "n2/result", "n3/result", "summary.txt"], doc
+    for node in ("n1", "n2", "n3"):
+        assert outputs[f"{node}/result"].decode().split() == [node, str(job), "12"]
+    assert outputs["summary.txt"].decode().startswith("leader on n")
+    (summary,) = [r for r in doc["requests"] if r["direction"] == "out" and "summary" in r["dest"]]
+    assert len(summary["nodes"]) == 1, summary
+
+
 RERUN_JOB = """#!/bin/bash
 #HPCSTAGE --stage-in={src}:data
 #HPCSTAGE --stage-out=out:s3://results/{run}/%j/
@@ -160,3 +210,72 @@ def test_a_job_requeued_after_it_ended_is_staged_again_and_its_rerun_written_bac
     # The first run's object was replaced, not lost: it is in the recycle bin.
     trash = stager.cli("alice", "trash", "ls", f"s3://results/{run}/", "--json").stdout
     assert [e["key"] for e in json.loads(trash)] == [f"{run}/{key}"], trash
+
+
+REQUEUED_WHILE_RUNNING_JOB = """#!/bin/bash
+#SBATCH --requeue
+#SBATCH --nodelist={node}
+#HPCSTAGE --stage-in={src}:data
+#HPCSTAGE --stage-out=out:s3://results/{run}/%j/
+eval "$(hpcstage env)"
+mkdir -p "$HPCSTAGE_DIR/out"
+run=${{SLURM_RESTART_COUNT:-0}}
+left=$(ls -A "$HPCSTAGE_DIR/out")
+if [ "$run" = 0 ]; then
+    echo partial > "$HPCSTAGE_DIR/out/partial"
+    echo "first run wrote its file"
+    sleep 600
+fi
+n=$(find -L "$HPCSTAGE_DIR/data" -type f | wc -l)
+echo "run $run $n ${{left:-nothing-left}}" > "$HPCSTAGE_DIR/out/result"
+"""
+
+
+def _requeue(stager: Stager, job: int, how: str) -> None:
+    """Make Slurm requeue the running ``job``: by command, or by its node failing (set DOWN:
+    Slurm requeues the job at once, and the node, whose slurmd still answers, comes back by
+    ReturnToService=2)."""
+    env = stager.dev.client_env()
+    if how == "scontrol requeue":
+        proc.run(["scontrol", "requeue", str(job)], env=env)
+        return
+    down = ["scontrol", "update", "NodeName=n2", "State=DOWN", "Reason=test_job_shapes"]
+    proc.run(down, env=env)
+
+    def requeued() -> bool:
+        return stager.dev.job_state(job).get("Restarts") == "1"
+
+    wait_until(f"job {job} requeued after its node failed", requeued, 120, stager.log)
+    proc.run(["scontrol", "update", "NodeName=n2", "State=RESUME"], env=env, check=False)
+
+
+@pytest.mark.parametrize("how", ["scontrol requeue", "node failure"])
+def test_a_job_requeued_while_it_ran_reruns_in_a_fresh_directory_and_only_the_rerun_is_written(
+    stager: Stager, how: str
+) -> None:
+    src, _ = make_dataset(stager.dev, small_files(5, prefix="lig/"))
+    run = f"requeue-{uuid.uuid4().hex[:6]}"
+    # The same node again: there the first run's directory would still be found.
+    job = stager.submit("alice", REQUEUED_WHILE_RUNNING_JOB.format(node="n2", src=src, run=run))
+
+    def first_run_wrote() -> bool:
+        path = stager.dev.workdir("alice") / f"{job}.out"
+        return path.exists() and "first run wrote its file" in path.read_text(errors="replace")
+
+    wait_until("the first run's partial output", first_run_wrote, 180, stager.log)
+    _requeue(stager, job, how)
+    update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
+    proc.run(update, env=stager.dev.client_env(), check=False)
+
+    def rerun_written() -> bool:
+        return f"{job}/result" in _keys(stager.dev, f"{run}/")
+
+    wait_until("the re-run's output in the store", rerun_written, 240, stager.log)
+    assert stager.dev.wait_job(job, timeout=120) == "COMPLETED", stager.output("alice", job)
+    doc = stager.wait_doc(job, "its outputs written back", lambda d: d["stage_out"] == "done")
+    outputs = _keys(stager.dev, f"{run}/")
+    # The re-run saw its inputs and none of the first run's files; the first run's partial
+    # output was not written back (it never ended: its re-run writes the job's outputs).
+    assert outputs == {f"{job}/result": b"run 1 5 nothing-left\n"}, (outputs, doc)
+    trash = stager.cli("alice", "trash", "ls", f"s3://results/{run}/", "--json").stdout
+    assert json.loads(trash) == [], trash

@@ -339,6 +339,17 @@ def test_ensure_wakes_the_daemon_and_answers_a_known_job(
     assert "no staging directives" in unknown.json()["detail"]
 
 
+def test_ensure_of_a_rerun_the_daemon_has_not_seen_is_asked_again(app: FastAPI) -> None:
+    # Job 41's row records its first run (0 restarts); its re-run after a requeue asks.
+    rerun = call(app, "POST", "/api/v1/jobs/41/ensure?restarts=1", munge("alice"))
+    assert (rerun.status, rerun.headers.get("retry-after")) == (503, "5")
+    assert "earlier run is still being wound up" in rerun.json()["detail"]
+    first = call(app, "POST", "/api/v1/jobs/41/ensure?restarts=0", munge("alice"))
+    assert first.status == 200
+    bad = call(app, "POST", "/api/v1/jobs/41/ensure?restarts=-1", munge("alice"))
+    assert bad.status == 422 and "restarts" in str(bad.json())
+
+
 def test_warmups_are_created_refused_and_followed(app: FastAPI, service: FakeService) -> None:
     body = {"src": "s3://b/k", "nodes": ["n1"]}
     created = call(app, "POST", "/api/v1/warmups", munge("alice"), body)

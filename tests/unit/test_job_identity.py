@@ -15,7 +15,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hpcstage.core.plan import JobView, MarkReleased, Release, plan
-from hpcstage.db import Job, open_db
+from hpcstage.db import Job, Request, open_db
+from hpcstage.watch import tickview
 from hpcstage.watch.fold import Directives, same_job, sync
 from hpcstage.watch.slurm.model import JobInfo, QueueSnapshot
 from hpcstage.watch.slurm.parse import parse_scontrol_show_job, parse_squeue_json
@@ -272,6 +273,87 @@ def test_a_job_requeued_after_its_end_is_staged_again_as_a_run_of_its_own(
         new = session.scalars(select(Job).where(Job.slurm_job_id == 7)).one()
         assert (new.id != old_id, new.user, new.submitted_at) == (True, "alice", NEW_SUBMIT)
         assert [r.direction for r in new.requests] == ["in"]
+
+
+def test_a_job_requeued_while_it_ran_ends_that_run_unwritten_and_is_staged_again(
+    db: sessionmaker[Session],
+) -> None:
+    # `scontrol requeue` of a running job (or a node failure) before the daemon saw it end.
+    old_id = add_old(db, released=False, ended=False)
+    with db.begin() as session:
+        out = Request(direction="out", position=0, src="out", dest="s3://r/7/", text="out")
+        session.get_one(Job, old_id).requests = [out]
+    rerun = info(user="alice", submit=NEW_SUBMIT, restarts=1, state="PENDING")
+    tick(db, rerun)
+    (old,) = rows_for(db, 7)
+    assert (old.id, old.state, old.ended_at, old.replaced_at) == (
+        old_id,
+        "REQUEUED",
+        NEW_SUBMIT + 100,
+        NEW_SUBMIT + 100,
+    )
+    with db.begin() as session:
+        (view,) = [v for v in tickview.read_views(session) if v.id == old_id]
+    # Its partial outputs are not written back, its directories released without grace.
+    assert (view.out_state, view.replaced, view.ended_at) == ("none", True, NEW_SUBMIT + 100)
+    tick(db, rerun)
+    assert [r.id for r in rows_for(db, 7)] == [old_id]  # the re-run waits for the release
+    with db.begin() as session:
+        session.get_one(Job, old_id).released_at = NEW_SUBMIT + 110
+    tick(db, rerun)
+    with db.begin() as session:
+        new = session.scalars(select(Job).where(Job.slurm_job_id == 7)).one()
+        assert (new.id != old_id, new.ended_at, new.submitted_at) == (True, None, NEW_SUBMIT)
+
+
+def test_a_requeue_is_known_by_its_restart_count_before_the_new_submit_time(
+    db: sessionmaker[Session],
+) -> None:
+    # Slurm counts the restart at once; the new submit time comes once the run is wound down.
+    old_id = add_old(db, released=False, ended=False)
+    with db.begin() as session:
+        session.get_one(Job, old_id).restarts = 0
+    winding = info(user="alice", submit=OLD_SUBMIT, restarts=1, state="COMPLETING")
+    tick(db, winding)
+    (old,) = rows_for(db, 7)
+    assert (old.state, old.replaced_at) == ("REQUEUED", NEW_SUBMIT + 100)
+    with db.begin() as session:
+        session.get_one(Job, old_id).released_at = NEW_SUBMIT + 110
+    tick(db, winding)
+    assert [r.id for r in rows_for(db, 7)] == [old_id]  # the re-run is not in the queue yet
+    tick(db, info(user="alice", submit=NEW_SUBMIT, restarts=1, state="PENDING"))
+    with db.begin() as session:
+        new = session.scalars(select(Job).where(Job.slurm_job_id == 7)).one()
+        assert (new.id != old_id, new.restarts, new.submitted_at) == (True, 1, NEW_SUBMIT)
+
+
+def test_a_job_requeued_within_a_second_of_its_submission_is_rerun(
+    db: sessionmaker[Session],
+) -> None:
+    # Slurm makes the new submit time one second later when the requeue came in the same one.
+    old_id = add_old(db, released=False, ended=False)
+    with db.begin() as session:
+        session.get_one(Job, old_id).restarts = 0
+    tick(db, info(user="alice", submit=OLD_SUBMIT, restarts=1, state="COMPLETING"))
+    with db.begin() as session:
+        session.get_one(Job, old_id).released_at = NEW_SUBMIT + 110
+    tick(db, info(user="alice", submit=OLD_SUBMIT + 1, restarts=1, state="PENDING"))
+    with db.begin() as session:
+        new = session.scalars(select(Job).where(Job.slurm_job_id == 7)).one()
+        assert (new.id != old_id, new.submitted_at) == (True, OLD_SUBMIT + 1)
+
+
+def test_a_running_job_seen_again_with_its_restart_count_is_not_requeued_again(
+    db: sessionmaker[Session],
+) -> None:
+    # Admitted after an earlier requeue: the restart is counted, the submit time unchanged.
+    add_old(db, released=False, ended=False)
+    running = info(user="alice", submit=OLD_SUBMIT, restarts=1, state="RUNNING")
+    tick(db, running)
+    tick(db, running)  # now with the count it keeps
+    (only,) = rows_for(db, 7)
+    assert (only.state, only.ended_at, only.replaced_at) == ("RUNNING", None, None)
+    assert only.restarts == 1
 
 
 def test_a_finished_job_seen_again_with_its_restart_count_is_not_a_rerun(

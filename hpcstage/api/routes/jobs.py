@@ -79,8 +79,22 @@ async def job(
     return await followed(daemon, db, key, since, wait)
 
 
+# Slurm's restart count (uint16): SLURM_RESTART_COUNT in a re-run's environment.
+Restarts = Annotated[
+    int,
+    Query(
+        ge=0,
+        le=2**16 - 1,
+        description="times Slurm requeued the asking run (SLURM_RESTART_COUNT; 0 if unset)",
+        examples=[0, 1],
+    ),
+]
+
+
 @router.post("/{job_id}/ensure")
-async def ensure(job_id: JobId, daemon: Service, db: Database, me: Caller) -> dict[str, Any]:
+async def ensure(
+    job_id: JobId, daemon: Service, db: Database, me: Caller, restarts: Restarts = 0
+) -> dict[str, Any]:
     """A job asks for its inputs now (from ``hpcstage env``): look at the queue at once."""
     deadline = time.monotonic() + UNKNOWN_JOB_WAIT * daemon.settings.slurm.poll_interval
     while True:
@@ -89,15 +103,16 @@ async def ensure(job_id: JobId, daemon: Service, db: Database, me: Caller) -> di
         answer = None
         with db.begin() as session:
             found = _asking_job(session, job_id, late)
-            if found is not None:
+            unseen = _run_not_admitted(session, job_id, restarts)
+            if found is not None and not unseen:
                 answer = document(daemon, session, owned(found, me, f"job {job_id}"))
                 key = found.id
         if answer is not None:
             daemon.job_asked(key)  # its wait for data starts (or is 0): for /metrics
             return answer
-        if late and _earlier_run_pending(db, job_id):
-            # Requeued after it ended here: the re-run is admitted once the earlier run's
-            # directories are released (outputs first). `hpcstage env` asks again on 503.
+        if late and (unseen or _earlier_run_pending(db, job_id)):
+            # Requeued: the re-run is admitted once the earlier run's directories are
+            # released (outputs first, if it ended). `hpcstage env` asks again on 503.
             raise HTTPException(
                 503,
                 f"job {job_id}: its earlier run is still being wound up (outputs, directories);"
@@ -121,6 +136,16 @@ def _earlier_run_pending(db: sessionmaker[Session], job_id: int) -> bool:
             Job.slurm_job_id == job_id, Job.replaced_at.is_not(None), Job.released_at.is_(None)
         )
         return session.scalar(query.limit(1)) is not None
+
+
+def _run_not_admitted(session: Session, job_id: int, restarts: int) -> bool:
+    """Whether the daemon's row with Slurm id ``job_id`` records an earlier run than the one
+    asking (``restarts``: Slurm's count of the asking run). Slurm may start a requeued job's
+    re-run a second after the requeue: the row, and the directories, are still the earlier
+    run's until the daemon has seen it, and wound it up (a row of an older release, which
+    kept no count, counts as 0 until the daemon folds it)."""
+    found = session.scalar(select(Job).where(Job.slurm_job_id == job_id))
+    return found is not None and (found.restarts or 0) < restarts
 
 
 def _asking_job(session: Session, job_id: int, late: bool) -> Job | None:

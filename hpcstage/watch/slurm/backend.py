@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hpcstage.errors import SlurmError
+from hpcstage.watch.slurm.het import merge_het_jobs
 from hpcstage.watch.slurm.model import NodeInfo, QueueSnapshot, StartEstimate
 from hpcstage.watch.slurm.parse import (
     SqueueMemo,
@@ -86,17 +87,19 @@ class CliBackend:
     async def snapshot(self) -> QueueSnapshot:
         """``squeue --json --all --states=all``; on 22.05 also ``squeue --start`` for planned
         nodes. ``--states=all``: 24.11 applies squeue's default state filter to JSON output
-        too, which leaves out jobs that have just ended (22.05 listed every job anyway)."""
+        too, which leaves out jobs that have just ended (22.05 listed every job anyway).
+        A heterogeneous job's components come as one record, the leader's (``het.py``)."""
         taken_at = time.time()
         text = await self._stdout("squeue", "--json", "--all", "--states=all")
         snapshot = parse_squeue_json(text, taken_at=taken_at, memo=self._squeue)
-        if snapshot.planned_nodes_known:
-            return snapshot
-        # %A (not %i) prints array tasks as plain job ids, matching the JSON's job_id.
-        starts = await self._stdout(
-            "squeue", "--start", "--all", "-h", "-o", "%A|%S|%Y", "--states=PENDING"
-        )
-        return merge_planned(snapshot, parse_squeue_start(starts, memo=self._starts))
+        if not snapshot.planned_nodes_known:
+            # %A (not %i) prints array tasks and het job components as plain job ids,
+            # matching the JSON's job_id.
+            starts = await self._stdout(
+                "squeue", "--start", "--all", "-h", "-o", "%A|%S|%Y", "--states=PENDING"
+            )
+            snapshot = merge_planned(snapshot, parse_squeue_start(starts, memo=self._starts))
+        return merge_het_jobs(snapshot)
 
     async def nodes(self) -> list[NodeInfo]:
         """``scontrol --json show nodes`` (23.02+) or ``sinfo --json`` (22.05)."""

@@ -74,6 +74,10 @@ class JobInfo:
     restarts: int = 0  # times Slurm requeued it (each gives it a new submit time)
     # An array's record of its tasks not yet started, as Slurm writes them ("4-19%2"); "" else.
     array_tasks: str = ""
+    # A heterogeneous job's component: the leader's job id and this component's number (the
+    # leader is 0); None for other jobs. See het.py: the daemon sees one record per het job.
+    het_job_id: int | None = None
+    het_job_offset: int | None = None
 
     @property
     def pending(self) -> bool:

@@ -109,6 +109,8 @@ _JOB_KEYS = (
     "current_working_directory",
     "exit_code",
     "restart_cnt",
+    "het_job_id",
+    "het_job_offset",
 )
 
 
@@ -244,6 +246,7 @@ def _job_from_json(item: object) -> JobInfo:
     job_id = record.required_int("job_id")
     record = _Record(record.data, f"job {job_id}")
     state, flags = normalize_job_state(record.data.get("job_state"), record.where)
+    het_job_id, het_offset = _het_json(record)
     return JobInfo(
         job_id=job_id,
         array_job_id=record.integer("array_job_id") or None,  # 0 means "not an array job"
@@ -269,7 +272,16 @@ def _job_from_json(item: object) -> JobInfo:
         state_flags=flags,
         restarts=record.integer("restart_cnt") or 0,
         array_tasks=record.text("array_task_string").strip("[]"),
+        het_job_id=het_job_id,
+        het_job_offset=het_offset,
     )
+
+
+def _het_json(record: _Record) -> tuple[int | None, int | None]:
+    """A het job component's leader id and offset; (None, None) for a job that is not one
+    (both write 0 then: 22.05 as a number, 24.11 as a set number)."""
+    leader = record.integer("het_job_id") or None
+    return (leader, record.integer("het_job_offset") or 0) if leader else (None, None)
 
 
 def _json_exit_code(record: _Record, state: str) -> int | None:
@@ -441,6 +453,8 @@ def _job_from_fields(fields: dict[str, str], tz: tzinfo | None) -> JobInfo:
         state_flags=flags,
         restarts=_optional_int(fields.get("Restarts")) or 0,
         array_tasks=_array_tasks(fields.get("ArrayTaskId")),
+        het_job_id=_optional_int(fields.get("HetJobId")),
+        het_job_offset=_optional_int(fields.get("HetJobOffset")),
     )
 
 
