@@ -27,6 +27,7 @@ from hpcstage.core.identity import ObjectRef
 from hpcstage.core.units import format_size
 from hpcstage.errors import CacheError, HpcstageError, QuotaError
 from hpcstage.protocol.messages import (
+    PIN_JOB_PREFIX,
     SourceSpec,
     StageItem,
     StageProgress,
@@ -123,12 +124,8 @@ class _Stager:
         # Filtered before the budget: an object a filter leaves out is neither counted nor
         # fetched.
         refs = _limited(_taken(listed, prefix, item.source.key_filter()), item)
-        if item.source.kind is SourceKind.PATH and self.job is not None and self.user:
-            # Read as the service account, so checked as the job's user first (docs/security.md).
-            # A warmup only fills the cache, which no user reads: a job's staging checks again.
-            # So does an admin's kept-warm dataset (no user): its view has no user's ACL entry.
-            reader = Reader(await asyncio.to_thread(Person.named, self.user))
-            refs = _readable(refs, reader, prefix if is_prefix else None)
+        if item.source.kind is SourceKind.PATH and self.job is not None:
+            refs = await self._as_user(refs, item.source.path, prefix if is_prefix else None)
         reporter = asyncio.create_task(_report(self.progress, counters, item.request_id))
         try:
             await self._fetch_all(refs, prefix if is_prefix else None, dest, store, counters)
@@ -196,6 +193,23 @@ class _Stager:
                         raise
             counters.files_done += 1
             counters.bytes_done += ref.size
+
+    async def _as_user(
+        self, refs: AsyncIterator[ObjectRef], path: str, prefix: str | None
+    ) -> AsyncIterator[ObjectRef]:
+        """A shared path is read as the service account, so checked as the job's user first
+        (docs/security.md). A warmup (no job) only fills the cache, which no user reads: a
+        job's staging checks again. An admin's kept-warm dataset has no user and no check:
+        its view gets no user's ACL entry. Any other staging without a user is refused."""
+        if not self.user:
+            if self.job is not None and self.job.startswith(PIN_JOB_PREFIX):
+                return refs
+            raise HpcstageError(
+                f"job {self.job}: no user to check the shared path {path} as (only a kept-warm"
+                " dataset is staged for nobody)"
+            )
+        reader = Reader(await asyncio.to_thread(Person.named, self.user))
+        return _readable(refs, reader, prefix)
 
     def _open_store(self, source: SourceSpec) -> tuple[ObjectStore, str, bool]:
         """The store holding ``source``, the key or prefix to read, and whether it is a prefix."""

@@ -26,8 +26,9 @@ def pin() -> None:
 
     A kept-warm dataset is staged on its nodes and leased there (as a running job's inputs
     are): eviction never takes it, however full the cache. With --schedule the daemon
-    lists the source again at those times and fetches what is new or changed. `pin rm`
-    ends the lease; the data then ages out of the caches like any other.
+    lists the source again at those times and fetches what is new or changed (an object
+    deleted from the source stays kept warm until `pin rm`: a refresh only adds and
+    replaces). `pin rm` ends the lease; the data then ages out of the caches like any other.
 
     Not the same as a packed dataset's pinned version (s3://.../NAME.hpack@N).
     """

@@ -9,8 +9,13 @@ worse than a refused one):
   daemon host's local time. Each field is ``*``, a number, a range ``a-b``, either with a
   step (``*/15``, ``8-18/2``), or a comma-separated list of those. Day of week 0-7 (0 and 7
   are Sunday). As in cron, when both day fields are restricted a day matching either one is
-  due. Not supported: names (``MON``, ``JAN``), ``@daily``-style macros, ``?``, ``L``, ``W``,
-  ``#``, seconds or years.
+  due; a day field beginning with ``*`` (``*``, ``*/2``) counts as unrestricted for that
+  rule (Vixie cron and cronie: ``0 0 */2 * 1`` is an odd day that is also a Monday).
+  Daylight saving time: a due time is an instant whose wall time matches, so a wall time
+  the clocks skip in spring is not due that day, and one they repeat in autumn is due twice
+  (both instants read it); the next due time is always later than the last. Not supported:
+  names (``MON``, ``JAN``), ``@daily``-style macros, ``?``, ``L``, ``W``, ``#``, seconds or
+  years.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ _EVERY = re.compile(r"every\s+([0-9]{1,6})\s*([smhd])")
 _FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12))
 _DOW = ("day of week", 0, 7)
 _SEARCH_DAYS = 8 * 366  # "0 0 29 2 1" (Feb 29th or a Monday) is due within days; "31 2" never
+# Steps of next_after's walk: a due day costs at most 24 hour jumps and 60 minutes, and only a
+# day whose due times all fall in a DST gap is walked without an answer.
+_STEPS = 100 * _SEARCH_DAYS
 
 
 class ScheduleError(ValueError):
@@ -52,21 +60,38 @@ class Cron:
     days: frozenset[int]
     months: frozenset[int]
     weekdays: frozenset[int]  # 0 = Monday, as datetime.weekday()
-    any_day: bool  # day of month was "*"
-    any_weekday: bool  # day of week was "*"
+    any_day: bool  # day of month began with "*" ("*", "*/2"): cron's DOM_STAR
+    any_weekday: bool  # day of week began with "*": cron's DOW_STAR
 
     def next_after(self, when: float, tz: dt.tzinfo | None = None) -> float:
         """The first due minute strictly after ``when`` (a Unix time), in ``tz`` (None: the
-        local time zone). ScheduleError if no date ever matches (``0 0 31 2 *``)."""
-        start = dt.datetime.fromtimestamp(when, tz).replace(second=0, microsecond=0)
-        start += dt.timedelta(minutes=1)
-        day = start.date()
+        local time zone). ScheduleError if no date ever matches (``0 0 31 2 *``).
+
+        Walks real instants forward (by days, hours or minutes) and reads each one's wall
+        time: so the answer is always later than ``when``, even in the hour daylight saving
+        time repeats (where wall times go back). A wall time the clocks skip in spring is not
+        due that day; one they repeat in autumn is due at both instants that read it.
+        """
+        at = (when // 60 + 1) * 60  # the next whole minute (offsets are whole minutes)
+        for _ in range(_STEPS):
+            wall = _wall(at, tz)
+            if not self._day_due(wall.date()):
+                at = max(at + 60, _midnight(self._next_day(wall.date()), tz))
+            elif wall.hour not in self.hours:
+                at = _next_hour(at, wall, tz)
+            elif wall.minute not in self.minutes:
+                at += 60
+            else:
+                return at
+        raise ScheduleError("no date matches the day-of-month and month fields")
+
+    def _next_day(self, after: dt.date) -> dt.date:
+        """The first due day after ``after``; ScheduleError if there is none in 8 years."""
+        day = after
         for _ in range(_SEARCH_DAYS):
-            if self._day_due(day):
-                at = self._first_time(day, start if day == start.date() else None)
-                if at is not None:
-                    return dt.datetime.combine(day, at, tzinfo=start.tzinfo).timestamp()
             day += dt.timedelta(days=1)
+            if self._day_due(day):
+                return day
         raise ScheduleError("no date matches the day-of-month and month fields")
 
     def _day_due(self, day: dt.date) -> bool:
@@ -77,16 +102,23 @@ class Cron:
             return by_date and by_weekday
         return by_date or by_weekday
 
-    def _first_time(self, day: dt.date, start: dt.datetime | None) -> dt.time | None:
-        """The first allowed time of ``day`` at or after ``start`` (None: from midnight)."""
-        for hour in sorted(self.hours):
-            if start is not None and hour < start.hour:
-                continue
-            for minute in sorted(self.minutes):
-                if start is not None and hour == start.hour and minute < start.minute:
-                    continue
-                return dt.time(hour, minute)
-        return None
+
+def _wall(at: float, tz: dt.tzinfo | None) -> dt.datetime:
+    """The wall time of the instant ``at`` in ``tz`` (None: the local zone)."""
+    return dt.datetime.fromtimestamp(at, dt.UTC).astimezone(tz)
+
+
+def _midnight(day: dt.date, tz: dt.tzinfo | None) -> float:
+    """The first instant of ``day`` (fold 0: the earlier one if midnight repeats, the end of
+    the gap if it is skipped)."""
+    return dt.datetime.combine(day, dt.time(), tzinfo=tz).timestamp()
+
+
+def _next_hour(at: float, wall: dt.datetime, tz: dt.tzinfo | None) -> float:
+    """The instant the wall clock next reaches a new hour after ``at`` (at ``wall``): a jump,
+    unless the offset changes before it (then a minute, so no wall time is stepped over)."""
+    jump = at + (60 - wall.minute) * 60
+    return jump if _wall(jump, tz).utcoffset() == wall.utcoffset() else at + 60
 
 
 Schedule = Every | Cron
@@ -107,7 +139,9 @@ def parse(text: str) -> Schedule:
         _field(value, *spec) for value, spec in zip(fields[:4], _FIELDS, strict=True)
     )
     weekdays = frozenset((d - 1) % 7 for d in _field(fields[4], *_DOW))  # cron 1 = Monday
-    cron = Cron(minutes, hours, days, months, weekdays, fields[2] == "*", fields[4] == "*")
+    # As cron: a day field beginning with "*" ("*/2" too) is unrestricted for the either-day rule.
+    any_day, any_weekday = fields[2].startswith("*"), fields[4].startswith("*")
+    cron = Cron(minutes, hours, days, months, weekdays, any_day, any_weekday)
     cron.next_after(0.0, dt.UTC)  # refuses "31 2" (never due) now, not at the first refresh
     return cron
 

@@ -189,13 +189,18 @@ class StageItem:
     objects_reason: str
 
 
+# The job key of an admin's kept-warm dataset (``hpcstage pin``): ``pin-<id>``. Its staging has
+# no user (its view is the service account's alone), the only staging that may have none.
+PIN_JOB_PREFIX = "pin-"
+
+
 @dataclass(frozen=True)
 class StageRequest:
     """Fetch ``items`` into the cache; with ``view`` link them into the job's view (a warmup
     has none)."""
 
     job: str
-    user: str  # given the view by ACL; "" for nobody (a kept-warm dataset's view)
+    user: str  # given the view by ACL; "" only for a kept-warm dataset (PIN_JOB_PREFIX)
     view: bool
     items: list[StageItem]
     rates: RateLimits

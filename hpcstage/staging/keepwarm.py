@@ -13,8 +13,11 @@ are released at the next tick and the data ages out of the caches like any unlea
 
 With a schedule (``core/schedule.py``) the daemon queues the staging again on every node
 when it is due: the agent lists the source again, fetches what is new or changed and links
-it (a link replaced in the view releases the old version's lease). The result of the last
-refresh is what the stagings say since then (``document``).
+it (a link replaced in the view releases the old version's lease). A refresh only adds and
+replaces: an object deleted from the source keeps its link, so stays leased on the nodes,
+until the pin is removed (dropping it would mean holding every listed key of the source to
+compare with the view, up to 10^6 and more; an admin who wants the space back re-creates the
+pin). The result of the last refresh is what the stagings say since then (``document``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -87,3 +89,82 @@ def test_refusals_name_the_wrong_part(text: str, says: str) -> None:
     with pytest.raises(ScheduleError) as caught:
         parse(text)
     assert says in str(caught.value)
+
+
+# Cron's either-day rule keys on the field's first character, not on a bare "*": Vixie cron and
+# cronie set DOM_STAR/DOW_STAR for any field starting with "*", so "*/2" leaves the other day
+# field to decide alone (both must match) instead of making either one enough.
+@pytest.mark.parametrize(
+    ("schedule", "after", "expected"),
+    [
+        ("0 0 */2 * 1", "2026-12-04 00:00", "Mon 2026-12-07 00:00"),  # an odd day AND a Monday
+        ("0 0 */2 * 1", "2026-12-07 00:00", "Mon 2026-12-21 00:00"),
+        ("0 0 13 * */2", "2026-12-04 00:00", "Sun 2026-12-13 00:00"),  # the 13th AND Sun/Tue/..
+        ("0 0 1-31/2 * 1", "2026-12-04 00:00", "Sat 2026-12-05 00:00"),  # no "*": either
+    ],
+)
+def test_a_starred_step_day_field_is_unrestricted_as_in_cron(
+    schedule: str, after: str, expected: str
+) -> None:
+    assert due(schedule, after) == expected
+
+
+# Daylight saving time, with an explicit zone (never the machine's). America/New_York in 2026:
+# 02:00 EST on March 8th jumps to 03:00 EDT; 02:00 EDT on November 1st falls back to 01:00 EST.
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def local(day: tuple[int, int, int], hour: int, minute: int, fold: int = 0) -> float:
+    return dt.datetime(*day, hour, minute, fold=fold, tzinfo=NEW_YORK).timestamp()
+
+
+def shown(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, NEW_YORK).strftime("%m-%d %H:%M %Z")
+
+
+SPRING, AUTUMN = (2026, 3, 8), (2026, 11, 1)
+
+
+@pytest.mark.parametrize("schedule", ["*/5 * * * *", "* * * * *", "30 1 * * *", "0 2 * * *"])
+@pytest.mark.parametrize("day", [SPRING, AUTUMN])
+def test_due_times_only_move_forward_across_dst(schedule: str, day: tuple[int, ...]) -> None:
+    """Every minute of both transition days: the next due time is strictly later (a time in
+    the past would make the daemon refresh the pin on every tick)."""
+    cron = parse(schedule)
+    start = dt.datetime(*day, tzinfo=NEW_YORK).timestamp()
+    for when in range(int(start), int(start) + 26 * 3600, 60):
+        assert cron.next_after(when + 0.5, NEW_YORK) > when + 0.5, shown(when)
+
+
+def test_the_repeated_autumn_hour_is_due_in_both_passes() -> None:
+    every5 = parse("*/5 * * * *")
+    second_pass = local(AUTUMN, 1, 10, fold=1)
+    assert shown(every5.next_after(second_pass, NEW_YORK)) == "11-01 01:15 EST"
+    first_pass_end = local(AUTUMN, 1, 58)
+    assert shown(every5.next_after(first_pass_end, NEW_YORK)) == "11-01 01:00 EST"
+    # A fixed time inside the repeated hour is due at both instants that read 01:30.
+    daily = parse("30 1 * * *")
+    assert shown(daily.next_after(local(AUTUMN, 1, 0), NEW_YORK)) == "11-01 01:30 EDT"
+    assert shown(daily.next_after(local(AUTUMN, 1, 30), NEW_YORK)) == "11-01 01:30 EST"
+    assert shown(daily.next_after(local(AUTUMN, 1, 30, fold=1), NEW_YORK)) == "11-02 01:30 EST"
+
+
+def test_the_skipped_spring_hour_is_never_due() -> None:
+    every5 = parse("*/5 * * * *")
+    assert shown(every5.next_after(local(SPRING, 1, 58), NEW_YORK)) == "03-08 03:00 EDT"
+    # 02:30 does not exist on March 8th: not due that day (not an hour later, at 03:30).
+    daily = parse("30 2 * * *")
+    assert shown(daily.next_after(local(SPRING, 0, 0), NEW_YORK)) == "03-09 02:30 EDT"
+
+
+def test_the_local_time_zone_is_the_tz_environment() -> None:
+    """tz None is the daemon host's zone: set here, so the machine's own never matters."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TZ", "America/New_York")
+        time.tzset()
+        try:
+            second_pass = local(AUTUMN, 1, 10, fold=1)
+            assert shown(parse("*/5 * * * *").next_after(second_pass)) == "11-01 01:15 EST"
+        finally:
+            patch.undo()
+            time.tzset()
