@@ -93,7 +93,7 @@ def main() -> int:
             agent.stdout,
             1,
             "hello",
-            to_wire(HelloRequest(store, transfer, DEFAULT_CACHE)),
+            to_wire(HelloRequest(store, transfer, DEFAULT_CACHE, None)),
         )
         samples: list[tuple[float, int, int]] = []
         done = threading.Event()

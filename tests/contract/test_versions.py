@@ -23,6 +23,7 @@ from hpcstage.cache import NodeCache
 from hpcstage.core.directives import parse_value
 from hpcstage.errors import StoreError
 from hpcstage.protocol.messages import (
+    NO_LIMITS,
     AgentStoreSettings,
     HelloRequest,
     SourceSpec,
@@ -75,7 +76,7 @@ async def agent(moto_server: S3Server, tmp_path: Path) -> AsyncIterator[NodeCont
     transfer = dataclasses.replace(
         DEFAULT_TRANSFER, part_size=5 * MIB, multipart_threshold=5 * MIB, concurrency=4
     )
-    await calls.hello(ctx, HelloRequest(store, transfer, DEFAULT_CACHE))
+    await calls.hello(ctx, HelloRequest(store, transfer, DEFAULT_CACHE, None))
     try:
         yield ctx
     finally:
@@ -87,7 +88,7 @@ async def _stage(ctx: NodeContext, job: str, directive: str) -> Path:
     """Stage one ``--stage-in`` value as the daemon would send it; the staged path."""
     parsed = parse_value("stage-in", directive)
     item = StageItem(1, SourceSpec.of(parsed.src.url), str(parsed.dest), None, "", None, "")
-    await stagein.stage(ctx, StageRequest(job, "", True, [item]), lambda _: None)
+    await stagein.stage(ctx, StageRequest(job, "", True, [item], rates=NO_LIMITS), lambda _: None)
     return ctx.cache.view_dir(job) / parsed.dest
 
 

@@ -27,6 +27,7 @@ from hpcstage.cache.layout import object_path
 from hpcstage.core.directives import SourceKind
 from hpcstage.errors import HpcstageError
 from hpcstage.protocol.messages import (
+    NO_LIMITS,
     AgentStoreSettings,
     HelloRequest,
     PeerFetchRequest,
@@ -69,7 +70,7 @@ async def _agent(root: Path, endpoint: str, name: str) -> NodeContext:
         credentials={"access_key": "x", "secret_key": "y", "token": ""},
     )
     transfer = dataclasses.replace(DEFAULT_TRANSFER, retries=1, backoff_base=0.01)
-    await calls.hello(ctx, HelloRequest(store, transfer, DEFAULT_CACHE))
+    await calls.hello(ctx, HelloRequest(store, transfer, DEFAULT_CACHE, None))
     return ctx
 
 
@@ -90,7 +91,9 @@ async def pair(tmp_path: Path, s3: HostileS3) -> AsyncIterator[Pair]:
     holder = await _agent(tmp_path / "n1", s3.endpoint, "n1")
     receiver = await _agent(tmp_path / "n2", s3.endpoint, "n2")
     item = StageItem(1, SOURCE, "data", None, "", None, "")
-    await stagein.stage(holder, StageRequest("", "", view=False, items=[item]), lambda _: None)
+    await stagein.stage(
+        holder, StageRequest("", "", view=False, items=[item], rates=NO_LIMITS), lambda _: None
+    )
     assert s3.gets(KEY) == 1
     rows, _ = holder.cache.holdings(holder.stores.s3(B).store_id, B, KEY, "", 10)
     (r,) = rows
