@@ -44,7 +44,7 @@ from hpcstage.store.protocol import (
 )
 from hpcstage.store.s3_bucket import ADDRESSING_STYLES, BucketSettings, S3Bucket, unquoted_etag
 from hpcstage.store.s3_download import LeanBody, S3Downloader, WriteStats, pinned
-from hpcstage.store.s3_errors import error_code
+from hpcstage.store.s3_errors import error_code, shown
 from hpcstage.store.throttle import Throttle
 from hpcstage.store.upload_bodies import FileRange, MemoryBudget, md5_of_range, read_with_md5
 from hpcstage.store.verify import check_md5, etag_is_md5
@@ -266,9 +266,17 @@ class S3Store:
 
     async def _head(self, key: str, version_id: str = "") -> tuple[ObjectRef, Mapping[str, Any]]:
         pin: dict[str, Any] = {"VersionId": version_id} if version_id else {}
-        answer = await self._bucket.call(
-            "head", key, lambda c: c.head_object(Bucket=self.bucket, Key=key, **pin)
-        )
+        try:
+            answer = await self._bucket.call(
+                "head", key, lambda c: c.head_object(Bucket=self.bucket, Key=key, **pin)
+            )
+        except ObjectMissingError as exc:
+            if not version_id:
+                raise
+            # A HEAD's 404 has no body to tell a missing version from a missing key; "no such
+            # object" would mislead when the key holds other versions. Name the version.
+            where = f"head {self.url(key)}?versionId={shown(version_id)}"
+            raise ObjectMissingError(f"{where}: no such version") from exc
         ref = self._bucket.checked_ref(
             f"head {self.url(key)}",
             key,

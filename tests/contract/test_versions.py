@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -88,7 +89,7 @@ async def _stage(ctx: NodeContext, job: str, directive: str) -> Path:
     """Stage one ``--stage-in`` value as the daemon would send it; the staged path."""
     parsed = parse_value("stage-in", directive)
     item = StageItem(1, SourceSpec.of(parsed.src.url), str(parsed.dest), None, "", None, "")
-    await stagein.stage(ctx, StageRequest(job, "", True, [item], rates=NO_LIMITS), lambda _: None)
+    await stagein.stage(ctx, StageRequest(job, "", True, [item], NO_LIMITS), lambda _: None)
     return ctx.cache.view_dir(job) / parsed.dest
 
 
@@ -123,12 +124,15 @@ async def test_a_pinned_older_version_is_staged_byte_exact(
     assert abs(current.stat().st_mtime - new_time) < 0.001
 
 
-async def test_a_version_that_does_not_exist_fails_naming_the_object(
+async def test_a_version_that_does_not_exist_fails_naming_the_version(
     versioned: Any, agent: NodeContext
 ) -> None:
     key = f"v-{uuid.uuid4().hex[:8]}/data.bin"
     _put(versioned, key, b"only")
-    with pytest.raises(StoreError, match=key):
+    # The cause names the version: the key exists, only that version of it does not.
+    with pytest.raises(
+        StoreError, match=re.escape(f"{key}?versionId=nosuchversion: no such version")
+    ):
         await _stage(agent, "104", f"s3://{VERSIONED}/{key}?versionId=nosuchversion:in")
 
 

@@ -3,7 +3,8 @@ a filtered-out object is never fetched (job stage-in, warmup, peer copy), a bad 
 the job naming the directive, and staged files carry the store's Last-Modified.
 
 Pinned object versions need a store that keeps versions (the dev cluster's rclone does not):
-tests/contract/test_versions.py stages them against moto's server through the agent.
+tests/integration/test_versions_cluster.py runs Slurm jobs against moto's server, and
+tests/contract/test_versions.py stages them through the agent.
 """
 
 from __future__ import annotations
