@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from hpcstage.config.schema import TransferSettings
-from hpcstage.core.ratelimit import node_share
+from hpcstage.core.ratelimit import BYTES_FLOOR, REQUEST_FLOOR, node_share
 from hpcstage.errors import HpcstageError
 from hpcstage.protocol.messages import NO_LIMITS, RateLimits
 from hpcstage.staging.agents import AgentClient
@@ -38,9 +38,9 @@ def node_rates(settings: TransferSettings, nodes_transferring: int) -> RateLimit
     """One node's limits while ``nodes_transferring`` nodes (itself included) transfer."""
     s, n = settings, nodes_transferring
     return RateLimits(
-        download=_whole(node_share(s.node_download_rate, s.site_download_rate, n)),
-        upload=_whole(node_share(s.node_upload_rate, s.site_upload_rate, n)),
-        requests=node_share(s.node_request_rate, s.site_request_rate, n),
+        download=_whole(node_share(s.node_download_rate, s.site_download_rate, n, BYTES_FLOOR)),
+        upload=_whole(node_share(s.node_upload_rate, s.site_upload_rate, n, BYTES_FLOOR)),
+        requests=node_share(s.node_request_rate, s.site_request_rate, n, REQUEST_FLOOR),
     )
 
 
