@@ -74,6 +74,7 @@ class Stores:
     # The rate limits every S3 client of the agent shares; the daemon sets them with each
     # stage call (and between, as other nodes start or stop transferring: ``rates``).
     throttle: Throttle = field(default_factory=Throttle)
+    rates_generation: int = 0  # of the limits applied last (``RateLimits.generation``)
 
     @property
     def retry(self) -> RetryPolicy:
@@ -85,11 +86,16 @@ class Stores:
     ) -> None:
         """Take new settings: every client is closed, new ones are made on demand."""
         self.settings, self.transfer = settings, transfer
+        self.rates_generation = 0  # a new daemon session counts its rate limits from 1 again
         await self.close()
 
     def set_rates(self, limits: RateLimits) -> None:
         """Limit the agent's store traffic to ``limits`` from now on, transfers under way
-        included (every stage call carries them; ``rates`` calls change them between)."""
+        included (every stage call carries them; ``rates`` calls change them between).
+        Limits older than those applied last are ignored: the daemon has changed them since."""
+        if limits.generation < self.rates_generation:
+            return
+        self.rates_generation = limits.generation
         self.throttle.set_rates(limits.download, limits.upload, limits.requests)
 
     def files(self, root: str) -> FsStore:

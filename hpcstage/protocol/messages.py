@@ -163,14 +163,19 @@ class CredentialsReply:
 class RateLimits:
     """What the agent may use of the store from now on, all its transfers together: its own
     limits and its share of the site's (``hpcstage.core.ratelimit.node_share``). 0: no limit.
-    The request of ``rates``, and a field of every stage and stage-out call."""
+    The request of ``rates``, and a field of every stage and stage-out call.
+
+    ``generation`` orders them: the daemon counts up each time a share changes, and the agent
+    ignores limits older than those it has (a stage call carries the share of when it began,
+    and may arrive after a newer ``rates``). A daemon's hello starts the count again."""
 
     download: int  # bytes per second
     upload: int  # bytes per second
     requests: float  # requests started per second
+    generation: int  # 0: none (no shares); the daemon counts from 1
 
 
-NO_LIMITS: Final = RateLimits(download=0, upload=0, requests=0.0)
+NO_LIMITS: Final = RateLimits(download=0, upload=0, requests=0.0, generation=0)
 
 
 # -- stage (stage-in and warmup) --------------------------------------------------------------

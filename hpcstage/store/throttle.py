@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hpcstage.core.ratelimit import TokenBucket
+from hpcstage.core.ratelimit import MAX_SLEEP, TokenBucket
 
 
 class Limiter:
-    """One token bucket, thread-safe, whose callers sleep for their reservation's wait."""
+    """One token bucket, thread-safe, whose callers sleep until their reservation's turn: in
+    steps of at most ``MAX_SLEEP``, asking the bucket again after each, so that a new rate
+    (``set_rate``, a node's share changed) applies to those already waiting too."""
 
     def __init__(self, rate: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -41,22 +43,37 @@ class Limiter:
             self.active = rate > 0
 
     def reserve(self, amount: float) -> float:
-        """Take ``amount``; the seconds to wait before using it."""
+        """Take ``amount``; the seconds to wait before using it, at the rate of now."""
         with self._lock:
             return self._bucket.reserve(amount, self._clock())
 
     async def take(self, amount: float) -> None:
         """Wait (on the event loop) until ``amount`` may be used."""
-        if self.active and (wait := self.reserve(amount)) > 0:
-            await asyncio.sleep(wait)
+        if not self.active:
+            return
+        wait, ticket = self._reserve(amount)
+        while wait > 0:
+            await asyncio.sleep(min(wait, MAX_SLEEP))
+            wait = self._wait(ticket)
 
     def take_blocking(self, amount: float, stop: threading.Event | None = None) -> None:
         """Wait (in a worker thread) until ``amount`` may be used, or until ``stop`` is set."""
-        if self.active and (wait := self.reserve(amount)) > 0:
-            if stop is None:
-                time.sleep(wait)
-            else:
-                stop.wait(wait)
+        if not self.active:
+            return
+        stop = stop or threading.Event()
+        wait, ticket = self._reserve(amount)
+        while wait > 0 and not stop.wait(min(wait, MAX_SLEEP)):
+            wait = self._wait(ticket)
+
+    def _reserve(self, amount: float) -> tuple[float, float]:
+        """Take ``amount``: its wait and its ticket (its place in line)."""
+        with self._lock:
+            wait = self._bucket.reserve(amount, self._clock())
+            return wait, self._bucket.granted
+
+    def _wait(self, ticket: float) -> float:
+        with self._lock:
+            return self._bucket.wait(ticket, self._clock())
 
 
 @dataclass

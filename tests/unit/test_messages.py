@@ -86,7 +86,7 @@ def stage_item(**over: Any) -> dict[str, Any]:
     return {**item, **over}
 
 
-NO_RATES = {"download": 0, "upload": 0, "requests": 0.0}
+NO_RATES = {"download": 0, "upload": 0, "requests": 0.0, "generation": 0}
 
 
 def test_a_well_formed_request_decodes_to_its_type() -> None:

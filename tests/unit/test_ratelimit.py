@@ -4,16 +4,25 @@ a node's share of a site limit, and the rate settings."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import threading
 import time
 from typing import Any, cast
 
 import pytest
 
+from hpcstage.agent.context import DEFAULT_TRANSFER, Stores
 from hpcstage.config.schema import TransferSettings
-from hpcstage.core.ratelimit import TokenBucket, burst_for, node_share
+from hpcstage.core.ratelimit import (
+    BYTES_FLOOR,
+    REQUEST_FLOOR,
+    TokenBucket,
+    burst_for,
+    node_share,
+)
 from hpcstage.core.units import format_rate, parse_rate
-from hpcstage.protocol.messages import RateLimits
+from hpcstage.protocol.messages import AgentStoreSettings, RateLimits
 from hpcstage.staging.nodes import NodePool
 from hpcstage.staging.rates import RateShares, node_rates
 from hpcstage.store.throttle import Limiter
@@ -112,14 +121,16 @@ def test_the_daemon_tells_each_node_all_three_limits() -> None:
         {
             "node_download_rate": "8MiB/s",
             "site_download_rate": "10MiB/s",
-            "site_upload_rate": 1000,
+            "site_upload_rate": "4MiB/s",
             "node_request_rate": 50,
         }
     )
-    assert node_rates(settings, 2) == RateLimits(download=5 * MIB, upload=500, requests=50.0)
-    assert node_rates(settings, 1) == RateLimits(download=8 * MIB, upload=1000, requests=50.0)
-    # A share that rounds to no byte at all is still a limit (0 would mean none).
-    assert node_rates(settings, 3000).upload == 1
+    assert node_rates(settings, 2) == RateLimits(
+        download=5 * MIB, upload=2 * MIB, requests=50.0, generation=0
+    )
+    assert node_rates(settings, 1) == RateLimits(
+        download=8 * MIB, upload=4 * MIB, requests=50.0, generation=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -146,17 +157,21 @@ class FakeClock:
         return self.now
 
 
-def test_the_limiter_sleeps_once_for_its_reservation(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_limiter_sleeps_for_its_reservation_in_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     clock, slept = FakeClock(), []
 
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
+        clock.now += seconds
 
     monkeypatch.setattr(asyncio, "sleep", sleep)
     limiter = Limiter(4, clock)
     for _ in range(6):
         asyncio.run(limiter.take(1))
-    assert slept == pytest.approx([0.25, 0.5])  # the burst of 4 passed without sleeping
+    assert slept == pytest.approx([0.25, 0.25])  # the burst of 4 passed without sleeping
+    slept.clear()
+    asyncio.run(limiter.take(10))  # 2.5 s: in steps of at most a second, nobody polls
+    assert slept == pytest.approx([1.0, 1.0, 0.5])
 
 
 def test_an_unlimited_limiter_never_reserves() -> None:
@@ -200,7 +215,9 @@ class Nodes:
 
 
 def test_the_site_share_follows_the_nodes_that_start_and_finish() -> None:
-    settings = TransferSettings.model_validate({"site_download_rate": 90, "node_upload_rate": 7})
+    settings = TransferSettings.model_validate(
+        {"site_download_rate": 90 * MIB, "node_upload_rate": 7}
+    )
 
     async def scenario() -> tuple[list[int], list[tuple[str, dict[str, Any]]]]:
         nodes = Nodes()
@@ -210,23 +227,29 @@ def test_the_site_share_follows_the_nodes_that_start_and_finish() -> None:
             got.append(alone.download)
             async with shares.transferring("n2") as second:
                 got.append(second.download)
-                await asyncio.sleep(0)  # the others are told in tasks of their own
+                await _settle()  # the others are told in tasks of their own
                 async with shares.transferring("n2") as again:  # a second call on n2
                     got.append(again.download)
-                await asyncio.sleep(0)
-            await asyncio.sleep(0)
-        await asyncio.sleep(0)
+                await _settle()
+            await _settle()
+        await _settle()
         return got, nodes.told
 
     got, told = asyncio.run(scenario())
-    assert got == [90, 45, 45]
+    assert got == [90 * MIB, 45 * MIB, 45 * MIB]
     # n1 heard of n2 starting and finishing (n2's second call changed no share); nobody is
     # told anything once it is no longer transferring.
-    limits = {"download": 45, "upload": 7, "requests": 0.0}
+    limits = {"download": 45 * MIB, "upload": 7, "requests": 0.0}
     assert told == [
-        ("n1", {"op": "rates", **limits}),
-        ("n1", {"op": "rates", **limits, "download": 90}),
+        ("n1", {"op": "rates", **limits, "generation": 2}),
+        ("n1", {"op": "rates", **limits, "download": 90 * MIB, "generation": 3}),
     ]
+
+
+async def _settle() -> None:
+    """Let the tasks that tell the nodes run (each call is a few steps of the loop)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 def test_without_site_limits_no_node_is_ever_told_anything_between_calls() -> None:
@@ -242,3 +265,224 @@ def test_without_site_limits_no_node_is_ever_told_anything_between_calls() -> No
         return nodes.told
 
     assert asyncio.run(scenario()) == []
+
+
+# -- a rate change reaches those already waiting; a share has a floor ------------------------
+
+
+def test_a_waiter_follows_a_rate_raised_while_it_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reserved at 0.01 req/s (100 s to wait), then the rate is raised to 1000/s: the waiter
+    goes within about a second, not after the 100 s computed when it reserved."""
+    clock, slept = FakeClock(), []
+    limiter = Limiter(0.01, clock)
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+        limiter.set_rate(1000)  # another node stopped: this one's share went up
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    asyncio.run(limiter.take(1))  # the burst (one request)
+    asyncio.run(limiter.take(1))
+    assert slept and sum(slept) <= 1.01
+
+
+def test_a_waiter_follows_a_rate_lowered_while_it_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other way too: a lower rate makes those already in line wait longer."""
+    clock, slept = FakeClock(), []
+    limiter = Limiter(10, clock)
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+        limiter.set_rate(1)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    limiter.reserve(10)  # the burst is spent
+    asyncio.run(limiter.take(20))  # 2 s at 10/s; after the first step (10 earned), 10 at 1/s
+    assert sum(slept) == pytest.approx(1 + 10)
+    assert max(slept) <= 1.0  # in steps of at most a second
+
+
+def test_a_waiting_thread_follows_a_rate_raised_while_it_sleeps() -> None:
+    limiter = Limiter(0.01)
+    limiter.reserve(1)  # the burst is spent: the next request waits 100 s at this rate
+    stop = threading.Event()
+    waiter = threading.Thread(target=limiter.take_blocking, args=(1, stop), daemon=True)
+    waiter.start()
+    time.sleep(0.1)
+    limiter.set_rate(1000)
+    waiter.join(timeout=30)  # a second's step, on a busy machine
+    still_waiting = waiter.is_alive()
+    stop.set()
+    assert not still_waiting
+
+
+def test_the_bucket_tells_each_reservation_its_wait_at_the_rate_of_now() -> None:
+    bucket = TokenBucket.start(10, now=0.0)
+    bucket.reserve(10, now=0.0)
+    first = bucket.reserve(5, now=0.0)
+    ticket = bucket.granted
+    assert first == pytest.approx(0.5)
+    bucket.reserve(5, now=0.0)  # a later reservation does not delay an earlier one
+    assert bucket.wait(ticket, now=0.0) == pytest.approx(0.5)
+    bucket.set_rate(100, now=0.1)  # 1 token earned at 10/s; 4 left owed, at 100/s
+    assert bucket.wait(ticket, now=0.1) == pytest.approx(0.04)
+    bucket.set_rate(0, now=0.1)
+    assert bucket.wait(ticket, now=0.1) == 0.0
+
+
+def test_a_node_share_of_a_site_limit_has_a_floor() -> None:
+    """10 requests/s over 1000 nodes is not 0.01/s (100 s a request) but the floor; a node's
+    own limit below it, or a site limit below it, still wins."""
+    assert node_share(0, 10, 1000, floor=1.0) == 1.0
+    assert node_share(0, 10, 5, floor=1.0) == 2.0
+    assert node_share(0.5, 10, 1000, floor=1.0) == 0.5
+    assert node_share(0, 0.5, 1000, floor=1.0) == 0.5
+    settings = TransferSettings.model_validate(
+        {"site_request_rate": 10, "site_download_rate": "10MiB/s", "site_upload_rate": 1000}
+    )
+    limits = node_rates(settings, 1000)
+    assert limits.requests == REQUEST_FLOOR
+    assert limits.download == BYTES_FLOOR
+    assert limits.upload == 1000  # the site's whole limit is below the floor
+
+
+# -- the daemon's rate messages: bounded, timed out, newest wins -----------------------------
+
+
+class SlowAgent:
+    """A node's session whose calls wait for ``gate`` (never set: a hung agent), or fail."""
+
+    def __init__(self, name: str, nodes: SlowNodes) -> None:
+        self.name, self._nodes = name, nodes
+
+    async def call(self, op: str, params: dict[str, Any], on_progress: Any = None) -> Any:
+        nodes = self._nodes
+        nodes.in_flight += 1
+        nodes.most_in_flight = max(nodes.most_in_flight, nodes.in_flight)
+        try:
+            if self.name in nodes.failing:
+                raise ConnectionResetError(f"{self.name}: connection reset by peer")
+            await nodes.gate.wait()
+            nodes.told.append((self.name, params))
+            return {}
+        finally:
+            nodes.in_flight -= 1
+
+
+class SlowNodes:
+    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+        self.gate = asyncio.Event()
+        self.failing = failing
+        self.told: list[tuple[str, dict[str, Any]]] = []
+        self.in_flight = self.most_in_flight = 0
+
+    async def agent(self, node: str) -> Any:
+        return SlowAgent(node, self)
+
+    def node_failed(self, node: str) -> None:  # pragma: no cover - not called here
+        pass
+
+
+SITE = TransferSettings.model_validate({"site_download_rate": 90 * MIB})
+
+
+async def _churn(shares: RateShares, times: int) -> None:
+    """Another node starts and stops ``times`` times while n1 transfers."""
+    for _ in range(times):
+        async with shares.transferring("n2"):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+
+def test_a_hung_agent_is_sent_one_message_at_a_time_each_given_up_after_a_timeout() -> None:
+    async def scenario() -> tuple[int, int]:
+        nodes = SlowNodes()
+        shares = RateShares(SITE, cast(NodePool, nodes), tell_timeout=0.2)
+        async with shares.transferring("n1"):
+            await _churn(shares, 20)
+            most = nodes.most_in_flight
+            for _ in range(200):  # the timeout ends the call, however busy the machine
+                await asyncio.sleep(0.05)
+                if not nodes.in_flight:
+                    break
+            return most, nodes.in_flight
+
+    most, left = asyncio.run(scenario())
+    assert most == 1  # not one pending call per start and stop
+    assert left == 0  # given up after the timeout
+
+
+def test_a_slow_node_hears_only_the_newest_share_once_it_answers() -> None:
+    async def scenario() -> list[tuple[str, dict[str, Any]]]:
+        nodes = SlowNodes()
+        shares = RateShares(SITE, cast(NodePool, nodes))
+        async with shares.transferring("n1"):
+            await _churn(shares, 5)  # ten changes while n1 has not answered the first
+            nodes.gate.set()
+            for _ in range(20):
+                await asyncio.sleep(0)
+        return nodes.told
+
+    told = asyncio.run(scenario())
+    # The one it was sent first (as of when it was sent), then only the latest, not ten.
+    assert len(told) <= 2
+    assert told[-1][1]["download"] == 90 * MIB
+
+
+def test_a_transport_error_telling_a_node_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        nodes = SlowNodes(failing=frozenset({"n1"}))
+        nodes.gate.set()
+        shares = RateShares(SITE, cast(NodePool, nodes))
+        async with shares.transferring("n1"):
+            await _churn(shares, 2)
+            for _ in range(20):
+                await asyncio.sleep(0)
+        gc.collect()  # a task whose exception nobody read reports it when collected
+        await asyncio.sleep(0)
+        return errors
+
+    with caplog.at_level(logging.DEBUG, logger="hpcstage.daemon"):
+        errors = asyncio.run(scenario())
+    assert errors == []
+    assert "connection reset by peer" in caplog.text
+
+
+def test_each_share_the_daemon_hands_out_is_newer_than_the_last() -> None:
+    async def scenario() -> list[int]:
+        shares = RateShares(SITE, cast(NodePool, Nodes()))
+        got = []
+        async with shares.transferring("n1") as alone:
+            got.append(alone.generation)
+            async with shares.transferring("n2") as second:
+                got.append(second.generation)
+            got.append(shares.current().generation)
+        return got
+
+    first, second, third = asyncio.run(scenario())
+    assert 0 < first < second < third
+
+
+def test_the_agent_ignores_limits_older_than_those_it_has() -> None:
+    """A stage call carrying the share of when it began arrives after a newer ``rates``."""
+    stores = Stores()
+    stores.set_rates(RateLimits(download=45 * MIB, upload=0, requests=0.0, generation=7))
+    stores.set_rates(RateLimits(download=90 * MIB, upload=0, requests=0.0, generation=6))
+    assert stores.throttle.download.rate == 45 * MIB
+    stores.set_rates(RateLimits(download=30 * MIB, upload=0, requests=0.0, generation=8))
+    assert stores.throttle.download.rate == 30 * MIB
+
+
+def test_a_new_daemon_session_starts_the_generations_again() -> None:
+    """A restarted daemon counts from 1 again: its hello makes the agent forget the old ones."""
+    stores = Stores()
+    stores.set_rates(RateLimits(download=45 * MIB, upload=0, requests=0.0, generation=7))
+    asyncio.run(stores.configure(cast(AgentStoreSettings, None), DEFAULT_TRANSFER))
+    stores.set_rates(RateLimits(download=90 * MIB, upload=0, requests=0.0, generation=1))
+    assert stores.throttle.download.rate == 90 * MIB
