@@ -209,9 +209,12 @@ def with_hedges(
         for j in snapshot.jobs
         if j.state in planner.RUNNING_JOB_STATES
     )
-    partitions = dict(
-        session.execute(select(Job.id, Job.partition).where(Job.id.in_(ready))).tuples()
-    )
+    partitions = {
+        job_id: partition
+        for job_id, partition in session.execute(
+            select(Job.id, Job.partition).where(Job.id.in_(ready))
+        )
+    }
     # The size of each job's inputs as staged on each node that holds them.
     staged: dict[tuple[int, str], int] = {}
     for job_id, node, size in session.execute(
@@ -219,7 +222,7 @@ def with_hedges(
         .join(Staging, Staging.request_id == Request.id)
         .where(Request.job_id.in_(ready), Request.direction == "in", Staging.state == "ready")
         .group_by(Request.job_id, Staging.node)
-    ).tuples():
+    ):
         staged[job_id, node] = int(size or 0)
     out = []
     for view in views:
