@@ -220,6 +220,11 @@ class CacheSettings(_Section):
     cluster_nodes: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]] = []
     """The cache cluster: nodes that hold the inputs of pending jobs Slurm has not planned
     nodes for yet (reached like compute nodes: same transport, address and cache_dir)."""
+    hedge_nodes: int = Field(default=0, ge=0, le=16)
+    """Besides its planned nodes, stage a pending job's inputs on this many nodes of its
+    partition whose running jobs end first (copied from the planned node); 0 = no hedging."""
+    hedge_bytes: Annotated[Size, size_range(0)] = 4 * GIB
+    """Hedge only jobs whose inputs (as staged on the planned node) are at most this size."""
 
     @field_validator("high_watermark")
     @classmethod

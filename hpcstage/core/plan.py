@@ -22,6 +22,8 @@ Rules, in order of precedence:
    and already holds them (a running peer: an earlier plan's node), else on its cache-cluster
    node as in rule 3; the job's node copies them from there once Slurm has resumed it.
    (Jobs only: a warmup is staged on the nodes its user named, as before.)
+   With hedging (``JobView.hedge``, core/hedge.py), a pending job is also staged on the
+   nodes likeliest to free first for it; once it runs, those it did not get are released.
 4. A warmup is staged on its nodes (into the cache only: the agent builds no view for it),
    then released right away: warm data stays cached but holds no lease. A kept-warm dataset
    (``hpcstage pin``, kind ``pin``) is staged on its nodes with a view, whose links lease it,
@@ -81,6 +83,9 @@ class JobView:
     # Slurm gave the job's id to a newer job: nothing can requeue this one, and the newer
     # one needs the job directories that are named by the id, so no lease grace.
     replaced: bool = False
+    # Nodes besides its plan a pending job is staged on too, those likeliest to free first
+    # (core/hedge.py); ignored once it runs, so their views are released like a moved plan's.
+    hedge: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, order=True)
@@ -159,7 +164,7 @@ def targets(
     job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
 ) -> tuple[str, ...]:
     """The nodes a job's inputs should be on now."""
-    wanted = _wanted(job, cache_nodes)
+    wanted = _hedged(job, _wanted(job, cache_nodes))
     if awake is None or job.kind != "job":
         return wanted
     up = tuple(n for n in wanted if n in awake or n in cache_nodes)
@@ -197,6 +202,13 @@ def _wanted(job: JobView, cache_nodes: Sequence[str]) -> tuple[str, ...]:
     return (held,) if held else ()
 
 
+def _hedged(job: JobView, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """``wanted`` and, while the job is pending on its plan, its hedge nodes."""
+    if not job.hedge or job.state in RUNNING_JOB_STATES or not job.planned_nodes:
+        return wanted
+    return (*wanted, *(n for n in job.hedge if n not in wanted))
+
+
 def cache_node(inputs: str, cache_nodes: Sequence[str]) -> str:
     """The cache-cluster node that holds ``inputs`` for jobs not planned yet ("": none).
 
@@ -228,8 +240,9 @@ def _stage(
         reason = f"{', '.join(asleep)} powered down or booting: held here until it is up"
     # A dropped node is tried again only once the job runs there (then its failure is final).
     again = ("absent", "queued", "released", *(("dropped",) if running else ()))
+    hedge = "hedge: among the nodes likeliest to free first for it"
     return [
-        Stage(key, job.id, node, reason)
+        Stage(key, job.id, node, hedge if node in job.hedge and not running else reason)
         for node in targets(job, cache_nodes, awake)
         if job.node_states.get(node, "absent") in again
     ]

@@ -335,6 +335,11 @@ class Daemon:
         self.parts.keep.run_due()  # kept-warm datasets due for a refresh, or expired
         with self.db.begin() as session:
             views = list(tickview.read_views(session))  # plain columns: no ORM object each
+            if self.settings.cache.hedge_nodes and self._snapshot is not None:
+                cache = self.settings.cache
+                views = tickview.with_hedges(
+                    session, views, self._snapshot, cache.hedge_nodes, cache.hedge_bytes
+                )
             self._end_waits(session)
         actions = planner.plan(
             views,

@@ -16,6 +16,12 @@ the daemon makes a one-time token and proof, the holder opens a listener on its 
 address serving only those objects to that token, and the receiver streams, verifies and
 commits them. Only the direct way is free of the daemon's bandwidth, so only the relay is
 rationed (``relay``).
+
+A top-up for a job that runs already (Slurm started it on nodes other than the planned ones:
+it waits at ``hpcstage env``) sends its small objects node to node as well
+(``Route.small_direct``): hundreds of small files through two rationed relays, base64 over
+the daemon's SSH sessions, would keep the job waiting for minutes; node to node they move at
+the nodes' disk and network speed, and the relay stays free for pending jobs.
 """
 
 from __future__ import annotations
@@ -43,16 +49,27 @@ from hpcstage.staging.agents import AgentClient
 PAGE: Final = 1000  # rows per peer_list
 BATCH_BYTES: Final = 4 * 1024 * 1024  # raw bytes per peer_read (base64 on the wire: 5.4 MiB)
 DIRECT_BATCH: Final = 64  # big objects per listener
+# Small objects per listener on a running job's top-up: a listener costs two daemon calls,
+# worth it for 64 big objects, not for 64 small ones.
+DIRECT_SMALL_BATCH: Final = 512
 LISTEN_TTL: Final = 120.0  # seconds a listener waits for the next connection, none running
 
 
 @dataclass(frozen=True)
 class Route:
     """How ``copy_from_peer`` may move bytes: ``relay`` small objects through the daemon;
-    ``direct_host``: the holder's address to listen on for big ones ("": not node to node)."""
+    ``direct_host``: the holder's address to listen on for big ones ("": not node to node);
+    ``small_direct``: small ones node to node too (a running job waits for them), where
+    ``direct_host`` is given."""
 
     relay: bool
     direct_host: str
+    small_direct: bool = False
+
+    @property
+    def all_direct(self) -> bool:
+        """Every object goes node to node: the relay is not used."""
+        return self.small_direct and bool(self.direct_host)
 
 
 @dataclass
@@ -94,8 +111,8 @@ async def copy_from_peer(
             wanted = [r for r in page.objects if r.cache_id in want and _routed(r, route)]
             if max_bytes is not None:
                 wanted = _within(wanted, max_bytes - total.bytes)
-            small = [r for r in wanted if r.size <= PEER_RELAY_MAX]
-            big = [r for r in wanted if r.size > PEER_RELAY_MAX]
+            small = [r for r in wanted if r.size <= PEER_RELAY_MAX and not route.all_direct]
+            big = [r for r in wanted if r.size > PEER_RELAY_MAX or route.all_direct]
             # Both ways at once; the first failure is raised once both have ended.
             ended = await asyncio.gather(
                 _move(node, peer, source, small, total),
@@ -111,7 +128,9 @@ async def copy_from_peer(
 
 
 def _routed(row: PeerObject, route: Route) -> bool:
-    return route.relay if row.size <= PEER_RELAY_MAX else bool(route.direct_host)
+    if row.size > PEER_RELAY_MAX or route.all_direct:
+        return bool(route.direct_host)
+    return route.relay
 
 
 async def _direct(
@@ -124,8 +143,10 @@ async def _direct(
 ) -> None:
     """Have ``node`` fetch ``rows`` straight from ``peer``: one listener, one token, per
     batch; the secrets cross only the daemon's two SSH sessions."""
-    for start in range(0, len(rows), DIRECT_BATCH):
-        ids = [r.cache_id for r in rows[start : start + DIRECT_BATCH]]
+    small = all(r.size <= PEER_RELAY_MAX for r in rows)
+    per_listener = DIRECT_SMALL_BATCH if small else DIRECT_BATCH
+    for start in range(0, len(rows), per_listener):
+        ids = [r.cache_id for r in rows[start : start + per_listener]]
         token, proof = secrets.token_hex(32), secrets.token_hex(32)
         offer = await peer.peer_serve(PeerServeRequest(ids, host, token, proof, LISTEN_TTL))
         if offer.objects:

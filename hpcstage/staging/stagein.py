@@ -102,6 +102,8 @@ class StageIn:
             # The agent's "stage" parameters but the items; a warmup only fills the cache; a
             # kept-warm dataset's view is the service account's alone (no user's ACL entry).
             user = "" if job.kind == "pin" else job.user
+            # The job runs: it waits at `hpcstage env` for this stage (staging/peer.py).
+            waited_on = job.kind == "job" and job.state in planner.RUNNING_JOB_STATES
             call = StageRequest(
                 key_of(job), user, view=job.kind != "warmup", items=[], rates=NO_LIMITS
             )
@@ -129,7 +131,7 @@ class StageIn:
                 left = limits.stage_in_budget(self.settings.limits, objects)
                 async with self._fan_out(action.job_id, src, action.node):
                     if src:
-                        await self._peer_fill(rpc, action, staging_id, src, limit)
+                        await self._peer_fill(rpc, action, staging_id, src, limit, waited_on)
                     await self._stage_one(rpc, staging_id, call, request_id, src, dest, limit, left)
                 done_bytes, done_files = self.records.staged(staging_id)
                 spent, objects = spent + done_bytes, objects + done_files
@@ -204,9 +206,12 @@ class StageIn:
         staging_id: int,
         src: str,
         limit: quota.Budget,
+        waited_on: bool = False,
     ) -> None:
         """Copy the objects of ``src`` another node's cache holds (staging/peer.py), counted
-        in the staging's ``peer_files``.
+        in the staging's ``peer_files``. For a job that runs (``waited_on``) every object goes
+        node to node where ``transfer.peer_direct`` allows, so it neither waits for nor takes
+        one of the daemon's ``PEER_COPIES`` relays.
 
         Never fails the staging: whatever is not copied, the stage fetches from the store.
         """
@@ -214,11 +219,14 @@ class StageIn:
         if not self.settings.transfer.peer_copy or not peer.copyable(source):
             return
         for other in self._peers_holding(src, action.node):
+            direct_host = (
+                self.nodes.peer_address(other) if self.settings.transfer.peer_direct else ""
+            )
+            all_direct = waited_on and bool(direct_host)
             route = peer.Route(
-                relay=self._peer_copies < PEER_COPIES,
-                direct_host=self.nodes.peer_address(other)
-                if self.settings.transfer.peer_direct
-                else "",
+                relay=not all_direct and self._peer_copies < PEER_COPIES,
+                direct_host=direct_host,
+                small_direct=all_direct,
             )
             if not route.relay and not route.direct_host:
                 return

@@ -12,6 +12,7 @@ where a count or a set is all that is needed; the assembly is pure.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -20,10 +21,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hpcstage.core import directives as dirs
-from hpcstage.core import overlap
+from hpcstage.core import hedge, overlap
 from hpcstage.core import plan as planner
 from hpcstage.db import Job, Request, Staging
 from hpcstage.watch.fold import interrupted, split_nodes
+from hpcstage.watch.slurm.model import QueueSnapshot
 
 UNFINISHED = ("pending", "queued", "running")  # stage-out states other jobs wait for
 
@@ -192,3 +194,50 @@ def _directives(session: Session) -> dict[int, _Directives]:
             d.outputs.append(dest)
             d.per_node_outputs += dirs.names_node(template)
     return found
+
+
+def with_hedges(
+    session: Session,
+    views: list[planner.JobView],
+    snapshot: QueueSnapshot,
+    count: int,
+    max_bytes: int,
+) -> list[planner.JobView]:
+    """``views`` with the hedge nodes of each pending job planned and staged there
+    (core/hedge.py): the ``count`` nodes of its partition that free first."""
+    ready = [
+        v.id
+        for v in views
+        if v.kind == "job" and v.planned_nodes and v.state not in planner.RUNNING_JOB_STATES
+    ]
+    if count <= 0 or not ready:
+        return views
+    frees = hedge.free_at(
+        hedge.Busy(j.partition, j.nodes, j.end_time)
+        for j in snapshot.jobs
+        if j.state in planner.RUNNING_JOB_STATES
+    )
+    partitions = {
+        job_id: partition
+        for job_id, partition in session.execute(
+            select(Job.id, Job.partition).where(Job.id.in_(ready))
+        )
+    }
+    # The size of each job's inputs as staged on each node that holds them.
+    staged: dict[tuple[int, str], int] = {}
+    for job_id, node, size in session.execute(
+        select(Request.job_id, Staging.node, func.sum(Staging.bytes_done))
+        .join(Staging, Staging.request_id == Request.id)
+        .where(Request.job_id.in_(ready), Request.direction == "in", Staging.state == "ready")
+        .group_by(Request.job_id, Staging.node)
+    ):
+        staged[job_id, node] = int(size or 0)
+    out = []
+    for view in views:
+        if view.id in partitions:
+            size = max((staged.get((view.id, n), 0) for n in view.planned_nodes), default=0)
+            frees_here = frees.get(partitions[view.id], {})
+            nodes = hedge.hedge_nodes(view, frees_here, count, size, max_bytes)
+            view = dataclasses.replace(view, hedge=nodes) if nodes else view
+        out.append(view)
+    return out

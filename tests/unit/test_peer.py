@@ -281,6 +281,13 @@ BIG = os.urandom(peer.PEER_MAX) + b"one more byte than the relay takes"
         (BOTH_WAYS, {"p/small", "p/big"}),
         (peer_copy.Route(relay=False, direct_host="127.0.0.1"), {"p/big"}),
         (peer_copy.Route(relay=True, direct_host=""), {"p/small"}),
+        # A running job's top-up: small objects node to node too, no relay needed.
+        (
+            peer_copy.Route(relay=False, direct_host="127.0.0.1", small_direct=True),
+            {"p/small", "p/big"},
+        ),
+        # Without an address to copy node to node, small_direct changes nothing.
+        (peer_copy.Route(relay=False, direct_host="", small_direct=True), set()),
     ],
 )
 def test_small_objects_go_through_the_daemon_and_big_ones_node_to_node(
@@ -298,6 +305,39 @@ def test_small_objects_go_through_the_daemon_and_big_ones_node_to_node(
         path = b.cache.lookup(refs["p/big"])
         assert path is not None and path.read_bytes() == BIG
     assert b.cache.stats.peer_bytes == sum(refs[k].size for k in copied)
+    a.cache.close()
+    b.cache.close()
+
+
+def test_a_running_jobs_small_objects_never_cross_the_daemon(tmp_path: Path) -> None:
+    """Issue 18: a top-up of a job waiting at `hpcstage env` copies its many small files node
+    to node, not in base64 batches through the daemon's two relays."""
+    a, b = node(tmp_path, "a"), node(tmp_path, "b")
+    refs = [put(a.cache, f"p/f{i:03}", os.urandom(1000 + i), "data") for i in range(40)]
+    relayed: list[str] = []
+
+    class NoRelay(Loopback):
+        async def call(
+            self, op: str, params: dict[str, Any], on_progress: ProgressFn | None = None
+        ) -> dict[str, Any]:
+            relayed.extend([op] if op in ("peer_read", "peer_put") else [])
+            return await super().call(op, params, on_progress)
+
+    async def copy() -> peer_copy.PeerCopy:
+        try:
+            return await peer_copy.copy_from_peer(
+                AgentClient(NoRelay(b), "b"),
+                AgentClient(NoRelay(a), "a"),
+                SourceSpec.of("s3://data/p/"),
+                peer_copy.Route(relay=True, direct_host="127.0.0.1", small_direct=True),
+            )
+        finally:
+            await a.stores.close()
+            await b.stores.close()
+
+    got = asyncio.run(copy())
+    assert (got.objects, got.refused, relayed) == (40, 0, [])
+    assert all(b.cache.lookup(ref) is not None for ref in refs)
     a.cache.close()
     b.cache.close()
 

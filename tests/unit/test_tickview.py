@@ -18,6 +18,7 @@ from hpcstage.core.overlap import overlaps
 from hpcstage.db import Job, Request, Staging, open_db
 from hpcstage.watch import tickview
 from hpcstage.watch.fold import split_nodes
+from hpcstage.watch.slurm.model import JobInfo, QueueSnapshot
 
 STATES = ["queued", "running", "ready", "failed", "released", "skipped"]
 NODES = ["n1", "n2", "n3", "-"]
@@ -160,3 +161,36 @@ def test_the_column_read_gives_the_planner_what_the_orm_read_gave(
         # Whom a job waits for may be any one of the jobs it waits for.
         assert bool(view.waits_for) == bool(want.waits_for), job_id
         assert view == dataclasses.replace(want, waits_for=view.waits_for)
+
+
+def _running(job_id: int, node: str, end: float) -> JobInfo:
+    return JobInfo(
+        job_id, None, None, "busy", "bob", None, "acct", "batch", "RUNNING", "", 0,
+        0.0, 0.0, end, (node,), (), node, "", "", "/", None,
+    )  # fmt: skip
+
+
+def test_hedges_are_the_partitions_nodes_that_free_first(tmp_path: Path) -> None:
+    """Issue 18: a pending job staged on its planned node n3 is hedged on n2 (ends first)."""
+    db = open_db(f"sqlite:///{tmp_path / 'state.db'}")
+    snapshot = QueueSnapshot(
+        0.0, "24.11", (_running(1, "n1", 300.0), _running(2, "n2", 200.0), _running(3, "n3", 100.0))
+    )
+    try:
+        with db.begin() as session:
+            job = Job(
+                kind="job", slurm_job_id=7, user="u", state="PENDING", partition="batch",
+                planned_nodes="n3",
+            )  # fmt: skip
+            request = Request(direction="in", position=0, src="s3://b/a/", dest="a")
+            request.stagings = [Staging(node="n3", state="ready", bytes_done=100)]
+            job.requests.append(request)
+            session.add(job)
+        with db.begin() as session:
+            views = tickview.read_views(session)
+            hedged = tickview.with_hedges(session, views, snapshot, 1, 1000)
+            too_big = tickview.with_hedges(session, views, snapshot, 1, 99)
+    finally:
+        db.kw["bind"].dispose()
+    assert [v.hedge for v in hedged] == [("n2",)]
+    assert [v.hedge for v in too_big] == [()]
