@@ -8,7 +8,8 @@ Rules, in order of precedence:
    nothing more staged (its ``hpcstage env`` fails with that error). A failure of the node
    itself (unreachable for good, its disk or cache failing, its quota full) before the job
    runs there only drops that node (``dropped``): it is not staged again while the job is
-   pending, and gets one fresh attempt if Slurm starts the job on it anyway.
+   pending, and gets one fresh attempt if Slurm starts the job on it anyway. A kept-warm
+   dataset's failure on a node (after the usual retries) stops that node only.
 2. A running job is staged on the nodes it actually got, at once (Slurm's plan is advisory).
 3. A pending job is staged on the nodes the backfill scheduler plans for it; when the plan
    moves, the old nodes' views are released (their objects stay cached, unleased). A
@@ -21,7 +22,12 @@ Rules, in order of precedence:
    every node a job is planned for or got sleeps, the job's inputs wait on a node that is up
    and already holds them (a running peer: an earlier plan's node), else on its cache-cluster
    node as in rule 3; the job's node copies them from there once Slurm has resumed it.
-   (Jobs only: a warmup is staged on the nodes its user named, as before.)
+   A warmup or kept-warm dataset is staged on the nodes its user named only, each once it
+   is up: until then nothing reaches for the node, and a warmup is not done.
+   A view on a node that powers down later (the job still pending, or a kept-warm dataset)
+   may be gone when the node is back (a cloud node's disk is new at each boot): it is marked
+   to be staged again (``Restage``), which happens once the node is up (the stage finds
+   whatever the cache kept and only builds the view again).
    With hedging (``JobView.hedge``, core/hedge.py), a pending job is also staged on the
    nodes likeliest to free first for it; once it runs, those it did not get are released.
 4. A warmup is staged on its nodes (into the cache only: the agent builds no view for it),
@@ -45,7 +51,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Staging states, per (request, node): queued -> running -> ready | failed | dropped (the
@@ -117,13 +123,23 @@ class StageOut:
 
 
 @dataclass(frozen=True)
+class Restage:
+    """``job_id``'s view on ``node`` may be gone (the node powered down): stage it again
+    once the node is up (an executor writes this down, it does not reach the node)."""
+
+    job_id: int
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class MarkReleased:
     """Every view of ``job_id`` is gone: record it so the job is not looked at again."""
 
     job_id: int
 
 
-Action = Stage | Release | StageOut | MarkReleased
+Action = Stage | Release | StageOut | Restage | MarkReleased
 
 
 def node_state(request_states: Iterable[str]) -> str:
@@ -142,7 +158,7 @@ def plan(
     inflight: Mapping[str, int],
     max_per_node: int = 4,
     cache_nodes: Sequence[str] = (),
-    awake: Collection[str] | None = None,
+    awake: Container[str] | None = None,
 ) -> list[Action]:
     """Every action to take now, stage actions first in priority order.
 
@@ -155,20 +171,21 @@ def plan(
         if job.ended_at is not None or (job.kind == "warmup" and _warm(job)):
             others.extend(_end(job, now, grace))
             continue
+        others.extend(_restage(job, cache_nodes, awake))
         stages.extend(_stage(job, cache_nodes, awake))
         others.extend(_retarget(job, cache_nodes, awake))
     return [*_bounded(sorted(stages), inflight, max_per_node), *others]
 
 
 def targets(
-    job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Container[str] | None = None
 ) -> tuple[str, ...]:
     """The nodes a job's inputs should be on now."""
     wanted = _hedged(job, _wanted(job, cache_nodes))
-    if awake is None or job.kind != "job":
+    if awake is None:
         return wanted
     up = tuple(n for n in wanted if n in awake or n in cache_nodes)
-    if up or not wanted:
+    if up or not wanted or job.kind != "job":  # a warmup or pin waits for its own nodes
         return up
     # Every node of the job sleeps: keep its inputs where they are up already, else hold
     # them on the cache cluster, until Slurm has resumed a node (rule 3).
@@ -182,10 +199,10 @@ def targets(
 
 
 def sleeping(
-    job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Container[str] | None = None
 ) -> tuple[str, ...]:
     """The nodes the job is planned for or got that are powered down or booting."""
-    if awake is None or job.kind != "job":
+    if awake is None:
         return ()
     return tuple(n for n in _wanted(job, cache_nodes) if n not in awake and n not in cache_nodes)
 
@@ -220,11 +237,14 @@ def cache_node(inputs: str, cache_nodes: Sequence[str]) -> str:
 
 
 def _stage(
-    job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Container[str] | None = None
 ) -> list[Stage]:
     # A refused directive or a failed input (missing object, refused credentials) fails the
     # job wherever it runs: staging it on yet another node would only repeat the failure.
-    if job.error or "failed" in job.node_states.values() or job.waits_for:
+    # A pin cannot be dropped from its nodes: a failure there stops that node alone (the
+    # pin's next scheduled refresh tries it again), the others are kept warm.
+    failed = "failed" in job.node_states.values() and job.kind != "pin"
+    if job.error or failed or job.waits_for:
         return []
     running = job.kind == "job" and job.state in RUNNING_JOB_STATES
     key = (0 if running else 1, job.expected_start or math.inf, -job.priority)
@@ -248,8 +268,26 @@ def _stage(
     ]
 
 
+def _restage(
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Container[str] | None = None
+) -> list[Action]:
+    """Views on nodes that powered down since they were staged: built again once up."""
+    if awake is None or job.kind == "warmup":  # a warmup has no view, its cache may stay
+        return []
+    return [
+        Restage(
+            job.id,
+            node,
+            f"{node} powered down: its view is staged again once it is up"
+            " (a booted node's cache may be empty)",
+        )
+        for node, state in job.node_states.items()
+        if state == "ready" and node not in awake and node not in cache_nodes
+    ]
+
+
 def _retarget(
-    job: JobView, cache_nodes: Sequence[str] = (), awake: Collection[str] | None = None
+    job: JobView, cache_nodes: Sequence[str] = (), awake: Container[str] | None = None
 ) -> list[Action]:
     """Release views on nodes a pending job is no longer planned for."""
     keep = set(targets(job, cache_nodes, awake)) | set(sleeping(job, cache_nodes, awake))

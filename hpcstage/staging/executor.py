@@ -71,6 +71,9 @@ class Executor:
         if isinstance(action, planner.MarkReleased):
             self.releaser.mark_released(action.job_id)
             return
+        if isinstance(action, planner.Restage):  # the node sleeps: nothing to reach
+            self.records.restage(action.job_id, action.node, action.reason)
+            return
         key = (action.job_id, action.node)
         if key in self.tasks or self.nodes.backing_off(action.node):
             return

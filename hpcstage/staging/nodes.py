@@ -16,7 +16,7 @@ from typing import Protocol
 from hpcstage.config.schema import Settings
 from hpcstage.core.fencing import Epoch
 from hpcstage.core.nodes import cache_dir_for, expand_node_template
-from hpcstage.core.power import asleep, awake_nodes
+from hpcstage.core.power import Awake
 from hpcstage.core.rules import reconnect_delay
 from hpcstage.errors import SlurmError
 from hpcstage.protocol.framing import RpcClient
@@ -92,6 +92,8 @@ class NodeAgents:
         self.agent_command = agent_command(settings.nodes.agent_command)
         self._node_addr: dict[str, str] = {}
         self._node_state: dict[str, str] = {}  # "IDLE+CLOUD+POWERED_DOWN", at the last refresh
+        self._listed_at: dict[str, float] = {}  # when Slurm last listed each node
+        self._first_listing: float | None = None
         # node -> (consecutive transport failures, time before which it is not tried again)
         self._node_down: dict[str, tuple[int, float]] = {}
 
@@ -181,25 +183,30 @@ class NodeAgents:
             return
         self._node_addr = {n.name: n.addr or n.hostname or n.name for n in nodes}
         self._node_state = {n.name: n.state for n in nodes}
+        now = time.time()
+        self._first_listing = self._first_listing or now
+        self._listed_at = {**self._listed_at, **dict.fromkeys(self._node_state, now)}
 
     def known_nodes(self) -> list[str]:
         """Nodes Slurm reported at the last refresh."""
         return sorted(self._node_addr)
 
-    def awake(self) -> frozenset[str]:
-        """The Slurm nodes that were up at the last refresh (core/power.py)."""
-        return awake_nodes(self._node_state)
+    def awake(self) -> Awake:
+        """The Slurm nodes that were up at the last refresh (core/power.py); a node not
+        listed counts as asleep for a bounded time only (``UNLISTED_ASLEEP``)."""
+        now = time.time()
+        return Awake(self._node_state, self._listed_at, self._first_listing or now, now)
 
     def powered_down(self, node: str) -> bool:
         """True when, at the last refresh, Slurm power saving had ``node`` off or booting.
 
         Only with ``slurm.power_saving``: else node states are not watched and nothing is.
-        A node Slurm did not list counts as off (a hidden cloud node), a cache-cluster node
-        never (it need not be a Slurm node)."""
+        A node Slurm did not list counts as off (a hidden cloud node) for a bounded time
+        (``core.power.UNLISTED_ASLEEP``), a cache-cluster node never (it need not be a
+        Slurm node)."""
         if not self.settings.slurm.power_saving or node in self.settings.cache.cluster_nodes:
             return False
-        state = self._node_state.get(node)
-        return state is None or asleep(state)
+        return node not in self.awake()
 
     def peer_address(self, node: str) -> str:
         """``transfer.peer_address`` for ``node`` (its NodeAddr by default)."""

@@ -102,6 +102,20 @@ class StagingRecords:
         if not dropped:
             self.meters.job_failed(action.job_id)
 
+    def restage(self, job_id: int, node: str, reason: str) -> None:
+        """The job's ready inputs on ``node`` are queued again (the node powered down since:
+        its view may be gone); the planner stages them once the node is up."""
+        with self.db.begin() as session:
+            found = [
+                st
+                for st in job_stagings(session, job_id, node)
+                if st.request.direction != "out" and st.state == "ready"
+            ]
+            for st in found:
+                st.state, st.attempts = "queued", 0
+            if found:
+                log_event(session, job_id, node, reason)
+
     def staged(self, staging_id: int) -> tuple[int, int]:
         """(bytes, files) a finished staging moved."""
         with self.db.begin() as session:

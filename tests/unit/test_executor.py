@@ -334,6 +334,23 @@ def test_a_node_powered_down_meanwhile_is_not_dropped_however_often_it_fails(
     assert "unreachable" in st.error
 
 
+def test_a_view_on_a_node_that_powered_down_is_queued_again_without_reaching_the_node(
+    settings: Settings, db: sessionmaker[Session]
+) -> None:
+    job_id = _job(db, _in(1), _out(2), state="PENDING")
+    ready = FakeAgent(Reply(StageReply("", False, [StageProgress(1, 1, 9, 1, 9, 1, 9)])))
+    _run(Executor(settings, db, FakeNodes(n1=ready)), _stage(job_id))
+    with db.begin() as session:  # an output's staging there (a stage-out) is left alone
+        out = session.query(Request).filter_by(direction="out").one()
+        session.add(Staging(request_id=out.id, node=NODE, state="ready"))
+    assert [st.state for st in _stagings(db)] == ["ready", "ready"]
+    nodes = FakeNodes()  # no agent at all: the node is off
+    nodes.unreachable.add(NODE)
+    _run(Executor(settings, db, nodes), planner.Restage(job_id, NODE, "n1 powered down: again"))
+    assert [(st.state, st.attempts) for st in _stagings(db)] == [("queued", 0), ("ready", 0)]
+    assert _events(db)[-1] == "n1 powered down: again" and nodes.failed == []
+
+
 # ---------------------------------------------------------------------------- stage-out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpcstage.core.plan import JobView, MarkReleased, Release, Stage, node_state, plan
+from hpcstage.core.plan import JobView, MarkReleased, Release, Restage, Stage, node_state, plan
 
 NOW = 1_000_000.0
 GRACE = 60.0
@@ -20,6 +20,10 @@ def stages(actions: list[object]) -> list[tuple[int, str]]:
 
 def releases(actions: list[object]) -> list[tuple[int, str]]:
     return [(a.job_id, a.node) for a in actions if isinstance(a, Release)]
+
+
+def restages(actions: list[object]) -> list[tuple[int, str]]:
+    return [(a.job_id, a.node) for a in actions if isinstance(a, Restage)]
 
 
 def test_pending_job_is_staged_on_its_planned_nodes() -> None:
@@ -289,3 +293,54 @@ def test_a_view_on_a_node_gone_to_sleep_is_kept() -> None:
 def test_without_power_saving_every_node_counts_as_up() -> None:
     view = job(state="CONFIGURING", nodes=("c1",), inputs="s3://b/ds/")
     assert stages(plan([view], NOW, GRACE, {}, cache_nodes=["cache1"])) == [(1, "c1")]
+
+
+def test_a_view_on_a_node_that_powered_down_since_is_staged_again_once_it_is_up() -> None:
+    # The job's inputs were ready on c1; c1 idled past SuspendTime and powered off (a cloud
+    # node's disk is new at each boot): its view is built again when Slurm resumes it.
+    ready = {"c1": "ready"}
+    view = job(planned_nodes=("c1",), node_states=ready, inputs="s3://b/ds/")
+    actions = plan([view], NOW, GRACE, {}, cache_nodes=["cache1"], awake=set())
+    assert restages(actions) == [(1, "c1")]
+    assert stages(actions) == [(1, "cache1")]  # held on the cache cluster meanwhile
+    assert "c1 powered down" in next(a.reason for a in actions if isinstance(a, Restage))
+    # The executor marks c1 queued: nothing goes to c1 while it sleeps, all of it once up.
+    queued = job(planned_nodes=("c1",), node_states={"c1": "queued"}, inputs="s3://b/ds/")
+    assert plan([queued], NOW, GRACE, {}, awake=set()) == []
+    assert stages(plan([queued], NOW, GRACE, {}, awake={"c1"})) == [(1, "c1")]
+    # A kept-warm dataset's view too; a node that is up, or a warmup (no view), keeps its own.
+    pin = job(kind="pin", state="PINNED", planned_nodes=("c1",), node_states=ready)
+    assert restages(plan([pin], NOW, GRACE, {}, awake=set())) == [(1, "c1")]
+    assert restages(plan([view, pin], NOW, GRACE, {}, awake={"c1"})) == []
+    warm = job(kind="warmup", state="WARMUP", planned_nodes=("c1", "n1"), node_states=ready)
+    assert restages(plan([warm], NOW, GRACE, {}, awake={"n1"})) == []
+    assert restages(plan([view], NOW, GRACE, {})) == []  # without power saving: never
+
+
+def test_a_warmup_or_pin_waits_for_its_sleeping_nodes_without_reaching_them() -> None:
+    # No attempt (no connection) while c1 sleeps; the warmup is not done until c1 is staged.
+    warm = job(kind="warmup", state="WARMUP", planned_nodes=("n1", "c1"), inputs="s3://b/ds/")
+    assert stages(plan([warm], NOW, GRACE, {}, cache_nodes=["cache1"], awake={"n1"})) == [(1, "n1")]
+    half = job(
+        kind="warmup", state="WARMUP", planned_nodes=("n1", "c1"), node_states={"n1": "ready"}
+    )
+    assert plan([half], NOW, GRACE, {}, awake={"n1"}) == []  # held, not released nor staged
+    assert stages(plan([half], NOW, GRACE, {}, awake={"n1", "c1"})) == [(1, "c1")]
+    pin = job(kind="pin", state="PINNED", planned_nodes=("c1",), node_states={"c1": "queued"})
+    assert plan([pin], NOW, GRACE, {}, cache_nodes=["cache1"], awake=set()) == []
+    assert stages(plan([pin], NOW, GRACE, {}, awake={"c1"})) == [(1, "c1")]
+
+
+def test_a_pin_that_failed_on_one_node_stays_warm_on_the_others() -> None:
+    pin = job(
+        kind="pin",
+        state="PINNED",
+        planned_nodes=("n1", "n2", "n3"),
+        node_states={"n1": "failed", "n2": "ready", "n3": "queued"},
+    )
+    actions = plan([pin], NOW, GRACE, {})
+    assert stages(actions) == [(1, "n3")]  # n1 waits for the pin's next refresh
+    assert releases(actions) == []
+    # A batch job's failed input still fails the job everywhere (rule 1).
+    failed = job(planned_nodes=("n1", "n3"), node_states={"n1": "failed", "n3": "queued"})
+    assert stages(plan([failed], NOW, GRACE, {})) == []
