@@ -49,6 +49,7 @@ class Node:
     cache: NodeCache
     store: S3Store
     concurrency: int = 4
+    fence: None = None  # not fenced: no leader epoch (an agent started by hand)
 
     @property
     def stores(self) -> Node:
