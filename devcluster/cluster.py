@@ -460,10 +460,12 @@ class DevCluster:
         return Counter(key for key in keys if key.startswith(prefix))
 
     def _install_power_scripts(self, lay: render.SlurmLayout) -> None:
-        tools = {name: shutil.which(name) or name for name in ("slurmd", "scontrol")}
+        tools = {name: shutil.which(name) or name for name in ("slurmd", "scontrol", "setsid")}
         marker = f"{proc.MARKER}={shlex.quote(str(self.base))}"
         scripts = {
-            "resume.sh": render.resume_script(lay, marker, tools["slurmd"], tools["scontrol"]),
+            "resume.sh": render.resume_script(
+                lay, marker, tools["slurmd"], tools["scontrol"], tools["setsid"]
+            ),
             "suspend.sh": render.suspend_script(lay, tools["scontrol"]),
         }
         for name, text in scripts.items():
