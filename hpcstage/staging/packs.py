@@ -173,6 +173,7 @@ class Packs:
             refusal = "" if admin else self._not_allowed(row.user, row.src, row.dest)
             refusal = f"no longer allowed: {refusal}" if refusal else self._no_room(row)
             if not refusal:
+                self._spool_needs[pack_id] = spool_need(_segment_size(row), PACK_JOBS)
                 row.state, row.started_at, row.attempts = "running", time.time(), row.attempts + 1
                 argv = self._argv(row, self._spool(pack_id))
                 attempts = row.attempts
@@ -260,12 +261,9 @@ class Packs:
         """Why the spool's file system cannot hold this pack's segments now ("" if it can),
         counting the room the packs running beside it may still take (all of it: they may
         have written none yet) as taken."""
-        segment = parse_size(str(json.loads(row.options).get("segment_size", "256M")))
         taken = sum(need for other, need in self._spool_needs.items() if other != row.id)
-        refusal = spool_refusal(self.free_bytes(self._spool(row.id)) - taken, segment, PACK_JOBS)
-        if not refusal:
-            self._spool_needs[row.id] = spool_need(segment, PACK_JOBS)
-        return refusal
+        free = self.free_bytes(self._spool(row.id)) - taken
+        return spool_refusal(free, _segment_size(row), PACK_JOBS)
 
     def _argv(self, row: Pack, spool: Path) -> list[str]:
         opts = json.loads(row.options)
@@ -329,6 +327,10 @@ class Packs:
             "progress": live.progress if live is not None else None,
             "summary": json.loads(row.summary) if row.summary else None,
         }
+
+
+def _segment_size(row: Pack) -> int:
+    return parse_size(str(json.loads(row.options).get("segment_size", "256M")))
 
 
 def _dies_with_us(argv: list[str]) -> list[str]:
